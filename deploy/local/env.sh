@@ -1,0 +1,20 @@
+# Names, ports and local-only credentials of the local two-region stack.
+# Sourced by stack.sh and the Makefile's helpers; tests read the same values
+# from tests/support. Override any of them from the environment.
+: "${REGION_A:=us-east-1}"
+: "${REGION_B:=eu-west-1}"
+: "${PG_PORT_A:=15432}"
+: "${PG_PORT_B:=25432}"
+: "${KAFKA_PORT_A:=19092}"       # the KRaft controller listens on the next port
+: "${KAFKA_PORT_B:=29092}"
+: "${CONNECT_PORT_A:=18083}"
+: "${CONNECT_PORT_B:=28083}"
+: "${REGISTRY_PORT:=18081}"
+: "${PROMETHEUS_PORT:=9090}"
+: "${WORKER_METRICS_PORT_A:=19464}"
+: "${WORKER_METRICS_PORT_B:=29464}"
+: "${TOPIC_PARTITIONS:=4}"
+# Local loopback stack only; real deployments take secrets from their own store.
+: "${APP_PASSWORD:=app-local}"
+: "${DEBEZIUM_PASSWORD:=debezium-local}"
+: "${REGIONSYNC_PASSWORD:=regionsync-local}"

@@ -1,0 +1,468 @@
+#!/usr/bin/env bash
+# The local two-region stack: real PostgreSQL, Kafka (KRaft), Kafka Connect
+# with Debezium, MirrorMaker 2, Apicurio Registry and Prometheus, all on
+# loopback. Usage: stack.sh install|up|down|status
+#
+#   install  Debian packages (apt-get) and the JVM pieces (Maven, deploy/local/pom.xml)
+#   up       install if needed, then start every service behind a readiness
+#            check; a running service is left alone (idempotent)
+#   down     stop every service this stack started, by pid; data is kept
+#   status   one line per service: up/down, port, pid, log file
+#
+# Runtime state (data, logs, pids) lives in target/stack/ ; downloaded JVM
+# artifacts in target/dist/ (Maven also caches them in ~/.m2).
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
+HERE="$ROOT/deploy/local"
+STATE="$ROOT/target/stack"
+DIST="$ROOT/target/dist"
+LOGS="$STATE/logs"
+PIDS="$STATE/pids"
+
+# shellcheck source=deploy/local/env.sh
+source "$HERE/env.sh"
+
+REGIONS=("$REGION_A" "$REGION_B")
+JAVA_SMALL=(-Xms64m -XX:+UseSerialGC -XX:TieredStopAtLevel=1 -Djava.awt.headless=true
+  "-Dlog4j2.configurationFile=file:$HERE/log4j2.properties")
+
+log() { printf '[stack] %s\n' "$*" >&2; }
+die() { printf '[stack] error: %s\n' "$*" >&2; exit 1; }
+
+# --- per-region facts ---------------------------------------------------------
+region_letter() { [ "$1" = "$REGION_A" ] && echo a || echo b; }
+pg_port() { [ "$1" = "$REGION_A" ] && echo "$PG_PORT_A" || echo "$PG_PORT_B"; }
+kafka_port() { [ "$1" = "$REGION_A" ] && echo "$KAFKA_PORT_A" || echo "$KAFKA_PORT_B"; }
+controller_port() { echo $(($(kafka_port "$1") + 1)); }
+connect_port() { [ "$1" = "$REGION_A" ] && echo "$CONNECT_PORT_A" || echo "$CONNECT_PORT_B"; }
+
+# --- process helpers ----------------------------------------------------------
+pid_of() { cat "$PIDS/$1.pid" 2>/dev/null || true; }
+alive() { local p; p=$(pid_of "$1"); [ -n "$p" ] && kill -0 "$p" 2>/dev/null; }
+port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+
+# Start a command detached from the caller (no inherited fds), record its pid.
+spawn() {
+  local name=$1; shift
+  mkdir -p "$LOGS" "$PIDS"
+  log "starting $name (log: $LOGS/$name.log)"
+  setsid "$@" </dev/null >>"$LOGS/$name.log" 2>&1 &
+  echo $! >"$PIDS/$name.pid"
+}
+
+# wait_for NAME TIMEOUT_S CHECK...: poll CHECK until it passes; on failure or
+# on the process dying, print the log's tail and fail.
+wait_for() {
+  local name=$1 timeout=$2; shift 2
+  local deadline=$((SECONDS + timeout))
+  until "$@" >/dev/null 2>&1; do
+    if [ -f "$PIDS/$name.pid" ] && ! alive "$name"; then
+      log "$name exited during start-up; last lines of $LOGS/$name.log:"
+      tail -n 40 "$LOGS/$name.log" >&2 || true
+      exit 1
+    fi
+    if [ $SECONDS -ge $deadline ]; then
+      log "$name not ready after ${timeout}s; last lines of $LOGS/$name.log:"
+      tail -n 40 "$LOGS/$name.log" >&2 || true
+      exit 1
+    fi
+    sleep 1
+  done
+}
+
+stop_pid() {
+  local name=$1 timeout=${2:-30} p
+  p=$(pid_of "$name")
+  if [ -z "$p" ]; then return 0; fi
+  if kill -0 "$p" 2>/dev/null; then
+    log "stopping $name (pid $p)"
+    kill -TERM "$p" 2>/dev/null || true
+    local deadline=$((SECONDS + timeout))
+    while kill -0 "$p" 2>/dev/null; do
+      if [ $SECONDS -ge $deadline ]; then
+        log "$name did not stop in ${timeout}s; killing it"
+        kill -KILL "$p" 2>/dev/null || true
+        break
+      fi
+      sleep 0.5
+    done
+  fi
+  rm -f "$PIDS/$name.pid"
+}
+
+# Fill {{NAME}} placeholders from the environment.
+render() {
+  python3 - "$1" <<'PY'
+import os, re, sys
+text = open(sys.argv[1]).read()
+def sub(m):
+    key = m.group(1)
+    if key not in os.environ:
+        sys.exit(f"{sys.argv[1]}: placeholder {{{{{key}}}}} has no value")
+    return os.environ[key]
+sys.stdout.write(re.sub(r"\{\{([A-Z0-9_]+)\}\}", sub, text))
+PY
+}
+
+# --- install ------------------------------------------------------------------
+install_debian() {
+  local missing=()
+  [ -x /usr/lib/postgresql/15/bin/postgres ] || missing+=(postgresql-15 postgresql-client-15)
+  command -v prometheus >/dev/null || missing+=(prometheus)
+  command -v kcat >/dev/null || missing+=(kcat)
+  command -v curl >/dev/null || missing+=(curl)
+  if [ ${#missing[@]} -gt 0 ]; then
+    log "installing Debian packages: ${missing[*]}"
+    # The packages' own services must not start: this script runs its own.
+    local policy=/usr/sbin/policy-rc.d created_policy=
+    if [ ! -e $policy ]; then printf '#!/bin/sh\nexit 101\n' >$policy; chmod +x $policy; created_policy=1; fi
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+    [ -n "$created_policy" ] && rm -f $policy
+  fi
+}
+
+install_jvm() {
+  if [ -f "$DIST/.installed" ] && [ "$DIST/.installed" -nt "$HERE/pom.xml" ] &&
+     [ "$DIST/.installed" -nt "$HERE/avro-converter/pom.xml" ]; then
+    return 0
+  fi
+  log "resolving Kafka, Debezium and Apicurio with Maven (deploy/local/pom.xml)"
+  rm -rf "$DIST"
+  mkdir -p "$DIST/plugins"
+  mvn -B -q -f "$HERE/pom.xml" -Dstack.dist="$DIST" \
+    dependency:copy-dependencies dependency:copy@plugins
+  mvn -B -q -f "$HERE/avro-converter/pom.xml" -Dstack.dist="$DIST" dependency:copy-dependencies
+  tar -xzf "$DIST"/tarballs/debezium-connector-postgres-*-plugin.tar.gz -C "$DIST/plugins"
+  mkdir -p "$DIST/registry"
+  tar -xzf "$DIST"/tarballs/apicurio-registry-app-*-all.tar.gz -C "$DIST/registry"
+  [ -n "$(registry_jar)" ] || die "the apicurio registry tarball has no runner jar"
+  rm -rf "$DIST/tarballs"
+  touch "$DIST/.installed"
+}
+
+cmd_install() {
+  install_debian
+  install_jvm
+}
+
+# --- PostgreSQL ---------------------------------------------------------------
+PG_BIN=/usr/lib/postgresql/15/bin
+as_postgres() { runuser -u postgres -- "$@"; }
+psql_admin() { # region, psql args...
+  local region=$1; shift
+  PGPASSWORD= psql -X -q -v ON_ERROR_STOP=1 -h 127.0.0.1 -p "$(pg_port "$region")" -U postgres "$@"
+}
+
+pg_up() {
+  local region=$1 name data port
+  name="postgres-$region"; data="$STATE/$name"; port=$(pg_port "$region")
+  if alive "$name" && as_postgres "$PG_BIN/pg_isready" -q -h 127.0.0.1 -p "$port"; then return 0; fi
+  mkdir -p "$LOGS" "$PIDS"
+  local fresh=
+  if [ ! -f "$data/PG_VERSION" ]; then
+    log "initdb $region in $data"
+    mkdir -p "$data"; chown postgres:postgres "$data"; chmod 700 "$data"
+    as_postgres "$PG_BIN/initdb" -D "$data" -U postgres --auth-local=trust --auth-host=scram-sha-256 \
+      -E UTF8 --locale=C.UTF-8 >>"$LOGS/$name.log" 2>&1
+    cat >>"$data/postgresql.conf" <<EOF
+listen_addresses = '127.0.0.1'
+port = $port
+unix_socket_directories = '$data'
+wal_level = logical
+max_wal_senders = 10
+max_replication_slots = 10
+max_connections = 100
+shared_buffers = 256MB
+wal_writer_delay = 10ms
+logging_collector = off
+log_min_messages = warning
+EOF
+    # The stack's superuser connects over loopback without a password; every
+    # other role (app, debezium, regionsync) uses its password.
+    cat >"$data/pg_hba.conf" <<EOF
+local all         all                    trust
+host  all         postgres 127.0.0.1/32  trust
+host  all         all      127.0.0.1/32  scram-sha-256
+host  replication all      127.0.0.1/32  scram-sha-256
+EOF
+    fresh=1
+  fi
+  chown -R postgres:postgres "$data"
+  touch "$LOGS/$name.log"; chown postgres "$LOGS/$name.log"
+  log "starting $name (log: $LOGS/$name.log)"
+  # postgres itself stays in the foreground of its own session: its pid is ours.
+  setsid runuser -u postgres -- "$PG_BIN/postgres" -D "$data" </dev/null >>"$LOGS/$name.log" 2>&1 &
+  echo $! >"$PIDS/$name.pid"
+  wait_for "$name" 60 as_postgres "$PG_BIN/pg_isready" -q -h 127.0.0.1 -p "$port"
+  # runuser forks: record the postmaster's own pid for stop.
+  head -n 1 "$data/postmaster.pid" >"$PIDS/$name.pid"
+  if [ -n "$fresh" ] || ! psql_admin "$region" -d app -c 'select 1' >/dev/null 2>&1; then
+    psql_admin "$region" -d postgres -c "CREATE DATABASE app" >/dev/null 2>&1 || true
+  fi
+  # Schemas and grants are idempotent: applied on every start.
+  psql_admin "$region" -d app -c "ALTER DATABASE app SET regionsync.region = '$region'"
+  PGOPTIONS="-c regionsync.region=$region" psql_admin "$region" -d app \
+    -f "$ROOT/schemas/regionsync.sql" -f "$ROOT/schemas/app.sql" >/dev/null
+  psql_admin "$region" -d app -v region="$region" -v app_password="$APP_PASSWORD" \
+    -v debezium_password="$DEBEZIUM_PASSWORD" -v regionsync_password="$REGIONSYNC_PASSWORD" \
+    -f "$HERE/bootstrap.sql" >/dev/null
+}
+
+pg_down() {
+  local region=$1 name="postgres-$1" p
+  p=$(pid_of "$name")
+  [ -n "$p" ] || return 0
+  if kill -0 "$p" 2>/dev/null; then
+    log "stopping $name (pid $p)"
+    as_postgres "$PG_BIN/pg_ctl" -D "$STATE/$name" -m fast -w -t 60 stop >/dev/null 2>&1 ||
+      stop_pid "$name" 30
+  fi
+  rm -f "$PIDS/$name.pid"
+}
+
+# --- Kafka (KRaft, one combined broker+controller per region) -------------------
+kafka_ready() { kcat -b "127.0.0.1:$1" -L -m 3 -J >/dev/null 2>&1; }
+
+kafka_up() {
+  local region=$1 name dir port cport
+  name="kafka-$region"; dir="$STATE/$name"; port=$(kafka_port "$region"); cport=$(controller_port "$region")
+  if alive "$name" && kafka_ready "$port"; then return 0; fi
+  mkdir -p "$dir/data"
+  cat >"$dir/server.properties" <<EOF
+process.roles=broker,controller
+node.id=1
+controller.quorum.bootstrap.servers=127.0.0.1:$cport
+listeners=PLAINTEXT://127.0.0.1:$port,CONTROLLER://127.0.0.1:$cport
+advertised.listeners=PLAINTEXT://127.0.0.1:$port
+controller.listener.names=CONTROLLER
+inter.broker.listener.name=PLAINTEXT
+listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT
+log.dirs=$dir/data
+num.partitions=4
+auto.create.topics.enable=true
+offsets.topic.replication.factor=1
+offsets.topic.num.partitions=10
+transaction.state.log.replication.factor=1
+transaction.state.log.min.isr=1
+share.coordinator.state.topic.replication.factor=1
+share.coordinator.state.topic.min.isr=1
+group.initial.rebalance.delay.ms=0
+log.cleaner.dedupe.buffer.size=8388608
+log.retention.hours=-1
+EOF
+  if [ ! -f "$dir/data/meta.properties" ]; then
+    local cluster_id
+    cluster_id=$(python3 -c 'import base64,uuid;print(base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("="))')
+    log "formatting $name storage (cluster id $cluster_id)"
+    java -cp "$DIST/lib/*" "${JAVA_SMALL[@]}" kafka.tools.StorageTool format --standalone \
+      -t "$cluster_id" -c "$dir/server.properties" >>"$LOGS/$name.log" 2>&1 ||
+      { tail -n 20 "$LOGS/$name.log" >&2; die "formatting $name failed"; }
+  fi
+  spawn "$name" java -Xmx384m "${JAVA_SMALL[@]}" -cp "$DIST/lib/*" kafka.Kafka "$dir/server.properties"
+}
+
+# --- Apicurio Registry (one, shared by both regions) ----------------------------
+registry_jar() { find "$DIST/registry" -maxdepth 1 -name 'apicurio-registry-app-*-runner.jar' -print -quit; }
+registry_ready() { curl -fsS "http://127.0.0.1:$REGISTRY_PORT/apis/ccompat/v7/subjects" >/dev/null; }
+
+registry_up() {
+  local name=registry
+  if alive "$name" && registry_ready; then return 0; fi
+  mkdir -p "$STATE/registry"
+  # The registry keeps its schemas in H2, in memory by default: pointed at a
+  # file under target/stack/ instead, schema ids survive a stack restart (the
+  # Avro events already in Kafka carry them).
+  spawn "$name" java -Xmx320m -XX:+UseSerialGC -XX:TieredStopAtLevel=1 \
+    -Dquarkus.http.host=127.0.0.1 -Dquarkus.http.port="$REGISTRY_PORT" \
+    "-Dregistry.datasource.url=jdbc:h2:file:$STATE/registry/db;DB_CLOSE_ON_EXIT=FALSE" \
+    -jar "$(registry_jar)"
+}
+
+# --- Kafka Connect with Debezium -------------------------------------------------
+connect_ready() { curl -fsS "http://127.0.0.1:$1/connectors" >/dev/null; }
+
+connect_up() {
+  local region=$1 name dir port kport
+  name="connect-$region"; dir="$STATE/$name"; port=$(connect_port "$region"); kport=$(kafka_port "$region")
+  if alive "$name" && connect_ready "$port"; then return 0; fi
+  mkdir -p "$dir"
+  cat >"$dir/connect.properties" <<EOF
+bootstrap.servers=127.0.0.1:$kport
+group.id=connect-$region
+listeners=http://127.0.0.1:$port
+rest.advertised.host.name=127.0.0.1
+plugin.path=$DIST/plugins
+plugin.discovery=hybrid_warn
+key.converter=org.apache.kafka.connect.json.JsonConverter
+value.converter=org.apache.kafka.connect.json.JsonConverter
+offset.storage.topic=connect-offsets
+config.storage.topic=connect-configs
+status.storage.topic=connect-status
+offset.storage.replication.factor=1
+config.storage.replication.factor=1
+status.storage.replication.factor=1
+offset.storage.partitions=5
+status.storage.partitions=1
+offset.flush.interval.ms=1000
+topic.creation.enable=true
+config.providers=env
+config.providers.env.class=org.apache.kafka.common.config.provider.EnvVarConfigProvider
+EOF
+  REGIONSYNC_DEBEZIUM_PASSWORD="$DEBEZIUM_PASSWORD" \
+    spawn "$name" java -Xmx512m "${JAVA_SMALL[@]}" -cp "$DIST/lib/*" \
+    org.apache.kafka.connect.cli.ConnectDistributed "$dir/connect.properties"
+}
+
+# PUT is idempotent: registering again updates the config in place.
+register_connector() {
+  local region=$1 variant=$2 port body
+  port=$(connect_port "$region")
+  body=$(REGION="$region" PG_HOST=127.0.0.1 PG_PORT="$(pg_port "$region")" PG_DATABASE=app \
+    DEBEZIUM_USER=debezium TOPIC_PARTITIONS="$TOPIC_PARTITIONS" REPLICATION_FACTOR=1 \
+    REGISTRY_URL="http://127.0.0.1:$REGISTRY_PORT/apis/registry/v2" \
+    render "$ROOT/connectors/debezium-postgres-$variant.json")
+  curl -fsS -X PUT -H 'Content-Type: application/json' --data "$body" \
+    "http://127.0.0.1:$port/connectors/cdc-$variant/config" >/dev/null ||
+    die "registering connector cdc-$variant on $region failed"
+}
+
+connector_running() { # port name
+  curl -fsS "http://127.0.0.1:$1/connectors/$2/status" |
+    python3 -c 'import json,sys; s=json.load(sys.stdin); ok=s["connector"]["state"]=="RUNNING" and s["tasks"] and all(t["state"]=="RUNNING" for t in s["tasks"]); sys.exit(0 if ok else 1)'
+}
+
+connector_failure() {
+  curl -fsS "http://127.0.0.1:$1/connectors/$2/status" |
+    python3 -c 'import json,sys; s=json.load(sys.stdin); [print(t.get("trace","")[:3000]) for t in s["tasks"] if t["state"]=="FAILED"]' || true
+}
+
+connectors_up() {
+  local region=$1 port variant deadline
+  port=$(connect_port "$region")
+  for variant in json avro; do
+    register_connector "$region" "$variant"
+  done
+  deadline=$((SECONDS + 120))
+  for variant in json avro; do
+    until connector_running "$port" "cdc-$variant" 2>/dev/null; do
+      if [ $SECONDS -ge $deadline ]; then
+        connector_failure "$port" "cdc-$variant" >&2
+        die "connector cdc-$variant on $region is not RUNNING (log: $LOGS/connect-$region.log)"
+      fi
+      # A task that failed (e.g. the database was not ready) gets one restart.
+      curl -fsS -X POST "http://127.0.0.1:$port/connectors/cdc-$variant/restart?includeTasks=true&onlyFailed=true" >/dev/null 2>&1 || true
+      sleep 2
+    done
+  done
+}
+
+# --- MirrorMaker 2 -------------------------------------------------------------
+mm2_ready() {
+  # Ready once its connectors run: the flows' offset-sync and heartbeat topics exist.
+  kcat -b "127.0.0.1:$KAFKA_PORT_B" -L -J 2>/dev/null | grep -q "\"$REGION_A.heartbeats\"\|\"heartbeats\"" &&
+    kcat -b "127.0.0.1:$KAFKA_PORT_A" -L -J 2>/dev/null | grep -q "\"$REGION_B.heartbeats\"\|\"heartbeats\"" &&
+    grep -q "Kafka MirrorMaker started" "$LOGS/mirrormaker2.log"
+}
+
+mm2_up() {
+  local name=mirrormaker2
+  if alive "$name" && mm2_ready; then return 0; fi
+  mkdir -p "$STATE/$name"
+  REGION_A="$REGION_A" REGION_B="$REGION_B" KAFKA_A="127.0.0.1:$KAFKA_PORT_A" \
+    KAFKA_B="127.0.0.1:$KAFKA_PORT_B" REPLICATION_FACTOR=1 \
+    render "$ROOT/connectors/mirrormaker2.properties" >"$STATE/$name/mm2.properties"
+  spawn "$name" java -Xmx384m "${JAVA_SMALL[@]}" -cp "$DIST/lib/*" \
+    org.apache.kafka.connect.mirror.MirrorMaker "$STATE/$name/mm2.properties"
+}
+
+# --- Prometheus ----------------------------------------------------------------
+prometheus_ready() { curl -fsS "http://127.0.0.1:$PROMETHEUS_PORT/-/ready" >/dev/null; }
+
+prometheus_up() {
+  local name=prometheus
+  if alive "$name" && prometheus_ready; then return 0; fi
+  mkdir -p "$STATE/$name/data"
+  REGION_A="$REGION_A" REGION_B="$REGION_B" METRICS_A="127.0.0.1:$WORKER_METRICS_PORT_A" \
+    METRICS_B="127.0.0.1:$WORKER_METRICS_PORT_B" RULES_DIR="$ROOT/deploy/prometheus" \
+    render "$HERE/prometheus.yml" >"$STATE/$name/prometheus.yml"
+  spawn "$name" prometheus --config.file="$STATE/$name/prometheus.yml" \
+    --storage.tsdb.path="$STATE/$name/data" --web.listen-address="127.0.0.1:$PROMETHEUS_PORT" \
+    --web.enable-lifecycle
+}
+
+# --- commands --------------------------------------------------------------------
+cmd_up() {
+  local t0=$SECONDS region
+  cmd_install
+  mkdir -p "$LOGS" "$PIDS"
+  for region in "${REGIONS[@]}"; do pg_up "$region"; done
+  # Both brokers start together; each is small and mostly waits on I/O.
+  for region in "${REGIONS[@]}"; do kafka_up "$region"; done
+  for region in "${REGIONS[@]}"; do
+    wait_for "kafka-$region" 120 kafka_ready "$(kafka_port "$region")"
+  done
+  registry_up
+  wait_for registry 120 registry_ready
+  for region in "${REGIONS[@]}"; do connect_up "$region"; done
+  for region in "${REGIONS[@]}"; do
+    wait_for "connect-$region" 180 connect_ready "$(connect_port "$region")"
+  done
+  for region in "${REGIONS[@]}"; do connectors_up "$region"; done
+  mm2_up
+  wait_for mirrormaker2 180 mm2_ready
+  prometheus_up
+  wait_for prometheus 60 prometheus_ready
+  log "stack is up ($((SECONDS - t0))s)"
+  cmd_status
+}
+
+cmd_down() {
+  stop_pid prometheus 20
+  stop_pid mirrormaker2 30
+  local region
+  for region in "${REGIONS[@]}"; do stop_pid "connect-$region" 30; done
+  stop_pid registry 20
+  for region in "${REGIONS[@]}"; do stop_pid "kafka-$region" 60; done
+  for region in "${REGIONS[@]}"; do pg_down "$region"; done
+  log "stack is down"
+}
+
+status_line() { # name port check...
+  local name=$1 port=$2; shift 2
+  local state=down p
+  p=$(pid_of "$name")
+  if alive "$name"; then
+    if "$@" >/dev/null 2>&1; then state=up; else state=starting; fi
+  else
+    p=-
+  fi
+  printf '%-24s %-9s %-17s %-8s %s\n' "$name" "$state" "127.0.0.1:$port" "${p:--}" "$LOGS/$name.log"
+}
+
+pg_ready() { as_postgres "$PG_BIN/pg_isready" -q -h 127.0.0.1 -p "$1"; }
+
+cmd_status() {
+  printf '%-24s %-9s %-17s %-8s %s\n' SERVICE STATE ADDRESS PID LOG
+  local region
+  for region in "${REGIONS[@]}"; do status_line "postgres-$region" "$(pg_port "$region")" pg_ready "$(pg_port "$region")"; done
+  for region in "${REGIONS[@]}"; do status_line "kafka-$region" "$(kafka_port "$region")" kafka_ready "$(kafka_port "$region")"; done
+  status_line registry "$REGISTRY_PORT" registry_ready
+  for region in "${REGIONS[@]}"; do status_line "connect-$region" "$(connect_port "$region")" connect_ready "$(connect_port "$region")"; done
+  status_line mirrormaker2 - mm2_ready
+  status_line prometheus "$PROMETHEUS_PORT" prometheus_ready
+  for region in "${REGIONS[@]}"; do
+    local mport
+    mport=$([ "$region" = "$REGION_A" ] && echo "$WORKER_METRICS_PORT_A" || echo "$WORKER_METRICS_PORT_B")
+    status_line "regionsync-$region" "$mport" curl -fsS "http://127.0.0.1:$mport/healthz"
+  done
+}
+
+case "${1:-}" in
+  install) cmd_install ;;
+  up) cmd_up ;;
+  down) cmd_down ;;
+  status) cmd_status ;;
+  *) echo "usage: $0 install|up|down|status" >&2; exit 2 ;;
+esac

@@ -1,0 +1,3 @@
+//! Operations: `rebuild`, `verify` and `failover-check` (DESIGN.md §7).
+//!
+//! Not built yet.

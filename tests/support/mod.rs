@@ -1,0 +1,196 @@
+//! Shared harness for the integration tests: the local two-region stack's
+//! addresses (deploy/local/env.sh, overridable from the environment), clients
+//! for its PostgreSQL and Kafka, and a reader that collects the events of one
+//! row key from a topic. Tests isolate themselves by using fresh row keys.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{Message, OwnedMessage};
+use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+
+/// One region of the local stack.
+#[derive(Clone, Debug)]
+pub struct Region {
+    pub name: String,
+    pub pg_port: u16,
+    pub kafka: String,
+}
+
+fn env_or(key: &str, default: &str) -> String {
+    std::env::var(key).unwrap_or_else(|_| default.to_string())
+}
+
+pub fn region_a() -> Region {
+    Region {
+        name: env_or("REGION_A", "us-east-1"),
+        pg_port: env_or("PG_PORT_A", "15432").parse().expect("PG_PORT_A"),
+        kafka: format!("127.0.0.1:{}", env_or("KAFKA_PORT_A", "19092")),
+    }
+}
+
+pub fn region_b() -> Region {
+    Region {
+        name: env_or("REGION_B", "eu-west-1"),
+        pg_port: env_or("PG_PORT_B", "25432").parse().expect("PG_PORT_B"),
+        kafka: format!("127.0.0.1:{}", env_or("KAFKA_PORT_B", "29092")),
+    }
+}
+
+/// The registry's Confluent-compatible API, shared by both regions.
+pub fn registry_ccompat_url() -> String {
+    format!(
+        "http://127.0.0.1:{}/apis/ccompat/v7",
+        env_or("REGISTRY_PORT", "18081")
+    )
+}
+
+/// The name MirrorMaker 2 gives, in the other region, to `topic` of `source`.
+pub fn mirrored(source: &Region, topic: &str) -> String {
+    format!("{}.{}", source.name, topic)
+}
+
+/// A row key no other test (nor an earlier run) uses.
+pub fn fresh_key() -> i64 {
+    static NEXT: AtomicI64 = AtomicI64::new(0);
+    let micros = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .expect("clock after 1970")
+        .as_micros() as i64;
+    micros * 8 + NEXT.fetch_add(1, Ordering::Relaxed) % 8
+}
+
+pub fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .expect("clock after 1970")
+        .as_millis() as i64
+}
+
+/// A connection to `region`'s database `app` as the application's role.
+pub async fn app_db(region: &Region) -> tokio_postgres::Client {
+    let conn = format!(
+        "host=127.0.0.1 port={} dbname=app user=app password={}",
+        region.pg_port,
+        env_or("APP_PASSWORD", "app-local")
+    );
+    let (client, connection) = tokio_postgres::connect(&conn, tokio_postgres::NoTls)
+        .await
+        .unwrap_or_else(|e| panic!("connect to PostgreSQL of {}: {e}", region.name));
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    client
+}
+
+/// Reads a topic of `region`'s Kafka from the beginning and keeps the events
+/// whose key matches, in offset order per partition.
+pub struct TopicReader {
+    consumer: BaseConsumer,
+    topic: String,
+}
+
+impl TopicReader {
+    /// Waits (up to `deadline`) for the topic to exist, then assigns all of
+    /// its partitions from their first offset. No consumer group is joined.
+    pub fn open(region: &Region, topic: &str, deadline: Instant) -> TopicReader {
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &region.kafka)
+            .set("group.id", "regionsync-tests-unused")
+            .set("enable.auto.commit", "false")
+            .set("allow.auto.create.topics", "false")
+            .create()
+            .expect("kafka consumer");
+        let partitions = loop {
+            let md = consumer.fetch_metadata(Some(topic), Duration::from_secs(5));
+            let found = md.ok().and_then(|md| {
+                md.topics()
+                    .iter()
+                    .find(|t| t.name() == topic && t.error().is_none())
+                    .map(|t| t.partitions().len())
+                    .filter(|n| *n > 0)
+            });
+            if let Some(n) = found {
+                break n;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "topic {topic} did not appear on {} ({}) in time",
+                region.kafka,
+                region.name
+            );
+            std::thread::sleep(Duration::from_millis(500));
+        };
+        let mut tpl = TopicPartitionList::new();
+        for p in 0..partitions as i32 {
+            tpl.add_partition_offset(topic, p, Offset::Beginning)
+                .expect("partition offset");
+        }
+        consumer.assign(&tpl).expect("assign");
+        TopicReader {
+            consumer,
+            topic: topic.to_string(),
+        }
+    }
+
+    /// Polls until `done(events so far)` holds or `deadline` passes; returns
+    /// the matching events in the order they were read.
+    pub fn collect(
+        &self,
+        deadline: Instant,
+        matches: impl Fn(&OwnedMessage) -> bool,
+        done: impl Fn(&[OwnedMessage]) -> bool,
+    ) -> Vec<OwnedMessage> {
+        let mut found = Vec::new();
+        while !done(&found) {
+            if Instant::now() >= deadline {
+                break;
+            }
+            match self.consumer.poll(Duration::from_millis(200)) {
+                Some(Ok(msg)) => {
+                    let msg = msg.detach();
+                    if matches(&msg) {
+                        found.push(msg);
+                    }
+                }
+                Some(Err(e)) => eprintln!("kafka poll on {}: {e}", self.topic),
+                None => {}
+            }
+        }
+        found
+    }
+}
+
+/// The `payload` part of a JSON-with-schemas message body (key or value).
+pub fn json_payload(bytes: Option<&[u8]>) -> Option<serde_json::Value> {
+    let bytes = bytes?;
+    let v: serde_json::Value = serde_json::from_slice(bytes).expect("message is JSON");
+    Some(
+        v.get("payload")
+            .cloned()
+            .expect("JSON with schemas has a payload"),
+    )
+}
+
+/// Headers of a message as strings (Debezium and MM2 headers are text).
+pub fn headers(msg: &OwnedMessage) -> HashMap<String, String> {
+    use rdkafka::message::Headers;
+    let mut out = HashMap::new();
+    if let Some(h) = msg.headers() {
+        for header in h.iter() {
+            let value = header
+                .value
+                .map(|v| String::from_utf8_lossy(v).into_owned())
+                .unwrap_or_default();
+            out.insert(header.key.to_string(), value);
+        }
+    }
+    out
+}
+
+pub fn repo_root() -> std::path::PathBuf {
+    std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
