@@ -367,3 +367,66 @@ async fn find_avro_event(
         );
     }
 }
+
+/// schemas/avro/ holds the change-event schemas exactly as Debezium registers
+/// them: a user and an order written now register (or reuse) them, and each
+/// committed file equals the registry's latest version of its subject.
+#[tokio::test(flavor = "multi_thread")]
+async fn committed_avro_schemas_match_the_registry() {
+    let a = region_a();
+    let db = app_db(&a).await;
+    let key = fresh_key();
+    db.execute(
+        "INSERT INTO users (id, email) VALUES ($1, 'schema@example.com')",
+        &[&key],
+    )
+    .await
+    .expect("insert user");
+    db.execute(
+        "INSERT INTO orders (id, user_id, quantity, amount, currency) VALUES ($1, $1, 1, 1, 'USD')",
+        &[&key],
+    )
+    .await
+    .expect("insert order");
+
+    let http = reqwest::Client::new();
+    let dir = repo_root().join("schemas/avro");
+    let mut checked = 0;
+    for entry in std::fs::read_dir(&dir).expect("schemas/avro") {
+        let path = entry.expect("dir entry").path();
+        let file = path.file_name().unwrap().to_string_lossy().into_owned();
+        let Some(stem) = file.strip_suffix(".avsc") else {
+            continue;
+        };
+        let committed: Json =
+            serde_json::from_str(&std::fs::read_to_string(&path).expect("read avsc"))
+                .unwrap_or_else(|e| panic!("{file} is not JSON: {e}"));
+        let subject = format!("cdc.avro.{stem}");
+        let url = format!(
+            "{}/subjects/{subject}/versions/latest/schema",
+            registry_ccompat_url()
+        );
+        let deadline = Instant::now() + ARRIVAL;
+        let registered: Json = loop {
+            let resp = http.get(&url).send().await.expect("registry answers");
+            if resp.status().is_success() {
+                break resp.json().await.expect("schema JSON");
+            }
+            assert!(
+                Instant::now() < deadline,
+                "subject {subject} not registered: {}",
+                resp.status()
+            );
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        };
+        assert_eq!(
+            committed, registered,
+            "schemas/avro/{file} differs from the registry's {subject}"
+        );
+        checked += 1;
+    }
+    assert_eq!(
+        checked, 6,
+        "key and value schemas of users, orders, heartbeat"
+    );
+}

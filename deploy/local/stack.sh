@@ -152,7 +152,21 @@ PG_BIN=/usr/lib/postgresql/15/bin
 as_postgres() { runuser -u postgres -- "$@"; }
 psql_admin() { # region, psql args...
   local region=$1; shift
-  PGPASSWORD= psql -X -q -v ON_ERROR_STOP=1 -h 127.0.0.1 -p "$(pg_port "$region")" -U postgres "$@"
+  PGOPTIONS="${PGOPTIONS:-} -c client_min_messages=warning" psql -X -q -v ON_ERROR_STOP=1 -h 127.0.0.1 -p "$(pg_port "$region")" -U postgres "$@"
+}
+
+# postgres runs as its own user and must reach its data under target/stack/:
+# give "others" traverse (not read) permission on any ancestor that lacks it,
+# e.g. a checkout under /root.
+ensure_traversable() {
+  local d=$1
+  while [ "$d" != / ]; do
+    if ! runuser -u postgres -- test -x "$d" 2>/dev/null; then
+      log "allowing the postgres user to traverse $d (chmod o+x)"
+      chmod o+x "$d"
+    fi
+    d=$(dirname "$d")
+  done
 }
 
 pg_up() {
@@ -164,6 +178,7 @@ pg_up() {
   if [ ! -f "$data/PG_VERSION" ]; then
     log "initdb $region in $data"
     mkdir -p "$data"; chown postgres:postgres "$data"; chmod 700 "$data"
+    ensure_traversable "$STATE"
     as_postgres "$PG_BIN/initdb" -D "$data" -U postgres --auth-local=trust --auth-host=scram-sha-256 \
       -E UTF8 --locale=C.UTF-8 >>"$LOGS/$name.log" 2>&1
     cat >>"$data/postgresql.conf" <<EOF
@@ -274,9 +289,9 @@ registry_up() {
   # The registry keeps its schemas in H2, in memory by default: pointed at a
   # file under target/stack/ instead, schema ids survive a stack restart (the
   # Avro events already in Kafka carry them).
-  spawn "$name" java -Xmx320m -XX:+UseSerialGC -XX:TieredStopAtLevel=1 \
+  REGISTRY_DATASOURCE_URL="jdbc:h2:file:$STATE/registry/db;DB_CLOSE_ON_EXIT=FALSE" \
+    spawn "$name" java -Xmx320m -XX:+UseSerialGC -XX:TieredStopAtLevel=1 \
     -Dquarkus.http.host=127.0.0.1 -Dquarkus.http.port="$REGISTRY_PORT" \
-    "-Dregistry.datasource.url=jdbc:h2:file:$STATE/registry/db;DB_CLOSE_ON_EXIT=FALSE" \
     -jar "$(registry_jar)"
 }
 

@@ -136,6 +136,40 @@ impl TopicReader {
         }
     }
 
+    /// Every message now on the topic: reads each partition up to the high
+    /// watermark it had when called.
+    pub fn read_all(&self, deadline: Instant) -> Vec<OwnedMessage> {
+        let mut remaining: HashMap<i32, i64> = HashMap::new();
+        let partitions = self.consumer.assignment().expect("assignment");
+        for elem in partitions.elements() {
+            let (low, high) = self
+                .consumer
+                .fetch_watermarks(&self.topic, elem.partition(), Duration::from_secs(5))
+                .expect("watermarks");
+            if high > low {
+                remaining.insert(elem.partition(), high);
+            }
+        }
+        let mut out = Vec::new();
+        while !remaining.is_empty() {
+            assert!(
+                Instant::now() < deadline,
+                "reading {} to its end timed out",
+                self.topic
+            );
+            if let Some(Ok(msg)) = self.consumer.poll(Duration::from_millis(200)) {
+                let msg = msg.detach();
+                if let Some(high) = remaining.get(&msg.partition()) {
+                    if msg.offset() + 1 >= *high {
+                        remaining.remove(&msg.partition());
+                    }
+                    out.push(msg);
+                }
+            }
+        }
+        out
+    }
+
     /// Polls until `done(events so far)` holds or `deadline` passes; returns
     /// the matching events in the order they were read.
     pub fn collect(
