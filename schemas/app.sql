@@ -49,6 +49,10 @@ CREATE TABLE IF NOT EXISTS public.orders (
 ALTER TABLE public.orders REPLICA IDENTITY FULL;
 
 CREATE OR REPLACE TRIGGER regionsync_stamp_hlc BEFORE INSERT OR UPDATE ON public.users
-    FOR EACH ROW EXECUTE FUNCTION regionsync.stamp_hlc();
+    FOR EACH ROW EXECUTE FUNCTION regionsync.stamp_hlc('id');
+CREATE OR REPLACE TRIGGER regionsync_mark_deleted AFTER DELETE ON public.users
+    FOR EACH ROW EXECUTE FUNCTION regionsync.mark_deleted('id');
 CREATE OR REPLACE TRIGGER regionsync_stamp_hlc BEFORE INSERT OR UPDATE ON public.orders
-    FOR EACH ROW EXECUTE FUNCTION regionsync.stamp_hlc();
+    FOR EACH ROW EXECUTE FUNCTION regionsync.stamp_hlc('id');
+CREATE OR REPLACE TRIGGER regionsync_mark_deleted AFTER DELETE ON public.orders
+    FOR EACH ROW EXECUTE FUNCTION regionsync.mark_deleted('id');

@@ -40,21 +40,59 @@ CREATE TABLE IF NOT EXISTS regionsync.heartbeat (
 ALTER TABLE regionsync.heartbeat REPLICA IDENTITY FULL;
 
 -- HLC stamping of local writes (DESIGN.md §4): hlc = wall milliseconds << 16,
--- and never below the stored version + 1, so a local write after a replicated
--- one is ordered after it whatever the clock skew. The applier runs with
--- session_replication_role = replica, so this trigger does not re-stamp rows
--- it writes.
+-- and never below what the row (or its tombstone) had + 1, so a local write
+-- after a replicated one, or after a delete, is ordered after it whatever
+-- the clock skew. The applier runs with session_replication_role = replica,
+-- so these triggers do not fire for the rows it writes.
+--
+-- Install on a replicated table, naming its key columns:
+--   CREATE TRIGGER regionsync_stamp_hlc BEFORE INSERT OR UPDATE ON t
+--       FOR EACH ROW EXECUTE FUNCTION regionsync.stamp_hlc('id');
+--   CREATE TRIGGER regionsync_mark_deleted AFTER DELETE ON t
+--       FOR EACH ROW EXECUTE FUNCTION regionsync.mark_deleted('id');
+
+-- The key of a row as text, as regionsync writes it into tombstones.row_key:
+-- the value's text for a one-column key, else a JSON array of the texts.
+-- (Trigger arguments arrive as an array indexed from 0.)
+CREATE OR REPLACE FUNCTION regionsync.row_key(r jsonb, cols text[]) RETURNS text
+LANGUAGE sql IMMUTABLE AS $$
+    SELECT CASE WHEN cardinality(cols) = 1 THEN r ->> cols[array_lower(cols, 1)]
+                ELSE (SELECT jsonb_agg(r ->> c ORDER BY o) FROM unnest(cols) WITH ORDINALITY u(c, o))::text
+           END
+$$;
+
 CREATE OR REPLACE FUNCTION regionsync.stamp_hlc() RETURNS trigger
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, regionsync AS $$
 DECLARE
     wall bigint := (floor(extract(epoch FROM clock_timestamp()) * 1000)::bigint) << 16;
+    deleted bigint;
 BEGIN
     IF TG_OP = 'UPDATE' THEN
         NEW.hlc := greatest(wall, OLD.hlc + 1);
     ELSE
-        NEW.hlc := wall;
+        SELECT t.hlc INTO deleted FROM regionsync.tombstones t
+         WHERE t.table_name = TG_TABLE_SCHEMA || '.' || TG_TABLE_NAME
+           AND t.row_key = regionsync.row_key(to_jsonb(NEW), TG_ARGV::text[]);
+        NEW.hlc := greatest(wall, coalesce(deleted + 1, 0));
     END IF;
     NEW.origin_region := current_setting('regionsync.region');
     RETURN NEW;
+END
+$$;
+
+-- A local delete leaves a tombstone one step after the deleted version: the
+-- version every region gives the delete (its `before` image's hlc + 1), so
+-- that a later local insert of the key is ordered after it.
+CREATE OR REPLACE FUNCTION regionsync.mark_deleted() RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, regionsync AS $$
+BEGIN
+    INSERT INTO regionsync.tombstones AS ts (table_name, row_key, hlc, origin_region)
+    VALUES (TG_TABLE_SCHEMA || '.' || TG_TABLE_NAME,
+            regionsync.row_key(to_jsonb(OLD), TG_ARGV::text[]),
+            OLD.hlc + 1, current_setting('regionsync.region'))
+    ON CONFLICT (table_name, row_key) DO UPDATE
+       SET hlc = EXCLUDED.hlc, origin_region = EXCLUDED.origin_region, deleted_at = now()
+     WHERE (ts.hlc, ts.origin_region COLLATE "C") < (EXCLUDED.hlc, EXCLUDED.origin_region COLLATE "C");
+    RETURN OLD;
 END
 $$;
