@@ -1,4 +1,622 @@
-//! Config: the worker's TOML configuration with environment overrides,
-//! validated (every bad field named) before anything is consumed.
-//!
-//! Not built yet: it arrives with the apply pipeline.
+//! Config: the worker's configuration, one TOML file with every key
+//! overridable from the environment (`REGIONSYNC_` + the key path joined by
+//! `__`, e.g. `REGIONSYNC_POSTGRES__HOST`). [`Config::validate`] names every
+//! bad field at once, before anything connects or consumes. Secrets (the
+//! database password) come from the environment or a file, and cannot be
+//! printed: [`Secret`] redacts itself in `Debug`.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::Path;
+use std::time::Duration;
+
+use figment::providers::{Env, Format, Toml};
+use figment::Figment;
+use serde::Deserialize;
+
+pub const DEFAULT_BATCH_MAX_ROWS: usize = 5_000;
+pub const DEFAULT_BATCH_MAX_BYTES: usize = 8 * 1024 * 1024;
+pub const DEFAULT_LINGER_MS: u64 = 20;
+pub const DEFAULT_POOL_SIZE: usize = 2;
+pub const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:9464";
+pub const DEFAULT_HEARTBEAT_TOPIC: &str = "cdc.regionsync.heartbeat";
+
+/// What to do with a message that cannot be decoded or applied.
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum OnError {
+    /// Send it to the dead-letter topic and move on (the default).
+    #[default]
+    Dlq,
+    /// Stop the worker with an error; the offset stays before the message.
+    Stop,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// This worker's region: the one whose database it writes.
+    pub region: String,
+    /// Every region, in routing order (DESIGN.md §3).
+    pub regions: Vec<String>,
+    /// The regions whose mirrored topics this worker consumes (default: every
+    /// region but this one).
+    #[serde(default)]
+    pub source_regions: Vec<String>,
+    /// Kafka consumer group; default `regionsync-<region>`.
+    #[serde(default)]
+    pub consumer_group: Option<String>,
+    #[serde(default)]
+    pub on_error: OnError,
+    /// Dead-letter topic on the local Kafka; default `regionsync.dlq.<region>`.
+    #[serde(default)]
+    pub dlq_topic: Option<String>,
+    pub kafka: KafkaConfig,
+    #[serde(default)]
+    pub schema_registry: SchemaRegistryConfig,
+    pub postgres: PostgresConfig,
+    #[serde(default)]
+    pub apply: ApplyConfig,
+    #[serde(default)]
+    pub metrics: MetricsConfig,
+    /// The source topic (without the region prefix MirrorMaker 2 adds) whose
+    /// events carry the source regions' heartbeats.
+    #[serde(default = "default_heartbeat_topic")]
+    pub heartbeat_topic: String,
+    /// The replicated tables; only these are ever written.
+    pub tables: Vec<TableConfig>,
+}
+
+fn default_heartbeat_topic() -> String {
+    DEFAULT_HEARTBEAT_TOPIC.to_string()
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KafkaConfig {
+    pub bootstrap_servers: String,
+    /// Any librdkafka property, passed through as is (TLS, SASL, tuning).
+    #[serde(default)]
+    pub properties: BTreeMap<String, String>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SchemaRegistryConfig {
+    /// The Confluent-compatible API of the registry every source region uses.
+    #[serde(default)]
+    pub url: Option<String>,
+    /// Per source region, where regions use different registries (schema ids
+    /// belong to the registry that issued them).
+    #[serde(default)]
+    pub per_region: BTreeMap<String, String>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PostgresConfig {
+    pub host: String,
+    #[serde(default = "default_pg_port")]
+    pub port: u16,
+    pub dbname: String,
+    pub user: String,
+    /// The password itself; prefer `password_file` or the environment
+    /// (`REGIONSYNC_POSTGRES__PASSWORD`).
+    #[serde(default)]
+    pub password: Option<Secret>,
+    /// A file whose content (trimmed) is the password.
+    #[serde(default)]
+    pub password_file: Option<String>,
+    /// Connections for applying; partitions share them.
+    #[serde(default = "default_pool_size")]
+    pub pool_size: usize,
+}
+
+fn default_pg_port() -> u16 {
+    5432
+}
+fn default_pool_size() -> usize {
+    DEFAULT_POOL_SIZE
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApplyConfig {
+    /// A batch closes at this many changes…
+    #[serde(default = "default_batch_max_rows")]
+    pub batch_max_rows: usize,
+    /// …or this many bytes of message payload…
+    #[serde(default = "default_batch_max_bytes")]
+    pub batch_max_bytes: usize,
+    /// …or when its first change has waited this long.
+    #[serde(default = "default_linger_ms")]
+    pub linger_ms: u64,
+}
+
+fn default_batch_max_rows() -> usize {
+    DEFAULT_BATCH_MAX_ROWS
+}
+fn default_batch_max_bytes() -> usize {
+    DEFAULT_BATCH_MAX_BYTES
+}
+fn default_linger_ms() -> u64 {
+    DEFAULT_LINGER_MS
+}
+
+impl Default for ApplyConfig {
+    fn default() -> Self {
+        ApplyConfig {
+            batch_max_rows: DEFAULT_BATCH_MAX_ROWS,
+            batch_max_bytes: DEFAULT_BATCH_MAX_BYTES,
+            linger_ms: DEFAULT_LINGER_MS,
+        }
+    }
+}
+
+impl ApplyConfig {
+    pub fn linger(&self) -> Duration {
+        Duration::from_millis(self.linger_ms)
+    }
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// Address of the HTTP endpoint with /metrics, /healthz and /readyz.
+    #[serde(default = "default_metrics_listen")]
+    pub listen: String,
+}
+
+fn default_metrics_listen() -> String {
+    DEFAULT_METRICS_LISTEN.to_string()
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        MetricsConfig {
+            listen: DEFAULT_METRICS_LISTEN.to_string(),
+        }
+    }
+}
+
+/// One replicated table: which source topics feed it and how.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TableConfig {
+    /// Source topics as the source region's Debezium names them, without the
+    /// region prefix MirrorMaker 2 adds (e.g. `cdc.public.users`, or
+    /// `cdc.avro.public.users` for the Avro connector).
+    pub topics: Vec<String>,
+    /// The target table, `schema.table`.
+    pub target: String,
+    /// The target's key columns (its primary key).
+    pub key: Vec<String>,
+    /// Source column → target column, where names differ.
+    #[serde(default)]
+    pub columns: BTreeMap<String, String>,
+}
+
+impl TableConfig {
+    /// (schema, table) of the target.
+    pub fn target_parts(&self) -> (&str, &str) {
+        match self.target.split_once('.') {
+            Some((s, t)) => (s, t),
+            None => ("public", self.target.as_str()),
+        }
+    }
+
+    /// The target column a source column maps to.
+    pub fn target_column<'a>(&'a self, source: &'a str) -> &'a str {
+        self.columns
+            .get(source)
+            .map(String::as_str)
+            .unwrap_or(source)
+    }
+}
+
+/// A secret string: never printed, never logged.
+#[derive(Clone, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(s: impl Into<String>) -> Secret {
+        Secret(s.into())
+    }
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(<redacted>)")
+    }
+}
+
+/// Everything wrong with a configuration, each naming its field.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid configuration:\n  - {}", .problems.join("\n  - "))]
+pub struct ConfigError {
+    pub problems: Vec<String>,
+}
+
+/// The keys of [`Config`]: other `REGIONSYNC_*` variables (such as
+/// `REGIONSYNC_CONFIG`) are not overrides.
+const TOP_LEVEL_KEYS: &[&str] = &[
+    "region",
+    "regions",
+    "source_regions",
+    "consumer_group",
+    "on_error",
+    "dlq_topic",
+    "kafka",
+    "schema_registry",
+    "postgres",
+    "apply",
+    "metrics",
+    "heartbeat_topic",
+    "tables",
+];
+
+/// The first segment of an environment key (`postgres.host` → `postgres`).
+fn top_level(key: &str) -> &str {
+    key.split('.').next().unwrap_or(key)
+}
+
+impl Config {
+    /// Reads the TOML file, then applies `REGIONSYNC_*` environment
+    /// overrides, then validates.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        if !path.exists() {
+            return Err(ConfigError {
+                problems: vec![format!("config file {} does not exist", path.display())],
+            });
+        }
+        let figment = Figment::new().merge(Toml::file_exact(path)).merge(
+            Env::prefixed("REGIONSYNC_").split("__").filter(|key| {
+                let top = top_level(key.as_str());
+                TOP_LEVEL_KEYS.iter().any(|k| k.eq_ignore_ascii_case(top))
+            }),
+        );
+        let config: Config = figment.extract().map_err(|e| ConfigError {
+            problems: e
+                .into_iter()
+                .map(|e| format!("{e} (in {})", path.display()))
+                .collect(),
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Parses TOML text without the environment (tests, check-config).
+    pub fn from_toml(text: &str) -> Result<Config, ConfigError> {
+        let config: Config = Figment::new()
+            .merge(Toml::string(text))
+            .extract()
+            .map_err(|e| ConfigError {
+                problems: e.into_iter().map(|e| e.to_string()).collect(),
+            })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    pub fn consumer_group(&self) -> String {
+        self.consumer_group
+            .clone()
+            .unwrap_or_else(|| format!("regionsync-{}", self.region))
+    }
+
+    pub fn dlq_topic(&self) -> String {
+        self.dlq_topic
+            .clone()
+            .unwrap_or_else(|| format!("regionsync.dlq.{}", self.region))
+    }
+
+    /// The regions whose topics this worker consumes.
+    pub fn source_regions(&self) -> Vec<String> {
+        if self.source_regions.is_empty() {
+            self.regions
+                .iter()
+                .filter(|r| **r != self.region)
+                .cloned()
+                .collect()
+        } else {
+            self.source_regions.clone()
+        }
+    }
+
+    /// The registry URL for events from `region`, if any is configured.
+    pub fn registry_for(&self, region: &str) -> Option<&str> {
+        self.schema_registry
+            .per_region
+            .get(region)
+            .or(self.schema_registry.url.as_ref())
+            .map(String::as_str)
+    }
+
+    /// The password, from the config/environment or from `password_file`.
+    pub fn postgres_password(&self) -> Result<Option<Secret>, ConfigError> {
+        if let Some(p) = &self.postgres.password {
+            return Ok(Some(p.clone()));
+        }
+        match &self.postgres.password_file {
+            Some(file) => std::fs::read_to_string(file)
+                .map(|s| Some(Secret::new(s.trim_end_matches(['\n', '\r']))))
+                .map_err(|e| ConfigError {
+                    problems: vec![format!("postgres.password_file {file}: {e}")],
+                }),
+            None => Ok(None),
+        }
+    }
+
+    /// The exact mirrored topic names this worker consumes, with the table
+    /// each feeds (`None` for heartbeat topics).
+    pub fn mirrored_topics(&self) -> Vec<(String, String, Option<usize>)> {
+        let mut out = Vec::new();
+        for region in self.source_regions() {
+            out.push((
+                format!("{region}.{}", self.heartbeat_topic),
+                region.clone(),
+                None,
+            ));
+            for (i, table) in self.tables.iter().enumerate() {
+                for topic in &table.topics {
+                    out.push((format!("{region}.{topic}"), region.clone(), Some(i)));
+                }
+            }
+        }
+        out
+    }
+
+    /// Checks every field and reports all problems at once.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let mut p = Vec::new();
+        let name_ok = |s: &str| {
+            !s.is_empty()
+                && s.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        };
+        if !name_ok(&self.region) {
+            p.push(format!(
+                "region: {:?} is not a region name (letters, digits, - and _)",
+                self.region
+            ));
+        }
+        if self.regions.is_empty() {
+            p.push("regions: must list every region, in routing order".into());
+        }
+        for (i, r) in self.regions.iter().enumerate() {
+            if !name_ok(r) {
+                p.push(format!("regions[{i}]: {r:?} is not a region name"));
+            }
+            if self.regions[..i].contains(r) {
+                p.push(format!("regions[{i}]: {r:?} is listed twice"));
+            }
+        }
+        if !self.regions.contains(&self.region) {
+            p.push(format!(
+                "region: {:?} is not in regions {:?}",
+                self.region, self.regions
+            ));
+        }
+        for (i, r) in self.source_regions.iter().enumerate() {
+            if !self.regions.contains(r) {
+                p.push(format!("source_regions[{i}]: {r:?} is not in regions"));
+            }
+            if *r == self.region {
+                p.push(format!(
+                    "source_regions[{i}]: {r:?} is this worker's own region"
+                ));
+            }
+        }
+        if self.source_regions().is_empty() {
+            p.push("source_regions: no region to consume from".into());
+        }
+        if self.kafka.bootstrap_servers.trim().is_empty() {
+            p.push("kafka.bootstrap_servers: must not be empty".into());
+        }
+        for key in self.kafka.properties.keys() {
+            if matches!(
+                key.as_str(),
+                "group.id" | "enable.auto.commit" | "bootstrap.servers"
+            ) {
+                p.push(format!(
+                    "kafka.properties.{key}: set by regionsync itself (use consumer_group / kafka.bootstrap_servers)"
+                ));
+            }
+        }
+        for (region, url) in &self.schema_registry.per_region {
+            if !self.regions.contains(region) {
+                p.push(format!(
+                    "schema_registry.per_region.{region}: not in regions"
+                ));
+            }
+            if !url.starts_with("http://") && !url.starts_with("https://") {
+                p.push(format!(
+                    "schema_registry.per_region.{region}: {url:?} is not an http(s) URL"
+                ));
+            }
+        }
+        if let Some(url) = &self.schema_registry.url {
+            if !url.starts_with("http://") && !url.starts_with("https://") {
+                p.push(format!(
+                    "schema_registry.url: {url:?} is not an http(s) URL"
+                ));
+            }
+        }
+        if self.postgres.host.is_empty() {
+            p.push("postgres.host: must not be empty".into());
+        }
+        if self.postgres.dbname.is_empty() {
+            p.push("postgres.dbname: must not be empty".into());
+        }
+        if self.postgres.user.is_empty() {
+            p.push("postgres.user: must not be empty".into());
+        }
+        if self.postgres.password.is_some() && self.postgres.password_file.is_some() {
+            p.push("postgres.password and postgres.password_file: set only one".into());
+        }
+        if let Some(file) = &self.postgres.password_file {
+            if !Path::new(file).is_file() {
+                p.push(format!(
+                    "postgres.password_file: {file} is not a readable file"
+                ));
+            }
+        }
+        if self.postgres.pool_size == 0 || self.postgres.pool_size > 64 {
+            p.push(format!(
+                "postgres.pool_size: {} is outside 1..=64",
+                self.postgres.pool_size
+            ));
+        }
+        if self.apply.batch_max_rows == 0 || self.apply.batch_max_rows > 100_000 {
+            p.push(format!(
+                "apply.batch_max_rows: {} is outside 1..=100000",
+                self.apply.batch_max_rows
+            ));
+        }
+        if self.apply.batch_max_bytes < 1024 {
+            p.push(format!(
+                "apply.batch_max_bytes: {} is below 1024",
+                self.apply.batch_max_bytes
+            ));
+        }
+        if self.apply.linger_ms > 60_000 {
+            p.push(format!(
+                "apply.linger_ms: {} is above 60000",
+                self.apply.linger_ms
+            ));
+        }
+        if self.metrics.listen.parse::<std::net::SocketAddr>().is_err() {
+            p.push(format!(
+                "metrics.listen: {:?} is not an address like 127.0.0.1:9464",
+                self.metrics.listen
+            ));
+        }
+        if self.tables.is_empty() {
+            p.push("tables: at least one replicated table is needed".into());
+        }
+        let mut seen_topics: BTreeMap<&str, usize> = BTreeMap::new();
+        for (i, t) in self.tables.iter().enumerate() {
+            if t.topics.is_empty() {
+                p.push(format!("tables[{i}].topics: must name at least one topic"));
+            }
+            for topic in &t.topics {
+                if let Some(j) = seen_topics.insert(topic, i) {
+                    p.push(format!(
+                        "tables[{i}].topics: {topic:?} already feeds tables[{j}]"
+                    ));
+                }
+                if *topic == self.heartbeat_topic {
+                    p.push(format!(
+                        "tables[{i}].topics: {topic:?} is the heartbeat topic"
+                    ));
+                }
+            }
+            let parts: Vec<&str> = t.target.split('.').collect();
+            if parts.len() > 2 || parts.iter().any(|s| s.is_empty()) {
+                p.push(format!(
+                    "tables[{i}].target: {:?} is not schema.table",
+                    t.target
+                ));
+            }
+            if t.key.is_empty() {
+                p.push(format!("tables[{i}].key: must name the key columns"));
+            }
+        }
+        if p.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigError { problems: p })
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+        region = "eu-west-1"
+        regions = ["us-east-1", "eu-west-1"]
+        [kafka]
+        bootstrap_servers = "127.0.0.1:29092"
+        [postgres]
+        host = "127.0.0.1"
+        dbname = "app"
+        user = "regionsync"
+        password = "s3cret"
+        [[tables]]
+        topics = ["cdc.public.users"]
+        target = "public.users"
+        key = ["id"]
+    "#;
+
+    #[test]
+    fn a_minimal_config_gets_its_defaults() {
+        let c = Config::from_toml(GOOD).expect("valid");
+        assert_eq!(c.consumer_group(), "regionsync-eu-west-1");
+        assert_eq!(c.dlq_topic(), "regionsync.dlq.eu-west-1");
+        assert_eq!(c.source_regions(), vec!["us-east-1".to_string()]);
+        assert_eq!(c.on_error, OnError::Dlq);
+        assert_eq!(c.apply.batch_max_rows, DEFAULT_BATCH_MAX_ROWS);
+        let topics: Vec<String> = c.mirrored_topics().into_iter().map(|t| t.0).collect();
+        assert_eq!(
+            topics,
+            vec![
+                "us-east-1.cdc.regionsync.heartbeat".to_string(),
+                "us-east-1.cdc.public.users".to_string()
+            ]
+        );
+    }
+
+    #[test]
+    fn the_password_never_shows_in_debug_output() {
+        let c = Config::from_toml(GOOD).unwrap();
+        let printed = format!("{c:?}");
+        assert!(!printed.contains("s3cret"), "{printed}");
+        assert!(printed.contains("<redacted>"));
+    }
+
+    #[test]
+    fn every_bad_field_is_named_at_once() {
+        let bad = GOOD
+            .replace(
+                "regions = [\"us-east-1\", \"eu-west-1\"]",
+                "regions = [\"us-east-1\"]",
+            )
+            .replace("key = [\"id\"]", "key = []")
+            .replace("target = \"public.users\"", "target = \"a.b.c\"");
+        let err = Config::from_toml(&bad).unwrap_err();
+        let text = err.to_string();
+        assert!(
+            text.contains("region: \"eu-west-1\" is not in regions"),
+            "{text}"
+        );
+        assert!(text.contains("tables[0].key"), "{text}");
+        assert!(text.contains("tables[0].target"), "{text}");
+    }
+
+    #[test]
+    fn unknown_keys_are_rejected_with_their_name() {
+        let err = Config::from_toml(&format!("{GOOD}\nbatch_size = 3")).unwrap_err();
+        assert!(err.to_string().contains("batch_size"), "{err}");
+    }
+
+    #[test]
+    #[allow(clippy::result_large_err)] // figment's Jail fixes the closure's error type
+    fn the_environment_overrides_any_key_and_other_variables_are_ignored() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file("regionsync.toml", GOOD)?;
+            jail.set_env("REGIONSYNC_POSTGRES__HOST", "db.internal");
+            jail.set_env("REGIONSYNC_APPLY__BATCH_MAX_ROWS", "123");
+            jail.set_env("REGIONSYNC_CONFIG", "regionsync.toml");
+            jail.set_env("REGIONSYNC_DEBEZIUM_PASSWORD", "not-ours");
+            let c = Config::load(Path::new("regionsync.toml")).map_err(|e| e.to_string())?;
+            assert_eq!(c.postgres.host, "db.internal");
+            assert_eq!(c.apply.batch_max_rows, 123);
+            Ok(())
+        });
+    }
+}
