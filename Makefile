@@ -34,7 +34,7 @@ demo:
 test: lint
 	cargo test --lib --bins
 	bash $(STACK) up
-	cargo test --test stack
+	cargo test --test stack --test pipeline
 	cargo test --test stack_lifecycle
 
 lint:

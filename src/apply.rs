@@ -1,5 +1,775 @@
-//! Apply: per partition, batches of changes written to PostgreSQL in one
-//! transaction together with the partition's next offset (DESIGN.md §2), as
-//! bulk array-parameter statements under `session_replication_role = replica`.
+//! Apply: batches of decoded changes written to PostgreSQL in bulk, under the
+//! version guard of DESIGN.md §4, inside the caller's transaction (which also
+//! stores the partition's offset, see `offsets`).
 //!
-//! Not built yet: the apply pipeline is the next step of the project.
+//! What it promises:
+//! - Several changes of one key in a batch collapse to the last one, so the
+//!   batch's net effect per key is that of the last change (update → delete →
+//!   update ends with the row present).
+//! - An upsert lands only where its `(hlc, origin_region)` is newer than the
+//!   stored row's and than the key's tombstone; a delete only removes an
+//!   older row, and leaves a tombstone. Region names compare bytewise.
+//! - One statement per table and kind per batch: every value is bound as a
+//!   `text[]` array parameter and cast in SQL to the column's type, so the
+//!   round trips do not grow with the batch.
+//! - A truncate removes the rows older than its commit time (not newer ones),
+//!   so replaying a topic never undoes later writes.
+
+use std::collections::HashMap;
+
+use tokio_postgres::types::ToSql;
+use tokio_postgres::{GenericClient, Row as PgRow};
+
+use crate::config::TableConfig;
+use crate::decode::{Change, Field, Op, Row, Typed};
+
+/// A replicated table as the target database describes it.
+#[derive(Clone, Debug)]
+pub struct TargetTable {
+    /// `schema.table`, as stored in `regionsync.tombstones.table_name`.
+    pub name: String,
+    /// The quoted, schema-qualified identifier for SQL.
+    pub ident: String,
+    /// Columns in table order: (name, type as `format_type` prints it).
+    pub columns: Vec<(String, String)>,
+    /// Positions of the key columns in `columns`.
+    pub key: Vec<usize>,
+    /// Source column → target column, where names differ.
+    pub rename: HashMap<String, String>,
+}
+
+/// Quotes an identifier for SQL (names come from configuration).
+pub fn quote_ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+/// Why a table cannot be replicated into.
+#[derive(Debug, thiserror::Error)]
+pub enum TableError {
+    #[error("table {0} does not exist in the target database")]
+    Missing(String),
+    #[error("table {table}: key column {column} does not exist")]
+    MissingKeyColumn { table: String, column: String },
+    #[error("table {table}: no {column} column; every replicated table needs `hlc bigint not null` and `origin_region text not null` (schemas/regionsync.sql)")]
+    MissingVersionColumn { table: String, column: &'static str },
+    #[error("table {table}: key {key:?} is not its primary key or a unique index")]
+    KeyNotUnique { table: String, key: Vec<String> },
+    #[error(transparent)]
+    Postgres(#[from] tokio_postgres::Error),
+}
+
+impl TargetTable {
+    /// Reads the table's columns and checks what the applier relies on.
+    pub async fn load(
+        client: &impl GenericClient,
+        config: &TableConfig,
+    ) -> Result<TargetTable, TableError> {
+        let (schema, table) = config.target_parts();
+        let name = format!("{schema}.{table}");
+        let rows = client
+            .query(
+                "SELECT a.attname::text, format_type(a.atttypid, a.atttypmod)
+                   FROM pg_attribute a
+                   JOIN pg_class c ON c.oid = a.attrelid
+                   JOIN pg_namespace n ON n.oid = c.relnamespace
+                  WHERE n.nspname = $1 AND c.relname = $2
+                    AND a.attnum > 0 AND NOT a.attisdropped
+                  ORDER BY a.attnum",
+                &[&schema, &table],
+            )
+            .await?;
+        if rows.is_empty() {
+            return Err(TableError::Missing(name));
+        }
+        let columns: Vec<(String, String)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+        let position = |c: &str| columns.iter().position(|(n, _)| n == c);
+        let mut key = Vec::new();
+        for k in &config.key {
+            key.push(position(k).ok_or_else(|| TableError::MissingKeyColumn {
+                table: name.clone(),
+                column: k.clone(),
+            })?);
+        }
+        for column in ["hlc", "origin_region"] {
+            if position(column).is_none() {
+                return Err(TableError::MissingVersionColumn {
+                    table: name.clone(),
+                    column,
+                });
+            }
+        }
+        // ON CONFLICT needs a unique index on exactly the key columns.
+        let unique: bool = client
+            .query_one(
+                "SELECT EXISTS (
+                   SELECT 1 FROM pg_index i
+                    WHERE i.indrelid = (quote_ident($1) || '.' || quote_ident($2))::regclass
+                      AND i.indisunique
+                      AND (SELECT array_agg(a.attname::text ORDER BY a.attname)
+                             FROM pg_attribute a
+                            WHERE a.attrelid = i.indrelid AND a.attnum = ANY(i.indkey))
+                          = (SELECT array_agg(k ORDER BY k) FROM unnest($3::text[]) k))",
+                &[&schema, &table, &config.key],
+            )
+            .await?
+            .get(0);
+        if !unique {
+            return Err(TableError::KeyNotUnique {
+                table: name,
+                key: config.key.clone(),
+            });
+        }
+        Ok(TargetTable {
+            ident: format!("{}.{}", quote_ident(schema), quote_ident(table)),
+            name,
+            columns,
+            key,
+            rename: config.columns.clone().into_iter().collect(),
+        })
+    }
+
+    fn column_index(&self, source: &str) -> Option<usize> {
+        let target = self
+            .rename
+            .get(source)
+            .map(String::as_str)
+            .unwrap_or(source);
+        self.columns.iter().position(|(n, _)| n == target)
+    }
+}
+
+/// A change that cannot be applied, for the dead-letter topic.
+#[derive(Debug, thiserror::Error)]
+pub enum RowError {
+    #[error("{table}: column {column}: {problem}")]
+    Value {
+        table: String,
+        column: String,
+        problem: String,
+    },
+    #[error("{table}: {problem}")]
+    Shape { table: String, problem: String },
+}
+
+impl RowError {
+    /// A short, bounded label for metrics.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            RowError::Value { .. } => "bad_value",
+            RowError::Shape { .. } => "bad_shape",
+        }
+    }
+}
+
+/// One row's final state in a batch.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Final {
+    Upsert(PreparedRow),
+    Delete(PreparedDelete),
+}
+
+/// An upsert's values, rendered as PostgreSQL text, in target column order.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PreparedRow {
+    pub key_text: String,
+    /// (target column index, value); None is SQL NULL.
+    pub values: Vec<(usize, Option<String>)>,
+    /// Target columns whose value Debezium did not send (unchanged TOAST):
+    /// the stored value is kept.
+    pub unavailable: Vec<usize>,
+    pub hlc: i64,
+    pub origin: String,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct PreparedDelete {
+    pub key_text: String,
+    /// Key values in `TargetTable::key` order.
+    pub key_values: Vec<Option<String>>,
+    pub hlc: i64,
+    pub origin: String,
+}
+
+fn row_error(table: &TargetTable, column: &str, problem: impl ToString) -> RowError {
+    RowError::Value {
+        table: table.name.clone(),
+        column: column.to_string(),
+        problem: problem.to_string(),
+    }
+}
+
+fn int_of(row: &Row, column: &str) -> Option<i64> {
+    match row.get(column).map(|t| &t.field) {
+        Some(Field::Int(v)) => Some(*v),
+        Some(Field::String(s)) => s.parse().ok(),
+        _ => None,
+    }
+}
+
+fn str_of<'a>(row: &'a Row, column: &str) -> Option<&'a str> {
+    match row.get(column).map(|t| &t.field) {
+        Some(Field::String(s)) => Some(s),
+        _ => None,
+    }
+}
+
+/// The key as text: one column's PostgreSQL text, or a JSON array of them
+/// for composite keys, spelled as `regionsync.row_key()` in
+/// schemas/regionsync.sql spells it (jsonb's text form).
+fn key_text(values: &[Option<String>]) -> String {
+    match values {
+        [Some(one)] => one.clone(),
+        _ => {
+            let parts: Vec<String> = values
+                .iter()
+                .map(|v| serde_json::to_string(v).unwrap_or_default())
+                .collect();
+            format!("[{}]", parts.join(", "))
+        }
+    }
+}
+
+/// Renders one source row image into target columns.
+fn render(table: &TargetTable, row: &Row, before: Option<&Row>) -> Result<PreparedRow, RowError> {
+    let mut values = Vec::with_capacity(row.len());
+    let mut unavailable = Vec::new();
+    for (source_col, typed) in row {
+        // Columns the target does not have are not replicated.
+        let Some(idx) = table.column_index(source_col) else {
+            continue;
+        };
+        let (name, pg_type) = &table.columns[idx];
+        let mut typed: &Typed = typed;
+        if typed.field == Field::Unavailable {
+            // With REPLICA IDENTITY FULL the before image has the value.
+            match before.and_then(|b| b.get(source_col)) {
+                Some(b) if b.field != Field::Unavailable => typed = b,
+                _ => {
+                    unavailable.push(idx);
+                    continue;
+                }
+            }
+        }
+        let text = typed
+            .to_pg_text(pg_type)
+            .map_err(|e| row_error(table, name, e))?;
+        values.push((idx, text));
+    }
+    let key_values = key_values(table, &values)?;
+    let hlc =
+        int_of(row, "hlc").ok_or_else(|| row_error(table, "hlc", "missing or not an integer"))?;
+    let origin = str_of(row, "origin_region")
+        .ok_or_else(|| row_error(table, "origin_region", "missing or not text"))?
+        .to_string();
+    Ok(PreparedRow {
+        key_text: key_text(&key_values),
+        values,
+        unavailable,
+        hlc,
+        origin,
+    })
+}
+
+fn key_values(
+    table: &TargetTable,
+    values: &[(usize, Option<String>)],
+) -> Result<Vec<Option<String>>, RowError> {
+    table
+        .key
+        .iter()
+        .map(|k| {
+            let v = values
+                .iter()
+                .find(|(i, _)| i == k)
+                .and_then(|(_, v)| v.clone());
+            match v {
+                Some(v) => Ok(Some(v)),
+                None => Err(row_error(
+                    table,
+                    &table.columns[*k].0,
+                    "key column is missing or null",
+                )),
+            }
+        })
+        .collect()
+}
+
+/// The final state one change asks for, from region `source_region`.
+pub fn prepare(
+    table: &TargetTable,
+    change: &Change,
+    source_region: &str,
+) -> Result<Final, RowError> {
+    match change.op {
+        Op::Create | Op::Update | Op::Read => {
+            let after = change.after.as_ref().ok_or_else(|| RowError::Shape {
+                table: table.name.clone(),
+                problem: format!("{:?} without an after image", change.op),
+            })?;
+            Ok(Final::Upsert(render(table, after, change.before.as_ref())?))
+        }
+        Op::Delete => {
+            // The key message carries the key; the before image (REPLICA
+            // IDENTITY FULL) carries the version the delete replaced.
+            let image = change.before.as_ref().unwrap_or(&change.key);
+            let mut values = Vec::new();
+            for (source_col, typed) in image.iter().chain(change.key.iter()) {
+                if let Some(idx) = table.column_index(source_col) {
+                    if table.key.contains(&idx) && !values.iter().any(|(i, _)| *i == idx) {
+                        let text = typed
+                            .to_pg_text(&table.columns[idx].1)
+                            .map_err(|e| row_error(table, source_col, e))?;
+                        values.push((idx, text));
+                    }
+                }
+            }
+            let key_values = key_values(table, &values)?;
+            let before_hlc = change
+                .before
+                .as_ref()
+                .and_then(|b| int_of(b, "hlc"))
+                .unwrap_or(0);
+            Ok(Final::Delete(PreparedDelete {
+                key_text: key_text(&key_values),
+                key_values,
+                hlc: (change.source_ts_ms << crate::clock::LOGICAL_BITS).max(before_hlc + 1),
+                origin: source_region.to_string(),
+            }))
+        }
+        Op::Truncate => Err(RowError::Shape {
+            table: table.name.clone(),
+            problem: "a truncate is applied by apply_truncate, not as a row".into(),
+        }),
+    }
+}
+
+/// Keeps the last final state per key, in first-seen key order.
+pub fn collapse(finals: Vec<Final>) -> Vec<Final> {
+    let mut position: HashMap<String, usize> = HashMap::new();
+    let mut out: Vec<Final> = Vec::new();
+    for f in finals {
+        let key = match &f {
+            Final::Upsert(r) => r.key_text.clone(),
+            Final::Delete(d) => d.key_text.clone(),
+        };
+        match position.get(&key) {
+            Some(&i) => out[i] = f,
+            None => {
+                position.insert(key, out.len());
+                out.push(f);
+            }
+        }
+    }
+    out
+}
+
+/// How many changes a statement applied and how many the guard skipped.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Applied {
+    pub applied: u64,
+    pub stale: u64,
+}
+
+impl std::ops::AddAssign for Applied {
+    fn add_assign(&mut self, o: Applied) {
+        self.applied += o.applied;
+        self.stale += o.stale;
+    }
+}
+
+/// Applies one table's collapsed final states in the caller's transaction.
+pub async fn apply_finals(
+    client: &impl GenericClient,
+    table: &TargetTable,
+    finals: &[Final],
+) -> Result<Applied, tokio_postgres::Error> {
+    let mut result = Applied::default();
+    // Upserts, grouped by the set of columns they carry (normally one group).
+    let mut groups: HashMap<Vec<usize>, Vec<&PreparedRow>> = HashMap::new();
+    let mut deletes = Vec::new();
+    for f in finals {
+        match f {
+            Final::Upsert(r) => {
+                let mut cols: Vec<usize> = r.values.iter().map(|(i, _)| *i).collect();
+                cols.sort_unstable();
+                if r.unavailable.is_empty() {
+                    groups.entry(cols).or_default().push(r);
+                } else {
+                    // Rare: values Debezium did not send and no before image
+                    // had. A group of its own keeps the stored values.
+                    let mut sig = cols;
+                    sig.extend(r.unavailable.iter().map(|i| usize::MAX - i));
+                    groups.entry(sig).or_default().push(r);
+                }
+            }
+            Final::Delete(d) => deletes.push(d),
+        }
+    }
+    for rows in groups.values() {
+        result += upsert(client, table, rows).await?;
+    }
+    if !deletes.is_empty() {
+        result += delete(client, table, &deletes).await?;
+    }
+    Ok(result)
+}
+
+async fn upsert(
+    client: &impl GenericClient,
+    table: &TargetTable,
+    rows: &[&PreparedRow],
+) -> Result<Applied, tokio_postgres::Error> {
+    let first = rows[0];
+    let mut cols: Vec<usize> = first.values.iter().map(|(i, _)| *i).collect();
+    cols.sort_unstable();
+    let unavailable = &first.unavailable;
+    // One text[] per column, plus the key text for the tombstone check.
+    let mut arrays: Vec<Vec<Option<String>>> = vec![Vec::with_capacity(rows.len()); cols.len()];
+    let mut keys: Vec<String> = Vec::with_capacity(rows.len());
+    for r in rows {
+        for (slot, col) in cols.iter().enumerate() {
+            let v = r
+                .values
+                .iter()
+                .find(|(i, _)| i == col)
+                .and_then(|(_, v)| v.clone());
+            arrays[slot].push(v);
+        }
+        keys.push(r.key_text.clone());
+    }
+    let names: Vec<String> = cols
+        .iter()
+        .map(|i| quote_ident(&table.columns[*i].0))
+        .collect();
+    let casts: Vec<String> = cols
+        .iter()
+        .map(|i| {
+            format!(
+                "b.{}::{}",
+                quote_ident(&table.columns[*i].0),
+                table.columns[*i].1
+            )
+        })
+        .collect();
+    let unnest: Vec<String> = (1..=cols.len()).map(|n| format!("${n}::text[]")).collect();
+    let key_param = cols.len() + 1;
+    let table_param = cols.len() + 2;
+    let key_cols: Vec<String> = table
+        .key
+        .iter()
+        .map(|i| quote_ident(&table.columns[*i].0))
+        .collect();
+    // Unsent (TOAST) columns keep the stored value: they are not in the
+    // statement at all. An insert of such a row could not know the value, so
+    // those rows only update.
+    let set: Vec<String> = cols
+        .iter()
+        .filter(|i| !table.key.contains(i))
+        .map(|i| {
+            let c = quote_ident(&table.columns[*i].0);
+            format!("{c} = EXCLUDED.{c}")
+        })
+        .collect();
+    let guard = "(t.hlc, t.origin_region COLLATE \"C\") < (EXCLUDED.hlc, EXCLUDED.origin_region COLLATE \"C\")";
+    let tombstone_guard = format!(
+        "NOT EXISTS (SELECT 1 FROM regionsync.tombstones ts
+                      WHERE ts.table_name = ${table_param} AND ts.row_key = b.\"__key\"
+                        AND (ts.hlc, ts.origin_region COLLATE \"C\")
+                            >= (b.hlc::bigint, b.origin_region COLLATE \"C\"))"
+    );
+    let sql = if unavailable.is_empty() {
+        format!(
+            "INSERT INTO {ident} AS t ({names})
+             SELECT {casts} FROM unnest({unnest}, ${key_param}::text[]) AS b({names}, \"__key\")
+              WHERE {tombstone_guard}
+             ON CONFLICT ({keys}) DO UPDATE SET {set} WHERE {guard}",
+            ident = table.ident,
+            names = names.join(", "),
+            casts = casts.join(", "),
+            unnest = unnest.join(", "),
+            keys = key_cols.join(", "),
+            set = set.join(", "),
+        )
+    } else {
+        let set: Vec<String> = cols
+            .iter()
+            .filter(|i| !table.key.contains(i))
+            .map(|i| {
+                let c = quote_ident(&table.columns[*i].0);
+                format!("{c} = b.{c}::{}", table.columns[*i].1)
+            })
+            .collect();
+        let key_match: Vec<String> = table
+            .key
+            .iter()
+            .map(|i| {
+                let c = quote_ident(&table.columns[*i].0);
+                format!("t.{c} = b.{c}::{}", table.columns[*i].1)
+            })
+            .collect();
+        format!(
+            "UPDATE {ident} AS t SET {set}
+               FROM unnest({unnest}, ${key_param}::text[]) AS b({names}, \"__key\")
+              WHERE {key_match} AND {tombstone_guard}
+                AND (t.hlc, t.origin_region COLLATE \"C\") < (b.hlc::bigint, b.origin_region COLLATE \"C\")",
+            ident = table.ident,
+            set = set.join(", "),
+            unnest = unnest.join(", "),
+            names = names.join(", "),
+            key_match = key_match.join(" AND "),
+        )
+    };
+    let mut params: Vec<&(dyn ToSql + Sync)> =
+        arrays.iter().map(|a| a as &(dyn ToSql + Sync)).collect();
+    params.push(&keys);
+    params.push(&table.name);
+    let n = client.execute(sql.as_str(), &params).await?;
+    Ok(Applied {
+        applied: n,
+        stale: rows.len() as u64 - n.min(rows.len() as u64),
+    })
+}
+
+async fn delete(
+    client: &impl GenericClient,
+    table: &TargetTable,
+    deletes: &[&PreparedDelete],
+) -> Result<Applied, tokio_postgres::Error> {
+    let nkeys = table.key.len();
+    let mut key_arrays: Vec<Vec<Option<String>>> = vec![Vec::with_capacity(deletes.len()); nkeys];
+    let mut keys = Vec::with_capacity(deletes.len());
+    let mut hlcs = Vec::with_capacity(deletes.len());
+    let mut origins = Vec::with_capacity(deletes.len());
+    for d in deletes {
+        for (slot, v) in d.key_values.iter().enumerate() {
+            key_arrays[slot].push(v.clone());
+        }
+        keys.push(d.key_text.clone());
+        hlcs.push(d.hlc);
+        origins.push(d.origin.clone());
+    }
+    let key_names: Vec<String> = table
+        .key
+        .iter()
+        .map(|i| quote_ident(&table.columns[*i].0))
+        .collect();
+    let unnest: Vec<String> = (1..=nkeys).map(|n| format!("${n}::text[]")).collect();
+    let key_match: Vec<String> = table
+        .key
+        .iter()
+        .map(|i| {
+            let c = quote_ident(&table.columns[*i].0);
+            format!("t.{c} = d.{c}::{}", table.columns[*i].1)
+        })
+        .collect();
+    let (pk, ph, po, pt) = (nkeys + 1, nkeys + 2, nkeys + 3, nkeys + 4);
+    let sql = format!(
+        "WITH d AS (
+            SELECT * FROM unnest({unnest}, ${pk}::text[], ${ph}::bigint[], ${po}::text[])
+                       AS d({key_names}, \"__key\", \"__hlc\", \"__origin\")
+         ),
+         gone AS (
+            DELETE FROM {ident} AS t USING d
+             WHERE {key_match}
+               AND (t.hlc, t.origin_region COLLATE \"C\") < (d.\"__hlc\", d.\"__origin\" COLLATE \"C\")
+            RETURNING 1
+         ),
+         marked AS (
+            INSERT INTO regionsync.tombstones AS ts (table_name, row_key, hlc, origin_region)
+            SELECT ${pt}, d.\"__key\", d.\"__hlc\", d.\"__origin\" FROM d
+            ON CONFLICT (table_name, row_key) DO UPDATE
+               SET hlc = EXCLUDED.hlc, origin_region = EXCLUDED.origin_region, deleted_at = now()
+             WHERE (ts.hlc, ts.origin_region COLLATE \"C\") < (EXCLUDED.hlc, EXCLUDED.origin_region COLLATE \"C\")
+            RETURNING 1
+         )
+         SELECT (SELECT count(*) FROM gone), (SELECT count(*) FROM marked)",
+        unnest = unnest.join(", "),
+        key_names = key_names.join(", "),
+        ident = table.ident,
+        key_match = key_match.join(" AND "),
+    );
+    let mut params: Vec<&(dyn ToSql + Sync)> = key_arrays
+        .iter()
+        .map(|a| a as &(dyn ToSql + Sync))
+        .collect();
+    params.push(&keys);
+    params.push(&hlcs);
+    params.push(&origins);
+    params.push(&table.name);
+    let row: PgRow = client.query_one(sql.as_str(), &params).await?;
+    let (gone, marked): (i64, i64) = (row.get(0), row.get(1));
+    // A delete counts as applied if it removed a row or newly marked the key.
+    let applied = gone.max(marked) as u64;
+    Ok(Applied {
+        applied,
+        stale: deletes.len() as u64 - applied.min(deletes.len() as u64),
+    })
+}
+
+/// A truncate at `source_ts_ms`: removes the rows written before it. Rows
+/// with a newer HLC (written after the truncate, or replayed later) stay.
+pub async fn apply_truncate(
+    client: &impl GenericClient,
+    table: &TargetTable,
+    source_ts_ms: i64,
+) -> Result<Applied, tokio_postgres::Error> {
+    let cutoff = source_ts_ms << crate::clock::LOGICAL_BITS;
+    client
+        .execute(
+            &format!("DELETE FROM {} WHERE hlc < $1", table.ident),
+            &[&cutoff],
+        )
+        .await?;
+    // The truncate itself is the one change applied, whatever it removed.
+    Ok(Applied {
+        applied: 1,
+        stale: 0,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::decode::Typed;
+
+    fn table() -> TargetTable {
+        TargetTable {
+            name: "public.users".into(),
+            ident: "\"public\".\"users\"".into(),
+            columns: vec![
+                ("id".into(), "bigint".into()),
+                ("email".into(), "text".into()),
+                ("bio".into(), "text".into()),
+                ("hlc".into(), "bigint".into()),
+                ("origin_region".into(), "text".into()),
+            ],
+            key: vec![0],
+            rename: HashMap::new(),
+        }
+    }
+
+    fn t(field: Field) -> Typed {
+        Typed {
+            field,
+            semantic: None,
+        }
+    }
+
+    fn row(id: i64, email: &str, bio: Field, hlc: i64) -> Row {
+        [
+            ("id".to_string(), t(Field::Int(id))),
+            ("email".to_string(), t(Field::String(email.into()))),
+            ("bio".to_string(), t(bio)),
+            ("hlc".to_string(), t(Field::Int(hlc))),
+            (
+                "origin_region".to_string(),
+                t(Field::String("us-east-1".into())),
+            ),
+            ("dropped_in_target".to_string(), t(Field::Int(1))),
+        ]
+        .into_iter()
+        .collect()
+    }
+
+    fn change(op: Op, id: i64, before: Option<Row>, after: Option<Row>) -> Change {
+        Change {
+            op,
+            schema: "public".into(),
+            table: "users".into(),
+            key: [("id".to_string(), t(Field::Int(id)))]
+                .into_iter()
+                .collect(),
+            before,
+            after,
+            source_ts_ms: 1_000,
+            lsn: None,
+            snapshot: false,
+        }
+    }
+
+    #[test]
+    fn an_upsert_renders_target_columns_and_its_version() {
+        let c = change(
+            Op::Create,
+            7,
+            None,
+            Some(row(7, "a@x", Field::String("b".into()), 99)),
+        );
+        let Final::Upsert(r) = prepare(&table(), &c, "us-east-1").unwrap() else {
+            panic!("upsert expected")
+        };
+        assert_eq!(r.key_text, "7");
+        assert_eq!(r.hlc, 99);
+        assert_eq!(r.origin, "us-east-1");
+        assert!(r.values.contains(&(1, Some("a@x".into()))));
+        assert_eq!(r.values.len(), 5, "the column the target lacks is left out");
+    }
+
+    #[test]
+    fn an_unsent_toast_value_comes_from_the_before_image_or_is_kept() {
+        let before = row(7, "a@x", Field::String("long bio".into()), 5);
+        let after = row(7, "b@x", Field::Unavailable, 6);
+        let c = change(Op::Update, 7, Some(before), Some(after.clone()));
+        let Final::Upsert(r) = prepare(&table(), &c, "us-east-1").unwrap() else {
+            panic!()
+        };
+        assert!(r.values.contains(&(2, Some("long bio".into()))));
+        assert!(r.unavailable.is_empty());
+
+        let c = change(Op::Update, 7, None, Some(after));
+        let Final::Upsert(r) = prepare(&table(), &c, "us-east-1").unwrap() else {
+            panic!()
+        };
+        assert_eq!(r.unavailable, vec![2]);
+        assert!(!r.values.iter().any(|(i, _)| *i == 2));
+    }
+
+    #[test]
+    fn a_delete_is_versioned_after_the_row_it_replaced() {
+        let before = row(7, "a@x", Field::Null, (5_000 << 16) + 3);
+        let c = change(Op::Delete, 7, Some(before), None);
+        let Final::Delete(d) = prepare(&table(), &c, "us-east-1").unwrap() else {
+            panic!()
+        };
+        assert_eq!(d.hlc, (5_000 << 16) + 4, "before.hlc + 1");
+        assert_eq!(d.key_values, vec![Some("7".to_string())]);
+        let c = change(Op::Delete, 8, None, None);
+        let Final::Delete(d) = prepare(&table(), &c, "eu-west-1").unwrap() else {
+            panic!()
+        };
+        assert_eq!(d.hlc, 1_000 << 16);
+        assert_eq!(d.origin, "eu-west-1");
+    }
+
+    #[test]
+    fn collapse_keeps_the_last_change_per_key() {
+        let up = |id: i64, hlc: i64| {
+            let c = change(Op::Update, id, None, Some(row(id, "x", Field::Null, hlc)));
+            prepare(&table(), &c, "us-east-1").unwrap()
+        };
+        let del =
+            |id: i64| prepare(&table(), &change(Op::Delete, id, None, None), "us-east-1").unwrap();
+        // update → delete → update ends with the row present.
+        let out = collapse(vec![up(1, 1), del(1), up(2, 1), up(1, 3)]);
+        assert_eq!(out.len(), 2);
+        assert!(matches!(&out[0], Final::Upsert(r) if r.key_text == "1" && r.hlc == 3));
+        assert!(matches!(&out[1], Final::Upsert(r) if r.key_text == "2"));
+        // update → delete ends deleted.
+        let out = collapse(vec![up(1, 1), del(1)]);
+        assert!(matches!(&out[..], [Final::Delete(_)]));
+    }
+
+    #[test]
+    fn a_null_key_is_a_row_error_naming_the_column() {
+        let mut r = row(7, "a@x", Field::Null, 1);
+        r.insert("id".into(), t(Field::Null));
+        let err =
+            prepare(&table(), &change(Op::Create, 7, None, Some(r)), "us-east-1").unwrap_err();
+        assert!(err.to_string().contains("column id"), "{err}");
+    }
+
+    #[test]
+    fn identifiers_are_quoted() {
+        assert_eq!(quote_ident("we\"ird"), "\"we\"\"ird\"");
+    }
+}

@@ -22,8 +22,8 @@
 //! | `metrics` | counters, histograms and the lag operators watch            |
 //! | `ops`     | rebuild, verify, failover-check                             |
 //!
-//! The pipeline is being built step by step (see the project's issues); each
-//! module's own documentation says what it owns today.
+//! [`run`] is the worker: `regionsync run` calls it with the loaded config
+//! and a shutdown future (SIGTERM / Ctrl-C); tests call it in-process.
 
 pub mod apply;
 pub mod clock;
@@ -34,3 +34,20 @@ pub mod offsets;
 pub mod ops;
 pub mod route;
 pub mod source;
+
+use std::future::Future;
+
+/// Connects, checks the target tables, serves metrics and consumes until
+/// `shutdown` resolves. Errors that stop the worker are returned.
+pub async fn run(
+    config: config::Config,
+    shutdown: impl Future<Output = ()>,
+    serve_metrics: bool,
+) -> anyhow::Result<()> {
+    if serve_metrics {
+        metrics::serve(config.metrics.listen.parse()?)?;
+    }
+    let pool = ops::pool(&config)?;
+    let (shared, events) = source::Shared::connect(config, pool).await?;
+    source::run(shared, events, shutdown).await
+}

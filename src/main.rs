@@ -1,28 +1,116 @@
 //! The `regionsync` command: a thin CLI over the library.
 
+use std::path::PathBuf;
+use std::process::ExitCode;
+
 use clap::Parser;
+use regionsync::config::Config;
 
 /// Applies mirrored Debezium change events from Kafka to this region's
-/// PostgreSQL, exactly once in effect, and reports the replication lag.
+/// PostgreSQL, exactly once in effect.
 #[derive(Parser, Debug)]
 #[command(name = "regionsync", version, about, long_about = None)]
 struct Cli {
+    /// The configuration file (TOML). Every key can be overridden from the
+    /// environment: REGIONSYNC_<KEY>, nested keys joined by "__", e.g.
+    /// REGIONSYNC_POSTGRES__PASSWORD.
+    #[arg(
+        long,
+        short,
+        env = "REGIONSYNC_CONFIG",
+        default_value = "regionsync.toml",
+        global = true
+    )]
+    config: PathBuf,
+
     #[command(subcommand)]
     command: Command,
 }
 
 #[derive(clap::Subcommand, Debug)]
 enum Command {
-    /// Run the worker (not built yet: the apply pipeline is the next step).
+    /// Run the worker until SIGTERM or Ctrl-C.
     Run,
+    /// Validate the configuration and name every bad field; exits non-zero
+    /// if any.
+    CheckConfig,
+    /// Create the regionsync schema in the target database (idempotent) and
+    /// report what it cannot fix.
+    Setup,
 }
 
-fn main() -> std::process::ExitCode {
+fn main() -> ExitCode {
     let cli = Cli::parse();
-    match cli.command {
-        Command::Run => {
-            eprintln!("regionsync run: the apply pipeline is not built yet");
-            std::process::ExitCode::from(2)
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,rdkafka=warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let config = match Config::load(&cli.config) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("regionsync: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("regionsync: starting the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async move {
+        match cli.command {
+            Command::CheckConfig => {
+                println!("{}: ok", cli.config.display());
+                Ok(())
+            }
+            Command::Setup => {
+                let report = regionsync::ops::setup(&config).await?;
+                if report.problems.is_empty() {
+                    println!("setup: ok");
+                    Ok(())
+                } else {
+                    for p in &report.problems {
+                        println!("setup: {p}");
+                    }
+                    anyhow::bail!("{} problem(s) need fixing", report.problems.len())
+                }
+            }
+            Command::Run => regionsync::run(config, shutdown_signal(), true).await,
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("regionsync: {e:#}");
+            ExitCode::FAILURE
         }
     }
+}
+
+/// Resolves on SIGTERM or Ctrl-C.
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = ctrl_c => {},
+            _ = term.recv() => {},
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+    tracing::info!("shutting down");
 }

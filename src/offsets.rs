@@ -1,4 +1,47 @@
-//! Offsets: the `regionsync.offsets` rows that say where each partition has
-//! been applied up to; the source of truth on start and on every assignment.
-//!
-//! Not built yet: it arrives with the apply pipeline.
+//! Offsets: where each partition of each mirrored topic has been applied up
+//! to, in `regionsync.offsets` of the target database. The row is written in
+//! the same transaction as the batch it follows, so it is the source of truth:
+//! on every assignment the worker resumes exactly there. Kafka's committed
+//! offsets are written afterwards, for monitoring tools only.
+
+use tokio_postgres::GenericClient;
+
+/// The next offset to apply of `topic`/`partition` for `group`, if stored.
+pub async fn load(
+    client: &impl GenericClient,
+    group: &str,
+    topic: &str,
+    partition: i32,
+) -> Result<Option<i64>, tokio_postgres::Error> {
+    let row = client
+        .query_opt(
+            "SELECT next_offset FROM regionsync.offsets
+              WHERE consumer_group = $1 AND topic = $2 AND partition = $3",
+            &[&group, &topic, &partition],
+        )
+        .await?;
+    Ok(row.map(|r| r.get(0)))
+}
+
+/// Records `next_offset` inside the caller's transaction. It only moves
+/// forward: a worker that lost the partition in a rebalance and commits late
+/// cannot move it back.
+pub async fn store(
+    client: &impl GenericClient,
+    group: &str,
+    topic: &str,
+    partition: i32,
+    next_offset: i64,
+) -> Result<(), tokio_postgres::Error> {
+    client
+        .execute(
+            "INSERT INTO regionsync.offsets AS o (consumer_group, topic, partition, next_offset, updated_at)
+             VALUES ($1, $2, $3, $4, now())
+             ON CONFLICT (consumer_group, topic, partition) DO UPDATE
+                SET next_offset = EXCLUDED.next_offset, updated_at = now()
+              WHERE o.next_offset <= EXCLUDED.next_offset",
+            &[&group, &topic, &partition, &next_offset],
+        )
+        .await?;
+    Ok(())
+}

@@ -1,4 +1,743 @@
-//! Source: the rdkafka consumer of the mirrored CDC and heartbeat topics, one
-//! consumer group per region, seeking to the offsets stored in PostgreSQL.
+//! Source: the Kafka consumer of the mirrored CDC and heartbeat topics and
+//! the per-partition apply loops it feeds.
 //!
-//! Not built yet: it arrives with the apply pipeline.
+//! What it promises:
+//! - Offsets come from PostgreSQL: a newly assigned partition is paused,
+//!   sought to its stored `regionsync.offsets` row, then resumed; messages
+//!   below the stored offset are never applied again.
+//! - Each partition is applied by its own task, in order, in batches closed
+//!   by count, bytes or linger time; partitions run concurrently on the
+//!   connection pool. Bounded channels stop reading Kafka when apply lags.
+//! - A message that cannot be decoded or applied goes to the dead-letter
+//!   topic (or stops the worker, with `on_error = stop`), and the offset moves
+//!   past it in the same transaction as the batch around it.
+//! - Kafka's committed offsets follow PostgreSQL's, for monitoring only.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::Context as _;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{
+    BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
+};
+use rdkafka::message::{Header, Message, OwnedHeaders, OwnedMessage};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::{ClientContext, Offset, TopicPartitionList};
+use schema_registry_converter::async_impl::avro::AvroDecoder;
+use schema_registry_converter::async_impl::schema_registry::SrSettings;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tracing::{error, info, warn};
+
+use crate::apply::{self, Applied, Final, TargetTable};
+use crate::config::{Config, OnError};
+use crate::decode::{self, Decoded, Op};
+use crate::metrics::{self as m, outcome};
+use crate::offsets;
+
+/// Where a mirrored topic's messages go.
+#[derive(Clone, Debug)]
+struct Route {
+    source_region: String,
+    /// Index into the worker's tables; None for a heartbeat topic.
+    table: Option<usize>,
+}
+
+/// What every partition task shares.
+pub struct Shared {
+    pub config: Config,
+    pub group: String,
+    pub pool: deadpool_postgres::Pool,
+    pub tables: Vec<TargetTable>,
+    routes: HashMap<String, Route>,
+    decoders: HashMap<String, Arc<AvroDecoder>>,
+    producer: FutureProducer,
+    consumer: Arc<StreamConsumer<RebalanceForwarder>>,
+}
+
+/// Forwards assignments and revocations to the main loop. New partitions are
+/// paused here, before any fetch, until the main loop has sought them to
+/// their stored offsets.
+pub struct RebalanceForwarder {
+    events: mpsc::UnboundedSender<RebalanceEvent>,
+}
+
+#[derive(Debug)]
+pub enum RebalanceEvent {
+    Assigned(Vec<(String, i32)>),
+    Revoked(Vec<(String, i32)>),
+}
+
+fn partitions(tpl: &TopicPartitionList) -> Vec<(String, i32)> {
+    tpl.elements()
+        .iter()
+        .map(|e| (e.topic().to_string(), e.partition()))
+        .collect()
+}
+
+impl ClientContext for RebalanceForwarder {}
+
+impl ConsumerContext for RebalanceForwarder {
+    fn pre_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Revoke(tpl) = rebalance {
+            let _ = self.events.send(RebalanceEvent::Revoked(partitions(tpl)));
+        }
+    }
+
+    fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Assign(tpl) = rebalance {
+            if tpl.count() == 0 {
+                return;
+            }
+            if let Err(e) = consumer.pause(tpl) {
+                warn!(error = %e, "pausing newly assigned partitions failed");
+            }
+            let _ = self.events.send(RebalanceEvent::Assigned(partitions(tpl)));
+        }
+    }
+}
+
+/// Anchors a regex on exact topic names.
+fn subscription_pattern(topics: &[String]) -> String {
+    let escaped: Vec<String> = topics
+        .iter()
+        .map(|t| t.replace('.', "\\.").replace('-', "\\-"))
+        .collect();
+    format!("^({})$", escaped.join("|"))
+}
+
+fn kafka_config(config: &Config) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", &config.kafka.bootstrap_servers);
+    for (k, v) in &config.kafka.properties {
+        c.set(k, v);
+    }
+    c
+}
+
+impl Shared {
+    pub async fn connect(
+        config: Config,
+        pool: deadpool_postgres::Pool,
+    ) -> anyhow::Result<(Arc<Shared>, mpsc::UnboundedReceiver<RebalanceEvent>)> {
+        let client = pool.get().await.context("connecting to PostgreSQL")?;
+        let mut tables = Vec::new();
+        for t in &config.tables {
+            tables.push(TargetTable::load(&**client, t).await?);
+        }
+        drop(client);
+        let mut routes = HashMap::new();
+        for (topic, region, table) in config.mirrored_topics() {
+            routes.insert(
+                topic,
+                Route {
+                    source_region: region,
+                    table,
+                },
+            );
+        }
+        let mut decoders = HashMap::new();
+        for region in config.source_regions() {
+            if let Some(url) = config.registry_for(&region) {
+                decoders.insert(
+                    region,
+                    Arc::new(AvroDecoder::new(SrSettings::new(url.to_string()))),
+                );
+            }
+        }
+        let group = config.consumer_group();
+        let (events_tx, events_rx) = mpsc::unbounded_channel();
+        let consumer: StreamConsumer<RebalanceForwarder> = kafka_config(&config)
+            .set("group.id", &group)
+            .set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false")
+            .set("auto.offset.reset", "earliest")
+            .set("partition.assignment.strategy", "cooperative-sticky")
+            .set("topic.metadata.refresh.interval.ms", "5000")
+            .set_if_absent("session.timeout.ms", "10000")
+            .set_if_absent("fetch.wait.max.ms", "50")
+            .create_with_context(RebalanceForwarder { events: events_tx })
+            .context("creating the Kafka consumer")?;
+        let producer: FutureProducer = kafka_config(&config)
+            .set("enable.idempotence", "true")
+            .create()
+            .context("creating the dead-letter producer")?;
+        let shared = Shared {
+            group,
+            pool,
+            tables,
+            routes,
+            decoders,
+            producer,
+            consumer: Arc::new(consumer),
+            config,
+        };
+        Ok((Arc::new(shared), events_rx))
+    }
+}
+
+trait SetIfAbsent {
+    fn set_if_absent(&mut self, key: &str, value: &str) -> &mut Self;
+}
+
+impl SetIfAbsent for ClientConfig {
+    fn set_if_absent(&mut self, key: &str, value: &str) -> &mut Self {
+        if self.get(key).is_none() {
+            self.set(key, value);
+        }
+        self
+    }
+}
+
+/// A partition's apply task and the channel that feeds it.
+type PartitionTask = (mpsc::Sender<OwnedMessage>, JoinHandle<anyhow::Result<()>>);
+
+/// Consumes until `shutdown` resolves, then drains the partition tasks and
+/// leaves the group.
+pub async fn run(
+    shared: Arc<Shared>,
+    mut events: mpsc::UnboundedReceiver<RebalanceEvent>,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> anyhow::Result<()> {
+    let topics: Vec<String> = shared.routes.keys().cloned().collect();
+    shared
+        .consumer
+        .subscribe(&[&subscription_pattern(&topics)])
+        .context("subscribing to the mirrored topics")?;
+    info!(group = %shared.group, topics = ?topics, "consuming");
+    let mut tasks: HashMap<(String, i32), PartitionTask> = HashMap::new();
+    let (failed_tx, mut failed_rx) = mpsc::unbounded_channel::<anyhow::Error>();
+    tokio::pin!(shutdown);
+    let result = loop {
+        tokio::select! {
+            biased;
+            _ = &mut shutdown => break Ok(()),
+            Some(err) = failed_rx.recv() => break Err(err),
+            Some(ev) = events.recv() => match ev {
+                RebalanceEvent::Assigned(parts) => {
+                    if let Err(e) = seek_to_stored(&shared, &parts).await {
+                        break Err(e);
+                    }
+                }
+                RebalanceEvent::Revoked(parts) => {
+                    // Dropping the sender lets the task finish what it holds.
+                    for p in parts {
+                        tasks.remove(&p);
+                    }
+                }
+            },
+            msg = shared.consumer.recv() => {
+                let msg = match msg {
+                    Ok(m) => m.detach(),
+                    Err(e) => {
+                        warn!(error = %e, "kafka");
+                        continue;
+                    }
+                };
+                let key = (msg.topic().to_string(), msg.partition());
+                let entry = tasks.entry(key.clone()).or_insert_with(|| {
+                    let (tx, rx) = mpsc::channel(shared.config.apply.batch_max_rows.max(1000) * 2);
+                    let task = tokio::spawn(partition_loop(shared.clone(), key.0.clone(), key.1, rx, failed_tx.clone()));
+                    (tx, task)
+                });
+                if entry.0.send(msg).await.is_err() {
+                    tasks.remove(&key);
+                }
+            }
+        }
+    };
+    // Let the partition tasks finish their in-flight batches (bounded).
+    let handles: Vec<JoinHandle<anyhow::Result<()>>> =
+        tasks.into_values().map(|(_, h)| h).collect();
+    let drained = tokio::time::timeout(Duration::from_secs(8), futures_join(handles)).await;
+    if drained.is_err() {
+        warn!("in-flight batches did not finish within 8 s; abandoning them (their offsets were not stored)");
+    }
+    shared.consumer.unsubscribe();
+    result
+}
+
+async fn futures_join(handles: Vec<JoinHandle<anyhow::Result<()>>>) {
+    for h in handles {
+        let _ = h.await;
+    }
+}
+
+/// Seeks newly assigned (paused) partitions to their stored offsets and
+/// resumes them.
+async fn seek_to_stored(shared: &Shared, parts: &[(String, i32)]) -> anyhow::Result<()> {
+    let client = with_retry("reading stored offsets", || shared.pool.get()).await?;
+    let mut seek = TopicPartitionList::new();
+    let mut resume = TopicPartitionList::new();
+    for (topic, partition) in parts {
+        resume.add_partition(topic, *partition);
+        match offsets::load(&**client, &shared.group, topic, *partition).await? {
+            Some(next) => {
+                info!(topic = %topic, partition, offset = next, "resuming at stored offset");
+                seek.add_partition_offset(topic, *partition, Offset::Offset(next))?;
+            }
+            None => {
+                info!(topic = %topic, partition, "no stored offset; starting from the beginning")
+            }
+        }
+    }
+    if seek.count() > 0 {
+        shared
+            .consumer
+            .seek_partitions(seek, Duration::from_secs(10))
+            .context("seeking to stored offsets")?;
+    }
+    shared
+        .consumer
+        .resume(&resume)
+        .context("resuming partitions")?;
+    Ok(())
+}
+
+async fn with_retry<T, E: std::fmt::Display, F, Fut>(what: &str, mut f: F) -> anyhow::Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, E>>,
+{
+    let mut delay = Duration::from_millis(200);
+    loop {
+        match f().await {
+            Ok(v) => return Ok(v),
+            Err(e) => {
+                warn!(error = %e, retry_in = ?delay, "{what} failed");
+                metrics::counter!(m::POSTGRES_RECONNECTS_TOTAL).increment(1);
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+}
+
+/// One partition: batches, applies, stores offsets, forever (until its
+/// channel closes).
+async fn partition_loop(
+    shared: Arc<Shared>,
+    topic: String,
+    partition: i32,
+    mut rx: mpsc::Receiver<OwnedMessage>,
+    failed: mpsc::UnboundedSender<anyhow::Error>,
+) -> anyhow::Result<()> {
+    let Some(route) = shared.routes.get(&topic).cloned() else {
+        return Ok(());
+    };
+    let stored = {
+        let client = with_retry("reading stored offset", || shared.pool.get()).await?;
+        offsets::load(&**client, &shared.group, &topic, partition).await?
+    };
+    let mut next = stored.unwrap_or(0);
+    let linger = shared.config.apply.linger();
+    loop {
+        let Some(first) = rx.recv().await else {
+            return Ok(());
+        };
+        let deadline = tokio::time::Instant::now() + linger;
+        let mut bytes = first.payload().map_or(0, |p| p.len());
+        let mut batch = vec![first];
+        while batch.len() < shared.config.apply.batch_max_rows
+            && bytes < shared.config.apply.batch_max_bytes
+        {
+            tokio::select! {
+                m = rx.recv() => match m {
+                    Some(m) => { bytes += m.payload().map_or(0, |p| p.len()); batch.push(m); }
+                    None => break,
+                },
+                _ = tokio::time::sleep_until(deadline) => break,
+            }
+        }
+        // Already applied (redelivered after a crash between the PostgreSQL
+        // and the Kafka commit): never apply again.
+        let before = batch.len();
+        batch.retain(|m| m.offset() >= next);
+        if batch.len() < before {
+            metrics::counter!(m::EVENTS_TOTAL, "source_region" => route.source_region.clone(), "table" => "", "op" => "", "outcome" => outcome::DUPLICATE)
+                .increment((before - batch.len()) as u64);
+        }
+        if batch.is_empty() {
+            continue;
+        }
+        match apply_batch(&shared, &route, &topic, partition, &batch).await {
+            Ok(new_next) => {
+                next = new_next;
+                let mut tpl = TopicPartitionList::new();
+                let _ = tpl.add_partition_offset(&topic, partition, Offset::Offset(next));
+                let _ = shared.consumer.commit(&tpl, CommitMode::Async);
+            }
+            Err(e) => {
+                error!(topic = %topic, partition, error = %format!("{e:#}"), "stopping");
+                let _ = failed.send(e);
+                return Ok(());
+            }
+        }
+    }
+}
+
+/// A message the batch could not use, bound for the dead-letter topic.
+struct Rejected<'a> {
+    msg: &'a OwnedMessage,
+    reason: &'static str,
+    error: String,
+}
+
+/// One change ready to apply, with the message it came from.
+enum Step<'a> {
+    Row {
+        table: usize,
+        fin: Final,
+        msg: &'a OwnedMessage,
+    },
+    Truncate {
+        table: usize,
+        ts_ms: i64,
+    },
+}
+
+/// Decodes, applies and stores the offset of one batch; retries on
+/// connection failures; returns the next offset.
+async fn apply_batch(
+    shared: &Shared,
+    route: &Route,
+    topic: &str,
+    partition: i32,
+    batch: &[OwnedMessage],
+) -> anyhow::Result<i64> {
+    let next = batch.last().map(|m| m.offset() + 1).unwrap_or(0);
+    let mut steps = Vec::new();
+    let mut rejected = Vec::new();
+    let mut newest_ts_ms = None::<i64>;
+    let mut skipped: HashMap<(&'static str, String), u64> = HashMap::new();
+    for msg in batch {
+        let decoded = match decode_message(shared, route, msg).await {
+            Ok(d) => d,
+            Err((reason, error)) => {
+                rejected.push(Rejected { msg, reason, error });
+                continue;
+            }
+        };
+        let change = match decoded {
+            Decoded::Tombstone { .. } => {
+                *skipped
+                    .entry((outcome::TOMBSTONE, String::new()))
+                    .or_default() += 1;
+                continue;
+            }
+            Decoded::Change(c) => c,
+        };
+        newest_ts_ms = Some(newest_ts_ms.unwrap_or(0).max(change.source_ts_ms));
+        let Some(table) = route.table else {
+            *skipped
+                .entry((outcome::HEARTBEAT, String::new()))
+                .or_default() += 1;
+            continue;
+        };
+        if change.op == Op::Truncate {
+            steps.push(Step::Truncate {
+                table,
+                ts_ms: change.source_ts_ms,
+            });
+            continue;
+        }
+        match apply::prepare(&shared.tables[table], &change, &route.source_region) {
+            Ok(Final::Upsert(r)) if r.origin == shared.config.region => {
+                // This region's own change, copied back by the reverse flow.
+                *skipped
+                    .entry((outcome::ECHO, shared.tables[table].name.clone()))
+                    .or_default() += 1;
+            }
+            Ok(fin) => steps.push(Step::Row { table, fin, msg }),
+            Err(e) => rejected.push(Rejected {
+                msg,
+                reason: e.reason(),
+                error: e.to_string(),
+            }),
+        }
+    }
+    if !rejected.is_empty() && shared.config.on_error == OnError::Stop {
+        let r = &rejected[0];
+        anyhow::bail!(
+            "{} at {}/{}/{}: {} (on_error = stop)",
+            r.reason,
+            r.msg.topic(),
+            r.msg.partition(),
+            r.msg.offset(),
+            r.error
+        );
+    }
+
+    let mut delay = Duration::from_millis(200);
+    loop {
+        match commit_batch(shared, topic, partition, next, &steps, &mut rejected).await {
+            Ok(counts) => {
+                record(
+                    shared,
+                    route,
+                    counts,
+                    &skipped,
+                    rejected.len(),
+                    newest_ts_ms,
+                    batch.len(),
+                );
+                return Ok(next);
+            }
+            Err(BatchError::Data(e)) if shared.config.on_error == OnError::Stop => {
+                anyhow::bail!("applying {topic}/{partition} failed: {e} (on_error = stop)");
+            }
+            Err(BatchError::Data(_)) => {
+                // Find the changes PostgreSQL refuses, one by one.
+                isolate_bad_rows(shared, &mut steps, &mut rejected).await?;
+            }
+            Err(BatchError::Transient(e)) => {
+                warn!(topic, partition, error = %e, retry_in = ?delay, "batch failed; retrying");
+                metrics::counter!(m::POSTGRES_RECONNECTS_TOTAL).increment(1);
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+}
+
+fn record(
+    shared: &Shared,
+    route: &Route,
+    counts: Vec<(usize, Applied)>,
+    skipped: &HashMap<(&'static str, String), u64>,
+    dlq: usize,
+    newest_ts_ms: Option<i64>,
+    batch_len: usize,
+) {
+    let region = route.source_region.clone();
+    for (table, a) in counts {
+        let name = shared.tables[table].name.clone();
+        metrics::counter!(m::EVENTS_TOTAL, "source_region" => region.clone(), "table" => name.clone(), "op" => "", "outcome" => outcome::APPLIED).increment(a.applied);
+        metrics::counter!(m::EVENTS_TOTAL, "source_region" => region.clone(), "table" => name, "op" => "", "outcome" => outcome::STALE).increment(a.stale);
+    }
+    for ((what, table), n) in skipped {
+        metrics::counter!(m::EVENTS_TOTAL, "source_region" => region.clone(), "table" => table.clone(), "op" => "", "outcome" => *what).increment(*n);
+    }
+    if dlq > 0 {
+        metrics::counter!(m::EVENTS_TOTAL, "source_region" => region.clone(), "table" => "", "op" => "", "outcome" => outcome::DLQ).increment(dlq as u64);
+    }
+    metrics::histogram!(m::APPLY_BATCH_ROWS).record(batch_len as f64);
+    if let Some(ts) = newest_ts_ms {
+        metrics::gauge!(m::LAST_APPLIED_SOURCE_TIMESTAMP, "source_region" => region)
+            .set(ts as f64 / 1000.0);
+    }
+}
+
+enum BatchError {
+    /// PostgreSQL refused the data (a bad value, a constraint): isolate it.
+    Data(tokio_postgres::Error),
+    /// The connection or server failed: retry the whole batch.
+    Transient(anyhow::Error),
+}
+
+fn classify(e: tokio_postgres::Error) -> BatchError {
+    match e.code() {
+        // Classes 22 (data exception), 23 (integrity constraint), 42 (e.g.
+        // a cast that does not fit): the row, not the server.
+        Some(code)
+            if ["22", "23", "42"]
+                .iter()
+                .any(|c| code.code().starts_with(c)) =>
+        {
+            BatchError::Data(e)
+        }
+        _ => BatchError::Transient(e.into()),
+    }
+}
+
+/// One transaction: the rows, the dead letters' offsets, the offset row.
+async fn commit_batch(
+    shared: &Shared,
+    topic: &str,
+    partition: i32,
+    next: i64,
+    steps: &[Step<'_>],
+    rejected: &mut Vec<Rejected<'_>>,
+) -> Result<Vec<(usize, Applied)>, BatchError> {
+    let started = Instant::now();
+    let mut client = shared
+        .pool
+        .get()
+        .await
+        .map_err(|e| BatchError::Transient(e.into()))?;
+    let tx = client.transaction().await.map_err(classify)?;
+    tx.batch_execute("SET LOCAL session_replication_role = replica")
+        .await
+        .map_err(classify)?;
+    let mut counts: HashMap<usize, Applied> = HashMap::new();
+    // Rows between truncates, per table, collapsed to the last change per key.
+    let mut pending: HashMap<usize, Vec<Final>> = HashMap::new();
+    for step in steps.iter().chain(std::iter::once(&Step::Truncate {
+        table: usize::MAX,
+        ts_ms: 0,
+    })) {
+        match step {
+            Step::Row { table, fin, .. } => pending.entry(*table).or_default().push(fin.clone()),
+            Step::Truncate { table, ts_ms } => {
+                for (t, finals) in pending.drain() {
+                    let finals = apply::collapse(finals);
+                    let a = apply::apply_finals(&*tx, &shared.tables[t], &finals)
+                        .await
+                        .map_err(classify)?;
+                    *counts.entry(t).or_default() += a;
+                }
+                if *table != usize::MAX {
+                    let a = apply::apply_truncate(&*tx, &shared.tables[*table], *ts_ms)
+                        .await
+                        .map_err(classify)?;
+                    *counts.entry(*table).or_default() += a;
+                }
+            }
+        }
+    }
+    send_to_dlq(shared, rejected)
+        .await
+        .map_err(BatchError::Transient)?;
+    offsets::store(&*tx, &shared.group, topic, partition, next)
+        .await
+        .map_err(classify)?;
+    tx.commit().await.map_err(classify)?;
+    metrics::histogram!(m::APPLY_BATCH_SECONDS).record(started.elapsed().as_secs_f64());
+    Ok(counts.into_iter().collect())
+}
+
+/// Tries each row change alone (inside a savepoint); those PostgreSQL refuses
+/// move from `steps` to `rejected`.
+async fn isolate_bad_rows<'a>(
+    shared: &Shared,
+    steps: &mut Vec<Step<'a>>,
+    rejected: &mut Vec<Rejected<'a>>,
+) -> anyhow::Result<()> {
+    let mut client = shared.pool.get().await?;
+    let mut tx = client.transaction().await?;
+    tx.batch_execute("SET LOCAL session_replication_role = replica")
+        .await?;
+    let mut keep = Vec::new();
+    for step in steps.drain(..) {
+        if let Step::Row { table, fin, msg } = &step {
+            let sp = tx.savepoint("row").await?;
+            let result =
+                apply::apply_finals(&*sp, &shared.tables[*table], std::slice::from_ref(fin)).await;
+            match result {
+                Ok(_) => sp.rollback().await?,
+                Err(e) => {
+                    let _ = sp.rollback().await;
+                    let detail = e
+                        .as_db_error()
+                        .map(|d| d.message().to_string())
+                        .unwrap_or_else(|| e.to_string());
+                    rejected.push(Rejected {
+                        msg,
+                        reason: "rejected_by_postgres",
+                        error: format!("{}: {detail}", shared.tables[*table].name),
+                    });
+                    continue;
+                }
+            }
+        }
+        keep.push(step);
+    }
+    tx.rollback().await?;
+    *steps = keep;
+    Ok(())
+}
+
+/// Produces the rejected messages to the dead-letter topic and waits for
+/// the broker's acknowledgement (before the offset moves past them).
+async fn send_to_dlq(shared: &Shared, rejected: &mut Vec<Rejected<'_>>) -> anyhow::Result<()> {
+    let dlq = shared.config.dlq_topic();
+    for r in rejected.iter() {
+        let partition = r.msg.partition().to_string();
+        let offset = r.msg.offset().to_string();
+        let headers = OwnedHeaders::new()
+            .insert(Header {
+                key: "regionsync.error",
+                value: Some(r.error.as_str()),
+            })
+            .insert(Header {
+                key: "regionsync.reason",
+                value: Some(r.reason),
+            })
+            .insert(Header {
+                key: "regionsync.topic",
+                value: Some(r.msg.topic()),
+            })
+            .insert(Header {
+                key: "regionsync.partition",
+                value: Some(partition.as_str()),
+            })
+            .insert(Header {
+                key: "regionsync.offset",
+                value: Some(offset.as_str()),
+            });
+        let mut record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(&dlq).headers(headers);
+        if let Some(k) = r.msg.key() {
+            record = record.key(k);
+        }
+        if let Some(p) = r.msg.payload() {
+            record = record.payload(p);
+        }
+        shared
+            .producer
+            .send(record, Duration::from_secs(30))
+            .await
+            .map_err(|(e, _)| anyhow::anyhow!("producing to the dead-letter topic {dlq}: {e}"))?;
+        warn!(topic = %r.msg.topic(), partition = r.msg.partition(), offset = r.msg.offset(), reason = r.reason, error = %r.error, "sent to the dead-letter topic");
+        metrics::counter!(m::DLQ_MESSAGES_TOTAL, "reason" => r.reason).increment(1);
+    }
+    rejected.clear();
+    Ok(())
+}
+
+/// Avro (Confluent wire format: magic byte 0) or JSON, by the first byte.
+async fn decode_message(
+    shared: &Shared,
+    route: &Route,
+    msg: &OwnedMessage,
+) -> Result<Decoded, (&'static str, String)> {
+    let is_avro = |b: Option<&[u8]>| b.is_some_and(|b| b.first() == Some(&0));
+    if is_avro(msg.key()) || is_avro(msg.payload()) {
+        let decoder = shared.decoders.get(&route.source_region).ok_or((
+            "no_registry",
+            format!(
+                "an Avro message, but no schema registry is configured for region {}",
+                route.source_region
+            ),
+        ))?;
+        let key = decoder
+            .decode_with_schema(msg.key())
+            .await
+            .map_err(|e| ("avro_key", format!("key: {e}")))?
+            .ok_or(("null_key", "message has no key".to_string()))?;
+        let value = match msg.payload() {
+            None => None,
+            Some(p) => decoder
+                .decode_with_schema(Some(p))
+                .await
+                .map_err(|e| ("avro_value", format!("value: {e}")))?,
+        };
+        decode::decode_avro(
+            &key.value,
+            &key.schema.parsed,
+            value.as_ref().map(|v| (&v.value, &v.schema.parsed)),
+        )
+        .map_err(|e| ("decode", e.to_string()))
+    } else {
+        decode::decode_json(msg.key(), msg.payload()).map_err(|e| ("decode", e.to_string()))
+    }
+}
+
+/// Seconds since the Unix epoch, for lag arithmetic.
+pub fn now_seconds() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
+}
