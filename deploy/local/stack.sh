@@ -172,7 +172,10 @@ ensure_traversable() {
 pg_up() {
   local region=$1 name data port
   name="postgres-$region"; data="$STATE/$name"; port=$(pg_port "$region")
-  if alive "$name" && as_postgres "$PG_BIN/pg_isready" -q -h 127.0.0.1 -p "$port"; then return 0; fi
+  if alive "$name" && as_postgres "$PG_BIN/pg_isready" -q -h 127.0.0.1 -p "$port"; then
+    pg_schemas "$region"
+    return 0
+  fi
   mkdir -p "$LOGS" "$PIDS"
   local fresh=
   if [ ! -f "$data/PG_VERSION" ]; then
@@ -216,7 +219,12 @@ EOF
   if [ -n "$fresh" ] || ! psql_admin "$region" -d app -c 'select 1' >/dev/null 2>&1; then
     psql_admin "$region" -d postgres -c "CREATE DATABASE app" >/dev/null 2>&1 || true
   fi
-  # Schemas and grants are idempotent: applied on every start.
+  pg_schemas "$region"
+}
+
+# Schemas and grants are idempotent: applied on every `up`.
+pg_schemas() {
+  local region=$1
   psql_admin "$region" -d app -c "ALTER DATABASE app SET regionsync.region = '$region'"
   PGOPTIONS="-c regionsync.region=$region" psql_admin "$region" -d app \
     -f "$ROOT/schemas/regionsync.sql" -f "$ROOT/schemas/app.sql" >/dev/null
