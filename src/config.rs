@@ -17,6 +17,7 @@ use serde::Deserialize;
 pub const DEFAULT_BATCH_MAX_ROWS: usize = 5_000;
 pub const DEFAULT_BATCH_MAX_BYTES: usize = 8 * 1024 * 1024;
 pub const DEFAULT_LINGER_MS: u64 = 20;
+pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 4 * 1024 * 1024;
 pub const DEFAULT_POOL_SIZE: usize = 2;
 pub const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:9464";
 pub const DEFAULT_HEARTBEAT_TOPIC: &str = "cdc.regionsync.heartbeat";
@@ -128,6 +129,10 @@ pub struct ApplyConfig {
     /// …or this many bytes of message payload…
     #[serde(default = "default_batch_max_bytes")]
     pub batch_max_bytes: usize,
+    /// A message (key + value) larger than this goes to the dead-letter
+    /// topic instead of being applied.
+    #[serde(default = "default_max_message_bytes")]
+    pub max_message_bytes: usize,
     /// …or when its first change has waited this long.
     #[serde(default = "default_linger_ms")]
     pub linger_ms: u64,
@@ -139,6 +144,9 @@ fn default_batch_max_rows() -> usize {
 fn default_batch_max_bytes() -> usize {
     DEFAULT_BATCH_MAX_BYTES
 }
+fn default_max_message_bytes() -> usize {
+    DEFAULT_MAX_MESSAGE_BYTES
+}
 fn default_linger_ms() -> u64 {
     DEFAULT_LINGER_MS
 }
@@ -148,6 +156,7 @@ impl Default for ApplyConfig {
         ApplyConfig {
             batch_max_rows: DEFAULT_BATCH_MAX_ROWS,
             batch_max_bytes: DEFAULT_BATCH_MAX_BYTES,
+            max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
             linger_ms: DEFAULT_LINGER_MS,
         }
     }
@@ -194,9 +203,23 @@ pub struct TableConfig {
     /// Source column → target column, where names differ.
     #[serde(default)]
     pub columns: BTreeMap<String, String>,
+    /// The source table (`schema.table`) whose events the topics carry;
+    /// default: the last two dot-separated parts of each topic name, as
+    /// Debezium names topics. An event of any other table is rejected.
+    #[serde(default)]
+    pub source_table: Option<String>,
 }
 
 impl TableConfig {
+    /// Whether an event of source table `schema.table` read from `topic`
+    /// belongs to this table.
+    pub fn accepts_source(&self, topic: &str, schema: &str, table: &str) -> bool {
+        match &self.source_table {
+            Some(st) => st.split_once('.') == Some((schema, table)),
+            None => topic.ends_with(&format!(".{schema}.{table}")),
+        }
+    }
+
     /// (schema, table) of the target.
     pub fn target_parts(&self) -> (&str, &str) {
         match self.target.split_once('.') {

@@ -413,6 +413,18 @@ async fn apply_batch(
     let mut newest_ts_ms = None::<i64>;
     let mut skipped: HashMap<(&'static str, String), u64> = HashMap::new();
     for msg in batch {
+        let size = msg.key().map_or(0, |k| k.len()) + msg.payload().map_or(0, |p| p.len());
+        if size > shared.config.apply.max_message_bytes {
+            rejected.push(Rejected {
+                msg,
+                reason: "oversized",
+                error: format!(
+                    "message of {size} bytes is above apply.max_message_bytes ({})",
+                    shared.config.apply.max_message_bytes
+                ),
+            });
+            continue;
+        }
         let decoded = match decode_message(shared, route, msg).await {
             Ok(d) => d,
             Err((reason, error)) => {
@@ -436,6 +448,18 @@ async fn apply_batch(
                 .or_default() += 1;
             continue;
         };
+        let config = &shared.config.tables[table];
+        if !config.accepts_source(topic, &change.schema, &change.table) {
+            rejected.push(Rejected {
+                msg,
+                reason: "unconfigured_table",
+                error: format!(
+                    "an event of table {}.{} on {topic}, which feeds {}",
+                    change.schema, change.table, config.target
+                ),
+            });
+            continue;
+        }
         if change.op == Op::Truncate {
             steps.push(Step::Truncate {
                 table,
@@ -696,6 +720,17 @@ async fn send_to_dlq(shared: &Shared, rejected: &mut Vec<Rejected<'_>>) -> anyho
     Ok(())
 }
 
+/// A bounded label for the dead-letter metric.
+fn decode_reason(e: &decode::DecodeError) -> &'static str {
+    match e {
+        decode::DecodeError::MissingKey => "null_key",
+        decode::DecodeError::Json(_) => "not_json",
+        decode::DecodeError::Avro(_) => "bad_avro",
+        decode::DecodeError::Column { .. } => "bad_value",
+        decode::DecodeError::Envelope(_) | decode::DecodeError::UnknownOp(_) => "bad_envelope",
+    }
+}
+
 /// Avro (Confluent wire format: magic byte 0) or JSON, by the first byte.
 async fn decode_message(
     shared: &Shared,
@@ -730,7 +765,8 @@ async fn decode_message(
         )
         .map_err(|e| ("decode", e.to_string()))
     } else {
-        decode::decode_json(msg.key(), msg.payload()).map_err(|e| ("decode", e.to_string()))
+        decode::decode_json(msg.key(), msg.payload())
+            .map_err(|e| (decode_reason(&e), e.to_string()))
     }
 }
 

@@ -108,6 +108,10 @@ impl TestTable {
 /// A worker for region B that consumes `topics` (source topic names) into
 /// the test's table.
 fn worker_config(table: &TestTable, topic: &str) -> Config {
+    worker_config_with(table, topic, "")
+}
+
+fn worker_config_with(table: &TestTable, topic: &str, apply_extra: &str) -> Config {
     let b = region_b();
     let toml = format!(
         r#"
@@ -127,6 +131,7 @@ fn worker_config(table: &TestTable, topic: &str) -> Config {
         password = "{password}"
         [apply]
         linger_ms = 20
+        {apply_extra}
         [[tables]]
         topics = ["{topic}"]
         target = "public.{name}"
@@ -258,4 +263,186 @@ async fn json_changes_converge_in_the_other_region() {
 #[tokio::test(flavor = "multi_thread")]
 async fn avro_changes_converge_in_the_other_region() {
     converges("conv_avro", "cdc.avro").await;
+}
+
+/// Writes `n` fresh users (ids from `first`) in A.
+async fn insert_users(table: &TestTable, first: i64, n: i64) {
+    app_db(&region_a())
+        .await
+        .execute(
+            &format!(
+                "INSERT INTO {} (id, email) SELECT g, 'g' || g || '@example.com' FROM generate_series($1::bigint, $2::bigint) g",
+                table.name
+            ),
+            &[&first, &(first + n - 1)],
+        )
+        .await
+        .expect("insert users in A");
+}
+
+/// A schemaless Debezium-shaped create of `id` for table `source_table`.
+fn create_event(source_table: &str, id: i64, age: serde_json::Value, bio: &str) -> Vec<u8> {
+    serde_json::to_vec(&serde_json::json!({
+        "before": null,
+        "after": {"id": id, "email": format!("p{id}@example.com"), "status": "active", "age": age,
+                  "bio": bio, "created_at": "2024-01-01T00:00:00Z", "hlc": 1, "origin_region": "us-east-1"},
+        "source": {"ts_ms": now_ms(), "schema": "public", "table": source_table, "lsn": 1, "snapshot": "false"},
+        "op": "c",
+        "ts_ms": now_ms()
+    }))
+    .expect("json")
+}
+
+/// Poison messages on the mirrored topic: each lands in the dead-letter
+/// topic with headers naming the error and its origin; the good changes
+/// around them are applied; the worker keeps running.
+#[tokio::test(flavor = "multi_thread")]
+async fn poison_messages_go_to_the_dead_letter_topic_and_the_rest_applies() {
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+
+    let table = TestTable::create("poison").await;
+    let topic = format!("cdc.public.{}", table.name);
+    let mirrored_topic = mirrored(&region_a(), &topic);
+    let worker = Worker::start(worker_config_with(
+        &table,
+        &topic,
+        "max_message_bytes = 65536",
+    ));
+    insert_users(&table, 1, 100).await;
+    table.wait_converged(Duration::from_secs(120)).await;
+
+    let key = |id: i64| serde_json::to_vec(&serde_json::json!({ "id": id })).unwrap();
+    let good = create_event(&table.name, 900_001, serde_json::json!(7), "x");
+    // (what, key, value)
+    type Poison<'a> = (&'a str, Option<Vec<u8>>, Vec<u8>);
+    let poison: Vec<Poison> = vec![
+        (
+            "truncated",
+            Some(key(900_001)),
+            good[..good.len() / 2].to_vec(),
+        ),
+        ("not json", Some(key(900_002)), b"hello, not json".to_vec()),
+        (
+            "unknown schema id",
+            Some(vec![0, 0x7f, 0xff, 0xff, 0xf0, 2]),
+            vec![0, 0x7f, 0xff, 0xff, 0xf0, 2, 4],
+        ),
+        (
+            "wrong magic byte",
+            Some(key(900_004)),
+            vec![7, 0, 0, 0, 1, 2, 3],
+        ),
+        (
+            "unconfigured table",
+            Some(key(900_005)),
+            create_event("some_other_table", 900_005, serde_json::json!(1), "x"),
+        ),
+        (
+            "value does not fit",
+            Some(key(900_007)),
+            create_event(&table.name, 900_007, serde_json::json!("forty"), "x"),
+        ),
+        (
+            "oversized",
+            Some(key(900_008)),
+            create_event(
+                &table.name,
+                900_008,
+                serde_json::json!(1),
+                &"b".repeat(100_000),
+            ),
+        ),
+    ];
+    let producer: FutureProducer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", &region_b().kafka)
+        .create()
+        .expect("producer");
+    let mut poisoned = Vec::new();
+    for (what, k, v) in &poison {
+        let mut record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(&mirrored_topic)
+            .payload(v.as_slice())
+            .partition(0);
+        if let Some(k) = k {
+            record = record.key(k.as_slice());
+        }
+        let delivery = producer
+            .send(record, Duration::from_secs(10))
+            .await
+            .unwrap_or_else(|(e, _)| panic!("produce {what}: {e}"));
+        poisoned.push((*what, delivery.partition, delivery.offset));
+    }
+    // A null key cannot even reach the mirrored topic: CDC topics are
+    // compacted, and the broker refuses unkeyed records on them. (The
+    // decoder's unit tests cover a null key on an uncompacted topic.)
+    let unkeyed = producer
+        .send(
+            FutureRecord::<'_, [u8], [u8]>::to(&mirrored_topic)
+                .payload(&good)
+                .partition(0),
+            Duration::from_secs(10),
+        )
+        .await;
+    assert!(
+        matches!(&unkeyed, Err((e, _)) if e.to_string().contains("InvalidRecord")),
+        "the broker refuses a null key on a compacted topic: {unkeyed:?}"
+    );
+    insert_users(&table, 101, 100).await;
+    let rows = table.wait_converged(Duration::from_secs(120)).await;
+    assert_eq!(rows, 200, "every good change is applied, no poison one");
+
+    let dlq = format!("regionsync.dlq.test-{}", table.name);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let dead = tokio::task::block_in_place(|| {
+        TopicReader::open(&region_b(), &dlq, deadline).collect(
+            deadline,
+            |_| true,
+            |found| found.len() >= poison.len(),
+        )
+    });
+    assert_eq!(
+        dead.len(),
+        poison.len(),
+        "one dead letter per poison message"
+    );
+    for (what, partition, offset) in &poisoned {
+        let letter = dead
+            .iter()
+            .find(|m| {
+                let h = headers(m);
+                h.get("regionsync.partition") == Some(&partition.to_string())
+                    && h.get("regionsync.offset") == Some(&offset.to_string())
+            })
+            .unwrap_or_else(|| {
+                panic!("no dead letter for the {what} message at {partition}/{offset}")
+            });
+        let h = headers(letter);
+        assert_eq!(h.get("regionsync.topic"), Some(&mirrored_topic), "{what}");
+        assert!(
+            !h.get("regionsync.error")
+                .cloned()
+                .unwrap_or_default()
+                .is_empty(),
+            "{what}: error header"
+        );
+        assert!(h.contains_key("regionsync.reason"), "{what}: reason header");
+    }
+    let reasons: Vec<String> = dead
+        .iter()
+        .map(|m| headers(m)["regionsync.reason"].clone())
+        .collect();
+    for expected in [
+        "not_json",
+        "bad_avro",
+        "unconfigured_table",
+        "rejected_by_postgres",
+        "oversized",
+    ] {
+        assert!(
+            reasons
+                .iter()
+                .any(|r| r.contains(expected) || (expected == "bad_avro" && r.starts_with("avro"))),
+            "no {expected} among {reasons:?}"
+        );
+    }
+    worker.stop().await;
 }

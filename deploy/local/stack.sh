@@ -1,13 +1,19 @@
 #!/usr/bin/env bash
 # The local two-region stack: real PostgreSQL, Kafka (KRaft), Kafka Connect
 # with Debezium, MirrorMaker 2, Apicurio Registry and Prometheus, all on
-# loopback. Usage: stack.sh install|up|down|status
+# loopback. Usage: stack.sh install|up|down|status|workers-up|workers-down
 #
-#   install  Debian packages (apt-get) and the JVM pieces (Maven, deploy/local/pom.xml)
-#   up       install if needed, then start every service behind a readiness
-#            check; a running service is left alone (idempotent)
-#   down     stop every service this stack started, by pid; data is kept
-#   status   one line per service: up/down, port, pid, log file
+#   install       Debian packages (apt-get) and the JVM pieces (Maven, deploy/local/pom.xml)
+#   up            install if needed, then start every service behind a readiness
+#                 check; a running service is left alone (idempotent). The
+#                 regionsync workers are not started by `up`.
+#   down          stop the workers (if running), then every service this stack
+#                 started, by pid; data is kept
+#   status        one line per service: up/down, port, pid, log file
+#   workers-up    build regionsync (release) and start one worker per region
+#                 (deploy/local/regionsync-<region>.toml) against the running
+#                 stack; a running worker is left alone (idempotent)
+#   workers-down  stop the workers, by pid
 #
 # Runtime state (data, logs, pids) lives in target/stack/ ; downloaded JVM
 # artifacts in target/dist/ (Maven also caches them in ~/.m2).
@@ -36,6 +42,7 @@ pg_port() { [ "$1" = "$REGION_A" ] && echo "$PG_PORT_A" || echo "$PG_PORT_B"; }
 kafka_port() { [ "$1" = "$REGION_A" ] && echo "$KAFKA_PORT_A" || echo "$KAFKA_PORT_B"; }
 controller_port() { echo $(($(kafka_port "$1") + 1)); }
 connect_port() { [ "$1" = "$REGION_A" ] && echo "$CONNECT_PORT_A" || echo "$CONNECT_PORT_B"; }
+metrics_port() { [ "$1" = "$REGION_A" ] && echo "$WORKER_METRICS_PORT_A" || echo "$WORKER_METRICS_PORT_B"; }
 
 # --- process helpers ----------------------------------------------------------
 pid_of() { cat "$PIDS/$1.pid" 2>/dev/null || true; }
@@ -415,6 +422,58 @@ prometheus_up() {
     --web.enable-lifecycle
 }
 
+# --- regionsync workers (not part of `up`) ----------------------------------------
+WORKER_BIN="$ROOT/target/release/regionsync"
+worker_config() { echo "$HERE/regionsync-$1.toml"; }
+worker_ready() { curl -fsS "http://127.0.0.1:$1/metrics" >/dev/null; }
+
+cmd_workers_up() {
+  local region name port
+  for region in "${REGIONS[@]}"; do
+    [ -f "$(worker_config "$region")" ] || die "no worker config $(worker_config "$region")"
+  done
+  command -v cargo >/dev/null || die "cargo is not installed"
+  log "building regionsync (cargo build --release --bin regionsync)"
+  (cd "$ROOT" && cargo build --release --bin regionsync) || die "building regionsync failed"
+  for region in "${REGIONS[@]}"; do
+    name="regionsync-$region"; port=$(metrics_port "$region")
+    if alive "$name"; then
+      log "$name is already running (pid $(pid_of "$name"))"
+      continue
+    fi
+    port_open "$port" && die "127.0.0.1:$port (metrics of $name) is taken by another process"
+    # The password comes from the environment, never from the config file;
+    # the addresses follow env.sh, so overriding a port there is enough.
+    REGIONSYNC_POSTGRES__PASSWORD="$REGIONSYNC_PASSWORD" \
+      REGIONSYNC_POSTGRES__PORT="$(pg_port "$region")" \
+      REGIONSYNC_KAFKA__BOOTSTRAP_SERVERS="127.0.0.1:$(kafka_port "$region")" \
+      REGIONSYNC_SCHEMA_REGISTRY__URL="http://127.0.0.1:$REGISTRY_PORT/apis/ccompat/v7" \
+      REGIONSYNC_METRICS__LISTEN="127.0.0.1:$port" \
+      RUST_LOG="${RUST_LOG:-info,rdkafka=warn}" \
+      spawn "$name" "$WORKER_BIN" --config "$(worker_config "$region")" run
+  done
+  for region in "${REGIONS[@]}"; do
+    wait_for "regionsync-$region" 60 worker_ready "$(metrics_port "$region")"
+  done
+  # /metrics answers before the worker has connected to Kafka and PostgreSQL:
+  # give a bad connection a moment to show up as an exit.
+  sleep 2
+  for region in "${REGIONS[@]}"; do
+    name="regionsync-$region"
+    if ! alive "$name"; then
+      log "$name exited during start-up; last lines of $LOGS/$name.log:"
+      tail -n 40 "$LOGS/$name.log" >&2 || true
+      exit 1
+    fi
+    log "$name is up (pid $(pid_of "$name")): http://127.0.0.1:$(metrics_port "$region")/metrics"
+  done
+}
+
+cmd_workers_down() {
+  local region
+  for region in "${REGIONS[@]}"; do stop_pid "regionsync-$region" 15; done
+}
+
 # --- commands --------------------------------------------------------------------
 cmd_up() {
   local t0=$SECONDS region
@@ -442,6 +501,7 @@ cmd_up() {
 }
 
 cmd_down() {
+  cmd_workers_down
   stop_pid prometheus 20
   stop_pid mirrormaker2 30
   local region
@@ -476,9 +536,7 @@ cmd_status() {
   status_line mirrormaker2 - mm2_ready
   status_line prometheus "$PROMETHEUS_PORT" prometheus_ready
   for region in "${REGIONS[@]}"; do
-    local mport
-    mport=$([ "$region" = "$REGION_A" ] && echo "$WORKER_METRICS_PORT_A" || echo "$WORKER_METRICS_PORT_B")
-    status_line "regionsync-$region" "$mport" curl -fsS "http://127.0.0.1:$mport/healthz"
+    status_line "regionsync-$region" "$(metrics_port "$region")" worker_ready "$(metrics_port "$region")"
   done
 }
 
@@ -487,5 +545,7 @@ case "${1:-}" in
   up) cmd_up ;;
   down) cmd_down ;;
   status) cmd_status ;;
-  *) echo "usage: $0 install|up|down|status" >&2; exit 2 ;;
+  workers-up) cmd_workers_up ;;
+  workers-down) cmd_workers_down ;;
+  *) echo "usage: $0 install|up|down|status|workers-up|workers-down" >&2; exit 2 ;;
 esac
