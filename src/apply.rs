@@ -324,15 +324,19 @@ pub fn prepare(
                 }
             }
             let key_values = key_values(table, &values)?;
-            let before_hlc = change
-                .before
-                .as_ref()
-                .and_then(|b| int_of(b, "hlc"))
-                .unwrap_or(0);
+            // The delete is the version right after the one it replaced: the
+            // source's own tombstone (regionsync.mark_deleted) has the same
+            // version, and orders a later re-insert of the key after it.
+            // (The commit time cannot serve: a re-insert in the same
+            // transaction or millisecond is stamped before the commit.)
+            let hlc = match change.before.as_ref().and_then(|b| int_of(b, "hlc")) {
+                Some(before) => before + 1,
+                None => change.source_ts_ms << crate::clock::LOGICAL_BITS,
+            };
             Ok(Final::Delete(PreparedDelete {
                 key_text: key_text(&key_values),
                 key_values,
-                hlc: (change.source_ts_ms << crate::clock::LOGICAL_BITS).max(before_hlc + 1),
+                hlc,
                 origin: source_region.to_string(),
             }))
         }
@@ -367,13 +371,17 @@ pub fn collapse(finals: Vec<Final>) -> Vec<Final> {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Applied {
     pub applied: u64,
+    /// Skipped by the version guard: the stored row or tombstone is newer.
     pub stale: u64,
+    /// Replaced by a later change of the same key in the same batch.
+    pub superseded: u64,
 }
 
 impl std::ops::AddAssign for Applied {
     fn add_assign(&mut self, o: Applied) {
         self.applied += o.applied;
         self.stale += o.stale;
+        self.superseded += o.superseded;
     }
 }
 
@@ -527,6 +535,7 @@ async fn upsert(
     Ok(Applied {
         applied: n,
         stale: rows.len() as u64 - n.min(rows.len() as u64),
+        superseded: 0,
     })
 }
 
@@ -577,6 +586,9 @@ async fn delete(
          marked AS (
             INSERT INTO regionsync.tombstones AS ts (table_name, row_key, hlc, origin_region)
             SELECT ${pt}, d.\"__key\", d.\"__hlc\", d.\"__origin\" FROM d
+             -- a row newer than the delete survives it: no tombstone then
+             WHERE NOT EXISTS (SELECT 1 FROM {ident} AS t WHERE {key_match}
+                  AND (t.hlc, t.origin_region COLLATE \"C\") >= (d.\"__hlc\", d.\"__origin\" COLLATE \"C\"))
             ON CONFLICT (table_name, row_key) DO UPDATE
                SET hlc = EXCLUDED.hlc, origin_region = EXCLUDED.origin_region, deleted_at = now()
              WHERE (ts.hlc, ts.origin_region COLLATE \"C\") < (EXCLUDED.hlc, EXCLUDED.origin_region COLLATE \"C\")
@@ -603,6 +615,7 @@ async fn delete(
     Ok(Applied {
         applied,
         stale: deletes.len() as u64 - applied.min(deletes.len() as u64),
+        superseded: 0,
     })
 }
 
@@ -624,6 +637,7 @@ pub async fn apply_truncate(
     Ok(Applied {
         applied: 1,
         stale: 0,
+        superseded: 0,
     })
 }
 
@@ -732,6 +746,19 @@ mod tests {
             panic!()
         };
         assert_eq!(d.hlc, (5_000 << 16) + 4, "before.hlc + 1");
+        // Even when the commit time is later: a re-insert stamped before the
+        // commit (same transaction or millisecond) must still win.
+        let mut c = change(
+            Op::Delete,
+            7,
+            Some(row(7, "a@x", Field::Null, 500 << 16)),
+            None,
+        );
+        c.source_ts_ms = 501;
+        let Final::Delete(d) = prepare(&table(), &c, "us-east-1").unwrap() else {
+            panic!()
+        };
+        assert_eq!(d.hlc, (500 << 16) + 1);
         assert_eq!(d.key_values, vec![Some("7".to_string())]);
         let c = change(Op::Delete, 8, None, None);
         let Final::Delete(d) = prepare(&table(), &c, "eu-west-1").unwrap() else {

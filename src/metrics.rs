@@ -23,6 +23,8 @@ pub const LAST_APPLIED_SOURCE_TIMESTAMP: &str = "regionsync_last_applied_source_
 pub mod outcome {
     pub const APPLIED: &str = "applied";
     pub const STALE: &str = "stale";
+    /// Replaced by a later change of the same key within one batch.
+    pub const SUPERSEDED: &str = "superseded";
     pub const ECHO: &str = "echo";
     pub const DUPLICATE: &str = "duplicate";
     pub const TOMBSTONE: &str = "tombstone";

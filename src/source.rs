@@ -539,7 +539,8 @@ fn record(
     for (table, a) in counts {
         let name = shared.tables[table].name.clone();
         metrics::counter!(m::EVENTS_TOTAL, "source_region" => region.clone(), "table" => name.clone(), "op" => "", "outcome" => outcome::APPLIED).increment(a.applied);
-        metrics::counter!(m::EVENTS_TOTAL, "source_region" => region.clone(), "table" => name, "op" => "", "outcome" => outcome::STALE).increment(a.stale);
+        metrics::counter!(m::EVENTS_TOTAL, "source_region" => region.clone(), "table" => name.clone(), "op" => "", "outcome" => outcome::STALE).increment(a.stale);
+        metrics::counter!(m::EVENTS_TOTAL, "source_region" => region.clone(), "table" => name, "op" => "", "outcome" => outcome::SUPERSEDED).increment(a.superseded);
     }
     for ((what, table), n) in skipped {
         metrics::counter!(m::EVENTS_TOTAL, "source_region" => region.clone(), "table" => table.clone(), "op" => "", "outcome" => *what).increment(*n);
@@ -606,7 +607,12 @@ async fn commit_batch(
             Step::Row { table, fin, .. } => pending.entry(*table).or_default().push(fin.clone()),
             Step::Truncate { table, ts_ms } => {
                 for (t, finals) in pending.drain() {
+                    let changes = finals.len() as u64;
                     let finals = apply::collapse(finals);
+                    *counts.entry(t).or_default() += Applied {
+                        superseded: changes - finals.len() as u64,
+                        ..Applied::default()
+                    };
                     let a = apply::apply_finals(&*tx, &shared.tables[t], &finals)
                         .await
                         .map_err(classify)?;

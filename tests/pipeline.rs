@@ -6,7 +6,10 @@
 
 mod support;
 
+use std::collections::HashMap;
 use std::time::{Duration, Instant};
+
+use rdkafka::message::Message;
 
 use regionsync::config::Config;
 use support::*;
@@ -445,4 +448,83 @@ async fn poison_messages_go_to_the_dead_letter_topic_and_the_rest_applies() {
         );
     }
     worker.stop().await;
+}
+
+/// Replaying a topic from its first offset over the converged replica (a
+/// new consumer group, no stored offsets) changes nothing: every change is
+/// stale (or superseded by a later one in its batch), none applied.
+#[tokio::test(flavor = "multi_thread")]
+async fn replaying_from_the_beginning_changes_nothing() {
+    let counters = counters();
+    let table = TestTable::create("replay").await;
+    let topic = format!("cdc.public.{}", table.name);
+    let worker = Worker::start(worker_config(&table, &topic));
+    write_mixed(&table, 2_000, 300, 0x5eed).await;
+    table.wait_converged(Duration::from_secs(180)).await;
+    worker.stop().await;
+    let converged = table.rows(&region_b()).await;
+
+    // Every change event now on the mirrored topic (not Kafka's tombstones).
+    let mirrored_topic = mirrored(&region_a(), &topic);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let messages = tokio::task::block_in_place(|| {
+        TopicReader::open(&region_b(), &mirrored_topic, deadline).read_all(deadline)
+    });
+    let changes = messages.iter().filter(|m| m.payload().is_some()).count() as u64;
+    let mut ends: HashMap<i32, i64> = HashMap::new();
+    for m in &messages {
+        let e = ends.entry(m.partition()).or_default();
+        *e = (*e).max(m.offset() + 1);
+    }
+
+    let mut replay = worker_config(&table, &topic);
+    replay.consumer_group = Some(format!("test-{}-replay", table.name));
+    let group = replay.consumer_group.clone().unwrap();
+    let target = format!("public.{}", table.name);
+    let of = |outcome: &str| {
+        counters.total(
+            "regionsync_events_total",
+            &[("table", target.as_str()), ("outcome", outcome)],
+        )
+    };
+    let before = [of("applied"), of("stale"), of("superseded")];
+    let worker = Worker::start(replay);
+    // Done when the replay's stored offsets reach the ends of the topic.
+    let db = admin_db(&region_b()).await;
+    let deadline = Instant::now() + Duration::from_secs(180);
+    loop {
+        let rows = db
+            .query(
+                "SELECT partition, next_offset FROM regionsync.offsets WHERE consumer_group = $1 AND topic = $2",
+                &[&group, &mirrored_topic],
+            )
+            .await
+            .expect("offsets");
+        let stored: HashMap<i32, i64> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+        if ends.iter().all(|(p, end)| stored.get(p) == Some(end)) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "replay did not reach the topic's end: {stored:?} vs {ends:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    worker.stop().await;
+
+    assert_eq!(
+        table.rows(&region_b()).await,
+        converged,
+        "the replay changed the replica"
+    );
+    let applied = of("applied") - before[0];
+    let stale = of("stale") - before[1];
+    let superseded = of("superseded") - before[2];
+    assert_eq!(applied, 0, "the replay applied nothing");
+    assert_eq!(
+        stale + superseded,
+        changes,
+        "every replayed change counts as stale ({stale}) or superseded in its batch ({superseded})"
+    );
+    assert!(stale > 0);
 }

@@ -86,6 +86,22 @@ pub async fn app_db(region: &Region) -> tokio_postgres::Client {
     client
 }
 
+/// A connection to `region`'s database `app` as the superuser (the local
+/// stack trusts it over loopback), to read regionsync's own tables.
+pub async fn admin_db(region: &Region) -> tokio_postgres::Client {
+    let conn = format!(
+        "host=127.0.0.1 port={} dbname=app user=postgres",
+        region.pg_port
+    );
+    let (client, connection) = tokio_postgres::connect(&conn, tokio_postgres::NoTls)
+        .await
+        .unwrap_or_else(|e| panic!("connect to PostgreSQL of {} as postgres: {e}", region.name));
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    client
+}
+
 /// Reads a topic of `region`'s Kafka from the beginning and keeps the events
 /// whose key matches, in offset order per partition.
 pub struct TopicReader {
@@ -227,4 +243,60 @@ pub fn headers(msg: &OwnedMessage) -> HashMap<String, String> {
 
 pub fn repo_root() -> std::path::PathBuf {
     std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// Counters recorded by in-process workers. Installed once per test binary;
+/// a snapshot drains the recorder, so totals accumulate here and every test
+/// reads its own labels (tests use their own tables).
+pub struct Counters {
+    snapshotter: metrics_util::debugging::Snapshotter,
+    totals: std::sync::Mutex<HashMap<String, u64>>,
+}
+
+pub fn counters() -> &'static Counters {
+    static COUNTERS: std::sync::OnceLock<Counters> = std::sync::OnceLock::new();
+    COUNTERS.get_or_init(|| {
+        let recorder = metrics_util::debugging::DebuggingRecorder::new();
+        let snapshotter = recorder.snapshotter();
+        recorder
+            .install()
+            .expect("no other metrics recorder in tests");
+        Counters {
+            snapshotter,
+            totals: std::sync::Mutex::new(HashMap::new()),
+        }
+    })
+}
+
+impl Counters {
+    /// The total of counter `name` over every label set that includes `labels`.
+    pub fn total(&self, name: &str, labels: &[(&str, &str)]) -> u64 {
+        let mut totals = self.totals.lock().expect("counters lock");
+        for (key, _, _, value) in self.snapshotter.snapshot().into_vec() {
+            if let metrics_util::debugging::DebugValue::Counter(n) = value {
+                let k = key.key();
+                let mut id = k.name().to_string();
+                let mut l: Vec<String> = k
+                    .labels()
+                    .map(|l| format!("{}={}", l.key(), l.value()))
+                    .collect();
+                l.sort();
+                id.push('{');
+                id.push_str(&l.join(","));
+                id.push('}');
+                *totals.entry(id).or_default() += n;
+            }
+        }
+        let wanted: Vec<String> = labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        totals
+            .iter()
+            .filter(|(id, _)| {
+                id.starts_with(&format!("{name}{{"))
+                    && wanted
+                        .iter()
+                        .all(|w| id[name.len() + 1..id.len() - 1].split(',').any(|l| l == w))
+            })
+            .map(|(_, n)| *n)
+            .sum()
+    }
 }
