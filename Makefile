@@ -2,7 +2,7 @@
 SHELL := /bin/bash
 STACK := deploy/local/stack.sh
 
-.PHONY: help demo test lint unit integration stack-up stack-down stack-status stack-install bench
+.PHONY: help demo test lint unit integration stack-up stack-down stack-status stack-install bench workers-up workers-down
 
 help:
 	@echo "make demo          local two-region stack replicating live, lag visible"
@@ -10,6 +10,8 @@ help:
 	@echo "make stack-up      start the local two-region stack (idempotent)"
 	@echo "make stack-down    stop it; data under target/stack/ is kept"
 	@echo "make stack-status  one line per service: state, address, pid, log"
+	@echo "make workers-up    build regionsync (release) and start one worker per region"
+	@echo "make workers-down  stop the workers"
 
 stack-install:
 	@bash $(STACK) install
@@ -23,10 +25,19 @@ stack-down:
 stack-status:
 	@bash $(STACK) status
 
+# One regionsync worker per region (deploy/local/regionsync-<region>.toml),
+# against the running stack; `stack-up` does not start them.
+workers-up:
+	@bash $(STACK) workers-up
+
+workers-down:
+	@bash $(STACK) workers-down
+
+# stack-up, workers-up, then the demo writer in the foreground (Ctrl-C stops
+# it and the workers it started; the stack is left running).
+# Demo options: make demo DEMO_ARGS="--rate 200".
 demo:
-	@echo "make demo: not yet — the apply pipeline (issue 3) is not built."
-	@echo "What runs today: 'make stack-up' starts both regions with Debezium and"
-	@echo "MirrorMaker 2; 'make stack-status' shows them."
+	@bash deploy/local/demo.sh $(DEMO_ARGS)
 
 # The whole suite: formatting and lints, unit tests, then the integration tests
 # against the running stack (started here if it is not up), and last the

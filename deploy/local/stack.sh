@@ -449,7 +449,7 @@ cmd_workers_up() {
       REGIONSYNC_KAFKA__BOOTSTRAP_SERVERS="127.0.0.1:$(kafka_port "$region")" \
       REGIONSYNC_SCHEMA_REGISTRY__URL="http://127.0.0.1:$REGISTRY_PORT/apis/ccompat/v7" \
       REGIONSYNC_METRICS__LISTEN="127.0.0.1:$port" \
-      RUST_LOG="${RUST_LOG:-info,rdkafka=warn}" \
+      RUST_LOG="${RUST_LOG:-info,rdkafka=warn}" NO_COLOR=1 \
       spawn "$name" "$WORKER_BIN" --config "$(worker_config "$region")" run
   done
   for region in "${REGIONS[@]}"; do
