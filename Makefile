@@ -45,7 +45,8 @@ demo:
 test: lint
 	cargo test --lib --bins
 	bash $(STACK) up
-	cargo test --test stack --test pipeline
+	cargo test --test stack --test pipeline --test crash
+	cargo test --test outages
 	cargo test --test stack_lifecycle
 
 lint:

@@ -243,7 +243,9 @@ pub async fn run(
                     (tx, task)
                 });
                 if entry.0.send(msg).await.is_err() {
-                    tasks.remove(&key);
+                    // The task is gone with a message in hand: stop, and let
+                    // the restart resume from the stored offsets.
+                    break Err(anyhow::anyhow!("the apply task of {}/{} ended", key.0, key.1));
                 }
             }
         }
@@ -268,12 +270,18 @@ async fn futures_join(handles: Vec<JoinHandle<anyhow::Result<()>>>) {
 /// Seeks newly assigned (paused) partitions to their stored offsets and
 /// resumes them.
 async fn seek_to_stored(shared: &Shared, parts: &[(String, i32)]) -> anyhow::Result<()> {
-    let client = with_retry("reading stored offsets", || shared.pool.get()).await?;
     let mut seek = TopicPartitionList::new();
     let mut resume = TopicPartitionList::new();
     for (topic, partition) in parts {
         resume.add_partition(topic, *partition);
-        match offsets::load(&**client, &shared.group, topic, *partition).await? {
+        let stored = with_retry("reading stored offsets", || async {
+            let client = shared.pool.get().await.map_err(anyhow::Error::from)?;
+            offsets::load(&**client, &shared.group, topic, *partition)
+                .await
+                .map_err(anyhow::Error::from)
+        })
+        .await?;
+        match stored {
             Some(next) => {
                 info!(topic = %topic, partition, offset = next, "resuming at stored offset");
                 seek.add_partition_offset(topic, *partition, Offset::Offset(next))?;
@@ -327,10 +335,13 @@ async fn partition_loop(
     let Some(route) = shared.routes.get(&topic).cloned() else {
         return Ok(());
     };
-    let stored = {
-        let client = with_retry("reading stored offset", || shared.pool.get()).await?;
-        offsets::load(&**client, &shared.group, &topic, partition).await?
-    };
+    let stored = with_retry("reading the stored offset", || async {
+        let client = shared.pool.get().await.map_err(anyhow::Error::from)?;
+        offsets::load(&**client, &shared.group, &topic, partition)
+            .await
+            .map_err(anyhow::Error::from)
+    })
+    .await?;
     let mut next = stored.unwrap_or(0);
     let linger = shared.config.apply.linger();
     loop {

@@ -4,6 +4,8 @@
 //! row key from a topic. Tests isolate themselves by using fresh row keys.
 #![allow(dead_code)]
 
+pub mod kit;
+
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};

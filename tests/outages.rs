@@ -1,0 +1,72 @@
+//! Outages in region B while the worker applies a stream: PostgreSQL B
+//! stopped for 20 s, then Kafka B restarted. The worker recovers by itself
+//! (reconnecting with backoff) and B converges to A. It stops services of
+//! the shared stack, so `make test` runs it alone.
+
+mod support;
+
+use std::process::Command;
+use std::time::Duration;
+
+use support::kit::*;
+use support::*;
+
+fn stack_pid(service: &str) -> String {
+    std::fs::read_to_string(repo_root().join(format!("target/stack/pids/{service}.pid")))
+        .unwrap_or_else(|e| panic!("pid of {service}: {e}"))
+        .trim()
+        .to_string()
+}
+
+fn run(cmd: &mut Command) {
+    let status = tokio::task::block_in_place(|| cmd.status()).expect("run command");
+    assert!(status.success(), "{cmd:?} failed: {status}");
+}
+
+fn make_stack_up() {
+    run(Command::new("make")
+        .arg("stack-up")
+        .current_dir(repo_root()));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_worker_rides_out_postgres_and_kafka_outages_in_its_region() {
+    let b = region_b();
+    let table = TestTable::create("outage").await;
+    let topic = format!("cdc.public.{}", table.name);
+    let worker = Worker::start(worker_config(&table, &topic));
+
+    // PostgreSQL B stops for 20 s while changes keep arriving.
+    let writer = {
+        let name = table.name.clone();
+        tokio::spawn(async move { write_mixed(&TestTable { name }, 20_000, 2_000, 0xabcdef).await })
+    };
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let data = repo_root().join(format!("target/stack/postgres-{}", b.name));
+    run(Command::new("runuser")
+        .args(["-u", "postgres", "--"])
+        .arg("/usr/lib/postgresql/15/bin/pg_ctl")
+        .arg("-D")
+        .arg(&data)
+        .args(["-m", "fast", "-w", "stop"]));
+    tokio::time::sleep(Duration::from_secs(20)).await;
+    make_stack_up();
+    writer.await.expect("writer");
+    table.wait_converged(Duration::from_secs(300)).await;
+
+    // Kafka B restarts while changes keep arriving.
+    let writer = {
+        let name = table.name.clone();
+        tokio::spawn(async move { write_mixed(&TestTable { name }, 10_000, 2_000, 0x123457).await })
+    };
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    run(Command::new("kill")
+        .arg("-TERM")
+        .arg(stack_pid(&format!("kafka-{}", b.name))));
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    make_stack_up();
+    writer.await.expect("writer");
+    table.wait_converged(Duration::from_secs(300)).await;
+
+    worker.stop().await;
+}
