@@ -333,3 +333,84 @@ async fn unchanged_toast_values_are_kept() {
 
     worker.stop().await;
 }
+
+/// A table snapshotted by Debezium (op `r`) arrives complete: a connector
+/// of its own (own slot, topic prefix `cdc.snap…`, which MirrorMaker 2
+/// mirrors like every `cdc.` topic) snapshots a table that already has rows.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_snapshotted_table_arrives_complete() {
+    let table = TestTable::create("snap").await;
+    insert_users(&table, 1, 1_000).await;
+    let prefix = format!("cdc.snap{}", fresh_key());
+    let connector = format!("snapshot-{}", table.name);
+    let mut config: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(repo_root().join("connectors/debezium-postgres-json.json"))
+            .expect("connector config"),
+    )
+    .expect("connector JSON");
+    let fill = |v: &mut serde_json::Value, key: &str, value: String| {
+        v[key] = serde_json::Value::String(value);
+    };
+    let a = region_a();
+    fill(&mut config, "database.hostname", "127.0.0.1".into());
+    fill(&mut config, "database.port", a.pg_port.to_string());
+    fill(&mut config, "database.dbname", "app".into());
+    fill(&mut config, "database.user", "debezium".into());
+    fill(&mut config, "slot.name", format!("snap_{}", fresh_key()));
+    fill(&mut config, "slot.drop.on.stop", "true".into());
+    fill(&mut config, "topic.prefix", prefix.clone());
+    fill(
+        &mut config,
+        "table.include.list",
+        format!("public\\.{}", table.name),
+    );
+    fill(&mut config, "topic.creation.default.partitions", "2".into());
+    fill(
+        &mut config,
+        "topic.creation.default.replication.factor",
+        "1".into(),
+    );
+    config
+        .as_object_mut()
+        .unwrap()
+        .remove("heartbeat.action.query");
+    config
+        .as_object_mut()
+        .unwrap()
+        .remove("heartbeat.interval.ms");
+    let connect = format!(
+        "http://127.0.0.1:{}/connectors/{connector}",
+        std::env::var("CONNECT_PORT_A").unwrap_or_else(|_| "18083".into())
+    );
+    let http = reqwest::Client::new();
+    let resp = http
+        .put(format!("{connect}/config"))
+        .json(&config)
+        .send()
+        .await
+        .expect("register the snapshot connector");
+    assert!(resp.status().is_success(), "register: {}", resp.status());
+
+    let topic = format!("{prefix}.public.{}", table.name);
+    let worker = Worker::start(worker_config(&table, &topic));
+    let result = tokio::time::timeout(
+        Duration::from_secs(180),
+        table.wait_converged(Duration::from_secs(170)),
+    )
+    .await;
+    let _ = http.delete(&connect).send().await;
+    let rows = result.expect("converged in time");
+    assert_eq!(rows, 1_000);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let events = tokio::task::block_in_place(|| {
+        TopicReader::open(&region_b(), &mirrored(&a, &topic), deadline).read_all(deadline)
+    });
+    let ops: Vec<String> = events
+        .iter()
+        .filter_map(|m| json_payload(m.payload()))
+        .map(|v| v["op"].as_str().unwrap_or_default().to_string())
+        .collect();
+    assert_eq!(ops.len(), 1_000);
+    assert!(ops.iter().all(|op| op == "r"), "snapshot reads: {ops:?}");
+    worker.stop().await;
+}
