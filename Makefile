@@ -39,6 +39,14 @@ workers-down:
 demo:
 	@bash deploy/local/demo.sh $(DEMO_ARGS)
 
+# The apply benchmark on real Debezium events (examples/bench.rs): N changes
+# (default 1,000,000; make bench BENCH_ARGS="--changes 200000 --runs 3"),
+# cached in the topics between runs; prints rows/s, batch commit latency,
+# peak RSS, CPU, and the rate as a fraction of the in-memory ceiling.
+bench: stack-up
+	cargo build --release --bin regionsync --example bench
+	./target/release/examples/bench $(BENCH_ARGS)
+
 # The whole suite: formatting and lints, unit tests, then the integration tests
 # against the running stack (started here if it is not up), and last the
 # stack lifecycle test, which restarts and rebuilds the stack and so runs alone.

@@ -158,6 +158,8 @@ impl Shared {
             .set("topic.metadata.refresh.interval.ms", "5000")
             .set_if_absent("session.timeout.ms", "10000")
             .set_if_absent("fetch.wait.max.ms", "50")
+            // librdkafka prefetches up to 64 MiB per partition by default.
+            .set_if_absent("queued.max.messages.kbytes", "8192")
             .create_with_context(RebalanceForwarder { events: events_tx })
             .context("creating the Kafka consumer")?;
         let producer: FutureProducer = kafka_config(&config)
@@ -190,6 +192,9 @@ impl SetIfAbsent for ClientConfig {
         self
     }
 }
+
+/// Messages queued per partition between the consumer and its apply task.
+const PARTITION_QUEUE: usize = 1_000;
 
 /// A partition's apply task and the channel that feeds it.
 type PartitionTask = (mpsc::Sender<OwnedMessage>, JoinHandle<anyhow::Result<()>>);
@@ -238,7 +243,9 @@ pub async fn run(
                 };
                 let key = (msg.topic().to_string(), msg.partition());
                 let entry = tasks.entry(key.clone()).or_insert_with(|| {
-                    let (tx, rx) = mpsc::channel(shared.config.apply.batch_max_rows.max(1000) * 2);
+                    // Small: with the batch in hand and librdkafka's own
+                    // prefetch, this bounds memory however far behind we are.
+                    let (tx, rx) = mpsc::channel(PARTITION_QUEUE);
                     let task = tokio::spawn(partition_loop(shared.clone(), key.0.clone(), key.1, rx, failed_tx.clone()));
                     (tx, task)
                 });
@@ -597,12 +604,12 @@ async fn commit_batch(
     steps: &[Step<'_>],
     rejected: &mut Vec<Rejected<'_>>,
 ) -> Result<Vec<(usize, Applied)>, BatchError> {
-    let started = Instant::now();
     let mut client = shared
         .pool
         .get()
         .await
         .map_err(|e| BatchError::Transient(e.into()))?;
+    let started = Instant::now();
     let tx = client.transaction().await.map_err(classify)?;
     tx.batch_execute("SET LOCAL session_replication_role = replica")
         .await
