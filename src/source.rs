@@ -15,7 +15,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use rdkafka::config::ClientConfig;
@@ -260,18 +260,13 @@ pub async fn run(
     // Let the partition tasks finish their in-flight batches (bounded).
     let handles: Vec<JoinHandle<anyhow::Result<()>>> =
         tasks.into_values().map(|(_, h)| h).collect();
-    let drained = tokio::time::timeout(Duration::from_secs(8), futures_join(handles)).await;
+    let drained =
+        tokio::time::timeout(Duration::from_secs(8), futures::future::join_all(handles)).await;
     if drained.is_err() {
         warn!("in-flight batches did not finish within 8 s; abandoning them (their offsets were not stored)");
     }
     shared.consumer.unsubscribe();
     result
-}
-
-async fn futures_join(handles: Vec<JoinHandle<anyhow::Result<()>>>) {
-    for h in handles {
-        let _ = h.await;
-    }
 }
 
 /// Seeks newly assigned (paused) partitions to their stored offsets and
@@ -792,12 +787,4 @@ async fn decode_message(
         decode::decode_json(msg.key(), msg.payload())
             .map_err(|e| (decode_reason(&e), e.to_string()))
     }
-}
-
-/// Seconds since the Unix epoch, for lag arithmetic.
-pub fn now_seconds() -> f64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs_f64())
-        .unwrap_or(0.0)
 }
