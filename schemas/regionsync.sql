@@ -19,6 +19,9 @@ CREATE TABLE IF NOT EXISTS regionsync.offsets (
     updated_at     timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (consumer_group, topic, partition)
 );
+-- Newest source commit time (ms) applied from the partition: lag carries on
+-- from it after a restart.
+ALTER TABLE regionsync.offsets ADD COLUMN IF NOT EXISTS source_ts_ms bigint;
 
 -- Deleted rows' last versions, so a late older update cannot resurrect them.
 CREATE TABLE IF NOT EXISTS regionsync.tombstones (

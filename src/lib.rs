@@ -19,8 +19,10 @@
 //! | `clock`   | hybrid logical clocks and version order — pure              |
 //! | `apply`   | batched, guarded writes to PostgreSQL                       |
 //! | `offsets` | partition offsets stored with each batch                    |
-//! | `metrics` | counters, histograms and the lag operators watch            |
+//! | `lag`     | how far behind each source region the worker is — pure      |
+//! | `metrics` | metric names and the /metrics, /healthz, /readyz endpoint   |
 //! | `ops`     | rebuild, verify, failover-check                             |
+//! | `status`  | `regionsync status`: one worker's picture in the terminal   |
 //!
 //! [`run`] is the worker: `regionsync run` calls it with the loaded config
 //! and a shutdown future (SIGTERM / Ctrl-C); tests call it in-process.
@@ -29,25 +31,31 @@ pub mod apply;
 pub mod clock;
 pub mod config;
 pub mod decode;
+pub mod lag;
 pub mod metrics;
 pub mod offsets;
 pub mod ops;
 pub mod route;
 pub mod source;
+pub mod status;
 
 use std::future::Future;
 
-/// Connects, checks the target tables, serves metrics and consumes until
-/// `shutdown` resolves. Errors that stop the worker are returned.
+/// Serves metrics (when asked), connects, checks the target tables and
+/// consumes until `shutdown` resolves. Errors that stop the worker are
+/// returned.
 pub async fn run(
     config: config::Config,
     shutdown: impl Future<Output = ()>,
     serve_metrics: bool,
 ) -> anyhow::Result<()> {
+    let readiness = metrics::Readiness::default();
     if serve_metrics {
-        metrics::serve(config.metrics.listen.parse()?)?;
+        let handle = metrics::install()?;
+        metrics::serve(config.metrics.listen.parse()?, handle, readiness.clone()).await?;
     }
     let pool = ops::pool(&config)?;
     let (shared, events) = source::Shared::connect(config, pool).await?;
+    readiness.set(shared.clone());
     source::run(shared, events, shutdown).await
 }

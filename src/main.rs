@@ -37,6 +37,19 @@ enum Command {
     /// Create the regionsync schema in the target database (idempotent) and
     /// report what it cannot fix.
     Setup,
+    /// Print one running worker's picture: per source region lag, heartbeat
+    /// age, events/s, applied changes; dead letters and conflicts. Reads the
+    /// worker's metrics endpoint (`metrics.listen` of the config, or --url).
+    Status {
+        /// The worker's metrics endpoint, e.g. http://127.0.0.1:29464
+        /// (default: from `metrics.listen` in the config).
+        #[arg(long)]
+        url: Option<String>,
+        /// Seconds between the two scrapes that give the rates (0: one
+        /// scrape, no rates).
+        #[arg(long, default_value_t = 2.0)]
+        interval: f64,
+    },
 }
 
 fn main() -> ExitCode {
@@ -48,6 +61,14 @@ fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
+    // `status --url` needs no configuration.
+    if let Command::Status {
+        url: Some(url),
+        interval,
+    } = &cli.command
+    {
+        return status(url, *interval);
+    }
     let config = match Config::load(&cli.config) {
         Ok(c) => c,
         Err(e) => {
@@ -81,12 +102,47 @@ fn main() -> ExitCode {
                 }
             }
             Command::Run => regionsync::run(config, shutdown_signal(), true).await,
+            Command::Status { interval, .. } => {
+                let url = format!(
+                    "http://{}",
+                    config.metrics.listen.replace("0.0.0.0", "127.0.0.1")
+                );
+                print!(
+                    "{}",
+                    regionsync::status::show(&url, seconds(interval)?).await?
+                );
+                Ok(())
+            }
         }
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("regionsync: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn seconds(s: f64) -> anyhow::Result<std::time::Duration> {
+    std::time::Duration::try_from_secs_f64(s)
+        .map_err(|_| anyhow::anyhow!("--interval {s}: not a number of seconds >= 0"))
+}
+
+fn status(url: &str, interval: f64) -> ExitCode {
+    let result = seconds(interval).and_then(|interval| {
+        tokio::runtime::Runtime::new()?.block_on(regionsync::status::show(
+            url.trim_end_matches('/'),
+            interval,
+        ))
+    });
+    match result {
+        Ok(text) => {
+            print!("{text}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("regionsync status: {e:#}");
             ExitCode::FAILURE
         }
     }

@@ -1,9 +1,18 @@
 //! Metrics: every metric's name in one place (documented in METRICS.md), the
-//! bounded label values, and the Prometheus endpoint.
+//! bounded label values, and the worker's HTTP endpoint: `/metrics`
+//! (Prometheus text), `/healthz` (the process answers) and `/readyz` (Kafka
+//! partitions assigned and PostgreSQL reachable).
 
 use std::net::SocketAddr;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
 
-use metrics_exporter_prometheus::PrometheusBuilder;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::routing::get;
+use futures::future::BoxFuture;
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use metrics_util::MetricKindMask;
 
 /// Changes by what became of them. Labels: source_region, table, op, outcome.
 pub const EVENTS_TOTAL: &str = "regionsync_events_total";
@@ -15,6 +24,21 @@ pub const APPLY_BATCH_SECONDS: &str = "regionsync_apply_batch_seconds";
 pub const DLQ_MESSAGES_TOTAL: &str = "regionsync_dlq_messages_total";
 /// Reconnections to PostgreSQL after a failure.
 pub const POSTGRES_RECONNECTS_TOTAL: &str = "regionsync_postgres_reconnects_total";
+/// now − source commit time of the newest change or heartbeat whose effects
+/// are committed here, in seconds. Label: source_region.
+pub const REPLICATION_LAG: &str = "regionsync_replication_lag_seconds";
+/// now − source commit time of the newest heartbeat applied here. Label:
+/// source_region.
+pub const HEARTBEAT_AGE: &str = "regionsync_heartbeat_age_seconds";
+/// Apply commit time − source commit time per change (histogram). Label:
+/// source_region.
+pub const END_TO_END_LATENCY: &str = "regionsync_end_to_end_latency_seconds";
+/// High watermark − next offset to apply. Labels: topic, partition.
+pub const CONSUMER_LAG: &str = "regionsync_consumer_lag_messages";
+/// Concurrent writes detected. Labels: table, policy.
+pub const CONFLICTS_TOTAL: &str = "regionsync_conflicts_total";
+/// 1 while ready (partitions assigned, PostgreSQL reachable), else 0.
+pub const READY: &str = "regionsync_ready";
 /// Source commit time (Unix seconds) of the newest change or heartbeat whose
 /// effects are committed here. Label: source_region.
 pub const LAST_APPLIED_SOURCE_TIMESTAMP: &str = "regionsync_last_applied_source_timestamp_seconds";
@@ -32,13 +56,92 @@ pub mod outcome {
     pub const DLQ: &str = "dlq";
 }
 
-/// Installs the global recorder and serves it on `listen` at `/metrics`.
-pub fn serve(listen: SocketAddr) -> anyhow::Result<()> {
-    PrometheusBuilder::new()
-        .with_http_listener(listen)
-        .set_buckets(&[
-            0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
-        ])?
-        .install()?;
+/// Histogram buckets (seconds and rows alike): from a millisecond to five
+/// minutes, so a lag-sized latency still lands in a bucket.
+const BUCKETS: &[f64] = &[
+    0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0,
+    1000.0, 5000.0,
+];
+
+/// Installs the global Prometheus recorder. Gauges not set for a minute are
+/// dropped, so a partition this worker no longer owns stops being reported.
+pub fn install() -> anyhow::Result<PrometheusHandle> {
+    let handle = PrometheusBuilder::new()
+        .set_buckets(BUCKETS)?
+        .idle_timeout(MetricKindMask::GAUGE, Some(Duration::from_secs(60)))
+        .install_recorder()?;
+    let upkeep = handle.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(5));
+        loop {
+            tick.tick().await;
+            upkeep.run_upkeep();
+        }
+    });
+    Ok(handle)
+}
+
+/// Whether the worker can do its job right now; `Err` says why not.
+pub trait ReadyCheck: Send + Sync {
+    fn check(&self) -> BoxFuture<'_, Result<(), String>>;
+}
+
+/// The worker's readiness, filled in once it has connected.
+#[derive(Clone, Default)]
+pub struct Readiness(Arc<OnceLock<Arc<dyn ReadyCheck>>>);
+
+impl Readiness {
+    pub fn set(&self, check: Arc<dyn ReadyCheck>) {
+        let _ = self.0.set(check);
+    }
+
+    pub async fn check(&self) -> Result<(), String> {
+        match self.0.get() {
+            Some(c) => c.check().await,
+            None => Err("starting: not connected yet".to_string()),
+        }
+    }
+}
+
+#[derive(Clone)]
+struct Endpoint {
+    handle: PrometheusHandle,
+    readiness: Readiness,
+}
+
+/// Serves `/metrics`, `/healthz` and `/readyz` on `listen` until the process
+/// ends. Binding fails at once (before anything is consumed).
+pub async fn serve(
+    listen: SocketAddr,
+    handle: PrometheusHandle,
+    readiness: Readiness,
+) -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .map_err(|e| anyhow::anyhow!("metrics.listen {listen}: {e}"))?;
+    let app = axum::Router::new()
+        .route(
+            "/metrics",
+            get(|State(e): State<Endpoint>| async move { e.handle.render() }),
+        )
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route(
+            "/readyz",
+            get(|State(e): State<Endpoint>| async move {
+                match e.readiness.check().await {
+                    Ok(()) => (StatusCode::OK, "ready\n".to_string()),
+                    Err(why) => (
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        format!("not ready: {why}\n"),
+                    ),
+                }
+            }),
+        )
+        .with_state(Endpoint { handle, readiness });
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app).await {
+            tracing::error!(error = %e, "metrics endpoint stopped");
+        }
+    });
     Ok(())
 }

@@ -23,25 +23,46 @@ pub async fn load(
     Ok(row.map(|r| r.get(0)))
 }
 
-/// Records `next_offset` inside the caller's transaction. It only moves
-/// forward: a worker that lost the partition in a rebalance and commits late
-/// cannot move it back.
+/// Records `next_offset` inside the caller's transaction, with the newest
+/// source commit time (ms) applied so far. Both only move forward: a worker
+/// that lost the partition in a rebalance and commits late cannot move them
+/// back.
 pub async fn store(
     client: &impl GenericClient,
     group: &str,
     topic: &str,
     partition: i32,
     next_offset: i64,
+    source_ts_ms: Option<i64>,
 ) -> Result<(), tokio_postgres::Error> {
     client
         .execute(
-            "INSERT INTO regionsync.offsets AS o (consumer_group, topic, partition, next_offset, updated_at)
-             VALUES ($1, $2, $3, $4, now())
+            "INSERT INTO regionsync.offsets AS o
+                    (consumer_group, topic, partition, next_offset, source_ts_ms, updated_at)
+             VALUES ($1, $2, $3, $4, $5, now())
              ON CONFLICT (consumer_group, topic, partition) DO UPDATE
-                SET next_offset = EXCLUDED.next_offset, updated_at = now()
+                SET next_offset = EXCLUDED.next_offset,
+                    source_ts_ms = GREATEST(o.source_ts_ms, EXCLUDED.source_ts_ms),
+                    updated_at = now()
               WHERE o.next_offset <= EXCLUDED.next_offset",
-            &[&group, &topic, &partition, &next_offset],
+            &[&group, &topic, &partition, &next_offset, &source_ts_ms],
         )
         .await?;
     Ok(())
+}
+
+/// Per topic, the newest source commit time (ms) `group` has applied.
+pub async fn newest_source_times(
+    client: &impl GenericClient,
+    group: &str,
+) -> Result<Vec<(String, i64)>, tokio_postgres::Error> {
+    let rows = client
+        .query(
+            "SELECT topic, max(source_ts_ms) FROM regionsync.offsets
+              WHERE consumer_group = $1 AND source_ts_ms IS NOT NULL
+              GROUP BY topic",
+            &[&group],
+        )
+        .await?;
+    Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
 }

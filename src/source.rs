@@ -14,7 +14,7 @@
 //! - Kafka's committed offsets follow PostgreSQL's, for monitoring only.
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
@@ -34,7 +34,8 @@ use tracing::{error, info, warn};
 use crate::apply::{self, Applied, Final, TargetTable};
 use crate::config::{Config, OnError};
 use crate::decode::{self, Decoded, Op};
-use crate::metrics::{self as m, outcome};
+use crate::lag::{self, LagTracker};
+use crate::metrics::{self as m, outcome, ReadyCheck};
 use crate::offsets;
 
 /// Where a mirrored topic's messages go.
@@ -55,6 +56,10 @@ pub struct Shared {
     decoders: HashMap<String, Arc<AvroDecoder>>,
     producer: FutureProducer,
     consumer: Arc<StreamConsumer<RebalanceForwarder>>,
+    /// Freshness per source region, for the lag gauges.
+    pub lag: LagTracker,
+    /// Next offset to apply per owned partition, for the consumer-lag gauge.
+    positions: Mutex<HashMap<(String, i32), i64>>,
 }
 
 /// Forwards assignments and revocations to the main loop. New partitions are
@@ -62,6 +67,9 @@ pub struct Shared {
 /// their stored offsets.
 pub struct RebalanceForwarder {
     events: mpsc::UnboundedSender<RebalanceEvent>,
+    /// High watermark per partition, from librdkafka's periodic statistics
+    /// (no broker round trip of our own).
+    high_watermarks: Mutex<HashMap<(String, i32), i64>>,
 }
 
 #[derive(Debug)]
@@ -77,7 +85,19 @@ fn partitions(tpl: &TopicPartitionList) -> Vec<(String, i32)> {
         .collect()
 }
 
-impl ClientContext for RebalanceForwarder {}
+impl ClientContext for RebalanceForwarder {
+    fn stats(&self, statistics: rdkafka::Statistics) {
+        let mut highs = self.high_watermarks.lock().expect("watermarks lock");
+        for (name, topic) in statistics.topics {
+            for (partition, p) in topic.partitions {
+                // Partition -1 is librdkafka's internal "unassigned" queue.
+                if partition >= 0 && p.hi_offset >= 0 {
+                    highs.insert((name.clone(), partition), p.hi_offset);
+                }
+            }
+        }
+    }
+}
 
 impl ConsumerContext for RebalanceForwarder {
     fn pre_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
@@ -127,7 +147,6 @@ impl Shared {
         for t in &config.tables {
             tables.push(TargetTable::load(&**client, t).await?);
         }
-        drop(client);
         let mut routes = HashMap::new();
         for (topic, region, table) in config.mirrored_topics() {
             routes.insert(
@@ -138,6 +157,21 @@ impl Shared {
                 },
             );
         }
+        // Lag carries on from what earlier runs committed, so a restart does
+        // not reset it to zero.
+        let group = config.consumer_group();
+        let lag = LagTracker::new(config.source_regions(), lag::now_ms());
+        for (topic, ts_ms) in offsets::newest_source_times(&**client, &group)
+            .await
+            .context(
+                "reading regionsync.offsets (is the schema current? `regionsync setup` updates it)",
+            )?
+        {
+            if let Some(route) = routes.get(&topic) {
+                lag.committed(&route.source_region, ts_ms, route.table.is_none());
+            }
+        }
+        drop(client);
         let mut decoders = HashMap::new();
         for region in config.source_regions() {
             if let Some(url) = config.registry_for(&region) {
@@ -147,7 +181,6 @@ impl Shared {
                 );
             }
         }
-        let group = config.consumer_group();
         let (events_tx, events_rx) = mpsc::unbounded_channel();
         let consumer: StreamConsumer<RebalanceForwarder> = kafka_config(&config)
             .set("group.id", &group)
@@ -160,7 +193,12 @@ impl Shared {
             .set_if_absent("fetch.wait.max.ms", "50")
             // librdkafka prefetches up to 64 MiB per partition by default.
             .set_if_absent("queued.max.messages.kbytes", "8192")
-            .create_with_context(RebalanceForwarder { events: events_tx })
+            // Feeds the consumer-lag gauge with high watermarks.
+            .set_if_absent("statistics.interval.ms", "5000")
+            .create_with_context(RebalanceForwarder {
+                events: events_tx,
+                high_watermarks: Mutex::new(HashMap::new()),
+            })
             .context("creating the Kafka consumer")?;
         let producer: FutureProducer = kafka_config(&config)
             .set("enable.idempotence", "true")
@@ -175,6 +213,8 @@ impl Shared {
             producer,
             consumer: Arc::new(consumer),
             config,
+            lag,
+            positions: Mutex::new(HashMap::new()),
         };
         Ok((Arc::new(shared), events_rx))
     }
@@ -190,6 +230,70 @@ impl SetIfAbsent for ClientConfig {
             self.set(key, value);
         }
         self
+    }
+}
+
+impl ReadyCheck for Shared {
+    fn check(&self) -> futures::future::BoxFuture<'_, Result<(), String>> {
+        Box::pin(async move {
+            let assigned = self
+                .consumer
+                .assignment()
+                .map_err(|e| format!("Kafka: {e}"))?;
+            if assigned.count() == 0 {
+                return Err("Kafka: no partitions assigned".to_string());
+            }
+            let ping = async {
+                let client = self.pool.get().await.map_err(|e| e.to_string())?;
+                client
+                    .simple_query("SELECT 1")
+                    .await
+                    .map_err(|e| e.to_string())
+            };
+            match tokio::time::timeout(Duration::from_secs(2), ping).await {
+                Ok(Ok(_)) => Ok(()),
+                Ok(Err(e)) => Err(format!("PostgreSQL: {e}")),
+                Err(_) => Err("PostgreSQL: no answer within 2 s".to_string()),
+            }
+        })
+    }
+}
+
+/// Sets the lag gauges every second and readiness every five, for as long
+/// as the worker runs.
+async fn report_lag(shared: Arc<Shared>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    for n in 0u64.. {
+        tick.tick().await;
+        for l in shared.lag.snapshot(lag::now_ms()) {
+            let region = l.source_region;
+            metrics::gauge!(m::REPLICATION_LAG, "source_region" => region.clone())
+                .set(l.replication_lag_seconds);
+            metrics::gauge!(m::HEARTBEAT_AGE, "source_region" => region.clone())
+                .set(l.heartbeat_age_seconds);
+            if let Some(t) = l.newest_source_seconds {
+                metrics::gauge!(m::LAST_APPLIED_SOURCE_TIMESTAMP, "source_region" => region).set(t);
+            }
+        }
+        let positions = shared.positions.lock().expect("positions lock").clone();
+        let highs = shared
+            .consumer
+            .context()
+            .high_watermarks
+            .lock()
+            .expect("watermarks lock")
+            .clone();
+        for ((topic, partition), next) in positions {
+            if let Some(high) = highs.get(&(topic.clone(), partition)) {
+                metrics::gauge!(m::CONSUMER_LAG, "topic" => topic, "partition" => partition.to_string())
+                    .set((high - next).max(0) as f64);
+            }
+        }
+        if n % 5 == 0 {
+            let ready = shared.check().await.is_ok();
+            metrics::gauge!(m::READY).set(if ready { 1.0 } else { 0.0 });
+        }
     }
 }
 
@@ -212,6 +316,7 @@ pub async fn run(
         .subscribe(&[&subscription_pattern(&topics)])
         .context("subscribing to the mirrored topics")?;
     info!(group = %shared.group, topics = ?topics, "consuming");
+    let reporter = tokio::spawn(report_lag(shared.clone()));
     let mut tasks: HashMap<(String, i32), PartitionTask> = HashMap::new();
     let (failed_tx, mut failed_rx) = mpsc::unbounded_channel::<anyhow::Error>();
     tokio::pin!(shutdown);
@@ -228,7 +333,9 @@ pub async fn run(
                 }
                 RebalanceEvent::Revoked(parts) => {
                     // Dropping the sender lets the task finish what it holds.
+                    let mut positions = shared.positions.lock().expect("positions lock");
                     for p in parts {
+                        positions.remove(&p);
                         tasks.remove(&p);
                     }
                 }
@@ -266,6 +373,7 @@ pub async fn run(
         warn!("in-flight batches did not finish within 8 s; abandoning them (their offsets were not stored)");
     }
     shared.consumer.unsubscribe();
+    reporter.abort();
     result
 }
 
@@ -344,7 +452,28 @@ async fn partition_loop(
             .map_err(anyhow::Error::from)
     })
     .await?;
-    let mut next = stored.unwrap_or(0);
+    let mut next = match stored {
+        Some(n) => n,
+        // No stored offset: the consumer starts at the earliest one.
+        None => {
+            let (consumer, t) = (shared.consumer.clone(), topic.clone());
+            tokio::task::spawn_blocking(move || {
+                consumer.fetch_watermarks(&t, partition, Duration::from_secs(5))
+            })
+            .await
+            .ok()
+            .and_then(Result::ok)
+            .map_or(0, |(low, _)| low)
+        }
+    };
+    let set_position = |next: i64| {
+        shared
+            .positions
+            .lock()
+            .expect("positions lock")
+            .insert((topic.clone(), partition), next);
+    };
+    set_position(next);
     let linger = shared.config.apply.linger();
     loop {
         let Some(first) = rx.recv().await else {
@@ -378,6 +507,7 @@ async fn partition_loop(
         match apply_batch(&shared, &route, &topic, partition, &batch).await {
             Ok(new_next) => {
                 next = new_next;
+                set_position(next);
                 let mut tpl = TopicPartitionList::new();
                 let _ = tpl.add_partition_offset(&topic, partition, Offset::Offset(next));
                 let _ = shared.consumer.commit(&tpl, CommitMode::Async);
@@ -404,6 +534,8 @@ enum Step<'a> {
         table: usize,
         fin: Final,
         msg: &'a OwnedMessage,
+        /// Source commit time, for the end-to-end latency.
+        ts_ms: i64,
     },
     Truncate {
         table: usize,
@@ -487,7 +619,12 @@ async fn apply_batch(
                     .entry((outcome::ECHO, shared.tables[table].name.clone()))
                     .or_default() += 1;
             }
-            Ok(fin) => steps.push(Step::Row { table, fin, msg }),
+            Ok(fin) => steps.push(Step::Row {
+                table,
+                fin,
+                msg,
+                ts_ms: change.source_ts_ms,
+            }),
             Err(e) => rejected.push(Rejected {
                 msg,
                 reason: e.reason(),
@@ -509,17 +646,30 @@ async fn apply_batch(
 
     let mut delay = Duration::from_millis(200);
     loop {
-        match commit_batch(shared, topic, partition, next, &steps, &mut rejected).await {
+        let committed = commit_batch(
+            shared,
+            topic,
+            partition,
+            (next, newest_ts_ms),
+            &steps,
+            &mut rejected,
+        )
+        .await;
+        match committed {
             Ok(counts) => {
-                record(
-                    shared,
-                    route,
-                    counts,
-                    &skipped,
-                    rejected.len(),
-                    newest_ts_ms,
-                    batch.len(),
-                );
+                let now = lag::now_ms();
+                if let Some(ts) = newest_ts_ms {
+                    shared
+                        .lag
+                        .committed(&route.source_region, ts, route.table.is_none());
+                }
+                let latency = metrics::histogram!(m::END_TO_END_LATENCY, "source_region" => route.source_region.clone());
+                for step in &steps {
+                    if let Step::Row { ts_ms, .. } = step {
+                        latency.record(lag::latency_seconds(now, *ts_ms));
+                    }
+                }
+                record(shared, route, counts, &skipped, rejected.len(), batch.len());
                 return Ok(next);
             }
             Err(BatchError::Data(e)) if shared.config.on_error == OnError::Stop => {
@@ -545,7 +695,6 @@ fn record(
     counts: Vec<(usize, Applied)>,
     skipped: &HashMap<(&'static str, String), u64>,
     dlq: usize,
-    newest_ts_ms: Option<i64>,
     batch_len: usize,
 ) {
     let region = route.source_region.clone();
@@ -562,10 +711,6 @@ fn record(
         metrics::counter!(m::EVENTS_TOTAL, "source_region" => region.clone(), "table" => "", "op" => "", "outcome" => outcome::DLQ).increment(dlq as u64);
     }
     metrics::histogram!(m::APPLY_BATCH_ROWS).record(batch_len as f64);
-    if let Some(ts) = newest_ts_ms {
-        metrics::gauge!(m::LAST_APPLIED_SOURCE_TIMESTAMP, "source_region" => region)
-            .set(ts as f64 / 1000.0);
-    }
 }
 
 enum BatchError {
@@ -590,12 +735,13 @@ fn classify(e: tokio_postgres::Error) -> BatchError {
     }
 }
 
-/// One transaction: the rows, the dead letters' offsets, the offset row.
+/// One transaction: the rows, the dead letters' offsets, the offset row
+/// (with the newest source commit time, so lag survives a restart).
 async fn commit_batch(
     shared: &Shared,
     topic: &str,
     partition: i32,
-    next: i64,
+    (next, newest_ts_ms): (i64, Option<i64>),
     steps: &[Step<'_>],
     rejected: &mut Vec<Rejected<'_>>,
 ) -> Result<Vec<(usize, Applied)>, BatchError> {
@@ -643,7 +789,7 @@ async fn commit_batch(
     send_to_dlq(shared, rejected)
         .await
         .map_err(BatchError::Transient)?;
-    offsets::store(&*tx, &shared.group, topic, partition, next)
+    offsets::store(&*tx, &shared.group, topic, partition, next, newest_ts_ms)
         .await
         .map_err(classify)?;
     tx.commit().await.map_err(classify)?;
@@ -664,7 +810,10 @@ async fn isolate_bad_rows<'a>(
         .await?;
     let mut keep = Vec::new();
     for step in steps.drain(..) {
-        if let Step::Row { table, fin, msg } = &step {
+        if let Step::Row {
+            table, fin, msg, ..
+        } = &step
+        {
             let sp = tx.savepoint("row").await?;
             let result =
                 apply::apply_finals(&*sp, &shared.tables[*table], std::slice::from_ref(fin)).await;

@@ -6,41 +6,11 @@
 mod support;
 
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use support::kit::*;
 use support::*;
-
-/// Starts `regionsync run` with `toml`; its log lines are collected.
-fn spawn_worker(toml: &str, name: &str) -> (Child, Arc<Mutex<Vec<String>>>) {
-    let dir = repo_root().join("target/test-configs");
-    std::fs::create_dir_all(&dir).expect("config dir");
-    let path = dir.join(format!("{name}.toml"));
-    std::fs::write(&path, toml).expect("write config");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_regionsync"))
-        .arg("--config")
-        .arg(&path)
-        .arg("run")
-        .env("RUST_LOG", "info,rdkafka=warn")
-        .env("NO_COLOR", "1")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start regionsync");
-    let lines = Arc::new(Mutex::new(Vec::new()));
-    let stderr = child.stderr.take().expect("stderr");
-    let sink = lines.clone();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            sink.lock().expect("log lock").push(line);
-        }
-    });
-    (child, lines)
-}
 
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
