@@ -62,7 +62,8 @@ lint: rules-test
 	cargo clippy --all-targets -- -D warnings
 
 # The Prometheus alert and recording rules (deploy/prometheus/) and their
-# promtool unit tests.
+# promtool unit tests, and the Grafana dashboard's queries against them.
 rules-test:
 	promtool check rules deploy/prometheus/*.rules.yml
 	promtool test rules deploy/prometheus/tests/*.yml
+	python3 deploy/grafana/check.py
