@@ -2,7 +2,7 @@
 SHELL := /bin/bash
 STACK := deploy/local/stack.sh
 
-.PHONY: help demo test lint unit integration stack-up stack-down stack-status stack-install bench workers-up workers-down
+.PHONY: help demo test lint rules-test unit integration stack-up stack-down stack-status stack-install bench workers-up workers-down
 
 help:
 	@echo "make demo          local two-region stack replicating live, lag visible"
@@ -57,6 +57,13 @@ test: lint
 	cargo test --test outages
 	cargo test --test stack_lifecycle
 
-lint:
+lint: rules-test
 	cargo fmt --check
 	cargo clippy --all-targets -- -D warnings
+
+# The Prometheus alert and recording rules (deploy/prometheus/) and their
+# promtool unit tests, and the Grafana dashboard's queries against them.
+rules-test:
+	promtool check rules deploy/prometheus/*.rules.yml
+	promtool test rules deploy/prometheus/tests/*.yml
+	python3 deploy/grafana/check.py
