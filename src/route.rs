@@ -9,7 +9,10 @@
 //! A row without an explicit `home_region` pin is homed by its affinity key
 //! (e.g. `user_id`). The application, the global load balancer and every
 //! regionsync worker must all compute the same answer, so the function is
-//! specified here precisely enough to reimplement in any language.
+//! specified here precisely enough to reimplement in any language;
+//! `tests/vectors/route.csv` holds vectors to check a reimplementation
+//! against (columns: `key`, its `xxh64` in hex, the `regions` list joined by
+//! `;`, and the expected `home`).
 //!
 //! Given the key (a string) and the ordered list of regions `regions`
 //! (length `n >= 1`):
@@ -189,6 +192,45 @@ mod tests {
     fn an_empty_region_list_has_no_home() {
         let none: [&str; 0] = [];
         home_region("a", &none);
+    }
+
+    /// Splits one line of RFC 4180 CSV (quoted fields, `""` for a quote; no
+    /// line breaks inside fields, which the vectors do not use).
+    fn csv_fields(line: &str) -> Vec<String> {
+        let mut fields = vec![String::new()];
+        let mut quoted = false;
+        let mut chars = line.chars().peekable();
+        while let Some(c) = chars.next() {
+            match (quoted, c) {
+                (true, '"') if chars.peek() == Some(&'"') => {
+                    chars.next();
+                    fields.last_mut().unwrap().push('"');
+                }
+                (_, '"') => quoted = !quoted,
+                (false, ',') => fields.push(String::new()),
+                (_, c) => fields.last_mut().unwrap().push(c),
+            }
+        }
+        assert!(!quoted, "unterminated quote in {line:?}");
+        fields
+    }
+
+    #[test]
+    fn every_row_of_the_route_vectors_matches() {
+        let text = include_str!("../tests/vectors/route.csv");
+        let mut lines = text.lines();
+        assert_eq!(lines.next(), Some("key,xxh64,regions,home"));
+        let mut rows = 0;
+        for line in lines {
+            let f = csv_fields(line);
+            assert_eq!(f.len(), 4, "{line:?}");
+            let (key, hash, regions, home) = (&f[0], &f[1], &f[2], &f[3]);
+            let regions: Vec<&str> = regions.split(';').collect();
+            assert_eq!(format!("{:016x}", key_hash(key)), *hash, "xxh64 of {key:?}");
+            assert_eq!(home_region(key, &regions), home, "{key:?} over {regions:?}");
+            rows += 1;
+        }
+        assert!(rows >= 150, "only {rows} rows");
     }
 
     #[test]
