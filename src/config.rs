@@ -282,6 +282,33 @@ const TOP_LEVEL_KEYS: &[&str] = &[
     "tables",
 ];
 
+/// Whether `s` can name a region: non-empty; ASCII letters, digits, `-`
+/// and `_`.
+pub fn is_region_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+}
+
+/// What is wrong with an ordered region list (the config's `regions`, or
+/// `regionsync route --regions`), each problem prefixed with `field`: it
+/// must be non-empty, and each entry a region name listed once.
+pub fn region_list_problems(field: &str, regions: &[String]) -> Vec<String> {
+    let mut p = Vec::new();
+    if regions.is_empty() {
+        p.push(format!("{field}: must list every region, in routing order"));
+    }
+    for (i, r) in regions.iter().enumerate() {
+        if !is_region_name(r) {
+            p.push(format!("{field}[{i}]: {r:?} is not a region name"));
+        }
+        if regions[..i].contains(r) {
+            p.push(format!("{field}[{i}]: {r:?} is listed twice"));
+        }
+    }
+    p
+}
+
 /// The first segment of an environment key (`postgres.host` → `postgres`).
 fn top_level(key: &str) -> &str {
     key.split('.').next().unwrap_or(key)
@@ -395,28 +422,13 @@ impl Config {
     /// Checks every field and reports all problems at once.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let mut p = Vec::new();
-        let name_ok = |s: &str| {
-            !s.is_empty()
-                && s.chars()
-                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
-        };
-        if !name_ok(&self.region) {
+        if !is_region_name(&self.region) {
             p.push(format!(
                 "region: {:?} is not a region name (letters, digits, - and _)",
                 self.region
             ));
         }
-        if self.regions.is_empty() {
-            p.push("regions: must list every region, in routing order".into());
-        }
-        for (i, r) in self.regions.iter().enumerate() {
-            if !name_ok(r) {
-                p.push(format!("regions[{i}]: {r:?} is not a region name"));
-            }
-            if self.regions[..i].contains(r) {
-                p.push(format!("regions[{i}]: {r:?} is listed twice"));
-            }
-        }
+        p.extend(region_list_problems("regions", &self.regions));
         if !self.regions.contains(&self.region) {
             p.push(format!(
                 "region: {:?} is not in regions {:?}",
@@ -619,6 +631,34 @@ mod tests {
         );
         assert!(text.contains("tables[0].key"), "{text}");
         assert!(text.contains("tables[0].target"), "{text}");
+    }
+
+    #[test]
+    fn the_region_list_must_be_nonempty_unique_and_hold_the_local_region() {
+        let dup = GOOD.replace(
+            "regions = [\"us-east-1\", \"eu-west-1\"]",
+            "regions = [\"us-east-1\", \"eu-west-1\", \"us-east-1\", \"a b\"]",
+        );
+        let text = Config::from_toml(&dup).unwrap_err().to_string();
+        assert!(
+            text.contains("regions[2]: \"us-east-1\" is listed twice"),
+            "{text}"
+        );
+        assert!(
+            text.contains("regions[3]: \"a b\" is not a region name"),
+            "{text}"
+        );
+        let empty = GOOD.replace("regions = [\"us-east-1\", \"eu-west-1\"]", "regions = []");
+        let text = Config::from_toml(&empty).unwrap_err().to_string();
+        assert!(text.contains("regions: must list every region"), "{text}");
+        assert!(
+            text.contains("region: \"eu-west-1\" is not in regions"),
+            "{text}"
+        );
+        assert_eq!(
+            region_list_problems("--regions", &["x".into(), "x".into()]),
+            vec!["--regions[1]: \"x\" is listed twice".to_string()]
+        );
     }
 
     #[test]
