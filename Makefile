@@ -51,7 +51,7 @@ bench: stack-up
 # against the running stack (started here if it is not up), and last the
 # stack lifecycle test, which restarts and rebuilds the stack and so runs alone.
 test: lint
-	cargo test --lib --bins
+	cargo test --lib --bins --test cli_route
 	bash $(STACK) up
 	cargo test --test stack --test pipeline --test crash
 	cargo test --test outages
