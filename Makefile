@@ -47,14 +47,16 @@ bench: stack-up
 	cargo build --release --bin regionsync --example bench
 	./target/release/examples/bench $(BENCH_ARGS)
 
-# The whole suite: formatting and lints, unit tests, then the integration tests
+# The whole suite: installs what the stack needs (a no-op once done), formatting,
+# lints and the Prometheus rule tests, unit tests, then the integration tests
 # against the running stack (started here if it is not up), and last the
 # stack lifecycle test, which restarts and rebuilds the stack and so runs alone.
-test: lint
-	cargo test --lib --bins
+test: stack-install lint
+	cargo test --lib --bins --test cli_route
 	bash $(STACK) up
 	cargo test --test stack --test pipeline --test crash
 	cargo test --test outages
+	cargo test --test lag -- --test-threads=1
 	cargo test --test stack_lifecycle
 
 lint: rules-test
@@ -64,6 +66,7 @@ lint: rules-test
 # The Prometheus alert and recording rules (deploy/prometheus/) and their
 # promtool unit tests, and the Grafana dashboard's queries against them.
 rules-test:
+	@command -v promtool >/dev/null || { echo "promtool missing: run make stack-install" >&2; exit 1; }
 	promtool check rules deploy/prometheus/*.rules.yml
 	promtool test rules deploy/prometheus/tests/*.yml
 	python3 deploy/grafana/check.py

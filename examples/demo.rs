@@ -357,41 +357,19 @@ async fn writer(
 #[derive(Clone, Copy, Default)]
 struct Scrape {
     applied: f64,
-    last_applied_ts: Option<f64>,
+    /// The worker's own `regionsync_replication_lag_seconds`.
+    lag: Option<f64>,
 }
 
-/// Parses the Prometheus text exposition for the two series the demo shows.
+/// The two numbers the demo shows, from the worker's exposition.
 fn parse_metrics(text: &str, source_region: &str) -> Scrape {
-    let mut s = Scrape::default();
-    let region_label = format!("source_region=\"{source_region}\"");
-    for line in text.lines() {
-        if line.starts_with('#') {
-            continue;
-        }
-        let (series, rest) = match line.rfind('}') {
-            Some(i) => (&line[..=i], &line[i + 1..]),
-            None => match line.split_once(' ') {
-                Some((a, b)) => (a, b),
-                None => continue,
-            },
-        };
-        let Some(value) = rest
-            .split_whitespace()
-            .next()
-            .and_then(|v| v.parse::<f64>().ok())
-        else {
-            continue;
-        };
-        if series.starts_with("regionsync_events_total{") && series.contains("outcome=\"applied\"")
-        {
-            s.applied += value;
-        } else if series.starts_with("regionsync_last_applied_source_timestamp_seconds{")
-            && series.contains(&region_label)
-        {
-            s.last_applied_ts = Some(value);
-        }
-    }
-    s
+    let picture = regionsync::status::parse(text).unwrap_or_default();
+    let applied = picture.regions.values().map(|r| r.applied).sum();
+    let lag = picture
+        .regions
+        .get(source_region)
+        .and_then(|r| r.lag_seconds);
+    Scrape { applied, lag }
 }
 
 async fn scrape(http: &reqwest::Client, url: &str, source_region: &str) -> Result<Scrape, String> {
@@ -430,18 +408,8 @@ async fn diff(a: &Client, b: &Client) -> Result<usize, tokio_postgres::Error> {
     Ok(differing)
 }
 
-fn now_secs() -> f64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs_f64())
-        .unwrap_or(0.0)
-}
-
-fn fmt_lag(ts: Option<f64>) -> String {
-    match ts {
-        Some(ts) if ts > 0.0 => format!("{:.1}s", (now_secs() - ts).max(0.0)),
-        _ => "-".to_string(),
-    }
+fn fmt_lag(lag: Option<f64>) -> String {
+    lag.map_or("-".to_string(), |l| format!("{l:.1}s"))
 }
 
 fn fmt_diff(d: Option<usize>) -> String {
@@ -491,7 +459,7 @@ async fn demo(args: Args) -> Result<(), String> {
     );
     println!(
         "      'applied' = regionsync_events_total{{outcome=\"applied\"}} in {region_b} (all sources, since the worker started); \
-         lag = now - last applied {region_a} commit time; diff = demo rows differing A vs B (checked every {}s)",
+         lag = the worker's regionsync_replication_lag_seconds for {region_a}; diff = demo rows differing A vs B (checked every {}s)",
         DIFF_EVERY.as_secs()
     );
 
@@ -546,7 +514,7 @@ async fn demo(args: Args) -> Result<(), String> {
                 format!(
                     "applied in {region_b}: {:>8} ({per_s:>5.0}/s) | lag {:>6}",
                     s.applied as u64,
-                    fmt_lag(s.last_applied_ts)
+                    fmt_lag(s.lag)
                 )
             }
             Err(_) => format!("applied in {region_b}: worker not answering"),
@@ -589,7 +557,7 @@ async fn demo(args: Args) -> Result<(), String> {
             "stopped writing; waiting for {region_b} to catch up ({:.0}s, Ctrl-C to skip): {} demo rows differ, lag {}",
             drain_start.elapsed().as_secs_f64(),
             fmt_diff(final_diff),
-            fmt_lag(last.last_applied_ts)
+            fmt_lag(last.lag)
         ));
         tokio::select! {
             _ = tokio::signal::ctrl_c() => skip = true,
@@ -612,7 +580,7 @@ async fn demo(args: Args) -> Result<(), String> {
         if errs > 0 { format!(", {errs} failed") } else { String::new() },
         (last.applied - first.applied).max(0.0) as u64,
         last.applied as u64,
-        fmt_lag(last.last_applied_ts),
+        fmt_lag(last.lag),
     ));
     println!();
     Ok(())

@@ -21,6 +21,9 @@ pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 4 * 1024 * 1024;
 pub const DEFAULT_POOL_SIZE: usize = 2;
 pub const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:9464";
 pub const DEFAULT_HEARTBEAT_TOPIC: &str = "cdc.regionsync.heartbeat";
+/// How far in the future a change's HLC may be before its writer's clock
+/// counts as wrong (DESIGN.md §4).
+pub const DEFAULT_MAX_CLOCK_SKEW: Duration = Duration::from_secs(5);
 
 /// What to do with a message that cannot be decoded or applied.
 #[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq, Default)]
@@ -64,12 +67,21 @@ pub struct Config {
     /// events carry the source regions' heartbeats.
     #[serde(default = "default_heartbeat_topic")]
     pub heartbeat_topic: String,
+    /// The largest lead of a change's HLC physical part over this worker's
+    /// clock that is still believed, as a duration like "500ms" or "5s"
+    /// (see [`crate::clock::exceeds_clock_skew`]).
+    #[serde(default = "default_max_clock_skew", with = "humantime_serde")]
+    pub max_clock_skew: Duration,
     /// The replicated tables; only these are ever written.
     pub tables: Vec<TableConfig>,
 }
 
 fn default_heartbeat_topic() -> String {
     DEFAULT_HEARTBEAT_TOPIC.to_string()
+}
+
+fn default_max_clock_skew() -> Duration {
+    DEFAULT_MAX_CLOCK_SKEW
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -279,8 +291,36 @@ const TOP_LEVEL_KEYS: &[&str] = &[
     "apply",
     "metrics",
     "heartbeat_topic",
+    "max_clock_skew",
     "tables",
 ];
+
+/// Whether `s` can name a region: non-empty; ASCII letters, digits, `-`
+/// and `_`.
+pub fn is_region_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+}
+
+/// What is wrong with an ordered region list (the config's `regions`, or
+/// `regionsync route --regions`), each problem prefixed with `field`: it
+/// must be non-empty, and each entry a region name listed once.
+pub fn region_list_problems(field: &str, regions: &[String]) -> Vec<String> {
+    let mut p = Vec::new();
+    if regions.is_empty() {
+        p.push(format!("{field}: must list every region, in routing order"));
+    }
+    for (i, r) in regions.iter().enumerate() {
+        if !is_region_name(r) {
+            p.push(format!("{field}[{i}]: {r:?} is not a region name"));
+        }
+        if regions[..i].contains(r) {
+            p.push(format!("{field}[{i}]: {r:?} is listed twice"));
+        }
+    }
+    p
+}
 
 /// The first segment of an environment key (`postgres.host` → `postgres`).
 fn top_level(key: &str) -> &str {
@@ -395,28 +435,13 @@ impl Config {
     /// Checks every field and reports all problems at once.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let mut p = Vec::new();
-        let name_ok = |s: &str| {
-            !s.is_empty()
-                && s.chars()
-                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
-        };
-        if !name_ok(&self.region) {
+        if !is_region_name(&self.region) {
             p.push(format!(
                 "region: {:?} is not a region name (letters, digits, - and _)",
                 self.region
             ));
         }
-        if self.regions.is_empty() {
-            p.push("regions: must list every region, in routing order".into());
-        }
-        for (i, r) in self.regions.iter().enumerate() {
-            if !name_ok(r) {
-                p.push(format!("regions[{i}]: {r:?} is not a region name"));
-            }
-            if self.regions[..i].contains(r) {
-                p.push(format!("regions[{i}]: {r:?} is listed twice"));
-            }
-        }
+        p.extend(region_list_problems("regions", &self.regions));
         if !self.regions.contains(&self.region) {
             p.push(format!(
                 "region: {:?} is not in regions {:?}",
@@ -511,6 +536,9 @@ impl Config {
                 self.apply.linger_ms
             ));
         }
+        if self.max_clock_skew.is_zero() {
+            p.push("max_clock_skew: must be above zero (e.g. \"5s\")".into());
+        }
         if self.metrics.listen.parse::<std::net::SocketAddr>().is_err() {
             p.push(format!(
                 "metrics.listen: {:?} is not an address like 127.0.0.1:9464",
@@ -584,6 +612,7 @@ mod tests {
         assert_eq!(c.source_regions(), vec!["us-east-1".to_string()]);
         assert_eq!(c.on_error, OnError::Dlq);
         assert_eq!(c.apply.batch_max_rows, DEFAULT_BATCH_MAX_ROWS);
+        assert_eq!(c.max_clock_skew, Duration::from_secs(5));
         let topics: Vec<String> = c.mirrored_topics().into_iter().map(|t| t.0).collect();
         assert_eq!(
             topics,
@@ -622,6 +651,52 @@ mod tests {
     }
 
     #[test]
+    fn the_region_list_must_be_nonempty_unique_and_hold_the_local_region() {
+        let dup = GOOD.replace(
+            "regions = [\"us-east-1\", \"eu-west-1\"]",
+            "regions = [\"us-east-1\", \"eu-west-1\", \"us-east-1\", \"a b\"]",
+        );
+        let text = Config::from_toml(&dup).unwrap_err().to_string();
+        assert!(
+            text.contains("regions[2]: \"us-east-1\" is listed twice"),
+            "{text}"
+        );
+        assert!(
+            text.contains("regions[3]: \"a b\" is not a region name"),
+            "{text}"
+        );
+        let empty = GOOD.replace("regions = [\"us-east-1\", \"eu-west-1\"]", "regions = []");
+        let text = Config::from_toml(&empty).unwrap_err().to_string();
+        assert!(text.contains("regions: must list every region"), "{text}");
+        assert!(
+            text.contains("region: \"eu-west-1\" is not in regions"),
+            "{text}"
+        );
+        assert_eq!(
+            region_list_problems("--regions", &["x".into(), "x".into()]),
+            vec!["--regions[1]: \"x\" is listed twice".to_string()]
+        );
+    }
+
+    #[test]
+    fn max_clock_skew_reads_human_durations_and_names_bad_ones() {
+        let c = Config::from_toml(&format!("max_clock_skew = \"500ms\"\n{GOOD}")).unwrap();
+        assert_eq!(c.max_clock_skew, Duration::from_millis(500));
+        let c = Config::from_toml(&format!("max_clock_skew = \"1m 30s\"\n{GOOD}")).unwrap();
+        assert_eq!(c.max_clock_skew, Duration::from_secs(90));
+        for bad in ["\"5 parsecs\"", "\"5\"", "5"] {
+            let err = Config::from_toml(&format!("max_clock_skew = {bad}\n{GOOD}")).unwrap_err();
+            assert!(err.to_string().contains("max_clock_skew"), "{bad}: {err}");
+        }
+        let err = Config::from_toml(&format!("max_clock_skew = \"0s\"\n{GOOD}")).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("max_clock_skew: must be above zero"),
+            "{err}"
+        );
+    }
+
+    #[test]
     fn unknown_keys_are_rejected_with_their_name() {
         let err = Config::from_toml(&format!("{GOOD}\nbatch_size = 3")).unwrap_err();
         assert!(err.to_string().contains("batch_size"), "{err}");
@@ -634,11 +709,13 @@ mod tests {
             jail.create_file("regionsync.toml", GOOD)?;
             jail.set_env("REGIONSYNC_POSTGRES__HOST", "db.internal");
             jail.set_env("REGIONSYNC_APPLY__BATCH_MAX_ROWS", "123");
+            jail.set_env("REGIONSYNC_MAX_CLOCK_SKEW", "750ms");
             jail.set_env("REGIONSYNC_CONFIG", "regionsync.toml");
             jail.set_env("REGIONSYNC_DEBEZIUM_PASSWORD", "not-ours");
             let c = Config::load(Path::new("regionsync.toml")).map_err(|e| e.to_string())?;
             assert_eq!(c.postgres.host, "db.internal");
             assert_eq!(c.apply.batch_max_rows, 123);
+            assert_eq!(c.max_clock_skew, Duration::from_millis(750));
             Ok(())
         });
     }

@@ -1,10 +1,10 @@
 //! The `regionsync` command: a thin CLI over the library.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::Parser;
-use regionsync::config::Config;
+use regionsync::config::{region_list_problems, Config};
 
 /// Applies mirrored Debezium change events from Kafka to this region's
 /// PostgreSQL, exactly once in effect.
@@ -50,6 +50,22 @@ enum Command {
         #[arg(long, default_value_t = 2.0)]
         interval: f64,
     },
+    /// Print the home region of an affinity key (DESIGN.md §3).
+    ///
+    /// The region list's entry at jump_consistent_hash(xxh64(KEY as UTF-8,
+    /// seed 0), number of regions), as the library's route::home_region
+    /// computes it; the module docs of src/route.rs specify it.
+    Route {
+        /// The affinity key, hashed as its exact UTF-8 text (a number as
+        /// its decimal text). A key that looks like an option goes after
+        /// `--`.
+        #[arg(allow_hyphen_values = true)]
+        key: String,
+        /// Every region in routing order, comma-separated, e.g.
+        /// us-east-1,eu-west-1. Default: `regions` from the config file.
+        #[arg(long, value_delimiter = ',')]
+        regions: Option<Vec<String>>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -68,6 +84,9 @@ fn main() -> ExitCode {
     } = &cli.command
     {
         return status(url, *interval);
+    }
+    if let Command::Route { key, regions } = &cli.command {
+        return route(&cli.config, key, regions.as_deref());
     }
     let config = match Config::load(&cli.config) {
         Ok(c) => c,
@@ -113,6 +132,7 @@ fn main() -> ExitCode {
                 );
                 Ok(())
             }
+            Command::Route { .. } => unreachable!("handled without a runtime"),
         }
     });
     match result {
@@ -146,6 +166,31 @@ fn status(url: &str, interval: f64) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+/// `regionsync route`: needs neither the runtime nor, given `--regions`,
+/// the config file.
+fn route(config_path: &Path, key: &str, regions: Option<&[String]>) -> ExitCode {
+    let regions = match regions {
+        Some(list) => {
+            let problems = region_list_problems("--regions", list);
+            if !problems.is_empty() {
+                for p in problems {
+                    eprintln!("regionsync: {p}");
+                }
+                return ExitCode::from(2);
+            }
+            list.to_vec()
+        }
+        None => match Config::load(config_path) {
+            Ok(c) => c.regions,
+            Err(e) => {
+                eprintln!("regionsync: {e}");
+                return ExitCode::from(2);
+            }
+        },
+    };
+    println!("{}", regionsync::route::home_region(key, &regions));
+    ExitCode::SUCCESS
 }
 
 /// Resolves on SIGTERM or Ctrl-C.

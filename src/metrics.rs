@@ -37,6 +37,9 @@ pub const END_TO_END_LATENCY: &str = "regionsync_end_to_end_latency_seconds";
 pub const CONSUMER_LAG: &str = "regionsync_consumer_lag_messages";
 /// Concurrent writes detected. Labels: table, policy.
 pub const CONFLICTS_TOTAL: &str = "regionsync_conflicts_total";
+/// Changes whose HLC is further in the future than `max_clock_skew` (still
+/// applied; they are flagged). Label: source_region.
+pub const CLOCK_SKEW_EXCEEDED_TOTAL: &str = "regionsync_clock_skew_exceeded_total";
 /// 1 while ready (partitions assigned, PostgreSQL reachable), else 0.
 pub const READY: &str = "regionsync_ready";
 /// Source commit time (Unix seconds) of the newest change or heartbeat whose

@@ -1,4 +1,276 @@
-//! Route: topic → target table, a row's home region (jump consistent hash of
-//! xxh64), and the classification of each change (DESIGN.md §3). Pure.
+//! Route: a row's home region (DESIGN.md §3). Pure.
 //!
-//! Not built yet: it arrives with active-active replication.
+//! The topic → table mapping lives in [`crate::config`]; the classification
+//! of each change (owner's write, cross-region write, echo, residency)
+//! arrives with active-active replication.
+//!
+//! # Home region of a key
+//!
+//! A row without an explicit `home_region` pin is homed by its affinity key
+//! (e.g. `user_id`). The application, the global load balancer and every
+//! regionsync worker must all compute the same answer, so the function is
+//! specified here precisely enough to reimplement in any language;
+//! `tests/vectors/route.csv` holds vectors to check a reimplementation
+//! against (columns: `key`, its `xxh64` in hex, the `regions` list joined by
+//! `;`, and the expected `home`).
+//!
+//! Given the key (a string) and the ordered list of regions `regions`
+//! (length `n >= 1`):
+//!
+//! 1. **Bytes.** Encode the key as UTF-8, exactly as given: no Unicode
+//!    normalisation (`"Zoë"` precomposed and `"Zoe\u{308}"` decomposed are
+//!    different keys), no trimming, no case folding, no terminating NUL.
+//!    A numeric key is hashed as its text, the way the application writes it
+//!    (the integer 42 is the two bytes `"42"`; `"042"` is another key).
+//! 2. **Hash.** `h = XXH64(bytes, seed = 0)`, the 64-bit xxHash of Yann
+//!    Collet's specification, read as an unsigned 64-bit integer (the
+//!    canonical big-endian hex form is just its display). For example
+//!    `XXH64("") = 0xEF46DB3751D8E999`, `XXH64("a") = 0xD24EC4F1A98C6E5B`.
+//! 3. **Jump.** Lamping & Veach's jump consistent hash of `h` into `n`
+//!    buckets ("A Fast, Minimal Memory, Consistent Hash Algorithm", 2014):
+//!
+//!    ```text
+//!    b := -1                        (signed 64-bit)
+//!    j := 0                         (signed 64-bit)
+//!    while j < n:
+//!        b := j
+//!        h := h * 2862933555777941757 + 1          (unsigned 64-bit, mod 2^64)
+//!        j := trunc( double(b + 1) * ( double(2^31) / double((h >> 33) + 1) ) )
+//!    return b                       (0 <= b < n)
+//!    ```
+//!
+//!    `>> 33` is a logical shift of the unsigned value, so `(h >> 33) + 1`
+//!    lies in `1..=2^31`. `double` is IEEE-754 binary64 with
+//!    round-to-nearest-even; both conversions are exact. Keep the order of
+//!    the float operations: first the division `2^31 / ((h >> 33) + 1)`,
+//!    then the product with `b + 1` (multiplying first rounds differently);
+//!    `trunc` drops the fraction (the value is positive). In languages
+//!    without unsigned 64-bit integers do the LCG step with arbitrary
+//!    precision or BigInt and mask to 64 bits (Python: `& (2**64 - 1)`).
+//! 4. **Region.** `home = regions[b]`.
+//!
+//! The order of `regions` is part of the function: every party must use
+//! the same list in the same order (the `regions` key of the config). The
+//! jump hash makes *appending* a region cheap: going from `n` to `n + 1`
+//! regions moves about `1/(n + 1)` of the keys, every one of them to the new
+//! region, and no key moves between the old ones. Removing, inserting or
+//! reordering regions anywhere but at the end rehomes most keys; to retire a
+//! region, keep its name in the list and pin or migrate its rows instead.
+
+use xxhash_rust::xxh64::xxh64;
+
+/// The multiplier of the 64-bit linear congruential step of the jump hash.
+pub const JUMP_LCG_MULTIPLIER: u64 = 2_862_933_555_777_941_757;
+
+/// The seed of the xxh64 key hash.
+pub const KEY_HASH_SEED: u64 = 0;
+
+/// `XXH64(key as UTF-8 bytes, seed 0)`: step 2 of the module docs.
+pub fn key_hash(key: &str) -> u64 {
+    xxh64(key.as_bytes(), KEY_HASH_SEED)
+}
+
+/// Lamping & Veach's jump consistent hash: the bucket in `0..buckets` of a
+/// 64-bit `key` (step 3 of the module docs).
+///
+/// # Panics
+/// If `buckets` is 0.
+pub fn jump_consistent_hash(mut key: u64, buckets: u32) -> u32 {
+    assert!(buckets > 0, "jump_consistent_hash: no buckets");
+    let n = i64::from(buckets);
+    let mut b: i64 = -1;
+    let mut j: i64 = 0;
+    while j < n {
+        b = j;
+        key = key.wrapping_mul(JUMP_LCG_MULTIPLIER).wrapping_add(1);
+        // Exact conversions: b + 1 <= 2^32 and (key >> 33) + 1 <= 2^31.
+        let step = (1u64 << 31) as f64 / ((key >> 33) + 1) as f64;
+        j = ((b + 1) as f64 * step) as i64;
+    }
+    // 0 <= b < buckets, so it fits.
+    b as u32
+}
+
+/// The index in a list of `n` regions of `key`'s home region.
+///
+/// # Panics
+/// If `n` is 0 or above `u32::MAX`.
+pub fn home_index(key: &str, n: usize) -> usize {
+    let buckets = u32::try_from(n).expect("home_index: more than u32::MAX regions");
+    jump_consistent_hash(key_hash(key), buckets) as usize
+}
+
+/// The home region of `key` among the ordered `regions`:
+/// `regions[jump_consistent_hash(xxh64(key, 0), regions.len())]`.
+///
+/// # Panics
+/// If `regions` is empty (a valid config never has an empty list).
+pub fn home_region<'a, S: AsRef<str>>(key: &str, regions: &'a [S]) -> &'a str {
+    assert!(!regions.is_empty(), "home_region: no regions");
+    regions[home_index(key, regions.len())].as_ref()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    // Every expected value below comes from an independent implementation
+    // (the xxHash C library through Python, and the jump hash written from
+    // the paper in Python), never from this module.
+
+    #[test]
+    fn xxh64_matches_the_reference_implementation() {
+        assert_eq!(key_hash(""), 0xEF46_DB37_51D8_E999);
+        assert_eq!(key_hash("a"), 0xD24E_C4F1_A98C_6E5B);
+        assert_eq!(key_hash("abc"), 0x44BC_2CF5_AD77_0999);
+        assert_eq!(
+            key_hash("Nobody inspects the spammish repetition"),
+            0xFBCE_A83C_8A37_8BF1
+        );
+        // Over 32 bytes: exercises the four-lane main loop.
+        assert_eq!(key_hash(&"x".repeat(100)), 0x92F0_DE5A_88A3_C094);
+    }
+
+    #[test]
+    fn jump_hash_matches_the_published_and_reference_vectors() {
+        // Vectors quoted with implementations of the paper.
+        assert_eq!(jump_consistent_hash(1, 1), 0);
+        assert_eq!(jump_consistent_hash(42, 57), 43);
+        assert_eq!(jump_consistent_hash(0xDEAD_10CC, 1), 0);
+        assert_eq!(jump_consistent_hash(0xDEAD_10CC, 666), 361);
+        assert_eq!(jump_consistent_hash(256, 1024), 520);
+        assert_eq!(jump_consistent_hash(0, 60), 0);
+        assert_eq!(jump_consistent_hash(1, 60), 55);
+        assert_eq!(jump_consistent_hash(2, 60), 46);
+        assert_eq!(jump_consistent_hash(16_045_690_984_833_335_023, 255), 237);
+        // (key, buckets 1, 2, 3, 5, 10, 100, 1000, 2^20, 2^31 - 1).
+        let buckets = [1, 2, 3, 5, 10, 100, 1000, 1 << 20, (1 << 31) - 1];
+        let table: [(u64, [u32; 9]); 8] = [
+            (0x0, [0, 0, 0, 0, 0, 0, 0, 0, 0]),
+            (0x1, [0, 0, 0, 0, 6, 55, 549, 985611, 262355607]),
+            (0x2, [0, 0, 0, 3, 6, 62, 338, 152951, 736532115]),
+            (0xdeadbeef, [0, 1, 2, 3, 5, 87, 285, 479362, 1452406526]),
+            (
+                0xef46db3751d8e999,
+                [0, 1, 2, 2, 7, 40, 332, 912092, 730414282],
+            ),
+            (
+                0xffffffffffffffff,
+                [0, 1, 2, 2, 9, 92, 313, 589430, 699554662],
+            ),
+            (
+                0x8000000000000000,
+                [0, 1, 1, 4, 5, 84, 453, 802256, 1119800965],
+            ),
+            (123456789, [0, 0, 0, 0, 7, 34, 294, 561473, 1234790967]),
+        ];
+        for (key, expected) in table {
+            for (n, want) in buckets.iter().zip(expected) {
+                assert_eq!(
+                    jump_consistent_hash(key, *n),
+                    want,
+                    "key {key:#x}, {n} buckets"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn home_region_indexes_the_ordered_list() {
+        let regions = ["us-east-1", "eu-west-1", "ap-south-1"];
+        assert_eq!(home_region("", &regions), "ap-south-1");
+        assert_eq!(home_region("a", &regions), "eu-west-1");
+        assert_eq!(home_region("0", &regions), "us-east-1");
+        let owned: Vec<String> = regions.iter().map(|r| r.to_string()).collect();
+        assert_eq!(home_region("a", &owned), "eu-west-1");
+        assert_eq!(home_region("anything", &regions[..1]), "us-east-1");
+    }
+
+    #[test]
+    #[should_panic(expected = "no regions")]
+    fn an_empty_region_list_has_no_home() {
+        let none: [&str; 0] = [];
+        home_region("a", &none);
+    }
+
+    /// Splits one line of RFC 4180 CSV (quoted fields, `""` for a quote; no
+    /// line breaks inside fields, which the vectors do not use).
+    fn csv_fields(line: &str) -> Vec<String> {
+        let mut fields = vec![String::new()];
+        let mut quoted = false;
+        let mut chars = line.chars().peekable();
+        while let Some(c) = chars.next() {
+            match (quoted, c) {
+                (true, '"') if chars.peek() == Some(&'"') => {
+                    chars.next();
+                    fields.last_mut().unwrap().push('"');
+                }
+                (_, '"') => quoted = !quoted,
+                (false, ',') => fields.push(String::new()),
+                (_, c) => fields.last_mut().unwrap().push(c),
+            }
+        }
+        assert!(!quoted, "unterminated quote in {line:?}");
+        fields
+    }
+
+    #[test]
+    fn every_row_of_the_route_vectors_matches() {
+        let text = include_str!("../tests/vectors/route.csv");
+        let mut lines = text.lines();
+        assert_eq!(lines.next(), Some("key,xxh64,regions,home"));
+        let mut rows = 0;
+        for line in lines {
+            let f = csv_fields(line);
+            assert_eq!(f.len(), 4, "{line:?}");
+            let (key, hash, regions, home) = (&f[0], &f[1], &f[2], &f[3]);
+            let regions: Vec<&str> = regions.split(';').collect();
+            assert_eq!(format!("{:016x}", key_hash(key)), *hash, "xxh64 of {key:?}");
+            assert_eq!(home_region(key, &regions), home, "{key:?} over {regions:?}");
+            rows += 1;
+        }
+        assert!(rows >= 150, "only {rows} rows");
+    }
+
+    #[test]
+    fn three_regions_share_100k_keys_within_a_few_percent() {
+        let mut counts = [0usize; 3];
+        for i in 0..100_000 {
+            counts[home_index(&format!("user-{i}"), 3)] += 1;
+        }
+        // The reference implementation counts [33480, 33549, 32971].
+        assert_eq!(counts, [33480, 33549, 32971]);
+        for c in counts {
+            assert!(c.abs_diff(33_333) < 1_000, "{counts:?}");
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn appending_a_region_moves_keys_only_to_it(key in any::<String>(), n in 1usize..64) {
+            let before = home_index(&key, n);
+            let after = home_index(&key, n + 1);
+            prop_assert!(before < n);
+            prop_assert!(after == before || after == n, "{key:?}: {before} -> {after} of {n}");
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(32))]
+        #[test]
+        fn appending_a_region_moves_about_one_in_n_plus_one(prefix in "[a-z0-9]{0,8}", n in 1usize..16) {
+            const KEYS: usize = 4_000;
+            let moved = (0..KEYS)
+                .filter(|i| {
+                    let key = format!("{prefix}{i}");
+                    home_index(&key, n) != home_index(&key, n + 1)
+                })
+                .count();
+            let share = moved as f64 / KEYS as f64;
+            let expected = 1.0 / (n + 1) as f64;
+            // The standard deviation is at most 0.008: this is over 6 of them.
+            prop_assert!((share - expected).abs() < 0.05, "{moved} of {KEYS} moved from {n} regions");
+        }
+    }
+}

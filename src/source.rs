@@ -32,6 +32,7 @@ use tokio::task::JoinHandle;
 use tracing::{error, info, warn};
 
 use crate::apply::{self, Applied, Final, TargetTable};
+use crate::clock::{self, Hlc};
 use crate::config::{Config, OnError};
 use crate::decode::{self, Decoded, Op};
 use crate::lag::{self, LagTracker};
@@ -557,6 +558,7 @@ async fn apply_batch(
     let mut rejected = Vec::new();
     let mut newest_ts_ms = None::<i64>;
     let mut skipped: HashMap<(&'static str, String), u64> = HashMap::new();
+    let now_ms = lag::now_ms();
     for msg in batch {
         let size = msg.key().map_or(0, |k| k.len()) + msg.payload().map_or(0, |p| p.len());
         if size > shared.config.apply.max_message_bytes {
@@ -619,12 +621,27 @@ async fn apply_batch(
                     .entry((outcome::ECHO, shared.tables[table].name.clone()))
                     .or_default() += 1;
             }
-            Ok(fin) => steps.push(Step::Row {
-                table,
-                fin,
-                msg,
-                ts_ms: change.source_ts_ms,
-            }),
+            Ok(fin) => {
+                let hlc = match &fin {
+                    Final::Upsert(r) => r.hlc,
+                    Final::Delete(d) => d.hlc,
+                };
+                if clock::exceeds_clock_skew(Hlc(hlc), now_ms, shared.config.max_clock_skew) {
+                    // Applied all the same (the version order stays total),
+                    // but a clock this far ahead wins every conflict: say so.
+                    warn!(topic, offset = msg.offset(), source_region = %route.source_region,
+                        ahead = ?Hlc(hlc).ahead_of(now_ms), max_clock_skew = ?shared.config.max_clock_skew,
+                        "a change is dated further in the future than max_clock_skew");
+                    metrics::counter!(m::CLOCK_SKEW_EXCEEDED_TOTAL, "source_region" => route.source_region.clone())
+                        .increment(1);
+                }
+                steps.push(Step::Row {
+                    table,
+                    fin,
+                    msg,
+                    ts_ms: change.source_ts_ms,
+                });
+            }
             Err(e) => rejected.push(Rejected {
                 msg,
                 reason: e.reason(),

@@ -414,3 +414,40 @@ async fn a_snapshotted_table_arrives_complete() {
     assert!(ops.iter().all(|op| op == "r"), "snapshot reads: {ops:?}");
     worker.stop().await;
 }
+
+/// A change stamped an hour in the future (a source clock far ahead) is
+/// applied — the version order stays total — but counted against
+/// `max_clock_skew`; a change stamped now is not.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_change_from_a_clock_far_ahead_is_flagged() {
+    let counters = counters();
+    let table = TestTable::create("skew").await;
+    let topic = format!("cdc.public.{}", table.name);
+    let worker = Worker::start(worker_config(&table, &topic));
+    let flagged = || {
+        counters.total(
+            "regionsync_clock_skew_exceeded_total",
+            &[("source_region", region_a().name.as_str())],
+        )
+    };
+    insert_users(&table, 1, 5).await;
+    table.wait_converged(Duration::from_secs(120)).await;
+    let before = flagged();
+
+    // The superuser writes past the stamping trigger, as a skewed clock would.
+    let ahead = (now_ms() + 3_600_000) << 16;
+    admin_db(&region_a())
+        .await
+        .batch_execute(&format!(
+            "SET session_replication_role = replica;
+             INSERT INTO public.{} (id, email, hlc, origin_region)
+                  VALUES (6, 'ahead@example.com', {ahead}, '{}')",
+            table.name,
+            region_a().name
+        ))
+        .await
+        .expect("insert with a future hlc");
+    table.wait_converged(Duration::from_secs(120)).await;
+    assert_eq!(flagged() - before, 1, "one change from a clock far ahead");
+    worker.stop().await;
+}

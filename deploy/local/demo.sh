@@ -59,9 +59,12 @@ say "building the demo (cargo build --release --example demo)"
 
 cat <<INFO
 
-  Region $REGION_A (A): PostgreSQL 127.0.0.1:$PG_PORT_A, worker metrics http://127.0.0.1:$WORKER_METRICS_PORT_A/metrics
-  Region $REGION_B (B): PostgreSQL 127.0.0.1:$PG_PORT_B, worker metrics http://127.0.0.1:$WORKER_METRICS_PORT_B/metrics
-  Prometheus:           http://127.0.0.1:$PROMETHEUS_PORT  (try regionsync_last_applied_source_timestamp_seconds)
+  Region $REGION_A (A): PostgreSQL 127.0.0.1:$PG_PORT_A, worker http://127.0.0.1:$WORKER_METRICS_PORT_A/metrics (/healthz, /readyz)
+  Region $REGION_B (B): PostgreSQL 127.0.0.1:$PG_PORT_B, worker http://127.0.0.1:$WORKER_METRICS_PORT_B/metrics (/healthz, /readyz)
+  One worker's picture: target/release/regionsync status --url http://127.0.0.1:$WORKER_METRICS_PORT_B
+  Prometheus:           http://127.0.0.1:$PROMETHEUS_PORT/graph?g0.expr=regionsync_replication_lag_seconds
+                        alerts (deploy/prometheus rules): http://127.0.0.1:$PROMETHEUS_PORT/alerts
+  Grafana dashboard:    deploy/grafana/regionsync.json (import it; metrics in METRICS.md)
   Services:             make stack-status
   Worker logs:          $LOGS/regionsync-$REGION_A.log
                         $LOGS/regionsync-$REGION_B.log

@@ -412,7 +412,12 @@ prometheus_ready() { curl -fsS "http://127.0.0.1:$PROMETHEUS_PORT/-/ready" >/dev
 
 prometheus_up() {
   local name=prometheus
-  if alive "$name" && prometheus_ready; then return 0; fi
+  if alive "$name" && prometheus_ready; then
+    # Pick up edited rules (deploy/prometheus/) without a restart.
+    curl -fsS -X POST "http://127.0.0.1:$PROMETHEUS_PORT/-/reload" >/dev/null ||
+      die "Prometheus refused to reload its rules (log: $LOGS/$name.log)"
+    return 0
+  fi
   mkdir -p "$STATE/$name/data"
   REGION_A="$REGION_A" REGION_B="$REGION_B" METRICS_A="127.0.0.1:$WORKER_METRICS_PORT_A" \
     METRICS_B="127.0.0.1:$WORKER_METRICS_PORT_B" RULES_DIR="$ROOT/deploy/prometheus" \
