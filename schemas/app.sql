@@ -52,7 +52,11 @@ CREATE OR REPLACE TRIGGER regionsync_stamp_hlc BEFORE INSERT OR UPDATE ON public
     FOR EACH ROW EXECUTE FUNCTION regionsync.stamp_hlc('id');
 CREATE OR REPLACE TRIGGER regionsync_mark_deleted AFTER DELETE ON public.users
     FOR EACH ROW EXECUTE FUNCTION regionsync.mark_deleted('id');
+CREATE OR REPLACE TRIGGER regionsync_mark_truncated AFTER TRUNCATE ON public.users
+    FOR EACH STATEMENT EXECUTE FUNCTION regionsync.mark_truncated();
 CREATE OR REPLACE TRIGGER regionsync_stamp_hlc BEFORE INSERT OR UPDATE ON public.orders
     FOR EACH ROW EXECUTE FUNCTION regionsync.stamp_hlc('id');
 CREATE OR REPLACE TRIGGER regionsync_mark_deleted AFTER DELETE ON public.orders
     FOR EACH ROW EXECUTE FUNCTION regionsync.mark_deleted('id');
+CREATE OR REPLACE TRIGGER regionsync_mark_truncated AFTER TRUNCATE ON public.orders
+    FOR EACH STATEMENT EXECUTE FUNCTION regionsync.mark_truncated();

@@ -33,6 +33,16 @@ CREATE TABLE IF NOT EXISTS regionsync.tombstones (
     PRIMARY KEY (table_name, row_key)
 );
 
+-- The newest truncate of each table: rows (and late changes) with an older
+-- HLC are gone. Kept apart from the per-key tombstones so no key can collide
+-- with it.
+CREATE TABLE IF NOT EXISTS regionsync.truncations (
+    table_name    text        PRIMARY KEY,
+    hlc           bigint      NOT NULL,
+    origin_region text        NOT NULL,
+    truncated_at  timestamptz NOT NULL DEFAULT now()
+);
+
 -- One row per region, touched every few seconds by that region's Debezium
 -- (heartbeat.action.query) so that an idle pipeline still carries a fresh
 -- source commit time to the other regions (DESIGN.md §5).
@@ -53,6 +63,8 @@ ALTER TABLE regionsync.heartbeat REPLICA IDENTITY FULL;
 --       FOR EACH ROW EXECUTE FUNCTION regionsync.stamp_hlc('id');
 --   CREATE TRIGGER regionsync_mark_deleted AFTER DELETE ON t
 --       FOR EACH ROW EXECUTE FUNCTION regionsync.mark_deleted('id');
+--   CREATE TRIGGER regionsync_mark_truncated AFTER TRUNCATE ON t
+--       FOR EACH STATEMENT EXECUTE FUNCTION regionsync.mark_truncated();
 
 -- The key of a row as text, as regionsync writes it into tombstones.row_key:
 -- the value's text for a one-column key, else a JSON array of the texts.
@@ -97,5 +109,22 @@ BEGIN
        SET hlc = EXCLUDED.hlc, origin_region = EXCLUDED.origin_region, deleted_at = now()
      WHERE (ts.hlc, ts.origin_region COLLATE "C") < (EXCLUDED.hlc, EXCLUDED.origin_region COLLATE "C");
     RETURN OLD;
+END
+$$;
+
+-- A local TRUNCATE leaves a table-wide mark, so a late change from another
+-- region that is older than the truncate cannot bring a row back here (the
+-- applier checks regionsync.truncations as it checks tombstones).
+CREATE OR REPLACE FUNCTION regionsync.mark_truncated() RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, regionsync AS $$
+BEGIN
+    INSERT INTO regionsync.truncations AS tr (table_name, hlc, origin_region)
+    VALUES (TG_TABLE_SCHEMA || '.' || TG_TABLE_NAME,
+            (floor(extract(epoch FROM clock_timestamp()) * 1000)::bigint) << 16,
+            current_setting('regionsync.region'))
+    ON CONFLICT (table_name) DO UPDATE
+       SET hlc = EXCLUDED.hlc, origin_region = EXCLUDED.origin_region, truncated_at = now()
+     WHERE tr.hlc < EXCLUDED.hlc;
+    RETURN NULL;
 END
 $$;

@@ -483,7 +483,9 @@ async fn upsert(
         "NOT EXISTS (SELECT 1 FROM regionsync.tombstones ts
                       WHERE ts.table_name = ${table_param} AND ts.row_key = b.\"__key\"
                         AND (ts.hlc, ts.origin_region COLLATE \"C\")
-                            >= (b.hlc::bigint, b.origin_region COLLATE \"C\"))"
+                            >= (b.hlc::bigint, b.origin_region COLLATE \"C\"))
+         AND NOT EXISTS (SELECT 1 FROM regionsync.truncations tr
+                          WHERE tr.table_name = ${table_param} AND tr.hlc > b.hlc::bigint)"
     );
     let sql = if unavailable.is_empty() {
         format!(
@@ -619,18 +621,31 @@ async fn delete(
     })
 }
 
-/// A truncate at `source_ts_ms`: removes the rows written before it. Rows
-/// with a newer HLC (written after the truncate, or replayed later) stay.
+/// A truncate committed at `source_ts_ms` in `origin`: removes the rows
+/// written before it and marks the table (regionsync.truncations), so a late
+/// older change from another partition or region is refused like a deleted
+/// row's. Rows with a newer HLC (written after the truncate) stay.
 pub async fn apply_truncate(
     client: &impl GenericClient,
     table: &TargetTable,
     source_ts_ms: i64,
+    origin: &str,
 ) -> Result<Applied, tokio_postgres::Error> {
     let cutoff = source_ts_ms << crate::clock::LOGICAL_BITS;
     client
         .execute(
             &format!("DELETE FROM {} WHERE hlc < $1", table.ident),
             &[&cutoff],
+        )
+        .await?;
+    client
+        .execute(
+            "INSERT INTO regionsync.truncations AS tr (table_name, hlc, origin_region)
+             VALUES ($1, $2, $3)
+             ON CONFLICT (table_name) DO UPDATE
+                SET hlc = EXCLUDED.hlc, origin_region = EXCLUDED.origin_region, truncated_at = now()
+              WHERE tr.hlc < EXCLUDED.hlc",
+            &[&table.name, &cutoff, &origin],
         )
         .await?;
     // The truncate itself is the one change applied, whatever it removed.

@@ -218,6 +218,15 @@ struct Envelope {
 }
 
 impl Envelope {
+    /// Only a truncate (which concerns no row) comes without a key.
+    fn into_keyless_change(self) -> Result<Decoded, DecodeError> {
+        if self.op == Op::Truncate {
+            self.into_change(Row::new())
+        } else {
+            Err(DecodeError::MissingKey)
+        }
+    }
+
     fn into_change(self, key: Row) -> Result<Decoded, DecodeError> {
         // The applier relies on the image each op needs being there.
         let missing = match self.op {
@@ -248,17 +257,22 @@ impl Envelope {
 // ---------------------------------------------------------------- JSON ----
 
 /// Decodes one message of Kafka Connect's JsonConverter, with or without
-/// `schemas.enable`. `value` `None` is a tombstone.
+/// `schemas.enable`. `value` `None` is a tombstone. Only a truncate event
+/// may come without a key.
 pub fn decode_json(key: Option<&[u8]>, value: Option<&[u8]>) -> Result<Decoded, DecodeError> {
-    let key = json_key(key.ok_or(DecodeError::MissingKey)?)?;
+    let key = key.map(json_key).transpose()?;
+    let tombstone = |key: Option<Row>| {
+        key.map(|key| Decoded::Tombstone { key })
+            .ok_or(DecodeError::MissingKey)
+    };
     let Some(value) = value else {
-        return Ok(Decoded::Tombstone { key });
+        return tombstone(key);
     };
     let doc = parse_json(value, "value")?;
     let (payload, schema) = split_schema(&doc);
     let payload = match payload {
         // JsonConverter's form of a null value: a tombstone too.
-        Json::Null => return Ok(Decoded::Tombstone { key }),
+        Json::Null => return tombstone(key),
         Json::Object(payload) => payload,
         other => {
             return Err(envelope_error(format!(
@@ -267,7 +281,11 @@ pub fn decode_json(key: Option<&[u8]>, value: Option<&[u8]>) -> Result<Decoded, 
             )))
         }
     };
-    json_envelope(payload, schema)?.into_change(key)
+    let envelope = json_envelope(payload, schema)?;
+    match key {
+        Some(key) => envelope.into_change(key),
+        None => envelope.into_keyless_change(),
+    }
 }
 
 fn parse_json(bytes: &[u8], what: &str) -> Result<Json, DecodeError> {
@@ -735,6 +753,18 @@ pub fn decode_avro(
         }
     };
     avro_envelope(fields, schema, &names)?.into_change(key)
+}
+
+/// An Avro message without a key: only a truncate event may be one.
+pub fn decode_avro_keyless(value: &AvroValue, schema: &Schema) -> Result<Decoded, DecodeError> {
+    let mut names = Names::new();
+    collect_names(schema, &mut names);
+    match avro_branch(value, Some(schema), &names, "value")? {
+        (AvroValue::Record(fields), schema) => {
+            avro_envelope(fields, schema, &names)?.into_keyless_change()
+        }
+        _ => Err(DecodeError::MissingKey),
+    }
 }
 
 fn avro_get<'v>(fields: &'v [(String, AvroValue)], name: &str) -> Option<&'v AvroValue> {
@@ -1680,6 +1710,36 @@ mod tests {
     }
 
     #[test]
+    fn only_a_truncate_may_come_without_a_key() {
+        let truncate = schemaless("t", json!(null), json!(null));
+        let c = change(decode_json(None, Some(&truncate)).unwrap());
+        assert_eq!((c.op, c.key.len()), (Op::Truncate, 0));
+        let create = schemaless("c", json!(null), json!({"id": 1}));
+        assert_eq!(
+            decode_json(None, Some(&create)),
+            Err(DecodeError::MissingKey)
+        );
+
+        let schema = users_value_schema();
+        let value = round_trip(avro_envelope_value("t", none(), none(), "false"), &schema);
+        let c = change(decode_avro_keyless(&value, &schema).unwrap());
+        assert_eq!(c.op, Op::Truncate);
+        let value = round_trip(
+            avro_envelope_value(
+                "d",
+                some(avro_users_row(none(), none(), none())),
+                none(),
+                "false",
+            ),
+            &schema,
+        );
+        assert_eq!(
+            decode_avro_keyless(&value, &schema),
+            Err(DecodeError::MissingKey)
+        );
+    }
+
+    #[test]
     fn json_with_schemas_decodes_every_users_type() {
         let value = with_schema("c", json!(null), users_after());
         let c = change(decode_json(Some(KEY), Some(&value)).unwrap());
@@ -1791,7 +1851,11 @@ mod tests {
             decode_json(Some(KEY), Some(b"null")).unwrap(),
             Decoded::Tombstone { key }
         );
-        assert_eq!(decode_json(None, Some(b"{}")), Err(DecodeError::MissingKey));
+        // Without a key the envelope must say it is a truncate; `{}` says nothing.
+        assert!(matches!(
+            decode_json(None, Some(b"{}")),
+            Err(DecodeError::Envelope(_))
+        ));
         assert_eq!(decode_json(None, None), Err(DecodeError::MissingKey));
         assert_eq!(
             decode_json(Some(b"null"), None),

@@ -665,6 +665,7 @@ async fn apply_batch(
     loop {
         let committed = commit_batch(
             shared,
+            &route.source_region,
             topic,
             partition,
             (next, newest_ts_ms),
@@ -756,6 +757,7 @@ fn classify(e: tokio_postgres::Error) -> BatchError {
 /// (with the newest source commit time, so lag survives a restart).
 async fn commit_batch(
     shared: &Shared,
+    source_region: &str,
     topic: &str,
     partition: i32,
     (next, newest_ts_ms): (i64, Option<i64>),
@@ -795,9 +797,10 @@ async fn commit_batch(
                     *counts.entry(t).or_default() += a;
                 }
                 if *table != usize::MAX {
-                    let a = apply::apply_truncate(&*tx, &shared.tables[*table], *ts_ms)
-                        .await
-                        .map_err(classify)?;
+                    let a =
+                        apply::apply_truncate(&*tx, &shared.tables[*table], *ts_ms, source_region)
+                            .await
+                            .map_err(classify)?;
                     *counts.entry(*table).or_default() += a;
                 }
             }
@@ -934,8 +937,7 @@ async fn decode_message(
         let key = decoder
             .decode_with_schema(msg.key())
             .await
-            .map_err(|e| ("avro_key", format!("key: {e}")))?
-            .ok_or(("null_key", "message has no key".to_string()))?;
+            .map_err(|e| ("avro_key", format!("key: {e}")))?;
         let value = match msg.payload() {
             None => None,
             Some(p) => decoder
@@ -943,12 +945,19 @@ async fn decode_message(
                 .await
                 .map_err(|e| ("avro_value", format!("value: {e}")))?,
         };
-        decode::decode_avro(
-            &key.value,
-            &key.schema.parsed,
-            value.as_ref().map(|v| (&v.value, &v.schema.parsed)),
-        )
-        .map_err(|e| ("decode", e.to_string()))
+        match (&key, &value) {
+            (Some(key), _) => decode::decode_avro(
+                &key.value,
+                &key.schema.parsed,
+                value.as_ref().map(|v| (&v.value, &v.schema.parsed)),
+            ),
+            (None, Some(v)) => decode::decode_avro_keyless(&v.value, &v.schema.parsed),
+            (None, None) => Err(decode::DecodeError::MissingKey),
+        }
+        .map_err(|e| match e {
+            decode::DecodeError::MissingKey => ("null_key", "message has no key".to_string()),
+            e => ("decode", e.to_string()),
+        })
     } else {
         decode::decode_json(msg.key(), msg.payload())
             .map_err(|e| (decode_reason(&e), e.to_string()))

@@ -12,29 +12,6 @@ use tokio::sync::oneshot;
 
 use super::*;
 
-/// The users table's shape (schemas/app.sql): every column type.
-pub const COLUMNS: &str = "
-    id            bigint PRIMARY KEY,
-    email         varchar(320) NOT NULL,
-    display_name  text,
-    status        public.user_status NOT NULL DEFAULT 'active',
-    age           integer,
-    balance       numeric(12, 2),
-    lifetime      numeric,
-    score         double precision,
-    verified      boolean,
-    external_id   uuid,
-    profile       jsonb,
-    tags          text[],
-    avatar        bytea,
-    bio           text,
-    birth_date    date,
-    last_login    timestamp,
-    created_at    timestamptz NOT NULL DEFAULT now(),
-    home_region   text,
-    hlc           bigint NOT NULL DEFAULT 0,
-    origin_region text   NOT NULL DEFAULT ''";
-
 /// A table of the users shape in both regions.
 pub struct TestTable {
     pub name: String,
@@ -46,12 +23,14 @@ impl TestTable {
         for region in [region_a(), region_b()] {
             let db = app_db(&region).await;
             db.batch_execute(&format!(
-                "CREATE TABLE public.{name} ({COLUMNS});
+                "CREATE TABLE public.{name} (LIKE public.users INCLUDING DEFAULTS INCLUDING CONSTRAINTS INCLUDING INDEXES);
                  ALTER TABLE public.{name} REPLICA IDENTITY FULL;
                  CREATE TRIGGER regionsync_stamp_hlc BEFORE INSERT OR UPDATE ON public.{name}
                      FOR EACH ROW EXECUTE FUNCTION regionsync.stamp_hlc('id');
                  CREATE TRIGGER regionsync_mark_deleted AFTER DELETE ON public.{name}
-                     FOR EACH ROW EXECUTE FUNCTION regionsync.mark_deleted('id');"
+                     FOR EACH ROW EXECUTE FUNCTION regionsync.mark_deleted('id');
+                 CREATE TRIGGER regionsync_mark_truncated AFTER TRUNCATE ON public.{name}
+                     FOR EACH STATEMENT EXECUTE FUNCTION regionsync.mark_truncated();"
             ))
             .await
             .unwrap_or_else(|e| panic!("create {name} in {}: {e}", region.name));
