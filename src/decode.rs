@@ -14,12 +14,15 @@
 //! `int`); semantic names there come from records, Avro logical types and
 //! decimals only, and `to_pg_text` falls back on the column type.
 
+use std::cell::RefCell;
 use std::collections::{BTreeMap, HashMap};
+use std::rc::Rc;
 
 use apache_avro::types::Value as AvroValue;
 use apache_avro::Schema;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use base64::Engine as _;
+use serde_json::value::RawValue;
 use serde_json::{Map, Value as Json};
 
 /// What Debezium did to the row.
@@ -268,9 +271,9 @@ pub fn decode_json(key: Option<&[u8]>, value: Option<&[u8]>) -> Result<Decoded, 
     let Some(value) = value else {
         return tombstone(key);
     };
-    let doc = parse_json(value, "value")?;
-    let (payload, schema) = split_schema(&doc);
-    let payload = match payload {
+    let (payload, schema) = parse_framed(value, "value")?;
+    let schema = schema.as_deref();
+    let payload = match &payload {
         // JsonConverter's form of a null value: a tombstone too.
         Json::Null => return tombstone(key),
         Json::Object(payload) => payload,
@@ -293,12 +296,61 @@ fn parse_json(bytes: &[u8], what: &str) -> Result<Json, DecodeError> {
 }
 
 /// `{"schema": …, "payload": …}` → (payload, schema); anything else is its
-/// own payload.
-fn split_schema(doc: &Json) -> (&Json, Option<&Json>) {
-    match (doc.get("schema"), doc.get("payload")) {
-        (Some(schema), Some(payload)) => (payload, Some(schema).filter(|s| !s.is_null())),
-        _ => (doc, None),
+/// own payload. Debezium repeats the same schema, often most of the bytes,
+/// in every message: it is parsed once per distinct text (per thread) and
+/// shared, and only the payload is built anew.
+fn parse_framed(bytes: &[u8], what: &str) -> Result<(Json, Option<Rc<Json>>), DecodeError> {
+    #[derive(serde::Deserialize)]
+    struct Framed<'a> {
+        #[serde(borrow)]
+        schema: Option<&'a RawValue>,
+        #[serde(borrow)]
+        payload: Option<&'a RawValue>,
     }
+    match serde_json::from_slice::<Framed>(bytes) {
+        Ok(Framed {
+            schema: Some(schema),
+            payload: Some(payload),
+        }) => Ok((
+            parse_json(payload.get().as_bytes(), what)?,
+            cached_schema(schema.get(), what)?,
+        )),
+        // Schemaless, or not an object at all: the whole document.
+        _ => Ok((parse_json(bytes, what)?, None)),
+    }
+}
+
+/// Distinct schema texts kept per thread; a topic has a handful (one per
+/// table version), so the bound is only a guard against a schema per message.
+const SCHEMA_CACHE_SIZE: usize = 256;
+
+thread_local! {
+    static SCHEMAS: RefCell<HashMap<u64, (Box<str>, Rc<Json>)>> = RefCell::new(HashMap::new());
+}
+
+fn cached_schema(text: &str, what: &str) -> Result<Option<Rc<Json>>, DecodeError> {
+    if text == "null" {
+        return Ok(None);
+    }
+    let hash = xxhash_rust::xxh64::xxh64(text.as_bytes(), 0);
+    let hit = SCHEMAS.with(|c| {
+        c.borrow()
+            .get(&hash)
+            .filter(|(t, _)| &**t == text)
+            .map(|(_, s)| s.clone())
+    });
+    if let Some(schema) = hit {
+        return Ok(Some(schema));
+    }
+    let schema = Rc::new(parse_json(text.as_bytes(), what)?);
+    SCHEMAS.with(|c| {
+        let mut c = c.borrow_mut();
+        if c.len() >= SCHEMA_CACHE_SIZE {
+            c.clear();
+        }
+        c.insert(hash, (text.into(), schema.clone()));
+    });
+    Ok(Some(schema))
 }
 
 fn json_kind(value: &Json) -> &'static str {
@@ -313,8 +365,8 @@ fn json_kind(value: &Json) -> &'static str {
 }
 
 fn json_key(bytes: &[u8]) -> Result<Row, DecodeError> {
-    let doc = parse_json(bytes, "key")?;
-    match split_schema(&doc) {
+    let (doc, schema) = parse_framed(bytes, "key")?;
+    match (&doc, schema.as_deref()) {
         (Json::Null, _) => Err(DecodeError::MissingKey),
         (Json::Object(fields), schema) => json_row(fields, schema),
         (other, _) => Err(envelope_error(format!(

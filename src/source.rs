@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use rdkafka::config::ClientConfig;
+use rdkafka::consumer::stream_consumer::StreamPartitionQueue;
 use rdkafka::consumer::{
     BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
 };
@@ -27,7 +28,7 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use schema_registry_converter::async_impl::avro::AvroDecoder;
 use schema_registry_converter::async_impl::schema_registry::SrSettings;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tracing::{error, info, warn};
 
@@ -298,14 +299,18 @@ async fn report_lag(shared: Arc<Shared>) {
     }
 }
 
-/// Messages queued per partition between the consumer and its apply task.
-const PARTITION_QUEUE: usize = 1_000;
+/// A partition's apply task and the sender whose drop tells it to stop.
+type PartitionTask = (watch::Sender<()>, JoinHandle<anyhow::Result<()>>);
 
-/// A partition's apply task and the channel that feeds it.
-type PartitionTask = (mpsc::Sender<OwnedMessage>, JoinHandle<anyhow::Result<()>>);
+/// This worker's consumer, with a queue per partition.
+type Queue = StreamPartitionQueue<RebalanceForwarder>;
 
 /// Consumes until `shutdown` resolves, then drains the partition tasks and
 /// leaves the group.
+///
+/// Each assigned partition gets its own librdkafka queue and apply task, so
+/// a partition that is busy committing never holds up the others; librdkafka
+/// stops fetching a partition whose queue is full (bounded memory).
 pub async fn run(
     shared: Arc<Shared>,
     mut events: mpsc::UnboundedReceiver<RebalanceEvent>,
@@ -328,12 +333,28 @@ pub async fn run(
             Some(err) = failed_rx.recv() => break Err(err),
             Some(ev) = events.recv() => match ev {
                 RebalanceEvent::Assigned(parts) => {
+                    // Split each (still paused) partition off the main queue
+                    // before it is resumed, so no message lands there.
+                    for (topic, partition) in &parts {
+                        let Some(queue) = shared.consumer.split_partition_queue(topic, *partition) else {
+                            // Its messages would reach the main queue, which
+                            // restarts the worker (from the stored offsets).
+                            warn!(topic = %topic, partition, "could not give the partition its own queue");
+                            continue;
+                        };
+                        let (stop, stopped) = watch::channel(());
+                        let task = tokio::spawn(partition_loop(
+                            shared.clone(), topic.clone(), *partition, queue, stopped, failed_tx.clone(),
+                        ));
+                        tasks.insert((topic.clone(), *partition), (stop, task));
+                    }
                     if let Err(e) = seek_to_stored(&shared, &parts).await {
                         break Err(e);
                     }
                 }
                 RebalanceEvent::Revoked(parts) => {
-                    // Dropping the sender lets the task finish what it holds.
+                    // Dropping the stop sender lets the task finish the batch
+                    // it holds.
                     let mut positions = shared.positions.lock().expect("positions lock");
                     for p in parts {
                         positions.remove(&p);
@@ -341,28 +362,15 @@ pub async fn run(
                     }
                 }
             },
-            msg = shared.consumer.recv() => {
-                let msg = match msg {
-                    Ok(m) => m.detach(),
-                    Err(e) => {
-                        warn!(error = %e, "kafka");
-                        continue;
-                    }
-                };
-                let key = (msg.topic().to_string(), msg.partition());
-                let entry = tasks.entry(key.clone()).or_insert_with(|| {
-                    // Small: with the batch in hand and librdkafka's own
-                    // prefetch, this bounds memory however far behind we are.
-                    let (tx, rx) = mpsc::channel(PARTITION_QUEUE);
-                    let task = tokio::spawn(partition_loop(shared.clone(), key.0.clone(), key.1, rx, failed_tx.clone()));
-                    (tx, task)
-                });
-                if entry.0.send(msg).await.is_err() {
-                    // The task is gone with a message in hand: stop, and let
-                    // the restart resume from the stored offsets.
-                    break Err(anyhow::anyhow!("the apply task of {}/{} ended", key.0, key.1));
-                }
-            }
+            // Serves rebalances and errors; messages all go to the
+            // partitions' own queues.
+            msg = shared.consumer.recv() => match msg {
+                Ok(m) => break Err(anyhow::anyhow!(
+                    "a message of {}/{} arrived outside its partition queue; restarting from the stored offsets",
+                    m.topic(), m.partition()
+                )),
+                Err(e) => warn!(error = %e, "kafka"),
+            },
         }
     };
     // Let the partition tasks finish their in-flight batches (bounded).
@@ -376,6 +384,21 @@ pub async fn run(
     shared.consumer.unsubscribe();
     reporter.abort();
     result
+}
+
+/// The partition's next message, or `None` once told to stop.
+async fn next_message(queue: &Queue, stop: &mut watch::Receiver<()>) -> Option<OwnedMessage> {
+    loop {
+        tokio::select! {
+            biased;
+            // Err: the sender is gone, i.e. the partition was revoked.
+            _ = stop.changed() => return None,
+            m = queue.recv() => match m {
+                Ok(m) => return Some(m.detach()),
+                Err(e) => warn!(error = %e, "kafka"),
+            },
+        }
+    }
 }
 
 /// Seeks newly assigned (paused) partitions to their stored offsets and
@@ -440,7 +463,8 @@ async fn partition_loop(
     shared: Arc<Shared>,
     topic: String,
     partition: i32,
-    mut rx: mpsc::Receiver<OwnedMessage>,
+    queue: Queue,
+    mut stop: watch::Receiver<()>,
     failed: mpsc::UnboundedSender<anyhow::Error>,
 ) -> anyhow::Result<()> {
     let Some(route) = shared.routes.get(&topic).cloned() else {
@@ -477,7 +501,7 @@ async fn partition_loop(
     set_position(next);
     let linger = shared.config.apply.linger();
     loop {
-        let Some(first) = rx.recv().await else {
+        let Some(first) = next_message(&queue, &mut stop).await else {
             return Ok(());
         };
         let deadline = tokio::time::Instant::now() + linger;
@@ -487,7 +511,7 @@ async fn partition_loop(
             && bytes < shared.config.apply.batch_max_bytes
         {
             tokio::select! {
-                m = rx.recv() => match m {
+                m = next_message(&queue, &mut stop) => match m {
                     Some(m) => { bytes += m.payload().map_or(0, |p| p.len()); batch.push(m); }
                     None => break,
                 },
