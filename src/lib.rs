@@ -17,6 +17,7 @@
 //! | `decode`  | Debezium envelopes (JSON, Avro) into typed changes — pure   |
 //! | `route`   | topic → table, a row's home region, classification — pure   |
 //! | `clock`   | hybrid logical clocks and version order — pure              |
+//! | `converge` | the apply rules as pure functions, convergence model — pure |
 //! | `apply`   | batched, guarded writes to PostgreSQL                       |
 //! | `offsets` | partition offsets stored with each batch                    |
 //! | `lag`     | how far behind each source region the worker is — pure      |
@@ -30,6 +31,7 @@
 pub mod apply;
 pub mod clock;
 pub mod config;
+pub mod converge;
 pub mod decode;
 pub mod lag;
 pub mod metrics;
