@@ -193,8 +193,14 @@ impl Shared {
             .set("topic.metadata.refresh.interval.ms", "5000")
             .set_if_absent("session.timeout.ms", "10000")
             .set_if_absent("fetch.wait.max.ms", "50")
-            // librdkafka prefetches up to 64 MiB per partition by default.
-            .set_if_absent("queued.max.messages.kbytes", "8192")
+            // librdkafka prefetches up to 64 MiB per partition by default;
+            // 2 MiB per partition queue keeps every fetch busy (measured) and
+            // the worker's memory bounded whatever the backlog.
+            .set_if_absent("queued.max.messages.kbytes", "2048")
+            // Default 1 s: a partition whose queue filled up while its batch
+            // was committing would then wait a whole second for its next
+            // fetch — most of the replay time with large JSON messages.
+            .set_if_absent("fetch.queue.backoff.ms", "10")
             // Feeds the consumer-lag gauge with high watermarks.
             .set_if_absent("statistics.interval.ms", "5000")
             .create_with_context(RebalanceForwarder {
