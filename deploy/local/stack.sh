@@ -3,7 +3,8 @@
 # with Debezium, MirrorMaker 2, Apicurio Registry and Prometheus, all on
 # loopback. Usage: stack.sh install|up|down|status|workers-up|workers-down
 #
-#   install       Debian packages (apt-get) and the JVM pieces (Maven, deploy/local/pom.xml)
+#   install       Debian packages (apt-get) and the JVM pieces (Maven, deploy/local/pom.xml,
+#                 avro-converter/pom.xml, jdbc-sink/pom.xml)
 #   up            install if needed, then start every service behind a readiness
 #                 check; a running service is left alone (idempotent). The
 #                 regionsync workers are not started by `up`.
@@ -149,9 +150,28 @@ install_jvm() {
   touch "$DIST/.installed"
 }
 
+# The Debezium JDBC sink (the benchmark's peer) in its own plugin folder,
+# installed apart from install_jvm so that adding or changing it touches only
+# that folder: Connect's plugin.path is the parent $DIST/plugins, so a running
+# worker is left alone and loads the sink on its next start.
+JDBC_SINK_DIR="$DIST/plugins/debezium-connector-jdbc"
+install_jdbc_sink() {
+  if [ -f "$JDBC_SINK_DIR/.installed" ] && [ "$JDBC_SINK_DIR/.installed" -nt "$HERE/jdbc-sink/pom.xml" ]; then
+    return 0
+  fi
+  log "resolving the Debezium JDBC sink connector with Maven (deploy/local/jdbc-sink/pom.xml)"
+  rm -rf "$JDBC_SINK_DIR" "$DIST/.jdbc-sink-markers"
+  mkdir -p "$DIST/plugins"
+  mvn -B -q -f "$HERE/jdbc-sink/pom.xml" -Dstack.dist="$DIST" dependency:unpack
+  compgen -G "$JDBC_SINK_DIR/debezium-connector-jdbc-*.jar" >/dev/null ||
+    die "the JDBC sink tarball did not unpack into $JDBC_SINK_DIR"
+  touch "$JDBC_SINK_DIR/.installed"
+}
+
 cmd_install() {
   install_debian
   install_jvm
+  install_jdbc_sink
 }
 
 # --- PostgreSQL ---------------------------------------------------------------
