@@ -324,8 +324,11 @@ fn parse_framed(bytes: &[u8], what: &str) -> Result<(Json, Option<Rc<Json>>), De
 /// table version), so the bound is only a guard against a schema per message.
 const SCHEMA_CACHE_SIZE: usize = 256;
 
+/// Parsed schemas by the xxh64 of their text, with the text to confirm a hit.
+type SchemaCache = HashMap<u64, (Box<str>, Rc<Json>)>;
+
 thread_local! {
-    static SCHEMAS: RefCell<HashMap<u64, (Box<str>, Rc<Json>)>> = RefCell::new(HashMap::new());
+    static SCHEMAS: RefCell<SchemaCache> = RefCell::new(HashMap::new());
 }
 
 fn cached_schema(text: &str, what: &str) -> Result<Option<Rc<Json>>, DecodeError> {
