@@ -712,6 +712,7 @@ mod tests {
             after,
             source_ts_ms: 1_000,
             lsn: None,
+            origin: None,
             snapshot: false,
         }
     }

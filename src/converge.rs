@@ -256,8 +256,8 @@ mod tests {
         /// writes too): the same versions again, echoes or duplicates.
         Upserts,
         /// Those and the deletes its worker applied, which the next worker
-        /// versions `before.hlc + 1` from the relaying region: the known gap
-        /// docs/CONVERGENCE.md describes.
+        /// would version `before.hlc + 1` from the relaying region — why the
+        /// deployed worker skips relays (docs/CONVERGENCE.md).
         All,
     }
 
@@ -747,15 +747,16 @@ mod tests {
         assert_eq!(sim.key(US, K).tombstone, Some(d));
     }
 
-    /// The known gap (docs/CONVERGENCE.md, "Relayed deletes"): Debezium in
-    /// a region also captures the deletes its worker applied, and the next
-    /// worker gives such a relayed delete a version of its own, one step
-    /// after its before image, from the relaying region. Two regions
-    /// suffice: here that version equals a later re-insert's and refuses
-    /// it, and the regions disagree for good. This test pins the
-    /// counterexample; a fix must change it.
+    /// Why the worker skips relays (docs/CONVERGENCE.md, "Relays"):
+    /// Debezium in a region also captures the deletes its worker applied,
+    /// and a worker that applied such a relayed delete would give it a
+    /// version of its own, one step after its before image, from the
+    /// relaying region. Two regions suffice: here that version equals a
+    /// later re-insert's and refuses it, and the regions disagree for good.
+    /// The deployed pipeline marks the worker's sessions with a replication
+    /// origin and skips relays (`Relay::Off` in the simulations).
     #[test]
-    fn known_gap_a_relayed_delete_can_refuse_a_later_insert() {
+    fn relayed_deletes_would_diverge() {
         const K: u8 = 3;
         let mesh = Mesh {
             fifo: true,

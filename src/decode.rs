@@ -91,6 +91,9 @@ pub struct Change {
     pub source_ts_ms: i64,
     /// `source.lsn`, when present.
     pub lsn: Option<i64>,
+    /// `source.origin`: the replication origin the source transaction ran
+    /// under, if any (a regionsync apply session's is `regionsync_<pid>`).
+    pub origin: Option<String>,
     /// `source.snapshot` is set (anything but "false").
     pub snapshot: bool,
 }
@@ -217,6 +220,7 @@ struct Envelope {
     after: Option<Row>,
     source_ts_ms: i64,
     lsn: Option<i64>,
+    origin: Option<String>,
     snapshot: bool,
 }
 
@@ -252,6 +256,7 @@ impl Envelope {
             after: self.after,
             source_ts_ms: self.source_ts_ms,
             lsn: self.lsn,
+            origin: self.origin,
             snapshot: self.snapshot,
         }))
     }
@@ -429,6 +434,16 @@ fn json_envelope(
             ))
         })?),
     };
+    let origin = match source.get("origin") {
+        None | Some(Json::Null) => None,
+        Some(Json::String(s)) => Some(s.clone()),
+        Some(other) => {
+            return Err(envelope_error(format!(
+                "field `source.origin` is {}, expected a string",
+                json_kind(other)
+            )))
+        }
+    };
     let snapshot = match source.get("snapshot") {
         None | Some(Json::Null) => false,
         Some(Json::Bool(b)) => *b,
@@ -458,6 +473,7 @@ fn json_envelope(
         after: image("after")?,
         source_ts_ms,
         lsn,
+        origin,
         snapshot,
     })
 }
@@ -910,6 +926,10 @@ fn avro_envelope<'a>(
         after: image("after")?,
         source_ts_ms: long("ts_ms", true)?.unwrap_or_default(),
         lsn: long("lsn", false)?,
+        origin: match avro_get(source, "origin") {
+            Some(AvroValue::String(s)) => Some(s.clone()),
+            _ => None,
+        },
         snapshot,
     })
 }
@@ -1802,6 +1822,7 @@ mod tests {
         assert_eq!((c.schema.as_str(), c.table.as_str()), ("public", "users"));
         assert_eq!(c.source_ts_ms, 1795813071636);
         assert_eq!(c.lsn, Some(26864688));
+        assert_eq!(c.origin, None, "no replication origin on a local write");
         assert!(!c.snapshot);
         assert_eq!(c.before, None);
         assert_eq!(c.key.get("id"), Some(&plain(Field::Int(1))));
@@ -2051,6 +2072,13 @@ mod tests {
         });
         let c = change(decode_json(Some(KEY), Some(&value)).unwrap());
         assert_eq!((c.snapshot, c.lsn), (false, None));
+
+        // A change applied under a replication origin names it.
+        let value = with_payload(|p| {
+            source_mut(p).insert("origin".into(), json!("regionsync_4242"));
+        });
+        let c = change(decode_json(Some(KEY), Some(&value)).unwrap());
+        assert_eq!(c.origin.as_deref(), Some("regionsync_4242"));
     }
 
     #[test]

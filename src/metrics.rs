@@ -53,6 +53,10 @@ pub mod outcome {
     /// Replaced by a later change of the same key within one batch.
     pub const SUPERSEDED: &str = "superseded";
     pub const ECHO: &str = "echo";
+    /// Applied in the source region by its own worker (Debezium's
+    /// `source.origin` names a regionsync session), i.e. relayed: the
+    /// original reaches this region directly.
+    pub const RELAY: &str = "relay";
     pub const DUPLICATE: &str = "duplicate";
     pub const TOMBSTONE: &str = "tombstone";
     pub const HEARTBEAT: &str = "heartbeat";

@@ -4,7 +4,7 @@
 //! (DESIGN.md §7) are still to come.
 
 use anyhow::Context as _;
-use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
+use deadpool_postgres::{Hook, HookError, Manager, ManagerConfig, Pool, RecyclingMethod};
 
 use crate::apply::TargetTable;
 use crate::config::Config;
@@ -13,7 +13,21 @@ use crate::config::Config;
 /// trigger function); idempotent.
 pub const SCHEMA_SQL: &str = include_str!("../schemas/regionsync.sql");
 
-/// A pool of connections to the target database.
+/// Prefix of the replication origin each apply session runs under.
+pub const ORIGIN_PREFIX: &str = "regionsync_";
+
+/// Marks the session with a replication origin of its own (PostgreSQL allows
+/// one session per origin), so that this region's Debezium tags every change
+/// the worker applies with `source.origin`: the other regions then know it
+/// for a relay of a change they receive directly, and skip it.
+const MARK_SESSION_SQL: &str = "
+    SELECT pg_replication_origin_create(o.name)
+      FROM (SELECT 'regionsync_' || pg_backend_pid() AS name) o
+     WHERE pg_replication_origin_oid(o.name) IS NULL;
+    SELECT pg_replication_origin_session_setup('regionsync_' || pg_backend_pid());";
+
+/// A pool of connections to the target database; every connection applies
+/// under its own replication origin (`regionsync_<backend pid>`).
 pub fn pool(config: &Config) -> anyhow::Result<Pool> {
     let mut pg = tokio_postgres::Config::new();
     pg.host(&config.postgres.host)
@@ -32,8 +46,21 @@ pub fn pool(config: &Config) -> anyhow::Result<Pool> {
             recycling_method: RecyclingMethod::Fast,
         },
     );
+    let user = config.postgres.user.clone();
     Pool::builder(manager)
         .max_size(config.postgres.pool_size)
+        .post_create(Hook::async_fn(move |client, _| {
+            let user = user.clone();
+            Box::pin(async move {
+                client.batch_execute(MARK_SESSION_SQL).await.map_err(|e| {
+                    HookError::Message(format!(
+                        "marking the apply session with a replication origin: {e}; as a superuser run: \
+                         GRANT EXECUTE ON FUNCTION pg_replication_origin_create(text), \
+                         pg_replication_origin_oid(text), pg_replication_origin_session_setup(text) TO {user}"
+                    ).into())
+                })
+            })
+        }))
         .build()
         .context("building the PostgreSQL pool")
 }

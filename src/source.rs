@@ -39,6 +39,7 @@ use crate::decode::{self, Decoded, Op};
 use crate::lag::{self, LagTracker};
 use crate::metrics::{self as m, outcome, ReadyCheck};
 use crate::offsets;
+use crate::ops;
 
 /// Where a mirrored topic's messages go.
 #[derive(Clone, Debug)]
@@ -625,6 +626,18 @@ async fn apply_batch(
                 .or_default() += 1;
             continue;
         };
+        if change
+            .origin
+            .as_deref()
+            .is_some_and(|o| o.starts_with(ops::ORIGIN_PREFIX))
+        {
+            // A change the source region's worker applied there: its
+            // original comes straight from the region that made it.
+            *skipped
+                .entry((outcome::RELAY, shared.tables[table].name.clone()))
+                .or_default() += 1;
+            continue;
+        }
         let config = &shared.config.tables[table];
         if !config.accepts_source(topic, &change.schema, &change.table) {
             rejected.push(Rejected {

@@ -475,3 +475,79 @@ async fn a_truncate_in_a_empties_the_table_in_b() {
     assert!(marked.is_some(), "B records the truncate");
     worker.stop().await;
 }
+
+/// What region B's worker applies, B's Debezium captures again: those events
+/// carry the worker's replication origin (`source.origin`), and region A's
+/// worker skips them as relays (their originals came from A itself), so
+/// nothing loops or is re-versioned.
+#[tokio::test(flavor = "multi_thread")]
+async fn changes_applied_by_a_worker_are_marked_and_skipped_as_relays() {
+    let counters = counters();
+    let (a, b) = (region_a(), region_b());
+    let table = TestTable::create("relay").await;
+    let topic = format!("cdc.public.{}", table.name);
+    let worker_b = Worker::start(worker_config(&table, &topic));
+    write_mixed(&table, 300, 50, 0xfeed).await;
+    let rows = table.wait_converged(Duration::from_secs(120)).await;
+    worker_b.stop().await;
+
+    // B's own capture of what its worker wrote, mirrored into A's Kafka.
+    let relayed_topic = mirrored(&b, &topic);
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let relayed = tokio::task::block_in_place(|| {
+        TopicReader::open(&a, &relayed_topic, deadline).collect(
+            deadline,
+            |m| m.payload().is_some(),
+            |found| found.len() >= rows,
+        )
+    });
+    assert!(relayed.len() >= rows, "{} relayed events", relayed.len());
+    for m in &relayed {
+        let v = json_payload(m.payload()).expect("JSON event");
+        let origin = v["source"]["origin"].as_str().unwrap_or_default();
+        assert!(
+            origin.starts_with("regionsync_"),
+            "a change applied by the worker carries its origin: {}",
+            v["source"]
+        );
+    }
+
+    // A's worker consumes B's topic: every event is a relay, none applied.
+    let before = table.rows(&a).await;
+    let toml = worker_toml(&table, &topic, "")
+        .replace(
+            &format!("region = \"{}\"", b.name),
+            &format!("region = \"{}\"", a.name),
+        )
+        .replace(&b.kafka, &a.kafka)
+        .replace(
+            &format!("port = {}", b.pg_port),
+            &format!("port = {}", a.pg_port),
+        )
+        .replace("consumer_group = \"test-", "consumer_group = \"test-a-");
+    let worker_a = Worker::start(regionsync::config::Config::from_toml(&toml).expect("A's config"));
+    let target = format!("public.{}", table.name);
+    let of = |outcome: &str| {
+        counters.total(
+            "regionsync_events_total",
+            &[
+                ("source_region", b.name.as_str()),
+                ("table", target.as_str()),
+                ("outcome", outcome),
+            ],
+        )
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while of("relay") < relayed.len() as u64 {
+        assert!(
+            Instant::now() < deadline,
+            "{} of {} relays counted",
+            of("relay"),
+            relayed.len()
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert_eq!(of("applied"), 0, "no relay is applied");
+    assert_eq!(table.rows(&a).await, before, "A's table is unchanged");
+    worker_a.stop().await;
+}

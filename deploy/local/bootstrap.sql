@@ -40,6 +40,10 @@ ALTER DEFAULT PRIVILEGES FOR ROLE app IN SCHEMA public
 ALTER DEFAULT PRIVILEGES FOR ROLE postgres IN SCHEMA public
     GRANT SELECT, INSERT, UPDATE, DELETE, TRUNCATE ON TABLES TO regionsync;
 GRANT SET ON PARAMETER session_replication_role TO regionsync;
+-- Each apply session runs under a replication origin of its own, so this
+-- region's Debezium marks the changes the worker applies (source.origin).
+GRANT EXECUTE ON FUNCTION pg_replication_origin_create(text),
+    pg_replication_origin_oid(text), pg_replication_origin_session_setup(text) TO regionsync;
 
 -- The application owns its tables (tests create theirs as `app` too).
 ALTER TABLE public.users OWNER TO app;
