@@ -307,21 +307,40 @@ fn parse_json(bytes: &[u8], what: &str) -> Result<Json, DecodeError> {
 fn parse_framed(bytes: &[u8], what: &str) -> Result<(Json, Option<Rc<Json>>), DecodeError> {
     #[derive(serde::Deserialize)]
     struct Framed<'a> {
-        #[serde(borrow)]
+        #[serde(default, borrow, deserialize_with = "present")]
         schema: Option<&'a RawValue>,
-        #[serde(borrow)]
+        #[serde(default, borrow, deserialize_with = "present")]
         payload: Option<&'a RawValue>,
     }
-    match serde_json::from_slice::<Framed>(bytes) {
-        Ok(Framed {
+    // A key that is there, even as `null`, is Some (serde would say None).
+    fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<&'de RawValue>, D::Error> {
+        serde::Deserialize::deserialize(d).map(Some)
+    }
+    let is_object = bytes
+        .iter()
+        .find(|b| !b.is_ascii_whitespace())
+        .is_some_and(|b| *b == b'{');
+    if is_object {
+        if let Ok(Framed {
             schema: Some(schema),
             payload: Some(payload),
-        }) => Ok((
-            parse_json(payload.get().as_bytes(), what)?,
-            cached_schema(schema.get(), what)?,
-        )),
-        // Schemaless, or not an object at all: the whole document.
-        _ => Ok((parse_json(bytes, what)?, None)),
+        }) = serde_json::from_slice::<Framed>(bytes)
+        {
+            return Ok((
+                parse_json(payload.get().as_bytes(), what)?,
+                cached_schema(schema.get(), what)?,
+            ));
+        }
+    }
+    // Schemaless, not an object, or unusual (e.g. a repeated key, where the
+    // last one counts): the whole document, split as it is.
+    match parse_json(bytes, what)? {
+        Json::Object(mut doc) if doc.contains_key("schema") && doc.contains_key("payload") => {
+            let payload = doc.remove("payload").unwrap_or(Json::Null);
+            let schema = doc.remove("schema").filter(|s| !s.is_null()).map(Rc::new);
+            Ok((payload, schema))
+        }
+        doc => Ok((doc, None)),
     }
 }
 
@@ -1782,6 +1801,33 @@ mod tests {
                 assert_eq!((c.before, c.after), (None, None));
             }
         }
+    }
+
+    #[test]
+    fn framing_null_schema_null_payload_and_repeated_keys() {
+        let payload = schemaless("c", json!(null), json!({"id": 1}));
+        let payload: Json = serde_json::from_slice(&payload).unwrap();
+        // `schema: null` (schemaless data with schemas.enable): the payload.
+        let value = serde_json::to_vec(&json!({"schema": null, "payload": payload})).unwrap();
+        assert_eq!(
+            change(decode_json(Some(KEY), Some(&value)).unwrap()).op,
+            Op::Create
+        );
+        // `payload: null`: a tombstone.
+        let value = br#"{"schema": {"type": "struct"}, "payload": null}"#;
+        assert!(matches!(
+            decode_json(Some(KEY), Some(value)),
+            Ok(Decoded::Tombstone { .. })
+        ));
+        // A repeated key: the last one counts, as before.
+        let value = format!(r#"{{"schema": null, "payload": null, "payload": {payload}}}"#);
+        assert_eq!(
+            change(decode_json(Some(KEY), Some(value.as_bytes())).unwrap()).op,
+            Op::Create
+        );
+        // A two-element array is not a schema/payload pair.
+        let value = format!(r#"[null, {payload}]"#);
+        assert!(decode_json(Some(KEY), Some(value.as_bytes())).is_err());
     }
 
     #[test]

@@ -13,22 +13,67 @@ use crate::config::Config;
 /// trigger function); idempotent.
 pub const SCHEMA_SQL: &str = include_str!("../schemas/regionsync.sql");
 
-/// Prefix of the replication origin each apply session runs under.
+/// Prefix of the replication origins the apply sessions run under.
 pub const ORIGIN_PREFIX: &str = "regionsync_";
 
-/// Marks the session with a replication origin of its own (PostgreSQL allows
-/// one session per origin), so that this region's Debezium tags every change
-/// the worker applies with `source.origin`: the other regions then know it
-/// for a relay of a change they receive directly, and skip it.
+/// How many origins (`regionsync_0` … `regionsync_63`) the sessions of all
+/// workers on one database share. PostgreSQL lets one session use an origin
+/// at a time and keeps a shared-memory slot (out of `max_replication_slots`)
+/// for each origin ever used until it is dropped, so the set is fixed: at
+/// most this many slots, however often workers reconnect.
+pub const ORIGINS: u32 = 64;
+
+/// Marks the session with the first free origin of the set, so that this
+/// region's Debezium tags every change the worker applies with
+/// `source.origin`: the other regions then know it for a relay of a change
+/// they receive directly, and skip it.
 const MARK_SESSION_SQL: &str = "
-    SELECT pg_replication_origin_create(o.name)
-      FROM (SELECT 'regionsync_' || pg_backend_pid() AS name) o
-     WHERE pg_replication_origin_oid(o.name) IS NULL;
-    SELECT pg_replication_origin_session_setup('regionsync_' || pg_backend_pid());";
+DO $$
+BEGIN
+    FOR i IN 0..63 LOOP
+        BEGIN
+            IF pg_replication_origin_oid('regionsync_' || i) IS NULL THEN
+                PERFORM pg_replication_origin_create('regionsync_' || i);
+            END IF;
+            PERFORM pg_replication_origin_session_setup('regionsync_' || i);
+            RETURN;
+        EXCEPTION
+            -- used by another session right now, or created concurrently
+            WHEN object_in_use OR unique_violation THEN NULL;
+        END;
+    END LOOP;
+    RAISE EXCEPTION 'all 64 regionsync replication origins are in use'
+        USING ERRCODE = 'configuration_limit_exceeded';
+END
+$$";
+
+/// Why marking a session failed, with what to do about it.
+fn mark_session_error(e: &tokio_postgres::Error, user: &str) -> String {
+    let code = e.code().map(|c| c.code()).unwrap_or_default();
+    let detail = e
+        .as_db_error()
+        .map_or(e.to_string(), |d| d.message().to_string());
+    match code {
+        "42501" => format!(
+            "marking the apply session with a replication origin: {detail}; as a superuser run: \
+             GRANT EXECUTE ON FUNCTION pg_replication_origin_create(text), \
+             pg_replication_origin_oid(text), pg_replication_origin_session_setup(text) TO {user}"
+        ),
+        "53400" => format!(
+            "marking the apply session with a replication origin: {detail}; set max_replication_slots \
+             to at least {ORIGINS}: it also bounds the replication origin states, and regionsync uses up to {ORIGINS} origins"
+        ),
+        _ => format!("marking the apply session with a replication origin: {detail}"),
+    }
+}
 
 /// A pool of connections to the target database; every connection applies
-/// under its own replication origin (`regionsync_<backend pid>`).
+/// under a replication origin of its own (`regionsync_0` … `regionsync_63`).
 pub fn pool(config: &Config) -> anyhow::Result<Pool> {
+    pool_with(config, true)
+}
+
+fn pool_with(config: &Config, mark_sessions: bool) -> anyhow::Result<Pool> {
     let mut pg = tokio_postgres::Config::new();
     pg.host(&config.postgres.host)
         .port(config.postgres.port)
@@ -47,22 +92,19 @@ pub fn pool(config: &Config) -> anyhow::Result<Pool> {
         },
     );
     let user = config.postgres.user.clone();
-    Pool::builder(manager)
-        .max_size(config.postgres.pool_size)
-        .post_create(Hook::async_fn(move |client, _| {
+    let mut builder = Pool::builder(manager).max_size(config.postgres.pool_size);
+    if mark_sessions {
+        builder = builder.post_create(Hook::async_fn(move |client, _| {
             let user = user.clone();
             Box::pin(async move {
-                client.batch_execute(MARK_SESSION_SQL).await.map_err(|e| {
-                    HookError::Message(format!(
-                        "marking the apply session with a replication origin: {e}; as a superuser run: \
-                         GRANT EXECUTE ON FUNCTION pg_replication_origin_create(text), \
-                         pg_replication_origin_oid(text), pg_replication_origin_session_setup(text) TO {user}"
-                    ).into())
-                })
+                client
+                    .batch_execute(MARK_SESSION_SQL)
+                    .await
+                    .map_err(|e| HookError::Message(mark_session_error(&e, &user).into()))
             })
-        }))
-        .build()
-        .context("building the PostgreSQL pool")
+        }));
+    }
+    builder.build().context("building the PostgreSQL pool")
 }
 
 /// What `setup` found: the problems it could not fix itself.
@@ -74,7 +116,8 @@ pub struct SetupReport {
 /// Creates the regionsync schema and checks every configured table and the
 /// role's right to apply as a replica.
 pub async fn setup(config: &Config) -> anyhow::Result<SetupReport> {
-    let pool = pool(config)?;
+    // Unmarked: a missing grant is a problem to report, not a failure.
+    let pool = pool_with(config, false)?;
     let client = pool.get().await.context("connecting to PostgreSQL")?;
     client
         .batch_execute(SCHEMA_SQL)
@@ -95,6 +138,11 @@ pub async fn setup(config: &Config) -> anyhow::Result<SetupReport> {
             "role {} may not set session_replication_role ({e}); as a superuser run: GRANT SET ON PARAMETER session_replication_role TO {}",
             config.postgres.user, config.postgres.user
         ));
+    }
+    if let Err(e) = client.batch_execute(MARK_SESSION_SQL).await {
+        report
+            .problems
+            .push(mark_session_error(&e, &config.postgres.user));
     }
     Ok(report)
 }

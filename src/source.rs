@@ -6,8 +6,9 @@
 //!   sought to its stored `regionsync.offsets` row, then resumed; messages
 //!   below the stored offset are never applied again.
 //! - Each partition is applied by its own task, in order, in batches closed
-//!   by count, bytes or linger time; partitions run concurrently on the
-//!   connection pool. Bounded channels stop reading Kafka when apply lags.
+//!   by count, bytes or linger time, reading its own librdkafka queue;
+//!   partitions run concurrently on the connection pool. librdkafka stops
+//!   fetching a partition whose queue is full, which bounds memory.
 //! - A message that cannot be decoded or applied goes to the dead-letter
 //!   topic (or stops the worker, with `on_error = stop`), and the offset moves
 //!   past it in the same transaction as the batch around it.
@@ -63,6 +64,9 @@ pub struct Shared {
     pub lag: LagTracker,
     /// Next offset to apply per owned partition, for the consumer-lag gauge.
     positions: Mutex<HashMap<(String, i32), i64>>,
+    /// When a batch last committed (ms): proof enough that PostgreSQL
+    /// answers, so readiness need not queue for a busy pool.
+    last_commit_ms: std::sync::atomic::AtomicI64,
 }
 
 /// Forwards assignments and revocations to the main loop. New partitions are
@@ -224,6 +228,7 @@ impl Shared {
             config,
             lag,
             positions: Mutex::new(HashMap::new()),
+            last_commit_ms: std::sync::atomic::AtomicI64::new(0),
         };
         Ok((Arc::new(shared), events_rx))
     }
@@ -251,6 +256,12 @@ impl ReadyCheck for Shared {
                 .map_err(|e| format!("Kafka: {e}"))?;
             if assigned.count() == 0 {
                 return Err("Kafka: no partitions assigned".to_string());
+            }
+            let last_commit = self
+                .last_commit_ms
+                .load(std::sync::atomic::Ordering::Relaxed);
+            if lag::now_ms() - last_commit < 5_000 {
+                return Ok(());
             }
             let ping = async {
                 let client = self.pool.get().await.map_err(|e| e.to_string())?;
@@ -331,6 +342,11 @@ pub async fn run(
     info!(group = %shared.group, topics = ?topics, "consuming");
     let reporter = tokio::spawn(report_lag(shared.clone()));
     let mut tasks: HashMap<(String, i32), PartitionTask> = HashMap::new();
+    // One queue per partition for the consumer's life: dropping a split
+    // queue detaches librdkafka's wake-up from it, which would leave a new
+    // queue of the same partition (reassigned while the old task finished
+    // its batch) never woken again.
+    let mut queues: HashMap<(String, i32), Arc<Queue>> = HashMap::new();
     let (failed_tx, mut failed_rx) = mpsc::unbounded_channel::<anyhow::Error>();
     tokio::pin!(shutdown);
     let result = loop {
@@ -343,11 +359,19 @@ pub async fn run(
                     // Split each (still paused) partition off the main queue
                     // before it is resumed, so no message lands there.
                     for (topic, partition) in &parts {
-                        let Some(queue) = shared.consumer.split_partition_queue(topic, *partition) else {
-                            // Its messages would reach the main queue, which
-                            // restarts the worker (from the stored offsets).
-                            warn!(topic = %topic, partition, "could not give the partition its own queue");
-                            continue;
+                        let key = (topic.clone(), *partition);
+                        let queue = match queues.get(&key) {
+                            Some(q) => q.clone(),
+                            None => match shared.consumer.split_partition_queue(topic, *partition) {
+                                Some(q) => queues.entry(key).or_insert(Arc::new(q)).clone(),
+                                None => {
+                                    // Its messages would reach the main queue,
+                                    // which restarts the worker (from the
+                                    // stored offsets).
+                                    warn!(topic = %topic, partition, "could not give the partition its own queue");
+                                    continue;
+                                }
+                            },
                         };
                         let (stop, stopped) = watch::channel(());
                         let task = tokio::spawn(partition_loop(
@@ -361,10 +385,8 @@ pub async fn run(
                 }
                 RebalanceEvent::Revoked(parts) => {
                     // Dropping the stop sender lets the task finish the batch
-                    // it holds.
-                    let mut positions = shared.positions.lock().expect("positions lock");
+                    // it holds (it then forgets its position).
                     for p in parts {
-                        positions.remove(&p);
                         tasks.remove(&p);
                     }
                 }
@@ -428,7 +450,9 @@ async fn seek_to_stored(shared: &Shared, parts: &[(String, i32)]) -> anyhow::Res
                 seek.add_partition_offset(topic, *partition, Offset::Offset(next))?;
             }
             None => {
-                info!(topic = %topic, partition, "no stored offset; starting from the beginning")
+                // Not from Kafka's committed offset, which is only a copy.
+                info!(topic = %topic, partition, "no stored offset; starting from the beginning");
+                seek.add_partition_offset(topic, *partition, Offset::Beginning)?;
             }
         }
     }
@@ -464,13 +488,24 @@ where
     }
 }
 
-/// One partition: batches, applies, stores offsets, forever (until its
-/// channel closes).
+/// Removes a partition's position when its task ends.
+struct Forget<'a>(&'a Shared, (String, i32));
+
+impl Drop for Forget<'_> {
+    fn drop(&mut self) {
+        if let Ok(mut positions) = self.0.positions.lock() {
+            positions.remove(&self.1);
+        }
+    }
+}
+
+/// One partition: batches, applies, stores offsets, until told to stop
+/// (its stop sender dropped on revocation or shutdown).
 async fn partition_loop(
     shared: Arc<Shared>,
     topic: String,
     partition: i32,
-    queue: Queue,
+    queue: Arc<Queue>,
     mut stop: watch::Receiver<()>,
     failed: mpsc::UnboundedSender<anyhow::Error>,
 ) -> anyhow::Result<()> {
@@ -506,6 +541,8 @@ async fn partition_loop(
             .insert((topic.clone(), partition), next);
     };
     set_position(next);
+    // However the task ends, its partition leaves the consumer-lag gauge.
+    let _forget = Forget(&shared, (topic.clone(), partition));
     let linger = shared.config.apply.linger();
     loop {
         let Some(first) = next_message(&queue, &mut stop).await else {
@@ -719,6 +756,9 @@ async fn apply_batch(
         match committed {
             Ok(counts) => {
                 let now = lag::now_ms();
+                shared
+                    .last_commit_ms
+                    .store(now, std::sync::atomic::Ordering::Relaxed);
                 if let Some(ts) = newest_ts_ms {
                     shared
                         .lag
