@@ -168,16 +168,12 @@ impl Shared {
         // not reset it to zero.
         let group = config.consumer_group();
         let lag = LagTracker::new(config.source_regions(), lag::now_ms());
-        for (topic, ts_ms) in offsets::newest_source_times(&**client, &group)
+        let stored = offsets::newest_source_times(&**client, &group)
             .await
             .context(
                 "reading regionsync.offsets (is the schema current? `regionsync setup` updates it)",
-            )?
-        {
-            if let Some(route) = routes.get(&topic) {
-                lag.committed(&route.source_region, ts_ms, route.table.is_none());
-            }
-        }
+            )?;
+        record_stored_times(&lag, &routes, stored);
         drop(client);
         let mut decoders = HashMap::new();
         for region in config.source_regions() {
@@ -279,13 +275,46 @@ impl ReadyCheck for Shared {
     }
 }
 
+/// Feeds the newest source times stored per topic (by any replica of the
+/// group) into the lag tracker.
+fn record_stored_times(
+    lag: &LagTracker,
+    routes: &HashMap<String, Route>,
+    stored: Vec<(String, i64)>,
+) {
+    for (topic, ts_ms) in stored {
+        if let Some(route) = routes.get(&topic) {
+            lag.committed(&route.source_region, ts_ms, route.table.is_none());
+        }
+    }
+}
+
 /// Sets the lag gauges every second and readiness every five, for as long
 /// as the worker runs.
+///
+/// Lag counts what the whole consumer group has committed, not only this
+/// replica: every three seconds the newest source times stored in
+/// `regionsync.offsets` (by whichever replica owns the partitions, the
+/// heartbeat's among them) are read back, with a short timeout, so a
+/// replica without a region's heartbeat partition does not report a stall
+/// that is not there. When the database does not answer, the value keeps
+/// growing from what was last known — which is the truth then.
 async fn report_lag(shared: Arc<Shared>) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     for n in 0u64.. {
         tick.tick().await;
+        if n % 3 == 0 {
+            let read = async {
+                let client = shared.pool.get().await.map_err(|e| e.to_string())?;
+                offsets::newest_source_times(&**client, &shared.group)
+                    .await
+                    .map_err(|e| e.to_string())
+            };
+            if let Ok(Ok(stored)) = tokio::time::timeout(Duration::from_millis(800), read).await {
+                record_stored_times(&shared.lag, &shared.routes, stored);
+            }
+        }
         for l in shared.lag.snapshot(lag::now_ms()) {
             let region = l.source_region;
             metrics::gauge!(m::REPLICATION_LAG, "source_region" => region.clone())
