@@ -60,10 +60,16 @@ async fn the_worker_rides_out_postgres_and_kafka_outages_in_its_region() {
         tokio::spawn(async move { write_mixed(&TestTable { name }, 10_000, 2_000, 0x123457).await })
     };
     tokio::time::sleep(Duration::from_secs(2)).await;
-    run(Command::new("kill")
-        .arg("-TERM")
-        .arg(stack_pid(&format!("kafka-{}", b.name))));
+    let kafka = stack_pid(&format!("kafka-{}", b.name));
+    run(Command::new("kill").arg("-TERM").arg(&kafka));
     tokio::time::sleep(Duration::from_secs(5)).await;
+    // Restart only once the old broker has let go of its port and log dir.
+    let gone = std::time::Instant::now() + Duration::from_secs(60);
+    while std::path::Path::new(&format!("/proc/{kafka}")).exists()
+        && std::time::Instant::now() < gone
+    {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
     make_stack_up();
     writer.await.expect("writer");
     table.wait_converged(Duration::from_secs(300)).await;
