@@ -210,18 +210,6 @@ async fn prometheus_watches(worker: &LagWorker) {
     let _ = worker;
 }
 
-fn stack_pid(service: &str) -> String {
-    std::fs::read_to_string(repo_root().join(format!("target/stack/pids/{service}.pid")))
-        .unwrap_or_else(|e| panic!("pid of {service}: {e}"))
-        .trim()
-        .to_string()
-}
-
-fn run(cmd: &mut Command) {
-    let status = tokio::task::block_in_place(|| cmd.status()).expect("run command");
-    assert!(status.success(), "{cmd:?} failed: {status}");
-}
-
 /// PostgreSQL B's postmaster and its children.
 fn postgres_b_processes() -> Vec<String> {
     let postmaster = stack_pid(&format!("postgres-{}", region_b().name));

@@ -11,18 +11,6 @@ use std::time::Duration;
 use support::kit::*;
 use support::*;
 
-fn stack_pid(service: &str) -> String {
-    std::fs::read_to_string(repo_root().join(format!("target/stack/pids/{service}.pid")))
-        .unwrap_or_else(|e| panic!("pid of {service}: {e}"))
-        .trim()
-        .to_string()
-}
-
-fn run(cmd: &mut Command) {
-    let status = tokio::task::block_in_place(|| cmd.status()).expect("run command");
-    assert!(status.success(), "{cmd:?} failed: {status}");
-}
-
 fn make_stack_up() {
     run(Command::new("make")
         .arg("stack-up")

@@ -302,3 +302,17 @@ impl Counters {
             .sum()
     }
 }
+
+/// The pid the stack recorded for `service` (target/stack/pids/).
+pub fn stack_pid(service: &str) -> String {
+    std::fs::read_to_string(repo_root().join(format!("target/stack/pids/{service}.pid")))
+        .unwrap_or_else(|e| panic!("pid of {service}: {e}"))
+        .trim()
+        .to_string()
+}
+
+/// Runs a command to completion (off the async worker) and asserts success.
+pub fn run(cmd: &mut std::process::Command) {
+    let status = tokio::task::block_in_place(|| cmd.status()).expect("run command");
+    assert!(status.success(), "{cmd:?} failed: {status}");
+}
