@@ -85,8 +85,11 @@ BEGIN
     IF TG_OP = 'UPDATE' THEN
         NEW.hlc := greatest(wall, OLD.hlc + 1);
     ELSE
+        -- TG_TABLE_SCHEMA and TG_TABLE_NAME are of type name, collation
+        -- "C": without the COLLATE the comparison cannot use the primary
+        -- key's first column, and every insert scans all tombstones.
         SELECT t.hlc INTO deleted FROM regionsync.tombstones t
-         WHERE t.table_name = TG_TABLE_SCHEMA || '.' || TG_TABLE_NAME
+         WHERE t.table_name = (TG_TABLE_SCHEMA || '.' || TG_TABLE_NAME) COLLATE "default"
            AND t.row_key = regionsync.row_key(to_jsonb(NEW), TG_ARGV::text[]);
         NEW.hlc := greatest(wall, coalesce(deleted + 1, 0));
     END IF;
