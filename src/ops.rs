@@ -36,6 +36,8 @@ BEGIN
                 PERFORM pg_replication_origin_create('regionsync_' || i);
             END IF;
             PERFORM pg_replication_origin_session_setup('regionsync_' || i);
+            -- fails here, at connect, if APPLY_TRANSACTION_SQL could not run
+            PERFORM pg_replication_origin_xact_reset();
             RETURN;
         EXCEPTION
             -- used by another session right now, or created concurrently
@@ -47,6 +49,16 @@ BEGIN
 END
 $$";
 
+/// The first statements of every apply transaction. Under a session origin
+/// PostgreSQL records as each transaction's commit timestamp the origin
+/// timestamp of the session, which, unless reset, stays that of the
+/// session's first commit: `pg_xact_commit_timestamp` of every later row
+/// would be wrong (with `track_commit_timestamp = on`). Resetting it makes
+/// it the local commit time; the source commit times are kept in the rows'
+/// `hlc` and in `regionsync.offsets.source_ts_ms`.
+pub const APPLY_TRANSACTION_SQL: &str =
+    "SET LOCAL session_replication_role = replica; SELECT pg_replication_origin_xact_reset()";
+
 /// Why marking a session failed, with what to do about it.
 fn mark_session_error(e: &tokio_postgres::Error, user: &str) -> String {
     let code = e.code().map(|c| c.code()).unwrap_or_default();
@@ -57,7 +69,8 @@ fn mark_session_error(e: &tokio_postgres::Error, user: &str) -> String {
         "42501" => format!(
             "marking the apply session with a replication origin: {detail}; as a superuser run: \
              GRANT EXECUTE ON FUNCTION pg_replication_origin_create(text), \
-             pg_replication_origin_oid(text), pg_replication_origin_session_setup(text) TO {user}"
+             pg_replication_origin_oid(text), pg_replication_origin_session_setup(text), \
+             pg_replication_origin_xact_reset() TO {user}"
         ),
         "53400" => format!(
             "marking the apply session with a replication origin: {detail}; set max_replication_slots \

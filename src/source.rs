@@ -883,7 +883,7 @@ async fn commit_batch(
         .map_err(|e| BatchError::Transient(e.into()))?;
     let started = Instant::now();
     let tx = client.transaction().await.map_err(classify)?;
-    tx.batch_execute("SET LOCAL session_replication_role = replica")
+    tx.batch_execute(ops::APPLY_TRANSACTION_SQL)
         .await
         .map_err(classify)?;
     let mut counts: HashMap<usize, Applied> = HashMap::new();
@@ -938,8 +938,7 @@ async fn isolate_bad_rows<'a>(
 ) -> anyhow::Result<()> {
     let mut client = shared.pool.get().await?;
     let mut tx = client.transaction().await?;
-    tx.batch_execute("SET LOCAL session_replication_role = replica")
-        .await?;
+    tx.batch_execute(ops::APPLY_TRANSACTION_SQL).await?;
     let mut keep = Vec::new();
     for step in steps.drain(..) {
         if let Step::Row {

@@ -43,7 +43,8 @@ GRANT SET ON PARAMETER session_replication_role TO regionsync;
 -- Each apply session runs under a replication origin of its own, so this
 -- region's Debezium marks the changes the worker applies (source.origin).
 GRANT EXECUTE ON FUNCTION pg_replication_origin_create(text),
-    pg_replication_origin_oid(text), pg_replication_origin_session_setup(text) TO regionsync;
+    pg_replication_origin_oid(text), pg_replication_origin_session_setup(text),
+    pg_replication_origin_xact_reset() TO regionsync;
 
 -- The application owns its tables (tests create theirs as `app` too).
 ALTER TABLE public.users OWNER TO app;
