@@ -31,7 +31,13 @@ PIDS="$STATE/pids"
 source "$HERE/env.sh"
 
 REGIONS=("$REGION_A" "$REGION_B")
-JAVA_SMALL=(-Xms64m -XX:+UseSerialGC -XX:TieredStopAtLevel=1 -Djava.awt.headless=true
+JAVA_SMALL=(-Xms64m -XX:+UseSerialGC -Djava.awt.headless=true
+  "-Dlog4j2.configurationFile=file:$HERE/log4j2.properties")
+# The Connect workers run the connectors under benchmark (Debezium, and the
+# JDBC sink that make bench-peers compares regionsync with): the JVM's own
+# collector and JIT, and the heap Kafka's connect-distributed.sh gives them,
+# so that the peer runs as its users would run it.
+JAVA_CONNECT=(-Xms256m -Xmx2g -Djava.awt.headless=true
   "-Dlog4j2.configurationFile=file:$HERE/log4j2.properties")
 
 log() { printf '[stack] %s\n' "$*" >&2; }
@@ -236,6 +242,11 @@ host  replication all      127.0.0.1/32  scram-sha-256
 EOF
     fresh=1
   fi
+  # The peers benchmark (make bench-peers) reads each row's commit time in both
+  # regions with pg_xact_commit_timestamp; appended here so that a data
+  # directory made before it was needed gets it on its next start too.
+  grep -q '^track_commit_timestamp' "$data/postgresql.conf" ||
+    echo "track_commit_timestamp = on" >>"$data/postgresql.conf"
   chown -R postgres:postgres "$data"
   touch "$LOGS/$name.log"; chown postgres "$LOGS/$name.log"
   log "starting $name (log: $LOGS/$name.log)"
@@ -362,8 +373,10 @@ topic.creation.enable=true
 config.providers=env
 config.providers.env.class=org.apache.kafka.common.config.provider.EnvVarConfigProvider
 EOF
-  REGIONSYNC_DEBEZIUM_PASSWORD="$DEBEZIUM_PASSWORD" \
-    spawn "$name" java -Xmx512m "${JAVA_SMALL[@]}" -cp "$DIST/lib/*" \
+  # The sink password is for the benchmark's peer, the Debezium JDBC sink
+  # (connectors/debezium-jdbc-sink.json), registered only by make bench-peers.
+  REGIONSYNC_DEBEZIUM_PASSWORD="$DEBEZIUM_PASSWORD" REGIONSYNC_SINK_PASSWORD="$REGIONSYNC_PASSWORD" \
+    spawn "$name" java "${JAVA_CONNECT[@]}" -cp "$DIST/lib/*" \
     org.apache.kafka.connect.cli.ConnectDistributed "$dir/connect.properties"
 }
 
