@@ -2,7 +2,7 @@
 SHELL := /bin/bash
 STACK := deploy/local/stack.sh
 
-.PHONY: help demo test lint rules-test unit integration stack-up stack-down stack-status stack-install bench workers-up workers-down
+.PHONY: help demo test lint rules-test unit integration stack-up stack-down stack-status stack-install bench bench-peers workers-up workers-down
 
 help:
 	@echo "make demo          local two-region stack replicating live, lag visible"
@@ -12,6 +12,8 @@ help:
 	@echo "make stack-status  one line per service: state, address, pid, log"
 	@echo "make workers-up    build regionsync (release) and start one worker per region"
 	@echo "make workers-down  stop the workers"
+	@echo "make bench         the apply benchmark, then make bench-peers"
+	@echo "make bench-peers   regionsync against the Debezium JDBC sink, same events, same run"
 
 stack-install:
 	@bash $(STACK) install
@@ -42,10 +44,21 @@ demo:
 # The apply benchmark on real Debezium events (examples/bench.rs): N changes
 # (default 1,000,000; make bench BENCH_ARGS="--changes 200000 --runs 3"),
 # cached in the topics between runs; prints rows/s, batch commit latency,
-# peak RSS, CPU, and the rate as a fraction of the in-memory ceiling.
+# peak RSS, CPU, and the rate as a fraction of the in-memory ceiling. Then
+# bench-peers on the same changes.
 bench: stack-up
-	cargo build --release --bin regionsync --example bench
+	cargo build --release --bin regionsync --example bench --example bench_peers
 	./target/release/examples/bench $(BENCH_ARGS)
+	./target/release/examples/bench_peers $(BENCH_ARGS) $(PEERS_ARGS)
+
+# regionsync against the Debezium JDBC sink on Connect B (examples/
+# bench_peers.rs): bulk apply of the same N changes in JSON and Avro, and live
+# end-to-end latency at 1,000 and 5,000 writes/s; writes target/bench/peers.md,
+# peers.json and peers.svg. Options: make bench-peers PEERS_ARGS="--changes
+# 200000 --runs 1 --rates 1000 --live-seconds 30 --sink-batch 4000 --sink-tasks 2".
+bench-peers: stack-up
+	cargo build --release --bin regionsync --example bench_peers
+	./target/release/examples/bench_peers $(PEERS_ARGS)
 
 # The whole suite: installs what the stack needs (a no-op once done), formatting,
 # lints and the Prometheus rule tests, unit tests, then the integration tests

@@ -1,0 +1,536 @@
+//! What `make bench` (examples/bench.rs) and `make bench-peers`
+//! (examples/bench_peers.rs) share: the cached source changes in region A,
+//! the mirrored topics' settled end offsets, a regionsync run into an empty
+//! copy in region B, and the process and checksum probes that time and
+//! verify every run.
+
+#![allow(dead_code)] // each example uses its own subset
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::ClientConfig;
+use tokio_postgres::{Client, NoTls};
+
+pub const KAFKA_B: &str = "127.0.0.1:29092";
+pub const PG_PORT_A: u16 = 15432;
+pub const PG_PORT_B: u16 = 25432;
+pub const REGIONSYNC_PASSWORD: &str = "regionsync-local";
+
+/// The replicas live in schema `bench`, outside the `regionsync_cdc`
+/// publication (which covers `public`): otherwise region B's own Debezium
+/// would capture every applied row and compete for the two cores, measuring
+/// the stack rather than the apply path.
+pub const BENCH_SCHEMA_SQL: &str = "CREATE SCHEMA IF NOT EXISTS bench;
+     GRANT USAGE ON SCHEMA bench TO regionsync;";
+
+pub fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// `--name VALUE` from the command line, or `default`.
+pub fn arg(name: &str, default: u64) -> u64 {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+pub async fn connect(port: u16, user: &str, password: &str) -> Client {
+    let mut conn_str = format!("host=127.0.0.1 port={port} dbname=app user={user}");
+    if !password.is_empty() {
+        conn_str.push_str(&format!(" password={password}"));
+    }
+    let (client, conn) = tokio_postgres::connect(&conn_str, NoTls)
+        .await
+        .unwrap_or_else(|e| panic!("connect to 127.0.0.1:{port} as {user}: {e}"));
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    client
+}
+
+/// The source table of an N-change bench: one table (and so one topic) per
+/// N, so that the topics of a differently sized earlier bench never mix in.
+pub fn source_table(n: u64) -> String {
+    format!("bench_users_{n}")
+}
+
+/// An empty copy of `public.users` in B's schema `bench`, writable by the
+/// `regionsync` role (which the JDBC sink uses too).
+pub async fn fresh_copy(b_admin: &Client, copy: &str) {
+    b_admin
+        .batch_execute(&format!(
+            "{BENCH_SCHEMA_SQL}
+             DROP TABLE IF EXISTS bench.{copy};
+             CREATE TABLE bench.{copy} (LIKE public.users INCLUDING DEFAULTS INCLUDING CONSTRAINTS INCLUDING INDEXES);
+             GRANT ALL ON bench.{copy} TO regionsync;"
+        ))
+        .await
+        .unwrap_or_else(|e| panic!("create bench.{copy}: {e}"));
+}
+
+/// A copy of `public.users` in region A, captured like any replicated table
+/// (the local stack's publication covers schema `public`): the HLC stamp and
+/// delete-mark triggers of `regionsync setup`, and the full before image.
+pub async fn create_source_table(a: &Client, t: &str) {
+    a.batch_execute(&format!(
+        "DROP TABLE IF EXISTS public.{t};
+         CREATE TABLE public.{t} (LIKE public.users INCLUDING DEFAULTS INCLUDING CONSTRAINTS INCLUDING INDEXES);
+         ALTER TABLE public.{t} OWNER TO app;
+         ALTER TABLE public.{t} REPLICA IDENTITY FULL;
+         CREATE TRIGGER regionsync_stamp_hlc BEFORE INSERT OR UPDATE ON public.{t}
+             FOR EACH ROW EXECUTE FUNCTION regionsync.stamp_hlc('id');
+         CREATE TRIGGER regionsync_mark_deleted AFTER DELETE ON public.{t}
+             FOR EACH ROW EXECUTE FUNCTION regionsync.mark_deleted('id');"
+    ))
+    .await
+    .unwrap_or_else(|e| panic!("create the source table public.{t}: {e}"));
+}
+
+/// The columns and values one generated user row `g` gets (`g` is a bigint
+/// expression), shared by the bulk source and the live writer.
+pub const USER_COLUMNS: &str =
+    "id, email, display_name, age, balance, score, verified, profile, tags, birth_date, last_login";
+pub const USER_VALUES: &str =
+    "g, 'b' || g || '@example.com', 'user ' || g, (g % 90)::int, (g % 100000) / 100.0,
+     g / 7.0, g % 2 = 0, jsonb_build_object('g', g), ARRAY['t' || (g % 10)],
+     date '1980-01-01' + (g % 10000)::int, timestamp '2024-01-01' + make_interval(secs => g)";
+
+/// Writes the N source changes in A (70 % updates, 20 % inserts, 10 %
+/// deletes over N/5 keys) unless a previous bench did (cached).
+pub async fn ensure_source(a: &Client, n: u64) {
+    a.batch_execute(
+        "CREATE TABLE IF NOT EXISTS regionsync.bench_meta (changes bigint PRIMARY KEY, done_at timestamptz)",
+    )
+    .await
+    .expect("bench_meta");
+    let t = source_table(n);
+    let cached = a
+        .query_opt(
+            "SELECT 1 FROM regionsync.bench_meta m WHERE changes = $1
+                AND to_regclass('public.' || $2::text) IS NOT NULL",
+            &[&(n as i64), &t],
+        )
+        .await
+        .expect("meta")
+        .is_some();
+    if cached {
+        println!("source: {n} changes already in the topics (cached)");
+        return;
+    }
+    create_source_table(a, &t).await;
+    let started = Instant::now();
+    let rounds = (n / 10_000).max(1);
+    let (ins, upd, del) = (n / rounds / 5, n / rounds * 7 / 10, n / rounds / 10);
+    let mut next_key: i64 = 1;
+    let mut total = 0u64;
+    for round in 0..rounds {
+        a.batch_execute("BEGIN").await.unwrap();
+        total += a
+            .execute(
+                &format!(
+                    "INSERT INTO {t} ({USER_COLUMNS})
+                     SELECT {USER_VALUES} FROM generate_series($1::bigint, $2::bigint) g"
+                ),
+                &[&next_key, &(next_key + ins as i64 - 1)],
+            )
+            .await
+            .expect("inserts");
+        next_key += ins as i64;
+        let mut done = 0u64;
+        while done < upd {
+            done += a
+                .execute(
+                    &format!(
+                        "UPDATE {t} SET age = coalesce(age, 0) + 1, score = random(), display_name = 'round {round}'
+                          WHERE id IN (SELECT id FROM {t} ORDER BY random() LIMIT $1)"
+                    ),
+                    &[&((upd - done) as i64)],
+                )
+                .await
+                .expect("updates");
+        }
+        total += done;
+        total += a
+            .execute(
+                &format!(
+                    "DELETE FROM {t} WHERE id IN (SELECT id FROM {t} ORDER BY random() LIMIT $1)"
+                ),
+                &[&(del as i64)],
+            )
+            .await
+            .expect("deletes");
+        a.batch_execute("COMMIT").await.unwrap();
+    }
+    println!(
+        "source: {total} changes written to public.{t} in A in {:.1}s",
+        started.elapsed().as_secs_f64()
+    );
+    a.execute(
+        "INSERT INTO regionsync.bench_meta VALUES ($1, now()) ON CONFLICT (changes) DO UPDATE SET done_at = now()",
+        &[&(n as i64)],
+    )
+    .await
+    .expect("meta");
+}
+
+pub fn kafka_b_consumer(group: &str) -> BaseConsumer {
+    ClientConfig::new()
+        .set("bootstrap.servers", KAFKA_B)
+        .set("group.id", group)
+        .set("enable.auto.commit", "false")
+        .create()
+        .expect("consumer")
+}
+
+/// A topic's current end offset per partition in B's Kafka.
+pub fn topic_ends(topic: &str) -> HashMap<i32, i64> {
+    let consumer = kafka_b_consumer("bench-unused");
+    let md = consumer
+        .fetch_metadata(Some(topic), Duration::from_secs(5))
+        .expect("metadata");
+    let partitions = md
+        .topics()
+        .first()
+        .map(|t| t.partitions().len())
+        .unwrap_or(0);
+    (0..partitions as i32)
+        .map(|p| {
+            let (_, high) = consumer
+                .fetch_watermarks(topic, p, Duration::from_secs(5))
+                .expect("watermarks");
+            (p, high)
+        })
+        .collect()
+}
+
+/// The mirrored topic's end offsets, once they stop growing (Debezium and
+/// MirrorMaker 2 have carried everything).
+pub fn settled_ends(topic: &str) -> HashMap<i32, i64> {
+    let mut last = HashMap::new();
+    let mut stable = 0;
+    loop {
+        let ends = topic_ends(topic);
+        if !ends.is_empty() && ends == last {
+            stable += 1;
+            if stable >= 5 {
+                return ends;
+            }
+        } else {
+            stable = 0;
+        }
+        last = ends;
+        std::thread::sleep(Duration::from_secs(2));
+    }
+}
+
+/// user + system CPU seconds of a process (and its reaped children).
+pub fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let fields: Vec<&str> = stat.rsplit(") ").next().unwrap_or("").split(' ').collect();
+    let ticks: f64 = [11, 12, 13, 14]
+        .iter()
+        .filter_map(|i| fields.get(*i).and_then(|v| v.parse::<f64>().ok()))
+        .sum();
+    ticks / 100.0
+}
+
+/// The pid recorded by `stack.sh` for one of the stack's services.
+pub fn stack_pid(service: &str) -> u32 {
+    std::fs::read_to_string(root().join(format!("target/stack/pids/{service}.pid")))
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no pid for {service}: is the stack up (make stack-up)?"))
+}
+
+/// CPU seconds of region B's PostgreSQL: the postmaster and its backends.
+pub fn postgres_b_cpu() -> f64 {
+    let pid = stack_pid("postgres-eu-west-1");
+    let mut total = cpu_seconds(pid);
+    if let Ok(entries) = std::fs::read_dir("/proc") {
+        for e in entries.flatten() {
+            if let Ok(child) = e.file_name().to_string_lossy().parse::<u32>() {
+                let stat =
+                    std::fs::read_to_string(format!("/proc/{child}/stat")).unwrap_or_default();
+                let ppid = stat.rsplit(") ").next().and_then(|r| r.split(' ').nth(1));
+                if ppid == Some(&pid.to_string()) {
+                    total += cpu_seconds(child);
+                }
+            }
+        }
+    }
+    total
+}
+
+/// Resident set size of a process now, in MB.
+pub fn rss_mb(pid: u32) -> f64 {
+    status_kb(pid, "VmRSS:") / 1024.0
+}
+
+/// Peak resident set size of a process over its life, in MB.
+pub fn peak_rss_mb(pid: u32) -> f64 {
+    status_kb(pid, "VmHWM:") / 1024.0
+}
+
+fn status_kb(pid: u32, field: &str) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with(field))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|kb| kb.parse::<f64>().ok())
+        .unwrap_or(0.0)
+}
+
+/// Samples a process's RSS every 100 ms until stopped; `stop` returns the
+/// largest sample in MB. For a process that outlives the run (the Connect
+/// worker), where VmHWM would span its whole life.
+pub struct RssSampler {
+    stop: Arc<AtomicBool>,
+    peak_kb: Arc<AtomicU64>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl RssSampler {
+    pub fn start(pid: u32) -> RssSampler {
+        let stop = Arc::new(AtomicBool::new(false));
+        let peak_kb = Arc::new(AtomicU64::new(0));
+        let (s, p) = (stop.clone(), peak_kb.clone());
+        let thread = std::thread::spawn(move || {
+            while !s.load(Ordering::Relaxed) {
+                p.fetch_max(status_kb(pid, "VmRSS:") as u64, Ordering::Relaxed);
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        });
+        RssSampler {
+            stop,
+            peak_kb,
+            thread,
+        }
+    }
+
+    pub fn stop(self) -> f64 {
+        self.stop.store(true, Ordering::Relaxed);
+        let _ = self.thread.join();
+        self.peak_kb.load(Ordering::Relaxed) as f64 / 1024.0
+    }
+}
+
+/// p50 and p99 of a Prometheus histogram, as bucket upper bounds.
+pub fn histogram_percentiles(metrics: &str, name: &str) -> (f64, f64) {
+    let mut buckets: Vec<(f64, f64)> = metrics
+        .lines()
+        .filter(|l| l.starts_with(&format!("{name}_bucket")))
+        .filter_map(|l| {
+            let le = l.split("le=\"").nth(1)?.split('"').next()?;
+            let le = if le == "+Inf" {
+                f64::INFINITY
+            } else {
+                le.parse().ok()?
+            };
+            Some((le, l.rsplit(' ').next()?.parse().ok()?))
+        })
+        .collect();
+    buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let total = buckets.last().map(|b| b.1).unwrap_or(0.0);
+    let at = |q: f64| {
+        buckets
+            .iter()
+            .find(|b| b.1 >= q * total)
+            .map(|b| b.0)
+            .unwrap_or(f64::NAN)
+    };
+    (at(0.5), at(0.99))
+}
+
+/// Row count and md5 of every row of `table` (schema-qualified), by id.
+pub async fn checksum(client: &Client, table: &str) -> String {
+    client
+        .query_one(
+            &format!("SELECT count(*)::text || ':' || coalesce(md5(string_agg(t::text, '|' ORDER BY id)), '') FROM {table} t"),
+            &[],
+        )
+        .await
+        .expect("checksum")
+        .get(0)
+}
+
+pub fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+/// The `q` quantile (0..=1) of sorted values, nearest rank.
+pub fn quantile(sorted: &[f64], q: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let rank = ((q * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len());
+    sorted[rank - 1]
+}
+
+/// A regionsync worker of region B (the release binary) applying
+/// `us-east-1.<source_topic>` into `bench.<copy>`.
+pub struct Worker {
+    pub child: std::process::Child,
+    pub group: String,
+    pub metrics_port: u16,
+}
+
+impl Worker {
+    /// The consumer group of the worker applying into `bench.<copy>`.
+    pub fn group_for(copy: &str) -> String {
+        format!("bench-{copy}-{}", std::process::id())
+    }
+
+    pub fn start(source_topic: &str, copy: &str, source_table: &str) -> Worker {
+        let group = Worker::group_for(copy);
+        let metrics_port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let toml = format!(
+            r#"region = "eu-west-1"
+regions = ["us-east-1", "eu-west-1"]
+consumer_group = "{group}"
+[kafka]
+bootstrap_servers = "{KAFKA_B}"
+[schema_registry]
+url = "http://127.0.0.1:18081/apis/ccompat/v7"
+[postgres]
+host = "127.0.0.1"
+port = {PG_PORT_B}
+dbname = "app"
+user = "regionsync"
+pool_size = 2
+[metrics]
+listen = "127.0.0.1:{metrics_port}"
+[[tables]]
+topics = ["{source_topic}"]
+target = "bench.{copy}"
+key = ["id"]
+source_table = "public.{source_table}"
+"#
+        );
+        let path = root().join(format!("target/bench/{copy}.toml"));
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(&path, toml).unwrap();
+        let child = Command::new(root().join("target/release/regionsync"))
+            .arg("--config")
+            .arg(&path)
+            .arg("run")
+            .env("REGIONSYNC_POSTGRES__PASSWORD", REGIONSYNC_PASSWORD)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("start target/release/regionsync (cargo build --release first)");
+        Worker {
+            child,
+            group,
+            metrics_port,
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Stored offsets of the worker's group for `topic`.
+    pub async fn stored(&self, b_admin: &Client, topic: &str) -> HashMap<i32, i64> {
+        b_admin
+            .query(
+                "SELECT partition, next_offset FROM regionsync.offsets WHERE consumer_group = $1 AND topic = $2",
+                &[&self.group, &topic],
+            )
+            .await
+            .expect("offsets")
+            .iter()
+            .map(|r| (r.get(0), r.get(1)))
+            .collect()
+    }
+
+    pub async fn metrics(&self) -> String {
+        match reqwest::get(format!("http://127.0.0.1:{}/metrics", self.metrics_port)).await {
+            Ok(r) => r.text().await.unwrap_or_default(),
+            Err(_) => String::new(),
+        }
+    }
+
+    /// SIGTERM (a clean stop), then wait for the exit.
+    pub fn stop(mut self) {
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.child.id().to_string())
+            .status();
+        let _ = self.child.wait();
+    }
+}
+
+/// Whether every partition's position has reached its end offset.
+pub fn reached(ends: &HashMap<i32, i64>, positions: &HashMap<i32, i64>) -> bool {
+    ends.iter()
+        .all(|(p, e)| positions.get(p).copied().unwrap_or(0) >= *e)
+}
+
+/// One timed bulk run of a peer.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct RunResult {
+    pub rows_per_s: f64,
+    pub seconds: f64,
+    /// Batch commit latency percentiles, where the peer reports them.
+    pub p50: f64,
+    pub p99: f64,
+    pub rss_mb: f64,
+    pub cpu_sink: f64,
+    pub cpu_pg: f64,
+}
+
+/// Replays `us-east-1.<source_topic>` (end offsets `ends`) with regionsync
+/// into the empty copy `bench.<copy>`, timed until its stored offsets reach
+/// the ends.
+pub async fn run_regionsync(
+    b_admin: &Client,
+    source_topic: &str,
+    source_table: &str,
+    copy: &str,
+    ends: &HashMap<i32, i64>,
+    n: u64,
+) -> RunResult {
+    fresh_copy(b_admin, copy).await;
+    let pg_before = postgres_b_cpu();
+    let started = Instant::now();
+    let worker = Worker::start(source_topic, copy, source_table);
+    let topic = format!("us-east-1.{source_topic}");
+    while !reached(ends, &worker.stored(b_admin, &topic).await) {
+        assert!(
+            started.elapsed() < Duration::from_secs(1800),
+            "run did not finish in 30 min"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    let cpu_sink = cpu_seconds(worker.pid());
+    let rss_mb = peak_rss_mb(worker.pid());
+    let (p50, p99) =
+        histogram_percentiles(&worker.metrics().await, "regionsync_apply_batch_seconds");
+    let cpu_pg = postgres_b_cpu() - pg_before;
+    worker.stop();
+    RunResult {
+        rows_per_s: n as f64 / seconds,
+        seconds,
+        p50,
+        p99,
+        rss_mb,
+        cpu_sink,
+        cpu_pg,
+    }
+}
