@@ -55,7 +55,7 @@ bench: stack-up
 # bench_peers.rs): bulk apply of the same N changes in JSON and Avro, and live
 # end-to-end latency at 1,000 and 5,000 writes/s; writes target/bench/peers.md,
 # peers.json and peers.svg. Options: make bench-peers PEERS_ARGS="--changes
-# 200000 --runs 1 --rates 1000 --live-seconds 30 --sink-batch 4000 --sink-tasks 2".
+# 200000 --runs 1 --rates 1000 --live-seconds 30 --sink-batch 4000 --sink-tasks 4".
 bench-peers: stack-up
 	cargo build --release --bin regionsync --example bench_peers
 	./target/release/examples/bench_peers $(PEERS_ARGS)

@@ -23,8 +23,8 @@
 //!
 //! ```text
 //! cargo run --release --example bench_peers [-- --changes N --runs R
-//!     --rates 1000,5000 --live-seconds 60 --sink-batch 4000 --sink-tasks 2
-//!     | --source-only]
+//!     --rates 1000,5000 --live-seconds 60 --sink-batch 4000 --sink-tasks 4
+//!     --only jdbc|regionsync | --source-only]
 //! ```
 
 mod support;
@@ -790,7 +790,19 @@ async fn main() {
     let live_seconds = arg("--live-seconds", 60);
     let settings = SinkSettings {
         batch_size: arg("--sink-batch", 4000),
-        tasks: arg("--sink-tasks", 2),
+        tasks: arg("--sink-tasks", 4),
+    };
+    // `--only jdbc` or `--only regionsync`: one peer, e.g. to tune the sink.
+    let args: Vec<String> = std::env::args().collect();
+    let peers: Vec<Peer> = match args
+        .iter()
+        .position(|a| a == "--only")
+        .map(|i| args.get(i + 1))
+    {
+        Some(Some(p)) if p == "jdbc" => vec![Peer::JdbcSink],
+        Some(Some(p)) if p == "regionsync" => vec![Peer::Regionsync],
+        Some(other) => panic!("--only takes jdbc or regionsync, not {other:?}"),
+        None => PEERS.to_vec(),
     };
     let a = connect(PG_PORT_A, "postgres", "").await;
     let b = connect(PG_PORT_B, "postgres", "").await;
@@ -840,11 +852,10 @@ async fn main() {
             for (enc, topic, ends) in &inputs {
                 // Alternate which peer goes first, so neither always runs on
                 // a warmer cache.
-                let order = if run % 2 == 0 {
-                    PEERS
-                } else {
-                    [PEERS[1], PEERS[0]]
-                };
+                let mut order = peers.clone();
+                if run % 2 == 1 {
+                    order.reverse();
+                }
                 for peer in order {
                     let copy = format!("peer_{}_{enc}_{run}", peer.short());
                     let r = match peer {
@@ -878,7 +889,7 @@ async fn main() {
             }
         }
         for (enc, _, _) in &inputs {
-            for peer in PEERS {
+            for peer in peers.iter().copied() {
                 let list = &results[&(*enc, peer)];
                 let rates: Vec<f64> = list.iter().map(|r| r.rows_per_s).collect();
                 report.bulk.push(BulkSummary {
@@ -903,9 +914,11 @@ async fn main() {
                     .map(|b| b.rows_per_s_median)
                     .unwrap_or(f64::NAN)
             };
-            report
-                .ratios
-                .insert(enc.to_string(), med(Peer::Regionsync) / med(Peer::JdbcSink));
+            if peers.len() == PEERS.len() {
+                report
+                    .ratios
+                    .insert(enc.to_string(), med(Peer::Regionsync) / med(Peer::JdbcSink));
+            }
         }
     }
 
@@ -913,7 +926,7 @@ async fn main() {
         let topic = ensure_live_table(&a).await;
         let mut next_id: i64 = 1_000;
         for rate in &rates {
-            for peer in PEERS {
+            for peer in peers.iter().copied() {
                 let l = run_live(
                     &a,
                     &b,
