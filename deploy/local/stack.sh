@@ -133,7 +133,7 @@ install_debian() {
     if [ ! -e $policy ]; then printf '#!/bin/sh\nexit 101\n' >$policy; chmod +x $policy; created_policy=1; fi
     apt-get update -qq
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-    [ -n "$created_policy" ] && rm -f $policy
+    if [ -n "$created_policy" ]; then rm -f $policy; fi
   fi
 }
 
