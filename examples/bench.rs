@@ -25,14 +25,14 @@ use rdkafka::consumer::Consumer;
 use rdkafka::message::Message;
 use rdkafka::{Offset, TopicPartitionList};
 use regionsync::apply::{self, Final, TargetTable};
-use regionsync::config::TableConfig;
+use regionsync::config::{TableConfig, DEFAULT_BATCH_MAX_ROWS};
 use regionsync::decode::{decode_json, Decoded};
 use support::*;
 use tokio_postgres::Client;
 
 /// The ceiling: the JSON topic's changes decoded into memory, then applied
-/// through the same statements (collapsed per batch of 5,000 per
-/// partition), partitions spread over two connections.
+/// through the same statements (collapsed per batch of the worker's default
+/// `batch_max_rows`, per partition), partitions spread over two connections.
 async fn ceiling(b_admin: &Client, topic: &str, ends: &HashMap<i32, i64>, n: u64) -> f64 {
     let copy = "bench_ceiling";
     b_admin
@@ -74,7 +74,7 @@ async fn ceiling(b_admin: &Client, topic: &str, ends: &HashMap<i32, i64>, n: u64
     }
     let mut lanes: Vec<Vec<Vec<Final>>> = vec![vec![], vec![]];
     for (i, (_, finals)) in per_partition.into_iter().enumerate() {
-        lanes[i % 2].extend(finals.chunks(5_000).map(|c| c.to_vec()));
+        lanes[i % 2].extend(finals.chunks(DEFAULT_BATCH_MAX_ROWS).map(|c| c.to_vec()));
     }
     let started = Instant::now();
     let mut tasks = Vec::new();
