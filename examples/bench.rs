@@ -32,7 +32,8 @@ use tokio_postgres::Client;
 
 /// The ceiling: the JSON topic's changes decoded into memory, then applied
 /// through the same statements (collapsed per batch of the worker's default
-/// `batch_max_rows`, per partition), partitions spread over two connections.
+/// `batch_max_rows`, per partition; the conflict check, then the apply),
+/// partitions spread over two connections.
 async fn ceiling(b_admin: &Client, topic: &str, ends: &HashMap<i32, i64>, n: u64) -> f64 {
     let copy = "bench_ceiling";
     b_admin
@@ -56,8 +57,14 @@ async fn ceiling(b_admin: &Client, topic: &str, ends: &HashMap<i32, i64>, n: u64
         key: vec!["id".into()],
         columns: Default::default(),
         source_table: None,
+        affinity: regionsync::config::SHARED.into(),
+        home_region_column: None,
+        policy: Default::default(),
     };
-    let table = TargetTable::load(b_admin, &config).await.expect("target");
+    let regions = ["us-east-1".to_string(), "eu-west-1".to_string()];
+    let table = TargetTable::load(b_admin, &config, &regions)
+        .await
+        .expect("target");
     let mut per_partition: HashMap<i32, Vec<Final>> = HashMap::new();
     let mut remaining: HashMap<i32, i64> = ends.clone();
     while !remaining.is_empty() {
@@ -87,7 +94,16 @@ async fn ceiling(b_admin: &Client, topic: &str, ends: &HashMap<i32, i64>, n: u64
                 tx.batch_execute("SET LOCAL session_replication_role = replica")
                     .await
                     .unwrap();
-                apply::apply_finals(&tx, &table, &apply::collapse(batch))
+                let checked = regionsync::conflict::check(
+                    &tx,
+                    &table,
+                    apply::collapse(batch),
+                    "us-east-1",
+                    "eu-west-1",
+                )
+                .await
+                .expect("check");
+                apply::apply_finals(&tx, &table, &checked.finals)
                     .await
                     .expect("apply");
                 tx.commit().await.unwrap();

@@ -43,6 +43,33 @@ CREATE TABLE IF NOT EXISTS regionsync.truncations (
     truncated_at  timestamptz NOT NULL DEFAULT now()
 );
 
+-- Concurrent writes and held cross-region writes (DESIGN.md §3, §4), with
+-- both versions: the one stored here (NULL row: deleted here) and the remote
+-- one (NULL row: a delete). resolution: remote_won / local_kept (lww,
+-- settled at once), rejected (reject: settled once the home row is written
+-- again), open (manual, until `regionsync conflicts resolve`), kept_local /
+-- kept_remote (resolved by an operator). One remote version of a key is
+-- recorded once, however often its topic is replayed.
+CREATE TABLE IF NOT EXISTS regionsync.conflicts (
+    id            bigserial   PRIMARY KEY,
+    table_name    text        NOT NULL,
+    row_key       text        NOT NULL,
+    kind          text        NOT NULL,
+    policy        text        NOT NULL,
+    local_hlc     bigint,
+    local_origin  text,
+    local_row     jsonb,
+    remote_hlc    bigint      NOT NULL,
+    remote_origin text        NOT NULL,
+    remote_row    jsonb,
+    resolution    text        NOT NULL,
+    detected_at   timestamptz NOT NULL DEFAULT now(),
+    resolved_at   timestamptz,
+    UNIQUE (table_name, row_key, remote_hlc, remote_origin)
+);
+CREATE INDEX IF NOT EXISTS conflicts_pending
+    ON regionsync.conflicts (id) WHERE resolved_at IS NULL;
+
 -- One row per region, touched every few seconds by that region's Debezium
 -- (heartbeat.action.query) so that an idle pipeline still carries a fresh
 -- source commit time to the other regions (DESIGN.md §5).

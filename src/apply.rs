@@ -20,7 +20,7 @@ use std::collections::HashMap;
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{GenericClient, Row as PgRow};
 
-use crate::config::TableConfig;
+use crate::config::{Policy, TableConfig, SHARED};
 use crate::decode::{Change, Field, Op, Row, Typed};
 
 /// A replicated table as the target database describes it.
@@ -36,6 +36,40 @@ pub struct TargetTable {
     pub key: Vec<usize>,
     /// Source column → target column, where names differ.
     pub rename: HashMap<String, String>,
+    /// How the rows are homed; `None` for a shared table.
+    pub homing: Option<Homing>,
+}
+
+/// How a table's rows find their home region (DESIGN.md §3).
+#[derive(Clone, Debug)]
+pub struct Homing {
+    /// The affinity column (position in `columns`); `None`: only pins.
+    pub affinity: Option<usize>,
+    /// The pin column (`home_region_column`), which wins where not NULL.
+    pub pin: Option<usize>,
+    /// Every region, in routing order.
+    pub regions: Vec<String>,
+    pub policy: Policy,
+}
+
+impl Homing {
+    /// The home region of a row given (some of) its rendered values; `None`
+    /// if neither the pin nor the affinity value is among them.
+    pub fn home(&self, values: &[(usize, Option<String>)]) -> Option<String> {
+        let value = |col: Option<usize>| {
+            col.and_then(|c| values.iter().find(|(i, _)| *i == c))
+                .and_then(|(_, v)| v.as_deref())
+        };
+        if let Some(pinned) = value(self.pin) {
+            return Some(pinned.to_string());
+        }
+        value(self.affinity).map(|key| crate::route::home_region(key, &self.regions).to_string())
+    }
+
+    /// The columns a home is computed from.
+    fn columns(&self) -> impl Iterator<Item = usize> {
+        self.affinity.into_iter().chain(self.pin)
+    }
 }
 
 /// Quotes an identifier for SQL (names come from configuration).
@@ -52,6 +86,12 @@ pub enum TableError {
     MissingKeyColumn { table: String, column: String },
     #[error("table {table}: no {column} column; every replicated table needs `hlc bigint not null` and `origin_region text not null` (schemas/regionsync.sql)")]
     MissingVersionColumn { table: String, column: &'static str },
+    #[error("table {table}: {field} column {column} does not exist")]
+    MissingHomingColumn {
+        table: String,
+        field: &'static str,
+        column: String,
+    },
     #[error("table {table}: key {key:?} is not its primary key or a unique index")]
     KeyNotUnique { table: String, key: Vec<String> },
     #[error(transparent)]
@@ -63,6 +103,7 @@ impl TargetTable {
     pub async fn load(
         client: &impl GenericClient,
         config: &TableConfig,
+        regions: &[String],
     ) -> Result<TargetTable, TableError> {
         let (schema, table) = config.target_parts();
         let name = format!("{schema}.{table}");
@@ -119,12 +160,36 @@ impl TargetTable {
                 key: config.key.clone(),
             });
         }
+        let homing_column = |field: &'static str, column: &str| {
+            position(column).ok_or_else(|| TableError::MissingHomingColumn {
+                table: name.clone(),
+                field,
+                column: column.to_string(),
+            })
+        };
+        let homing = if config.is_homed() {
+            Some(Homing {
+                affinity: match config.affinity.as_str() {
+                    SHARED => None,
+                    column => Some(homing_column("affinity", column)?),
+                },
+                pin: match &config.home_region_column {
+                    Some(column) => Some(homing_column("home_region_column", column)?),
+                    None => None,
+                },
+                regions: regions.to_vec(),
+                policy: config.policy,
+            })
+        } else {
+            None
+        };
         Ok(TargetTable {
             ident: format!("{}.{}", quote_ident(schema), quote_ident(table)),
             name,
             columns,
             key,
             rename: config.columns.clone().into_iter().collect(),
+            homing,
         })
     }
 
@@ -179,6 +244,11 @@ pub struct PreparedRow {
     pub unavailable: Vec<usize>,
     pub hlc: i64,
     pub origin: String,
+    /// The version the writer replaced (the before image's), if it sent one:
+    /// what conflict detection compares with the stored version.
+    pub replaced: Option<(i64, String)>,
+    /// The row's home region (homed tables).
+    pub home: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -188,6 +258,51 @@ pub struct PreparedDelete {
     pub key_values: Vec<Option<String>>,
     pub hlc: i64,
     pub origin: String,
+    /// The version the delete replaced (its before image's), if known.
+    pub replaced: Option<(i64, String)>,
+    /// The row's home region (homed tables), from the before image.
+    pub home: Option<String>,
+}
+
+impl Final {
+    pub fn key_text(&self) -> &str {
+        match self {
+            Final::Upsert(r) => &r.key_text,
+            Final::Delete(d) => &d.key_text,
+        }
+    }
+    pub fn version(&self) -> (i64, &str) {
+        match self {
+            Final::Upsert(r) => (r.hlc, &r.origin),
+            Final::Delete(d) => (d.hlc, &d.origin),
+        }
+    }
+    pub fn replaced(&self) -> Option<&(i64, String)> {
+        match self {
+            Final::Upsert(r) => r.replaced.as_ref(),
+            Final::Delete(d) => d.replaced.as_ref(),
+        }
+    }
+    fn set_replaced(&mut self, replaced: Option<(i64, String)>) {
+        match self {
+            Final::Upsert(r) => r.replaced = replaced,
+            Final::Delete(d) => d.replaced = replaced,
+        }
+    }
+    pub fn home(&self) -> Option<&str> {
+        match self {
+            Final::Upsert(r) => r.home.as_deref(),
+            Final::Delete(d) => d.home.as_deref(),
+        }
+    }
+}
+
+/// The `(hlc, origin_region)` of a row image, if it has both.
+fn version_of(row: &Row) -> Option<(i64, String)> {
+    Some((
+        int_of(row, "hlc")?,
+        str_of(row, "origin_region")?.to_string(),
+    ))
 }
 
 fn row_error(table: &TargetTable, column: &str, problem: impl ToString) -> RowError {
@@ -261,12 +376,15 @@ fn render(table: &TargetTable, row: &Row, before: Option<&Row>) -> Result<Prepar
     let origin = str_of(row, "origin_region")
         .ok_or_else(|| row_error(table, "origin_region", "missing or not text"))?
         .to_string();
+    let home = table.homing.as_ref().and_then(|h| h.home(&values));
     Ok(PreparedRow {
         key_text: key_text(&key_values),
         values,
         unavailable,
         hlc,
         origin,
+        replaced: before.and_then(version_of),
+        home,
     })
 }
 
@@ -313,9 +431,12 @@ pub fn prepare(
             // IDENTITY FULL) carries the version the delete replaced.
             let image = change.before.as_ref().unwrap_or(&change.key);
             let mut values = Vec::new();
+            let homing_columns: Vec<usize> =
+                table.homing.iter().flat_map(|h| h.columns()).collect();
             for (source_col, typed) in image.iter().chain(change.key.iter()) {
                 if let Some(idx) = table.column_index(source_col) {
-                    if table.key.contains(&idx) && !values.iter().any(|(i, _)| *i == idx) {
+                    let wanted = table.key.contains(&idx) || homing_columns.contains(&idx);
+                    if wanted && !values.iter().any(|(i, _)| *i == idx) {
                         let text = typed
                             .to_pg_text(&table.columns[idx].1)
                             .map_err(|e| row_error(table, source_col, e))?;
@@ -338,6 +459,8 @@ pub fn prepare(
                 key_values,
                 hlc,
                 origin: source_region.to_string(),
+                replaced: change.before.as_ref().and_then(version_of),
+                home: table.homing.as_ref().and_then(|h| h.home(&values)),
             }))
         }
         Op::Truncate => Err(RowError::Shape {
@@ -347,17 +470,19 @@ pub fn prepare(
     }
 }
 
-/// Keeps the last final state per key, in first-seen key order.
+/// Keeps the last final state per key, in first-seen key order, with the
+/// version the first of them replaced (what the batch as a whole replaces,
+/// for conflict detection).
 pub fn collapse(finals: Vec<Final>) -> Vec<Final> {
     let mut position: HashMap<String, usize> = HashMap::new();
     let mut out: Vec<Final> = Vec::new();
-    for f in finals {
-        let key = match &f {
-            Final::Upsert(r) => r.key_text.clone(),
-            Final::Delete(d) => d.key_text.clone(),
-        };
+    for mut f in finals {
+        let key = f.key_text().to_string();
         match position.get(&key) {
-            Some(&i) => out[i] = f,
+            Some(&i) => {
+                f.set_replaced(out[i].replaced().cloned());
+                out[i] = f;
+            }
             None => {
                 position.insert(key, out.len());
                 out.push(f);
@@ -375,6 +500,14 @@ pub struct Applied {
     pub stale: u64,
     /// Replaced by a later change of the same key in the same batch.
     pub superseded: u64,
+    /// Concurrent writes recorded in `regionsync.conflicts`.
+    pub conflicts: u64,
+    /// Cross-region writes held by the `reject` or `manual` policy.
+    pub held: u64,
+    /// Of those, held by `reject` (the local row is to be written again).
+    pub rejected: u64,
+    /// Changes by write class: shared, owner, cross-region, third-region.
+    pub classes: [u64; 4],
 }
 
 impl std::ops::AddAssign for Applied {
@@ -382,6 +515,12 @@ impl std::ops::AddAssign for Applied {
         self.applied += o.applied;
         self.stale += o.stale;
         self.superseded += o.superseded;
+        self.conflicts += o.conflicts;
+        self.held += o.held;
+        self.rejected += o.rejected;
+        for (a, b) in self.classes.iter_mut().zip(o.classes) {
+            *a += b;
+        }
     }
 }
 
@@ -537,7 +676,7 @@ async fn upsert(
     Ok(Applied {
         applied: n,
         stale: rows.len() as u64 - n.min(rows.len() as u64),
-        superseded: 0,
+        ..Applied::default()
     })
 }
 
@@ -617,7 +756,7 @@ async fn delete(
     Ok(Applied {
         applied,
         stale: deletes.len() as u64 - applied.min(deletes.len() as u64),
-        superseded: 0,
+        ..Applied::default()
     })
 }
 
@@ -651,8 +790,7 @@ pub async fn apply_truncate(
     // The truncate itself is the one change applied, whatever it removed.
     Ok(Applied {
         applied: 1,
-        stale: 0,
-        superseded: 0,
+        ..Applied::default()
     })
 }
 
@@ -674,6 +812,7 @@ mod tests {
             ],
             key: vec![0],
             rename: HashMap::new(),
+            homing: None,
         }
     }
 
@@ -800,6 +939,55 @@ mod tests {
         // update → delete ends deleted.
         let out = collapse(vec![up(1, 1), del(1)]);
         assert!(matches!(&out[..], [Final::Delete(_)]));
+    }
+
+    #[test]
+    fn collapse_keeps_the_version_the_first_change_replaced() {
+        let up = |before_hlc: i64, hlc: i64| {
+            let before = row(1, "x", Field::Null, before_hlc);
+            let c = change(
+                Op::Update,
+                1,
+                Some(before),
+                Some(row(1, "x", Field::Null, hlc)),
+            );
+            prepare(&table(), &c, "us-east-1").unwrap()
+        };
+        let out = collapse(vec![up(1, 2), up(2, 3), up(3, 4)]);
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0].version(), (4, "us-east-1"));
+        assert_eq!(out[0].replaced(), Some(&(1, "us-east-1".to_string())));
+    }
+
+    #[test]
+    fn a_homed_row_is_homed_by_its_pin_or_its_affinity_value() {
+        let mut homed = table();
+        homed.homing = Some(Homing {
+            affinity: Some(0),
+            pin: Some(2),
+            regions: vec!["us-east-1".into(), "eu-west-1".into()],
+            policy: Policy::Reject,
+        });
+        let upsert = |bio: Field| {
+            let c = change(Op::Create, 7, None, Some(row(7, "x", bio, 1)));
+            prepare(&homed, &c, "us-east-1").unwrap()
+        };
+        let by_key = crate::route::home_region("7", &["us-east-1", "eu-west-1"]);
+        assert_eq!(upsert(Field::Null).home(), Some(by_key));
+        assert_eq!(
+            upsert(Field::String("ap-south-1".into())).home(),
+            Some("ap-south-1")
+        );
+        // A delete is homed from its before image.
+        let before = row(7, "x", Field::String("eu-west-1".into()), 1);
+        let d = prepare(
+            &homed,
+            &change(Op::Delete, 7, Some(before), None),
+            "us-east-1",
+        )
+        .unwrap();
+        assert_eq!(d.home(), Some("eu-west-1"));
+        assert_eq!(d.replaced(), Some(&(1, "us-east-1".to_string())));
     }
 
     #[test]

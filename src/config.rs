@@ -28,6 +28,34 @@ pub const DEFAULT_HEARTBEAT_TOPIC: &str = "cdc.regionsync.heartbeat";
 /// counts as wrong (DESIGN.md §4).
 pub const DEFAULT_MAX_CLOCK_SKEW: Duration = Duration::from_secs(5);
 
+/// What a worker does with a remote region's write to a row homed in its own
+/// region (DESIGN.md §3).
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Policy {
+    /// The newer `(hlc, origin_region)` wins; a concurrent loser is recorded
+    /// in `regionsync.conflicts` (the default).
+    #[default]
+    Lww,
+    /// The home region's row stays: the remote write is recorded and not
+    /// applied, and the home region writes its row again with a newer
+    /// version, so every region ends with the home version.
+    Reject,
+    /// The home region's row stays and both versions are recorded until an
+    /// operator runs `regionsync conflicts resolve`.
+    Manual,
+}
+
+impl Policy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Policy::Lww => "lww",
+            Policy::Reject => "reject",
+            Policy::Manual => "manual",
+        }
+    }
+}
+
 /// What to do with a message that cannot be decoded or applied.
 #[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq, Default)]
 #[serde(rename_all = "lowercase")]
@@ -223,9 +251,33 @@ pub struct TableConfig {
     /// Debezium names topics. An event of any other table is rejected.
     #[serde(default)]
     pub source_table: Option<String>,
+    /// The column whose value homes a row (DESIGN.md §3), or `"shared"`
+    /// (the default): no row has a home and every write is applied under
+    /// the version guard.
+    #[serde(default = "default_affinity")]
+    pub affinity: String,
+    /// A target column naming a row's home region explicitly (a pin); where
+    /// it is NULL the affinity column decides.
+    #[serde(default)]
+    pub home_region_column: Option<String>,
+    /// What a remote region's write to a row homed here does.
+    #[serde(default)]
+    pub policy: Policy,
+}
+
+/// The `affinity` value of a table whose rows have no home.
+pub const SHARED: &str = "shared";
+
+fn default_affinity() -> String {
+    SHARED.to_string()
 }
 
 impl TableConfig {
+    /// Whether rows have a home region (an affinity column or a pin column).
+    pub fn is_homed(&self) -> bool {
+        self.affinity != SHARED || self.home_region_column.is_some()
+    }
+
     /// Whether an event of source table `schema.table` read from `topic`
     /// belongs to this table.
     pub fn accepts_source(&self, topic: &str, schema: &str, table: &str) -> bool {
@@ -578,6 +630,17 @@ impl Config {
             if t.key.is_empty() {
                 p.push(format!("tables[{i}].key: must name the key columns"));
             }
+            if t.affinity.trim().is_empty() {
+                p.push(format!(
+                    "tables[{i}].affinity: must name a column or be \"{SHARED}\""
+                ));
+            }
+            if t.policy != Policy::Lww && !t.is_homed() {
+                p.push(format!(
+                    "tables[{i}].policy: {:?} needs rows with a home region; set affinity to a column or home_region_column",
+                    t.policy.as_str()
+                ));
+            }
         }
         if p.is_empty() {
             Ok(())
@@ -623,6 +686,25 @@ mod tests {
                 "us-east-1.cdc.regionsync.heartbeat".to_string(),
                 "us-east-1.cdc.public.users".to_string()
             ]
+        );
+    }
+
+    #[test]
+    fn a_policy_other_than_lww_needs_a_home() {
+        let shared = GOOD.replace("key = [\"id\"]", "key = [\"id\"]\npolicy = \"reject\"");
+        let text = Config::from_toml(&shared).unwrap_err().to_string();
+        assert!(
+            text.contains("tables[0].policy: \"reject\" needs rows with a home region"),
+            "{text}"
+        );
+        let homed = shared.replace("policy = ", "affinity = \"id\"\npolicy = ");
+        let c = Config::from_toml(&homed).expect("valid");
+        assert_eq!(c.tables[0].policy, Policy::Reject);
+        assert!(c.tables[0].is_homed());
+        let c = Config::from_toml(GOOD).unwrap();
+        assert_eq!(
+            (c.tables[0].policy, c.tables[0].is_homed()),
+            (Policy::Lww, false)
         );
     }
 

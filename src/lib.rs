@@ -16,6 +16,7 @@
 //! | `source`  | the Kafka consumer of the mirrored CDC topics               |
 //! | `decode`  | Debezium envelopes (JSON, Avro) into typed changes — pure   |
 //! | `route`   | topic → table, a row's home region, classification — pure   |
+//! | `conflict` | concurrent writes detected, recorded, settled by policy    |
 //! | `clock`   | hybrid logical clocks and version order — pure              |
 //! | `converge` | the apply rules as pure functions, convergence model — pure |
 //! | `apply`   | batched, guarded writes to PostgreSQL                       |
@@ -31,6 +32,7 @@
 pub mod apply;
 pub mod clock;
 pub mod config;
+pub mod conflict;
 pub mod converge;
 pub mod decode;
 pub mod lag;
@@ -59,5 +61,7 @@ pub async fn run(
     let pool = ops::pool(&config)?;
     let (shared, events) = source::Shared::connect(config, pool).await?;
     readiness.set(shared.clone());
+    // Rejected writes a crash left pending (conflict::reassert_rejected).
+    source::reassert_rejected(&shared).await;
     source::run(shared, events, shutdown).await
 }

@@ -55,6 +55,10 @@ enum Command {
         #[arg(long, default_value_t = 2.0)]
         interval: f64,
     },
+    /// List or resolve the conflicts recorded in this region's database
+    /// (table regionsync.conflicts, DESIGN.md §4).
+    #[command(subcommand)]
+    Conflicts(ConflictsCommand),
     /// Print the home region of an affinity key (DESIGN.md §3).
     ///
     /// The region list's entry at jump_consistent_hash(xxh64(KEY as UTF-8,
@@ -70,6 +74,34 @@ enum Command {
         /// us-east-1,eu-west-1. Default: `regions` from the config file.
         #[arg(long, value_delimiter = ',')]
         regions: Option<Vec<String>>,
+    },
+}
+
+#[derive(clap::Subcommand, Debug)]
+enum ConflictsCommand {
+    /// The newest conflicts first: id, when, table, key, kind, policy,
+    /// resolution ("(pending)" until settled), then the local and the
+    /// remote version (region, hlc, row as JSON).
+    List {
+        /// Only this table (schema.table).
+        #[arg(long)]
+        table: Option<String>,
+        /// Only the unsettled ones (manual conflicts waiting for `resolve`,
+        /// rejected writes whose home row is not written again yet).
+        #[arg(long)]
+        open: bool,
+        #[arg(long, default_value_t = 50)]
+        limit: i64,
+    },
+    /// Settle a conflict: write the kept version again in this region as a
+    /// new local write, newer than both, which every region then applies.
+    /// Run it in the region whose worker recorded the conflict.
+    Resolve {
+        /// The conflict's id (from `conflicts list`).
+        id: i64,
+        /// Which version every region ends with.
+        #[arg(long, value_enum)]
+        keep: regionsync::conflict::Keep,
     },
 }
 
@@ -137,6 +169,7 @@ fn main() -> ExitCode {
                 );
                 Ok(())
             }
+            Command::Conflicts(c) => conflicts(&config, c).await,
             Command::Route { .. } => unreachable!("handled without a runtime"),
         }
     });
@@ -145,6 +178,65 @@ fn main() -> ExitCode {
         Err(e) => {
             eprintln!("regionsync: {e:#}");
             ExitCode::FAILURE
+        }
+    }
+}
+
+async fn conflicts(config: &Config, command: ConflictsCommand) -> anyhow::Result<()> {
+    use regionsync::conflict;
+    // Without a replication origin: a resolution is a local write that
+    // every region must apply.
+    let pool = regionsync::ops::plain_pool(config)?;
+    let mut client = pool.get().await?;
+    match command {
+        ConflictsCommand::List { table, open, limit } => {
+            let rows = conflict::list(&**client, table.as_deref(), open, limit).await?;
+            if rows.is_empty() {
+                println!("no conflicts");
+            }
+            for c in rows {
+                println!(
+                    "{id}\t{at}\t{table}\t{key}\t{kind}\t{policy}\t{resolution}\n\tlocal:  {local}\n\tremote: {remote}",
+                    id = c.id,
+                    at = c.detected_at,
+                    table = c.table,
+                    key = c.key,
+                    kind = c.kind,
+                    policy = c.policy,
+                    resolution = c.resolution,
+                    local = c.local,
+                    remote = c.remote,
+                );
+            }
+            Ok(())
+        }
+        ConflictsCommand::Resolve { id, keep } => {
+            let name: String = client
+                .query_opt(
+                    "SELECT table_name FROM regionsync.conflicts WHERE id = $1",
+                    &[&id],
+                )
+                .await?
+                .map(|r| r.get(0))
+                .ok_or_else(|| anyhow::anyhow!("no conflict {id}"))?;
+            let table_config = config
+                .tables
+                .iter()
+                .find(|t| {
+                    let (s, t) = t.target_parts();
+                    format!("{s}.{t}") == name
+                })
+                .ok_or_else(|| {
+                    anyhow::anyhow!(
+                        "conflict {id} is of table {name}, which the config does not replicate"
+                    )
+                })?;
+            let table =
+                regionsync::apply::TargetTable::load(&**client, table_config, &config.regions)
+                    .await?;
+            let done = conflict::resolve(&mut client, &table, id, keep, &config.region).await?;
+            println!("conflict {id}: {done}");
+            Ok(())
         }
     }
 }

@@ -37,6 +37,9 @@ pub const END_TO_END_LATENCY: &str = "regionsync_end_to_end_latency_seconds";
 pub const CONSUMER_LAG: &str = "regionsync_consumer_lag_messages";
 /// Concurrent writes detected. Labels: table, policy.
 pub const CONFLICTS_TOTAL: &str = "regionsync_conflicts_total";
+/// Changes by how their row relates to this region (DESIGN.md §3). Labels:
+/// table, class (shared, owner, cross_region, third_region).
+pub const WRITES_BY_CLASS_TOTAL: &str = "regionsync_writes_by_class_total";
 /// Changes whose HLC is further in the future than `max_clock_skew` (still
 /// applied; they are flagged). Label: source_region.
 pub const CLOCK_SKEW_EXCEEDED_TOTAL: &str = "regionsync_clock_skew_exceeded_total";
@@ -61,6 +64,9 @@ pub mod outcome {
     pub const TOMBSTONE: &str = "tombstone";
     pub const HEARTBEAT: &str = "heartbeat";
     pub const DLQ: &str = "dlq";
+    /// A cross-region write to a row homed here, held by the table's
+    /// `reject` or `manual` policy (recorded in regionsync.conflicts).
+    pub const HELD: &str = "held";
 }
 
 /// Histogram buckets (seconds and rows alike): from a millisecond to five

@@ -86,6 +86,12 @@ pub fn pool(config: &Config) -> anyhow::Result<Pool> {
     pool_with(config, true)
 }
 
+/// A pool of connections without a replication origin, for local writes
+/// that every region must apply (`conflict::resolve`).
+pub fn plain_pool(config: &Config) -> anyhow::Result<Pool> {
+    pool_with(config, false)
+}
+
 fn pool_with(config: &Config, mark_sessions: bool) -> anyhow::Result<Pool> {
     let mut pg = tokio_postgres::Config::new();
     pg.host(&config.postgres.host)
@@ -138,7 +144,7 @@ pub async fn setup(config: &Config) -> anyhow::Result<SetupReport> {
         .context("creating the regionsync schema (schemas/regionsync.sql)")?;
     let mut report = SetupReport::default();
     for t in &config.tables {
-        if let Err(e) = TargetTable::load(&**client, t).await {
+        if let Err(e) = TargetTable::load(&**client, t, &config.regions).await {
             report.problems.push(e.to_string());
         }
     }

@@ -1,8 +1,8 @@
 //! Route: a row's home region (DESIGN.md §3). Pure.
 //!
-//! The topic → table mapping lives in [`crate::config`]; the classification
-//! of each change (owner's write, cross-region write, echo, residency)
-//! arrives with active-active replication.
+//! The topic → table mapping lives in [`crate::config`]; [`classify`] tells
+//! an owner's write from a cross-region or third-region one (echoes and
+//! relays are skipped by the source step before).
 //!
 //! # Home region of a key
 //!
@@ -110,10 +110,70 @@ pub fn home_region<'a, S: AsRef<str>>(key: &str, regions: &'a [S]) -> &'a str {
     regions[home_index(key, regions.len())].as_ref()
 }
 
+/// How a change from another region relates to this one (DESIGN.md §3).
+/// Echoes (the row's `origin_region` is this region) are skipped before
+/// this question is asked.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WriteClass {
+    /// The table's rows have no home: applied under the version guard.
+    Shared,
+    /// The row's home region wrote it: applied under the version guard.
+    Owner,
+    /// Another region wrote a row homed here: the table's policy decides.
+    CrossRegion,
+    /// A region wrote a row homed in a third region: applied under the
+    /// version guard (the home region's policy speaks for the row).
+    ThirdRegion,
+}
+
+impl WriteClass {
+    /// Every class, in the order of [`WriteClass::index`].
+    pub const ALL: [WriteClass; 4] = [
+        WriteClass::Shared,
+        WriteClass::Owner,
+        WriteClass::CrossRegion,
+        WriteClass::ThirdRegion,
+    ];
+
+    pub fn index(self) -> usize {
+        self as usize
+    }
+
+    /// The metric label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WriteClass::Shared => "shared",
+            WriteClass::Owner => "owner",
+            WriteClass::CrossRegion => "cross_region",
+            WriteClass::ThirdRegion => "third_region",
+        }
+    }
+}
+
+/// The class of a write from `source` to a row homed in `home` (`None`: a
+/// shared table), as seen by the worker of region `local`.
+pub fn classify(source: &str, home: Option<&str>, local: &str) -> WriteClass {
+    match home {
+        None => WriteClass::Shared,
+        Some(h) if h == source => WriteClass::Owner,
+        Some(h) if h == local => WriteClass::CrossRegion,
+        Some(_) => WriteClass::ThirdRegion,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn writes_are_classified_by_source_home_and_local_region() {
+        let (us, eu, ap) = ("us-east-1", "eu-west-1", "ap-south-1");
+        assert_eq!(classify(us, None, eu), WriteClass::Shared);
+        assert_eq!(classify(us, Some(us), eu), WriteClass::Owner);
+        assert_eq!(classify(us, Some(eu), eu), WriteClass::CrossRegion);
+        assert_eq!(classify(us, Some(ap), eu), WriteClass::ThirdRegion);
+    }
 
     // Every expected value below comes from an independent implementation
     // (the xxHash C library through Python, and the jump hash written from

@@ -35,12 +35,14 @@ use tracing::{error, info, warn};
 
 use crate::apply::{self, Applied, Final, TargetTable};
 use crate::clock::{self, Hlc};
-use crate::config::{Config, OnError};
+use crate::config::{Config, OnError, Policy};
+use crate::conflict;
 use crate::decode::{self, Decoded, Op};
 use crate::lag::{self, LagTracker};
 use crate::metrics::{self as m, outcome, ReadyCheck};
 use crate::offsets;
 use crate::ops;
+use crate::route::WriteClass;
 
 /// Where a mirrored topic's messages go.
 #[derive(Clone, Debug)]
@@ -55,6 +57,8 @@ pub struct Shared {
     pub config: Config,
     pub group: String,
     pub pool: deadpool_postgres::Pool,
+    /// Connections without a replication origin (conflict resolution).
+    pub plain_pool: deadpool_postgres::Pool,
     pub tables: Vec<TargetTable>,
     routes: HashMap<String, Route>,
     decoders: HashMap<String, Arc<AvroDecoder>>,
@@ -152,7 +156,7 @@ impl Shared {
         let client = pool.get().await.context("connecting to PostgreSQL")?;
         let mut tables = Vec::new();
         for t in &config.tables {
-            tables.push(TargetTable::load(&**client, t).await?);
+            tables.push(TargetTable::load(&**client, t, &config.regions).await?);
         }
         let mut routes = HashMap::new();
         for (topic, region, table) in config.mirrored_topics() {
@@ -215,6 +219,7 @@ impl Shared {
             .context("creating the dead-letter producer")?;
         let shared = Shared {
             group,
+            plain_pool: ops::plain_pool(&config)?,
             pool,
             tables,
             routes,
@@ -799,7 +804,11 @@ async fn apply_batch(
                         latency.record(lag::latency_seconds(now, *ts_ms));
                     }
                 }
+                let to_reassert: u64 = counts.iter().map(|(_, a)| a.rejected).sum();
                 record(shared, route, counts, &skipped, rejected.len(), batch.len());
+                if to_reassert > 0 {
+                    reassert_rejected(shared).await;
+                }
                 return Ok(next);
             }
             Err(BatchError::Data(e)) if shared.config.on_error == OnError::Stop => {
@@ -832,7 +841,23 @@ fn record(
         let name = shared.tables[table].name.clone();
         metrics::counter!(m::EVENTS_TOTAL, "source_region" => region.clone(), "table" => name.clone(), "op" => "", "outcome" => outcome::APPLIED).increment(a.applied);
         metrics::counter!(m::EVENTS_TOTAL, "source_region" => region.clone(), "table" => name.clone(), "op" => "", "outcome" => outcome::STALE).increment(a.stale);
-        metrics::counter!(m::EVENTS_TOTAL, "source_region" => region.clone(), "table" => name, "op" => "", "outcome" => outcome::SUPERSEDED).increment(a.superseded);
+        metrics::counter!(m::EVENTS_TOTAL, "source_region" => region.clone(), "table" => name.clone(), "op" => "", "outcome" => outcome::SUPERSEDED).increment(a.superseded);
+        if a.held > 0 {
+            metrics::counter!(m::EVENTS_TOTAL, "source_region" => region.clone(), "table" => name.clone(), "op" => "", "outcome" => outcome::HELD).increment(a.held);
+        }
+        if a.conflicts > 0 {
+            let policy = shared.tables[table]
+                .homing
+                .as_ref()
+                .map_or(Policy::Lww, |h| h.policy);
+            metrics::counter!(m::CONFLICTS_TOTAL, "table" => name.clone(), "policy" => policy.as_str()).increment(a.conflicts);
+        }
+        for class in WriteClass::ALL {
+            let n = a.classes[class.index()];
+            if n > 0 {
+                metrics::counter!(m::WRITES_BY_CLASS_TOTAL, "table" => name.clone(), "class" => class.as_str()).increment(n);
+            }
+        }
     }
     for ((what, table), n) in skipped {
         metrics::counter!(m::EVENTS_TOTAL, "source_region" => region.clone(), "table" => table.clone(), "op" => "", "outcome" => *what).increment(*n);
@@ -899,11 +924,25 @@ async fn commit_batch(
                 for (t, finals) in pending.drain() {
                     let changes = finals.len() as u64;
                     let finals = apply::collapse(finals);
+                    let superseded = changes - finals.len() as u64;
+                    let checked = conflict::check(
+                        &*tx,
+                        &shared.tables[t],
+                        finals,
+                        source_region,
+                        &shared.config.region,
+                    )
+                    .await
+                    .map_err(classify)?;
                     *counts.entry(t).or_default() += Applied {
-                        superseded: changes - finals.len() as u64,
+                        superseded,
+                        conflicts: checked.recorded,
+                        held: checked.held,
+                        rejected: checked.rejected,
+                        classes: checked.classes,
                         ..Applied::default()
                     };
-                    let a = apply::apply_finals(&*tx, &shared.tables[t], &finals)
+                    let a = apply::apply_finals(&*tx, &shared.tables[t], &checked.finals)
                         .await
                         .map_err(classify)?;
                     *counts.entry(t).or_default() += a;
@@ -927,6 +966,27 @@ async fn commit_batch(
     tx.commit().await.map_err(classify)?;
     metrics::histogram!(m::APPLY_BATCH_SECONDS).record(started.elapsed().as_secs_f64());
     Ok(counts.into_iter().collect())
+}
+
+/// Writes the local rows again whose remote writes the `reject` policy held
+/// (conflict::reassert_rejected). A failure is logged and left for the next
+/// batch or restart: the held writes stay recorded as pending.
+pub async fn reassert_rejected(shared: &Shared) {
+    let result = async {
+        let mut client = shared.plain_pool.get().await?;
+        conflict::reassert_rejected(&mut client, &shared.tables, &shared.config.region).await
+    }
+    .await;
+    match result {
+        Ok(n) if n > 0 => info!(
+            settled = n,
+            "rejected cross-region writes: the home rows were written again"
+        ),
+        Ok(_) => {}
+        Err(e) => {
+            warn!(error = %format!("{e:#}"), "writing the home rows of rejected writes again failed; retried later")
+        }
+    }
 }
 
 /// Tries each row change alone (inside a savepoint); those PostgreSQL refuses

@@ -1,0 +1,535 @@
+//! Active-active on the real two-region stack: both regions write, a
+//! regionsync worker runs in each, MirrorMaker 2 copies both ways
+//! (DESIGN.md §3, §4). Each test uses a fresh table of the users shape.
+mod support;
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::ClientConfig;
+use support::kit::*;
+use support::*;
+
+/// A worker for `region` that consumes the other region's topic of the
+/// test's table; `table_extra` goes into the `[[tables]]` entry.
+fn worker_toml_for(region: &Region, table: &TestTable, table_extra: &str) -> String {
+    let topic = format!("cdc.public.{}", table.name);
+    let b = region_b();
+    worker_toml(table, &topic, "")
+        .replace(
+            &format!("region = \"{}\"", b.name),
+            &format!("region = \"{}\"", region.name),
+        )
+        .replace(&b.kafka, &region.kafka)
+        .replace(
+            &format!("port = {}", b.pg_port),
+            &format!("port = {}", region.pg_port),
+        )
+        .replace(
+            "consumer_group = \"test-",
+            &format!("consumer_group = \"test-{}-", region.name),
+        )
+        .replace("key = [\"id\"]", &format!("key = [\"id\"]\n{table_extra}"))
+}
+
+fn start_workers(table: &TestTable, table_extra: &str) -> (Worker, Worker) {
+    let config = |r: &Region| {
+        regionsync::config::Config::from_toml(&worker_toml_for(r, table, table_extra))
+            .expect("valid worker config")
+    };
+    (
+        Worker::start(config(&region_a())),
+        Worker::start(config(&region_b())),
+    )
+}
+
+async fn stop_workers((a, b): (Worker, Worker)) {
+    a.stop().await;
+    b.stop().await;
+}
+
+async fn exec(region: &Region, sql: &str) {
+    app_db(region)
+        .await
+        .batch_execute(sql)
+        .await
+        .unwrap_or_else(|e| panic!("in {}: {sql}: {e}", region.name));
+}
+
+/// A key homed in `home` (by the affinity hash of its id), above `from`.
+fn key_homed_in(home: &Region, from: i64) -> i64 {
+    let regions = [region_a().name, region_b().name];
+    (from..)
+        .find(|k| regionsync::route::home_region(&k.to_string(), &regions) == home.name)
+        .expect("some key is homed there")
+}
+
+/// One column of one row in `region`, as text (`None`: no row or NULL).
+async fn value(region: &Region, table: &TestTable, id: i64, column: &str) -> Option<String> {
+    app_db(region)
+        .await
+        .query_opt(
+            &format!("SELECT {column}::text FROM {} WHERE id = $1", table.name),
+            &[&id],
+        )
+        .await
+        .expect("select")
+        .and_then(|r| r.get(0))
+}
+
+/// Waits until both regions hold identical rows and `done` holds.
+async fn wait_until_equal<F, Fut>(table: &TestTable, timeout: Duration, what: &str, done: F)
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if table.rows(&region_a()).await == table.rows(&region_b()).await && done().await {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{}: {what} not reached in {timeout:?}",
+            table.name
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// One recorded conflict.
+#[derive(Debug)]
+struct Conflict {
+    id: i64,
+    key: String,
+    kind: String,
+    resolution: String,
+    resolved: bool,
+    local: Option<(i64, String)>,
+    local_row: Option<String>,
+    remote: (i64, String),
+    remote_row: Option<String>,
+}
+
+async fn conflicts(region: &Region, table: &TestTable) -> Vec<Conflict> {
+    admin_db(region)
+        .await
+        .query(
+            "SELECT id, row_key, kind, resolution, resolved_at IS NOT NULL, local_hlc, local_origin,
+                    local_row::text, remote_hlc, remote_origin, remote_row::text
+               FROM regionsync.conflicts WHERE table_name = $1 ORDER BY id",
+            &[&format!("public.{}", table.name)],
+        )
+        .await
+        .expect("select conflicts")
+        .iter()
+        .map(|r| Conflict {
+            id: r.get(0),
+            key: r.get(1),
+            kind: r.get(2),
+            resolution: r.get(3),
+            resolved: r.get(4),
+            local: r.get::<_, Option<i64>>(5).zip(r.get::<_, Option<String>>(6)),
+            local_row: r.get(7),
+            remote: (r.get(8), r.get(9)),
+            remote_row: r.get(10),
+        })
+        .collect()
+}
+
+/// The end offsets of every topic that carries the table's changes, in both
+/// regions (the local capture and the mirrored copy).
+fn end_offsets(table: &TestTable) -> HashMap<String, i64> {
+    let mut out = HashMap::new();
+    for (region, other) in [(region_a(), region_b()), (region_b(), region_a())] {
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &region.kafka)
+            .create()
+            .expect("consumer");
+        let own = format!("cdc.public.{}", table.name);
+        for topic in [own.clone(), mirrored(&other, &own)] {
+            let metadata = consumer
+                .fetch_metadata(Some(&topic), Duration::from_secs(10))
+                .expect("metadata");
+            let mut sum = 0;
+            for t in metadata.topics() {
+                for p in t.partitions() {
+                    let (_, high) = consumer
+                        .fetch_watermarks(&topic, p.id(), Duration::from_secs(10))
+                        .expect("watermarks");
+                    sum += high;
+                }
+            }
+            out.insert(format!("{}:{topic}", region.name), sum);
+        }
+    }
+    out
+}
+
+/// A writer in `region` updating random keys of `keys` for `run`.
+async fn update_randomly(
+    region: Region,
+    table: String,
+    keys: Vec<i64>,
+    run: Duration,
+    seed: u64,
+) -> u64 {
+    let db = app_db(&region).await;
+    let mut rng = Rng(seed | 1);
+    let deadline = Instant::now() + run;
+    let mut n = 0u64;
+    while Instant::now() < deadline {
+        let mut sql = String::from("BEGIN;");
+        for _ in 0..5 {
+            let id = keys[rng.below(keys.len() as u64) as usize];
+            n += 1;
+            sql.push_str(&format!(
+                "UPDATE {table} SET display_name = '{r}-{n}', age = {age} WHERE id = {id};",
+                r = region.name,
+                age = rng.below(100),
+            ));
+        }
+        sql.push_str("COMMIT;");
+        db.batch_execute(&sql).await.expect("update batch");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    n
+}
+
+/// Two writers, one per region, update an overlapping set of 1,000 keys of
+/// a shared table for 60 s: both regions end row-for-row identical, the
+/// concurrent writes are in regionsync.conflicts with both versions and the
+/// outcome the version order gives, and no topic keeps growing (no loop).
+#[tokio::test(flavor = "multi_thread")]
+async fn concurrent_writers_in_both_regions_converge_and_their_conflicts_are_recorded() {
+    let (a, b) = (region_a(), region_b());
+    let table = TestTable::create("aa_shared").await;
+    let workers = start_workers(&table, "");
+    let first = fresh_key();
+    insert_users(&table, first, 1_000).await;
+    table.wait_converged(Duration::from_secs(120)).await;
+
+    let keys: Vec<i64> = (first..first + 1_000).collect();
+    let run = Duration::from_secs(60);
+    let wa = tokio::spawn(update_randomly(
+        a.clone(),
+        table.name.clone(),
+        keys.clone(),
+        run,
+        11,
+    ));
+    let wb = tokio::spawn(update_randomly(
+        b.clone(),
+        table.name.clone(),
+        keys,
+        run,
+        29,
+    ));
+    let (na, nb) = (wa.await.unwrap(), wb.await.unwrap());
+    assert!(na > 1_000 && nb > 1_000, "{na} and {nb} updates written");
+
+    wait_until_equal(
+        &table,
+        Duration::from_secs(180),
+        "identical regions",
+        || async { true },
+    )
+    .await;
+    // Quiescent: nothing is still on its way. Ten seconds without a new
+    // event on any of the table's topics, in either region.
+    let mut last = end_offsets(&table);
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        let now = end_offsets(&table);
+        if now == last {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the topics keep growing: {last:?} → {now:?}"
+        );
+        last = now;
+    }
+    assert_eq!(
+        table.rows(&a).await,
+        table.rows(&b).await,
+        "identical once quiescent"
+    );
+
+    let (ca, cb) = (conflicts(&a, &table).await, conflicts(&b, &table).await);
+    assert!(
+        !ca.is_empty() && !cb.is_empty(),
+        "concurrent updates of the same keys were detected in both regions ({} in A, {} in B)",
+        ca.len(),
+        cb.len()
+    );
+    for (region, list) in [(&a, &ca), (&b, &cb)] {
+        for c in list {
+            assert_eq!(c.kind, "update_update", "{c:?}");
+            let local = c.local.as_ref().expect("the local version is recorded");
+            assert!(
+                c.local_row.is_some() && c.remote_row.is_some(),
+                "both rows: {c:?}"
+            );
+            assert_ne!(local.1, c.remote.1, "versions of two regions: {c:?}");
+            assert_ne!(
+                c.remote.1, region.name,
+                "the remote version is the other region's: {c:?}"
+            );
+            // The outcome is the version order's.
+            let remote_newer = (c.remote.0, c.remote.1.as_bytes()) > (local.0, local.1.as_bytes());
+            let expected = if remote_newer {
+                "remote_won"
+            } else {
+                "local_kept"
+            };
+            assert_eq!(c.resolution, expected, "{c:?}");
+            assert!(c.resolved, "lww settles at once: {c:?}");
+        }
+    }
+    stop_workers(workers).await;
+}
+
+/// `reject`: a write in B to a row homed in A is held in A, and A writes
+/// its row again, so both regions end with the home version; B's write to
+/// a row homed in B applies in both.
+#[tokio::test(flavor = "multi_thread")]
+async fn reject_keeps_the_home_version_in_every_region() {
+    let (a, b) = (region_a(), region_b());
+    let table = TestTable::create("aa_reject").await;
+    let workers = start_workers(&table, "affinity = \"id\"\npolicy = \"reject\"");
+    let in_a = key_homed_in(&a, fresh_key());
+    let in_b = key_homed_in(&b, in_a + 1);
+    exec(
+        &a,
+        &format!(
+            "INSERT INTO {t} (id, email, display_name) VALUES ({in_a}, 'a@x', 'home'), ({in_b}, 'b@x', 'home')",
+            t = table.name
+        ),
+    )
+    .await;
+    table.wait_converged(Duration::from_secs(120)).await;
+
+    exec(
+        &b,
+        &format!(
+            "UPDATE {t} SET display_name = 'from-b' WHERE id IN ({in_a}, {in_b})",
+            t = table.name
+        ),
+    )
+    .await;
+    wait_until_equal(
+        &table,
+        Duration::from_secs(120),
+        "the home versions",
+        || async {
+            value(&b, &table, in_a, "display_name").await.as_deref() == Some("home")
+                && value(&b, &table, in_b, "display_name").await.as_deref() == Some("from-b")
+        },
+    )
+    .await;
+    assert_eq!(
+        value(&a, &table, in_a, "display_name").await.as_deref(),
+        Some("home")
+    );
+    assert_eq!(
+        value(&a, &table, in_b, "display_name").await.as_deref(),
+        Some("from-b")
+    );
+
+    let held: Vec<Conflict> = conflicts(&a, &table)
+        .await
+        .into_iter()
+        .filter(|c| c.resolution == "rejected")
+        .collect();
+    assert_eq!(held.len(), 1, "{held:?}");
+    assert_eq!(held[0].key, in_a.to_string());
+    assert!(held[0].resolved, "A wrote its row again: {:?}", held[0]);
+    assert!(held[0]
+        .remote_row
+        .as_deref()
+        .unwrap_or("")
+        .contains("from-b"));
+    stop_workers(workers).await;
+}
+
+/// `manual`: A keeps its row and records both versions; until someone
+/// resolves it the regions differ; `regionsync conflicts resolve ID --keep
+/// remote` in A makes B's version every region's.
+#[tokio::test(flavor = "multi_thread")]
+async fn manual_conflicts_wait_for_the_operator_and_resolve_everywhere() {
+    let (a, b) = (region_a(), region_b());
+    let table = TestTable::create("aa_manual").await;
+    let extra = "affinity = \"id\"\npolicy = \"manual\"";
+    let workers = start_workers(&table, extra);
+    let in_a = key_homed_in(&a, fresh_key());
+    exec(
+        &a,
+        &format!(
+            "INSERT INTO {t} (id, email, display_name) VALUES ({in_a}, 'a@x', 'home')",
+            t = table.name
+        ),
+    )
+    .await;
+    table.wait_converged(Duration::from_secs(120)).await;
+    exec(
+        &b,
+        &format!(
+            "UPDATE {t} SET display_name = 'from-b', age = 7 WHERE id = {in_a}",
+            t = table.name
+        ),
+    )
+    .await;
+
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let open = loop {
+        let open: Vec<Conflict> = conflicts(&a, &table)
+            .await
+            .into_iter()
+            .filter(|c| c.resolution == "open")
+            .collect();
+        if !open.is_empty() {
+            break open;
+        }
+        assert!(Instant::now() < deadline, "no open conflict in A");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    assert_eq!(open.len(), 1, "{open:?}");
+    assert!(!open[0].resolved);
+    assert!(open[0].local_row.as_deref().unwrap_or("").contains("home"));
+    assert!(open[0]
+        .remote_row
+        .as_deref()
+        .unwrap_or("")
+        .contains("from-b"));
+    // Held: A keeps its row, B has its own.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        value(&a, &table, in_a, "display_name").await.as_deref(),
+        Some("home")
+    );
+    assert_eq!(
+        value(&b, &table, in_a, "display_name").await.as_deref(),
+        Some("from-b")
+    );
+
+    // The operator's commands, in region A.
+    let dir = repo_root().join("target/test-configs");
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = dir.join(format!("{}-a.toml", table.name));
+    std::fs::write(&config, worker_toml_for(&a, &table, extra)).unwrap();
+    let cli = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_regionsync"))
+            .arg("--config")
+            .arg(&config)
+            .args(args)
+            .output()
+            .expect("run regionsync");
+        let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+        assert!(
+            out.status.success(),
+            "regionsync {args:?}: {stdout}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        stdout
+    };
+    let target = format!("public.{}", table.name);
+    let listed = cli(&["conflicts", "list", "--open", "--table", &target]);
+    assert!(
+        listed.starts_with(&format!("{}\t", open[0].id)) && listed.contains("open (pending)"),
+        "{listed}"
+    );
+    let id = open[0].id.to_string();
+    let resolved = cli(&["conflicts", "resolve", &id, "--keep", "remote"]);
+    assert!(resolved.contains("written again"), "{resolved}");
+
+    wait_until_equal(
+        &table,
+        Duration::from_secs(120),
+        "B's version everywhere",
+        || async { value(&a, &table, in_a, "display_name").await.as_deref() == Some("from-b") },
+    )
+    .await;
+    assert_eq!(value(&b, &table, in_a, "age").await.as_deref(), Some("7"));
+    let after = conflicts(&a, &table).await;
+    let c = after.iter().find(|c| c.id == open[0].id).unwrap();
+    assert_eq!((c.resolution.as_str(), c.resolved), ("kept_remote", true));
+    assert!(
+        cli(&["conflicts", "resolve", &id, "--keep", "local"]).contains("already resolved"),
+        "a second resolve changes nothing"
+    );
+    stop_workers(workers).await;
+}
+
+/// A delete in A concurrent with an update in B (both written while no
+/// worker runs) converges identically in both regions under each policy:
+/// `lww` on a shared table lets the newer update win everywhere; `reject`
+/// on a row homed in A keeps A's delete everywhere.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_delete_concurrent_with_an_update_converges_under_each_policy() {
+    let (a, b) = (region_a(), region_b());
+    for (extra, update_survives) in [
+        ("", true),
+        ("affinity = \"id\"\npolicy = \"reject\"", false),
+    ] {
+        let table = TestTable::create("aa_delete").await;
+        let id = key_homed_in(&a, fresh_key());
+        let workers = start_workers(&table, extra);
+        exec(
+            &a,
+            &format!(
+                "INSERT INTO {t} (id, email) VALUES ({id}, 'a@x')",
+                t = table.name
+            ),
+        )
+        .await;
+        table.wait_converged(Duration::from_secs(120)).await;
+        stop_workers(workers).await;
+
+        exec(
+            &a,
+            &format!("DELETE FROM {t} WHERE id = {id}", t = table.name),
+        )
+        .await;
+        exec(
+            &b,
+            &format!(
+                "UPDATE {t} SET display_name = 'from-b' WHERE id = {id}",
+                t = table.name
+            ),
+        )
+        .await;
+        let workers = start_workers(&table, extra);
+        wait_until_equal(&table, Duration::from_secs(120), "one outcome", || async {
+            let there = value(&b, &table, id, "email").await.is_some();
+            there == update_survives
+        })
+        .await;
+        // Settled: still the same a little later.
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        let rows = table.rows(&a).await;
+        assert_eq!(rows, table.rows(&b).await, "policy {extra:?}");
+        assert_eq!(
+            rows.len(),
+            usize::from(update_survives),
+            "policy {extra:?}: {rows:?}"
+        );
+        if update_survives {
+            assert!(rows[0].contains("from-b"));
+        }
+        let kinds: Vec<String> = conflicts(&a, &table)
+            .await
+            .into_iter()
+            .chain(conflicts(&b, &table).await)
+            .map(|c| c.kind)
+            .collect();
+        assert!(
+            kinds.iter().any(|k| k == "update_delete")
+                && kinds.iter().any(|k| k == "delete_update"),
+            "policy {extra:?}: both regions saw the conflict: {kinds:?}"
+        );
+        stop_workers(workers).await;
+    }
+}
