@@ -249,6 +249,8 @@ pub struct PreparedRow {
     pub replaced: Option<(i64, String)>,
     /// The row's home region (homed tables).
     pub home: Option<String>,
+    /// From a snapshot read (op `r`), not a write.
+    pub snapshot: bool,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -385,6 +387,7 @@ fn render(table: &TargetTable, row: &Row, before: Option<&Row>) -> Result<Prepar
         origin,
         replaced: before.and_then(version_of),
         home,
+        snapshot: false,
     })
 }
 
@@ -424,7 +427,9 @@ pub fn prepare(
                 table: table.name.clone(),
                 problem: format!("{:?} without an after image", change.op),
             })?;
-            Ok(Final::Upsert(render(table, after, change.before.as_ref())?))
+            let mut row = render(table, after, change.before.as_ref())?;
+            row.snapshot = change.op == Op::Read;
+            Ok(Final::Upsert(row))
         }
         Op::Delete => {
             // The key message carries the key; the before image (REPLICA

@@ -105,6 +105,9 @@ pub struct Case<'a> {
     pub source: &'a str,
     pub incoming: Version<'a>,
     pub is_delete: bool,
+    /// A snapshot read (op `r`): it replaced nothing, and says nothing about
+    /// concurrency.
+    pub snapshot: bool,
     /// The version the writer replaced (its before image), if it sent one.
     pub replaced: Option<Version<'a>>,
     pub row: Option<Version<'a>>,
@@ -132,6 +135,7 @@ pub fn decide(c: &Case<'_>) -> Decision {
             && c.replaced.as_ref().is_none_or(|r| r < stored)
     };
     let kind = match (&c.row, &c.tombstone) {
+        _ if c.snapshot => None,
         (Some(row), _) if concurrent_with(row) => Some(match (c.is_delete, c.replaced.is_some()) {
             (true, _) => Kind::DeleteUpdate,
             (false, false) => Kind::InsertInsert,
@@ -276,6 +280,7 @@ pub async fn check(
                 origin_region: origin,
             },
             is_delete: matches!(f, Final::Delete(_)),
+            snapshot: matches!(&f, Final::Upsert(r) if r.snapshot),
             replaced: f.replaced().map(v),
             row: s.row.as_ref().map(v),
             tombstone: s.tombstone.as_ref().map(v),
@@ -338,8 +343,12 @@ async fn lookup(
            FROM unnest({unnest}, ${pk}::text[], ${pf}::bool[]) WITH ORDINALITY
                 AS b({key_names}, \"__key\", \"__force\", \"__i\")
            LEFT JOIN {ident} AS t ON {key_match}
-           LEFT JOIN regionsync.tombstones ts
-                  ON ts.table_name = ${pt} AND ts.row_key = b.\"__key\"
+           -- The tombstone only where no row is stored: LIMIT keeps the
+           -- planner from turning this into a hash join over all of the
+           -- table's tombstones, and the row test gates the index probe.
+           LEFT JOIN LATERAL (SELECT ts.hlc, ts.origin_region FROM regionsync.tombstones ts
+                               WHERE t.hlc IS NULL AND ts.table_name = ${pt}
+                                 AND ts.row_key = b.\"__key\" LIMIT 1) ts ON true
           WHERE (t.hlc IS NOT NULL AND (b.\"__force\" OR t.origin_region <> ${ps}))
              OR (t.hlc IS NULL AND ts.hlc IS NOT NULL AND ts.origin_region <> ${ps})",
         unnest = unnest.join(", "),
@@ -418,10 +427,8 @@ impl Records {
                     .values
                     .iter()
                     .map(|(i, value)| {
-                        let value = value
-                            .as_ref()
-                            .map_or(serde_json::Value::Null, |t| t.clone().into());
-                        (table.columns[*i].0.clone(), value)
+                        let (name, pg_type) = &table.columns[*i];
+                        (name.clone(), row_json_value(pg_type, value.as_deref()))
                     })
                     .collect();
                 Some(serde_json::Value::Object(object).to_string())
@@ -472,6 +479,18 @@ impl Records {
                 ],
             )
             .await
+    }
+}
+
+/// A value's PostgreSQL text as `to_jsonb` of the row would hold it, as far
+/// as `jsonb_populate_record` needs: json and jsonb values as JSON, every
+/// other type as its text (which the column type's input function reads).
+fn row_json_value(pg_type: &str, text: Option<&str>) -> serde_json::Value {
+    match text {
+        None => serde_json::Value::Null,
+        Some(t) if pg_type == "json" || pg_type == "jsonb" => serde_json::from_str(t)
+            .unwrap_or_else(|_| serde_json::Value::String(t.to_string())),
+        Some(t) => serde_json::Value::String(t.to_string()),
     }
 }
 
@@ -802,10 +821,21 @@ mod tests {
             source: US,
             incoming: ver(20, US),
             is_delete: false,
+            snapshot: false,
             replaced,
             row,
             tombstone: None,
         }
+    }
+
+    #[test]
+    fn json_columns_are_kept_as_json_in_a_recorded_row() {
+        assert_eq!(
+            row_json_value("jsonb", Some("{\"n\": 1}")),
+            serde_json::json!({"n": 1})
+        );
+        assert_eq!(row_json_value("text", Some("{\"n\": 1}")), serde_json::json!("{\"n\": 1}"));
+        assert_eq!(row_json_value("integer", None), serde_json::Value::Null);
     }
 
     #[test]
@@ -851,6 +881,10 @@ mod tests {
             decide(&case(None, Some(ver(15, EU)))).record,
             Some((Kind::InsertInsert, Resolution::RemoteWon))
         );
+        // A snapshot read is no write: nothing to record.
+        let mut read = case(None, Some(ver(15, EU)));
+        read.snapshot = true;
+        assert_eq!(decide(&read), Decision { apply: true, record: None });
     }
 
     #[test]
