@@ -38,6 +38,8 @@ pub struct TargetTable {
     pub rename: HashMap<String, String>,
     /// How the rows are homed; `None` for a shared table.
     pub homing: Option<Homing>,
+    /// Residency patterns for pinned rows (`route::resident_in`).
+    pub residency: Vec<String>,
 }
 
 /// How a table's rows find their home region (DESIGN.md §3).
@@ -64,6 +66,15 @@ impl Homing {
             return Some(pinned.to_string());
         }
         value(self.affinity).map(|key| crate::route::home_region(key, &self.regions).to_string())
+    }
+
+    /// The pin among (some of) a row's rendered values, if set.
+    pub fn pin(&self, values: &[(usize, Option<String>)]) -> Option<String> {
+        let pin = self.pin?;
+        values
+            .iter()
+            .find(|(i, _)| *i == pin)
+            .and_then(|(_, v)| v.clone())
     }
 
     /// The columns a home is computed from.
@@ -190,6 +201,7 @@ impl TargetTable {
             key,
             rename: config.columns.clone().into_iter().collect(),
             homing,
+            residency: config.residency.clone(),
         })
     }
 
@@ -249,6 +261,8 @@ pub struct PreparedRow {
     pub replaced: Option<(i64, String)>,
     /// The row's home region (homed tables).
     pub home: Option<String>,
+    /// The row's pin (`home_region_column`), if set.
+    pub pin: Option<String>,
     /// From a snapshot read (op `r`), not a write.
     pub snapshot: bool,
 }
@@ -264,6 +278,8 @@ pub struct PreparedDelete {
     pub replaced: Option<(i64, String)>,
     /// The row's home region (homed tables), from the before image.
     pub home: Option<String>,
+    /// The row's pin (`home_region_column`), from the before image.
+    pub pin: Option<String>,
 }
 
 impl Final {
@@ -295,6 +311,12 @@ impl Final {
         match self {
             Final::Upsert(r) => r.home.as_deref(),
             Final::Delete(d) => d.home.as_deref(),
+        }
+    }
+    pub fn pin(&self) -> Option<&str> {
+        match self {
+            Final::Upsert(r) => r.pin.as_deref(),
+            Final::Delete(d) => d.pin.as_deref(),
         }
     }
 }
@@ -379,6 +401,7 @@ fn render(table: &TargetTable, row: &Row, before: Option<&Row>) -> Result<Prepar
         .ok_or_else(|| row_error(table, "origin_region", "missing or not text"))?
         .to_string();
     let home = table.homing.as_ref().and_then(|h| h.home(&values));
+    let pin = table.homing.as_ref().and_then(|h| h.pin(&values));
     Ok(PreparedRow {
         key_text: key_text(&key_values),
         values,
@@ -387,6 +410,7 @@ fn render(table: &TargetTable, row: &Row, before: Option<&Row>) -> Result<Prepar
         origin,
         replaced: before.and_then(version_of),
         home,
+        pin,
         snapshot: false,
     })
 }
@@ -466,6 +490,7 @@ pub fn prepare(
                 origin: source_region.to_string(),
                 replaced: change.before.as_ref().and_then(version_of),
                 home: table.homing.as_ref().and_then(|h| h.home(&values)),
+                pin: table.homing.as_ref().and_then(|h| h.pin(&values)),
             }))
         }
         Op::Truncate => Err(RowError::Shape {
@@ -818,6 +843,7 @@ mod tests {
             key: vec![0],
             rename: HashMap::new(),
             homing: None,
+            residency: Vec::new(),
         }
     }
 

@@ -263,6 +263,12 @@ pub struct TableConfig {
     /// What a remote region's write to a row homed here does.
     #[serde(default)]
     pub policy: Policy,
+    /// Data residency per row: a row whose `home_region_column` names a
+    /// region matching one of these patterns (a region name, or a prefix
+    /// ending in `*` such as `"eu-*"`) is stored only in the regions that
+    /// match the same pattern; a worker elsewhere never writes it.
+    #[serde(default)]
+    pub residency: Vec<String>,
 }
 
 /// The `affinity` value of a table whose rows have no home.
@@ -635,6 +641,18 @@ impl Config {
                     "tables[{i}].affinity: must name a column or be \"{SHARED}\""
                 ));
             }
+            if !t.residency.is_empty() && t.home_region_column.is_none() {
+                p.push(format!(
+                    "tables[{i}].residency: needs home_region_column, the column that pins a row"
+                ));
+            }
+            for (j, pattern) in t.residency.iter().enumerate() {
+                if !is_region_name(pattern.strip_suffix('*').unwrap_or(pattern)) {
+                    p.push(format!(
+                        "tables[{i}].residency[{j}]: {pattern:?} is neither a region name nor a prefix ending in *"
+                    ));
+                }
+            }
             if t.policy != Policy::Lww && !t.is_homed() {
                 p.push(format!(
                     "tables[{i}].policy: {:?} needs rows with a home region; set affinity to a column or home_region_column",
@@ -705,6 +723,28 @@ mod tests {
         assert_eq!(
             (c.tables[0].policy, c.tables[0].is_homed()),
             (Policy::Lww, false)
+        );
+    }
+
+    #[test]
+    fn residency_needs_the_pin_column_and_region_patterns() {
+        let bad = GOOD.replace(
+            "key = [\"id\"]",
+            "key = [\"id\"]\nresidency = [\"eu-*\", \"*x\"]",
+        );
+        let text = Config::from_toml(&bad).unwrap_err().to_string();
+        assert!(
+            text.contains("tables[0].residency: needs home_region_column"),
+            "{text}"
+        );
+        assert!(text.contains("tables[0].residency[1]: \"*x\""), "{text}");
+        let good = GOOD.replace(
+            "key = [\"id\"]",
+            "key = [\"id\"]\nhome_region_column = \"home_region\"\nresidency = [\"eu-*\"]",
+        );
+        assert_eq!(
+            Config::from_toml(&good).unwrap().tables[0].residency,
+            ["eu-*"]
         );
     }
 

@@ -488,8 +488,9 @@ impl Records {
 fn row_json_value(pg_type: &str, text: Option<&str>) -> serde_json::Value {
     match text {
         None => serde_json::Value::Null,
-        Some(t) if pg_type == "json" || pg_type == "jsonb" => serde_json::from_str(t)
-            .unwrap_or_else(|_| serde_json::Value::String(t.to_string())),
+        Some(t) if pg_type == "json" || pg_type == "jsonb" => {
+            serde_json::from_str(t).unwrap_or_else(|_| serde_json::Value::String(t.to_string()))
+        }
         Some(t) => serde_json::Value::String(t.to_string()),
     }
 }
@@ -834,7 +835,10 @@ mod tests {
             row_json_value("jsonb", Some("{\"n\": 1}")),
             serde_json::json!({"n": 1})
         );
-        assert_eq!(row_json_value("text", Some("{\"n\": 1}")), serde_json::json!("{\"n\": 1}"));
+        assert_eq!(
+            row_json_value("text", Some("{\"n\": 1}")),
+            serde_json::json!("{\"n\": 1}")
+        );
         assert_eq!(row_json_value("integer", None), serde_json::Value::Null);
     }
 
@@ -884,7 +888,13 @@ mod tests {
         // A snapshot read is no write: nothing to record.
         let mut read = case(None, Some(ver(15, EU)));
         read.snapshot = true;
-        assert_eq!(decide(&read), Decision { apply: true, record: None });
+        assert_eq!(
+            decide(&read),
+            Decision {
+                apply: true,
+                record: None
+            }
+        );
     }
 
     #[test]

@@ -67,6 +67,9 @@ pub mod outcome {
     /// A cross-region write to a row homed here, held by the table's
     /// `reject` or `manual` policy (recorded in regionsync.conflicts).
     pub const HELD: &str = "held";
+    /// A row pinned to a region whose residency excludes this one: never
+    /// written here.
+    pub const RESIDENCY: &str = "residency";
 }
 
 /// Histogram buckets (seconds and rows alike): from a millisecond to five

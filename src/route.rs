@@ -161,10 +161,46 @@ pub fn classify(source: &str, home: Option<&str>, local: &str) -> WriteClass {
     }
 }
 
+/// Whether `region` matches a residency pattern: a region name, or a
+/// prefix ending in `*` (`"eu-*"`).
+pub fn region_matches(pattern: &str, region: &str) -> bool {
+    match pattern.strip_suffix('*') {
+        Some(prefix) => region.starts_with(prefix),
+        None => pattern == region,
+    }
+}
+
+/// Whether a row pinned to `pin` may be stored in region `local` under a
+/// table's residency patterns: a row pinned to a region matching a pattern
+/// stays in the regions matching that pattern (the first that matches
+/// decides); any other row, pinned or not, may be stored anywhere.
+pub fn resident_in(patterns: &[String], pin: Option<&str>, local: &str) -> bool {
+    let Some(pin) = pin else { return true };
+    match patterns.iter().find(|p| region_matches(p, pin)) {
+        Some(p) => region_matches(p, local),
+        None => true,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn pinned_rows_stay_in_the_regions_of_their_pattern() {
+        let eu = vec!["eu-*".to_string()];
+        assert!(resident_in(&eu, Some("eu-west-1"), "eu-central-1"));
+        assert!(!resident_in(&eu, Some("eu-west-1"), "us-east-1"));
+        assert!(
+            resident_in(&eu, Some("us-east-1"), "eu-west-1"),
+            "unrestricted pin"
+        );
+        assert!(resident_in(&eu, None, "us-east-1"), "unpinned");
+        let exact = vec!["eu-west-1".to_string()];
+        assert!(!resident_in(&exact, Some("eu-west-1"), "eu-central-1"));
+        assert!(resident_in(&exact, Some("eu-west-1"), "eu-west-1"));
+    }
 
     #[test]
     fn writes_are_classified_by_source_home_and_local_region() {

@@ -735,6 +735,21 @@ async fn apply_batch(
                     .entry((outcome::ECHO, shared.tables[table].name.clone()))
                     .or_default() += 1;
             }
+            Ok(fin)
+                if !crate::route::resident_in(
+                    &shared.tables[table].residency,
+                    fin.pin(),
+                    &shared.config.region,
+                ) =>
+            {
+                // Never written here; logged without the row's contents.
+                info!(topic, partition = msg.partition(), offset = msg.offset(),
+                    table = %shared.tables[table].name, pinned_to = fin.pin().unwrap_or_default(),
+                    "a row restricted to other regions is not written here");
+                *skipped
+                    .entry((outcome::RESIDENCY, shared.tables[table].name.clone()))
+                    .or_default() += 1;
+            }
             Ok(fin) => {
                 let hlc = match &fin {
                     Final::Upsert(r) => r.hlc,

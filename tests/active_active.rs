@@ -533,3 +533,84 @@ async fn a_delete_concurrent_with_an_update_converges_under_each_policy() {
         stop_workers(workers).await;
     }
 }
+
+/// Residency: rows pinned to eu-west-1 under `residency = ["eu-*"]`, written
+/// in B, never appear in A's table, and A's worker counts them; unpinned
+/// rows and rows pinned elsewhere replicate as usual.
+#[tokio::test(flavor = "multi_thread")]
+async fn rows_pinned_to_eu_regions_never_leave_them() {
+    let counters = counters();
+    let (a, b) = (region_a(), region_b());
+    let table = TestTable::create("aa_residency").await;
+    let workers = start_workers(
+        &table,
+        "home_region_column = \"home_region\"\nresidency = [\"eu-*\"]",
+    );
+    let first = fresh_key();
+    exec(
+        &b,
+        &format!(
+            "INSERT INTO {t} (id, email, home_region)
+             SELECT g, 'r' || g || '@x', CASE g % 3 WHEN 0 THEN 'eu-west-1' WHEN 1 THEN 'us-east-1' END
+               FROM generate_series({first}::bigint, {last}::bigint) g;
+             UPDATE {t} SET display_name = 'updated' WHERE id % 2 = 0;",
+            t = table.name,
+            last = first + 299,
+        ),
+    )
+    .await;
+    let ids = |rows: Vec<String>| -> Vec<i64> {
+        rows.iter()
+            .map(|r| {
+                serde_json::from_str::<serde_json::Value>(r).unwrap()["id"]
+                    .as_i64()
+                    .unwrap()
+            })
+            .collect()
+    };
+    let expected: Vec<i64> = (first..first + 300).filter(|g| g % 3 != 0).collect();
+    let target = format!("public.{}", table.name);
+    let counted = || {
+        counters.total(
+            "regionsync_events_total",
+            &[
+                ("source_region", b.name.as_str()),
+                ("table", target.as_str()),
+                ("outcome", "residency"),
+            ],
+        )
+    };
+    let deadline = Instant::now() + Duration::from_secs(120);
+    // 100 inserts and 50 updates of EU rows.
+    while ids(table.rows(&a).await) != expected || counted() < 150 {
+        assert!(
+            Instant::now() < deadline,
+            "A has {} of {} rows, {} residency skips counted",
+            table.rows(&a).await.len(),
+            expected.len(),
+            counted()
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let in_a: Vec<String> = table.rows(&a).await;
+    let pinned_to = |r: &String| {
+        serde_json::from_str::<serde_json::Value>(r).unwrap()["home_region"]
+            .as_str()
+            .map(str::to_string)
+    };
+    assert!(
+        in_a.iter()
+            .all(|r| pinned_to(r).as_deref() != Some("eu-west-1")),
+        "no EU-pinned row in A"
+    );
+    // And B keeps every row, with the updates A got too.
+    assert_eq!(table.rows(&b).await.len(), 300);
+    let b_rows: Vec<String> = table
+        .rows(&b)
+        .await
+        .into_iter()
+        .filter(|r| pinned_to(r).as_deref() != Some("eu-west-1"))
+        .collect();
+    assert_eq!(in_a, b_rows, "the other rows are identical");
+    stop_workers(workers).await;
+}
