@@ -101,6 +101,7 @@ async fn ceiling(b_admin: &Client, topic: &str, ends: &HashMap<i32, i64>, n: u64
                     apply::collapse(batch),
                     "us-east-1",
                     "eu-west-1",
+                    None,
                 )
                 .await
                 .expect("check");

@@ -538,6 +538,8 @@ pub struct Applied {
     pub rejected: u64,
     /// Changes by write class: shared, owner, cross-region, third-region.
     pub classes: [u64; 4],
+    /// Upserts older than the tombstone grace for keys with no row: skipped.
+    pub late: u64,
 }
 
 impl std::ops::AddAssign for Applied {
@@ -548,6 +550,7 @@ impl std::ops::AddAssign for Applied {
         self.conflicts += o.conflicts;
         self.held += o.held;
         self.rejected += o.rejected;
+        self.late += o.late;
         for (a, b) in self.classes.iter_mut().zip(o.classes) {
             *a += b;
         }

@@ -56,6 +56,24 @@ impl Policy {
     }
 }
 
+/// How long a delete's tombstone is kept (DESIGN.md §4): longer than any
+/// replication lag, so no older change of the key can still arrive.
+pub const DEFAULT_TOMBSTONE_GRACE: Duration = Duration::from_secs(7 * 24 * 3600);
+
+/// What to do with a change older than `tombstone_grace` for a key with no
+/// row here: its key's tombstone may have been collected, so applying it
+/// could bring back a deleted row.
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LateChanges {
+    /// Count it (`outcome="late"`), log it, do not apply it (the default).
+    #[default]
+    Skip,
+    /// Apply it: for replaying topics into an empty replica (a rebuild),
+    /// where every change is old and nothing can be resurrected.
+    Apply,
+}
+
 /// What to do with a message that cannot be decoded or applied.
 #[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq, Default)]
 #[serde(rename_all = "lowercase")]
@@ -103,8 +121,19 @@ pub struct Config {
     /// (see [`crate::clock::exceeds_clock_skew`]).
     #[serde(default = "default_max_clock_skew", with = "humantime_serde")]
     pub max_clock_skew: Duration,
+    /// How long tombstones are kept before the worker collects them, e.g.
+    /// "7d"; must exceed the longest replication lag.
+    #[serde(default = "default_tombstone_grace", with = "humantime_serde")]
+    pub tombstone_grace: Duration,
+    /// Changes older than `tombstone_grace` for keys with no row here.
+    #[serde(default)]
+    pub late_changes: LateChanges,
     /// The replicated tables; only these are ever written.
     pub tables: Vec<TableConfig>,
+}
+
+fn default_tombstone_grace() -> Duration {
+    DEFAULT_TOMBSTONE_GRACE
 }
 
 fn default_heartbeat_topic() -> String {
@@ -353,6 +382,8 @@ const TOP_LEVEL_KEYS: &[&str] = &[
     "metrics",
     "heartbeat_topic",
     "max_clock_skew",
+    "tombstone_grace",
+    "late_changes",
     "tables",
 ];
 
@@ -597,6 +628,9 @@ impl Config {
                 self.apply.linger_ms
             ));
         }
+        if self.tombstone_grace < Duration::from_secs(1) {
+            p.push("tombstone_grace: must be at least 1s (e.g. \"7d\")".into());
+        }
         if self.max_clock_skew.is_zero() {
             p.push("max_clock_skew: must be above zero (e.g. \"5s\")".into());
         }
@@ -697,6 +731,8 @@ mod tests {
         assert_eq!(c.on_error, OnError::Dlq);
         assert_eq!(c.apply.batch_max_rows, DEFAULT_BATCH_MAX_ROWS);
         assert_eq!(c.max_clock_skew, Duration::from_secs(5));
+        assert_eq!(c.tombstone_grace, Duration::from_secs(7 * 24 * 3600));
+        assert_eq!(c.late_changes, LateChanges::Skip);
         let topics: Vec<String> = c.mirrored_topics().into_iter().map(|t| t.0).collect();
         assert_eq!(
             topics,

@@ -190,6 +190,9 @@ pub struct Checked {
     pub rejected: u64,
     /// Changes per write class, indexed by [`WriteClass::index`].
     pub classes: [u64; 4],
+    /// Upserts older than the tombstone grace for keys with no row here:
+    /// not applied (their tombstone may be collected already).
+    pub late: u64,
 }
 
 struct Stored {
@@ -236,12 +239,15 @@ fn key_match(table: &TargetTable, alias: &str) -> String {
 
 /// Checks one table's collapsed changes from `source` in the caller's
 /// transaction, records the conflicts, and returns the changes to apply.
+/// Upserts with an HLC below `late_before` (now − tombstone grace) are
+/// applied only where their row is stored here.
 pub async fn check(
     client: &impl GenericClient,
     table: &TargetTable,
     finals: Vec<Final>,
     source: &str,
     local: &str,
+    late_before: Option<Hlc>,
 ) -> Result<Checked, tokio_postgres::Error> {
     let policy = table.homing.as_ref().map_or(Policy::Lww, |h| h.policy);
     let classes: Vec<WriteClass> = finals
@@ -260,12 +266,20 @@ pub async fn check(
     for c in &classes {
         class_counts[c.index()] += 1;
     }
-    let stored = lookup(client, table, &finals, &classes, source, policy).await?;
+    let late: Vec<bool> = finals
+        .iter()
+        .map(|f| matches!(f, Final::Upsert(r) if late_before.is_some_and(|l| Hlc(r.hlc) < l)))
+        .collect();
+    let stored = lookup(client, table, &finals, &classes, &late, source, policy).await?;
 
     let mut keep = Vec::with_capacity(finals.len());
     let mut records = Records::default();
-    let (mut held, mut rejected) = (0, 0);
+    let (mut held, mut rejected, mut too_late) = (0, 0, 0);
     for (i, f) in finals.into_iter().enumerate() {
+        if late[i] && stored.get(&i).is_none_or(|s| s.row.is_none()) {
+            too_late += 1;
+            continue;
+        }
         let Some(s) = stored.get(&i) else {
             keep.push(f);
             continue;
@@ -305,18 +319,20 @@ pub async fn check(
         held,
         rejected,
         classes: class_counts,
+        late: too_late,
     })
 }
 
 /// The stored row version (with the row as JSON) or tombstone of every
 /// change that could be concurrent or held: where the stored version came
 /// from another region than `source`, or the change is a cross-region
-/// write under a holding policy. Keyed by the change's index.
+/// write under a holding policy, or late. Keyed by the change's index.
 async fn lookup(
     client: &impl GenericClient,
     table: &TargetTable,
     finals: &[Final],
     classes: &[WriteClass],
+    late: &[bool],
     source: &str,
     policy: Policy,
 ) -> Result<std::collections::HashMap<usize, Stored>, tokio_postgres::Error> {
@@ -324,12 +340,12 @@ async fn lookup(
     let mut key_arrays: Vec<Vec<Option<String>>> = vec![Vec::with_capacity(finals.len()); nkeys];
     let mut key_texts = Vec::with_capacity(finals.len());
     let mut force = Vec::with_capacity(finals.len());
-    for (f, class) in finals.iter().zip(classes) {
+    for ((f, class), late) in finals.iter().zip(classes).zip(late) {
         for (slot, value) in key_values(table, f).into_iter().enumerate() {
             key_arrays[slot].push(value);
         }
         key_texts.push(f.key_text().to_string());
-        force.push(*class == WriteClass::CrossRegion && policy != Policy::Lww);
+        force.push(*late || (*class == WriteClass::CrossRegion && policy != Policy::Lww));
     }
     let key_names: Vec<String> = table
         .key

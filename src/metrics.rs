@@ -40,6 +40,8 @@ pub const CONFLICTS_TOTAL: &str = "regionsync_conflicts_total";
 /// Changes by how their row relates to this region (DESIGN.md §3). Labels:
 /// table, class (shared, owner, cross_region, third_region).
 pub const WRITES_BY_CLASS_TOTAL: &str = "regionsync_writes_by_class_total";
+/// Tombstones removed after `tombstone_grace`.
+pub const TOMBSTONES_COLLECTED_TOTAL: &str = "regionsync_tombstones_collected_total";
 /// Changes whose HLC is further in the future than `max_clock_skew` (still
 /// applied; they are flagged). Label: source_region.
 pub const CLOCK_SKEW_EXCEEDED_TOTAL: &str = "regionsync_clock_skew_exceeded_total";
@@ -70,6 +72,9 @@ pub mod outcome {
     /// A row pinned to a region whose residency excludes this one: never
     /// written here.
     pub const RESIDENCY: &str = "residency";
+    /// Older than `tombstone_grace`, for a key with no row here: not
+    /// applied (`late_changes = "skip"`).
+    pub const LATE: &str = "late";
 }
 
 /// Histogram buckets (seconds and rows alike): from a millisecond to five

@@ -35,7 +35,7 @@ use tracing::{error, info, warn};
 
 use crate::apply::{self, Applied, Final, TargetTable};
 use crate::clock::{self, Hlc};
-use crate::config::{Config, OnError, Policy};
+use crate::config::{Config, LateChanges, OnError, Policy};
 use crate::conflict;
 use crate::decode::{self, Decoded, Op};
 use crate::lag::{self, LagTracker};
@@ -304,6 +304,51 @@ fn record_stored_times(
 /// replica without a region's heartbeat partition does not report a stall
 /// that is not there. When the database does not answer, the value keeps
 /// growing from what was last known — which is the truth then.
+/// Removes the tombstones of this worker's tables older than
+/// `tombstone_grace` (by local delete time), in chunks, every minute (or
+/// every tenth of the grace, if shorter). Failures are retried next time.
+async fn collect_tombstones(shared: Arc<Shared>) {
+    let grace = shared.config.tombstone_grace;
+    let every = (grace / 10).clamp(Duration::from_secs(1), Duration::from_secs(60));
+    let tables: Vec<String> = shared.tables.iter().map(|t| t.name.clone()).collect();
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let collect = async {
+            let client = shared.pool.get().await?;
+            let mut total = 0u64;
+            loop {
+                let n = client
+                    .execute(
+                        "WITH old AS (
+                            SELECT table_name, row_key FROM regionsync.tombstones
+                             WHERE table_name = ANY($2) AND deleted_at < now() - make_interval(secs => $1)
+                             LIMIT 10000)
+                         DELETE FROM regionsync.tombstones ts USING old
+                          WHERE ts.table_name = old.table_name AND ts.row_key = old.row_key",
+                        &[&grace.as_secs_f64(), &tables],
+                    )
+                    .await?;
+                total += n;
+                if n < 10_000 {
+                    return anyhow::Ok(total);
+                }
+            }
+        };
+        match collect.await {
+            Ok(0) => {}
+            Ok(n) => {
+                metrics::counter!(m::TOMBSTONES_COLLECTED_TOTAL).increment(n);
+                info!(collected = n, tombstone_grace = ?grace, "tombstones collected");
+            }
+            Err(e) => {
+                warn!(error = %format!("{e:#}"), "collecting tombstones failed; retried later")
+            }
+        }
+    }
+}
+
 async fn report_lag(shared: Arc<Shared>) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -375,6 +420,7 @@ pub async fn run(
         .context("subscribing to the mirrored topics")?;
     info!(group = %shared.group, topics = ?topics, "consuming");
     let reporter = tokio::spawn(report_lag(shared.clone()));
+    let collector = tokio::spawn(collect_tombstones(shared.clone()));
     let mut tasks: HashMap<(String, i32), PartitionTask> = HashMap::new();
     // One queue per partition for the consumer's life: dropping a split
     // queue detaches librdkafka's wake-up from it, which would leave a new
@@ -446,6 +492,7 @@ pub async fn run(
     }
     shared.consumer.unsubscribe();
     reporter.abort();
+    collector.abort();
     result
 }
 
@@ -857,6 +904,9 @@ fn record(
         metrics::counter!(m::EVENTS_TOTAL, "source_region" => region.clone(), "table" => name.clone(), "op" => "", "outcome" => outcome::APPLIED).increment(a.applied);
         metrics::counter!(m::EVENTS_TOTAL, "source_region" => region.clone(), "table" => name.clone(), "op" => "", "outcome" => outcome::STALE).increment(a.stale);
         metrics::counter!(m::EVENTS_TOTAL, "source_region" => region.clone(), "table" => name.clone(), "op" => "", "outcome" => outcome::SUPERSEDED).increment(a.superseded);
+        if a.late > 0 {
+            metrics::counter!(m::EVENTS_TOTAL, "source_region" => region.clone(), "table" => name.clone(), "op" => "", "outcome" => outcome::LATE).increment(a.late);
+        }
         if a.held > 0 {
             metrics::counter!(m::EVENTS_TOTAL, "source_region" => region.clone(), "table" => name.clone(), "op" => "", "outcome" => outcome::HELD).increment(a.held);
         }
@@ -927,6 +977,10 @@ async fn commit_batch(
         .await
         .map_err(classify)?;
     let mut counts: HashMap<usize, Applied> = HashMap::new();
+    let late_before = (shared.config.late_changes == LateChanges::Skip).then(|| {
+        let grace_ms = shared.config.tombstone_grace.as_millis() as i64;
+        Hlc::new(lag::now_ms() - grace_ms, 0)
+    });
     // Rows between truncates, per table, collapsed to the last change per key.
     let mut pending: HashMap<usize, Vec<Final>> = HashMap::new();
     for step in steps.iter().chain(std::iter::once(&Step::Truncate {
@@ -946,15 +1000,22 @@ async fn commit_batch(
                         finals,
                         source_region,
                         &shared.config.region,
+                        late_before,
                     )
                     .await
                     .map_err(classify)?;
+                    if checked.late > 0 {
+                        warn!(table = %shared.tables[t].name, topic, partition, count = checked.late,
+                            tombstone_grace = ?shared.config.tombstone_grace,
+                            "changes older than tombstone_grace for keys without a row were not applied (late_changes = skip)");
+                    }
                     *counts.entry(t).or_default() += Applied {
                         superseded,
                         conflicts: checked.recorded,
                         held: checked.held,
                         rejected: checked.rejected,
                         classes: checked.classes,
+                        late: checked.late,
                         ..Applied::default()
                     };
                     let a = apply::apply_finals(&*tx, &shared.tables[t], &checked.finals)

@@ -614,3 +614,97 @@ async fn rows_pinned_to_eu_regions_never_leave_them() {
     assert_eq!(in_a, b_rows, "the other rows are identical");
     stop_workers(workers).await;
 }
+
+/// Tombstones are collected after `tombstone_grace`; a change older than
+/// the grace for a key without a row is then counted and not applied (it
+/// could be a deleted row's), while current changes apply as usual.
+#[tokio::test(flavor = "multi_thread")]
+async fn tombstones_are_collected_after_the_grace_and_late_changes_are_not_applied() {
+    let counters = counters();
+    let (a, b) = (region_a(), region_b());
+    let table = TestTable::create("aa_grace").await;
+    let topic = format!("cdc.public.{}", table.name);
+    let (deleted, late, current) = (fresh_key(), fresh_key(), fresh_key());
+    // First with the default grace: a new topic takes MirrorMaker 2 and the
+    // consumer some seconds to find, longer than the short grace below.
+    let worker = Worker::start(worker_config(&table, &topic));
+    exec(
+        &a,
+        &format!(
+            "INSERT INTO {t} (id, email) VALUES ({deleted}, 'd@x');",
+            t = table.name
+        ),
+    )
+    .await;
+    table.wait_converged(Duration::from_secs(120)).await;
+    worker.stop().await;
+    let toml = worker_toml(&table, &topic, "").replace(
+        "consumer_group = ",
+        "tombstone_grace = \"3s\"\nconsumer_group = ",
+    );
+    let worker = Worker::start(regionsync::config::Config::from_toml(&toml).expect("config"));
+    exec(
+        &a,
+        &format!("DELETE FROM {t} WHERE id = {deleted}", t = table.name),
+    )
+    .await;
+    table.wait_converged(Duration::from_secs(120)).await;
+
+    let tombstone_in_b = || async {
+        admin_db(&region_b())
+            .await
+            .query_opt(
+                "SELECT 1 FROM regionsync.tombstones WHERE table_name = $1 AND row_key = $2",
+                &[&format!("public.{}", table.name), &deleted.to_string()],
+            )
+            .await
+            .unwrap()
+            .is_some()
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while tombstone_in_b().await {
+        assert!(
+            Instant::now() < deadline,
+            "the tombstone is still there after 30 s"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+
+    // A change stamped an hour ago (written past the stamping trigger, as a
+    // change delayed that long would carry), and a current one.
+    let hour_ago = (now_ms() - 3_600_000) << 16;
+    admin_db(&a)
+        .await
+        .batch_execute(&format!(
+            "BEGIN; SET LOCAL session_replication_role = replica;
+             INSERT INTO public.{t} (id, email, hlc, origin_region) VALUES ({late}, 'late@x', {hour_ago}, '{a}');
+             COMMIT;
+             INSERT INTO public.{t} (id, email) VALUES ({current}, 'now@x');",
+            t = table.name,
+            a = a.name,
+        ))
+        .await
+        .expect("writes in A");
+    let target = format!("public.{}", table.name);
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let skipped = counters.total(
+            "regionsync_events_total",
+            &[("table", target.as_str()), ("outcome", "late")],
+        );
+        if skipped >= 1 && value(&b, &table, current, "email").await.is_some() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "late change not counted ({skipped})"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert_eq!(value(&b, &table, late, "email").await, None, "not applied");
+    assert_eq!(
+        value(&a, &table, late, "email").await.as_deref(),
+        Some("late@x")
+    );
+    worker.stop().await;
+}

@@ -402,6 +402,9 @@ impl Worker {
             r#"region = "eu-west-1"
 regions = ["us-east-1", "eu-west-1"]
 consumer_group = "{group}"
+# A replay into an empty copy (a rebuild): the cached topics may be older
+# than the tombstone grace.
+late_changes = "apply"
 [kafka]
 bootstrap_servers = "{KAFKA_B}"
 [schema_registry]
