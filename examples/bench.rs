@@ -61,6 +61,7 @@ async fn ceiling(b_admin: &Client, topic: &str, ends: &HashMap<i32, i64>, n: u64
         home_region_column: None,
         policy: Default::default(),
         residency: vec![],
+        counters: Default::default(),
     };
     let regions = ["us-east-1".to_string(), "eu-west-1".to_string()];
     let table = TargetTable::load(b_admin, &config, &regions)

@@ -158,3 +158,74 @@ BEGIN
     RETURN NULL;
 END
 $$;
+
+-- CRDT counters (DESIGN.md §4). A counter column (e.g. likes) has a jsonb
+-- companion (e.g. likes_parts) holding one component per region,
+-- {"us-east-1": [increments, decrements], ...}; the visible column is the
+-- sum of increments minus decrements. A local write changes only the local
+-- region's component (by the change of the visible value); the applier
+-- merges a replicated row's components into the stored ones, the larger of
+-- each per region, whatever the row's version. So concurrent increments in
+-- several regions all count, in every region.
+--
+-- Install on a table, naming counter and companion column pairs:
+--   CREATE TRIGGER regionsync_count_by_region BEFORE INSERT OR UPDATE ON t
+--       FOR EACH ROW EXECUTE FUNCTION regionsync.count_by_region('likes', 'likes_parts');
+-- and declare them in the worker's config: counters = { likes = "likes_parts" }.
+
+CREATE OR REPLACE FUNCTION regionsync.counter_merge(a jsonb, b jsonb) RETURNS jsonb
+LANGUAGE sql IMMUTABLE AS $$
+    SELECT coalesce(jsonb_object_agg(r, jsonb_build_array(greatest(pa, pb), greatest(na, nb))), '{}'::jsonb)
+      FROM (SELECT coalesce(x.key, y.key) AS r,
+                   coalesce((x.value ->> 0)::bigint, 0) AS pa, coalesce((y.value ->> 0)::bigint, 0) AS pb,
+                   coalesce((x.value ->> 1)::bigint, 0) AS na, coalesce((y.value ->> 1)::bigint, 0) AS nb
+              FROM jsonb_each(coalesce(a, '{}'::jsonb)) x
+              FULL JOIN jsonb_each(coalesce(b, '{}'::jsonb)) y ON x.key = y.key) m
+$$;
+
+CREATE OR REPLACE FUNCTION regionsync.counter_value(parts jsonb) RETURNS bigint
+LANGUAGE sql IMMUTABLE AS $$
+    SELECT coalesce(sum((v ->> 0)::bigint - (v ->> 1)::bigint), 0)::bigint
+      FROM jsonb_each(coalesce(parts, '{}'::jsonb)) e(k, v)
+$$;
+
+CREATE OR REPLACE FUNCTION regionsync.count_by_region() RETURNS trigger
+LANGUAGE plpgsql SET search_path = pg_catalog, regionsync AS $$
+DECLARE
+    region text := current_setting('regionsync.region');
+    new_row jsonb := to_jsonb(NEW);
+    old_row jsonb := CASE WHEN TG_OP = 'UPDATE' THEN to_jsonb(OLD) ELSE '{}'::jsonb END;
+    i int := 0;
+    counter text;
+    companion text;
+    parts jsonb;
+    delta bigint;
+    up bigint;
+    down bigint;
+BEGIN
+    WHILE i + 1 < TG_NARGS LOOP
+        counter := TG_ARGV[i];
+        companion := TG_ARGV[i + 1];
+        -- The stored components; the application only moves the visible value.
+        parts := coalesce(old_row -> companion, '{}'::jsonb);
+        IF jsonb_typeof(parts) <> 'object' THEN
+            parts := '{}'::jsonb;
+        END IF;
+        delta := coalesce((new_row ->> counter)::bigint, 0)
+               - coalesce((old_row ->> counter)::bigint, 0);
+        up := coalesce((parts -> region ->> 0)::bigint, 0);
+        down := coalesce((parts -> region ->> 1)::bigint, 0);
+        IF delta > 0 THEN
+            up := up + delta;
+        ELSE
+            down := down - delta;
+        END IF;
+        parts := jsonb_set(parts, ARRAY[region], jsonb_build_array(up, down));
+        new_row := jsonb_set(new_row, ARRAY[companion], parts);
+        new_row := jsonb_set(new_row, ARRAY[counter], to_jsonb(counter_value(parts)));
+        i := i + 2;
+    END LOOP;
+    NEW := jsonb_populate_record(NEW, new_row);
+    RETURN NEW;
+END
+$$;

@@ -40,6 +40,9 @@ pub struct TargetTable {
     pub homing: Option<Homing>,
     /// Residency patterns for pinned rows (`route::resident_in`).
     pub residency: Vec<String>,
+    /// CRDT counters: (counter column, companion column of per-region
+    /// components), positions in `columns`.
+    pub counters: Vec<(usize, usize)>,
 }
 
 /// How a table's rows find their home region (DESIGN.md §3).
@@ -102,6 +105,12 @@ pub enum TableError {
         table: String,
         field: &'static str,
         column: String,
+    },
+    #[error("table {table}: counter companion column {column} is {found}, not jsonb")]
+    CounterCompanionType {
+        table: String,
+        column: String,
+        found: String,
     },
     #[error("table {table}: key {key:?} is not its primary key or a unique index")]
     KeyNotUnique { table: String, key: Vec<String> },
@@ -178,6 +187,19 @@ impl TargetTable {
                 column: column.to_string(),
             })
         };
+        let mut counters = Vec::new();
+        for (counter, companion) in &config.counters {
+            let c = homing_column("counters", counter)?;
+            let p = homing_column("counters (companion)", companion)?;
+            if columns[p].1 != "jsonb" {
+                return Err(TableError::CounterCompanionType {
+                    table: name.clone(),
+                    column: companion.clone(),
+                    found: columns[p].1.clone(),
+                });
+            }
+            counters.push((c, p));
+        }
         let homing = if config.is_homed() {
             Some(Homing {
                 affinity: match config.affinity.as_str() {
@@ -202,6 +224,7 @@ impl TargetTable {
             rename: config.columns.clone().into_iter().collect(),
             homing,
             residency: config.residency.clone(),
+            counters,
         })
     }
 
@@ -659,7 +682,57 @@ async fn upsert(
          AND NOT EXISTS (SELECT 1 FROM regionsync.truncations tr
                           WHERE tr.table_name = ${table_param} AND tr.hlc > b.hlc::bigint)"
     );
-    let sql = if unavailable.is_empty() {
+    let counters: Vec<(usize, usize)> = table
+        .counters
+        .iter()
+        .copied()
+        .filter(|(c, p)| cols.contains(c) && cols.contains(p))
+        .collect();
+    let sql = if unavailable.is_empty() && !counters.is_empty() {
+        // CRDT counters merge whatever the row's version; the other columns
+        // follow the version guard.
+        let merged = |p: usize| {
+            let p = quote_ident(&table.columns[p].0);
+            format!("regionsync.counter_merge(t.{p}, EXCLUDED.{p})")
+        };
+        let set: Vec<String> = cols
+            .iter()
+            .filter(|i| !table.key.contains(i))
+            .map(|i| {
+                let c = quote_ident(&table.columns[*i].0);
+                if let Some((_, p)) = counters.iter().find(|(c, _)| c == i) {
+                    format!("{c} = regionsync.counter_value({})", merged(*p))
+                } else if counters.iter().any(|(_, p)| p == i) {
+                    format!("{c} = {}", merged(*i))
+                } else {
+                    format!("{c} = CASE WHEN {guard} THEN EXCLUDED.{c} ELSE t.{c} END")
+                }
+            })
+            .collect();
+        let changed: Vec<String> = counters
+            .iter()
+            .map(|(_, p)| {
+                format!(
+                    "{} IS DISTINCT FROM t.{}",
+                    merged(*p),
+                    quote_ident(&table.columns[*p].0)
+                )
+            })
+            .collect();
+        format!(
+            "INSERT INTO {ident} AS t ({names})
+             SELECT {casts} FROM unnest({unnest}, ${key_param}::text[]) AS b({names}, \"__key\")
+              WHERE {tombstone_guard}
+             ON CONFLICT ({keys}) DO UPDATE SET {set} WHERE {guard} OR {changed}",
+            ident = table.ident,
+            names = names.join(", "),
+            casts = casts.join(", "),
+            unnest = unnest.join(", "),
+            keys = key_cols.join(", "),
+            set = set.join(", "),
+            changed = changed.join(" OR "),
+        )
+    } else if unavailable.is_empty() {
         format!(
             "INSERT INTO {ident} AS t ({names})
              SELECT {casts} FROM unnest({unnest}, ${key_param}::text[]) AS b({names}, \"__key\")
@@ -847,6 +920,7 @@ mod tests {
             rename: HashMap::new(),
             homing: None,
             residency: Vec::new(),
+            counters: Vec::new(),
         }
     }
 

@@ -298,6 +298,11 @@ pub struct TableConfig {
     /// match the same pattern; a worker elsewhere never writes it.
     #[serde(default)]
     pub residency: Vec<String>,
+    /// CRDT counters: counter column → its jsonb companion of per-region
+    /// components (schemas/regionsync.sql, `regionsync.count_by_region`).
+    /// Merged whatever the row's version, so no region's increments are lost.
+    #[serde(default)]
+    pub counters: BTreeMap<String, String>,
 }
 
 /// The `affinity` value of a table whose rows have no home.

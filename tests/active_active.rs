@@ -708,3 +708,113 @@ async fn tombstones_are_collected_after_the_grace_and_late_changes_are_not_appli
     );
     worker.stop().await;
 }
+
+/// CRDT counters: 10,000 increments split across both regions, written
+/// concurrently to the same rows, end with the exact total in both.
+#[tokio::test(flavor = "multi_thread")]
+async fn concurrent_increments_in_both_regions_all_count() {
+    let (a, b) = (region_a(), region_b());
+    let name = format!("aa_likes_{}", fresh_key());
+    for region in [&a, &b] {
+        exec(
+            region,
+            &format!(
+                "CREATE TABLE public.{name} (
+                     id bigint PRIMARY KEY,
+                     likes bigint NOT NULL DEFAULT 0,
+                     likes_parts jsonb,
+                     note text,
+                     hlc bigint NOT NULL DEFAULT 0,
+                     origin_region text NOT NULL DEFAULT '');
+                 ALTER TABLE public.{name} REPLICA IDENTITY FULL;
+                 CREATE TRIGGER regionsync_stamp_hlc BEFORE INSERT OR UPDATE ON public.{name}
+                     FOR EACH ROW EXECUTE FUNCTION regionsync.stamp_hlc('id');
+                 CREATE TRIGGER regionsync_count_by_region BEFORE INSERT OR UPDATE ON public.{name}
+                     FOR EACH ROW EXECUTE FUNCTION regionsync.count_by_region('likes', 'likes_parts');
+                 CREATE TRIGGER regionsync_mark_deleted AFTER DELETE ON public.{name}
+                     FOR EACH ROW EXECUTE FUNCTION regionsync.mark_deleted('id');"
+            ),
+        )
+        .await;
+    }
+    let table = TestTable { name: name.clone() };
+    let workers = start_workers(&table, "counters = { likes = \"likes_parts\" }");
+    let first = fresh_key();
+    let keys: Vec<i64> = (first..first + 10).collect();
+    exec(
+        &a,
+        &format!(
+            "INSERT INTO {name} (id, note) SELECT g, 'n' FROM generate_series({first}::bigint, {last}::bigint) g",
+            last = first + 9
+        ),
+    )
+    .await;
+    let likes = |region: Region| {
+        let name = name.clone();
+        async move {
+            app_db(&region)
+                .await
+                .query(
+                    &format!("SELECT id, likes, note FROM {name} ORDER BY id"),
+                    &[],
+                )
+                .await
+                .unwrap()
+                .iter()
+                .map(|r| {
+                    (
+                        r.get::<_, i64>(0),
+                        r.get::<_, i64>(1),
+                        r.get::<_, Option<String>>(2),
+                    )
+                })
+                .collect::<Vec<_>>()
+        }
+    };
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while likes(b.clone()).await.len() < 10 {
+        assert!(Instant::now() < deadline, "the rows did not reach B");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+
+    // 5,000 increments per region, one per transaction (a transaction of
+    // several rows could deadlock with the worker's batch), over the same
+    // 10 rows, with some note updates (an ordinary LWW column).
+    let increment = |region: Region, seed: u64| {
+        let (name, keys) = (name.clone(), keys.clone());
+        async move {
+            let db = app_db(&region).await;
+            let mut rng = Rng(seed);
+            for n in 0..5_000 {
+                let id = keys[rng.below(10) as usize];
+                let sql = if n % 500 == 0 {
+                    format!(
+                        "UPDATE {name} SET likes = likes + 1, note = '{}-{n}' WHERE id = {id}",
+                        region.name
+                    )
+                } else {
+                    format!("UPDATE {name} SET likes = likes + 1 WHERE id = {id}")
+                };
+                db.batch_execute(&sql).await.expect("increment");
+            }
+        }
+    };
+    tokio::join!(increment(a.clone(), 7), increment(b.clone(), 13));
+
+    let deadline = Instant::now() + Duration::from_secs(180);
+    loop {
+        let (in_a, in_b) = (likes(a.clone()).await, likes(b.clone()).await);
+        let total = |rows: &Vec<(i64, i64, Option<String>)>| rows.iter().map(|r| r.1).sum::<i64>();
+        if in_a == in_b && total(&in_a) == 10_000 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not converged: A {} likes, B {}; A {in_a:?} B {in_b:?}",
+            total(&in_a),
+            total(&in_b)
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    stop_workers(workers).await;
+}
