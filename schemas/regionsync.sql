@@ -106,7 +106,10 @@ $$;
 CREATE OR REPLACE FUNCTION regionsync.stamp_hlc() RETURNS trigger
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, regionsync AS $$
 DECLARE
-    wall bigint := (floor(extract(epoch FROM clock_timestamp()) * 1000)::bigint) << 16;
+    -- regionsync.clock_offset_ms shifts this database's (or session's) HLC
+    -- source, to test clock skew; unset it is 0.
+    wall bigint := (floor(extract(epoch FROM clock_timestamp()) * 1000)::bigint
+                    + coalesce(nullif(current_setting('regionsync.clock_offset_ms', true), '')::bigint, 0)) << 16;
     deleted bigint;
 BEGIN
     IF TG_OP = 'UPDATE' THEN

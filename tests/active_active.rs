@@ -818,3 +818,90 @@ async fn concurrent_increments_in_both_regions_all_count() {
     }
     stop_workers(workers).await;
 }
+
+/// Clock skew: region A's HLC source runs 5 minutes ahead, region B's 5
+/// minutes behind (`regionsync.clock_offset_ms` shifts the stamping
+/// trigger's clock). A write after seeing a remote one still wins
+/// everywhere, in both directions; B's worker flags A's changes as beyond
+/// `max_clock_skew`.
+#[tokio::test(flavor = "multi_thread")]
+async fn causality_holds_with_clocks_five_minutes_apart() {
+    let counters = counters();
+    let (a, b) = (region_a(), region_b());
+    let table = TestTable::create("aa_skew").await;
+    let workers = start_workers(&table, "");
+    let skewed = |region: Region, offset_ms: i64| async move {
+        let db = app_db(&region).await;
+        db.batch_execute(&format!("SET regionsync.clock_offset_ms = {offset_ms}"))
+            .await
+            .expect("set the clock offset");
+        db
+    };
+    let (db_a, db_b) = (
+        skewed(a.clone(), 300_000).await,
+        skewed(b.clone(), -300_000).await,
+    );
+    let id = fresh_key();
+    let flagged = || {
+        counters.total(
+            "regionsync_clock_skew_exceeded_total",
+            &[("source_region", a.name.as_str())],
+        )
+    };
+    let flagged_before = flagged();
+    let name = table.name.clone();
+    let converged_on = |value: &'static str| {
+        let (table, b) = (&table, b.clone());
+        async move {
+            wait_until_equal(table, Duration::from_secs(120), value, || async {
+                value_of(&b, table, id).await.as_deref() == Some(value)
+            })
+            .await
+        }
+    };
+    db_a.batch_execute(&format!(
+        "INSERT INTO {name} (id, email, display_name) VALUES ({id}, 'a@x', 'a1')"
+    ))
+    .await
+    .unwrap();
+    converged_on("a1").await;
+    assert!(
+        flagged() > flagged_before,
+        "A's clock, 5 min ahead, is flagged"
+    );
+    // B is 10 minutes behind A's stamps: its write after A's still wins.
+    db_b.batch_execute(&format!(
+        "UPDATE {name} SET display_name = 'b1' WHERE id = {id}"
+    ))
+    .await
+    .unwrap();
+    converged_on("b1").await;
+    db_a.batch_execute(&format!(
+        "UPDATE {name} SET display_name = 'a2' WHERE id = {id}"
+    ))
+    .await
+    .unwrap();
+    converged_on("a2").await;
+    db_b.batch_execute(&format!(
+        "UPDATE {name} SET display_name = 'b2' WHERE id = {id}"
+    ))
+    .await
+    .unwrap();
+    converged_on("b2").await;
+    // B's stamps follow the row's version, not its slow clock.
+    let hlc: i64 = app_db(&b)
+        .await
+        .query_one(&format!("SELECT hlc FROM {name} WHERE id = {id}"), &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(
+        (hlc >> 16) > now_ms() + 200_000,
+        "B's write is ordered after A's"
+    );
+    stop_workers(workers).await;
+}
+
+async fn value_of(region: &Region, table: &TestTable, id: i64) -> Option<String> {
+    value(region, table, id, "display_name").await
+}
