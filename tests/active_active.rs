@@ -905,3 +905,108 @@ async fn causality_holds_with_clocks_five_minutes_apart() {
 async fn value_of(region: &Region, table: &TestTable, id: i64) -> Option<String> {
     value(region, table, id, "display_name").await
 }
+
+/// `regionsync setup` installs the stamping, tombstone, truncate and
+/// counter triggers on a replicated table that lacks them (idempotently),
+/// and names a table without REPLICA IDENTITY FULL with the fix.
+#[tokio::test(flavor = "multi_thread")]
+async fn setup_installs_the_triggers_and_checks_the_replica_identity() {
+    let b = region_b();
+    let name = format!("aa_setup_{}", fresh_key());
+    exec(
+        &b,
+        &format!(
+            "CREATE TABLE public.{name} (id bigint PRIMARY KEY, note text, likes bigint NOT NULL DEFAULT 0,
+                                         likes_parts jsonb, hlc bigint NOT NULL DEFAULT 0,
+                                         origin_region text NOT NULL DEFAULT '');
+             GRANT TRIGGER ON public.{name} TO regionsync;"
+        ),
+    )
+    .await;
+    let table = TestTable { name: name.clone() };
+    let dir = repo_root().join("target/test-configs");
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = dir.join(format!("{name}.toml"));
+    std::fs::write(
+        &config,
+        // Setup runs as an administrator: it creates functions and
+        // triggers the worker's own role may not.
+        worker_toml_for(&b, &table, "counters = { likes = \"likes_parts\" }")
+            .replace("user = \"regionsync\"", "user = \"postgres\""),
+    )
+    .unwrap();
+    let setup = || {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_regionsync"))
+            .arg("--config")
+            .arg(&config)
+            .arg("setup")
+            .output()
+            .expect("run regionsync setup");
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).to_string(),
+        )
+    };
+    let (ok, out) = setup();
+    assert!(
+        !ok,
+        "a table without REPLICA IDENTITY FULL is a problem: {out}"
+    );
+    assert!(
+        out.contains(&format!(
+            "ALTER TABLE \"public\".\"{name}\" REPLICA IDENTITY FULL"
+        )),
+        "{out}"
+    );
+    exec(
+        &b,
+        &format!("ALTER TABLE public.{name} REPLICA IDENTITY FULL"),
+    )
+    .await;
+    for _ in 0..2 {
+        let (ok, out) = setup();
+        assert!(ok && out.contains("setup: ok"), "{out}");
+    }
+    // Local writes are now stamped, counted and tombstoned.
+    let db = app_db(&b).await;
+    db.batch_execute(&format!(
+        "INSERT INTO public.{name} (id, note) VALUES (1, 'x');
+         UPDATE public.{name} SET likes = likes + 2 WHERE id = 1;"
+    ))
+    .await
+    .unwrap();
+    let row = db
+        .query_one(
+            &format!("SELECT hlc, origin_region, likes_parts::text FROM public.{name}"),
+            &[],
+        )
+        .await
+        .unwrap();
+    let (hlc, origin, parts): (i64, String, String) = (row.get(0), row.get(1), row.get(2));
+    assert!((hlc >> 16) > now_ms() - 60_000, "stamped: {hlc}");
+    assert_eq!(origin, b.name);
+    assert_eq!(parts, format!("{{\"{}\": [2, 0]}}", b.name));
+    db.batch_execute(&format!("DELETE FROM public.{name} WHERE id = 1"))
+        .await
+        .unwrap();
+    let tombstones: i64 = admin_db(&b)
+        .await
+        .query_one(
+            "SELECT count(*) FROM regionsync.tombstones WHERE table_name = $1 AND row_key = '1'",
+            &[&format!("public.{name}")],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(tombstones, 1);
+    let triggers: i64 = admin_db(&b)
+        .await
+        .query_one(
+            "SELECT count(*) FROM pg_trigger WHERE tgrelid = $1::text::regclass AND NOT tgisinternal",
+            &[&format!("public.{name}")],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(triggers, 4, "installed once each");
+}

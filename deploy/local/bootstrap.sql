@@ -37,9 +37,9 @@ GRANT ALL ON ALL TABLES IN SCHEMA regionsync TO regionsync;
 GRANT ALL ON ALL SEQUENCES IN SCHEMA regionsync TO regionsync;
 GRANT SELECT, INSERT, UPDATE, DELETE, TRUNCATE ON ALL TABLES IN SCHEMA public TO regionsync;
 ALTER DEFAULT PRIVILEGES FOR ROLE app IN SCHEMA public
-    GRANT SELECT, INSERT, UPDATE, DELETE, TRUNCATE ON TABLES TO regionsync;
+    GRANT SELECT, INSERT, UPDATE, DELETE, TRUNCATE, TRIGGER ON TABLES TO regionsync;
 ALTER DEFAULT PRIVILEGES FOR ROLE postgres IN SCHEMA public
-    GRANT SELECT, INSERT, UPDATE, DELETE, TRUNCATE ON TABLES TO regionsync;
+    GRANT SELECT, INSERT, UPDATE, DELETE, TRUNCATE, TRIGGER ON TABLES TO regionsync;
 GRANT SET ON PARAMETER session_replication_role TO regionsync;
 -- Each apply session runs under a replication origin of its own, so this
 -- region's Debezium marks the changes the worker applies (source.origin).
