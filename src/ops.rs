@@ -223,10 +223,26 @@ pub async fn setup(config: &Config) -> anyhow::Result<SetupReport> {
     // Unmarked: a missing grant is a problem to report, not a failure.
     let pool = pool_with(config, false)?;
     let client = pool.get().await.context("connecting to PostgreSQL")?;
-    client
-        .batch_execute(SCHEMA_SQL)
-        .await
-        .context("creating the regionsync schema (schemas/regionsync.sql)")?;
+    // The schema's DDL locks regionsync's tables; against running workers
+    // it can deadlock (and is then rolled back whole): try again.
+    let mut attempt = 1;
+    loop {
+        match client.batch_execute(SCHEMA_SQL).await {
+            Ok(()) => break,
+            Err(e)
+                if attempt < 5
+                    && e.code().is_some_and(|c| {
+                        *c == tokio_postgres::error::SqlState::T_R_DEADLOCK_DETECTED
+                    }) =>
+            {
+                attempt += 1;
+                tokio::time::sleep(std::time::Duration::from_millis(200 * attempt)).await;
+            }
+            Err(e) => {
+                return Err(e).context("creating the regionsync schema (schemas/regionsync.sql)")
+            }
+        }
+    }
     let mut report = SetupReport::default();
     for t in &config.tables {
         match TargetTable::load(&**client, t, &config.regions).await {

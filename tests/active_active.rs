@@ -944,7 +944,11 @@ async fn setup_installs_the_triggers_and_checks_the_replica_identity() {
             .expect("run regionsync setup");
         (
             out.status.success(),
-            String::from_utf8_lossy(&out.stdout).to_string(),
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ),
         )
     };
     let (ok, out) = setup();
