@@ -65,6 +65,33 @@ fn key_homed_in(home: &Region, from: i64) -> i64 {
         .expect("some key is homed there")
 }
 
+/// A worker config for `region` in a file, for the CLI.
+fn write_config(region: &Region, table: &TestTable, table_extra: &str) -> std::path::PathBuf {
+    let dir = repo_root().join("target/test-configs");
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join(format!("{}-{}.toml", table.name, region.name));
+    std::fs::write(&path, worker_toml_for(region, table, table_extra)).unwrap();
+    path
+}
+
+/// Runs the regionsync command with `config`; fails the test unless it
+/// succeeds; returns its standard output.
+fn cli(config: &std::path::Path, args: &[&str]) -> String {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_regionsync"))
+        .arg("--config")
+        .arg(config)
+        .args(args)
+        .output()
+        .expect("run regionsync");
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        out.status.success(),
+        "regionsync {args:?}: {stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
+
 /// One column of one row in `region`, as text (`None`: no row or NULL).
 async fn value(region: &Region, table: &TestTable, id: i64, column: &str) -> Option<String> {
     app_db(region)
@@ -416,25 +443,8 @@ async fn manual_conflicts_wait_for_the_operator_and_resolve_everywhere() {
     );
 
     // The operator's commands, in region A.
-    let dir = repo_root().join("target/test-configs");
-    std::fs::create_dir_all(&dir).unwrap();
-    let config = dir.join(format!("{}-a.toml", table.name));
-    std::fs::write(&config, worker_toml_for(&a, &table, extra)).unwrap();
-    let cli = |args: &[&str]| {
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_regionsync"))
-            .arg("--config")
-            .arg(&config)
-            .args(args)
-            .output()
-            .expect("run regionsync");
-        let stdout = String::from_utf8_lossy(&out.stdout).to_string();
-        assert!(
-            out.status.success(),
-            "regionsync {args:?}: {stdout}{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        stdout
-    };
+    let config = write_config(&a, &table, extra);
+    let cli = |args: &[&str]| cli(&config, args);
     let target = format!("public.{}", table.name);
     let listed = cli(&["conflicts", "list", "--open", "--table", &target]);
     assert!(
@@ -466,13 +476,15 @@ async fn manual_conflicts_wait_for_the_operator_and_resolve_everywhere() {
 /// A delete in A concurrent with an update in B (both written while no
 /// worker runs) converges identically in both regions under each policy:
 /// `lww` on a shared table lets the newer update win everywhere; `reject`
-/// on a row homed in A keeps A's delete everywhere.
+/// on a row homed in A keeps A's delete everywhere; `manual` holds B's
+/// update in A until the operator keeps A's delete, then everywhere.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_delete_concurrent_with_an_update_converges_under_each_policy() {
     let (a, b) = (region_a(), region_b());
     for (extra, update_survives) in [
         ("", true),
         ("affinity = \"id\"\npolicy = \"reject\"", false),
+        ("affinity = \"id\"\npolicy = \"manual\"", false),
     ] {
         let table = TestTable::create("aa_delete").await;
         let id = key_homed_in(&a, fresh_key());
@@ -502,6 +514,35 @@ async fn a_delete_concurrent_with_an_update_converges_under_each_policy() {
         )
         .await;
         let workers = start_workers(&table, extra);
+        if extra.contains("manual") {
+            // Held in A until the operator keeps A's delete.
+            let deadline = Instant::now() + Duration::from_secs(120);
+            let open = loop {
+                let open: Vec<Conflict> = conflicts(&a, &table)
+                    .await
+                    .into_iter()
+                    .filter(|c| c.resolution == "open")
+                    .collect();
+                if let Some(c) = open.into_iter().next() {
+                    break c;
+                }
+                assert!(Instant::now() < deadline, "no open conflict in A");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            };
+            assert_eq!(open.kind, "update_delete");
+            let config = write_config(&a, &table, extra);
+            let out = cli(
+                &config,
+                &[
+                    "conflicts",
+                    "resolve",
+                    &open.id.to_string(),
+                    "--keep",
+                    "local",
+                ],
+            );
+            assert!(out.contains("written again"), "{out}");
+        }
         wait_until_equal(&table, Duration::from_secs(120), "one outcome", || async {
             let there = value(&b, &table, id, "email").await.is_some();
             there == update_survives
