@@ -106,7 +106,7 @@ async fn ceiling(b_admin: &Client, topic: &str, ends: &HashMap<i32, i64>, n: u64
                 )
                 .await
                 .expect("check");
-                apply::apply_finals(&tx, &table, &checked.finals)
+                apply::apply_finals(&tx, &table, checked.finals)
                     .await
                     .expect("apply");
                 tx.commit().await.unwrap();

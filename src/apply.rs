@@ -581,14 +581,15 @@ impl std::ops::AddAssign for Applied {
 }
 
 /// Applies one table's collapsed final states in the caller's transaction.
+/// Takes them by value: their texts move into the statements' arrays.
 pub async fn apply_finals(
     client: &impl GenericClient,
     table: &TargetTable,
-    finals: &[Final],
+    finals: Vec<Final>,
 ) -> Result<Applied, tokio_postgres::Error> {
     let mut result = Applied::default();
     // Upserts, grouped by the set of columns they carry (normally one group).
-    let mut groups: HashMap<Vec<usize>, Vec<&PreparedRow>> = HashMap::new();
+    let mut groups: HashMap<Vec<usize>, Vec<PreparedRow>> = HashMap::new();
     let mut deletes = Vec::new();
     for f in finals {
         match f {
@@ -608,7 +609,7 @@ pub async fn apply_finals(
             Final::Delete(d) => deletes.push(d),
         }
     }
-    for rows in groups.values() {
+    for rows in groups.into_values() {
         result += upsert(client, table, rows).await?;
     }
     if !deletes.is_empty() {
@@ -620,25 +621,25 @@ pub async fn apply_finals(
 async fn upsert(
     client: &impl GenericClient,
     table: &TargetTable,
-    rows: &[&PreparedRow],
+    rows: Vec<PreparedRow>,
 ) -> Result<Applied, tokio_postgres::Error> {
-    let first = rows[0];
-    let mut cols: Vec<usize> = first.values.iter().map(|(i, _)| *i).collect();
+    let n_rows = rows.len() as u64;
+    let mut cols: Vec<usize> = rows[0].values.iter().map(|(i, _)| *i).collect();
     cols.sort_unstable();
-    let unavailable = &first.unavailable;
-    // One text[] per column, plus the key text for the tombstone check.
+    let unavailable = rows[0].unavailable.clone();
+    // One text[] per column, plus the key text for the tombstone check. The
+    // rows of a group carry the same columns: each fills every array once.
+    let mut slot_of = vec![usize::MAX; table.columns.len()];
+    for (slot, col) in cols.iter().enumerate() {
+        slot_of[*col] = slot;
+    }
     let mut arrays: Vec<Vec<Option<String>>> = vec![Vec::with_capacity(rows.len()); cols.len()];
     let mut keys: Vec<String> = Vec::with_capacity(rows.len());
     for r in rows {
-        for (slot, col) in cols.iter().enumerate() {
-            let v = r
-                .values
-                .iter()
-                .find(|(i, _)| i == col)
-                .and_then(|(_, v)| v.clone());
-            arrays[slot].push(v);
+        for (col, value) in r.values {
+            arrays[slot_of[col]].push(value);
         }
-        keys.push(r.key_text.clone());
+        keys.push(r.key_text);
     }
     let names: Vec<String> = cols
         .iter()
@@ -781,7 +782,7 @@ async fn upsert(
     let n = client.execute(sql.as_str(), &params).await?;
     Ok(Applied {
         applied: n,
-        stale: rows.len() as u64 - n.min(rows.len() as u64),
+        stale: n_rows - n.min(n_rows),
         ..Applied::default()
     })
 }
@@ -789,7 +790,7 @@ async fn upsert(
 async fn delete(
     client: &impl GenericClient,
     table: &TargetTable,
-    deletes: &[&PreparedDelete],
+    deletes: &[PreparedDelete],
 ) -> Result<Applied, tokio_postgres::Error> {
     let nkeys = table.key.len();
     let mut key_arrays: Vec<Vec<Option<String>>> = vec![Vec::with_capacity(deletes.len()); nkeys];

@@ -1018,7 +1018,7 @@ async fn commit_batch(
                         late: checked.late,
                         ..Applied::default()
                     };
-                    let a = apply::apply_finals(&*tx, &shared.tables[t], &checked.finals)
+                    let a = apply::apply_finals(&*tx, &shared.tables[t], checked.finals)
                         .await
                         .map_err(classify)?;
                     *counts.entry(t).or_default() += a;
@@ -1083,7 +1083,7 @@ async fn isolate_bad_rows<'a>(
         {
             let sp = tx.savepoint("row").await?;
             let result =
-                apply::apply_finals(&*sp, &shared.tables[*table], std::slice::from_ref(fin)).await;
+                apply::apply_finals(&*sp, &shared.tables[*table], vec![fin.clone()]).await;
             match result {
                 Ok(_) => sp.rollback().await?,
                 Err(e) => {
