@@ -647,13 +647,25 @@ pub async fn resolve(
         .iter()
         .enumerate()
         .filter(|(i, _)| !table.key.contains(i))
-        .map(|(_, (c, _))| {
+        .map(|(i, (c, _))| {
             let c = quote_ident(c);
-            format!("{c} = EXCLUDED.{c}")
+            // CRDT counters keep every region's components, whichever
+            // version is kept.
+            let merged = |p: usize| {
+                let p = quote_ident(&table.columns[p].0);
+                format!("regionsync.counter_merge(t.{p}, EXCLUDED.{p})")
+            };
+            if let Some((_, p)) = table.counters.iter().find(|(counter, _)| *counter == i) {
+                format!("{c} = regionsync.counter_value({})", merged(*p))
+            } else if table.counters.iter().any(|(_, p)| *p == i) {
+                format!("{c} = {}", merged(i))
+            } else {
+                format!("{c} = EXCLUDED.{c}")
+            }
         })
         .collect();
     let upsert = format!(
-        "INSERT INTO {ident} SELECT * FROM jsonb_populate_record(NULL::{ident}, $1::text::jsonb)
+        "INSERT INTO {ident} AS t SELECT * FROM jsonb_populate_record(NULL::{ident}, $1::text::jsonb)
          ON CONFLICT ({keys}) DO UPDATE SET {set}",
         ident = table.ident,
         keys = key_names.join(", "),

@@ -1082,8 +1082,7 @@ async fn isolate_bad_rows<'a>(
         } = &step
         {
             let sp = tx.savepoint("row").await?;
-            let result =
-                apply::apply_finals(&*sp, &shared.tables[*table], vec![fin.clone()]).await;
+            let result = apply::apply_finals(&*sp, &shared.tables[*table], vec![fin.clone()]).await;
             match result {
                 Ok(_) => sp.rollback().await?,
                 Err(e) => {
