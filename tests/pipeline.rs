@@ -36,12 +36,14 @@ async fn avro_changes_converge_in_the_other_region() {
     converges("conv_avro", "cdc.avro").await;
 }
 
-/// A schemaless Debezium-shaped create of `id` for table `source_table`.
+/// A schemaless Debezium-shaped create of `id` for table `source_table`,
+/// stamped now (an older stamp would be a late change, not applied).
 fn create_event(source_table: &str, id: i64, age: serde_json::Value, bio: &str) -> Vec<u8> {
     serde_json::to_vec(&serde_json::json!({
         "before": null,
         "after": {"id": id, "email": format!("p{id}@example.com"), "status": "active", "age": age,
-                  "bio": bio, "created_at": "2024-01-01T00:00:00Z", "hlc": 1, "origin_region": "us-east-1"},
+                  "bio": bio, "created_at": "2024-01-01T00:00:00Z", "hlc": now_ms() << 16,
+                  "origin_region": "us-east-1"},
         "source": {"ts_ms": now_ms(), "schema": "public", "table": source_table, "lsn": 1, "snapshot": "false"},
         "op": "c",
         "ts_ms": now_ms()
