@@ -228,6 +228,47 @@ impl TargetTable {
         })
     }
 
+    /// The key columns, quoted, comma-joined.
+    pub fn key_idents(&self) -> String {
+        self.key
+            .iter()
+            .map(|i| quote_ident(&self.columns[*i].0))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
+    /// `t.k = alias.k::type AND …` over the key columns: the target row
+    /// (`t`) of a text-valued row named `alias`.
+    pub fn key_match(&self, alias: &str) -> String {
+        self.key
+            .iter()
+            .map(|i| {
+                let c = quote_ident(&self.columns[*i].0);
+                format!("t.{c} = {alias}.{c}::{}", self.columns[*i].1)
+            })
+            .collect::<Vec<_>>()
+            .join(" AND ")
+    }
+
+    /// The value an upsert's `ON CONFLICT … SET` gives column `i` if it is a
+    /// CRDT counter or its companion: the stored and incoming components
+    /// merged (the larger per region), and the counter their sum.
+    pub fn counter_set(&self, i: usize) -> Option<String> {
+        let merged = |p: usize| {
+            let p = quote_ident(&self.columns[p].0);
+            format!("regionsync.counter_merge(t.{p}, EXCLUDED.{p})")
+        };
+        self.counters.iter().find_map(|(c, p)| {
+            if *c == i {
+                Some(format!("regionsync.counter_value({})", merged(*p)))
+            } else if *p == i {
+                Some(merged(*p))
+            } else {
+                None
+            }
+        })
+    }
+
     fn column_index(&self, source: &str) -> Option<usize> {
         let target = self
             .rename
@@ -658,11 +699,6 @@ async fn upsert(
     let unnest: Vec<String> = (1..=cols.len()).map(|n| format!("${n}::text[]")).collect();
     let key_param = cols.len() + 1;
     let table_param = cols.len() + 2;
-    let key_cols: Vec<String> = table
-        .key
-        .iter()
-        .map(|i| quote_ident(&table.columns[*i].0))
-        .collect();
     // Unsent (TOAST) columns keep the stored value: they are not in the
     // statement at all. An insert of such a row could not know the value, so
     // those rows only update.
@@ -689,61 +725,45 @@ async fn upsert(
         .copied()
         .filter(|(c, p)| cols.contains(c) && cols.contains(p))
         .collect();
-    let sql = if unavailable.is_empty() && !counters.is_empty() {
+    let sql = if unavailable.is_empty() {
         // CRDT counters merge whatever the row's version; the other columns
-        // follow the version guard.
-        let merged = |p: usize| {
-            let p = quote_ident(&table.columns[p].0);
-            format!("regionsync.counter_merge(t.{p}, EXCLUDED.{p})")
+        // follow the version guard, which then decides per column.
+        let (set, when) = if counters.is_empty() {
+            (set, guard.to_string())
+        } else {
+            let set: Vec<String> = cols
+                .iter()
+                .filter(|i| !table.key.contains(i))
+                .map(|i| {
+                    let c = quote_ident(&table.columns[*i].0);
+                    match table.counter_set(*i) {
+                        Some(merged) => format!("{c} = {merged}"),
+                        None => format!("{c} = CASE WHEN {guard} THEN EXCLUDED.{c} ELSE t.{c} END"),
+                    }
+                })
+                .collect();
+            let changed: Vec<String> = counters
+                .iter()
+                .map(|(_, p)| {
+                    let merged = table.counter_set(*p).expect("a companion column");
+                    format!(
+                        "{merged} IS DISTINCT FROM t.{}",
+                        quote_ident(&table.columns[*p].0)
+                    )
+                })
+                .collect();
+            (set, format!("{guard} OR {}", changed.join(" OR ")))
         };
-        let set: Vec<String> = cols
-            .iter()
-            .filter(|i| !table.key.contains(i))
-            .map(|i| {
-                let c = quote_ident(&table.columns[*i].0);
-                if let Some((_, p)) = counters.iter().find(|(c, _)| c == i) {
-                    format!("{c} = regionsync.counter_value({})", merged(*p))
-                } else if counters.iter().any(|(_, p)| p == i) {
-                    format!("{c} = {}", merged(*i))
-                } else {
-                    format!("{c} = CASE WHEN {guard} THEN EXCLUDED.{c} ELSE t.{c} END")
-                }
-            })
-            .collect();
-        let changed: Vec<String> = counters
-            .iter()
-            .map(|(_, p)| {
-                format!(
-                    "{} IS DISTINCT FROM t.{}",
-                    merged(*p),
-                    quote_ident(&table.columns[*p].0)
-                )
-            })
-            .collect();
         format!(
             "INSERT INTO {ident} AS t ({names})
              SELECT {casts} FROM unnest({unnest}, ${key_param}::text[]) AS b({names}, \"__key\")
               WHERE {tombstone_guard}
-             ON CONFLICT ({keys}) DO UPDATE SET {set} WHERE {guard} OR {changed}",
+             ON CONFLICT ({keys}) DO UPDATE SET {set} WHERE {when}",
             ident = table.ident,
             names = names.join(", "),
             casts = casts.join(", "),
             unnest = unnest.join(", "),
-            keys = key_cols.join(", "),
-            set = set.join(", "),
-            changed = changed.join(" OR "),
-        )
-    } else if unavailable.is_empty() {
-        format!(
-            "INSERT INTO {ident} AS t ({names})
-             SELECT {casts} FROM unnest({unnest}, ${key_param}::text[]) AS b({names}, \"__key\")
-              WHERE {tombstone_guard}
-             ON CONFLICT ({keys}) DO UPDATE SET {set} WHERE {guard}",
-            ident = table.ident,
-            names = names.join(", "),
-            casts = casts.join(", "),
-            unnest = unnest.join(", "),
-            keys = key_cols.join(", "),
+            keys = table.key_idents(),
             set = set.join(", "),
         )
     } else {
@@ -755,14 +775,6 @@ async fn upsert(
                 format!("{c} = b.{c}::{}", table.columns[*i].1)
             })
             .collect();
-        let key_match: Vec<String> = table
-            .key
-            .iter()
-            .map(|i| {
-                let c = quote_ident(&table.columns[*i].0);
-                format!("t.{c} = b.{c}::{}", table.columns[*i].1)
-            })
-            .collect();
         format!(
             "UPDATE {ident} AS t SET {set}
                FROM unnest({unnest}, ${key_param}::text[]) AS b({names}, \"__key\")
@@ -772,7 +784,7 @@ async fn upsert(
             set = set.join(", "),
             unnest = unnest.join(", "),
             names = names.join(", "),
-            key_match = key_match.join(" AND "),
+            key_match = table.key_match("b"),
         )
     };
     let mut params: Vec<&(dyn ToSql + Sync)> =
@@ -805,20 +817,8 @@ async fn delete(
         hlcs.push(d.hlc);
         origins.push(d.origin.clone());
     }
-    let key_names: Vec<String> = table
-        .key
-        .iter()
-        .map(|i| quote_ident(&table.columns[*i].0))
-        .collect();
     let unnest: Vec<String> = (1..=nkeys).map(|n| format!("${n}::text[]")).collect();
-    let key_match: Vec<String> = table
-        .key
-        .iter()
-        .map(|i| {
-            let c = quote_ident(&table.columns[*i].0);
-            format!("t.{c} = d.{c}::{}", table.columns[*i].1)
-        })
-        .collect();
+    let key_match = table.key_match("d");
     let (pk, ph, po, pt) = (nkeys + 1, nkeys + 2, nkeys + 3, nkeys + 4);
     let sql = format!(
         "WITH d AS (
@@ -844,9 +844,8 @@ async fn delete(
          )
          SELECT (SELECT count(*) FROM gone), (SELECT count(*) FROM marked)",
         unnest = unnest.join(", "),
-        key_names = key_names.join(", "),
+        key_names = table.key_idents(),
         ident = table.ident,
-        key_match = key_match.join(" AND "),
     );
     let mut params: Vec<&(dyn ToSql + Sync)> = key_arrays
         .iter()

@@ -225,18 +225,6 @@ fn key_values(table: &TargetTable, f: &Final) -> Vec<Option<String>> {
     }
 }
 
-fn key_match(table: &TargetTable, alias: &str) -> String {
-    table
-        .key
-        .iter()
-        .map(|i| {
-            let c = quote_ident(&table.columns[*i].0);
-            format!("t.{c} = {alias}.{c}::{}", table.columns[*i].1)
-        })
-        .collect::<Vec<_>>()
-        .join(" AND ")
-}
-
 /// Checks one table's collapsed changes from `source` in the caller's
 /// transaction, records the conflicts, and returns the changes to apply.
 /// Upserts with an HLC below `late_before` (now − tombstone grace) are
@@ -347,11 +335,6 @@ async fn lookup(
         key_texts.push(f.key_text().to_string());
         force.push(*late || (*class == WriteClass::CrossRegion && policy != Policy::Lww));
     }
-    let key_names: Vec<String> = table
-        .key
-        .iter()
-        .map(|i| quote_ident(&table.columns[*i].0))
-        .collect();
     let unnest: Vec<String> = (1..=nkeys).map(|n| format!("${n}::text[]")).collect();
     let (pk, pf, ps, pt) = (nkeys + 1, nkeys + 2, nkeys + 3, nkeys + 4);
     let sql = format!(
@@ -368,9 +351,9 @@ async fn lookup(
           WHERE (t.hlc IS NOT NULL AND (b.\"__force\" OR t.origin_region <> ${ps}))
              OR (t.hlc IS NULL AND ts.hlc IS NOT NULL AND ts.origin_region <> ${ps})",
         unnest = unnest.join(", "),
-        key_names = key_names.join(", "),
+        key_names = table.key_idents(),
         ident = table.ident,
-        key_match = key_match(table, "b"),
+        key_match = table.key_match("b"),
     );
     let mut params: Vec<&(dyn ToSql + Sync)> = key_arrays
         .iter()
@@ -465,9 +448,6 @@ impl Records {
         if self.key.is_empty() {
             return Ok(0);
         }
-        let kind: Vec<&str> = self.kind.clone();
-        let policy: Vec<&str> = self.policy.clone();
-        let resolution: Vec<&str> = self.resolution.clone();
         client
             .execute(
                 "INSERT INTO regionsync.conflicts
@@ -482,15 +462,15 @@ impl Records {
                 &[
                     &table.name,
                     &self.key,
-                    &kind,
-                    &policy,
+                    &self.kind,
+                    &self.policy,
                     &self.local_hlc,
                     &self.local_origin,
                     &self.local_row,
                     &self.remote_hlc,
                     &self.remote_origin,
                     &self.remote_row,
-                    &resolution,
+                    &self.resolution,
                     &self.settled,
                 ],
             )
@@ -589,11 +569,6 @@ pub async fn resolve(
         serde_json::from_str(&row_key)
             .with_context(|| format!("conflict {id}: row_key {row_key:?} is not a JSON array"))?
     };
-    let key_names: Vec<String> = table
-        .key
-        .iter()
-        .map(|i| quote_ident(&table.columns[*i].0))
-        .collect();
     let key_where = table
         .key
         .iter()
@@ -651,16 +626,9 @@ pub async fn resolve(
             let c = quote_ident(c);
             // CRDT counters keep every region's components, whichever
             // version is kept.
-            let merged = |p: usize| {
-                let p = quote_ident(&table.columns[p].0);
-                format!("regionsync.counter_merge(t.{p}, EXCLUDED.{p})")
-            };
-            if let Some((_, p)) = table.counters.iter().find(|(counter, _)| *counter == i) {
-                format!("{c} = regionsync.counter_value({})", merged(*p))
-            } else if table.counters.iter().any(|(_, p)| *p == i) {
-                format!("{c} = {}", merged(i))
-            } else {
-                format!("{c} = EXCLUDED.{c}")
+            match table.counter_set(i) {
+                Some(merged) => format!("{c} = {merged}"),
+                None => format!("{c} = EXCLUDED.{c}"),
             }
         })
         .collect();
@@ -668,7 +636,7 @@ pub async fn resolve(
         "INSERT INTO {ident} AS t SELECT * FROM jsonb_populate_record(NULL::{ident}, $1::text::jsonb)
          ON CONFLICT ({keys}) DO UPDATE SET {set}",
         ident = table.ident,
-        keys = key_names.join(", "),
+        keys = table.key_idents(),
         set = set.join(", "),
     );
     let delete = format!("DELETE FROM {} t WHERE {key_where}", table.ident);
@@ -693,28 +661,26 @@ pub async fn resolve(
             tx.execute(upsert.as_str(), &[&image]).await?;
             Resolved::Written(hlc)
         }
-        (Keep::Remote, None) if local_json.is_some() => {
-            // The remote version is a delete: announce the version, then
-            // delete, so every region's delete is newer than all it holds.
-            let bumped = merge(&tx, &[local_json.as_deref().unwrap_or("{}"), &version]).await?;
-            tx.execute(upsert.as_str(), &[&bumped]).await?;
-            tx.execute(delete.as_str(), &key_params).await?;
-            tx.execute(tombstone_sql, &[&table.name, &row_key, &(hlc + 1), &local])
-                .await?;
-            Resolved::Written(hlc + 1)
+        (keep, None) => {
+            // Keeping a delete where a row is left (here, or in the remote
+            // region): write that row with the new version, then delete it,
+            // so every region's delete is newer than the row it holds.
+            let row = match keep {
+                Keep::Remote => local_json.as_deref(),
+                Keep::Local => remote_row.as_deref(),
+            };
+            match row {
+                Some(row) => {
+                    let bumped = merge(&tx, &[row, &version]).await?;
+                    tx.execute(upsert.as_str(), &[&bumped]).await?;
+                    tx.execute(delete.as_str(), &key_params).await?;
+                    tx.execute(tombstone_sql, &[&table.name, &row_key, &(hlc + 1), &local])
+                        .await?;
+                    Resolved::Written(hlc + 1)
+                }
+                None => Resolved::NothingToWrite,
+            }
         }
-        (Keep::Local, None) if remote_row.is_some() => {
-            // The row is gone here but the remote region has one: write it
-            // with the new version and delete it, so the delete reaches every
-            // region newer than their row.
-            let bumped = merge(&tx, &[remote_row.as_deref().unwrap_or("{}"), &version]).await?;
-            tx.execute(upsert.as_str(), &[&bumped]).await?;
-            tx.execute(delete.as_str(), &key_params).await?;
-            tx.execute(tombstone_sql, &[&table.name, &row_key, &(hlc + 1), &local])
-                .await?;
-            Resolved::Written(hlc + 1)
-        }
-        _ => Resolved::NothingToWrite,
     };
     let resolution = match keep {
         Keep::Local => "kept_local",
