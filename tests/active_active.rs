@@ -11,28 +11,6 @@ use rdkafka::ClientConfig;
 use support::kit::*;
 use support::*;
 
-/// A worker for `region` that consumes the other region's topic of the
-/// test's table; `table_extra` goes into the `[[tables]]` entry.
-fn worker_toml_for(region: &Region, table: &TestTable, table_extra: &str) -> String {
-    let topic = format!("cdc.public.{}", table.name);
-    let b = region_b();
-    worker_toml(table, &topic, "")
-        .replace(
-            &format!("region = \"{}\"", b.name),
-            &format!("region = \"{}\"", region.name),
-        )
-        .replace(&b.kafka, &region.kafka)
-        .replace(
-            &format!("port = {}", b.pg_port),
-            &format!("port = {}", region.pg_port),
-        )
-        .replace(
-            "consumer_group = \"test-",
-            &format!("consumer_group = \"test-{}-", region.name),
-        )
-        .replace("key = [\"id\"]", &format!("key = [\"id\"]\n{table_extra}"))
-}
-
 fn start_workers(table: &TestTable, table_extra: &str) -> (Worker, Worker) {
     let config = |r: &Region| {
         regionsync::config::Config::from_toml(&worker_toml_for(r, table, table_extra))
@@ -163,6 +141,28 @@ async fn conflicts(region: &Region, table: &TestTable) -> Vec<Conflict> {
             remote_row: r.get(10),
         })
         .collect()
+}
+
+/// Waits (up to 120 s) until `region` has open conflicts of the table,
+/// and returns them.
+async fn open_conflicts(region: &Region, table: &TestTable) -> Vec<Conflict> {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let open: Vec<Conflict> = conflicts(region, table)
+            .await
+            .into_iter()
+            .filter(|c| c.resolution == "open")
+            .collect();
+        if !open.is_empty() {
+            return open;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no open conflict in {}",
+            region.name
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
 }
 
 /// The end offsets of every topic that carries the table's changes, in both
@@ -410,19 +410,7 @@ async fn manual_conflicts_wait_for_the_operator_and_resolve_everywhere() {
     )
     .await;
 
-    let deadline = Instant::now() + Duration::from_secs(120);
-    let open = loop {
-        let open: Vec<Conflict> = conflicts(&a, &table)
-            .await
-            .into_iter()
-            .filter(|c| c.resolution == "open")
-            .collect();
-        if !open.is_empty() {
-            break open;
-        }
-        assert!(Instant::now() < deadline, "no open conflict in A");
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    };
+    let open = open_conflicts(&a, &table).await;
     assert_eq!(open.len(), 1, "{open:?}");
     assert!(!open[0].resolved);
     assert!(open[0].local_row.as_deref().unwrap_or("").contains("home"));
@@ -516,19 +504,9 @@ async fn a_delete_concurrent_with_an_update_converges_under_each_policy() {
         let workers = start_workers(&table, extra);
         if extra.contains("manual") {
             // Held in A until the operator keeps A's delete.
-            let deadline = Instant::now() + Duration::from_secs(120);
-            let open = loop {
-                let open: Vec<Conflict> = conflicts(&a, &table)
-                    .await
-                    .into_iter()
-                    .filter(|c| c.resolution == "open")
-                    .collect();
-                if let Some(c) = open.into_iter().next() {
-                    break c;
-                }
-                assert!(Instant::now() < deadline, "no open conflict in A");
-                tokio::time::sleep(Duration::from_millis(500)).await;
-            };
+            let open = open_conflicts(&a, &table).await;
+            assert_eq!(open.len(), 1, "{open:?}");
+            let open = &open[0];
             assert_eq!(open.kind, "update_delete");
             let config = write_config(&a, &table, extra);
             let out = cli(

@@ -492,17 +492,7 @@ async fn changes_applied_by_a_worker_are_marked_and_skipped_as_relays() {
 
     // A's worker consumes B's topic: every event is a relay, none applied.
     let before = table.rows(&a).await;
-    let toml = worker_toml(&table, &topic, "")
-        .replace(
-            &format!("region = \"{}\"", b.name),
-            &format!("region = \"{}\"", a.name),
-        )
-        .replace(&b.kafka, &a.kafka)
-        .replace(
-            &format!("port = {}", b.pg_port),
-            &format!("port = {}", a.pg_port),
-        )
-        .replace("consumer_group = \"test-", "consumer_group = \"test-a-");
+    let toml = worker_toml_for(&a, &table, "");
     let worker_a = Worker::start(regionsync::config::Config::from_toml(&toml).expect("A's config"));
     let target = format!("public.{}", table.name);
     let of = |outcome: &str| {

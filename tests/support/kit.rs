@@ -134,6 +134,28 @@ pub fn worker_toml(table: &TestTable, topic: &str, apply_extra: &str) -> String 
     toml
 }
 
+/// A worker for `region` that consumes the other region's topic of the
+/// test's table; `table_extra` goes into the `[[tables]]` entry.
+pub fn worker_toml_for(region: &Region, table: &TestTable, table_extra: &str) -> String {
+    let topic = format!("cdc.public.{}", table.name);
+    let b = region_b();
+    worker_toml(table, &topic, "")
+        .replace(
+            &format!("region = \"{}\"", b.name),
+            &format!("region = \"{}\"", region.name),
+        )
+        .replace(&b.kafka, &region.kafka)
+        .replace(
+            &format!("port = {}", b.pg_port),
+            &format!("port = {}", region.pg_port),
+        )
+        .replace(
+            "consumer_group = \"test-",
+            &format!("consumer_group = \"test-{}-", region.name),
+        )
+        .replace("key = [\"id\"]", &format!("key = [\"id\"]\n{table_extra}"))
+}
+
 /// Runs a worker in the background; dropping the handle's sender stops it.
 pub struct Worker {
     stop: Option<oneshot::Sender<()>>,
