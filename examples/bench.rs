@@ -40,7 +40,9 @@ async fn ceiling(b_admin: &Client, topic: &str, ends: &HashMap<i32, i64>, n: u64
         .batch_execute(&format!(
             "{BENCH_SCHEMA_SQL}
              DROP TABLE IF EXISTS bench.{copy};
-             CREATE TABLE bench.{copy} (LIKE public.users INCLUDING DEFAULTS INCLUDING CONSTRAINTS INCLUDING INDEXES);"
+             CREATE TABLE bench.{copy} (LIKE public.users INCLUDING DEFAULTS INCLUDING CONSTRAINTS INCLUDING INDEXES);
+             {}",
+            forget_copy_sql(copy)
         ))
         .await
         .expect("ceiling table");
@@ -130,10 +132,8 @@ async fn main() {
     let want = checksum(&a, &format!("public.{table}")).await;
     let mut results: Vec<(&str, Vec<RunResult>)> = vec![("json", vec![]), ("avro", vec![])];
     let mut ends_by = HashMap::new();
-    for (enc, topic) in [
-        ("json", format!("cdc.public.{table}")),
-        ("avro", format!("cdc.avro.public.{table}")),
-    ] {
+    for (enc, topic) in ["json", "avro"].into_iter().zip(source_topics(&table)) {
+        assert_uncompacted(&format!("us-east-1.{topic}")).await;
         let ends = settled_ends(&format!("us-east-1.{topic}"));
         let events: i64 = ends.values().sum();
         println!("{enc}: {events} messages on us-east-1.{topic} in B's Kafka");
@@ -150,8 +150,8 @@ async fn main() {
                 "{enc} run {run}: the replica differs from A: failed, not timed"
             );
             println!(
-                "{enc} run {run}: {:.0} rows/s, batch commit p50 {:.3}s p99 {:.3}s, peak RSS {:.0} MB, CPU regionsync {:.1}s PostgreSQL {:.1}s",
-                r.rows_per_s, r.p50, r.p99, r.rss_mb, r.cpu_sink, r.cpu_pg
+                "{enc} run {run}: {:.0} rows/s, batch commit p50 {:.3}s p99 {:.3}s, {:.0} changes per batch, peak RSS {:.0} MB, CPU regionsync {:.1}s PostgreSQL {:.1}s",
+                r.rows_per_s, r.p50, r.p99, r.batch_rows, r.rss_mb, r.cpu_sink, r.cpu_pg
             );
             list.push(r);
         }

@@ -287,6 +287,7 @@ async fn run_jdbc_sink(
         seconds,
         p50: f64::NAN,
         p99: f64::NAN,
+        batch_rows: f64::NAN,
         rss_mb: rss.stop(),
         cpu_sink,
         cpu_pg,
@@ -819,10 +820,8 @@ async fn main() {
     if std::env::args().any(|a| a == "--source-only") {
         ensure_source(&a, n).await;
         let table = source_table(n);
-        for topic in [
-            format!("cdc.public.{table}"),
-            format!("cdc.avro.public.{table}"),
-        ] {
+        for topic in source_topics(&table) {
+            assert_uncompacted(&format!("us-east-1.{topic}")).await;
             let ends = settled_ends(&format!("us-east-1.{topic}"));
             println!(
                 "{} messages on us-east-1.{topic} in B's Kafka",
@@ -837,10 +836,8 @@ async fn main() {
         let want = checksum(&a, &format!("public.{table}")).await;
         let mut results: HashMap<(&str, Peer), Vec<RunResult>> = HashMap::new();
         let mut inputs = Vec::new();
-        for (enc, topic) in [
-            ("json", format!("cdc.public.{table}")),
-            ("avro", format!("cdc.avro.public.{table}")),
-        ] {
+        for (enc, topic) in ["json", "avro"].into_iter().zip(source_topics(&table)) {
+            assert_uncompacted(&format!("us-east-1.{topic}")).await;
             let ends = settled_ends(&format!("us-east-1.{topic}"));
             println!(
                 "{enc}: {} messages on us-east-1.{topic} in B's Kafka",

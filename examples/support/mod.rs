@@ -13,11 +13,17 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, ResourceSpecifier, TopicReplication};
+use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::RDKafkaErrorCode;
 use rdkafka::ClientConfig;
 use tokio_postgres::{Client, NoTls};
 
+pub const KAFKA_A: &str = "127.0.0.1:19092";
 pub const KAFKA_B: &str = "127.0.0.1:29092";
+/// The local stack's partitions per change topic (deploy/local/env.sh).
+pub const TOPIC_PARTITIONS: i32 = 4;
 pub const PG_PORT_A: u16 = 15432;
 pub const PG_PORT_B: u16 = 25432;
 pub const REGIONSYNC_PASSWORD: &str = "regionsync-local";
@@ -60,7 +66,90 @@ pub async fn connect(port: u16, user: &str, password: &str) -> Client {
 /// The source table of an N-change bench: one table (and so one topic) per
 /// N, so that the topics of a differently sized earlier bench never mix in.
 pub fn source_table(n: u64) -> String {
-    format!("bench_users_{n}")
+    format!("bench_src_{n}")
+}
+
+/// The change topics of source table `t` in region A, JSON then Avro
+/// (connectors/debezium-postgres-*.json), and their mirrors in B.
+pub fn source_topics(t: &str) -> [String; 2] {
+    [format!("cdc.public.{t}"), format!("cdc.avro.public.{t}")]
+}
+
+fn admin(bootstrap: &str) -> AdminClient<DefaultClientContext> {
+    ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .create()
+        .expect("Kafka admin client")
+}
+
+/// Creates the change topics of `t` in A before any change is written,
+/// replacing older ones (and their mirrors in B). The connectors would
+/// create them compacted (connectors/*.json: right for rebuilding a replica,
+/// wrong for a benchmark): the log cleaner would then drop superseded
+/// changes and a replay would apply fewer than N. These keep every change;
+/// MirrorMaker 2 gives the mirrors the same config.
+async fn create_uncompacted_topics(t: &str) {
+    let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
+    let topics = source_topics(t);
+    let mirrors: Vec<String> = topics.iter().map(|x| format!("us-east-1.{x}")).collect();
+    let names: Vec<&str> = topics.iter().map(String::as_str).collect();
+    let mirror_names: Vec<&str> = mirrors.iter().map(String::as_str).collect();
+    // Absent topics answer UnknownTopicOrPartition: nothing to delete.
+    let _ = admin(KAFKA_A).delete_topics(&names, &opts).await;
+    let _ = admin(KAFKA_B).delete_topics(&mirror_names, &opts).await;
+    // A deletion completes asynchronously: until it has, the name is taken.
+    let mut pending: Vec<&String> = topics.iter().collect();
+    for _ in 0..60 {
+        let new: Vec<NewTopic> = pending
+            .iter()
+            .map(|x| {
+                NewTopic::new(x, TOPIC_PARTITIONS, TopicReplication::Fixed(1))
+                    .set("cleanup.policy", "delete")
+                    .set("retention.ms", "-1")
+                    .set("retention.bytes", "-1")
+            })
+            .collect();
+        let results = admin(KAFKA_A)
+            .create_topics(&new, &opts)
+            .await
+            .expect("create_topics");
+        let mut still = Vec::new();
+        for r in results {
+            match r {
+                Ok(_) => {}
+                Err((name, RDKafkaErrorCode::TopicAlreadyExists)) => still.push(name),
+                Err((name, e)) => panic!("creating the bench topic {name}: {e}"),
+            }
+        }
+        pending = topics.iter().filter(|x| still.contains(x)).collect();
+        if pending.is_empty() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    panic!("the old bench topics {pending:?} were not deleted in 60 s");
+}
+
+/// Panics unless the mirrored topic `topic` in B keeps every message: a
+/// compacted one (left by an older bench) would make a run apply fewer
+/// changes than it is credited with.
+pub async fn assert_uncompacted(topic: &str) {
+    let opts = AdminOptions::new().request_timeout(Some(Duration::from_secs(30)));
+    let results = admin(KAFKA_B)
+        .describe_configs(&[ResourceSpecifier::Topic(topic)], &opts)
+        .await
+        .expect("describe_configs");
+    let policy = results
+        .into_iter()
+        .next()
+        .and_then(|r| r.ok())
+        .and_then(|r| r.get("cleanup.policy").and_then(|e| e.value.clone()));
+    assert_eq!(
+        policy.as_deref(),
+        Some("delete"),
+        "{topic} in B's Kafka has cleanup.policy {policy:?}: the log cleaner may have dropped changes. \
+         Delete its row from regionsync.bench_meta in A to regenerate the source"
+    );
 }
 
 /// An empty copy of `public.users` in B's schema `bench`, writable by the
@@ -71,10 +160,22 @@ pub async fn fresh_copy(b_admin: &Client, copy: &str) {
             "{BENCH_SCHEMA_SQL}
              DROP TABLE IF EXISTS bench.{copy};
              CREATE TABLE bench.{copy} (LIKE public.users INCLUDING DEFAULTS INCLUDING CONSTRAINTS INCLUDING INDEXES);
-             GRANT ALL ON bench.{copy} TO regionsync;"
+             GRANT ALL ON bench.{copy} TO regionsync;
+             {}",
+            forget_copy_sql(copy)
         ))
         .await
         .unwrap_or_else(|e| panic!("create bench.{copy}: {e}"));
+}
+
+/// Forgets what an earlier run of a copy left in regionsync's schema: its
+/// tombstones would otherwise refuse the replay's older inserts (less work
+/// than an empty copy really takes) and its truncation marks everything.
+pub fn forget_copy_sql(copy: &str) -> String {
+    format!(
+        "DELETE FROM regionsync.tombstones WHERE table_name = 'bench.{copy}';
+         DELETE FROM regionsync.truncations WHERE table_name = 'bench.{copy}';"
+    )
 }
 
 /// A copy of `public.users` in region A, captured like any replicated table
@@ -126,6 +227,7 @@ pub async fn ensure_source(a: &Client, n: u64) {
         println!("source: {n} changes already in the topics (cached)");
         return;
     }
+    create_uncompacted_topics(&t).await;
     create_source_table(a, &t).await;
     let started = Instant::now();
     let rounds = (n / 10_000).max(1);
@@ -351,6 +453,19 @@ pub fn histogram_percentiles(metrics: &str, name: &str) -> (f64, f64) {
     (at(0.5), at(0.99))
 }
 
+/// Mean of a Prometheus histogram (its `_sum` over its `_count`, summed
+/// over all label sets).
+pub fn histogram_mean(metrics: &str, name: &str) -> f64 {
+    let total = |suffix: &str| -> f64 {
+        metrics
+            .lines()
+            .filter(|l| l.starts_with(&format!("{name}_{suffix}")))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    };
+    total("sum") / total("count")
+}
+
 /// Row count and md5 of every row of `table` (schema-qualified), by id.
 pub async fn checksum(client: &Client, table: &str) -> String {
     client
@@ -492,6 +607,8 @@ pub struct RunResult {
     /// Batch commit latency percentiles, where the peer reports them.
     pub p50: f64,
     pub p99: f64,
+    /// Mean changes per applied batch, where the peer reports it.
+    pub batch_rows: f64,
     pub rss_mb: f64,
     pub cpu_sink: f64,
     pub cpu_pg: f64,
@@ -523,8 +640,9 @@ pub async fn run_regionsync(
     let seconds = started.elapsed().as_secs_f64();
     let cpu_sink = cpu_seconds(worker.pid());
     let rss_mb = peak_rss_mb(worker.pid());
-    let (p50, p99) =
-        histogram_percentiles(&worker.metrics().await, "regionsync_apply_batch_seconds");
+    let metrics = worker.metrics().await;
+    let (p50, p99) = histogram_percentiles(&metrics, "regionsync_apply_batch_seconds");
+    let batch_rows = histogram_mean(&metrics, "regionsync_apply_batch_rows");
     let cpu_pg = postgres_b_cpu() - pg_before;
     worker.stop();
     RunResult {
@@ -532,6 +650,7 @@ pub async fn run_regionsync(
         seconds,
         p50,
         p99,
+        batch_rows,
         rss_mb,
         cpu_sink,
         cpu_pg,
