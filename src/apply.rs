@@ -15,7 +15,9 @@
 //! - A truncate removes the rows older than its commit time (not newer ones),
 //!   so replaying a topic never undoes later writes.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
+
+use rustc_hash::FxHashMap;
 
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{GenericClient, Row as PgRow};
@@ -34,8 +36,9 @@ pub struct TargetTable {
     pub columns: Vec<(String, String)>,
     /// Positions of the key columns in `columns`.
     pub key: Vec<usize>,
-    /// Source column → target column, where names differ.
-    pub rename: HashMap<String, String>,
+    /// Source column name → position in `columns`, renames applied
+    /// (looked up for every column of every change).
+    pub by_source: FxHashMap<String, usize>,
     /// How the rows are homed; `None` for a shared table.
     pub homing: Option<Homing>,
     /// Residency patterns for pinned rows (`route::resident_in`).
@@ -217,11 +220,11 @@ impl TargetTable {
             None
         };
         Ok(TargetTable {
+            by_source: source_positions(&columns, &config.columns),
             ident: format!("{}.{}", quote_ident(schema), quote_ident(table)),
             name,
             columns,
             key,
-            rename: config.columns.clone().into_iter().collect(),
             homing,
             residency: config.residency.clone(),
             counters,
@@ -270,13 +273,29 @@ impl TargetTable {
     }
 
     fn column_index(&self, source: &str) -> Option<usize> {
-        let target = self
-            .rename
-            .get(source)
-            .map(String::as_str)
-            .unwrap_or(source);
-        self.columns.iter().position(|(n, _)| n == target)
+        self.by_source.get(source).copied()
     }
+}
+
+/// Source column name → position in `columns`: a column's own name, unless
+/// the config maps that source name to another column (`columns = { source
+/// = "target" }`), which wins; a mapping to no column maps to nothing.
+fn source_positions(
+    columns: &[(String, String)],
+    rename: &BTreeMap<String, String>,
+) -> FxHashMap<String, usize> {
+    let mut by_source: FxHashMap<String, usize> = columns
+        .iter()
+        .enumerate()
+        .map(|(i, (name, _))| (name.clone(), i))
+        .collect();
+    for (source, target) in rename {
+        match columns.iter().position(|(n, _)| n == target) {
+            Some(i) => by_source.insert(source.clone(), i),
+            None => by_source.remove(source),
+        };
+    }
+    by_source
 }
 
 /// A change that cannot be applied, for the dead-letter topic.
@@ -905,6 +924,30 @@ mod tests {
     use super::*;
     use crate::decode::Typed;
 
+    #[test]
+    fn source_columns_find_their_target_renames_first() {
+        let columns: Vec<(String, String)> = ["id", "mail", "email"]
+            .iter()
+            .map(|n| (n.to_string(), "text".to_string()))
+            .collect();
+        let rename: BTreeMap<String, String> = [
+            ("email_address", "mail"),
+            ("email", "mail"),
+            ("gone", "no_such_column"),
+        ]
+        .iter()
+        .map(|(a, b)| (a.to_string(), b.to_string()))
+        .collect();
+        let by = source_positions(&columns, &rename);
+        assert_eq!(by.get("id"), Some(&0));
+        assert_eq!(by.get("email_address"), Some(&1));
+        // A mapping wins over a column of the same name.
+        assert_eq!(by.get("email"), Some(&1));
+        assert_eq!(by.get("mail"), Some(&1));
+        assert_eq!(by.get("gone"), None);
+        assert_eq!(by.get("other"), None);
+    }
+
     fn table() -> TargetTable {
         TargetTable {
             name: "public.users".into(),
@@ -917,7 +960,11 @@ mod tests {
                 ("origin_region".into(), "text".into()),
             ],
             key: vec![0],
-            rename: HashMap::new(),
+            by_source: ["id", "email", "bio", "hlc", "origin_region"]
+                .iter()
+                .enumerate()
+                .map(|(i, n)| (n.to_string(), i))
+                .collect(),
             homing: None,
             residency: Vec::new(),
             counters: Vec::new(),

@@ -341,10 +341,14 @@ async fn lookup(
         "SELECT b.\"__i\", t.hlc, t.origin_region::text, to_jsonb(t)::text, ts.hlc, ts.origin_region
            FROM unnest({unnest}, ${pk}::text[], ${pf}::bool[]) WITH ORDINALITY
                 AS b({key_names}, \"__key\", \"__force\", \"__i\")
-           LEFT JOIN {ident} AS t ON {key_match}
-           -- The tombstone only where no row is stored: LIMIT keeps the
-           -- planner from turning this into a hash join over all of the
-           -- table's tombstones, and the row test gates the index probe.
+           -- One index probe per key (LIMIT: the key is unique anyway).
+           -- As a plain join, a batch of ~1,000 keys or more was planned
+           -- as a hash join over a sequential scan of the whole table,
+           -- 58 ms per batch of 1,900 on a 100,000-row table (EXPLAIN
+           -- ANALYZE) against 17 ms like this.
+           LEFT JOIN LATERAL (SELECT * FROM {ident} AS t WHERE {key_match} LIMIT 1) t ON true
+           -- The tombstone only where no row is stored, the same way: the
+           -- row test gates the index probe.
            LEFT JOIN LATERAL (SELECT ts.hlc, ts.origin_region FROM regionsync.tombstones ts
                                WHERE t.hlc IS NULL AND ts.table_name = ${pt}
                                  AND ts.row_key = b.\"__key\" LIMIT 1) ts ON true

@@ -22,6 +22,7 @@ use apache_avro::types::Value as AvroValue;
 use apache_avro::Schema;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use base64::Engine as _;
+use rustc_hash::FxHashMap;
 use serde_json::value::RawValue;
 use serde_json::{Map, Value as Json};
 
@@ -304,7 +305,13 @@ fn parse_json(bytes: &[u8], what: &str) -> Result<Json, DecodeError> {
 /// own payload. Debezium repeats the same schema, often most of the bytes,
 /// in every message: it is parsed once per distinct text (per thread) and
 /// shared, and only the payload is built anew.
-fn parse_framed(bytes: &[u8], what: &str) -> Result<(Json, Option<Rc<Json>>), DecodeError> {
+fn parse_framed(
+    bytes: &[u8],
+    what: &str,
+) -> Result<(Json, Option<Rc<ConnectSchema>>), DecodeError> {
+    if let Some(known) = parse_known_framed(bytes) {
+        return Ok(known);
+    }
     #[derive(serde::Deserialize)]
     struct Framed<'a> {
         #[serde(default, borrow, deserialize_with = "present")]
@@ -337,7 +344,10 @@ fn parse_framed(bytes: &[u8], what: &str) -> Result<(Json, Option<Rc<Json>>), De
     match parse_json(bytes, what)? {
         Json::Object(mut doc) if doc.contains_key("schema") && doc.contains_key("payload") => {
             let payload = doc.remove("payload").unwrap_or(Json::Null);
-            let schema = doc.remove("schema").filter(|s| !s.is_null()).map(Rc::new);
+            let schema = doc
+                .remove("schema")
+                .filter(|s| !s.is_null())
+                .map(|s| Rc::new(ConnectSchema::new(s)));
             Ok((payload, schema))
         }
         doc => Ok((doc, None)),
@@ -349,13 +359,121 @@ fn parse_framed(bytes: &[u8], what: &str) -> Result<(Json, Option<Rc<Json>>), De
 const SCHEMA_CACHE_SIZE: usize = 256;
 
 /// Parsed schemas by the xxh64 of their text, with the text to confirm a hit.
-type SchemaCache = HashMap<u64, (Box<str>, Rc<Json>)>;
+type SchemaCache = HashMap<u64, (Box<str>, Rc<ConnectSchema>)>;
+
+/// The schema texts last seen (a key's and a value's, per table), tried
+/// as a prefix of each message before it is parsed at all.
+const RECENT_SCHEMAS: usize = 4;
 
 thread_local! {
     static SCHEMAS: RefCell<SchemaCache> = RefCell::new(HashMap::new());
+    static RECENT: RefCell<Vec<(Box<str>, Rc<ConnectSchema>)>> = const { RefCell::new(Vec::new()) };
 }
 
-fn cached_schema(text: &str, what: &str) -> Result<Option<Rc<Json>>, DecodeError> {
+/// JsonConverter writes `{"schema":<schema>,"payload":<payload>}`, compact,
+/// and the schema text is the same in every message of a table version:
+/// most of a message's bytes. When the bytes start with one of the recent
+/// schema texts (a complete JSON value, so it ends where the text ends),
+/// only the payload is parsed; the schema is neither scanned nor hashed.
+/// Anything else (or a payload that does not parse, for the error message)
+/// goes the general way.
+fn parse_known_framed(bytes: &[u8]) -> Option<(Json, Option<Rc<ConnectSchema>>)> {
+    let rest = bytes.strip_prefix(b"{\"schema\":")?;
+    let (schema, rest) = RECENT.with(|recent| {
+        recent.borrow().iter().find_map(|(text, schema)| {
+            rest.strip_prefix(text.as_bytes())
+                .map(|rest| (schema.clone(), rest))
+        })
+    })?;
+    let payload = rest.strip_prefix(b",\"payload\":")?;
+    let mut stream = serde_json::Deserializer::from_slice(payload).into_iter::<Json>();
+    let value = stream.next()?.ok()?;
+    (payload[stream.byte_offset()..].trim_ascii() == b"}").then_some((value, Some(schema)))
+}
+
+fn remember_recent(text: &str, schema: &Rc<ConnectSchema>) {
+    RECENT.with(|recent| {
+        let mut recent = recent.borrow_mut();
+        if !recent.iter().any(|(t, _)| &**t == text) {
+            if recent.len() >= RECENT_SCHEMAS {
+                recent.remove(0);
+            }
+            recent.push((text.into(), schema.clone()));
+        }
+    });
+}
+
+/// A Connect schema with the positions of its struct fields by name, for
+/// the schema itself and for each of its struct-typed fields (an envelope's
+/// `before` and `after`): a row's columns are looked up by name in every
+/// message, and a linear search per column was a measurable share of the
+/// decode.
+pub(crate) struct ConnectSchema {
+    json: Json,
+    positions: FxHashMap<String, FxHashMap<String, usize>>,
+}
+
+/// One struct of a [`ConnectSchema`]: its field schemas and their positions.
+#[derive(Clone, Copy)]
+struct StructSchema<'a> {
+    fields: &'a [Json],
+    positions: &'a FxHashMap<String, usize>,
+}
+
+impl<'a> StructSchema<'a> {
+    fn field(&self, name: &str) -> Option<&'a Json> {
+        self.fields.get(*self.positions.get(name)?)
+    }
+}
+
+impl ConnectSchema {
+    fn new(json: Json) -> Self {
+        fn positions(schema: &Json) -> FxHashMap<String, usize> {
+            let mut by_name = FxHashMap::default();
+            for (i, f) in schema
+                .get("fields")
+                .and_then(Json::as_array)
+                .into_iter()
+                .flatten()
+                .enumerate()
+            {
+                if let Some(name) = f.get("field").and_then(Json::as_str) {
+                    // The first of a repeated name, as a linear search finds.
+                    by_name.entry(name.to_owned()).or_insert(i);
+                }
+            }
+            by_name
+        }
+        let mut all = FxHashMap::default();
+        let top = positions(&json);
+        for (name, i) in &top {
+            if let Some(f) = json.get("fields").and_then(|f| f.get(*i)) {
+                all.insert(name.clone(), positions(f));
+            }
+        }
+        all.insert(String::new(), top);
+        ConnectSchema {
+            json,
+            positions: all,
+        }
+    }
+
+    /// The struct at `path`: `""` for the schema itself, else the name of
+    /// one of its fields.
+    fn struct_at(&self, path: &str) -> Option<StructSchema<'_>> {
+        let container = if path.is_empty() {
+            &self.json
+        } else {
+            self.struct_at("")?.field(path)?
+        };
+        Some(StructSchema {
+            fields: container.get("fields")?.as_array()?,
+            positions: self.positions.get(path)?,
+        })
+    }
+}
+
+fn cached_schema(text: &str, what: &str) -> Result<Option<Rc<ConnectSchema>>, DecodeError> {
     if text == "null" {
         return Ok(None);
     }
@@ -367,9 +485,11 @@ fn cached_schema(text: &str, what: &str) -> Result<Option<Rc<Json>>, DecodeError
             .map(|(_, s)| s.clone())
     });
     if let Some(schema) = hit {
+        remember_recent(text, &schema);
         return Ok(Some(schema));
     }
-    let schema = Rc::new(parse_json(text.as_bytes(), what)?);
+    let schema = Rc::new(ConnectSchema::new(parse_json(text.as_bytes(), what)?));
+    remember_recent(text, &schema);
     SCHEMAS.with(|c| {
         let mut c = c.borrow_mut();
         if c.len() >= SCHEMA_CACHE_SIZE {
@@ -395,7 +515,7 @@ fn json_key(bytes: &[u8]) -> Result<Row, DecodeError> {
     let (doc, schema) = parse_framed(bytes, "key")?;
     match (&doc, schema.as_deref()) {
         (Json::Null, _) => Err(DecodeError::MissingKey),
-        (Json::Object(fields), schema) => json_row(fields, schema),
+        (Json::Object(fields), schema) => json_row(fields, schema.and_then(|s| s.struct_at(""))),
         (other, _) => Err(envelope_error(format!(
             "the key is {}, expected an object",
             json_kind(other)
@@ -405,7 +525,7 @@ fn json_key(bytes: &[u8]) -> Result<Row, DecodeError> {
 
 fn json_envelope(
     payload: &Map<String, Json>,
-    schema: Option<&Json>,
+    schema: Option<&ConnectSchema>,
 ) -> Result<Envelope, DecodeError> {
     let op = match payload.get("op") {
         None | Some(Json::Null) => return Err(envelope_error("field `op` is missing")),
@@ -477,7 +597,7 @@ fn json_envelope(
     let image = |name: &str| match payload.get(name) {
         None | Some(Json::Null) => Ok(None),
         Some(Json::Object(fields)) => {
-            json_row(fields, schema.and_then(|s| struct_field(s, name))).map(Some)
+            json_row(fields, schema.and_then(|s| s.struct_at(name))).map(Some)
         }
         Some(other) => Err(envelope_error(format!(
             "field `{name}` is {}, expected an object or null",
@@ -497,20 +617,11 @@ fn json_envelope(
     })
 }
 
-/// The schema of field `name` of a Connect struct schema.
-fn struct_field<'a>(schema: &'a Json, name: &str) -> Option<&'a Json> {
-    schema
-        .get("fields")?
-        .as_array()?
-        .iter()
-        .find(|f| f.get("field").and_then(Json::as_str) == Some(name))
-}
-
-fn json_row(fields: &Map<String, Json>, schema: Option<&Json>) -> Result<Row, DecodeError> {
+fn json_row(fields: &Map<String, Json>, schema: Option<StructSchema>) -> Result<Row, DecodeError> {
     fields
         .iter()
         .map(|(name, value)| {
-            let typed = match schema.and_then(|s| struct_field(s, name)) {
+            let typed = match schema.and_then(|s| s.field(name)) {
                 Some(field_schema) => json_typed(value, field_schema, name)?,
                 None => Typed {
                     field: json_plain(value, name, false)?,
@@ -1828,6 +1939,63 @@ mod tests {
         // A two-element array is not a schema/payload pair.
         let value = format!(r#"[null, {payload}]"#);
         assert!(decode_json(Some(KEY), Some(value.as_bytes())).is_err());
+    }
+
+    /// JsonConverter's own layout: compact, the schema first.
+    fn converter_layout(schema: &Json, payload: &str) -> Vec<u8> {
+        format!(r#"{{"schema":{schema},"payload":{payload}}}"#).into_bytes()
+    }
+
+    #[test]
+    fn a_known_schema_text_skips_the_schema_and_decodes_the_same() {
+        let schema = users_envelope_schema();
+        let payload = json!({"before": null, "after": users_after(), "source": source(),
+                             "transaction": null, "op": "c", "ts_ms": 1i64})
+        .to_string();
+        let value = converter_layout(&schema, &payload);
+        // A schema text not seen before on this thread: the general way.
+        let first = change(decode_json(Some(KEY), Some(&value)).unwrap());
+        let (fast_payload, fast_schema) = parse_known_framed(&value).expect("the fast path");
+        assert_eq!(
+            fast_payload,
+            serde_json::from_str::<Json>(&payload).unwrap()
+        );
+        assert_eq!(fast_schema.unwrap().json, schema);
+        let again = change(decode_json(Some(KEY), Some(&value)).unwrap());
+        assert_eq!(format!("{first:?}"), format!("{again:?}"));
+        assert_users_text(again.after.as_ref().unwrap());
+
+        // After the known schema: a payload of null is a tombstone; trailing
+        // bytes, a repeated key or a broken payload take the general way,
+        // which decides as it always did.
+        let value = converter_layout(&schema, "null");
+        assert!(matches!(
+            decode_json(Some(KEY), Some(&value)),
+            Ok(Decoded::Tombstone { .. })
+        ));
+        let mut trailing = converter_layout(&schema, &payload);
+        trailing.extend_from_slice(b"x");
+        assert!(parse_known_framed(&trailing).is_none());
+        assert!(decode_json(Some(KEY), Some(&trailing)).is_err());
+        let repeated = format!(r#"{{"schema":{schema},"payload":{payload},"payload":null}}"#);
+        assert!(parse_known_framed(repeated.as_bytes()).is_none());
+        assert!(matches!(
+            decode_json(Some(KEY), Some(repeated.as_bytes())),
+            Ok(Decoded::Tombstone { .. })
+        ));
+        let broken = converter_layout(&schema, &payload[..payload.len() - 1]);
+        assert!(parse_known_framed(&broken).is_none());
+        assert!(matches!(
+            decode_json(Some(KEY), Some(&broken)),
+            Err(DecodeError::Json(_))
+        ));
+        // A longer schema that starts like the known one is not mistaken
+        // for it: the known text is a whole JSON value.
+        let mut other = schema.clone();
+        other["name"] = json!("another.Envelope");
+        let value = converter_layout(&other, &payload);
+        let decoded = change(decode_json(Some(KEY), Some(&value)).unwrap());
+        assert_eq!(format!("{decoded:?}"), format!("{first:?}"));
     }
 
     #[test]
