@@ -10,7 +10,11 @@
 //!    timed until its stored offsets reach the topic's end; the copy must
 //!    then equal A's table (checked; a differing run fails the bench).
 //! 3. The ceiling: the same changes, decoded beforehand and held in memory,
-//!    applied through the same bulk statements on two connections.
+//!    applied through the same bulk statements on two connections, once per
+//!    round of runs (the median is the ceiling).
+//!
+//! Every timed run starts from a checkpoint with no other copy's rows or
+//! tombstones left in the database.
 //!
 //! ```text
 //! cargo run --release --example bench [-- --changes N --runs R]
@@ -30,22 +34,19 @@ use regionsync::decode::{decode_json, Decoded};
 use support::*;
 use tokio_postgres::Client;
 
-/// The ceiling: the JSON topic's changes decoded into memory, then applied
-/// through the same statements (collapsed per batch of the worker's default
-/// `batch_max_rows`, per partition; the conflict check, then the apply),
-/// partitions spread over two connections.
-async fn ceiling(b_admin: &Client, topic: &str, ends: &HashMap<i32, i64>, n: u64) -> f64 {
-    let copy = "bench_ceiling";
-    b_admin
-        .batch_execute(&format!(
-            "{BENCH_SCHEMA_SQL}
-             DROP TABLE IF EXISTS bench.{copy};
-             CREATE TABLE bench.{copy} (LIKE public.users INCLUDING DEFAULTS INCLUDING CONSTRAINTS INCLUDING INDEXES);
-             {}",
-            forget_copy_sql(copy)
-        ))
-        .await
-        .expect("ceiling table");
+const CEILING_COPY: &str = "bench_ceiling";
+
+/// The ceiling's input: the JSON topic's changes decoded into memory, in
+/// batches of the worker's default `batch_max_rows` per partition,
+/// partitions spread over two lanes (connections).
+struct CeilingInput {
+    table: TargetTable,
+    lanes: Vec<Vec<Vec<Final>>>,
+}
+
+async fn ceiling_input(b_admin: &Client, topic: &str, ends: &HashMap<i32, i64>) -> CeilingInput {
+    let copy = CEILING_COPY;
+    fresh_copy(b_admin, copy).await;
     let consumer = kafka_b_consumer("bench-unused");
     let mut tpl = TopicPartitionList::new();
     for p in ends.keys() {
@@ -87,6 +88,17 @@ async fn ceiling(b_admin: &Client, topic: &str, ends: &HashMap<i32, i64>, n: u64
     for (i, (_, finals)) in per_partition.into_iter().enumerate() {
         lanes[i % 2].extend(finals.chunks(DEFAULT_BATCH_MAX_ROWS).map(|c| c.to_vec()));
     }
+    CeilingInput { table, lanes }
+}
+
+/// The ceiling: the decoded changes applied to an empty copy through the
+/// same statements as the worker's (collapsed per batch; the conflict
+/// check, then the apply), two connections. Measured once per round, like
+/// the runs, so all see the same state of the database.
+async fn ceiling(b_admin: &Client, input: &CeilingInput, n: u64) -> f64 {
+    fresh_copy(b_admin, CEILING_COPY).await;
+    let table = &input.table;
+    let lanes = input.lanes.clone();
     let started = Instant::now();
     let mut tasks = Vec::new();
     for lane in lanes {
@@ -118,7 +130,9 @@ async fn ceiling(b_admin: &Client, topic: &str, ends: &HashMap<i32, i64>, n: u64
     for t in tasks {
         t.await.unwrap();
     }
-    n as f64 / started.elapsed().as_secs_f64()
+    let rate = n as f64 / started.elapsed().as_secs_f64();
+    drop_copy(b_admin, CEILING_COPY).await;
+    rate
 }
 
 #[tokio::main]
@@ -139,7 +153,13 @@ async fn main() {
         println!("{enc}: {events} messages on us-east-1.{topic} in B's Kafka");
         ends_by.insert(enc, (topic, ends));
     }
+    let (json_topic, json_ends) = &ends_by["json"];
+    let input = ceiling_input(&b, &format!("us-east-1.{json_topic}"), json_ends).await;
+    let mut ceilings = Vec::new();
     for run in 0..runs {
+        let c = ceiling(&b, &input, n).await;
+        println!("ceiling run {run} (same statements, from memory, 2 connections): {c:.0} rows/s");
+        ceilings.push(c);
         for (enc, list) in results.iter_mut() {
             let (topic, ends) = &ends_by[enc];
             let copy = format!("bench_copy_{enc}_{run}");
@@ -149,6 +169,7 @@ async fn main() {
                 got, want,
                 "{enc} run {run}: the replica differs from A: failed, not timed"
             );
+            drop_copy(&b, &copy).await;
             println!(
                 "{enc} run {run}: {:.0} rows/s, batch commit p50 {:.3}s p99 {:.3}s, {:.0} changes per batch, peak RSS {:.0} MB, CPU regionsync {:.1}s PostgreSQL {:.1}s",
                 r.rows_per_s, r.p50, r.p99, r.batch_rows, r.rss_mb, r.cpu_sink, r.cpu_pg
@@ -156,9 +177,15 @@ async fn main() {
             list.push(r);
         }
     }
-    let (json_topic, json_ends) = &ends_by["json"];
-    let ceiling_rate = ceiling(&b, &format!("us-east-1.{json_topic}"), json_ends, n).await;
-    println!("\nceiling (same statements, from memory, 2 connections): {ceiling_rate:.0} rows/s");
+    let ceiling_rate = median(ceilings.clone());
+    println!(
+        "\nceiling: median {ceiling_rate:.0} rows/s (runs {})",
+        ceilings
+            .iter()
+            .map(|c| format!("{c:.0}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
     for (enc, list) in &results {
         let rate = median(list.iter().map(|r| r.rows_per_s).collect());
         println!(

@@ -878,9 +878,7 @@ async fn main() {
                         r.cpu_pg,
                         r.rss_mb
                     );
-                    b.batch_execute(&format!("DROP TABLE bench.{copy}"))
-                        .await
-                        .expect("drop the copy");
+                    drop_copy(&b, &copy).await;
                     results.entry((enc, peer)).or_default().push(r);
                 }
             }

@@ -16,8 +16,10 @@ use serde::Deserialize;
 
 /// Batch bounds: against 5,000 rows / 8 MiB, 2,000 / 4 MiB replayed 1M
 /// changes as fast or faster and kept peak RSS near 100–120 MB instead of
-/// 120–190 MB (`make bench`, both encodings).
-pub const DEFAULT_BATCH_MAX_ROWS: usize = 2_000;
+/// 120–190 MB (`make bench`, both encodings). Small Avro messages reached
+/// 2,000-row batches and then 141–161 MB; 1,000 rows kept them at 120 MB
+/// within the run-to-run noise of the rate (JSON's 4 MiB batches hold ~530).
+pub const DEFAULT_BATCH_MAX_ROWS: usize = 1_000;
 pub const DEFAULT_BATCH_MAX_BYTES: usize = 4 * 1024 * 1024;
 pub const DEFAULT_LINGER_MS: u64 = 20;
 pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 4 * 1024 * 1024;

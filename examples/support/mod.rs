@@ -166,6 +166,27 @@ pub async fn fresh_copy(b_admin: &Client, copy: &str) {
         ))
         .await
         .unwrap_or_else(|e| panic!("create bench.{copy}: {e}"));
+    // Each timed run starts with no checkpoint pending from the last one.
+    b_admin
+        .batch_execute("CHECKPOINT")
+        .await
+        .expect("checkpoint");
+}
+
+/// Removes a verified copy and its tombstones, so that the next run finds
+/// the database as this one did.
+pub async fn drop_copy(b_admin: &Client, copy: &str) {
+    b_admin
+        .batch_execute(&format!(
+            "DROP TABLE IF EXISTS bench.{copy}; {}",
+            forget_copy_sql(copy)
+        ))
+        .await
+        .unwrap_or_else(|e| panic!("drop bench.{copy}: {e}"));
+    b_admin
+        .batch_execute("VACUUM regionsync.tombstones")
+        .await
+        .expect("vacuum");
 }
 
 /// Forgets what an earlier run of a copy left in regionsync's schema: its
