@@ -253,6 +253,23 @@ impl TargetTable {
             .join(" AND ")
     }
 
+    /// `c = <value>, …` for the non-key columns among `cols` (positions in
+    /// `columns`); `value` gets each one's quoted name and position.
+    pub fn set_non_key(
+        &self,
+        cols: impl IntoIterator<Item = usize>,
+        value: impl Fn(&str, usize) -> String,
+    ) -> String {
+        cols.into_iter()
+            .filter(|i| !self.key.contains(i))
+            .map(|i| {
+                let c = quote_ident(&self.columns[i].0);
+                format!("{c} = {}", value(&c, i))
+            })
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
     /// The value an upsert's `ON CONFLICT … SET` gives column `i` if it is a
     /// CRDT counter or its companion: the stored and incoming components
     /// merged (the larger per region), and the counter their sum.
@@ -721,14 +738,6 @@ async fn upsert(
     // Unsent (TOAST) columns keep the stored value: they are not in the
     // statement at all. An insert of such a row could not know the value, so
     // those rows only update.
-    let set: Vec<String> = cols
-        .iter()
-        .filter(|i| !table.key.contains(i))
-        .map(|i| {
-            let c = quote_ident(&table.columns[*i].0);
-            format!("{c} = EXCLUDED.{c}")
-        })
-        .collect();
     let guard = "(t.hlc, t.origin_region COLLATE \"C\") < (EXCLUDED.hlc, EXCLUDED.origin_region COLLATE \"C\")";
     // OFFSET 0 keeps this a probe of the tombstone index per row. Without
     // it PostgreSQL may plan an anti-join that hashes all of the table's
@@ -753,19 +762,16 @@ async fn upsert(
         // CRDT counters merge whatever the row's version; the other columns
         // follow the version guard, which then decides per column.
         let (set, when) = if counters.is_empty() {
-            (set, guard.to_string())
+            (
+                table.set_non_key(cols.iter().copied(), |c, _| format!("EXCLUDED.{c}")),
+                guard.to_string(),
+            )
         } else {
-            let set: Vec<String> = cols
-                .iter()
-                .filter(|i| !table.key.contains(i))
-                .map(|i| {
-                    let c = quote_ident(&table.columns[*i].0);
-                    match table.counter_set(*i) {
-                        Some(merged) => format!("{c} = {merged}"),
-                        None => format!("{c} = CASE WHEN {guard} THEN EXCLUDED.{c} ELSE t.{c} END"),
-                    }
+            let set = table.set_non_key(cols.iter().copied(), |c, i| {
+                table.counter_set(i).unwrap_or_else(|| {
+                    format!("CASE WHEN {guard} THEN EXCLUDED.{c} ELSE t.{c} END")
                 })
-                .collect();
+            });
             let changed: Vec<String> = counters
                 .iter()
                 .map(|(_, p)| {
@@ -788,24 +794,17 @@ async fn upsert(
             casts = casts.join(", "),
             unnest = unnest.join(", "),
             keys = table.key_idents(),
-            set = set.join(", "),
         )
     } else {
-        let set: Vec<String> = cols
-            .iter()
-            .filter(|i| !table.key.contains(i))
-            .map(|i| {
-                let c = quote_ident(&table.columns[*i].0);
-                format!("{c} = b.{c}::{}", table.columns[*i].1)
-            })
-            .collect();
+        let set = table.set_non_key(cols.iter().copied(), |c, i| {
+            format!("b.{c}::{}", table.columns[i].1)
+        });
         format!(
             "UPDATE {ident} AS t SET {set}
                FROM unnest({unnest}, ${key_param}::text[]) AS b({names}, \"__key\")
               WHERE {key_match} AND {tombstone_guard}
                 AND (t.hlc, t.origin_region COLLATE \"C\") < (b.hlc::bigint, b.origin_region COLLATE \"C\")",
             ident = table.ident,
-            set = set.join(", "),
             unnest = unnest.join(", "),
             names = names.join(", "),
             key_match = table.key_match("b"),
@@ -956,22 +955,19 @@ mod tests {
     }
 
     fn table() -> TargetTable {
+        let columns: Vec<(String, String)> = vec![
+            ("id".into(), "bigint".into()),
+            ("email".into(), "text".into()),
+            ("bio".into(), "text".into()),
+            ("hlc".into(), "bigint".into()),
+            ("origin_region".into(), "text".into()),
+        ];
         TargetTable {
             name: "public.users".into(),
             ident: "\"public\".\"users\"".into(),
-            columns: vec![
-                ("id".into(), "bigint".into()),
-                ("email".into(), "text".into()),
-                ("bio".into(), "text".into()),
-                ("hlc".into(), "bigint".into()),
-                ("origin_region".into(), "text".into()),
-            ],
+            by_source: source_positions(&columns, &BTreeMap::new()),
+            columns,
             key: vec![0],
-            by_source: ["id", "email", "bio", "hlc", "origin_region"]
-                .iter()
-                .enumerate()
-                .map(|(i, n)| (n.to_string(), i))
-                .collect(),
             homing: None,
             residency: Vec::new(),
             counters: Vec::new(),

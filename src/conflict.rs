@@ -621,27 +621,18 @@ pub async fn resolve(
     .max()
     .unwrap_or(wall);
     let version = serde_json::json!({ "hlc": hlc, "origin_region": local }).to_string();
-    let set: Vec<String> = table
-        .columns
-        .iter()
-        .enumerate()
-        .filter(|(i, _)| !table.key.contains(i))
-        .map(|(i, (c, _))| {
-            let c = quote_ident(c);
-            // CRDT counters keep every region's components, whichever
-            // version is kept.
-            match table.counter_set(i) {
-                Some(merged) => format!("{c} = {merged}"),
-                None => format!("{c} = EXCLUDED.{c}"),
-            }
-        })
-        .collect();
+    // CRDT counters keep every region's components, whichever version is
+    // kept.
+    let set = table.set_non_key(0..table.columns.len(), |c, i| {
+        table
+            .counter_set(i)
+            .unwrap_or_else(|| format!("EXCLUDED.{c}"))
+    });
     let upsert = format!(
         "INSERT INTO {ident} AS t SELECT * FROM jsonb_populate_record(NULL::{ident}, $1::text::jsonb)
          ON CONFLICT ({keys}) DO UPDATE SET {set}",
         ident = table.ident,
         keys = table.key_idents(),
-        set = set.join(", "),
     );
     let delete = format!("DELETE FROM {} t WHERE {key_where}", table.ident);
     let tombstone_sql = "INSERT INTO regionsync.tombstones AS ts (table_name, row_key, hlc, origin_region)

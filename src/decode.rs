@@ -410,7 +410,10 @@ fn remember_recent(text: &str, schema: &Rc<ConnectSchema>) {
 /// decode.
 pub(crate) struct ConnectSchema {
     json: Json,
-    positions: FxHashMap<String, FxHashMap<String, usize>>,
+    /// Positions of the schema's own fields.
+    positions: FxHashMap<String, usize>,
+    /// Positions of the fields of each struct-typed field, by its name.
+    nested: FxHashMap<String, FxHashMap<String, usize>>,
 }
 
 /// One struct of a [`ConnectSchema`]: its field schemas and their positions.
@@ -444,31 +447,34 @@ impl ConnectSchema {
             }
             by_name
         }
-        let mut all = FxHashMap::default();
-        let top = positions(&json);
-        for (name, i) in &top {
-            if let Some(f) = json.get("fields").and_then(|f| f.get(*i)) {
-                all.insert(name.clone(), positions(f));
-            }
-        }
-        all.insert(String::new(), top);
+        let own = positions(&json);
+        let nested = own
+            .iter()
+            .filter_map(|(name, i)| {
+                let field = json.get("fields")?.get(*i)?;
+                Some((name.clone(), positions(field)))
+            })
+            .collect();
         ConnectSchema {
             json,
-            positions: all,
+            positions: own,
+            nested,
         }
     }
 
-    /// The struct at `path`: `""` for the schema itself, else the name of
-    /// one of its fields.
-    fn struct_at(&self, path: &str) -> Option<StructSchema<'_>> {
-        let container = if path.is_empty() {
-            &self.json
-        } else {
-            self.struct_at("")?.field(path)?
-        };
+    /// The schema itself, as a struct (a key's row).
+    fn as_struct(&self) -> Option<StructSchema<'_>> {
         Some(StructSchema {
-            fields: container.get("fields")?.as_array()?,
-            positions: self.positions.get(path)?,
+            fields: self.json.get("fields")?.as_array()?,
+            positions: &self.positions,
+        })
+    }
+
+    /// Its field `name`, as a struct (an envelope's `before` or `after`).
+    fn struct_field(&self, name: &str) -> Option<StructSchema<'_>> {
+        Some(StructSchema {
+            fields: self.as_struct()?.field(name)?.get("fields")?.as_array()?,
+            positions: self.nested.get(name)?,
         })
     }
 }
@@ -515,7 +521,9 @@ fn json_key(bytes: &[u8]) -> Result<Row, DecodeError> {
     let (doc, schema) = parse_framed(bytes, "key")?;
     match (&doc, schema.as_deref()) {
         (Json::Null, _) => Err(DecodeError::MissingKey),
-        (Json::Object(fields), schema) => json_row(fields, schema.and_then(|s| s.struct_at(""))),
+        (Json::Object(fields), schema) => {
+            json_row(fields, schema.and_then(ConnectSchema::as_struct))
+        }
         (other, _) => Err(envelope_error(format!(
             "the key is {}, expected an object",
             json_kind(other)
@@ -597,7 +605,7 @@ fn json_envelope(
     let image = |name: &str| match payload.get(name) {
         None | Some(Json::Null) => Ok(None),
         Some(Json::Object(fields)) => {
-            json_row(fields, schema.and_then(|s| s.struct_at(name))).map(Some)
+            json_row(fields, schema.and_then(|s| s.struct_field(name))).map(Some)
         }
         Some(other) => Err(envelope_error(format!(
             "field `{name}` is {}, expected an object or null",

@@ -94,8 +94,9 @@ async fn create_uncompacted_topics(t: &str) {
     let mirrors: Vec<String> = topics.iter().map(|x| format!("us-east-1.{x}")).collect();
     let names: Vec<&str> = topics.iter().map(String::as_str).collect();
     let mirror_names: Vec<&str> = mirrors.iter().map(String::as_str).collect();
+    let admin_a = admin(KAFKA_A);
     // Absent topics answer UnknownTopicOrPartition: nothing to delete.
-    let _ = admin(KAFKA_A).delete_topics(&names, &opts).await;
+    let _ = admin_a.delete_topics(&names, &opts).await;
     let _ = admin(KAFKA_B).delete_topics(&mirror_names, &opts).await;
     // A deletion completes asynchronously: until it has, the name is taken.
     let mut pending: Vec<&String> = topics.iter().collect();
@@ -109,7 +110,7 @@ async fn create_uncompacted_topics(t: &str) {
                     .set("retention.bytes", "-1")
             })
             .collect();
-        let results = admin(KAFKA_A)
+        let results = admin_a
             .create_topics(&new, &opts)
             .await
             .expect("create_topics");
