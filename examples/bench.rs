@@ -17,7 +17,7 @@
 //! tombstones left in the database.
 //!
 //! ```text
-//! cargo run --release --example bench [-- --changes N --runs R]
+//! cargo run --release --example bench [-- --changes N --runs R --only json|avro]
 //! ```
 
 mod support;
@@ -95,8 +95,9 @@ async fn ceiling_input(b_admin: &Client, topic: &str, ends: &HashMap<i32, i64>) 
 /// same statements as the worker's (collapsed per batch; the conflict
 /// check, then the apply), two connections. Measured once per round, like
 /// the runs, so all see the same state of the database.
-async fn ceiling(b_admin: &Client, input: &CeilingInput, n: u64) -> f64 {
+async fn ceiling(b_admin: &Client, input: &CeilingInput, n: u64) -> (f64, f64) {
     fresh_copy(b_admin, CEILING_COPY).await;
+    let pg_before = postgres_b_cpu();
     let table = &input.table;
     let lanes = input.lanes.clone();
     let started = Instant::now();
@@ -131,8 +132,10 @@ async fn ceiling(b_admin: &Client, input: &CeilingInput, n: u64) -> f64 {
         t.await.unwrap();
     }
     let rate = n as f64 / started.elapsed().as_secs_f64();
+    // The lanes' backends have exited: their time is in the postmaster's.
+    let cpu_pg = postgres_b_cpu() - pg_before;
     drop_copy(b_admin, CEILING_COPY).await;
-    rate
+    (rate, cpu_pg)
 }
 
 #[tokio::main]
@@ -144,7 +147,12 @@ async fn main() {
     ensure_source(&a, n).await;
     let table = source_table(n);
     let want = checksum(&a, &format!("public.{table}")).await;
-    let mut results: Vec<(&str, Vec<RunResult>)> = vec![("json", vec![]), ("avro", vec![])];
+    // `--only json` or `--only avro` replays one encoding (for profiling).
+    let only = std::env::args().skip_while(|a| a != "--only").nth(1);
+    let mut results: Vec<(&str, Vec<RunResult>)> = [("json", vec![]), ("avro", vec![])]
+        .into_iter()
+        .filter(|(enc, _)| only.as_deref().is_none_or(|o| o == *enc))
+        .collect();
     let mut ends_by = HashMap::new();
     for (enc, topic) in ["json", "avro"].into_iter().zip(source_topics(&table)) {
         assert_uncompacted(&format!("us-east-1.{topic}")).await;
@@ -157,8 +165,8 @@ async fn main() {
     let input = ceiling_input(&b, &format!("us-east-1.{json_topic}"), json_ends).await;
     let mut ceilings = Vec::new();
     for run in 0..runs {
-        let c = ceiling(&b, &input, n).await;
-        println!("ceiling run {run} (same statements, from memory, 2 connections): {c:.0} rows/s");
+        let (c, cpu_pg) = ceiling(&b, &input, n).await;
+        println!("ceiling run {run} (same statements, from memory, 2 connections): {c:.0} rows/s, CPU PostgreSQL {cpu_pg:.1}s");
         ceilings.push(c);
         for (enc, list) in results.iter_mut() {
             let (topic, ends) = &ends_by[enc];
