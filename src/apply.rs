@@ -23,7 +23,7 @@ use tokio_postgres::types::ToSql;
 use tokio_postgres::{GenericClient, Row as PgRow};
 
 use crate::config::{Policy, TableConfig, SHARED};
-use crate::decode::{Change, Field, Op, Row, Typed};
+use crate::decode::{Change, Field, Op, PgType, Row, Typed};
 
 /// A replicated table as the target database describes it.
 #[derive(Clone, Debug)]
@@ -34,6 +34,8 @@ pub struct TargetTable {
     pub ident: String,
     /// Columns in table order: (name, type as `format_type` prints it).
     pub columns: Vec<(String, String)>,
+    /// `columns`' types parsed for rendering, in the same order.
+    pub pg_types: Vec<PgType>,
     /// Positions of the key columns in `columns`.
     pub key: Vec<usize>,
     /// Source column name → position in `columns`, renames applied
@@ -221,6 +223,7 @@ impl TargetTable {
         };
         Ok(TargetTable {
             by_source: source_positions(&columns, &config.columns),
+            pg_types: columns.iter().map(|(_, t)| PgType::parse(t)).collect(),
             ident: format!("{}.{}", quote_ident(schema), quote_ident(table)),
             name,
             columns,
@@ -477,7 +480,7 @@ fn render(table: &TargetTable, row: &Row, before: Option<&Row>) -> Result<Prepar
         let Some(idx) = table.column_index(source_col) else {
             continue;
         };
-        let (name, pg_type) = &table.columns[idx];
+        let name = &table.columns[idx].0;
         let mut typed: &Typed = typed;
         if typed.field == Field::Unavailable {
             // With REPLICA IDENTITY FULL the before image has the value.
@@ -490,7 +493,7 @@ fn render(table: &TargetTable, row: &Row, before: Option<&Row>) -> Result<Prepar
             }
         }
         let text = typed
-            .to_pg_text(pg_type)
+            .to_pg_text_as(&table.pg_types[idx])
             .map_err(|e| row_error(table, name, e))?;
         values.push((idx, text));
     }
@@ -567,7 +570,7 @@ pub fn prepare(
                     let wanted = table.key.contains(&idx) || homing_columns.contains(&idx);
                     if wanted && !values.iter().any(|(i, _)| *i == idx) {
                         let text = typed
-                            .to_pg_text(&table.columns[idx].1)
+                            .to_pg_text_as(&table.pg_types[idx])
                             .map_err(|e| row_error(table, source_col, e))?;
                         values.push((idx, text));
                     }
@@ -966,6 +969,7 @@ mod tests {
             name: "public.users".into(),
             ident: "\"public\".\"users\"".into(),
             by_source: source_positions(&columns, &BTreeMap::new()),
+            pg_types: columns.iter().map(|(_, t)| PgType::parse(t)).collect(),
             columns,
             key: vec![0],
             homing: None,

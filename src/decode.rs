@@ -14,10 +14,12 @@
 //! `int`); semantic names there come from records, Avro logical types and
 //! decimals only, and `to_pg_text` falls back on the column type.
 
+use std::borrow::Cow;
 use std::cell::RefCell;
 use std::collections::{BTreeMap, HashMap};
 use std::rc::Rc;
 
+use apache_avro::schema::Name;
 use apache_avro::types::Value as AvroValue;
 use apache_avro::Schema;
 use base64::engine::general_purpose::STANDARD as BASE64;
@@ -71,7 +73,7 @@ pub enum Field {
 #[derive(Clone, Debug, PartialEq)]
 pub struct Typed {
     pub field: Field,
-    pub semantic: Option<String>,
+    pub semantic: Option<Cow<'static, str>>,
 }
 
 /// A row image: column name → value, in column-name order.
@@ -157,6 +159,31 @@ const UUID: &str = "io.debezium.data.Uuid";
 const ENUM: &str = "io.debezium.data.Enum";
 const DECIMAL: &str = "org.apache.kafka.connect.data.Decimal";
 const VARIABLE_SCALE_DECIMAL: &str = "io.debezium.data.VariableScaleDecimal";
+
+/// A semantic type name, without an allocation for the names rendering
+/// looks at (the common case: every date, time and decimal column).
+fn semantic_name(name: &str) -> Cow<'static, str> {
+    const KNOWN: [&str; 14] = [
+        DATE,
+        TIME,
+        MICRO_TIME,
+        NANO_TIME,
+        TIMESTAMP,
+        MICRO_TIMESTAMP,
+        NANO_TIMESTAMP,
+        CONNECT_DATE,
+        CONNECT_TIME,
+        CONNECT_TIMESTAMP,
+        UUID,
+        ENUM,
+        DECIMAL,
+        VARIABLE_SCALE_DECIMAL,
+    ];
+    match KNOWN.iter().find(|k| **k == name) {
+        Some(known) => Cow::Borrowed(known),
+        None => Cow::Owned(name.to_owned()),
+    }
+}
 
 /// The placeholder as schemaless JSON carries it for a `bytes` column.
 const UNAVAILABLE_BASE64: &str = "X19kZWJleml1bV91bmF2YWlsYWJsZV92YWx1ZQ==";
@@ -646,7 +673,7 @@ fn is_placeholder_list<T>(items: &[T], is_placeholder: impl Fn(&T) -> bool) -> b
 }
 
 fn json_typed(value: &Json, schema: &Json, column: &str) -> Result<Typed, DecodeError> {
-    let semantic = schema.get("name").and_then(Json::as_str).map(str::to_owned);
+    let semantic = schema.get("name").and_then(Json::as_str).map(semantic_name);
     let field = json_with_schema(value, schema, semantic.as_deref(), column, false)?;
     Ok(Typed { field, semantic })
 }
@@ -828,52 +855,54 @@ fn variable_scale_decimal(value: &Json, column: &str) -> Result<Field, DecodeErr
 
 // ---------------------------------------------------------------- Avro ----
 
-/// Named schemas by full name, to follow `Schema::Ref`s.
-type Names<'a> = HashMap<String, &'a Schema>;
+/// The schema a message was written with, to follow its `Schema::Ref`s to
+/// the named schema they refer to. Found by walking the (small) schema, not
+/// through a map built for every message.
+#[derive(Clone, Copy)]
+struct Names<'a> {
+    root: Option<&'a Schema>,
+}
 
-fn collect_names<'a>(schema: &'a Schema, names: &mut Names<'a>) {
-    match schema {
-        Schema::Record(record) => {
-            names.insert(record.name.fullname(None), schema);
-            for field in &record.fields {
-                collect_names(&field.schema, names);
+impl<'a> Names<'a> {
+    fn of(root: &'a Schema) -> Self {
+        Names { root: Some(root) }
+    }
+
+    fn get(&self, name: &Name) -> Option<&'a Schema> {
+        fn find<'a>(schema: &'a Schema, name: &Name) -> Option<&'a Schema> {
+            match schema {
+                Schema::Record(record) if record.name == *name => Some(schema),
+                Schema::Enum(e) if e.name == *name => Some(schema),
+                Schema::Fixed(f) if f.name == *name => Some(schema),
+                Schema::Record(record) => record.fields.iter().find_map(|f| find(&f.schema, name)),
+                Schema::Array(a) => find(&a.items, name),
+                Schema::Map(m) => find(&m.types, name),
+                Schema::Union(u) => u.variants().iter().find_map(|v| find(v, name)),
+                _ => None,
             }
         }
-        Schema::Enum(e) => {
-            names.insert(e.name.fullname(None), schema);
-        }
-        Schema::Fixed(f) => {
-            names.insert(f.name.fullname(None), schema);
-        }
-        Schema::Array(a) => collect_names(&a.items, names),
-        Schema::Map(m) => collect_names(&m.types, names),
-        Schema::Union(u) => {
-            for variant in u.variants() {
-                collect_names(variant, names);
-            }
-        }
-        _ => {}
+        find(self.root?, name)
     }
 }
 
 fn resolve<'a>(schema: &'a Schema, names: &Names<'a>) -> &'a Schema {
     match schema {
-        Schema::Ref { name } => names.get(&name.fullname(None)).copied().unwrap_or(schema),
+        Schema::Ref { name } => names.get(name).unwrap_or(schema),
         _ => schema,
     }
 }
 
 /// Steps through unions (picking the branch's schema) to the value inside.
-fn avro_branch<'v, 'a>(
-    mut value: &'v AvroValue,
+fn avro_branch<'a>(
+    mut value: AvroValue,
     mut schema: Option<&'a Schema>,
     names: &Names<'a>,
     what: &str,
-) -> Result<(&'v AvroValue, Option<&'a Schema>), DecodeError> {
+) -> Result<(AvroValue, Option<&'a Schema>), DecodeError> {
     schema = schema.map(|s| resolve(s, names));
     while let AvroValue::Union(index, inner) = value {
         if let Some(Schema::Union(union)) = schema {
-            let variant = usize::try_from(*index)
+            let variant = usize::try_from(index)
                 .ok()
                 .and_then(|i| union.variants().get(i))
                 .ok_or_else(|| {
@@ -881,7 +910,7 @@ fn avro_branch<'v, 'a>(
                 })?;
             schema = Some(resolve(variant, names));
         }
-        value = inner;
+        value = *inner;
     }
     Ok((value, schema))
 }
@@ -927,37 +956,36 @@ fn avro_kind(value: &AvroValue) -> &'static str {
     }
 }
 
-/// Decodes one message as `AvroDecoder::decode_with_schema` returns it: the
-/// key and value with their writer schemas. `value` `None` is a tombstone.
+/// Decodes one message from its key and value datums with their writer
+/// schemas (see `registry`), taking their strings and bytes over. `value`
+/// `None` is a tombstone.
 pub fn decode_avro(
-    key: &AvroValue,
+    key: AvroValue,
     key_schema: &Schema,
-    value: Option<(&AvroValue, &Schema)>,
+    value: Option<(AvroValue, &Schema)>,
 ) -> Result<Decoded, DecodeError> {
-    let mut key_names = Names::new();
-    collect_names(key_schema, &mut key_names);
+    let key_names = Names::of(key_schema);
     let key = match avro_branch(key, Some(key_schema), &key_names, "key")? {
         (AvroValue::Null, _) => return Err(DecodeError::MissingKey),
         (AvroValue::Record(fields), schema) => avro_row(fields, schema, &key_names)?,
         (other, _) => {
             return Err(envelope_error(format!(
                 "the key is an Avro {}, expected a record",
-                avro_kind(other)
+                avro_kind(&other)
             )))
         }
     };
     let Some((value, schema)) = value else {
         return Ok(Decoded::Tombstone { key });
     };
-    let mut names = Names::new();
-    collect_names(schema, &mut names);
+    let names = Names::of(schema);
     let (fields, schema) = match avro_branch(value, Some(schema), &names, "value")? {
         (AvroValue::Null, _) => return Ok(Decoded::Tombstone { key }),
         (AvroValue::Record(fields), schema) => (fields, schema),
         (other, _) => {
             return Err(envelope_error(format!(
                 "the value is an Avro {}, expected a record",
-                avro_kind(other)
+                avro_kind(&other)
             )))
         }
     };
@@ -965,9 +993,8 @@ pub fn decode_avro(
 }
 
 /// An Avro message without a key: only a truncate event may be one.
-pub fn decode_avro_keyless(value: &AvroValue, schema: &Schema) -> Result<Decoded, DecodeError> {
-    let mut names = Names::new();
-    collect_names(schema, &mut names);
+pub fn decode_avro_keyless(value: AvroValue, schema: &Schema) -> Result<Decoded, DecodeError> {
+    let names = Names::of(schema);
     match avro_branch(value, Some(schema), &names, "value")? {
         (AvroValue::Record(fields), schema) => {
             avro_envelope(fields, schema, &names)?.into_keyless_change()
@@ -985,12 +1012,25 @@ fn avro_get<'v>(fields: &'v [(String, AvroValue)], name: &str) -> Option<&'v Avr
     Some(value)
 }
 
+/// Takes a field's value out of a record (leaving a null).
+fn avro_take(fields: &mut [(String, AvroValue)], name: &str) -> Option<AvroValue> {
+    let (_, value) = fields.iter_mut().find(|(n, _)| n == name)?;
+    Some(std::mem::replace(value, AvroValue::Null))
+}
+
+fn unwrap_unions(mut value: AvroValue) -> AvroValue {
+    while let AvroValue::Union(_, inner) = value {
+        value = *inner;
+    }
+    value
+}
+
 fn avro_envelope<'a>(
-    fields: &[(String, AvroValue)],
+    mut fields: Vec<(String, AvroValue)>,
     schema: Option<&'a Schema>,
     names: &Names<'a>,
 ) -> Result<Envelope, DecodeError> {
-    let op = match avro_get(fields, "op") {
+    let op = match avro_get(&fields, "op") {
         None | Some(AvroValue::Null) => return Err(envelope_error("field `op` is missing")),
         Some(AvroValue::String(op) | AvroValue::Enum(_, op)) => parse_op(op)?,
         Some(other) => {
@@ -1000,39 +1040,42 @@ fn avro_envelope<'a>(
             )))
         }
     };
-    let source = match avro_get(fields, "source") {
+    let mut source = match avro_take(&mut fields, "source").map(unwrap_unions) {
         None | Some(AvroValue::Null) => return Err(envelope_error("field `source` is missing")),
         Some(AvroValue::Record(source)) => source,
         Some(other) => {
             return Err(envelope_error(format!(
                 "field `source` is an Avro {}, expected a record",
-                avro_kind(other)
+                avro_kind(&other)
             )))
         }
     };
-    let long = |name: &str, required: bool| match avro_get(source, name) {
-        None | Some(AvroValue::Null) if required => {
-            Err(envelope_error(format!("field `source.{name}` is missing")))
-        }
-        None | Some(AvroValue::Null) => Ok(None),
-        Some(AvroValue::Long(v)) => Ok(Some(*v)),
-        Some(AvroValue::Int(v)) => Ok(Some(i64::from(*v))),
-        Some(other) => Err(envelope_error(format!(
-            "field `source.{name}` is an Avro {}, expected a long",
-            avro_kind(other)
-        ))),
-    };
-    let text = |name: &str| match avro_get(source, name) {
+    let long =
+        |source: &[(String, AvroValue)], name: &str, required: bool| match avro_get(source, name) {
+            None | Some(AvroValue::Null) if required => {
+                Err(envelope_error(format!("field `source.{name}` is missing")))
+            }
+            None | Some(AvroValue::Null) => Ok(None),
+            Some(AvroValue::Long(v)) => Ok(Some(*v)),
+            Some(AvroValue::Int(v)) => Ok(Some(i64::from(*v))),
+            Some(other) => Err(envelope_error(format!(
+                "field `source.{name}` is an Avro {}, expected a long",
+                avro_kind(other)
+            ))),
+        };
+    let text = |source: &mut [(String, AvroValue)], name: &str| match avro_take(source, name)
+        .map(unwrap_unions)
+    {
         None | Some(AvroValue::Null) => {
             Err(envelope_error(format!("field `source.{name}` is missing")))
         }
-        Some(AvroValue::String(s) | AvroValue::Enum(_, s)) => Ok(s.clone()),
+        Some(AvroValue::String(s) | AvroValue::Enum(_, s)) => Ok(s),
         Some(other) => Err(envelope_error(format!(
             "field `source.{name}` is an Avro {}, expected a string",
-            avro_kind(other)
+            avro_kind(&other)
         ))),
     };
-    let snapshot = match avro_get(source, "snapshot") {
+    let snapshot = match avro_get(&source, "snapshot") {
         None | Some(AvroValue::Null) => false,
         Some(AvroValue::Boolean(b)) => *b,
         Some(AvroValue::String(s) | AvroValue::Enum(_, s)) => snapshot_flag(Some(s))?,
@@ -1043,8 +1086,8 @@ fn avro_envelope<'a>(
             )))
         }
     };
-    let image = |name: &str| -> Result<Option<Row>, DecodeError> {
-        let Some(value) = fields.iter().find(|(n, _)| n == name).map(|(_, v)| v) else {
+    let mut image = |name: &str| -> Result<Option<Row>, DecodeError> {
+        let Some(value) = avro_take(&mut fields, name) else {
             return Ok(None);
         };
         match avro_branch(value, record_field_schema(schema, name), names, name)? {
@@ -1052,20 +1095,20 @@ fn avro_envelope<'a>(
             (AvroValue::Record(row), row_schema) => avro_row(row, row_schema, names).map(Some),
             (other, _) => Err(envelope_error(format!(
                 "field `{name}` is an Avro {}, expected a record or null",
-                avro_kind(other)
+                avro_kind(&other)
             ))),
         }
     };
     Ok(Envelope {
         op,
-        schema: text("schema")?,
-        table: text("table")?,
+        schema: text(&mut source, "schema")?,
+        table: text(&mut source, "table")?,
         before: image("before")?,
         after: image("after")?,
-        source_ts_ms: long("ts_ms", true)?.unwrap_or_default(),
-        lsn: long("lsn", false)?,
-        origin: match avro_get(source, "origin") {
-            Some(AvroValue::String(s)) => Some(s.clone()),
+        source_ts_ms: long(&source, "ts_ms", true)?.unwrap_or_default(),
+        lsn: long(&source, "lsn", false)?,
+        origin: match avro_take(&mut source, "origin").map(unwrap_unions) {
+            Some(AvroValue::String(s)) => Some(s),
             _ => None,
         },
         snapshot,
@@ -1073,72 +1116,76 @@ fn avro_envelope<'a>(
 }
 
 fn avro_row<'a>(
-    fields: &[(String, AvroValue)],
+    fields: Vec<(String, AvroValue)>,
     schema: Option<&'a Schema>,
     names: &Names<'a>,
 ) -> Result<Row, DecodeError> {
     fields
-        .iter()
+        .into_iter()
         .map(|(name, value)| {
-            let typed = avro_typed(value, record_field_schema(schema, name), names, name, false)?;
-            Ok((name.clone(), typed))
+            let typed = avro_typed(
+                value,
+                record_field_schema(schema, &name),
+                names,
+                &name,
+                false,
+            )?;
+            Ok((name, typed))
         })
         .collect()
 }
 
 /// `connect.name` where apache-avro keeps custom attributes (records, enums,
 /// fixed, arrays, maps; not primitives).
-fn connect_name(schema: Option<&Schema>) -> Option<String> {
+fn connect_name(schema: Option<&Schema>) -> Option<Cow<'static, str>> {
     schema?
         .custom_attributes()?
         .get("connect.name")?
         .as_str()
-        .map(str::to_owned)
+        .map(semantic_name)
 }
 
 fn avro_typed<'a>(
-    value: &AvroValue,
+    value: AvroValue,
     schema: Option<&'a Schema>,
     names: &Names<'a>,
     column: &str,
     in_array: bool,
 ) -> Result<Typed, DecodeError> {
     let (value, schema) = avro_branch(value, schema, names, column)?;
-    let inferred = |name: &str| Some(connect_name(schema).unwrap_or_else(|| name.to_owned()));
+    let inferred = |name: &'static str| Some(connect_name(schema).unwrap_or(Cow::Borrowed(name)));
     let placeholder = |bytes: &[u8]| !in_array && bytes == UNAVAILABLE_PLACEHOLDER.as_bytes();
     let (field, semantic) = match value {
         AvroValue::Null => (Field::Null, connect_name(schema)),
-        AvroValue::Boolean(b) => (Field::Bool(*b), connect_name(schema)),
-        AvroValue::Int(i) => (Field::Int(i64::from(*i)), connect_name(schema)),
-        AvroValue::Long(i) => (Field::Int(*i), connect_name(schema)),
-        AvroValue::Float(f) => (Field::Float(f64::from(*f)), connect_name(schema)),
-        AvroValue::Double(f) => (Field::Float(*f), connect_name(schema)),
+        AvroValue::Boolean(b) => (Field::Bool(b), connect_name(schema)),
+        AvroValue::Int(i) => (Field::Int(i64::from(i)), connect_name(schema)),
+        AvroValue::Long(i) => (Field::Int(i), connect_name(schema)),
+        AvroValue::Float(f) => (Field::Float(f64::from(f)), connect_name(schema)),
+        AvroValue::Double(f) => (Field::Float(f), connect_name(schema)),
         AvroValue::String(s) if !in_array && s == UNAVAILABLE_PLACEHOLDER => {
             (Field::Unavailable, None)
         }
-        AvroValue::String(s) => (Field::String(s.clone()), connect_name(schema)),
-        AvroValue::Bytes(b) | AvroValue::Fixed(_, b) if placeholder(b) => {
+        AvroValue::String(s) => (Field::String(s), connect_name(schema)),
+        AvroValue::Bytes(b) | AvroValue::Fixed(_, b) if placeholder(&b) => {
             (Field::Unavailable, None)
         }
-        AvroValue::Bytes(b) | AvroValue::Fixed(_, b) => {
-            (Field::Bytes(b.clone()), connect_name(schema))
-        }
-        AvroValue::Enum(_, symbol) => (Field::String(symbol.clone()), inferred(ENUM)),
+        AvroValue::Bytes(b) | AvroValue::Fixed(_, b) => (Field::Bytes(b), connect_name(schema)),
+        AvroValue::Enum(_, symbol) => (Field::String(symbol), inferred(ENUM)),
         AvroValue::Uuid(uuid) => (Field::String(uuid.to_string()), inferred(UUID)),
-        AvroValue::Date(days) => (Field::Int(i64::from(*days)), inferred(DATE)),
-        AvroValue::TimeMillis(t) => (Field::Int(i64::from(*t)), inferred(TIME)),
-        AvroValue::TimeMicros(t) => (Field::Int(*t), inferred(MICRO_TIME)),
+        AvroValue::Date(days) => (Field::Int(i64::from(days)), inferred(DATE)),
+        AvroValue::TimeMillis(t) => (Field::Int(i64::from(t)), inferred(TIME)),
+        AvroValue::TimeMicros(t) => (Field::Int(t), inferred(MICRO_TIME)),
         AvroValue::TimestampMillis(t) | AvroValue::LocalTimestampMillis(t) => {
-            (Field::Int(*t), inferred(TIMESTAMP))
+            (Field::Int(t), inferred(TIMESTAMP))
         }
         AvroValue::TimestampMicros(t) | AvroValue::LocalTimestampMicros(t) => {
-            (Field::Int(*t), inferred(MICRO_TIMESTAMP))
+            (Field::Int(t), inferred(MICRO_TIMESTAMP))
         }
         AvroValue::TimestampNanos(t) | AvroValue::LocalTimestampNanos(t) => {
-            (Field::Int(*t), inferred(NANO_TIMESTAMP))
+            (Field::Int(t), inferred(NANO_TIMESTAMP))
         }
         AvroValue::Decimal(decimal) => {
-            let unscaled = Vec::<u8>::try_from(decimal)
+            let unscaled = Vec::<u8>::try_from(&decimal)
                 .map_err(|e| column_error(column, format!("Avro decimal: {e}")))?;
             if placeholder(&unscaled) {
                 (Field::Unavailable, None)
@@ -1176,7 +1223,7 @@ fn avro_typed<'a>(
                 }
                 matches!(item, AvroValue::String(s) if s == UNAVAILABLE_PLACEHOLDER)
             };
-            if !in_array && is_placeholder_list(items, is_placeholder) {
+            if !in_array && is_placeholder_list(&items, is_placeholder) {
                 (Field::Unavailable, None)
             } else {
                 let item_schema = match schema {
@@ -1184,15 +1231,15 @@ fn avro_typed<'a>(
                     _ => None,
                 };
                 let items = items
-                    .iter()
+                    .into_iter()
                     .map(|item| avro_typed(item, item_schema, names, column, true).map(|t| t.field))
                     .collect::<Result<_, _>>()?;
                 (Field::Array(items), connect_name(schema))
             }
         }
-        AvroValue::Record(fields) => {
+        AvroValue::Record(ref fields) => {
             let semantic = connect_name(schema).or_else(|| match schema {
-                Some(Schema::Record(r)) => Some(r.name.fullname(None)),
+                Some(Schema::Record(r)) => Some(Cow::Owned(r.name.fullname(None))),
                 _ => None,
             });
             let is_vsd = semantic.as_deref() == Some(VARIABLE_SCALE_DECIMAL)
@@ -1212,8 +1259,8 @@ fn avro_typed<'a>(
     Ok(Typed { field, semantic })
 }
 
-fn avro_json(value: &AvroValue, column: &str) -> Result<Field, DecodeError> {
-    Json::try_from(value.clone())
+fn avro_json(value: AvroValue, column: &str) -> Result<Field, DecodeError> {
+    Json::try_from(value)
         .map(Field::Json)
         .map_err(|e| column_error(column, format!("Avro value has no JSON form: {e}")))
 }
@@ -1253,7 +1300,7 @@ fn avro_variable_scale_decimal(
 // ------------------------------------------------------------ PG text ----
 
 /// What rendering a PostgreSQL type needs from `format_type`'s output.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 enum PgKind {
     Int,
     Numeric {
@@ -1281,14 +1328,16 @@ enum PgKind {
     Array(Box<PgType>),
 }
 
-#[derive(Debug)]
-struct PgType {
+/// A column type as `format_type` prints it, parsed once for rendering
+/// (see [`Typed::to_pg_text_as`]).
+#[derive(Clone, Debug)]
+pub struct PgType {
     name: String,
     kind: PgKind,
 }
 
 impl PgType {
-    fn parse(pg_type: &str) -> PgType {
+    pub fn parse(pg_type: &str) -> PgType {
         let name = pg_type.trim();
         if let Some(element) = name.strip_suffix("[]") {
             return PgType {
@@ -1356,9 +1405,15 @@ impl Typed {
     /// Fails on [`Field::Unavailable`]: the caller substitutes the stored
     /// value first.
     pub fn to_pg_text(&self, pg_type: &str) -> Result<Option<String>, DecodeError> {
+        self.to_pg_text_as(&PgType::parse(pg_type))
+    }
+
+    /// [`Typed::to_pg_text`] for a type parsed beforehand (per column, not
+    /// per value).
+    pub fn to_pg_text_as(&self, ty: &PgType) -> Result<Option<String>, DecodeError> {
         match &self.field {
             Field::Null => Ok(None),
-            field => render(field, self.semantic.as_deref(), &PgType::parse(pg_type)).map(Some),
+            field => render(field, self.semantic.as_deref(), ty).map(Some),
         }
     }
 }
@@ -1745,7 +1800,7 @@ mod tests {
     fn typed(field: Field, semantic: Option<&str>) -> Typed {
         Typed {
             field,
-            semantic: semantic.map(str::to_owned),
+            semantic: semantic.map(|s| Cow::Owned(s.to_owned())),
         }
     }
 
@@ -2019,7 +2074,7 @@ mod tests {
 
         let schema = users_value_schema();
         let value = round_trip(avro_envelope_value("t", none(), none(), "false"), &schema);
-        let c = change(decode_avro_keyless(&value, &schema).unwrap());
+        let c = change(decode_avro_keyless(value.clone(), &schema).unwrap());
         assert_eq!(c.op, Op::Truncate);
         let value = round_trip(
             avro_envelope_value(
@@ -2031,7 +2086,7 @@ mod tests {
             &schema,
         );
         assert_eq!(
-            decode_avro_keyless(&value, &schema),
+            decode_avro_keyless(value.clone(), &schema),
             Err(DecodeError::MissingKey)
         );
     }
@@ -2920,8 +2975,14 @@ mod tests {
             avro_envelope_value("c", none(), some(avro_default_row()), "false"),
             &schema,
         );
-        let c =
-            change(decode_avro(&avro_key(), &users_key_schema(), Some((&value, &schema))).unwrap());
+        let c = change(
+            decode_avro(
+                avro_key(),
+                &users_key_schema(),
+                Some((value.clone(), &schema)),
+            )
+            .unwrap(),
+        );
         assert_eq!(c.op, Op::Create);
         assert_eq!((c.schema.as_str(), c.table.as_str()), ("public", "users"));
         assert_eq!(
@@ -2978,14 +3039,25 @@ mod tests {
                 &schema,
             );
             let c = change(
-                decode_avro(&avro_key(), &users_key_schema(), Some((&value, &schema))).unwrap(),
+                decode_avro(
+                    avro_key(),
+                    &users_key_schema(),
+                    Some((value.clone(), &schema)),
+                )
+                .unwrap(),
             );
             assert_eq!((c.op, c.snapshot), (expected, snapshot != "false"));
             assert_users_text(c.before.as_ref().unwrap());
         }
         let value = round_trip(avro_envelope_value("t", none(), none(), "false"), &schema);
-        let c =
-            change(decode_avro(&avro_key(), &users_key_schema(), Some((&value, &schema))).unwrap());
+        let c = change(
+            decode_avro(
+                avro_key(),
+                &users_key_schema(),
+                Some((value.clone(), &schema)),
+            )
+            .unwrap(),
+        );
         assert_eq!((c.op, c.before, c.after), (Op::Truncate, None, None));
     }
 
@@ -2996,11 +3068,11 @@ mod tests {
         let mut key = Row::new();
         key.insert("id".into(), plain(Field::Int(1)));
         assert_eq!(
-            decode_avro(&avro_key(), &key_schema, None),
+            decode_avro(avro_key(), &key_schema, None),
             Ok(Decoded::Tombstone { key })
         );
         assert_eq!(
-            decode_avro(&AvroValue::Null, &key_schema, None),
+            decode_avro(AvroValue::Null, &key_schema, None),
             Err(DecodeError::MissingKey)
         );
 
@@ -3015,9 +3087,10 @@ mod tests {
             avro_envelope_value("u", some(avro_default_row()), some(row), "false"),
             &schema,
         );
-        let after = change(decode_avro(&avro_key(), &key_schema, Some((&value, &schema))).unwrap())
-            .after
-            .unwrap();
+        let after =
+            change(decode_avro(avro_key(), &key_schema, Some((value.clone(), &schema))).unwrap())
+                .after
+                .unwrap();
         for column in ["bio", "tags", "avatar"] {
             assert_eq!(
                 after.get(column).unwrap().field,
@@ -3028,14 +3101,14 @@ mod tests {
 
         let unknown = round_trip(avro_envelope_value("x", none(), none(), "false"), &schema);
         assert_eq!(
-            decode_avro(&avro_key(), &key_schema, Some((&unknown, &schema))),
+            decode_avro(avro_key(), &key_schema, Some((unknown.clone(), &schema))),
             Err(DecodeError::UnknownOp("x".into()))
         );
         let no_after = round_trip(avro_envelope_value("c", none(), none(), "false"), &schema);
         assert!(envelope_problem(decode_avro(
-            &avro_key(),
+            avro_key(),
             &key_schema,
-            Some((&no_after, &schema))
+            Some((no_after.clone(), &schema))
         ))
         .contains("`after`"));
         let edit = |name: &str, replacement: Option<AvroValue>| {
@@ -3055,16 +3128,16 @@ mod tests {
         };
         let missing_op = edit("op", None);
         assert!(envelope_problem(decode_avro(
-            &avro_key(),
+            avro_key(),
             &key_schema,
-            Some((&missing_op, &schema))
+            Some((missing_op.clone(), &schema))
         ))
         .contains("`op` is missing"));
         let missing_source = edit("source", None);
         assert!(envelope_problem(decode_avro(
-            &avro_key(),
+            avro_key(),
             &key_schema,
-            Some((&missing_source, &schema))
+            Some((missing_source.clone(), &schema))
         ))
         .contains("`source` is missing"));
         let bad_ts = edit(
@@ -3076,18 +3149,18 @@ mod tests {
             ])),
         );
         assert!(envelope_problem(decode_avro(
-            &avro_key(),
+            avro_key(),
             &key_schema,
-            Some((&bad_ts, &schema))
+            Some((bad_ts.clone(), &schema))
         ))
         .contains("`source.ts_ms` is an Avro string"));
         assert!(
-            envelope_problem(decode_avro(&AvroValue::Long(1), &key_schema, None)).contains("key")
+            envelope_problem(decode_avro(AvroValue::Long(1), &key_schema, None)).contains("key")
         );
         assert!(envelope_problem(decode_avro(
-            &avro_key(),
+            avro_key(),
             &key_schema,
-            Some((&AvroValue::Long(1), &schema))
+            Some((AvroValue::Long(1), &schema))
         ))
         .contains("value"));
     }
@@ -3133,9 +3206,9 @@ mod tests {
                 "closed",
             ),
         ];
-        let names = Names::new();
+        let names = Names { root: None };
         for (value, semantic, pg_type, expected) in cases {
-            let t = avro_typed(&value, None, &names, "c", false).unwrap();
+            let t = avro_typed(value.clone(), None, &names, "c", false).unwrap();
             assert_eq!(t.semantic.as_deref(), Some(semantic), "{value:?}");
             assert_eq!(
                 t.to_pg_text(pg_type).unwrap().as_deref(),
@@ -3144,10 +3217,10 @@ mod tests {
             );
         }
         let uuid = apache_avro::Uuid::from_bytes([7; 16]);
-        let t = avro_typed(&AvroValue::Uuid(uuid), None, &names, "c", false).unwrap();
+        let t = avro_typed(AvroValue::Uuid(uuid), None, &names, "c", false).unwrap();
         assert_eq!(t.field, Field::String(uuid.to_string()));
         let err = avro_typed(
-            &AvroValue::Decimal(vec![1].into()),
+            AvroValue::Decimal(vec![1].into()),
             None,
             &names,
             "price",

@@ -14,6 +14,7 @@
 //! |-----------|-------------------------------------------------------------|
 //! | `config`  | the worker's configuration, validated before anything runs  |
 //! | `source`  | the Kafka consumer of the mirrored CDC topics               |
+//! | `registry` | Avro wire format: writer schemas from the registry      |
 //! | `decode`  | Debezium envelopes (JSON, Avro) into typed changes — pure   |
 //! | `route`   | topic → table, a row's home region, classification — pure   |
 //! | `conflict` | concurrent writes detected, recorded, settled by policy    |
@@ -39,6 +40,7 @@ pub mod lag;
 pub mod metrics;
 pub mod offsets;
 pub mod ops;
+pub mod registry;
 pub mod route;
 pub mod source;
 pub mod status;

@@ -24,11 +24,9 @@ use rdkafka::consumer::stream_consumer::StreamPartitionQueue;
 use rdkafka::consumer::{
     BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
 };
-use rdkafka::message::{Header, Message, OwnedHeaders, OwnedMessage};
+use rdkafka::message::{BorrowedMessage, Header, Message, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
-use schema_registry_converter::async_impl::avro::AvroDecoder;
-use schema_registry_converter::async_impl::schema_registry::SrSettings;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tracing::{error, info, warn};
@@ -42,6 +40,7 @@ use crate::lag::{self, LagTracker};
 use crate::metrics::{self as m, outcome, ReadyCheck};
 use crate::offsets;
 use crate::ops;
+use crate::registry::AvroSource;
 use crate::route::WriteClass;
 
 /// Where a mirrored topic's messages go.
@@ -61,7 +60,7 @@ pub struct Shared {
     pub plain_pool: deadpool_postgres::Pool,
     pub tables: Vec<TargetTable>,
     routes: HashMap<String, Route>,
-    decoders: HashMap<String, Arc<AvroDecoder>>,
+    decoders: HashMap<String, Arc<AvroSource>>,
     producer: FutureProducer,
     consumer: Arc<StreamConsumer<RebalanceForwarder>>,
     /// Freshness per source region, for the lag gauges.
@@ -182,10 +181,7 @@ impl Shared {
         let mut decoders = HashMap::new();
         for region in config.source_regions() {
             if let Some(url) = config.registry_for(&region) {
-                decoders.insert(
-                    region,
-                    Arc::new(AvroDecoder::new(SrSettings::new(url.to_string()))),
-                );
+                decoders.insert(region, Arc::new(AvroSource::new(url)));
             }
         }
         let (events_tx, events_rx) = mpsc::unbounded_channel();
@@ -496,15 +492,20 @@ pub async fn run(
     result
 }
 
-/// The partition's next message, or `None` once told to stop.
-async fn next_message(queue: &Queue, stop: &mut watch::Receiver<()>) -> Option<OwnedMessage> {
+/// The partition's next message, or `None` once told to stop. Borrowed from
+/// librdkafka's fetch buffer, not copied: a batch holds its messages until
+/// it is applied.
+async fn next_message<'q>(
+    queue: &'q Queue,
+    stop: &mut watch::Receiver<()>,
+) -> Option<BorrowedMessage<'q>> {
     loop {
         tokio::select! {
             biased;
             // Err: the sender is gone, i.e. the partition was revoked.
             _ = stop.changed() => return None,
             m = queue.recv() => match m {
-                Ok(m) => return Some(m.detach()),
+                Ok(m) => return Some(m),
                 Err(e) => warn!(error = %e, "kafka"),
             },
         }
@@ -673,7 +674,7 @@ async fn partition_loop(
 
 /// A message the batch could not use, bound for the dead-letter topic.
 struct Rejected<'a> {
-    msg: &'a OwnedMessage,
+    msg: &'a BorrowedMessage<'a>,
     reason: &'static str,
     error: String,
 }
@@ -683,7 +684,7 @@ enum Step<'a> {
     Row {
         table: usize,
         fin: Final,
-        msg: &'a OwnedMessage,
+        msg: &'a BorrowedMessage<'a>,
         /// Source commit time, for the end-to-end latency.
         ts_ms: i64,
     },
@@ -700,7 +701,7 @@ async fn apply_batch(
     route: &Route,
     topic: &str,
     partition: i32,
-    batch: &[OwnedMessage],
+    batch: &[BorrowedMessage<'_>],
 ) -> anyhow::Result<i64> {
     let next = batch.last().map(|m| m.offset() + 1).unwrap_or(0);
     let mut steps = Vec::new();
@@ -1169,7 +1170,7 @@ fn decode_reason(e: &decode::DecodeError) -> &'static str {
 async fn decode_message(
     shared: &Shared,
     route: &Route,
-    msg: &OwnedMessage,
+    msg: &BorrowedMessage<'_>,
 ) -> Result<Decoded, (&'static str, String)> {
     let is_avro = |b: Option<&[u8]>| b.is_some_and(|b| b.first() == Some(&0));
     if is_avro(msg.key()) || is_avro(msg.payload()) {
@@ -1181,23 +1182,18 @@ async fn decode_message(
             ),
         ))?;
         let key = decoder
-            .decode_with_schema(msg.key())
+            .decode(msg.key())
             .await
             .map_err(|e| ("avro_key", format!("key: {e}")))?;
-        let value = match msg.payload() {
-            None => None,
-            Some(p) => decoder
-                .decode_with_schema(Some(p))
-                .await
-                .map_err(|e| ("avro_value", format!("value: {e}")))?,
-        };
-        match (&key, &value) {
-            (Some(key), _) => decode::decode_avro(
-                &key.value,
-                &key.schema.parsed,
-                value.as_ref().map(|v| (&v.value, &v.schema.parsed)),
-            ),
-            (None, Some(v)) => decode::decode_avro_keyless(&v.value, &v.schema.parsed),
+        let value = decoder
+            .decode(msg.payload())
+            .await
+            .map_err(|e| ("avro_value", format!("value: {e}")))?;
+        match (key, value) {
+            (Some(key), value) => {
+                decode::decode_avro(key.value, key.schema, value.map(|v| (v.value, v.schema)))
+            }
+            (None, Some(v)) => decode::decode_avro_keyless(v.value, v.schema),
             (None, None) => Err(decode::DecodeError::MissingKey),
         }
         .map_err(|e| match e {
