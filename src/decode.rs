@@ -373,11 +373,13 @@ impl<'a> LazyObject<'a> {
             .map(|(_, v)| *v)
     }
 
-    /// A member's value, parsed.
-    fn value(&self, name: &str) -> Option<Json> {
-        // A member's text is valid JSON: the object was parsed whole.
+    /// A member's value, parsed. Its text is valid JSON (the object was
+    /// scanned whole), but a number may still be out of range.
+    fn value(&self, name: &str) -> Result<Option<Json>, DecodeError> {
         self.get(name)
-            .map(|raw| serde_json::from_str(raw.get()).unwrap_or(Json::Null))
+            .map(|raw| serde_json::from_str(raw.get()))
+            .transpose()
+            .map_err(|e| envelope_error(format!("field `{name}`: {e}")))
     }
 }
 
@@ -669,7 +671,7 @@ fn json_envelope(
     payload: &LazyObject<'_>,
     schema: Option<&ConnectSchema>,
 ) -> Result<Envelope, DecodeError> {
-    let op = match payload.value("op") {
+    let op = match payload.value("op")? {
         None | Some(Json::Null) => return Err(envelope_error("field `op` is missing")),
         Some(Json::String(op)) => parse_op(&op)?,
         Some(other) => {
@@ -679,7 +681,7 @@ fn json_envelope(
             )))
         }
     };
-    let source = match payload.value("source") {
+    let source = match payload.value("source")? {
         None | Some(Json::Null) => return Err(envelope_error("field `source` is missing")),
         Some(Json::Object(source)) => source,
         Some(other) => {
@@ -2178,6 +2180,17 @@ mod tests {
         assert!(matches!(
             decode_json(Some(KEY), Some(value.as_bytes())),
             Err(DecodeError::Json(_))
+        ));
+        // Valid JSON whose number does not fit: an error naming the place.
+        let value = r#"{"op": "c", "after": {"id": 1}, "source": {"ts_ms": 1e400}}"#;
+        assert!(
+            envelope_problem(decode_json(Some(KEY), Some(value.as_bytes())))
+                .contains("field `source`")
+        );
+        let value = format!(r#"{{"op": "c", "after": {{"id": 1e400}}, "source": {source}}}"#);
+        assert!(matches!(
+            decode_json(Some(KEY), Some(value.as_bytes())),
+            Err(DecodeError::Column { column, .. }) if column == "id"
         ));
     }
 
