@@ -26,7 +26,7 @@ use base64::engine::general_purpose::STANDARD as BASE64;
 use base64::Engine as _;
 use rustc_hash::FxHashMap;
 use serde_json::value::RawValue;
-use serde_json::{Map, Value as Json};
+use serde_json::Value as Json;
 
 /// What Debezium did to the row.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -654,15 +654,13 @@ fn json_kind(value: &Json) -> &'static str {
 
 fn json_key(bytes: &[u8]) -> Result<Row, DecodeError> {
     let (text, schema) = parse_framed(bytes, "key")?;
-    let doc = parse_json(text.as_bytes(), "key")?;
-    match (&doc, schema.as_deref()) {
-        (Json::Null, _) => Err(DecodeError::MissingKey),
-        (Json::Object(fields), schema) => {
-            json_row(fields, schema.and_then(ConnectSchema::as_struct))
-        }
-        (other, _) => Err(envelope_error(format!(
+    let schema = schema.as_deref().and_then(ConnectSchema::as_struct);
+    match LazyObject::parse(&text, "key")? {
+        Ok(fields) => json_row(&fields, schema, &|_| true),
+        Err(Json::Null) => Err(DecodeError::MissingKey),
+        Err(other) => Err(envelope_error(format!(
             "the key is {}, expected an object",
-            json_kind(other)
+            json_kind(&other)
         ))),
     }
 }
@@ -744,7 +742,7 @@ fn json_envelope(
         };
         match LazyObject::parse(raw.get(), name)? {
             Ok(fields) => {
-                json_row_lazy(&fields, schema.and_then(|s| s.struct_field(name)), wanted).map(Some)
+                json_row(&fields, schema.and_then(|s| s.struct_field(name)), wanted).map(Some)
             }
             Err(Json::Null) => Ok(None),
             Err(other) => Err(envelope_error(format!(
@@ -770,25 +768,9 @@ fn json_envelope(
     })
 }
 
-fn json_row(fields: &Map<String, Json>, schema: Option<StructSchema>) -> Result<Row, DecodeError> {
-    fields
-        .iter()
-        .map(|(name, value)| {
-            let typed = match schema.and_then(|s| s.field(name)) {
-                Some(field_schema) => json_typed(value, field_schema, name)?,
-                None => Typed {
-                    field: json_plain(value, name, false)?,
-                    semantic: None,
-                },
-            };
-            Ok((name.clone(), typed))
-        })
-        .collect()
-}
-
-/// [`json_row`] for a row image left as text: each column's value is
-/// parsed on its own, straight into its typed form.
-fn json_row_lazy(
+/// A row image (or key) left as text: each column's value is parsed on its
+/// own, straight into its typed form; only the columns `wanted` are.
+fn json_row(
     fields: &LazyObject<'_>,
     schema: Option<StructSchema>,
     wanted: &dyn Fn(&str) -> bool,
