@@ -1167,7 +1167,8 @@ fn avro_envelope<'a>(
             )))
         }
     };
-    let mut source = match avro_take(&mut fields, "source").map(unwrap_unions) {
+    // Taken out, so that the images can be taken out of `fields` after it.
+    let source = match avro_take(&mut fields, "source").map(unwrap_unions) {
         None | Some(AvroValue::Null) => return Err(envelope_error("field `source` is missing")),
         Some(AvroValue::Record(source)) => source,
         Some(other) => {
@@ -1177,29 +1178,26 @@ fn avro_envelope<'a>(
             )))
         }
     };
-    let long =
-        |source: &[(String, AvroValue)], name: &str, required: bool| match avro_get(source, name) {
-            None | Some(AvroValue::Null) if required => {
-                Err(envelope_error(format!("field `source.{name}` is missing")))
-            }
-            None | Some(AvroValue::Null) => Ok(None),
-            Some(AvroValue::Long(v)) => Ok(Some(*v)),
-            Some(AvroValue::Int(v)) => Ok(Some(i64::from(*v))),
-            Some(other) => Err(envelope_error(format!(
-                "field `source.{name}` is an Avro {}, expected a long",
-                avro_kind(other)
-            ))),
-        };
-    let text = |source: &mut [(String, AvroValue)], name: &str| match avro_take(source, name)
-        .map(unwrap_unions)
-    {
+    let long = |name: &str, required: bool| match avro_get(&source, name) {
+        None | Some(AvroValue::Null) if required => {
+            Err(envelope_error(format!("field `source.{name}` is missing")))
+        }
+        None | Some(AvroValue::Null) => Ok(None),
+        Some(AvroValue::Long(v)) => Ok(Some(*v)),
+        Some(AvroValue::Int(v)) => Ok(Some(i64::from(*v))),
+        Some(other) => Err(envelope_error(format!(
+            "field `source.{name}` is an Avro {}, expected a long",
+            avro_kind(other)
+        ))),
+    };
+    let text = |name: &str| match avro_get(&source, name) {
         None | Some(AvroValue::Null) => {
             Err(envelope_error(format!("field `source.{name}` is missing")))
         }
-        Some(AvroValue::String(s) | AvroValue::Enum(_, s)) => Ok(s),
+        Some(AvroValue::String(s) | AvroValue::Enum(_, s)) => Ok(s.clone()),
         Some(other) => Err(envelope_error(format!(
             "field `source.{name}` is an Avro {}, expected a string",
-            avro_kind(&other)
+            avro_kind(other)
         ))),
     };
     let snapshot = match avro_get(&source, "snapshot") {
@@ -1229,8 +1227,8 @@ fn avro_envelope<'a>(
             ))),
         }
     };
-    let schema_name = text(&mut source, "schema")?;
-    let table = text(&mut source, "table")?;
+    let schema_name = text("schema")?;
+    let table = text("table")?;
     let after = image("after", &|_| true)?;
     let before = image("before", &|c| before_wanted(op, after.as_ref(), c))?;
     Ok(Envelope {
@@ -1239,10 +1237,10 @@ fn avro_envelope<'a>(
         table,
         before,
         after,
-        source_ts_ms: long(&source, "ts_ms", true)?.unwrap_or_default(),
-        lsn: long(&source, "lsn", false)?,
-        origin: match avro_take(&mut source, "origin").map(unwrap_unions) {
-            Some(AvroValue::String(s)) => Some(s),
+        source_ts_ms: long("ts_ms", true)?.unwrap_or_default(),
+        lsn: long("lsn", false)?,
+        origin: match avro_get(&source, "origin") {
+            Some(AvroValue::String(s)) => Some(s.clone()),
             _ => None,
         },
         snapshot,
