@@ -2139,37 +2139,29 @@ mod tests {
     #[test]
     fn members_are_read_as_a_parsed_object_reads_them() {
         let source = source().to_string();
+        let decode = |value: &str| decode_json(Some(KEY), Some(value.as_bytes()));
         // Escaped member names, whitespace, and a repeated member (the last
         // one counts, in the envelope and in a row).
         let value = format!(
             r#"{{ "op" : "c", "after": {{"id": 1}}, "s\u006furce": {source},
                  "after" : {{"id": 2, "n\u0061me": "x", "name": "y"}}, "ts_ms": 1 }}"#
         );
-        let c = change(decode_json(Some(KEY), Some(value.as_bytes())).unwrap());
+        let c = change(decode(&value).unwrap());
         let after = c.after.unwrap();
         assert_eq!(after.get("id").unwrap().field, Field::Int(2));
         assert_eq!(after.get("name").unwrap().field, Field::String("y".into()));
         assert_eq!(after.len(), 2);
         // A row image that is not an object, and one that is broken.
         let value = format!(r#"{{"op": "c", "after": [1], "source": {source}}}"#);
-        assert!(
-            envelope_problem(decode_json(Some(KEY), Some(value.as_bytes())))
-                .contains("`after` is an array")
-        );
+        assert!(envelope_problem(decode(&value)).contains("`after` is an array"));
         let value = format!(r#"{{"op": "c", "after": {{"id": 1,}}, "source": {source}}}"#);
-        assert!(matches!(
-            decode_json(Some(KEY), Some(value.as_bytes())),
-            Err(DecodeError::Json(_))
-        ));
+        assert!(matches!(decode(&value), Err(DecodeError::Json(_))));
         // Valid JSON whose number does not fit: an error naming the place.
         let value = r#"{"op": "c", "after": {"id": 1}, "source": {"ts_ms": 1e400}}"#;
-        assert!(
-            envelope_problem(decode_json(Some(KEY), Some(value.as_bytes())))
-                .contains("field `source`")
-        );
+        assert!(envelope_problem(decode(value)).contains("field `source`"));
         let value = format!(r#"{{"op": "c", "after": {{"id": 1e400}}, "source": {source}}}"#);
         assert!(matches!(
-            decode_json(Some(KEY), Some(value.as_bytes())),
+            decode(&value),
             Err(DecodeError::Column { column, .. }) if column == "id"
         ));
     }
