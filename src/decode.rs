@@ -319,9 +319,20 @@ pub fn decode_json(key: Option<&[u8]>, value: Option<&[u8]>) -> Result<Decoded, 
     let Some(value) = value else {
         return tombstone(key);
     };
-    let (payload, schema) = parse_framed(value, "value")?;
+    // The fast path, and where its payload does not parse, the general one
+    // (whose errors are relative to the whole message).
+    let general;
+    let fast = parse_known_framed(value)
+        .and_then(|(text, schema)| Some((Payload::parse(text, "value").ok()?, Some(schema))));
+    let (payload, schema) = match fast {
+        Some(parsed) => parsed,
+        None => {
+            general = parse_framed(value, "value")?;
+            (Payload::parse(&general.0, "value")?, general.1.clone())
+        }
+    };
     let schema = schema.as_deref();
-    let payload = match LazyObject::parse(&payload, "value")? {
+    let payload = match payload {
         Ok(object) => object,
         // JsonConverter's form of a null value: a tombstone too.
         Err(Json::Null) => return tombstone(key),
@@ -383,28 +394,41 @@ impl<'a> LazyObject<'a> {
     }
 }
 
-impl<'de> serde::Deserialize<'de> for LazyObject<'de> {
+/// A member name, borrowed unless it has escapes.
+struct MemberName<'a>(Cow<'a, str>);
+
+impl<'de> serde::Deserialize<'de> for MemberName<'de> {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        /// A member name, borrowed unless it has escapes.
-        struct Name<'a>(Cow<'a, str>);
-        impl<'de> serde::Deserialize<'de> for Name<'de> {
-            fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-                struct V;
-                impl<'de> serde::de::Visitor<'de> for V {
-                    type Value = Name<'de>;
-                    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-                        f.write_str("a member name")
-                    }
-                    fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Name<'de>, E> {
-                        Ok(Name(Cow::Borrowed(v)))
-                    }
-                    fn visit_str<E>(self, v: &str) -> Result<Name<'de>, E> {
-                        Ok(Name(Cow::Owned(v.to_owned())))
-                    }
-                }
-                d.deserialize_str(V)
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = MemberName<'de>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a member name")
+            }
+            fn visit_borrowed_str<E>(self, v: &'de str) -> Result<MemberName<'de>, E> {
+                Ok(MemberName(Cow::Borrowed(v)))
+            }
+            fn visit_str<E>(self, v: &str) -> Result<MemberName<'de>, E> {
+                Ok(MemberName(Cow::Owned(v.to_owned())))
             }
         }
+        d.deserialize_str(V)
+    }
+}
+
+/// The rest of an object whose first member name has been read.
+fn lazy_members<'de, A: serde::de::MapAccess<'de>>(
+    mut map: A,
+) -> Result<LazyObject<'de>, A::Error> {
+    let mut members = Vec::with_capacity(map.size_hint().unwrap_or(16));
+    while let Some(MemberName(name)) = map.next_key()? {
+        members.push((name, map.next_value::<&'de RawValue>()?));
+    }
+    Ok(LazyObject { members })
+}
+
+impl<'de> serde::Deserialize<'de> for LazyObject<'de> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         struct V;
         impl<'de> serde::de::Visitor<'de> for V {
             type Value = LazyObject<'de>;
@@ -413,16 +437,123 @@ impl<'de> serde::Deserialize<'de> for LazyObject<'de> {
             }
             fn visit_map<A: serde::de::MapAccess<'de>>(
                 self,
-                mut map: A,
+                map: A,
             ) -> Result<LazyObject<'de>, A::Error> {
-                let mut members = Vec::with_capacity(map.size_hint().unwrap_or(16));
-                while let Some(Name(name)) = map.next_key()? {
-                    members.push((name, map.next_value::<&'de RawValue>()?));
-                }
-                Ok(LazyObject { members })
+                lazy_members(map)
             }
         }
         d.deserialize_map(V)
+    }
+}
+
+/// An envelope's payload, read in one pass: the row images and `source`
+/// split into their members as they are met (scanning them once as text
+/// and again as objects was a tenth of the JSON decode), every other
+/// member kept as text. A repeated name: the last one counts.
+struct Payload<'a> {
+    members: LazyObject<'a>,
+    before: Option<Nested<'a>>,
+    after: Option<Nested<'a>>,
+    source: Option<Nested<'a>>,
+}
+
+/// A payload member that should hold an object.
+enum Nested<'a> {
+    Object(LazyObject<'a>),
+    Null,
+    /// What it holds instead, as `json_kind` names it.
+    Other(&'static str),
+}
+
+impl<'a> Payload<'a> {
+    /// As [`LazyObject::parse`].
+    fn parse(text: &'a str, what: &str) -> Result<Result<Self, Json>, DecodeError> {
+        if text.trim_start().starts_with('{') {
+            serde_json::from_str(text)
+                .map(Ok)
+                .map_err(|e| DecodeError::Json(format!("{what}: {e}")))
+        } else {
+            parse_json(text.as_bytes(), what).map(Err)
+        }
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Payload<'de> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = Payload<'de>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("an object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<Payload<'de>, A::Error> {
+                let mut p = Payload {
+                    members: LazyObject {
+                        members: Vec::with_capacity(4),
+                    },
+                    before: None,
+                    after: None,
+                    source: None,
+                };
+                while let Some(MemberName(name)) = map.next_key()? {
+                    match &*name {
+                        "before" => p.before = Some(map.next_value()?),
+                        "after" => p.after = Some(map.next_value()?),
+                        "source" => p.source = Some(map.next_value()?),
+                        _ => p.members.members.push((name, map.next_value()?)),
+                    }
+                }
+                Ok(p)
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Nested<'de> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = Nested<'de>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("any JSON value")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                map: A,
+            ) -> Result<Self::Value, A::Error> {
+                lazy_members(map).map(Nested::Object)
+            }
+            fn visit_unit<E>(self) -> Result<Self::Value, E> {
+                Ok(Nested::Null)
+            }
+            fn visit_bool<E>(self, _: bool) -> Result<Self::Value, E> {
+                Ok(Nested::Other("a boolean"))
+            }
+            fn visit_i64<E>(self, _: i64) -> Result<Self::Value, E> {
+                Ok(Nested::Other("a number"))
+            }
+            fn visit_u64<E>(self, _: u64) -> Result<Self::Value, E> {
+                Ok(Nested::Other("a number"))
+            }
+            fn visit_f64<E>(self, _: f64) -> Result<Self::Value, E> {
+                Ok(Nested::Other("a number"))
+            }
+            fn visit_str<E>(self, _: &str) -> Result<Self::Value, E> {
+                Ok(Nested::Other("a string"))
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<Self::Value, A::Error> {
+                while seq.next_element::<serde::de::IgnoredAny>()?.is_some() {}
+                Ok(Nested::Other("an array"))
+            }
+        }
+        d.deserialize_any(V)
     }
 }
 
@@ -434,9 +565,6 @@ fn parse_framed<'a>(
     bytes: &'a [u8],
     what: &str,
 ) -> Result<(Cow<'a, str>, Option<Rc<ConnectSchema>>), DecodeError> {
-    if let Some(known) = parse_known_framed(bytes) {
-        return Ok(known);
-    }
     #[derive(serde::Deserialize)]
     struct Framed<'a> {
         #[serde(default, borrow, deserialize_with = "present")]
@@ -507,11 +635,13 @@ thread_local! {
 /// JsonConverter writes `{"schema":<schema>,"payload":<payload>}`, compact,
 /// and the schema text is the same in every message of a table version:
 /// most of a message's bytes. When the bytes start with one of the recent
-/// schema texts (a complete JSON value, so it ends where the text ends),
-/// only the payload is parsed; the schema is neither scanned nor hashed.
-/// Anything else (or a payload that does not parse, for the error message)
-/// goes the general way.
-fn parse_known_framed(bytes: &[u8]) -> Option<(Cow<'_, str>, Option<Rc<ConnectSchema>>)> {
+/// schema texts (a complete JSON value, so it ends where the text ends) and
+/// end with the frame's `}`, what lies between is the payload's text: the
+/// schema is neither scanned nor hashed, and the payload is scanned only
+/// by the caller's parse. Where that parse fails (trailing bytes, a
+/// repeated key, a broken payload), the caller goes the general way
+/// (`parse_framed`), which decides and words the error as it always did.
+fn parse_known_framed(bytes: &[u8]) -> Option<(&str, Rc<ConnectSchema>)> {
     let rest = bytes.strip_prefix(b"{\"schema\":")?;
     let (schema, rest) = RECENT.with(|recent| {
         recent.borrow().iter().find_map(|(text, schema)| {
@@ -519,11 +649,11 @@ fn parse_known_framed(bytes: &[u8]) -> Option<(Cow<'_, str>, Option<Rc<ConnectSc
                 .map(|rest| (schema.clone(), rest))
         })
     })?;
-    let payload = rest.strip_prefix(b",\"payload\":")?;
-    let mut stream = serde_json::Deserializer::from_slice(payload).into_iter::<&RawValue>();
-    let value = stream.next()?.ok()?;
-    (payload[stream.byte_offset()..].trim_ascii() == b"}")
-        .then_some((Cow::Borrowed(value.get()), Some(schema)))
+    let payload = rest
+        .strip_prefix(b",\"payload\":")?
+        .trim_ascii_end()
+        .strip_suffix(b"}")?;
+    Some((std::str::from_utf8(payload).ok()?, schema))
 }
 
 fn remember_recent(text: &str, schema: &Rc<ConnectSchema>) {
@@ -653,9 +783,19 @@ fn json_kind(value: &Json) -> &'static str {
 }
 
 fn json_key(bytes: &[u8]) -> Result<Row, DecodeError> {
-    let (text, schema) = parse_framed(bytes, "key")?;
+    // As in `decode_json`: the fast path, else the general one.
+    let general;
+    let fast = parse_known_framed(bytes)
+        .and_then(|(text, schema)| Some((LazyObject::parse(text, "key").ok()?, Some(schema))));
+    let (key, schema) = match fast {
+        Some(parsed) => parsed,
+        None => {
+            general = parse_framed(bytes, "key")?;
+            (LazyObject::parse(&general.0, "key")?, general.1.clone())
+        }
+    };
     let schema = schema.as_deref().and_then(ConnectSchema::as_struct);
-    match LazyObject::parse(&text, "key")? {
+    match key {
         Ok(fields) => json_row(&fields, schema, &|_| true),
         Err(Json::Null) => Err(DecodeError::MissingKey),
         Err(other) => Err(envelope_error(format!(
@@ -666,10 +806,10 @@ fn json_key(bytes: &[u8]) -> Result<Row, DecodeError> {
 }
 
 fn json_envelope(
-    payload: &LazyObject<'_>,
+    payload: &Payload<'_>,
     schema: Option<&ConnectSchema>,
 ) -> Result<Envelope, DecodeError> {
-    let op = match payload.value("op")? {
+    let op = match payload.members.value("op")? {
         None | Some(Json::Null) => return Err(envelope_error("field `op` is missing")),
         Some(Json::String(op)) => parse_op(&op)?,
         Some(other) => {
@@ -679,82 +819,86 @@ fn json_envelope(
             )))
         }
     };
-    let source = match payload.value("source")? {
-        None | Some(Json::Null) => return Err(envelope_error("field `source` is missing")),
-        Some(Json::Object(source)) => source,
-        Some(other) => {
+    let source = match &payload.source {
+        None | Some(Nested::Null) => return Err(envelope_error("field `source` is missing")),
+        Some(Nested::Object(source)) => source,
+        Some(Nested::Other(kind)) => {
             return Err(envelope_error(format!(
-                "field `source` is {}, expected an object",
-                json_kind(&other)
+                "field `source` is {kind}, expected an object"
             )))
         }
     };
-    let source_ts_ms = match source.get("ts_ms") {
+    // Only the members read here are parsed.
+    let member = |name: &str| {
+        source
+            .get(name)
+            .map(|raw| serde_json::from_str::<Json>(raw.get()))
+            .transpose()
+            .map_err(|e| envelope_error(format!("field `source.{name}`: {e}")))
+    };
+    let source_ts_ms = match member("ts_ms")? {
         None | Some(Json::Null) => return Err(envelope_error("field `source.ts_ms` is missing")),
         Some(v) => v.as_i64().ok_or_else(|| {
             envelope_error(format!(
                 "field `source.ts_ms` is {}, expected an integer",
-                json_kind(v)
+                json_kind(&v)
             ))
         })?,
     };
-    let text = |name: &str| match source.get(name) {
+    let text = |name: &str| match member(name)? {
         None | Some(Json::Null) => Err(envelope_error(format!("field `source.{name}` is missing"))),
-        Some(Json::String(s)) => Ok(s.clone()),
+        Some(Json::String(s)) => Ok(s),
         Some(other) => Err(envelope_error(format!(
             "field `source.{name}` is {}, expected a string",
-            json_kind(other)
+            json_kind(&other)
         ))),
     };
-    let lsn = match source.get("lsn") {
+    let lsn = match member("lsn")? {
         None | Some(Json::Null) => None,
         Some(v) => Some(v.as_i64().ok_or_else(|| {
             envelope_error(format!(
                 "field `source.lsn` is {}, expected an integer",
-                json_kind(v)
+                json_kind(&v)
             ))
         })?),
     };
-    let origin = match source.get("origin") {
+    let origin = match member("origin")? {
         None | Some(Json::Null) => None,
-        Some(Json::String(s)) => Some(s.clone()),
+        Some(Json::String(s)) => Some(s),
         Some(other) => {
             return Err(envelope_error(format!(
                 "field `source.origin` is {}, expected a string",
-                json_kind(other)
+                json_kind(&other)
             )))
         }
     };
-    let snapshot = match source.get("snapshot") {
+    let snapshot = match member("snapshot")? {
         None | Some(Json::Null) => false,
-        Some(Json::Bool(b)) => *b,
-        Some(Json::String(s)) => snapshot_flag(Some(s))?,
+        Some(Json::Bool(b)) => b,
+        Some(Json::String(s)) => snapshot_flag(Some(&s))?,
         Some(other) => {
             return Err(envelope_error(format!(
                 "field `source.snapshot` is {}, expected a string or boolean",
-                json_kind(other)
+                json_kind(&other)
             )))
         }
     };
-    let image = |name: &str, wanted: &dyn Fn(&str) -> bool| {
-        let Some(raw) = payload.get(name) else {
-            return Ok(None);
-        };
-        match LazyObject::parse(raw.get(), name)? {
-            Ok(fields) => {
-                json_row(&fields, schema.and_then(|s| s.struct_field(name)), wanted).map(Some)
+    let image =
+        |name: &str, nested: &Option<Nested<'_>>, wanted: &dyn Fn(&str) -> bool| match nested {
+            None | Some(Nested::Null) => Ok(None),
+            Some(Nested::Object(fields)) => {
+                json_row(fields, schema.and_then(|s| s.struct_field(name)), wanted).map(Some)
             }
-            Err(Json::Null) => Ok(None),
-            Err(other) => Err(envelope_error(format!(
-                "field `{name}` is {}, expected an object or null",
-                json_kind(&other)
+            Some(Nested::Other(kind)) => Err(envelope_error(format!(
+                "field `{name}` is {kind}, expected an object or null"
             ))),
-        }
-    };
+        };
     let schema_name = text("schema")?;
     let table = text("table")?;
-    let after = image("after", &|_| true)?;
-    let before = image("before", &|c| before_wanted(op, after.as_ref(), c))?;
+    let after = image("after", &payload.after, &|_| true)?;
+    let before = image("before", &payload.before, &|c| {
+        before_wanted(op, after.as_ref(), c)
+    })?;
     Ok(Envelope {
         op,
         schema: schema_name,
@@ -2158,7 +2302,7 @@ mod tests {
         assert!(matches!(decode(&value), Err(DecodeError::Json(_))));
         // Valid JSON whose number does not fit: an error naming the place.
         let value = r#"{"op": "c", "after": {"id": 1}, "source": {"ts_ms": 1e400}}"#;
-        assert!(envelope_problem(decode(value)).contains("field `source`"));
+        assert!(envelope_problem(decode(value)).contains("field `source.ts_ms`"));
         let value = format!(r#"{{"op": "c", "after": {{"id": 1e400}}, "source": {source}}}"#);
         assert!(matches!(
             decode(&value),
@@ -2203,7 +2347,7 @@ mod tests {
         let first = change(decode_json(Some(KEY), Some(&value)).unwrap());
         let (fast_payload, fast_schema) = parse_known_framed(&value).expect("the fast path");
         assert_eq!(fast_payload, payload);
-        assert_eq!(fast_schema.unwrap().json, schema);
+        assert_eq!(fast_schema.json, schema);
         let again = change(decode_json(Some(KEY), Some(&value)).unwrap());
         assert_eq!(format!("{first:?}"), format!("{again:?}"));
         assert_users_text(again.after.as_ref().unwrap());
@@ -2221,13 +2365,11 @@ mod tests {
         assert!(parse_known_framed(&trailing).is_none());
         assert!(decode_json(Some(KEY), Some(&trailing)).is_err());
         let repeated = format!(r#"{{"schema":{schema},"payload":{payload},"payload":null}}"#);
-        assert!(parse_known_framed(repeated.as_bytes()).is_none());
         assert!(matches!(
             decode_json(Some(KEY), Some(repeated.as_bytes())),
             Ok(Decoded::Tombstone { .. })
         ));
         let broken = converter_layout(&schema, &payload[..payload.len() - 1]);
-        assert!(parse_known_framed(&broken).is_none());
         assert!(matches!(
             decode_json(Some(KEY), Some(&broken)),
             Err(DecodeError::Json(_))
