@@ -114,14 +114,14 @@ async fn ceiling(b_admin: &Client, input: &CeilingInput, n: u64) -> (f64, f64) {
                 let checked = regionsync::conflict::check(
                     &tx,
                     &table,
-                    apply::collapse(batch),
+                    apply::collapse(&batch),
                     "us-east-1",
                     "eu-west-1",
                     None,
                 )
                 .await
                 .expect("check");
-                apply::apply_finals(&tx, &table, checked.finals)
+                apply::apply_finals(&tx, &table, &checked.finals)
                     .await
                     .expect("apply");
                 tx.commit().await.unwrap();

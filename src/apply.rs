@@ -15,6 +15,7 @@
 //! - A truncate removes the rows older than its commit time (not newer ones),
 //!   so replaying a topic never undoes later writes.
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
 
 use rustc_hash::FxHashMap;
@@ -605,20 +606,27 @@ pub fn prepare(
 
 /// Keeps the last final state per key, in first-seen key order, with the
 /// version the first of them replaced (what the batch as a whole replaces,
-/// for conflict detection).
-pub fn collapse(finals: Vec<Final>) -> Vec<Final> {
-    let mut position: HashMap<String, usize> = HashMap::new();
-    let mut out: Vec<Final> = Vec::new();
-    for mut f in finals {
-        let key = f.key_text().to_string();
-        match position.get(&key) {
+/// for conflict detection). Borrows the changes: the batch keeps them for a
+/// retry, and only a change whose replaced version this alters is copied.
+pub fn collapse<'a>(finals: impl IntoIterator<Item = &'a Final>) -> Vec<Cow<'a, Final>> {
+    let finals = finals.into_iter();
+    let mut position: HashMap<&'a str, usize> = HashMap::with_capacity(finals.size_hint().0);
+    let mut out: Vec<Cow<'a, Final>> = Vec::with_capacity(finals.size_hint().0);
+    for f in finals {
+        match position.get(f.key_text()) {
             Some(&i) => {
-                f.set_replaced(out[i].replaced().cloned());
-                out[i] = f;
+                let first = out[i].replaced();
+                out[i] = if f.replaced() == first {
+                    Cow::Borrowed(f)
+                } else {
+                    let mut f = f.clone();
+                    f.set_replaced(first.cloned());
+                    Cow::Owned(f)
+                };
             }
             None => {
-                position.insert(key, out.len());
-                out.push(f);
+                position.insert(f.key_text(), out.len());
+                out.push(Cow::Borrowed(f));
             }
         }
     }
@@ -661,18 +669,18 @@ impl std::ops::AddAssign for Applied {
 }
 
 /// Applies one table's collapsed final states in the caller's transaction.
-/// Takes them by value: their texts move into the statements' arrays.
+/// The statements' arrays borrow the changes' texts.
 pub async fn apply_finals(
     client: &impl GenericClient,
     table: &TargetTable,
-    finals: Vec<Final>,
+    finals: &[Cow<'_, Final>],
 ) -> Result<Applied, tokio_postgres::Error> {
     let mut result = Applied::default();
     // Upserts, grouped by the set of columns they carry (normally one group).
-    let mut groups: HashMap<Vec<usize>, Vec<PreparedRow>> = HashMap::new();
+    let mut groups: HashMap<Vec<usize>, Vec<&PreparedRow>> = HashMap::new();
     let mut deletes = Vec::new();
     for f in finals {
-        match f {
+        match &**f {
             Final::Upsert(r) => {
                 let mut cols: Vec<usize> = r.values.iter().map(|(i, _)| *i).collect();
                 cols.sort_unstable();
@@ -690,7 +698,7 @@ pub async fn apply_finals(
         }
     }
     for rows in groups.into_values() {
-        result += upsert(client, table, rows).await?;
+        result += upsert(client, table, &rows).await?;
     }
     if !deletes.is_empty() {
         result += delete(client, table, &deletes).await?;
@@ -701,7 +709,7 @@ pub async fn apply_finals(
 async fn upsert(
     client: &impl GenericClient,
     table: &TargetTable,
-    rows: Vec<PreparedRow>,
+    rows: &[&PreparedRow],
 ) -> Result<Applied, tokio_postgres::Error> {
     let n_rows = rows.len() as u64;
     let mut cols: Vec<usize> = rows[0].values.iter().map(|(i, _)| *i).collect();
@@ -713,13 +721,13 @@ async fn upsert(
     for (slot, col) in cols.iter().enumerate() {
         slot_of[*col] = slot;
     }
-    let mut arrays: Vec<Vec<Option<String>>> = vec![Vec::with_capacity(rows.len()); cols.len()];
-    let mut keys: Vec<String> = Vec::with_capacity(rows.len());
+    let mut arrays: Vec<Vec<Option<&str>>> = vec![Vec::with_capacity(rows.len()); cols.len()];
+    let mut keys: Vec<&str> = Vec::with_capacity(rows.len());
     for r in rows {
-        for (col, value) in r.values {
-            arrays[slot_of[col]].push(value);
+        for (col, value) in &r.values {
+            arrays[slot_of[*col]].push(value.as_deref());
         }
-        keys.push(r.key_text);
+        keys.push(&r.key_text);
     }
     let names: Vec<String> = cols
         .iter()
@@ -828,20 +836,20 @@ async fn upsert(
 async fn delete(
     client: &impl GenericClient,
     table: &TargetTable,
-    deletes: &[PreparedDelete],
+    deletes: &[&PreparedDelete],
 ) -> Result<Applied, tokio_postgres::Error> {
     let nkeys = table.key.len();
-    let mut key_arrays: Vec<Vec<Option<String>>> = vec![Vec::with_capacity(deletes.len()); nkeys];
+    let mut key_arrays: Vec<Vec<Option<&str>>> = vec![Vec::with_capacity(deletes.len()); nkeys];
     let mut keys = Vec::with_capacity(deletes.len());
     let mut hlcs = Vec::with_capacity(deletes.len());
     let mut origins = Vec::with_capacity(deletes.len());
     for d in deletes {
         for (slot, v) in d.key_values.iter().enumerate() {
-            key_arrays[slot].push(v.clone());
+            key_arrays[slot].push(v.as_deref());
         }
-        keys.push(d.key_text.clone());
+        keys.push(d.key_text.as_str());
         hlcs.push(d.hlc);
-        origins.push(d.origin.clone());
+        origins.push(d.origin.as_str());
     }
     let unnest: Vec<String> = (1..=nkeys).map(|n| format!("${n}::text[]")).collect();
     let key_match = table.key_match("d");
@@ -1094,13 +1102,15 @@ mod tests {
         let del =
             |id: i64| prepare(&table(), &change(Op::Delete, id, None, None), "us-east-1").unwrap();
         // update → delete → update ends with the row present.
-        let out = collapse(vec![up(1, 1), del(1), up(2, 1), up(1, 3)]);
+        let changes = [up(1, 1), del(1), up(2, 1), up(1, 3)];
+        let out = collapse(&changes);
         assert_eq!(out.len(), 2);
-        assert!(matches!(&out[0], Final::Upsert(r) if r.key_text == "1" && r.hlc == 3));
-        assert!(matches!(&out[1], Final::Upsert(r) if r.key_text == "2"));
+        assert!(matches!(&*out[0], Final::Upsert(r) if r.key_text == "1" && r.hlc == 3));
+        assert!(matches!(&*out[1], Final::Upsert(r) if r.key_text == "2"));
         // update → delete ends deleted.
-        let out = collapse(vec![up(1, 1), del(1)]);
-        assert!(matches!(&out[..], [Final::Delete(_)]));
+        let changes = [up(1, 1), del(1)];
+        let out = collapse(&changes);
+        assert!(matches!(&out[..], [d] if matches!(**d, Final::Delete(_))));
     }
 
     #[test]
@@ -1115,10 +1125,15 @@ mod tests {
             );
             prepare(&table(), &c, "us-east-1").unwrap()
         };
-        let out = collapse(vec![up(1, 2), up(2, 3), up(3, 4)]);
+        let changes = [up(1, 2), up(2, 3), up(3, 4)];
+        let out = collapse(&changes);
         assert_eq!(out.len(), 1);
         assert_eq!(out[0].version(), (4, "us-east-1"));
         assert_eq!(out[0].replaced(), Some(&(1, "us-east-1".to_string())));
+        // Only that change is copied; a key met once is borrowed as it is.
+        assert!(matches!(out[0], Cow::Owned(_)));
+        let out = collapse(&changes[1..2]);
+        assert!(matches!(&out[..], [Cow::Borrowed(f)] if std::ptr::eq(*f, &changes[1])));
     }
 
     #[test]

@@ -18,6 +18,7 @@
 //!
 //! [`decide`] is the rule, pure and unit-tested; the rest is its SQL.
 
+use std::borrow::Cow;
 use std::fmt;
 
 use anyhow::{bail, Context as _};
@@ -179,9 +180,9 @@ pub fn decide(c: &Case<'_>) -> Decision {
 
 /// What the check did to one table's batch.
 #[derive(Debug, Default)]
-pub struct Checked {
+pub struct Checked<'a> {
     /// The changes to apply, in their order.
-    pub finals: Vec<Final>,
+    pub finals: Vec<Cow<'a, Final>>,
     /// Conflicts recorded (new rows in `regionsync.conflicts`).
     pub recorded: u64,
     /// Changes held by `reject` or `manual`.
@@ -209,9 +210,9 @@ fn v(version: &(i64, String)) -> Version<'_> {
 }
 
 /// The key values of a change, in key order.
-fn key_values(table: &TargetTable, f: &Final) -> Vec<Option<String>> {
+fn key_values<'f>(table: &TargetTable, f: &'f Final) -> Vec<Option<&'f str>> {
     match f {
-        Final::Delete(d) => d.key_values.clone(),
+        Final::Delete(d) => d.key_values.iter().map(Option::as_deref).collect(),
         Final::Upsert(r) => table
             .key
             .iter()
@@ -219,7 +220,7 @@ fn key_values(table: &TargetTable, f: &Final) -> Vec<Option<String>> {
                 r.values
                     .iter()
                     .find(|(i, _)| i == k)
-                    .and_then(|(_, v)| v.clone())
+                    .and_then(|(_, v)| v.as_deref())
             })
             .collect(),
     }
@@ -229,14 +230,14 @@ fn key_values(table: &TargetTable, f: &Final) -> Vec<Option<String>> {
 /// transaction, records the conflicts, and returns the changes to apply.
 /// Upserts with an HLC below `late_before` (now − tombstone grace) are
 /// applied only where their row is stored here.
-pub async fn check(
+pub async fn check<'a>(
     client: &impl GenericClient,
     table: &TargetTable,
-    finals: Vec<Final>,
+    finals: Vec<Cow<'a, Final>>,
     source: &str,
     local: &str,
     late_before: Option<Hlc>,
-) -> Result<Checked, tokio_postgres::Error> {
+) -> Result<Checked<'a>, tokio_postgres::Error> {
     let policy = table.homing.as_ref().map_or(Policy::Lww, |h| h.policy);
     let classes: Vec<WriteClass> = finals
         .iter()
@@ -256,7 +257,7 @@ pub async fn check(
     }
     let late: Vec<bool> = finals
         .iter()
-        .map(|f| matches!(f, Final::Upsert(r) if late_before.is_some_and(|l| Hlc(r.hlc) < l)))
+        .map(|f| matches!(&**f, Final::Upsert(r) if late_before.is_some_and(|l| Hlc(r.hlc) < l)))
         .collect();
     let stored = lookup(client, table, &finals, &classes, &late, source, policy).await?;
 
@@ -281,8 +282,8 @@ pub async fn check(
                 hlc: Hlc(hlc),
                 origin_region: origin,
             },
-            is_delete: matches!(f, Final::Delete(_)),
-            snapshot: matches!(&f, Final::Upsert(r) if r.snapshot),
+            is_delete: matches!(&*f, Final::Delete(_)),
+            snapshot: matches!(&*f, Final::Upsert(r) if r.snapshot),
             replaced: f.replaced().map(v),
             row: s.row.as_ref().map(v),
             tombstone: s.tombstone.as_ref().map(v),
@@ -318,21 +319,21 @@ pub async fn check(
 async fn lookup(
     client: &impl GenericClient,
     table: &TargetTable,
-    finals: &[Final],
+    finals: &[Cow<'_, Final>],
     classes: &[WriteClass],
     late: &[bool],
     source: &str,
     policy: Policy,
 ) -> Result<std::collections::HashMap<usize, Stored>, tokio_postgres::Error> {
     let nkeys = table.key.len();
-    let mut key_arrays: Vec<Vec<Option<String>>> = vec![Vec::with_capacity(finals.len()); nkeys];
+    let mut key_arrays: Vec<Vec<Option<&str>>> = vec![Vec::with_capacity(finals.len()); nkeys];
     let mut key_texts = Vec::with_capacity(finals.len());
     let mut force = Vec::with_capacity(finals.len());
     for ((f, class), late) in finals.iter().zip(classes).zip(late) {
         for (slot, value) in key_values(table, f).into_iter().enumerate() {
             key_arrays[slot].push(value);
         }
-        key_texts.push(f.key_text().to_string());
+        key_texts.push(f.key_text());
         force.push(*late || (*class == WriteClass::CrossRegion && policy != Policy::Lww));
     }
     let unnest: Vec<String> = (1..=nkeys).map(|n| format!("${n}::text[]")).collect();

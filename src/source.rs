@@ -14,6 +14,7 @@
 //!   past it in the same transaction as the batch around it.
 //! - Kafka's committed offsets follow PostgreSQL's, for monitoring only.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -983,13 +984,13 @@ async fn commit_batch(
         Hlc::new(lag::now_ms() - grace_ms, 0)
     });
     // Rows between truncates, per table, collapsed to the last change per key.
-    let mut pending: HashMap<usize, Vec<Final>> = HashMap::new();
+    let mut pending: HashMap<usize, Vec<&Final>> = HashMap::new();
     for step in steps.iter().chain(std::iter::once(&Step::Truncate {
         table: usize::MAX,
         ts_ms: 0,
     })) {
         match step {
-            Step::Row { table, fin, .. } => pending.entry(*table).or_default().push(fin.clone()),
+            Step::Row { table, fin, .. } => pending.entry(*table).or_default().push(fin),
             Step::Truncate { table, ts_ms } => {
                 for (t, finals) in pending.drain() {
                     let changes = finals.len() as u64;
@@ -1019,7 +1020,7 @@ async fn commit_batch(
                         late: checked.late,
                         ..Applied::default()
                     };
-                    let a = apply::apply_finals(&*tx, &shared.tables[t], checked.finals)
+                    let a = apply::apply_finals(&*tx, &shared.tables[t], &checked.finals)
                         .await
                         .map_err(classify)?;
                     *counts.entry(t).or_default() += a;
@@ -1083,7 +1084,8 @@ async fn isolate_bad_rows<'a>(
         } = &step
         {
             let sp = tx.savepoint("row").await?;
-            let result = apply::apply_finals(&*sp, &shared.tables[*table], vec![fin.clone()]).await;
+            let result =
+                apply::apply_finals(&*sp, &shared.tables[*table], &[Cow::Borrowed(fin)]).await;
             match result {
                 Ok(_) => sp.rollback().await?,
                 Err(e) => {
