@@ -365,13 +365,7 @@ impl<'a> LazyObject<'a> {
     /// The object in `text` (valid JSON); otherwise `Err` with the value
     /// `text` holds, for the caller to say what it expected.
     fn parse(text: &'a str, what: &str) -> Result<Result<Self, Json>, DecodeError> {
-        if text.trim_start().starts_with('{') {
-            serde_json::from_str(text)
-                .map(Ok)
-                .map_err(|e| DecodeError::Json(format!("{what}: {e}")))
-        } else {
-            parse_json(text.as_bytes(), what).map(Err)
-        }
+        parse_object(text, what)
     }
 
     /// A member's text; the last one where a name repeats (as a
@@ -416,7 +410,7 @@ impl<'de> serde::Deserialize<'de> for MemberName<'de> {
     }
 }
 
-/// The rest of an object whose first member name has been read.
+/// An object's members, each kept as text.
 fn lazy_members<'de, A: serde::de::MapAccess<'de>>(
     mut map: A,
 ) -> Result<LazyObject<'de>, A::Error> {
@@ -468,13 +462,22 @@ enum Nested<'a> {
 impl<'a> Payload<'a> {
     /// As [`LazyObject::parse`].
     fn parse(text: &'a str, what: &str) -> Result<Result<Self, Json>, DecodeError> {
-        if text.trim_start().starts_with('{') {
-            serde_json::from_str(text)
-                .map(Ok)
-                .map_err(|e| DecodeError::Json(format!("{what}: {e}")))
-        } else {
-            parse_json(text.as_bytes(), what).map(Err)
-        }
+        parse_object(text, what)
+    }
+}
+
+/// The object in `text` (valid JSON) read as `T`; otherwise `Err` with the
+/// value `text` holds, for the caller to say what it expected.
+fn parse_object<'a, T: serde::Deserialize<'a>>(
+    text: &'a str,
+    what: &str,
+) -> Result<Result<T, Json>, DecodeError> {
+    if text.trim_start().starts_with('{') {
+        serde_json::from_str(text)
+            .map(Ok)
+            .map_err(|e| DecodeError::Json(format!("{what}: {e}")))
+    } else {
+        parse_json(text.as_bytes(), what).map(Err)
     }
 }
 
@@ -2295,6 +2298,10 @@ mod tests {
         assert_eq!(after.get("id").unwrap().field, Field::Int(2));
         assert_eq!(after.get("name").unwrap().field, Field::String("y".into()));
         assert_eq!(after.len(), 2);
+        // The last image counts even where it is null.
+        let value =
+            format!(r#"{{"op": "c", "after": {{"id": 1}}, "after": null, "source": {source}}}"#);
+        assert!(envelope_problem(decode(&value)).contains("has no `after` row image"));
         // A row image that is not an object, and one that is broken.
         let value = format!(r#"{{"op": "c", "after": [1], "source": {source}}}"#);
         assert!(envelope_problem(decode(&value)).contains("`after` is an array"));
