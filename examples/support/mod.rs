@@ -328,9 +328,20 @@ pub fn topic_ends(topic: &str) -> HashMap<i32, i64> {
         .unwrap_or(0);
     (0..partitions as i32)
         .map(|p| {
-            let (_, high) = consumer
-                .fetch_watermarks(topic, p, Duration::from_secs(5))
-                .expect("watermarks");
+            // A topic created moments ago may have no leader yet
+            // (NotLeaderForPartition): ask again for up to 30 s.
+            let mut attempts = 0;
+            let (_, high) = loop {
+                match consumer.fetch_watermarks(topic, p, Duration::from_secs(5)) {
+                    Ok(w) => break w,
+                    Err(e) if attempts < 30 => {
+                        attempts += 1;
+                        eprintln!("watermarks of {topic}/{p}: {e}; asking again");
+                        std::thread::sleep(Duration::from_secs(1));
+                    }
+                    Err(e) => panic!("watermarks of {topic}/{p}: {e}"),
+                }
+            };
             (p, high)
         })
         .collect()
