@@ -319,18 +319,8 @@ pub fn decode_json(key: Option<&[u8]>, value: Option<&[u8]>) -> Result<Decoded, 
     let Some(value) = value else {
         return tombstone(key);
     };
-    // The fast path, and where its payload does not parse, the general one
-    // (whose errors are relative to the whole message).
-    let general;
-    let fast = parse_known_framed(value)
-        .and_then(|(text, schema)| Some((Payload::parse(text, "value").ok()?, Some(schema))));
-    let (payload, schema) = match fast {
-        Some(parsed) => parsed,
-        None => {
-            general = parse_framed(value, "value")?;
-            (Payload::parse(&general.0, "value")?, general.1.clone())
-        }
-    };
+    let mut general = None;
+    let (payload, schema) = parse_framed_object::<Payload>(value, "value", &mut general)?;
     let schema = schema.as_deref();
     let payload = match payload {
         Ok(object) => object,
@@ -362,12 +352,6 @@ struct LazyObject<'a> {
 }
 
 impl<'a> LazyObject<'a> {
-    /// The object in `text` (valid JSON); otherwise `Err` with the value
-    /// `text` holds, for the caller to say what it expected.
-    fn parse(text: &'a str, what: &str) -> Result<Result<Self, Json>, DecodeError> {
-        parse_object(text, what)
-    }
-
     /// A member's text; the last one where a name repeats (as a
     /// `serde_json::Map` keeps it).
     fn get(&self, name: &str) -> Option<&'a RawValue> {
@@ -459,12 +443,27 @@ enum Nested<'a> {
     Other(&'static str),
 }
 
-impl<'a> Payload<'a> {
-    /// As [`LazyObject::parse`].
-    fn parse(text: &'a str, what: &str) -> Result<Result<Self, Json>, DecodeError> {
-        parse_object(text, what)
+/// A message's payload read as `T` (see [`parse_object`]), with its schema:
+/// by the fast path where the message starts with a known schema and its
+/// payload parses, else the general way (`parse_framed`, whose errors are
+/// relative to the whole message). `general` holds the payload's text when
+/// that way had to build it.
+fn parse_framed_object<'a, T: serde::Deserialize<'a>>(
+    bytes: &'a [u8],
+    what: &str,
+    general: &'a mut Option<Cow<'a, str>>,
+) -> Result<ParsedObject<T>, DecodeError> {
+    let fast = parse_known_framed(bytes)
+        .and_then(|(text, schema)| Some((parse_object(text, what).ok()?, Some(schema))));
+    if let Some(parsed) = fast {
+        return Ok(parsed);
     }
+    let (text, schema) = parse_framed(bytes, what)?;
+    Ok((parse_object(general.insert(text), what)?, schema))
 }
+
+/// An object read as `T`, or the other value found, and its schema.
+type ParsedObject<T> = (Result<T, Json>, Option<Rc<ConnectSchema>>);
 
 /// The object in `text` (valid JSON) read as `T`; otherwise `Err` with the
 /// value `text` holds, for the caller to say what it expected.
@@ -786,17 +785,8 @@ fn json_kind(value: &Json) -> &'static str {
 }
 
 fn json_key(bytes: &[u8]) -> Result<Row, DecodeError> {
-    // As in `decode_json`: the fast path, else the general one.
-    let general;
-    let fast = parse_known_framed(bytes)
-        .and_then(|(text, schema)| Some((LazyObject::parse(text, "key").ok()?, Some(schema))));
-    let (key, schema) = match fast {
-        Some(parsed) => parsed,
-        None => {
-            general = parse_framed(bytes, "key")?;
-            (LazyObject::parse(&general.0, "key")?, general.1.clone())
-        }
-    };
+    let mut general = None;
+    let (key, schema) = parse_framed_object::<LazyObject>(bytes, "key", &mut general)?;
     let schema = schema.as_deref().and_then(ConnectSchema::as_struct);
     match key {
         Ok(fields) => json_row(&fields, schema, &|_| true),
