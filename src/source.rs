@@ -678,6 +678,9 @@ struct Rejected<'a> {
     msg: &'a BorrowedMessage<'a>,
     reason: &'static str,
     error: String,
+    /// Produced to the dead-letter topic already, by an attempt whose
+    /// commit then failed: not sent twice, still counted.
+    sent: bool,
 }
 
 /// One change ready to apply, with the message it came from.
@@ -720,13 +723,19 @@ async fn apply_batch(
                     "message of {size} bytes is above apply.max_message_bytes ({})",
                     shared.config.apply.max_message_bytes
                 ),
+                sent: false,
             });
             continue;
         }
         let decoded = match decode_message(shared, route, msg).await {
             Ok(d) => d,
             Err((reason, error)) => {
-                rejected.push(Rejected { msg, reason, error });
+                rejected.push(Rejected {
+                    msg,
+                    reason,
+                    error,
+                    sent: false,
+                });
                 continue;
             }
         };
@@ -767,6 +776,7 @@ async fn apply_batch(
                     "an event of table {}.{} on {topic}, which feeds {}",
                     change.schema, change.table, config.target
                 ),
+                sent: false,
             });
             continue;
         }
@@ -824,6 +834,7 @@ async fn apply_batch(
                 msg,
                 reason: e.reason(),
                 error: e.to_string(),
+                sent: false,
             }),
         }
     }
@@ -1098,6 +1109,7 @@ async fn isolate_bad_rows<'a>(
                         msg,
                         reason: "rejected_by_postgres",
                         error: format!("{}: {detail}", shared.tables[*table].name),
+                        sent: false,
                     });
                     continue;
                 }
@@ -1112,9 +1124,9 @@ async fn isolate_bad_rows<'a>(
 
 /// Produces the rejected messages to the dead-letter topic and waits for
 /// the broker's acknowledgement (before the offset moves past them).
-async fn send_to_dlq(shared: &Shared, rejected: &mut Vec<Rejected<'_>>) -> anyhow::Result<()> {
+async fn send_to_dlq(shared: &Shared, rejected: &mut [Rejected<'_>]) -> anyhow::Result<()> {
     let dlq = shared.config.dlq_topic();
-    for r in rejected.iter() {
+    for r in rejected.iter_mut().filter(|r| !r.sent) {
         let partition = r.msg.partition().to_string();
         let offset = r.msg.offset().to_string();
         let headers = OwnedHeaders::new()
@@ -1152,8 +1164,8 @@ async fn send_to_dlq(shared: &Shared, rejected: &mut Vec<Rejected<'_>>) -> anyho
             .map_err(|(e, _)| anyhow::anyhow!("producing to the dead-letter topic {dlq}: {e}"))?;
         warn!(topic = %r.msg.topic(), partition = r.msg.partition(), offset = r.msg.offset(), reason = r.reason, error = %r.error, "sent to the dead-letter topic");
         metrics::counter!(m::DLQ_MESSAGES_TOTAL, "reason" => r.reason).increment(1);
+        r.sent = true;
     }
-    rejected.clear();
     Ok(())
 }
 

@@ -58,6 +58,9 @@ fn create_event(source_table: &str, id: i64, age: serde_json::Value, bio: &str) 
 async fn poison_messages_go_to_the_dead_letter_topic_and_the_rest_applies() {
     use rdkafka::producer::{FutureProducer, FutureRecord};
 
+    let counters = counters();
+    let dead_lettered = || counters.total("regionsync_events_total", &[("outcome", "dlq")]);
+    let dead_lettered_before = dead_lettered();
     let table = TestTable::create("poison").await;
     let topic = format!("cdc.public.{}", table.name);
     let mirrored_topic = mirrored(&region_a(), &topic);
@@ -202,6 +205,19 @@ async fn poison_messages_go_to_the_dead_letter_topic_and_the_rest_applies() {
             "no {expected} among {reasons:?}"
         );
     }
+    // The events counter counts them too (its outcome `dlq`), once the
+    // batches around them have committed.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while dead_lettered() - dead_lettered_before < poison.len() as u64 && Instant::now() < deadline
+    {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(
+        dead_lettered() - dead_lettered_before >= poison.len() as u64,
+        "regionsync_events_total{{outcome=\"dlq\"}} counted {} of the {} dead letters",
+        dead_lettered() - dead_lettered_before,
+        poison.len()
+    );
     worker.stop().await;
 }
 
