@@ -683,6 +683,17 @@ struct Rejected<'a> {
     sent: bool,
 }
 
+impl<'a> Rejected<'a> {
+    fn new(msg: &'a BorrowedMessage<'a>, reason: &'static str, error: String) -> Self {
+        Rejected {
+            msg,
+            reason,
+            error,
+            sent: false,
+        }
+    }
+}
+
 /// One change ready to apply, with the message it came from.
 enum Step<'a> {
     Row {
@@ -716,26 +727,20 @@ async fn apply_batch(
     for msg in batch {
         let size = msg.key().map_or(0, |k| k.len()) + msg.payload().map_or(0, |p| p.len());
         if size > shared.config.apply.max_message_bytes {
-            rejected.push(Rejected {
+            rejected.push(Rejected::new(
                 msg,
-                reason: "oversized",
-                error: format!(
+                "oversized",
+                format!(
                     "message of {size} bytes is above apply.max_message_bytes ({})",
                     shared.config.apply.max_message_bytes
                 ),
-                sent: false,
-            });
+            ));
             continue;
         }
         let decoded = match decode_message(shared, route, msg).await {
             Ok(d) => d,
             Err((reason, error)) => {
-                rejected.push(Rejected {
-                    msg,
-                    reason,
-                    error,
-                    sent: false,
-                });
+                rejected.push(Rejected::new(msg, reason, error));
                 continue;
             }
         };
@@ -769,15 +774,14 @@ async fn apply_batch(
         }
         let config = &shared.config.tables[table];
         if !config.accepts_source(topic, &change.schema, &change.table) {
-            rejected.push(Rejected {
+            rejected.push(Rejected::new(
                 msg,
-                reason: "unconfigured_table",
-                error: format!(
+                "unconfigured_table",
+                format!(
                     "an event of table {}.{} on {topic}, which feeds {}",
                     change.schema, change.table, config.target
                 ),
-                sent: false,
-            });
+            ));
             continue;
         }
         if change.op == Op::Truncate {
@@ -830,12 +834,7 @@ async fn apply_batch(
                     ts_ms: change.source_ts_ms,
                 });
             }
-            Err(e) => rejected.push(Rejected {
-                msg,
-                reason: e.reason(),
-                error: e.to_string(),
-                sent: false,
-            }),
+            Err(e) => rejected.push(Rejected::new(msg, e.reason(), e.to_string())),
         }
     }
     if !rejected.is_empty() && shared.config.on_error == OnError::Stop {
@@ -1105,12 +1104,11 @@ async fn isolate_bad_rows<'a>(
                         .as_db_error()
                         .map(|d| d.message().to_string())
                         .unwrap_or_else(|| e.to_string());
-                    rejected.push(Rejected {
+                    rejected.push(Rejected::new(
                         msg,
-                        reason: "rejected_by_postgres",
-                        error: format!("{}: {detail}", shared.tables[*table].name),
-                        sent: false,
-                    });
+                        "rejected_by_postgres",
+                        format!("{}: {detail}", shared.tables[*table].name),
+                    ));
                     continue;
                 }
             }
