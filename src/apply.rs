@@ -16,7 +16,7 @@
 //!   so replaying a topic never undoes later writes.
 
 use std::borrow::Cow;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 
 use rustc_hash::FxHashMap;
 
@@ -386,6 +386,21 @@ pub struct PreparedDelete {
     pub pin: Option<String>,
 }
 
+impl PreparedRow {
+    /// Carries the same columns, in the same order, and keeps the same
+    /// unsent ones: one statement can apply both. (Rows of one schema list
+    /// their columns in one order; another order only makes another group.)
+    fn same_columns(&self, other: &PreparedRow) -> bool {
+        self.unavailable == other.unavailable
+            && self.values.len() == other.values.len()
+            && self
+                .values
+                .iter()
+                .zip(&other.values)
+                .all(|((a, _), (b, _))| a == b)
+    }
+}
+
 impl Final {
     pub fn key_text(&self) -> &str {
         match self {
@@ -610,7 +625,8 @@ pub fn prepare(
 /// retry, and only a change whose replaced version this alters is copied.
 pub fn collapse<'a>(finals: impl IntoIterator<Item = &'a Final>) -> Vec<Cow<'a, Final>> {
     let finals = finals.into_iter();
-    let mut position: HashMap<&'a str, usize> = HashMap::with_capacity(finals.size_hint().0);
+    let mut position: FxHashMap<&'a str, usize> =
+        FxHashMap::with_capacity_and_hasher(finals.size_hint().0, Default::default());
     let mut out: Vec<Cow<'a, Final>> = Vec::with_capacity(finals.size_hint().0);
     for f in finals {
         match position.get(f.key_text()) {
@@ -676,28 +692,21 @@ pub async fn apply_finals(
     finals: &[Cow<'_, Final>],
 ) -> Result<Applied, tokio_postgres::Error> {
     let mut result = Applied::default();
-    // Upserts, grouped by the set of columns they carry (normally one group).
-    let mut groups: HashMap<Vec<usize>, Vec<&PreparedRow>> = HashMap::new();
+    // Upserts, grouped by the columns they carry and the unsent (TOAST)
+    // columns they keep: normally one group. Compared in place, as a batch's
+    // rows nearly always match the first group: no key built per row.
+    let mut groups: Vec<Vec<&PreparedRow>> = Vec::new();
     let mut deletes = Vec::new();
     for f in finals {
         match &**f {
-            Final::Upsert(r) => {
-                let mut cols: Vec<usize> = r.values.iter().map(|(i, _)| *i).collect();
-                cols.sort_unstable();
-                if r.unavailable.is_empty() {
-                    groups.entry(cols).or_default().push(r);
-                } else {
-                    // Rare: values Debezium did not send and no before image
-                    // had. A group of its own keeps the stored values.
-                    let mut sig = cols;
-                    sig.extend(r.unavailable.iter().map(|i| usize::MAX - i));
-                    groups.entry(sig).or_default().push(r);
-                }
-            }
+            Final::Upsert(r) => match groups.iter_mut().find(|g| g[0].same_columns(r)) {
+                Some(group) => group.push(r),
+                None => groups.push(vec![r]),
+            },
             Final::Delete(d) => deletes.push(d),
         }
     }
-    for rows in groups.into_values() {
+    for rows in groups {
         result += upsert(client, table, &rows).await?;
     }
     if !deletes.is_empty() {
