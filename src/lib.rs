@@ -31,6 +31,7 @@
 //! and a shutdown future (SIGTERM / Ctrl-C); tests call it in-process.
 
 pub mod apply;
+pub mod avro;
 pub mod clock;
 pub mod config;
 pub mod conflict;

@@ -1,7 +1,8 @@
 //! Avro messages in the Confluent wire format (magic byte 0, a 4-byte
 //! big-endian schema id, then the Avro datum): the writer schema comes from
 //! the source region's schema registry through schema_registry_converter,
-//! which fetches and caches it; the datum is read by apache-avro.
+//! which fetches and caches it; the datum is read by `avro` (apache-avro
+//! for the schemas it does not read).
 //!
 //! Why not `AvroDecoder::decode_with_schema` for every message: it clones
 //! the schema's resolved names (a map keyed by strings) and its name on
@@ -18,10 +19,22 @@ use rustc_hash::FxHashMap;
 use schema_registry_converter::async_impl::avro::AvroDecoder;
 use schema_registry_converter::async_impl::schema_registry::SrSettings;
 
+use crate::avro::Plan;
+
 /// One datum reader per writer schema id.
 struct Reader {
     schema: &'static Schema,
+    /// `None` where the schema has a kind `avro` does not read.
+    plan: Option<Plan>,
     reader: GenericDatumReader<'static>,
+}
+
+/// How much of a datum to build.
+#[derive(Clone, Copy)]
+enum Part {
+    Whole,
+    /// A Debezium envelope's fields that the apply reads.
+    Envelope,
 }
 
 /// The Avro side of one source region: its registry and the readers of the
@@ -45,17 +58,33 @@ impl AvroSource {
         }
     }
 
-    /// Decodes one key or value; `None` for a null (a tombstone's value).
+    /// Decodes one key or value whole; `None` for a null (a tombstone's
+    /// value).
     pub async fn decode(&self, bytes: Option<&[u8]>) -> Result<Option<Datum>, String> {
+        self.decode_part(bytes, Part::Whole).await
+    }
+
+    /// Decodes a value as a Debezium envelope, building only the fields the
+    /// apply reads (`avro::Plan::read_envelope`); `None` for a null.
+    pub async fn decode_envelope(&self, bytes: Option<&[u8]>) -> Result<Option<Datum>, String> {
+        self.decode_part(bytes, Part::Envelope).await
+    }
+
+    async fn decode_part(&self, bytes: Option<&[u8]>, part: Part) -> Result<Option<Datum>, String> {
         let Some(bytes) = bytes else {
             return Ok(None);
         };
         let (id, datum) = split_wire_format(bytes)?;
         let reader = self.reader(id).await?;
-        let value = reader
-            .reader
-            .read_value(&mut Cursor::new(datum))
-            .map_err(|e| format!("the datum does not match writer schema {id}: {e}"))?;
+        let value = match (&reader.plan, part) {
+            (Some(plan), Part::Whole) => plan.read(datum),
+            (Some(plan), Part::Envelope) => plan.read_envelope(datum),
+            (None, _) => reader
+                .reader
+                .read_value(&mut Cursor::new(datum))
+                .map_err(|e| e.to_string()),
+        }
+        .map_err(|e| format!("the datum does not match writer schema {id}: {e}"))?;
         Ok(Some(Datum {
             value,
             schema: reader.schema,
@@ -77,7 +106,11 @@ impl AvroSource {
         let reader = GenericDatumReader::builder(schema)
             .build()
             .map_err(|e| format!("schema id {id} cannot be read: {e}"))?;
-        let reader = Arc::new(Reader { schema, reader });
+        let reader = Arc::new(Reader {
+            schema,
+            plan: Plan::new(schema),
+            reader,
+        });
         Ok(self
             .readers
             .write()

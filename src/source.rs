@@ -1198,7 +1198,7 @@ async fn decode_message(
             .await
             .map_err(|e| ("avro_key", format!("key: {e}")))?;
         let value = decoder
-            .decode(msg.payload())
+            .decode_envelope(msg.payload())
             .await
             .map_err(|e| ("avro_value", format!("value: {e}")))?;
         match (key, value) {
