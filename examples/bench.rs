@@ -78,7 +78,7 @@ async fn ceiling_input(b_admin: &Client, topic: &str, ends: &HashMap<i32, i64>) 
                 remaining.remove(&m.partition());
             }
             if let Ok(Decoded::Change(c)) = decode_json(m.key(), m.payload()) {
-                if let Ok(f) = apply::prepare(&table, &c, "us-east-1") {
+                if let Ok(f) = apply::prepare(&table, c, "us-east-1") {
                     per_partition.entry(m.partition()).or_default().push(f);
                 }
             }

@@ -24,7 +24,7 @@ use tokio_postgres::types::ToSql;
 use tokio_postgres::{GenericClient, Row as PgRow};
 
 use crate::config::{Policy, TableConfig, SHARED};
-use crate::decode::{Change, Field, Op, PgType, Row, Typed};
+use crate::decode::{Change, Field, Op, PgType, Row};
 
 /// A replicated table as the target database describes it.
 #[derive(Clone, Debug)]
@@ -487,38 +487,38 @@ fn key_text(values: &[Option<String>]) -> String {
     }
 }
 
-/// Renders one source row image into target columns.
-fn render(table: &TargetTable, row: &Row, before: Option<&Row>) -> Result<PreparedRow, RowError> {
+/// Renders one source row image into target columns. Takes the image: its
+/// texts become the statement's without a copy where they need no change.
+fn render(table: &TargetTable, row: Row, before: Option<&Row>) -> Result<PreparedRow, RowError> {
+    let hlc =
+        int_of(&row, "hlc").ok_or_else(|| row_error(table, "hlc", "missing or not an integer"))?;
+    let origin = str_of(&row, "origin_region")
+        .ok_or_else(|| row_error(table, "origin_region", "missing or not text"))?
+        .to_string();
     let mut values = Vec::with_capacity(row.len());
     let mut unavailable = Vec::new();
     for (source_col, typed) in row {
         // Columns the target does not have are not replicated.
-        let Some(idx) = table.column_index(source_col) else {
+        let Some(idx) = table.column_index(&source_col) else {
             continue;
         };
         let name = &table.columns[idx].0;
-        let mut typed: &Typed = typed;
-        if typed.field == Field::Unavailable {
+        let ty = &table.pg_types[idx];
+        let text = if typed.field == Field::Unavailable {
             // With REPLICA IDENTITY FULL the before image has the value.
-            match before.and_then(|b| b.get(source_col)) {
-                Some(b) if b.field != Field::Unavailable => typed = b,
+            match before.and_then(|b| b.get(&source_col)) {
+                Some(b) if b.field != Field::Unavailable => b.to_pg_text_as(ty),
                 _ => {
                     unavailable.push(idx);
                     continue;
                 }
             }
-        }
-        let text = typed
-            .to_pg_text_as(&table.pg_types[idx])
-            .map_err(|e| row_error(table, name, e))?;
-        values.push((idx, text));
+        } else {
+            typed.into_pg_text_as(ty)
+        };
+        values.push((idx, text.map_err(|e| row_error(table, name, e))?));
     }
     let key_values = key_values(table, &values)?;
-    let hlc =
-        int_of(row, "hlc").ok_or_else(|| row_error(table, "hlc", "missing or not an integer"))?;
-    let origin = str_of(row, "origin_region")
-        .ok_or_else(|| row_error(table, "origin_region", "missing or not text"))?
-        .to_string();
     let home = table.homing.as_ref().and_then(|h| h.home(&values));
     let pin = table.homing.as_ref().and_then(|h| h.pin(&values));
     Ok(PreparedRow {
@@ -561,12 +561,12 @@ fn key_values(
 /// The final state one change asks for, from region `source_region`.
 pub fn prepare(
     table: &TargetTable,
-    change: &Change,
+    change: Change,
     source_region: &str,
 ) -> Result<Final, RowError> {
     match change.op {
         Op::Create | Op::Update | Op::Read => {
-            let after = change.after.as_ref().ok_or_else(|| RowError::Shape {
+            let after = change.after.ok_or_else(|| RowError::Shape {
                 table: table.name.clone(),
                 problem: format!("{:?} without an after image", change.op),
             })?;
@@ -1043,7 +1043,7 @@ mod tests {
             None,
             Some(row(7, "a@x", Field::String("b".into()), 99)),
         );
-        let Final::Upsert(r) = prepare(&table(), &c, "us-east-1").unwrap() else {
+        let Final::Upsert(r) = prepare(&table(), c.clone(), "us-east-1").unwrap() else {
             panic!("upsert expected")
         };
         assert_eq!(r.key_text, "7");
@@ -1058,14 +1058,14 @@ mod tests {
         let before = row(7, "a@x", Field::String("long bio".into()), 5);
         let after = row(7, "b@x", Field::Unavailable, 6);
         let c = change(Op::Update, 7, Some(before), Some(after.clone()));
-        let Final::Upsert(r) = prepare(&table(), &c, "us-east-1").unwrap() else {
+        let Final::Upsert(r) = prepare(&table(), c.clone(), "us-east-1").unwrap() else {
             panic!()
         };
         assert!(r.values.contains(&(2, Some("long bio".into()))));
         assert!(r.unavailable.is_empty());
 
         let c = change(Op::Update, 7, None, Some(after));
-        let Final::Upsert(r) = prepare(&table(), &c, "us-east-1").unwrap() else {
+        let Final::Upsert(r) = prepare(&table(), c.clone(), "us-east-1").unwrap() else {
             panic!()
         };
         assert_eq!(r.unavailable, vec![2]);
@@ -1076,7 +1076,7 @@ mod tests {
     fn a_delete_is_versioned_after_the_row_it_replaced() {
         let before = row(7, "a@x", Field::Null, (5_000 << 16) + 3);
         let c = change(Op::Delete, 7, Some(before), None);
-        let Final::Delete(d) = prepare(&table(), &c, "us-east-1").unwrap() else {
+        let Final::Delete(d) = prepare(&table(), c.clone(), "us-east-1").unwrap() else {
             panic!()
         };
         assert_eq!(d.hlc, (5_000 << 16) + 4, "before.hlc + 1");
@@ -1089,13 +1089,13 @@ mod tests {
             None,
         );
         c.source_ts_ms = 501;
-        let Final::Delete(d) = prepare(&table(), &c, "us-east-1").unwrap() else {
+        let Final::Delete(d) = prepare(&table(), c.clone(), "us-east-1").unwrap() else {
             panic!()
         };
         assert_eq!(d.hlc, (500 << 16) + 1);
         assert_eq!(d.key_values, vec![Some("7".to_string())]);
         let c = change(Op::Delete, 8, None, None);
-        let Final::Delete(d) = prepare(&table(), &c, "eu-west-1").unwrap() else {
+        let Final::Delete(d) = prepare(&table(), c.clone(), "eu-west-1").unwrap() else {
             panic!()
         };
         assert_eq!(d.hlc, 1_000 << 16);
@@ -1106,10 +1106,10 @@ mod tests {
     fn collapse_keeps_the_last_change_per_key() {
         let up = |id: i64, hlc: i64| {
             let c = change(Op::Update, id, None, Some(row(id, "x", Field::Null, hlc)));
-            prepare(&table(), &c, "us-east-1").unwrap()
+            prepare(&table(), c.clone(), "us-east-1").unwrap()
         };
         let del =
-            |id: i64| prepare(&table(), &change(Op::Delete, id, None, None), "us-east-1").unwrap();
+            |id: i64| prepare(&table(), change(Op::Delete, id, None, None), "us-east-1").unwrap();
         // update → delete → update ends with the row present.
         let changes = [up(1, 1), del(1), up(2, 1), up(1, 3)];
         let out = collapse(&changes);
@@ -1132,7 +1132,7 @@ mod tests {
                 Some(before),
                 Some(row(1, "x", Field::Null, hlc)),
             );
-            prepare(&table(), &c, "us-east-1").unwrap()
+            prepare(&table(), c.clone(), "us-east-1").unwrap()
         };
         let changes = [up(1, 2), up(2, 3), up(3, 4)];
         let out = collapse(&changes);
@@ -1156,7 +1156,7 @@ mod tests {
         });
         let upsert = |bio: Field| {
             let c = change(Op::Create, 7, None, Some(row(7, "x", bio, 1)));
-            prepare(&homed, &c, "us-east-1").unwrap()
+            prepare(&homed, c.clone(), "us-east-1").unwrap()
         };
         let by_key = crate::route::home_region("7", &["us-east-1", "eu-west-1"]);
         assert_eq!(upsert(Field::Null).home(), Some(by_key));
@@ -1168,7 +1168,7 @@ mod tests {
         let before = row(7, "x", Field::String("eu-west-1".into()), 1);
         let d = prepare(
             &homed,
-            &change(Op::Delete, 7, Some(before), None),
+            change(Op::Delete, 7, Some(before), None),
             "us-east-1",
         )
         .unwrap();
@@ -1180,8 +1180,7 @@ mod tests {
     fn a_null_key_is_a_row_error_naming_the_column() {
         let mut r = row(7, "a@x", Field::Null, 1);
         r.insert("id".into(), t(Field::Null));
-        let err =
-            prepare(&table(), &change(Op::Create, 7, None, Some(r)), "us-east-1").unwrap_err();
+        let err = prepare(&table(), change(Op::Create, 7, None, Some(r)), "us-east-1").unwrap_err();
         assert!(err.to_string().contains("column id"), "{err}");
     }
 

@@ -1685,6 +1685,22 @@ impl Typed {
             field => render(field, self.semantic.as_deref(), ty).map(Some),
         }
     }
+
+    /// As [`Typed::to_pg_text_as`], taking the value: a text that is its
+    /// own rendering (`render_string` changes only bytea's and numeric's)
+    /// is moved, not copied.
+    pub fn into_pg_text_as(self, ty: &PgType) -> Result<Option<String>, DecodeError> {
+        match (self.field, &ty.kind) {
+            (Field::String(s), kind) if !matches!(kind, PgKind::Bytea | PgKind::Numeric { .. }) => {
+                Ok(Some(s))
+            }
+            (field, _) => Typed {
+                field,
+                semantic: self.semantic,
+            }
+            .to_pg_text_as(ty),
+        }
+    }
 }
 
 fn render(field: &Field, semantic: Option<&str>, ty: &PgType) -> Result<String, DecodeError> {

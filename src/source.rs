@@ -791,7 +791,8 @@ async fn apply_batch(
             });
             continue;
         }
-        match apply::prepare(&shared.tables[table], &change, &route.source_region) {
+        let ts_ms = change.source_ts_ms;
+        match apply::prepare(&shared.tables[table], change, &route.source_region) {
             Ok(Final::Upsert(r)) if r.origin == shared.config.region => {
                 // This region's own change, copied back by the reverse flow.
                 *skipped
@@ -831,7 +832,7 @@ async fn apply_batch(
                     table,
                     fin,
                     msg,
-                    ts_ms: change.source_ts_ms,
+                    ts_ms,
                 });
             }
             Err(e) => rejected.push(Rejected::new(msg, e.reason(), e.to_string())),
