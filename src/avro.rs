@@ -17,7 +17,7 @@
 
 use std::collections::HashMap;
 
-use apache_avro::schema::{InnerDecimalSchema, Name, RecordSchema};
+use apache_avro::schema::{InnerDecimalSchema, Name, RecordSchema, UnionSchema};
 use apache_avro::types::Value;
 use apache_avro::{Decimal, Duration, Schema};
 
@@ -148,6 +148,19 @@ fn collect_names(
     }
 }
 
+/// A length as the datum writes it (a long), which must not be negative.
+fn length(v: i64) -> Result<usize, String> {
+    usize::try_from(v).map_err(|_| format!("negative length {v}"))
+}
+
+/// `n` more items of a collection that has `so_far`, within [`MAX_ITEMS`].
+fn more_items(n: u64, so_far: usize) -> Result<usize, String> {
+    match usize::try_from(n) {
+        Ok(n) if n <= MAX_ITEMS.saturating_sub(so_far) => Ok(n),
+        _ => Err(format!("a collection of more than {MAX_ITEMS} items")),
+    }
+}
+
 struct Reader<'d, 'n> {
     buf: &'d [u8],
     len: usize,
@@ -187,7 +200,7 @@ impl<'d> Reader<'d, '_> {
 
     fn len(&mut self) -> Result<usize, String> {
         let v = self.long()?;
-        usize::try_from(v).map_err(|_| format!("negative length {v}"))
+        length(v)
     }
 
     fn bytes(&mut self) -> Result<&'d [u8], String> {
@@ -202,19 +215,59 @@ impl<'d> Reader<'d, '_> {
             .map_err(|e| format!("a string that is not UTF-8: {e}"))
     }
 
-    /// The item count of the next block of an array or map (0: the end); a
-    /// negative count is followed by the block's size in bytes.
-    fn block(&mut self, so_far: usize) -> Result<usize, String> {
+    /// The header of the next block of an array or map: its item count (0:
+    /// the end) and, where the count is written negative, the block's size
+    /// in bytes that follows it.
+    fn block_header(&mut self) -> Result<(u64, Option<i64>), String> {
         let count = self.long()?;
-        let n = if count < 0 {
-            self.long()?;
-            count.unsigned_abs()
+        if count < 0 {
+            Ok((count.unsigned_abs(), Some(self.long()?)))
         } else {
-            count as u64
-        };
-        match usize::try_from(n) {
-            Ok(n) if n <= MAX_ITEMS.saturating_sub(so_far) => Ok(n),
-            _ => Err(format!("a collection of more than {MAX_ITEMS} items")),
+            Ok((count as u64, None))
+        }
+    }
+
+    /// The item count of the next block, to be read item by item after
+    /// `so_far` items (0: the end).
+    fn block(&mut self, so_far: usize) -> Result<usize, String> {
+        let (n, _) = self.block_header()?;
+        more_items(n, so_far)
+    }
+
+    /// Moves past an array's or map's blocks, skipping each item with
+    /// `skip_item`; a block that says its size is skipped whole.
+    fn skip_blocks(
+        &mut self,
+        mut skip_item: impl FnMut(&mut Self) -> Result<(), String>,
+    ) -> Result<(), String> {
+        let mut seen = 0;
+        loop {
+            let (n, size) = self.block_header()?;
+            if let Some(size) = size {
+                let size = length(size)?;
+                self.take(size)?;
+                continue;
+            }
+            if n == 0 {
+                return Ok(());
+            }
+            let n = more_items(n, seen)?;
+            seen += n;
+            for _ in 0..n {
+                skip_item(self)?;
+            }
+        }
+    }
+
+    /// A union's branch: its index and schema.
+    fn branch<'s>(&mut self, union: &'s UnionSchema) -> Result<(u32, &'s Schema), String> {
+        let i = self.long()?;
+        match usize::try_from(i)
+            .ok()
+            .and_then(|i| union.variants().get(i))
+        {
+            Some(variant) => Ok((i as u32, variant)),
+            None => Err(format!("union branch {i} out of range")),
         }
     }
 
@@ -306,12 +359,8 @@ impl<'d> Reader<'d, '_> {
                 }
             }
             Schema::Union(u) => {
-                let i = self.long()?;
-                let Some(variant) = usize::try_from(i).ok().and_then(|i| u.variants().get(i))
-                else {
-                    return Err(format!("union branch {i} out of range"));
-                };
-                Value::Union(i as u32, Box::new(self.value(variant, enclosing, fields)?))
+                let (i, variant) = self.branch(u)?;
+                Value::Union(i, Box::new(self.value(variant, enclosing, fields)?))
             }
             Schema::Record(r) => {
                 let full = r.name.fully_qualified_name(enclosing);
@@ -379,42 +428,13 @@ impl<'d> Reader<'d, '_> {
                     self.bytes()?;
                 }
             },
-            Schema::Array(_) | Schema::Map(_) => {
-                let mut seen = 0;
-                loop {
-                    let count = self.long()?;
-                    if count == 0 {
-                        break;
-                    }
-                    if count < 0 {
-                        // A block that says its size is skipped whole.
-                        let size = self.len()?;
-                        self.take(size)?;
-                        continue;
-                    }
-                    let n = usize::try_from(count).unwrap_or(usize::MAX);
-                    if n > MAX_ITEMS - seen {
-                        return Err(format!("a collection of more than {MAX_ITEMS} items"));
-                    }
-                    seen += n;
-                    for _ in 0..n {
-                        match schema {
-                            Schema::Array(a) => self.skip(&a.items, enclosing)?,
-                            Schema::Map(m) => {
-                                self.bytes()?;
-                                self.skip(&m.types, enclosing)?;
-                            }
-                            _ => unreachable!("an array or a map"),
-                        }
-                    }
-                }
-            }
+            Schema::Array(a) => self.skip_blocks(|r| r.skip(&a.items, enclosing))?,
+            Schema::Map(m) => self.skip_blocks(|r| {
+                r.bytes()?;
+                r.skip(&m.types, enclosing)
+            })?,
             Schema::Union(u) => {
-                let i = self.long()?;
-                let Some(variant) = usize::try_from(i).ok().and_then(|i| u.variants().get(i))
-                else {
-                    return Err(format!("union branch {i} out of range"));
-                };
+                let (_, variant) = self.branch(u)?;
                 self.skip(variant, enclosing)?;
             }
             Schema::Record(r) => {
