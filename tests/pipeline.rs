@@ -74,6 +74,11 @@ async fn poison_messages_go_to_the_dead_letter_topic_and_the_rest_applies() {
 
     let key = |id: i64| serde_json::to_vec(&serde_json::json!({ "id": id })).unwrap();
     let good = create_event(&table.name, 900_001, serde_json::json!(7), "x");
+    let (avro_key, avro_value) = avro_create_event(&table.name, 900_009).await;
+    assert!(
+        avro_value.len() > 100,
+        "the Avro event is long enough to cut inside a field"
+    );
     // (what, key, value)
     type Poison<'a> = (&'a str, Option<Vec<u8>>, Vec<u8>);
     let poison: Vec<Poison> = vec![
@@ -83,6 +88,11 @@ async fn poison_messages_go_to_the_dead_letter_topic_and_the_rest_applies() {
             good[..good.len() / 2].to_vec(),
         ),
         ("not json", Some(key(900_002)), b"hello, not json".to_vec()),
+        (
+            "truncated avro",
+            Some(avro_key.clone()),
+            avro_value[..avro_value.len() / 2].to_vec(),
+        ),
         (
             "unknown schema id",
             Some(vec![0, 0x7f, 0xff, 0xff, 0xf0, 2]),
@@ -186,6 +196,15 @@ async fn poison_messages_go_to_the_dead_letter_topic_and_the_rest_applies() {
             "{what}: error header"
         );
         assert!(h.contains_key("regionsync.reason"), "{what}: reason header");
+        if *what == "truncated avro" {
+            // Registered schemas, so only the cut can be what failed.
+            assert_eq!(h["regionsync.reason"], "avro_value", "{what}");
+            assert!(
+                h["regionsync.error"].contains("the datum ends"),
+                "{what}: {:?}",
+                h["regionsync.error"]
+            );
+        }
     }
     let reasons: Vec<String> = dead
         .iter()
@@ -219,6 +238,92 @@ async fn poison_messages_go_to_the_dead_letter_topic_and_the_rest_applies() {
         poison.len()
     );
     worker.stop().await;
+}
+
+/// A create event of `source_table` in the Avro wire format, key and value,
+/// with its schemas registered in the registry the workers read.
+async fn avro_create_event(source_table: &str, id: i64) -> (Vec<u8>, Vec<u8>) {
+    use apache_avro::types::Value;
+    let namespace = format!("regionsync_test.{source_table}");
+    let key_schema = serde_json::json!({
+        "type": "record", "name": "Key", "namespace": namespace,
+        "fields": [{ "name": "id", "type": "long" }]
+    });
+    let value_schema = serde_json::json!({
+        "type": "record", "name": "Envelope", "namespace": namespace,
+        "fields": [
+            { "name": "before", "type": ["null", {
+                "type": "record", "name": "Value",
+                "fields": [
+                    { "name": "id", "type": "long" },
+                    { "name": "bio", "type": ["null", "string"] }
+                ]
+            }], "default": null },
+            { "name": "after", "type": ["null", "Value"], "default": null },
+            { "name": "source", "type": {
+                "type": "record", "name": "Source",
+                "fields": [
+                    { "name": "ts_ms", "type": "long" },
+                    { "name": "schema", "type": "string" },
+                    { "name": "table", "type": "string" }
+                ]
+            }},
+            { "name": "op", "type": "string" }
+        ]
+    });
+    let framed = |id: u32, datum: Vec<u8>| [vec![0], id.to_be_bytes().to_vec(), datum].concat();
+    let datum = |schema: &apache_avro::Schema, value: Value| {
+        apache_avro::writer::datum::GenericDatumWriter::builder(schema)
+            .build()
+            .and_then(|w| w.write_value_to_vec(value))
+            .expect("an Avro datum of the test's schema")
+    };
+    let subject = format!("regionsync-test.{source_table}");
+    let key_id = register_schema(&format!("{subject}-key"), &key_schema).await;
+    let value_id = register_schema(&format!("{subject}-value"), &value_schema).await;
+    let key_schema = apache_avro::Schema::parse(&key_schema).expect("key schema");
+    let value_schema = apache_avro::Schema::parse(&value_schema).expect("value schema");
+    let key = Value::Record(vec![("id".into(), Value::Long(id))]);
+    let after = Value::Record(vec![
+        ("id".into(), Value::Long(id)),
+        (
+            "bio".into(),
+            Value::Union(1, Box::new(Value::String("b".repeat(200)))),
+        ),
+    ]);
+    let source = Value::Record(vec![
+        ("ts_ms".into(), Value::Long(1_700_000_000_000)),
+        ("schema".into(), Value::String("public".into())),
+        ("table".into(), Value::String(source_table.into())),
+    ]);
+    let value = Value::Record(vec![
+        ("before".into(), Value::Union(0, Box::new(Value::Null))),
+        ("after".into(), Value::Union(1, Box::new(after))),
+        ("source".into(), source),
+        ("op".into(), Value::String("c".into())),
+    ]);
+    (
+        framed(key_id, datum(&key_schema, key)),
+        framed(value_id, datum(&value_schema, value)),
+    )
+}
+
+/// Registers `schema` under `subject` through the registry's
+/// Confluent-compatible API; returns its id.
+async fn register_schema(subject: &str, schema: &serde_json::Value) -> u32 {
+    let url = format!("{}/subjects/{subject}/versions", registry_ccompat_url());
+    let response: serde_json::Value = reqwest::Client::new()
+        .post(url)
+        .json(&serde_json::json!({ "schema": schema.to_string() }))
+        .send()
+        .await
+        .and_then(reqwest::Response::error_for_status)
+        .unwrap_or_else(|e| panic!("registering {subject}: {e}"))
+        .json()
+        .await
+        .expect("the registry answers with JSON");
+    let id = response["id"].as_u64().expect("the registry returns an id");
+    u32::try_from(id).expect("a schema id fits 4 bytes")
 }
 
 /// Replaying a topic from its first offset over the converged replica (a
