@@ -31,6 +31,7 @@ mod support;
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{CommitMode, Consumer};
@@ -39,6 +40,7 @@ use serde::Serialize;
 use support::*;
 use tokio_postgres::Client;
 
+const CONNECT_A: &str = "http://127.0.0.1:18083";
 const CONNECT_B: &str = "http://127.0.0.1:28083";
 const REGISTRY_URL: &str = "http://127.0.0.1:18081/apis/registry/v2";
 const LIVE_TABLE: &str = "bench_live";
@@ -318,6 +320,86 @@ struct LiveResult {
     slowest_insert_s: f64,
     cpu_sink_per_m: f64,
     cpu_pg_per_m: f64,
+    /// Where the backlog was, sampled every second from the writer's first
+    /// commit until every row was in B.
+    stages: StageBacklog,
+}
+
+/// Rows behind at each stage of the path, in rows (one change event each):
+/// Debezium A (committed in A, not yet in Kafka A), MirrorMaker 2 (in Kafka
+/// A, not yet in Kafka B) and the sink under test (in Kafka B, not yet in
+/// B's copy). The largest sample, and the sample when the writer stopped.
+#[derive(Clone, Debug, Default, Serialize)]
+struct StageBacklog {
+    debezium_max: i64,
+    mirrormaker_max: i64,
+    sink_max: i64,
+    debezium_at_end: i64,
+    mirrormaker_at_end: i64,
+    sink_at_end: i64,
+    samples: usize,
+}
+
+impl StageBacklog {
+    fn summary(&self) -> String {
+        format!(
+            "{} / {} / {} (max), {} / {} / {} (writer's end)",
+            self.debezium_max,
+            self.mirrormaker_max,
+            self.sink_max,
+            self.debezium_at_end,
+            self.mirrormaker_at_end,
+            self.sink_at_end
+        )
+    }
+}
+
+/// Samples [`StageBacklog`] each second until `done` is set. `written` is
+/// the writer's next id; `writing` is cleared when the writer stops.
+async fn sample_stages(
+    source_topic: String,
+    mirrored_topic: String,
+    copy: String,
+    first_id: i64,
+    written: std::sync::Arc<std::sync::atomic::AtomicI64>,
+    writing: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    done: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> StageBacklog {
+    use std::sync::atomic::Ordering::SeqCst;
+    let b = connect(PG_PORT_B, "postgres", "").await;
+    let ends = |bootstrap: &'static str, topic: String| {
+        tokio::task::spawn_blocking(move || topic_ends_on(bootstrap, &topic).values().sum::<i64>())
+    };
+    let (base_a, base_b) = (
+        ends(KAFKA_A, source_topic.clone()).await.expect("ends"),
+        ends(KAFKA_B, mirrored_topic.clone()).await.expect("ends"),
+    );
+    let mut s = StageBacklog::default();
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let mut was_writing = true;
+    while !done.load(SeqCst) {
+        tick.tick().await;
+        let still_writing = writing.load(SeqCst);
+        let committed = written.load(SeqCst) - first_id;
+        let in_a = ends(KAFKA_A, source_topic.clone()).await.expect("ends") - base_a;
+        let in_b = ends(KAFKA_B, mirrored_topic.clone()).await.expect("ends") - base_b;
+        let applied = count_ids(&b, &format!("bench.{copy}"), (first_id, i64::MAX)).await;
+        let (dbz, mm2, sink) = (
+            (committed - in_a).max(0),
+            (in_a - in_b).max(0),
+            (in_b - applied).max(0),
+        );
+        s.debezium_max = s.debezium_max.max(dbz);
+        s.mirrormaker_max = s.mirrormaker_max.max(mm2);
+        s.sink_max = s.sink_max.max(sink);
+        if was_writing && !still_writing {
+            (s.debezium_at_end, s.mirrormaker_at_end, s.sink_at_end) = (dbz, mm2, sink);
+        }
+        was_writing = still_writing;
+        s.samples += 1;
+    }
+    s
 }
 
 impl LiveResult {
@@ -330,7 +412,13 @@ impl LiveResult {
 /// `duration`, in one transaction every 10 ms (more rows in one if the
 /// previous insert took longer); returns the next free id and the slowest
 /// insert's seconds.
-async fn write_steadily(a: &Client, first: i64, rate: u64, duration: Duration) -> (i64, f64) {
+async fn write_steadily(
+    a: &Client,
+    first: i64,
+    rate: u64,
+    duration: Duration,
+    progress: &std::sync::atomic::AtomicI64,
+) -> (i64, f64) {
     let insert = a
         .prepare(&format!(
             "INSERT INTO public.{LIVE_TABLE} ({USER_COLUMNS})
@@ -354,6 +442,7 @@ async fn write_steadily(a: &Client, first: i64, rate: u64, duration: Duration) -
                 .expect("live insert");
             slowest = slowest.max(t.elapsed().as_secs_f64());
             next = due;
+            progress.store(next, std::sync::atomic::Ordering::SeqCst);
         }
         if elapsed >= duration {
             return (next, slowest);
@@ -427,6 +516,72 @@ async fn ensure_live_table(a: &Client) -> String {
     topic
 }
 
+/// Region A's Avro capture connector, paused for the live phase and resumed
+/// when this is dropped. The live rows travel on the JSON topic only, but
+/// both connectors capture every table, and on two cores the second capture
+/// in the same Connect worker was the largest cost on the path: at 5,000
+/// writes/s Connect A took 18 of the box's 60 CPU seconds per 30 s, the
+/// backlog built up before Kafka A (rows behind Debezium 132,368, behind
+/// MirrorMaker 2 at most 5,280, behind regionsync at most 1,048), and the
+/// writer fell short of its rate. Both peers run under the same condition.
+struct AvroCapturePaused;
+
+impl AvroCapturePaused {
+    const NAME: &'static str = "cdc-avro";
+
+    fn pause() -> Self {
+        assert!(
+            Self::request("pause"),
+            "pausing {} on Connect A failed",
+            Self::NAME
+        );
+        let started = Instant::now();
+        while Self::task_state().as_deref() != Some("PAUSED") {
+            assert!(
+                started.elapsed() < Duration::from_secs(60),
+                "{} on Connect A not paused after 60 s",
+                Self::NAME
+            );
+            std::thread::sleep(Duration::from_millis(500));
+        }
+        println!("live phase: {} on Connect A paused", Self::NAME);
+        AvroCapturePaused
+    }
+
+    fn request(action: &str) -> bool {
+        Command::new("curl")
+            .args(["-fsS", "-X", "PUT"])
+            .arg(format!("{CONNECT_A}/connectors/{}/{action}", Self::NAME))
+            .status()
+            .is_ok_and(|s| s.success())
+    }
+
+    fn task_state() -> Option<String> {
+        let out = Command::new("curl")
+            .arg("-fsS")
+            .arg(format!("{CONNECT_A}/connectors/{}/status", Self::NAME))
+            .output()
+            .ok()?;
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+        v["tasks"][0]["state"].as_str().map(str::to_owned)
+    }
+}
+
+impl Drop for AvroCapturePaused {
+    fn drop(&mut self) {
+        // Not an assert: this may run while a panic unwinds.
+        if Self::request("resume") {
+            println!("live phase over: {} on Connect A resumed", Self::NAME);
+        } else {
+            eprintln!(
+                "resuming {} on Connect A failed: resume it by hand (curl -X PUT {CONNECT_A}/connectors/{}/resume)",
+                Self::NAME,
+                Self::NAME
+            );
+        }
+    }
+}
+
 #[allow(clippy::too_many_arguments)]
 async fn run_live(
     a: &Client,
@@ -470,20 +625,40 @@ async fn run_live(
         }
     };
     // Warm-up: the peer joins its group, connects and reaches steady state.
-    let warm = (*next_id, write_steadily(a, *next_id, rate, WARMUP).await.0);
+    let progress = std::sync::Arc::new(std::sync::atomic::AtomicI64::new(*next_id));
+    let warm = (
+        *next_id,
+        write_steadily(a, *next_id, rate, WARMUP, &progress).await.0,
+    );
     wait_arrived(b, &copy, warm).await;
     let sink_pid = match &running {
         Running::Worker(w) => w.pid(),
         Running::Sink(_) => stack_pid("connect-eu-west-1"),
     };
     let (cpu_before, pg_before) = (cpu_seconds(sink_pid), postgres_b_cpu());
+    let (still_writing, done) = (
+        std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true)),
+        std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false)),
+    );
+    let sampler = tokio::spawn(sample_stages(
+        format!("cdc.public.{LIVE_TABLE}"),
+        topic.to_string(),
+        copy.clone(),
+        warm.1,
+        progress.clone(),
+        still_writing.clone(),
+        done.clone(),
+    ));
     let writing = Instant::now();
     let (end, slowest_insert_s) =
-        write_steadily(a, warm.1, rate, Duration::from_secs(seconds)).await;
+        write_steadily(a, warm.1, rate, Duration::from_secs(seconds), &progress).await;
+    still_writing.store(false, std::sync::atomic::Ordering::SeqCst);
     let ids = (warm.1, end);
     let written_per_s = (end - warm.1) as f64 / writing.elapsed().as_secs_f64();
     *next_id = ids.1;
     let drain_s = wait_arrived(b, &copy, ids).await;
+    done.store(true, std::sync::atomic::Ordering::SeqCst);
+    let stages = sampler.await.expect("the stage sampler");
     let cpu_sink = cpu_seconds(sink_pid) - cpu_before;
     let cpu_pg = postgres_b_cpu() - pg_before;
     match running {
@@ -541,6 +716,7 @@ async fn run_live(
         slowest_insert_s,
         cpu_sink_per_m: cpu_sink * 1e6 / rows as f64,
         cpu_pg_per_m: cpu_pg * 1e6 / rows as f64,
+        stages,
     }
 }
 
@@ -650,12 +826,15 @@ fn markdown(r: &Report) -> String {
             md,
             "## Live end-to-end latency (commit in B − commit in A, per row)\n"
         );
-        let _ = writeln!(md, "| writes/s | peer | rows | p50 ms | p99 ms | max ms | p50 first/last tenth ms | drain s | backlog | CPU s / 1M (sink) | CPU s / 1M (PostgreSQL) |");
-        let _ = writeln!(md, "|---:|---|---:|---:|---:|---:|---|---:|---|---:|---:|");
+        let _ = writeln!(md, "| writes/s | peer | rows | p50 ms | p99 ms | max ms | p50 first/last tenth ms | drain s | backlog | rows behind Debezium / MM2 / sink, max | at the writer's end | CPU s / 1M (sink) | CPU s / 1M (PostgreSQL) |");
+        let _ = writeln!(
+            md,
+            "|---:|---|---:|---:|---:|---:|---|---:|---|---|---|---:|---:|"
+        );
         for l in &r.live {
             let _ = writeln!(
                 md,
-                "| {} | {} | {} | {:.0} | {:.0} | {:.0} | {:.0} / {:.0} | {:.1} | {} | {:.1} | {:.1} |",
+                "| {} | {} | {} | {:.0} | {:.0} | {:.0} | {:.0} / {:.0} | {:.1} | {} | {} / {} / {} | {} / {} / {} | {:.1} | {:.1} |",
                 l.rate,
                 l.peer.name(),
                 l.rows,
@@ -666,6 +845,12 @@ fn markdown(r: &Report) -> String {
                 l.p50_last_ms,
                 l.drain_s,
                 if l.backlog_grows() { "GROWS" } else { "steady" },
+                l.stages.debezium_max,
+                l.stages.mirrormaker_max,
+                l.stages.sink_max,
+                l.stages.debezium_at_end,
+                l.stages.mirrormaker_at_end,
+                l.stages.sink_at_end,
                 l.cpu_sink_per_m,
                 l.cpu_pg_per_m
             );
@@ -919,6 +1104,7 @@ async fn main() {
 
     if live_seconds > 0 && !rates.is_empty() {
         let topic = ensure_live_table(&a).await;
+        let _paused = AvroCapturePaused::pause();
         let mut next_id: i64 = 1_000;
         for rate in &rates {
             for peer in peers.iter().copied() {
@@ -934,7 +1120,7 @@ async fn main() {
                 )
                 .await;
                 println!(
-                    "live {rate}/s {}: p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms over {} rows; drain {:.1}s; written {:.0}/s, slowest insert {:.3}s",
+                    "live {rate}/s {}: p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms over {} rows; drain {:.1}s; written {:.0}/s, slowest insert {:.3}s; rows behind Debezium / MirrorMaker 2 / sink: {}",
                     peer.name(),
                     l.p50_ms,
                     l.p99_ms,
@@ -942,7 +1128,8 @@ async fn main() {
                     l.rows,
                     l.drain_s,
                     l.written_per_s,
-                    l.slowest_insert_s
+                    l.slowest_insert_s,
+                    l.stages.summary()
                 );
                 report.live.push(l);
             }

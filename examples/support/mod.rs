@@ -317,7 +317,17 @@ pub fn kafka_b_consumer(group: &str) -> BaseConsumer {
 
 /// A topic's current end offset per partition in B's Kafka.
 pub fn topic_ends(topic: &str) -> HashMap<i32, i64> {
-    let consumer = kafka_b_consumer("bench-unused");
+    topic_ends_on(KAFKA_B, topic)
+}
+
+/// A topic's current end offset per partition in the Kafka at `bootstrap`.
+pub fn topic_ends_on(bootstrap: &str, topic: &str) -> HashMap<i32, i64> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("group.id", "bench-unused")
+        .set("enable.auto.commit", "false")
+        .create()
+        .expect("consumer");
     let md = consumer
         .fetch_metadata(Some(topic), Duration::from_secs(5))
         .expect("metadata");
