@@ -32,9 +32,12 @@ mod support;
 use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::process::Command;
+use std::sync::atomic::Ordering::SeqCst;
+use std::sync::atomic::{AtomicBool, AtomicI64};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use rdkafka::consumer::{CommitMode, Consumer};
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
 use rdkafka::{Offset, TopicPartitionList};
 use serde::Serialize;
 use support::*;
@@ -361,19 +364,31 @@ async fn sample_stages(
     mirrored_topic: String,
     copy: String,
     first_id: i64,
-    written: std::sync::Arc<std::sync::atomic::AtomicI64>,
-    writing: std::sync::Arc<std::sync::atomic::AtomicBool>,
-    done: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    written: Arc<AtomicI64>,
+    writing: Arc<AtomicBool>,
+    done: Arc<AtomicBool>,
 ) -> StageBacklog {
-    use std::sync::atomic::Ordering::SeqCst;
     let b = connect(PG_PORT_B, "postgres", "").await;
-    let ends = |bootstrap: &'static str, topic: String| {
-        tokio::task::spawn_blocking(move || topic_ends_on(bootstrap, &topic).values().sum::<i64>())
+    // One consumer per Kafka for the whole window: the box is saturated
+    // while it is sampled, so no new client every second.
+    let consumers = Arc::new((
+        kafka_consumer(KAFKA_A, "bench-unused"),
+        kafka_b_consumer("bench-unused"),
+    ));
+    // Messages in the source topic in Kafka A and in its copy in Kafka B.
+    let ends = || {
+        let (consumers, source, mirrored) = (
+            consumers.clone(),
+            source_topic.clone(),
+            mirrored_topic.clone(),
+        );
+        tokio::task::spawn_blocking(move || {
+            let (a, b) = &*consumers;
+            let sum = |c: &BaseConsumer, t: &str| ends_seen_by(c, t).values().sum::<i64>();
+            (sum(a, &source), sum(b, &mirrored))
+        })
     };
-    let (base_a, base_b) = (
-        ends(KAFKA_A, source_topic.clone()).await.expect("ends"),
-        ends(KAFKA_B, mirrored_topic.clone()).await.expect("ends"),
-    );
+    let (base_a, base_b) = ends().await.expect("topic ends");
     let mut s = StageBacklog::default();
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
@@ -382,8 +397,8 @@ async fn sample_stages(
         tick.tick().await;
         let still_writing = writing.load(SeqCst);
         let committed = written.load(SeqCst) - first_id;
-        let in_a = ends(KAFKA_A, source_topic.clone()).await.expect("ends") - base_a;
-        let in_b = ends(KAFKA_B, mirrored_topic.clone()).await.expect("ends") - base_b;
+        let (in_a, in_b) = ends().await.expect("topic ends");
+        let (in_a, in_b) = (in_a - base_a, in_b - base_b);
         let applied = count_ids(&b, &format!("bench.{copy}"), (first_id, i64::MAX)).await;
         let (dbz, mm2, sink) = (
             (committed - in_a).max(0),
@@ -417,7 +432,7 @@ async fn write_steadily(
     first: i64,
     rate: u64,
     duration: Duration,
-    progress: &std::sync::atomic::AtomicI64,
+    progress: &AtomicI64,
 ) -> (i64, f64) {
     let insert = a
         .prepare(&format!(
@@ -442,7 +457,7 @@ async fn write_steadily(
                 .expect("live insert");
             slowest = slowest.max(t.elapsed().as_secs_f64());
             next = due;
-            progress.store(next, std::sync::atomic::Ordering::SeqCst);
+            progress.store(next, SeqCst);
         }
         if elapsed >= duration {
             return (next, slowest);
@@ -625,7 +640,7 @@ async fn run_live(
         }
     };
     // Warm-up: the peer joins its group, connects and reaches steady state.
-    let progress = std::sync::Arc::new(std::sync::atomic::AtomicI64::new(*next_id));
+    let progress = Arc::new(AtomicI64::new(*next_id));
     let warm = (
         *next_id,
         write_steadily(a, *next_id, rate, WARMUP, &progress).await.0,
@@ -637,8 +652,8 @@ async fn run_live(
     };
     let (cpu_before, pg_before) = (cpu_seconds(sink_pid), postgres_b_cpu());
     let (still_writing, done) = (
-        std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true)),
-        std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false)),
+        Arc::new(AtomicBool::new(true)),
+        Arc::new(AtomicBool::new(false)),
     );
     let sampler = tokio::spawn(sample_stages(
         format!("cdc.public.{LIVE_TABLE}"),
@@ -652,12 +667,12 @@ async fn run_live(
     let writing = Instant::now();
     let (end, slowest_insert_s) =
         write_steadily(a, warm.1, rate, Duration::from_secs(seconds), &progress).await;
-    still_writing.store(false, std::sync::atomic::Ordering::SeqCst);
+    still_writing.store(false, SeqCst);
     let ids = (warm.1, end);
     let written_per_s = (end - warm.1) as f64 / writing.elapsed().as_secs_f64();
     *next_id = ids.1;
     let drain_s = wait_arrived(b, &copy, ids).await;
-    done.store(true, std::sync::atomic::Ordering::SeqCst);
+    done.store(true, SeqCst);
     let stages = sampler.await.expect("the stage sampler");
     let cpu_sink = cpu_seconds(sink_pid) - cpu_before;
     let cpu_pg = postgres_b_cpu() - pg_before;

@@ -307,8 +307,12 @@ pub async fn ensure_source(a: &Client, n: u64) {
 }
 
 pub fn kafka_b_consumer(group: &str) -> BaseConsumer {
+    kafka_consumer(KAFKA_B, group)
+}
+
+pub fn kafka_consumer(bootstrap: &str, group: &str) -> BaseConsumer {
     ClientConfig::new()
-        .set("bootstrap.servers", KAFKA_B)
+        .set("bootstrap.servers", bootstrap)
         .set("group.id", group)
         .set("enable.auto.commit", "false")
         .create()
@@ -317,17 +321,12 @@ pub fn kafka_b_consumer(group: &str) -> BaseConsumer {
 
 /// A topic's current end offset per partition in B's Kafka.
 pub fn topic_ends(topic: &str) -> HashMap<i32, i64> {
-    topic_ends_on(KAFKA_B, topic)
+    ends_seen_by(&kafka_b_consumer("bench-unused"), topic)
 }
 
-/// A topic's current end offset per partition in the Kafka at `bootstrap`.
-pub fn topic_ends_on(bootstrap: &str, topic: &str) -> HashMap<i32, i64> {
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", bootstrap)
-        .set("group.id", "bench-unused")
-        .set("enable.auto.commit", "false")
-        .create()
-        .expect("consumer");
+/// A topic's current end offset per partition in the Kafka `consumer` is
+/// connected to (kept by a caller that asks often).
+pub fn ends_seen_by(consumer: &BaseConsumer, topic: &str) -> HashMap<i32, i64> {
     let md = consumer
         .fetch_metadata(Some(topic), Duration::from_secs(5))
         .expect("metadata");
