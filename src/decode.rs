@@ -17,6 +17,7 @@
 use std::borrow::Cow;
 use std::cell::RefCell;
 use std::collections::{BTreeMap, HashMap};
+use std::fmt::Write as _;
 use std::rc::Rc;
 
 use apache_avro::schema::Name;
@@ -677,63 +678,97 @@ fn remember_recent(text: &str, schema: &Rc<ConnectSchema>) {
 /// decode.
 pub(crate) struct ConnectSchema {
     json: Json,
-    /// Positions of the schema's own fields.
-    positions: FxHashMap<String, usize>,
-    /// Positions of the fields of each struct-typed field, by its name.
-    nested: FxHashMap<String, FxHashMap<String, usize>>,
+    /// The schema's own fields.
+    own: FieldIndex,
+    /// The fields of each struct-typed field, by its name.
+    nested: FxHashMap<String, FieldIndex>,
 }
 
-/// One struct of a [`ConnectSchema`]: its field schemas and their positions.
+/// A struct schema's fields: their positions by name, and what decoding
+/// each one's value needs, read once per schema instead of per message.
+struct FieldIndex {
+    positions: FxHashMap<String, usize>,
+    plans: Vec<FieldPlan>,
+}
+
+/// A field's Connect type as far as the common values' quick path needs it,
+/// and its semantic name.
+struct FieldPlan {
+    kind: ConnectKind,
+    semantic: Option<Cow<'static, str>>,
+}
+
+/// Connect types whose JSON values [`quick_field`] reads without building a
+/// JSON value first; the rest go the general way.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum ConnectKind {
+    Int,
+    Boolean,
+    String,
+    Other,
+}
+
+impl FieldIndex {
+    fn of(schema: &Json) -> Self {
+        let fields = schema.get("fields").and_then(Json::as_array);
+        let mut positions = FxHashMap::default();
+        let mut plans = Vec::new();
+        for (i, f) in fields.into_iter().flatten().enumerate() {
+            if let Some(name) = f.get("field").and_then(Json::as_str) {
+                // The first of a repeated name, as a linear search finds.
+                positions.entry(name.to_owned()).or_insert(i);
+            }
+            let kind = match f.get("type").and_then(Json::as_str) {
+                Some("int8" | "int16" | "int32" | "int64") => ConnectKind::Int,
+                Some("boolean") => ConnectKind::Boolean,
+                Some("string") => ConnectKind::String,
+                _ => ConnectKind::Other,
+            };
+            let semantic = f.get("name").and_then(Json::as_str).map(semantic_name);
+            plans.push(FieldPlan { kind, semantic });
+        }
+        FieldIndex { positions, plans }
+    }
+}
+
+/// One struct of a [`ConnectSchema`]: its field schemas and their index.
 #[derive(Clone, Copy)]
 struct StructSchema<'a> {
     fields: &'a [Json],
-    positions: &'a FxHashMap<String, usize>,
+    index: &'a FieldIndex,
 }
 
 impl<'a> StructSchema<'a> {
     fn field(&self, name: &str) -> Option<&'a Json> {
-        self.fields.get(*self.positions.get(name)?)
+        self.fields.get(*self.index.positions.get(name)?)
+    }
+
+    /// A field's schema with its plan.
+    fn planned_field(&self, name: &str) -> Option<(&'a Json, &'a FieldPlan)> {
+        let i = *self.index.positions.get(name)?;
+        Some((self.fields.get(i)?, self.index.plans.get(i)?))
     }
 }
 
 impl ConnectSchema {
     fn new(json: Json) -> Self {
-        fn positions(schema: &Json) -> FxHashMap<String, usize> {
-            let mut by_name = FxHashMap::default();
-            for (i, f) in schema
-                .get("fields")
-                .and_then(Json::as_array)
-                .into_iter()
-                .flatten()
-                .enumerate()
-            {
-                if let Some(name) = f.get("field").and_then(Json::as_str) {
-                    // The first of a repeated name, as a linear search finds.
-                    by_name.entry(name.to_owned()).or_insert(i);
-                }
-            }
-            by_name
-        }
-        let own = positions(&json);
+        let own = FieldIndex::of(&json);
         let nested = own
+            .positions
             .iter()
             .filter_map(|(name, i)| {
                 let field = json.get("fields")?.get(*i)?;
-                Some((name.clone(), positions(field)))
+                Some((name.clone(), FieldIndex::of(field)))
             })
             .collect();
-        ConnectSchema {
-            json,
-            positions: own,
-            nested,
-        }
+        ConnectSchema { json, own, nested }
     }
 
     /// The schema itself, as a struct (a key's row).
     fn as_struct(&self) -> Option<StructSchema<'_>> {
         Some(StructSchema {
             fields: self.json.get("fields")?.as_array()?,
-            positions: &self.positions,
+            index: &self.own,
         })
     }
 
@@ -741,7 +776,7 @@ impl ConnectSchema {
     fn struct_field(&self, name: &str) -> Option<StructSchema<'_>> {
         Some(StructSchema {
             fields: self.as_struct()?.field(name)?.get("fields")?.as_array()?,
-            positions: self.nested.get(name)?,
+            index: self.nested.get(name)?,
         })
     }
 }
@@ -917,19 +952,58 @@ fn json_row(
         if !wanted(name) {
             continue;
         }
-        let value: Json = serde_json::from_str(raw.get())
-            .map_err(|e| column_error(name, format!("not valid JSON: {e}")))?;
-        let typed = match schema.and_then(|s| s.field(name)) {
-            Some(field_schema) => json_typed(&value, field_schema, name)?,
-            None => Typed {
-                field: json_plain(&value, name, false)?,
-                semantic: None,
-            },
+        let planned = schema.and_then(|s| s.planned_field(name));
+        let quick = planned.and_then(|(_, plan)| {
+            quick_field(raw.get(), plan.kind).map(|field| Typed {
+                field,
+                semantic: plan.semantic.clone(),
+            })
+        });
+        let typed = match quick {
+            Some(typed) => typed,
+            None => {
+                let value: Json = serde_json::from_str(raw.get())
+                    .map_err(|e| column_error(name, format!("not valid JSON: {e}")))?;
+                match planned {
+                    Some((field_schema, _)) => json_typed(&value, field_schema, name)?,
+                    None => Typed {
+                        field: json_plain(&value, name, false)?,
+                        semantic: None,
+                    },
+                }
+            }
         };
         // A repeated name: the last one counts, as in a parsed object.
         row.insert(name.clone().into_owned(), typed);
     }
     Ok(row)
+}
+
+/// The common values read straight from their JSON text: a null, an
+/// integer, a boolean, a string without escapes (not the placeholder).
+/// `None` sends the value the general way ([`json_typed`]), which decodes
+/// everything else and words the errors; for what this reads, it gives the
+/// same field.
+fn quick_field(raw: &str, kind: ConnectKind) -> Option<Field> {
+    if raw == "null" {
+        return Some(Field::Null);
+    }
+    match kind {
+        // serde_json reads `-0` as a float, which no integer column takes.
+        ConnectKind::Int if raw == "-0" => None,
+        ConnectKind::Int => raw.parse().ok().map(Field::Int),
+        ConnectKind::Boolean => match raw {
+            "true" => Some(Field::Bool(true)),
+            "false" => Some(Field::Bool(false)),
+            _ => None,
+        },
+        ConnectKind::String => {
+            let text = raw.strip_prefix('"')?.strip_suffix('"')?;
+            (!text.contains('\\') && text != UNAVAILABLE_PLACEHOLDER)
+                .then(|| Field::String(text.to_owned()))
+        }
+        ConnectKind::Other => None,
+    }
 }
 
 fn is_placeholder_list<T>(items: &[T], is_placeholder: impl Fn(&T) -> bool) -> bool {
@@ -1857,32 +1931,54 @@ fn time_micros(
 }
 
 fn time_text(micros: i128) -> Result<String, DecodeError> {
-    let (secs, frac) = (micros.div_euclid(1_000_000), micros.rem_euclid(1_000_000));
-    Ok(format!(
+    let mut out = String::with_capacity(15);
+    push_time(&mut out, micros);
+    Ok(out)
+}
+
+/// `HH:MM:SS.ffffff` of a time of day in 0..=24h (in i64: formatting an
+/// i128 is several times slower, and this runs for every time value).
+fn push_time(out: &mut String, micros: i128) {
+    let micros = micros.clamp(0, MICROS_PER_DAY) as i64;
+    let (secs, frac) = (micros / 1_000_000, micros % 1_000_000);
+    let _ = write!(
+        out,
         "{:02}:{:02}:{:02}.{frac:06}",
         secs / 3600,
         secs / 60 % 60,
         secs % 60
-    ))
+    );
 }
 
 fn timestamp_text(micros: i128, zone: &str) -> Result<String, DecodeError> {
-    let (date, bc) = civil_date(micros.div_euclid(MICROS_PER_DAY))?;
-    let time = time_text(micros.rem_euclid(MICROS_PER_DAY))?;
-    let era = if bc { " BC" } else { "" };
-    Ok(format!("{date} {time}{zone}{era}"))
+    let mut out = String::with_capacity(32);
+    let bc = push_civil_date(&mut out, micros.div_euclid(MICROS_PER_DAY))?;
+    out.push(' ');
+    push_time(&mut out, micros.rem_euclid(MICROS_PER_DAY));
+    out.push_str(zone);
+    if bc {
+        out.push_str(" BC");
+    }
+    Ok(out)
 }
 
 /// Days since 1970-01-01 → (`YYYY-MM-DD`, before Christ) in the proleptic
 /// Gregorian calendar PostgreSQL uses (year 0 is 1 BC).
 fn civil_date(days: i128) -> Result<(String, bool), DecodeError> {
+    let mut out = String::with_capacity(10);
+    let bc = push_civil_date(&mut out, days)?;
+    Ok((out, bc))
+}
+
+/// Appends [`civil_date`]'s text; returns whether the date is BC.
+fn push_civil_date(out: &mut String, days: i128) -> Result<bool, DecodeError> {
     if !(-MAX_ABS_DAYS..=MAX_ABS_DAYS).contains(&days) {
         return Err(render_error(format!(
             "date {days} days from 1970-01-01 is out of range"
         )));
     }
-    // Howard Hinnant's civil_from_days.
-    let z = days + 719_468;
+    // In range, so i64 cannot overflow. Howard Hinnant's civil_from_days.
+    let z = days as i64 + 719_468;
     let era = z.div_euclid(146_097);
     let doe = z.rem_euclid(146_097);
     let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
@@ -1890,12 +1986,11 @@ fn civil_date(days: i128) -> Result<(String, bool), DecodeError> {
     let mp = (5 * doy + 2) / 153;
     let day = doy - (153 * mp + 2) / 5 + 1;
     let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i128::from(month <= 2);
-    Ok(if year > 0 {
-        (format!("{year:04}-{month:02}-{day:02}"), false)
-    } else {
-        (format!("{:04}-{month:02}-{day:02}", 1 - year), true)
-    })
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    let bc = year <= 0;
+    let year = if bc { 1 - year } else { year };
+    let _ = write!(out, "{year:04}-{month:02}-{day:02}");
+    Ok(bc)
 }
 
 fn render_float(f: f64) -> String {
@@ -3651,5 +3746,60 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// The quick path gives what the general way gives, for every value it
+    /// takes; what it declines, the general way decides.
+    #[test]
+    fn the_quick_path_reads_values_as_the_general_way_does() {
+        let values = [
+            "null",
+            "0",
+            "-0",
+            "42",
+            "-17",
+            "9223372036854775807",
+            "9223372036854775808",
+            "-9223372036854775808",
+            "1.5",
+            "1e3",
+            "true",
+            "false",
+            "\"\"",
+            "\"plain\"",
+            "\"with \\\"quote\\\"\"",
+            "\"café\"",
+            "\"\\u00e9\"",
+            "\"__debezium_unavailable_value\"",
+            "[1]",
+            "{}",
+        ];
+        let kinds = [
+            (ConnectKind::Int, "int64"),
+            (ConnectKind::Int, "int32"),
+            (ConnectKind::Boolean, "boolean"),
+            (ConnectKind::String, "string"),
+        ];
+        let mut taken = 0;
+        for raw in values {
+            for (kind, ty) in kinds {
+                let Some(quick) = quick_field(raw, kind) else {
+                    continue;
+                };
+                taken += 1;
+                let value: Json = serde_json::from_str(raw).unwrap();
+                let general = json_with_schema(&value, &json!({ "type": ty }), None, "c", false);
+                assert_eq!(Ok(quick), general, "{raw} as {ty}");
+            }
+        }
+        assert!(taken >= 12, "the quick path took only {taken} values");
+        for declined in ["\"__debezium_unavailable_value\"", "\"a\\nb\"", "1.5"] {
+            assert_eq!(
+                quick_field(declined, ConnectKind::String),
+                None,
+                "{declined}"
+            );
+        }
+        assert_eq!(quick_field("1.5", ConnectKind::Int), None);
     }
 }
