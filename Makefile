@@ -2,7 +2,7 @@
 SHELL := /bin/bash
 STACK := deploy/local/stack.sh
 
-.PHONY: help demo test lint rules-test unit integration stack-up stack-down stack-status stack-install bench bench-peers workers-up workers-down
+.PHONY: help demo test lint rules-test unit integration stack-up stack-down stack-status stack-install bench bench-decode bench-peers workers-up workers-down
 
 help:
 	@echo "make demo          local two-region stack replicating live, lag visible"
@@ -12,7 +12,8 @@ help:
 	@echo "make stack-status  one line per service: state, address, pid, log"
 	@echo "make workers-up    build regionsync (release) and start one worker per region"
 	@echo "make workers-down  stop the workers"
-	@echo "make bench         the apply benchmark, then make bench-peers"
+	@echo "make bench         the apply benchmark, then bench-decode and bench-peers"
+	@echo "make bench-decode  decode + prepare CPU per change, from memory (after make bench)"
 	@echo "make bench-peers   regionsync against the Debezium JDBC sink, same events, same run"
 
 stack-install:
@@ -45,11 +46,20 @@ demo:
 # (default 1,000,000; make bench BENCH_ARGS="--changes 200000 --runs 3"),
 # cached in the topics between runs; prints rows/s, batch commit latency,
 # peak RSS, CPU, and the rate as a fraction of the in-memory ceiling. Then
-# bench-peers on the same changes.
+# bench-decode and bench-peers on the same changes.
 bench: stack-up
-	cargo build --release --bin regionsync --example bench --example bench_peers
+	cargo build --release --bin regionsync --example bench --example bench_decode --example bench_peers
 	./target/release/examples/bench $(BENCH_ARGS)
+	./target/release/examples/bench_decode $(BENCH_ARGS)
 	./target/release/examples/bench_peers $(BENCH_ARGS) $(PEERS_ARGS)
+
+# The worker's decode + prepare CPU per change on the first 100,000 changes
+# of bench's topics, from memory: no Kafka, no PostgreSQL, so unlike the
+# replay rates it does not move with the rest of the box (examples/
+# bench_decode.rs). Needs the topics bench produced.
+bench-decode: stack-up
+	cargo build --release --example bench_decode
+	./target/release/examples/bench_decode
 
 # regionsync against the Debezium JDBC sink on Connect B (examples/
 # bench_peers.rs): bulk apply of the same N changes in JSON and Avro, and live

@@ -1,0 +1,155 @@
+//! `make bench-decode`: the worker's own CPU per change, without Kafka or
+//! PostgreSQL in the measurement. Reads the first M (default 100,000)
+//! mirrored changes of `make bench`'s topics from Kafka B into memory, then
+//! decodes each and prepares its row for the target table (what the worker
+//! does between fetching a message and sending its batch), on one thread,
+//! R times (default 5). Prints the median µs per change and changes/s per
+//! core, per encoding. On a shared 2-core box the replay rates of `make
+//! bench` move with everything else running; this figure does not, so it
+//! is the one to compare decode changes by.
+//!
+//! Needs the topics `make bench` produced (run it first) and the stack up.
+//!
+//! cargo run --release --example bench_decode [-- --changes N --messages M --runs R]
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use rdkafka::consumer::Consumer;
+use rdkafka::message::Message;
+use rdkafka::{Offset, TopicPartitionList};
+use regionsync::apply::{self, TargetTable};
+use regionsync::config::TableConfig;
+use regionsync::decode::{self, Decoded};
+use regionsync::registry::AvroSource;
+use support::*;
+
+// The worker's allocator (src/main.rs): allocation is a fair share of decoding.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+const REGISTRY_B: &str = "http://127.0.0.1:18081/apis/ccompat/v7";
+
+type Raw = (Option<Vec<u8>>, Option<Vec<u8>>);
+
+/// The first `m` messages of `topic` on Kafka B, partition by partition.
+fn first_messages(topic: &str, m: usize) -> Vec<Raw> {
+    let ends = topic_ends(topic);
+    let consumer = kafka_b_consumer("bench-decode-unused");
+    let mut tpl = TopicPartitionList::new();
+    for p in ends.keys() {
+        tpl.add_partition_offset(topic, *p, Offset::Beginning)
+            .unwrap();
+    }
+    consumer.assign(&tpl).unwrap();
+    let available: i64 = ends.values().sum();
+    let want = m.min(available as usize);
+    let mut out = Vec::with_capacity(want);
+    while out.len() < want {
+        if let Some(Ok(msg)) = consumer.poll(Duration::from_millis(500)) {
+            out.push((
+                msg.key().map(<[u8]>::to_vec),
+                msg.payload().map(<[u8]>::to_vec),
+            ));
+        }
+    }
+    out
+}
+
+/// Decodes and prepares every message once; returns the seconds taken and
+/// how many were handled (a row prepared, or a tombstone).
+async fn decode_all(
+    messages: &[Raw],
+    table: &TargetTable,
+    avro: Option<&AvroSource>,
+) -> (f64, u64) {
+    let started = Instant::now();
+    let mut handled = 0;
+    for (key, value) in messages {
+        let decoded = match avro {
+            None => decode::decode_json(key.as_deref(), value.as_deref()),
+            Some(source) => {
+                let key = source.decode(key.as_deref()).await.expect("avro key");
+                let value = source
+                    .decode_envelope(value.as_deref())
+                    .await
+                    .expect("avro value");
+                let key = key.expect("a key");
+                decode::decode_avro(key.value, key.schema, value.map(|v| (v.value, v.schema)))
+            }
+        };
+        match decoded {
+            Ok(Decoded::Change(change)) => {
+                if apply::prepare(table, change, "us-east-1").is_ok() {
+                    handled += 1;
+                }
+            }
+            // Compaction's tombstone after each delete: decoded, skipped.
+            Ok(Decoded::Tombstone { .. }) => handled += 1,
+            Err(_) => {}
+        }
+    }
+    (started.elapsed().as_secs_f64(), handled)
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() {
+    let n = arg("--changes", 1_000_000);
+    let m = arg("--messages", 100_000) as usize;
+    let runs = arg("--runs", 5);
+    let b = connect(PG_PORT_B, "postgres", "").await;
+    let config = TableConfig {
+        topics: vec![],
+        target: "public.users".into(),
+        key: vec!["id".into()],
+        columns: Default::default(),
+        source_table: None,
+        affinity: regionsync::config::SHARED.into(),
+        home_region_column: None,
+        policy: Default::default(),
+        residency: vec![],
+        counters: Default::default(),
+    };
+    let regions = ["us-east-1".to_string(), "eu-west-1".to_string()];
+    let table = TargetTable::load(&b, &config, &regions)
+        .await
+        .expect("public.users in region B");
+    let registry = AvroSource::new(REGISTRY_B);
+    let mut lines = Vec::new();
+    for (enc, topic) in ["json", "avro"]
+        .into_iter()
+        .zip(source_topics(&source_table(n)))
+    {
+        let messages = first_messages(&format!("us-east-1.{topic}"), m);
+        let avro = (enc == "avro").then_some(&registry);
+        // One untimed pass: schemas fetched and cached, as in a running worker.
+        let (_, handled) = decode_all(&messages, &table, avro).await;
+        assert_eq!(
+            handled as usize,
+            messages.len(),
+            "{enc}: not every message became a row or a tombstone"
+        );
+        let mut per_change_us = Vec::new();
+        for run in 0..runs {
+            let (secs, _) = decode_all(&messages, &table, avro).await;
+            let us = secs * 1e6 / messages.len() as f64;
+            println!("{enc} run {run}: {us:.2} µs per change");
+            per_change_us.push(us);
+        }
+        let (lo, hi) = per_change_us
+            .iter()
+            .fold((f64::MAX, 0f64), |(lo, hi), v| (lo.min(*v), hi.max(*v)));
+        let us = median(per_change_us);
+        lines.push(format!(
+            "{enc}: decode + prepare {us:.2} µs per change (median of {runs}; {lo:.2}–{hi:.2}) \
+             = {:.0} changes/s per core, over the first {} changes",
+            1e6 / us,
+            messages.len()
+        ));
+    }
+    println!();
+    for line in lines {
+        println!("{line}");
+    }
+}
