@@ -10,7 +10,7 @@
 //!
 //! Needs the topics `make bench` produced (run it first) and the stack up.
 //!
-//! cargo run --release --example bench_decode [-- --changes N --messages M --runs R]
+//! cargo run --release --example bench_decode [-- --changes N --messages M --runs R --only json|avro]
 
 mod support;
 
@@ -116,10 +116,13 @@ async fn main() {
         .await
         .expect("public.users in region B");
     let registry = AvroSource::new(REGISTRY_B);
+    // `--only json` or `--only avro` measures one encoding (for profiling).
+    let only = std::env::args().skip_while(|a| a != "--only").nth(1);
     let mut lines = Vec::new();
     for (enc, topic) in ["json", "avro"]
         .into_iter()
         .zip(source_topics(&source_table(n)))
+        .filter(|(enc, _)| only.as_deref().is_none_or(|o| o == *enc))
     {
         let messages = first_messages(&format!("us-east-1.{topic}"), m);
         let avro = (enc == "avro").then_some(&registry);
