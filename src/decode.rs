@@ -195,7 +195,24 @@ fn semantic_name(name: &str) -> Cow<'static, str> {
         DECIMAL,
         VARIABLE_SCALE_DECIMAL,
     ];
-    match KNOWN.iter().find(|k| **k == name) {
+    // Other names Debezium's PostgreSQL connector gives values: kept only,
+    // but borrowed too, as each is cloned into every value of its column.
+    const OTHER: [&str; 13] = [
+        "io.debezium.data.Json",
+        "io.debezium.data.Xml",
+        "io.debezium.data.Bits",
+        "io.debezium.data.EnumSet",
+        "io.debezium.data.Ltree",
+        "io.debezium.time.ZonedTimestamp",
+        "io.debezium.time.ZonedTime",
+        "io.debezium.time.MicroDuration",
+        "io.debezium.time.Interval",
+        "io.debezium.time.IsoDate",
+        "io.debezium.time.IsoTime",
+        "io.debezium.time.IsoTimestamp",
+        "io.debezium.data.geometry.Geometry",
+    ];
+    match KNOWN.iter().chain(&OTHER).find(|k| **k == name) {
         Some(known) => Cow::Borrowed(known),
         None => Cow::Owned(name.to_owned()),
     }
