@@ -25,11 +25,9 @@ mod support;
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use rdkafka::consumer::Consumer;
 use rdkafka::message::Message;
-use rdkafka::{Offset, TopicPartitionList};
 use regionsync::apply::{self, Final, TargetTable};
-use regionsync::config::{TableConfig, DEFAULT_BATCH_MAX_ROWS};
+use regionsync::config::DEFAULT_BATCH_MAX_ROWS;
 use regionsync::decode::{decode_json, Decoded};
 use support::*;
 use tokio_postgres::Client;
@@ -47,29 +45,8 @@ struct CeilingInput {
 async fn ceiling_input(b_admin: &Client, topic: &str, ends: &HashMap<i32, i64>) -> CeilingInput {
     let copy = CEILING_COPY;
     fresh_copy(b_admin, copy).await;
-    let consumer = kafka_b_consumer("bench-unused");
-    let mut tpl = TopicPartitionList::new();
-    for p in ends.keys() {
-        tpl.add_partition_offset(topic, *p, Offset::Beginning)
-            .unwrap();
-    }
-    consumer.assign(&tpl).unwrap();
-    let config = TableConfig {
-        topics: vec![],
-        target: format!("bench.{copy}"),
-        key: vec!["id".into()],
-        columns: Default::default(),
-        source_table: None,
-        affinity: regionsync::config::SHARED.into(),
-        home_region_column: None,
-        policy: Default::default(),
-        residency: vec![],
-        counters: Default::default(),
-    };
-    let regions = ["us-east-1".to_string(), "eu-west-1".to_string()];
-    let table = TargetTable::load(b_admin, &config, &regions)
-        .await
-        .expect("target");
+    let consumer = kafka_b_from_beginning(topic, ends.keys().copied());
+    let table = users_copy_target(b_admin, &format!("bench.{copy}")).await;
     let mut per_partition: HashMap<i32, Vec<Final>> = HashMap::new();
     let mut remaining: HashMap<i32, i64> = ends.clone();
     while !remaining.is_empty() {

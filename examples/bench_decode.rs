@@ -16,11 +16,8 @@ mod support;
 
 use std::time::{Duration, Instant};
 
-use rdkafka::consumer::Consumer;
 use rdkafka::message::Message;
-use rdkafka::{Offset, TopicPartitionList};
 use regionsync::apply::{self, TargetTable};
-use regionsync::config::TableConfig;
 use regionsync::decode::{self, Decoded};
 use regionsync::registry::AvroSource;
 use support::*;
@@ -36,13 +33,7 @@ type Raw = (Option<Vec<u8>>, Option<Vec<u8>>);
 /// The first `m` messages of `topic` on Kafka B, partition by partition.
 fn first_messages(topic: &str, m: usize) -> Vec<Raw> {
     let ends = topic_ends(topic);
-    let consumer = kafka_b_consumer("bench-decode-unused");
-    let mut tpl = TopicPartitionList::new();
-    for p in ends.keys() {
-        tpl.add_partition_offset(topic, *p, Offset::Beginning)
-            .unwrap();
-    }
-    consumer.assign(&tpl).unwrap();
+    let consumer = kafka_b_from_beginning(topic, ends.keys().copied());
     let available: i64 = ends.values().sum();
     let want = m.min(available as usize);
     let mut out = Vec::with_capacity(want);
@@ -99,22 +90,7 @@ async fn main() {
     let m = arg("--messages", 100_000) as usize;
     let runs = arg("--runs", 5);
     let b = connect(PG_PORT_B, "postgres", "").await;
-    let config = TableConfig {
-        topics: vec![],
-        target: "public.users".into(),
-        key: vec!["id".into()],
-        columns: Default::default(),
-        source_table: None,
-        affinity: regionsync::config::SHARED.into(),
-        home_region_column: None,
-        policy: Default::default(),
-        residency: vec![],
-        counters: Default::default(),
-    };
-    let regions = ["us-east-1".to_string(), "eu-west-1".to_string()];
-    let table = TargetTable::load(&b, &config, &regions)
-        .await
-        .expect("public.users in region B");
+    let table = users_copy_target(&b, "public.users").await;
     let registry = AvroSource::new(REGISTRY_B);
     // `--only json` or `--only avro` measures one encoding (for profiling).
     let only = std::env::args().skip_while(|a| a != "--only").nth(1);

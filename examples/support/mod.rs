@@ -1,5 +1,6 @@
-//! What `make bench` (examples/bench.rs) and `make bench-peers`
-//! (examples/bench_peers.rs) share: the cached source changes in region A,
+//! What `make bench` (examples/bench.rs), `make bench-decode`
+//! (examples/bench_decode.rs) and `make bench-peers` (examples/bench_peers.rs)
+//! share: the cached source changes in region A,
 //! the mirrored topics' settled end offsets, a regionsync run into an empty
 //! copy in region B, and the process and checksum probes that time and
 //! verify every run.
@@ -17,7 +18,9 @@ use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, ResourceSpecifier, Top
 use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::RDKafkaErrorCode;
-use rdkafka::ClientConfig;
+use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+use regionsync::apply::TargetTable;
+use regionsync::config::TableConfig;
 use tokio_postgres::{Client, NoTls};
 
 pub const KAFKA_A: &str = "127.0.0.1:19092";
@@ -317,6 +320,43 @@ pub fn kafka_consumer(bootstrap: &str, group: &str) -> BaseConsumer {
         .set("enable.auto.commit", "false")
         .create()
         .expect("consumer")
+}
+
+/// A consumer of B's Kafka assigned to partitions `partitions` of `topic`,
+/// each from its first offset.
+pub fn kafka_b_from_beginning(
+    topic: &str,
+    partitions: impl IntoIterator<Item = i32>,
+) -> BaseConsumer {
+    let consumer = kafka_b_consumer("bench-unused");
+    let mut tpl = TopicPartitionList::new();
+    for p in partitions {
+        tpl.add_partition_offset(topic, p, Offset::Beginning)
+            .expect("partition offset");
+    }
+    consumer.assign(&tpl).expect("assign");
+    consumer
+}
+
+/// The target table `target` in region B, a copy of `users` keyed by `id`,
+/// as the worker loads it (shared affinity, last writer wins).
+pub async fn users_copy_target(b: &Client, target: &str) -> TargetTable {
+    let config = TableConfig {
+        topics: vec![],
+        target: target.into(),
+        key: vec!["id".into()],
+        columns: Default::default(),
+        source_table: None,
+        affinity: regionsync::config::SHARED.into(),
+        home_region_column: None,
+        policy: Default::default(),
+        residency: vec![],
+        counters: Default::default(),
+    };
+    let regions = ["us-east-1".to_string(), "eu-west-1".to_string()];
+    TargetTable::load(b, &config, &regions)
+        .await
+        .unwrap_or_else(|e| panic!("target table {target} in region B: {e}"))
 }
 
 /// A topic's current end offset per partition in B's Kafka.
