@@ -763,14 +763,17 @@ async fn upsert(
     // it PostgreSQL may plan an anti-join that hashes all of the table's
     // tombstones every batch, and did while a table's tombstones grew from
     // none (stale statistics): PostgreSQL's CPU per 1M changes doubled.
+    // A table has at most one truncate mark (keyed by the table's name), so
+    // that test is a scalar subquery, read once per statement; as a NOT
+    // EXISTS it was planned as an anti-join probing the mark's index per row.
     let tombstone_guard = format!(
         "NOT EXISTS (SELECT 1 FROM regionsync.tombstones ts
                       WHERE ts.table_name = ${table_param} AND ts.row_key = b.\"__key\"
                         AND (ts.hlc, ts.origin_region COLLATE \"C\")
                             >= (b.hlc::bigint, b.origin_region COLLATE \"C\")
                      OFFSET 0)
-         AND NOT EXISTS (SELECT 1 FROM regionsync.truncations tr
-                          WHERE tr.table_name = ${table_param} AND tr.hlc > b.hlc::bigint)"
+         AND coalesce(b.hlc::bigint >= (SELECT tr.hlc FROM regionsync.truncations tr
+                                         WHERE tr.table_name = ${table_param}), true)"
     );
     let counters: Vec<(usize, usize)> = table
         .counters
