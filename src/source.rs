@@ -199,6 +199,12 @@ impl Shared {
             // 2 MiB per partition queue keeps every fetch busy (measured) and
             // the worker's memory bounded whatever the backlog.
             .set_if_absent("queued.max.messages.kbytes", "2048")
+            // Both limits count compressed bytes, and a fetch may overshoot
+            // the queue by up to this much per partition: 1 MiB (the
+            // default) of lz4 JSON events is 10-30 MiB decompressed, which
+            // took a replay's peak RSS from about 110 MB to 171-195 MB
+            // (make bench). 256 KiB: 134 MB, at the same rate.
+            .set_if_absent("fetch.message.max.bytes", "262144")
             // Default 1 s: a partition whose queue filled up while its batch
             // was committing would then wait a whole second for its next
             // fetch — most of the replay time with large JSON messages.
