@@ -128,8 +128,19 @@ async fn kill_9_at_random_moments_loses_and_duplicates_nothing() {
     let (mut child, lines) = spawn_worker(&toml, &table.name);
     let rows = table.wait_converged(Duration::from_secs(600)).await;
     assert!(rows > 1_000, "{rows} rows");
-    let resumed = resumed_at(&lines.lock().unwrap());
-    for (partition, offset) in last_stored.unwrap() {
+    // B can equal A before this worker is even assigned its partitions
+    // (the killed member holds them for its 10 s session) when the killed
+    // one had applied everything: wait for every partition's resume line.
+    let last_stored = last_stored.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let resumed = loop {
+        let resumed = resumed_at(&lines.lock().unwrap());
+        if last_stored.keys().all(|p| resumed.contains_key(p)) || Instant::now() > deadline {
+            break resumed;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    for (partition, offset) in last_stored {
         assert_eq!(
             resumed.get(&partition),
             Some(&offset),
