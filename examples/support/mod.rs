@@ -87,6 +87,13 @@ fn admin(bootstrap: &str) -> AdminClient<DefaultClientContext> {
         .expect("Kafka admin client")
 }
 
+/// The bench topics' configs: every change kept, nothing compacted.
+const BENCH_TOPIC_CONFIGS: [(&str, &str); 3] = [
+    ("cleanup.policy", "delete"),
+    ("retention.ms", "-1"),
+    ("retention.bytes", "-1"),
+];
+
 /// Creates the change topics of `t` in A before any change is written,
 /// replacing older ones (and their mirrors in B). The connectors would
 /// create them compacted (connectors/*.json: right for rebuilding a replica,
@@ -105,14 +112,15 @@ async fn create_uncompacted_topics(t: &str) {
     let _ = admin(KAFKA_B).delete_topics(&mirror_names, &opts).await;
     // A deletion completes asynchronously: until it has, the name is taken.
     let mut pending: Vec<&String> = topics.iter().collect();
+    let consumer = kafka_consumer(KAFKA_A, "bench-unused");
     for _ in 0..60 {
         let new: Vec<NewTopic> = pending
             .iter()
             .map(|x| {
-                NewTopic::new(x, TOPIC_PARTITIONS, TopicReplication::Fixed(1))
-                    .set("cleanup.policy", "delete")
-                    .set("retention.ms", "-1")
-                    .set("retention.bytes", "-1")
+                BENCH_TOPIC_CONFIGS.iter().fold(
+                    NewTopic::new(x, TOPIC_PARTITIONS, TopicReplication::Fixed(1)),
+                    |topic, (k, v)| topic.set(k, v),
+                )
             })
             .collect();
         let results = admin_a
@@ -134,7 +142,6 @@ async fn create_uncompacted_topics(t: &str) {
         // A client's metadata request can re-create a deleted name at once
         // (auto.create.topics.enable; seen 90 ms after the deletion): an
         // empty topic is as good as a new one, given the bench's configs.
-        let consumer = kafka_consumer(KAFKA_A, "bench-unused");
         let empty = |t: &String| {
             let ends = ends_seen_by(&consumer, t);
             ends.len() == TOPIC_PARTITIONS as usize && ends.values().all(|e| *e == 0)
@@ -143,10 +150,10 @@ async fn create_uncompacted_topics(t: &str) {
             let configs: Vec<AlterConfig> = pending
                 .iter()
                 .map(|t| {
-                    AlterConfig::new(ResourceSpecifier::Topic(t))
-                        .set("cleanup.policy", "delete")
-                        .set("retention.ms", "-1")
-                        .set("retention.bytes", "-1")
+                    BENCH_TOPIC_CONFIGS.iter().fold(
+                        AlterConfig::new(ResourceSpecifier::Topic(t)),
+                        |config, (k, v)| config.set(k, v),
+                    )
                 })
                 .collect();
             for r in admin_a
