@@ -23,6 +23,9 @@ use std::fmt;
 
 use anyhow::{bail, Context as _};
 use tokio_postgres::types::ToSql;
+// The apply path's client (check, lookup, insert) is the pool's, whose
+// statements are prepared once per connection.
+use deadpool_postgres::GenericClient as CachingClient;
 use tokio_postgres::GenericClient;
 
 use crate::apply::{quote_ident, Final, TargetTable};
@@ -231,7 +234,7 @@ fn key_values<'f>(table: &TargetTable, f: &'f Final) -> Vec<Option<&'f str>> {
 /// Upserts with an HLC below `late_before` (now − tombstone grace) are
 /// applied only where their row is stored here.
 pub async fn check<'a>(
-    client: &impl GenericClient,
+    client: &impl CachingClient,
     table: &TargetTable,
     finals: Vec<Cow<'a, Final>>,
     source: &str,
@@ -317,7 +320,7 @@ pub async fn check<'a>(
 /// from another region than `source`, or the change is a cross-region
 /// write under a holding policy, or late. Keyed by the change's index.
 async fn lookup(
-    client: &impl GenericClient,
+    client: &impl CachingClient,
     table: &TargetTable,
     finals: &[Cow<'_, Final>],
     classes: &[WriteClass],
@@ -369,7 +372,8 @@ async fn lookup(
     let source = source.to_string();
     params.push(&source);
     params.push(&table.name);
-    let rows = client.query(sql.as_str(), &params).await?;
+    let statement = client.prepare_cached(&sql).await?;
+    let rows = client.query(&statement, &params).await?;
     let mut out = std::collections::HashMap::with_capacity(rows.len());
     for r in rows {
         let i: i64 = r.get(0);
@@ -447,7 +451,7 @@ impl Records {
     /// the same key, e.g. on a replay) is not recorded twice.
     async fn insert(
         &self,
-        client: &impl GenericClient,
+        client: &impl CachingClient,
         table: &TargetTable,
     ) -> Result<u64, tokio_postgres::Error> {
         if self.key.is_empty() {

@@ -28,15 +28,15 @@ pub async fn load(
 /// that lost the partition in a rebalance and commits late cannot move them
 /// back.
 pub async fn store(
-    client: &impl GenericClient,
+    client: &impl deadpool_postgres::GenericClient,
     group: &str,
     topic: &str,
     partition: i32,
     next_offset: i64,
     source_ts_ms: Option<i64>,
 ) -> Result<(), tokio_postgres::Error> {
-    client
-        .execute(
+    let statement = client
+        .prepare_cached(
             "INSERT INTO regionsync.offsets AS o
                     (consumer_group, topic, partition, next_offset, source_ts_ms, updated_at)
              VALUES ($1, $2, $3, $4, $5, now())
@@ -45,6 +45,11 @@ pub async fn store(
                     source_ts_ms = GREATEST(o.source_ts_ms, EXCLUDED.source_ts_ms),
                     updated_at = now()
               WHERE o.next_offset <= EXCLUDED.next_offset",
+        )
+        .await?;
+    client
+        .execute(
+            &statement,
             &[&group, &topic, &partition, &next_offset, &source_ts_ms],
         )
         .await?;

@@ -1014,7 +1014,7 @@ async fn commit_batch(
                     let finals = apply::collapse(finals);
                     let superseded = changes - finals.len() as u64;
                     let checked = conflict::check(
-                        &*tx,
+                        &tx,
                         &shared.tables[t],
                         finals,
                         source_region,
@@ -1037,14 +1037,14 @@ async fn commit_batch(
                         late: checked.late,
                         ..Applied::default()
                     };
-                    let a = apply::apply_finals(&*tx, &shared.tables[t], &checked.finals)
+                    let a = apply::apply_finals(&tx, &shared.tables[t], &checked.finals)
                         .await
                         .map_err(classify)?;
                     *counts.entry(t).or_default() += a;
                 }
                 if *table != usize::MAX {
                     let a =
-                        apply::apply_truncate(&*tx, &shared.tables[*table], *ts_ms, source_region)
+                        apply::apply_truncate(&tx, &shared.tables[*table], *ts_ms, source_region)
                             .await
                             .map_err(classify)?;
                     *counts.entry(*table).or_default() += a;
@@ -1055,7 +1055,7 @@ async fn commit_batch(
     send_to_dlq(shared, rejected)
         .await
         .map_err(BatchError::Transient)?;
-    offsets::store(&*tx, &shared.group, topic, partition, next, newest_ts_ms)
+    offsets::store(&tx, &shared.group, topic, partition, next, newest_ts_ms)
         .await
         .map_err(classify)?;
     tx.commit().await.map_err(classify)?;
@@ -1102,7 +1102,7 @@ async fn isolate_bad_rows<'a>(
         {
             let sp = tx.savepoint("row").await?;
             let result =
-                apply::apply_finals(&*sp, &shared.tables[*table], &[Cow::Borrowed(fin)]).await;
+                apply::apply_finals(&sp, &shared.tables[*table], &[Cow::Borrowed(fin)]).await;
             match result {
                 Ok(_) => sp.rollback().await?,
                 Err(e) => {

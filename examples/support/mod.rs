@@ -68,6 +68,27 @@ pub async fn connect(port: u16, user: &str, password: &str) -> Client {
     client
 }
 
+/// One pooled connection, as the worker's pool makes them: its statements
+/// are prepared once and cached, like the worker's.
+pub async fn connect_pooled(port: u16, user: &str) -> deadpool_postgres::Object {
+    let mut config = tokio_postgres::Config::new();
+    config.host("127.0.0.1").port(port).dbname("app").user(user);
+    let manager = deadpool_postgres::Manager::from_config(
+        config,
+        NoTls,
+        deadpool_postgres::ManagerConfig {
+            recycling_method: deadpool_postgres::RecyclingMethod::Fast,
+        },
+    );
+    let pool = deadpool_postgres::Pool::builder(manager)
+        .max_size(1)
+        .build()
+        .expect("a pool");
+    pool.get()
+        .await
+        .unwrap_or_else(|e| panic!("connect to 127.0.0.1:{port} as {user}: {e}"))
+}
+
 /// The source table of an N-change bench: one table (and so one topic) per
 /// N, so that the topics of a differently sized earlier bench never mix in.
 pub fn source_table(n: u64) -> String {
