@@ -297,16 +297,6 @@ fn record_stored_times(
     }
 }
 
-/// Sets the lag gauges every second and readiness every five, for as long
-/// as the worker runs.
-///
-/// Lag counts what the whole consumer group has committed, not only this
-/// replica: every three seconds the newest source times stored in
-/// `regionsync.offsets` (by whichever replica owns the partitions, the
-/// heartbeat's among them) are read back, with a short timeout, so a
-/// replica without a region's heartbeat partition does not report a stall
-/// that is not there. When the database does not answer, the value keeps
-/// growing from what was last known — which is the truth then.
 /// Removes the tombstones of this worker's tables older than
 /// `tombstone_grace` (by local delete time), in chunks, every minute (or
 /// every tenth of the grace, if shorter). Failures are retried next time.
@@ -352,6 +342,16 @@ async fn collect_tombstones(shared: Arc<Shared>) {
     }
 }
 
+/// Sets the lag gauges every second and readiness every five, for as long
+/// as the worker runs.
+///
+/// Lag counts what the whole consumer group has committed, not only this
+/// replica: every three seconds the newest source times stored in
+/// `regionsync.offsets` (by whichever replica owns the partitions, the
+/// heartbeat's among them) are read back, with a short timeout, so a
+/// replica without a region's heartbeat partition does not report a stall
+/// that is not there. When the database does not answer, the value keeps
+/// growing from what was last known — which is the truth then.
 async fn report_lag(shared: Arc<Shared>) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
