@@ -9,6 +9,19 @@ use clap::Parser;
 // SQL text arrays); mimalloc does this at a fraction of glibc malloc's cost.
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// `mi_option_purge_delay` in mimalloc.h's option enum (v2 and v3); the sys
+/// crate names no constant for it.
+const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
+
+/// Makes mimalloc return freed pages to the OS at once. Its default (1 s,
+/// ten times that for whole arenas) let a replay's RSS creep up by about
+/// 40 MB over a minute, past 150 MB (make bench); at once, it stays near
+/// 110 MB. `MIMALLOC_PURGE_DELAY` in the environment still wins.
+fn purge_freed_memory_at_once() {
+    // SAFETY: sets a plain option value; mimalloc reads options at any time.
+    unsafe { libmimalloc_sys::mi_option_set_default(MI_OPTION_PURGE_DELAY, 0) };
+}
 use regionsync::config::{region_list_problems, Config};
 
 /// Applies mirrored Debezium change events from Kafka to this region's
@@ -106,6 +119,7 @@ enum ConflictsCommand {
 }
 
 fn main() -> ExitCode {
+    purge_freed_memory_at_once();
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -311,4 +325,26 @@ async fn shutdown_signal() {
     #[cfg(not(unix))]
     let _ = ctrl_c.await;
     tracing::info!("shutting down");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn purge_delay_option_is_the_one_set_to_zero() {
+        if std::env::var_os("MIMALLOC_PURGE_DELAY").is_some() {
+            return; // the environment's value wins, by design
+        }
+        // Index 15 must be mimalloc's purge delay, whose default is 1000 ms
+        // (no neighbouring option defaults to that).
+        let before = unsafe { libmimalloc_sys::mi_option_get(MI_OPTION_PURGE_DELAY) };
+        assert_eq!(
+            before, 1000,
+            "option {MI_OPTION_PURGE_DELAY} is not purge_delay"
+        );
+        purge_freed_memory_at_once();
+        let after = unsafe { libmimalloc_sys::mi_option_get(MI_OPTION_PURGE_DELAY) };
+        assert_eq!(after, 0);
+    }
 }
