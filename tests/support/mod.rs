@@ -120,6 +120,10 @@ impl TopicReader {
             .set("group.id", "regionsync-tests-unused")
             .set("enable.auto.commit", "false")
             .set("allow.auto.create.topics", "false")
+            // A topic MirrorMaker 2 has just created may not answer the
+            // first-offset lookup yet; librdkafka's fallback must then still
+            // be the first offset, not the end (the default).
+            .set("auto.offset.reset", "earliest")
             .create()
             .expect("kafka consumer");
         let partitions = loop {
