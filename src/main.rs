@@ -4,6 +4,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::Parser;
+use regionsync::config::{region_list_problems, Config};
 
 // The worker allocates and frees many small values per change (decoded rows,
 // SQL text arrays); mimalloc does this at a fraction of glibc malloc's cost.
@@ -22,7 +23,6 @@ fn purge_freed_memory_at_once() {
     // SAFETY: sets a plain option value; mimalloc reads options at any time.
     unsafe { libmimalloc_sys::mi_option_set_default(MI_OPTION_PURGE_DELAY, 0) };
 }
-use regionsync::config::{region_list_problems, Config};
 
 /// Applies mirrored Debezium change events from Kafka to this region's
 /// PostgreSQL, exactly once in effect.
