@@ -83,12 +83,12 @@ async fn ceiling(b_admin: &Client, input: &CeilingInput, n: u64) -> (f64, f64) {
         let table = table.clone();
         tasks.push(tokio::spawn(async move {
             let mut c = connect_pooled(PG_PORT_B, "postgres").await;
-            c.batch_execute(regionsync::ops::APPLY_SESSION_SQL)
+            c.batch_execute(regionsync::apply::session::APPLY_SESSION_SQL)
                 .await
                 .unwrap();
             for batch in lane {
                 let tx = c.transaction().await.unwrap();
-                tx.batch_execute(regionsync::ops::APPLY_TRANSACTION_SQL)
+                tx.batch_execute(regionsync::apply::session::APPLY_TRANSACTION_SQL)
                     .await
                     .unwrap();
                 let checked = regionsync::conflict::check(

@@ -18,8 +18,8 @@ use std::time::{Duration, Instant};
 
 use rdkafka::message::Message;
 use regionsync::apply::{self, TargetTable};
+use regionsync::decode::registry::AvroSource;
 use regionsync::decode::{self, Decoded};
-use regionsync::registry::AvroSource;
 use support::*;
 
 // The worker's allocator (src/main.rs): allocation is a fair share of decoding.

@@ -363,7 +363,7 @@ struct Scrape {
 
 /// The two numbers the demo shows, from the worker's exposition.
 fn parse_metrics(text: &str, source_region: &str) -> Scrape {
-    let picture = regionsync::status::parse(text).unwrap_or_default();
+    let picture = regionsync::ops::status::parse(text).unwrap_or_default();
     let applied = picture.regions.values().map(|r| r.applied).sum();
     let lag = picture
         .regions

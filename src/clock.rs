@@ -16,6 +16,14 @@
 use std::cmp::Ordering;
 use std::time::Duration;
 
+/// Milliseconds since the Unix epoch by the local clock.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
 /// Bits of the logical counter in the low end of an HLC.
 pub const LOGICAL_BITS: u32 = 16;
 

@@ -93,14 +93,6 @@ impl LagTracker {
     }
 }
 
-/// Milliseconds since the Unix epoch by the local clock.
-pub fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
-}
-
 /// End-to-end latency of one change, in seconds: local commit time − source
 /// commit time, never negative (a source clock ahead of ours reads as 0).
 pub fn latency_seconds(committed_ms: i64, source_ms: i64) -> f64 {

@@ -4,34 +4,37 @@
 //! them to the other regions, and regionsync consumes them there and applies
 //! them to the regional database, exactly once in effect, with
 //! region-affinity routing and hybrid-logical-clock conflict checks, while
-//! publishing the end-to-end replication lag. `../DESIGN.md` (shared) is the
-//! contract; README.md says how to run it.
+//! publishing the end-to-end replication lag. docs/DESIGN.md is the design,
+//! README.md says how to run it.
 //!
 //! # Layout
-//! One module per step of an event's path through the worker:
+//! One module per step of a change's path through the worker, in the order
+//! a change meets them, then what observes and operates it:
 //!
-//! | module    | step                                                        |
-//! |-----------|-------------------------------------------------------------|
-//! | `config`  | the worker's configuration, validated before anything runs  |
-//! | `source`  | the Kafka consumer of the mirrored CDC topics               |
-//! | `registry` | Avro wire format: writer schemas from the registry      |
-//! | `decode`  | Debezium envelopes (JSON, Avro) into typed changes — pure   |
-//! | `route`   | topic → table, a row's home region, classification — pure   |
-//! | `conflict` | concurrent writes detected, recorded, settled by policy    |
-//! | `clock`   | hybrid logical clocks and version order — pure              |
+//! | module     | step                                                        |
+//! |------------|-------------------------------------------------------------|
+//! | `config`   | the worker's configuration, validated before anything runs  |
+//! | `source`   | Kafka: the consumer of the mirrored topics, the DLQ producer |
+//! | `change`   | the vocabulary decode makes and the later steps read        |
+//! | `decode`   | Debezium envelopes (JSON, Avro + registry) into changes     |
+//! | `route`    | where a change goes: table, relay, echo, residency, home    |
+//! | `conflict` | concurrent writes detected, recorded, settled by policy     |
+//! | `apply`    | changes rendered and written to PostgreSQL under the guard  |
+//! | `offsets`  | partition offsets stored with each batch                    |
+//! | `worker`   | the loop tying them together, one task per partition; the one error decision |
+//! | `clock`    | hybrid logical clocks, version order, the local clock — pure |
 //! | `converge` | the apply rules as pure functions, convergence model — pure |
-//! | `apply`   | batched, guarded writes to PostgreSQL                       |
-//! | `offsets` | partition offsets stored with each batch                    |
-//! | `lag`     | how far behind each source region the worker is — pure      |
-//! | `metrics` | metric names and the /metrics, /healthz, /readyz endpoint   |
-//! | `ops`     | rebuild, verify, failover-check                             |
-//! | `status`  | `regionsync status`: one worker's picture in the terminal   |
+//! | `lag`      | how far behind each source region the worker is — pure      |
+//! | `metrics`  | metric names and labels, recording, /metrics /healthz /readyz |
+//! | `ops`      | the operator commands: setup, status, conflicts, route      |
+//!
+//! docs/DESIGN.md describes the design in these terms.
 //!
 //! [`run`] is the worker: `regionsync run` calls it with the loaded config
 //! and a shutdown future (SIGTERM / Ctrl-C); tests call it in-process.
 
 pub mod apply;
-pub mod avro;
+pub mod change;
 pub mod clock;
 pub mod config;
 pub mod conflict;
@@ -41,10 +44,9 @@ pub mod lag;
 pub mod metrics;
 pub mod offsets;
 pub mod ops;
-pub mod registry;
 pub mod route;
 pub mod source;
-pub mod status;
+pub mod worker;
 
 use std::future::Future;
 
@@ -61,10 +63,10 @@ pub async fn run(
         let handle = metrics::install()?;
         metrics::serve(config.metrics.listen.parse()?, handle, readiness.clone()).await?;
     }
-    let pool = ops::pool(&config)?;
-    let (shared, events) = source::Shared::connect(config, pool).await?;
-    readiness.set(shared.clone());
+    let pool = apply::session::pool(&config)?;
+    let (worker, events) = worker::Worker::connect(config, pool).await?;
+    readiness.set(worker.clone());
     // Rejected writes a crash left pending (conflict::reassert_rejected).
-    source::reassert_rejected(&shared).await;
-    source::run(shared, events, shutdown).await
+    worker::reassert_rejected(&worker).await;
+    worker::run(worker, events, shutdown).await
 }

@@ -1,10 +1,14 @@
-//! The `regionsync` command: a thin CLI over the library.
+//! The `regionsync` command: a thin CLI over the library. Parses the
+//! command line, loads the configuration, sets up logging and the
+//! allocator, dispatches to `regionsync::run` or one of `regionsync::ops`,
+//! and turns the result into an exit code.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
-use regionsync::config::{region_list_problems, Config};
+use regionsync::config::Config;
+use regionsync::ops;
 
 // The worker allocates and frees many small values per change (decoded rows,
 // SQL text arrays); mimalloc does this at a fraction of glibc malloc's cost.
@@ -128,16 +132,31 @@ fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
-    // `status --url` needs no configuration.
-    if let Command::Status {
-        url: Some(url),
-        interval,
-    } = &cli.command
-    {
-        return status(url, *interval);
-    }
-    if let Command::Route { key, regions } = &cli.command {
-        return route(&cli.config, key, regions.as_deref());
+    match &cli.command {
+        // `status --url` needs no configuration.
+        Command::Status {
+            url: Some(url),
+            interval,
+        } => {
+            let url = url.trim_end_matches('/').to_owned();
+            let interval = *interval;
+            return block_on(async move { ops::status::run(&url, seconds(interval)?).await });
+        }
+        Command::Route { key, regions } => {
+            return match ops::route::home(&cli.config, key, regions.as_deref()) {
+                Ok(home) => {
+                    println!("{home}");
+                    ExitCode::SUCCESS
+                }
+                Err(problems) => {
+                    for p in problems {
+                        eprintln!("regionsync: {p}");
+                    }
+                    ExitCode::from(2)
+                }
+            };
+        }
+        _ => {}
     }
     let config = match Config::load(&cli.config) {
         Ok(c) => c,
@@ -146,47 +165,38 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let runtime = match tokio::runtime::Runtime::new() {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("regionsync: starting the runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    let result = runtime.block_on(async move {
+    block_on(async move {
         match cli.command {
             Command::CheckConfig => {
                 println!("{}: ok", cli.config.display());
                 Ok(())
             }
-            Command::Setup => {
-                let report = regionsync::ops::setup(&config).await?;
-                if report.problems.is_empty() {
-                    println!("setup: ok");
-                    Ok(())
-                } else {
-                    for p in &report.problems {
-                        println!("setup: {p}");
-                    }
-                    anyhow::bail!("{} problem(s) need fixing", report.problems.len())
-                }
-            }
+            Command::Setup => ops::setup::run(&config).await,
             Command::Run => regionsync::run(config, shutdown_signal(), true).await,
             Command::Status { interval, .. } => {
                 let url = format!(
                     "http://{}",
                     config.metrics.listen.replace("0.0.0.0", "127.0.0.1")
                 );
-                print!(
-                    "{}",
-                    regionsync::status::show(&url, seconds(interval)?).await?
-                );
-                Ok(())
+                ops::status::run(&url, seconds(interval)?).await
             }
-            Command::Conflicts(c) => conflicts(&config, c).await,
+            Command::Conflicts(ConflictsCommand::List { table, open, limit }) => {
+                ops::conflicts::list(&config, table.as_deref(), open, limit).await
+            }
+            Command::Conflicts(ConflictsCommand::Resolve { id, keep }) => {
+                ops::conflicts::resolve(&config, id, keep).await
+            }
             Command::Route { .. } => unreachable!("handled without a runtime"),
         }
-    });
+    })
+}
+
+/// Runs a command on a new runtime; its error is printed and fails the
+/// process.
+fn block_on(command: impl std::future::Future<Output = anyhow::Result<()>>) -> ExitCode {
+    let result = tokio::runtime::Runtime::new()
+        .map_err(|e| anyhow::anyhow!("starting the runtime: {e}"))
+        .and_then(|runtime| runtime.block_on(command));
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -196,112 +206,9 @@ fn main() -> ExitCode {
     }
 }
 
-async fn conflicts(config: &Config, command: ConflictsCommand) -> anyhow::Result<()> {
-    use regionsync::conflict;
-    // Without a replication origin: a resolution is a local write that
-    // every region must apply.
-    let pool = regionsync::ops::plain_pool(config)?;
-    let mut client = pool.get().await?;
-    match command {
-        ConflictsCommand::List { table, open, limit } => {
-            let rows = conflict::list(&**client, table.as_deref(), open, limit).await?;
-            if rows.is_empty() {
-                println!("no conflicts");
-            }
-            for c in rows {
-                println!(
-                    "{id}\t{at}\t{table}\t{key}\t{kind}\t{policy}\t{resolution}\n\tlocal:  {local}\n\tremote: {remote}",
-                    id = c.id,
-                    at = c.detected_at,
-                    table = c.table,
-                    key = c.key,
-                    kind = c.kind,
-                    policy = c.policy,
-                    resolution = c.resolution,
-                    local = c.local,
-                    remote = c.remote,
-                );
-            }
-            Ok(())
-        }
-        ConflictsCommand::Resolve { id, keep } => {
-            let name: String = client
-                .query_opt(
-                    "SELECT table_name FROM regionsync.conflicts WHERE id = $1",
-                    &[&id],
-                )
-                .await?
-                .map(|r| r.get(0))
-                .ok_or_else(|| anyhow::anyhow!("no conflict {id}"))?;
-            let table_config = config
-                .tables
-                .iter()
-                .find(|t| {
-                    let (s, t) = t.target_parts();
-                    format!("{s}.{t}") == name
-                })
-                .ok_or_else(|| {
-                    anyhow::anyhow!(
-                        "conflict {id} is of table {name}, which the config does not replicate"
-                    )
-                })?;
-            let table =
-                regionsync::apply::TargetTable::load(&**client, table_config, &config.regions)
-                    .await?;
-            let done = conflict::resolve(&mut client, &table, id, keep, &config.region).await?;
-            println!("conflict {id}: {done}");
-            Ok(())
-        }
-    }
-}
-
 fn seconds(s: f64) -> anyhow::Result<std::time::Duration> {
     std::time::Duration::try_from_secs_f64(s)
         .map_err(|_| anyhow::anyhow!("--interval {s}: not a number of seconds >= 0"))
-}
-
-fn status(url: &str, interval: f64) -> ExitCode {
-    let result = seconds(interval).and_then(|interval| {
-        tokio::runtime::Runtime::new()?.block_on(regionsync::status::show(
-            url.trim_end_matches('/'),
-            interval,
-        ))
-    });
-    match result {
-        Ok(text) => {
-            print!("{text}");
-            ExitCode::SUCCESS
-        }
-        Err(e) => {
-            eprintln!("regionsync status: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
-}
-/// `regionsync route`: needs neither the runtime nor, given `--regions`,
-/// the config file.
-fn route(config_path: &Path, key: &str, regions: Option<&[String]>) -> ExitCode {
-    let regions = match regions {
-        Some(list) => {
-            let problems = region_list_problems("--regions", list);
-            if !problems.is_empty() {
-                for p in problems {
-                    eprintln!("regionsync: {p}");
-                }
-                return ExitCode::from(2);
-            }
-            list.to_vec()
-        }
-        None => match Config::load(config_path) {
-            Ok(c) => c.regions,
-            Err(e) => {
-                eprintln!("regionsync: {e}");
-                return ExitCode::from(2);
-            }
-        },
-    };
-    println!("{}", regionsync::route::home_region(key, &regions));
-    ExitCode::SUCCESS
 }
 
 /// Resolves on SIGTERM or Ctrl-C.

@@ -1,8 +1,14 @@
-//! Route: a row's home region (DESIGN.md §3). Pure.
+//! Route: where a change goes, and a row's home region (DESIGN.md §3). Pure.
 //!
-//! The topic → table mapping lives in [`crate::config`]; [`classify`] tells
-//! an owner's write from a cross-region or third-region one (echoes and
-//! relays are skipped by the source step before).
+//! The route step decides, per decoded change, whether it is applied here
+//! ([`route_change`] before it is rendered for its table, [`admit`] once its
+//! row is rendered): a heartbeat, a relay (a change the source region's
+//! worker applied there), an echo (this region's own change copied back)
+//! and a row resident elsewhere are skipped with their outcome label; an
+//! event of a table its topic does not feed is refused. [`Homing`] finds a
+//! row's home region, [`classify`] tells an owner's write from a
+//! cross-region or third-region one. The topic → table mapping itself lives
+//! in [`crate::config`].
 //!
 //! # Home region of a key
 //!
@@ -58,6 +64,120 @@
 //! region, keep its name in the list and pin or migrate its rows instead.
 
 use xxhash_rust::xxh64::xxh64;
+
+use crate::change::{Change, Op};
+use crate::config::{Policy, TableConfig};
+use crate::metrics::outcome;
+
+/// The prefix of the replication origin every regionsync apply session
+/// runs under (`regionsync_<n>`): Debezium's `source.origin` names it on a
+/// change this region's worker applied, which is how a relay is told from
+/// an original.
+pub const ORIGIN_PREFIX: &str = "regionsync_";
+
+/// The route step's decision on one decoded change of a topic.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Decision {
+    /// Apply it to the worker's table of this index.
+    Apply { table: usize },
+    /// Truncate that table (up to the change's commit time).
+    Truncate { table: usize },
+    /// Not for this region; the `outcome` label says why.
+    Skip(&'static str),
+    /// An event of a table the topic does not feed: a dead letter.
+    Unconfigured,
+}
+
+/// Decides where a decoded change of `topic` goes. `table` is the worker's
+/// table the topic feeds (its index and config), `None` for a heartbeat
+/// topic.
+pub fn route_change(
+    table: Option<(usize, &TableConfig)>,
+    topic: &str,
+    change: &Change,
+) -> Decision {
+    let Some((index, config)) = table else {
+        return Decision::Skip(outcome::HEARTBEAT);
+    };
+    if change
+        .origin
+        .as_deref()
+        .is_some_and(|o| o.starts_with(ORIGIN_PREFIX))
+    {
+        // A change the source region's worker applied there: its original
+        // comes straight from the region that made it.
+        return Decision::Skip(outcome::RELAY);
+    }
+    if !config.accepts_source(topic, &change.schema, &change.table) {
+        return Decision::Unconfigured;
+    }
+    if change.op == Op::Truncate {
+        Decision::Truncate { table: index }
+    } else {
+        Decision::Apply { table: index }
+    }
+}
+
+/// Whether a rendered upsert or delete is written in region `local`:
+/// `None` if it is, or the outcome label of why not. `upsert_origin` is an
+/// upsert's `origin_region` (`None` for a delete), `pin` its pinned home.
+pub fn admit(
+    upsert_origin: Option<&str>,
+    pin: Option<&str>,
+    residency: &[String],
+    local: &str,
+) -> Option<&'static str> {
+    if upsert_origin == Some(local) {
+        // This region's own change, copied back by the reverse flow.
+        Some(outcome::ECHO)
+    } else if !resident_in(residency, pin, local) {
+        Some(outcome::RESIDENCY)
+    } else {
+        None
+    }
+}
+
+/// How a table's rows find their home region (DESIGN.md §3).
+#[derive(Clone, Debug)]
+pub struct Homing {
+    /// The affinity column (position in the table's columns); `None`: only
+    /// pins.
+    pub affinity: Option<usize>,
+    /// The pin column (`home_region_column`), which wins where not NULL.
+    pub pin: Option<usize>,
+    /// Every region, in routing order.
+    pub regions: Vec<String>,
+    pub policy: Policy,
+}
+
+impl Homing {
+    /// The home region of a row given (some of) its rendered values; `None`
+    /// if neither the pin nor the affinity value is among them.
+    pub fn home(&self, values: &[(usize, Option<String>)]) -> Option<String> {
+        let value = |col: Option<usize>| {
+            col.and_then(|c| values.iter().find(|(i, _)| *i == c))
+                .and_then(|(_, v)| v.as_deref())
+        };
+        if let Some(pinned) = value(self.pin) {
+            return Some(pinned.to_string());
+        }
+        value(self.affinity).map(|key| home_region(key, &self.regions).to_string())
+    }
+
+    /// The pin among (some of) a row's rendered values, if set.
+    pub fn pin(&self, values: &[(usize, Option<String>)]) -> Option<String> {
+        let pin = self.pin?;
+        values
+            .iter()
+            .find(|(i, _)| *i == pin)
+            .and_then(|(_, v)| v.clone())
+    }
+
+    /// The columns a home is computed from.
+    pub fn columns(&self) -> impl Iterator<Item = usize> {
+        self.affinity.into_iter().chain(self.pin)
+    }
+}
 
 /// The multiplier of the 64-bit linear congruential step of the jump hash.
 pub const JUMP_LCG_MULTIPLIER: u64 = 2_862_933_555_777_941_757;
@@ -185,7 +305,103 @@ pub fn resident_in(patterns: &[String], pin: Option<&str>, local: &str) -> bool 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::change::Row;
+    use crate::config::{TableConfig, SHARED};
     use proptest::prelude::*;
+
+    fn users_config() -> TableConfig {
+        TableConfig {
+            topics: vec!["us-east-1.cdc.public.users".into()],
+            target: "public.users".into(),
+            key: vec![],
+            columns: Default::default(),
+            source_table: None,
+            affinity: SHARED.into(),
+            home_region_column: None,
+            policy: Policy::Lww,
+            residency: vec![],
+            counters: Default::default(),
+        }
+    }
+
+    fn change(op: Op, table: &str, origin: Option<&str>) -> Change {
+        Change {
+            op,
+            schema: "public".into(),
+            table: table.into(),
+            key: Row::new(),
+            before: None,
+            after: None,
+            source_ts_ms: 1,
+            lsn: None,
+            origin: origin.map(Into::into),
+            snapshot: false,
+        }
+    }
+
+    #[test]
+    fn changes_are_routed_to_their_table_or_skipped_with_their_outcome() {
+        let config = users_config();
+        let topic = "us-east-1.cdc.public.users";
+        let users = Some((3, &config));
+        assert_eq!(
+            route_change(users, topic, &change(Op::Update, "users", None)),
+            Decision::Apply { table: 3 }
+        );
+        assert_eq!(
+            route_change(users, topic, &change(Op::Truncate, "users", None)),
+            Decision::Truncate { table: 3 }
+        );
+        assert_eq!(
+            route_change(None, "us-east-1.heartbeat", &change(Op::Update, "hb", None)),
+            Decision::Skip(outcome::HEARTBEAT)
+        );
+        assert_eq!(
+            route_change(
+                users,
+                topic,
+                &change(Op::Update, "users", Some("regionsync_7"))
+            ),
+            Decision::Skip(outcome::RELAY)
+        );
+        // Another origin (an application's own replication) is no relay.
+        assert_eq!(
+            route_change(users, topic, &change(Op::Create, "users", Some("pg_app"))),
+            Decision::Apply { table: 3 }
+        );
+        assert_eq!(
+            route_change(users, topic, &change(Op::Create, "orders", None)),
+            Decision::Unconfigured
+        );
+    }
+
+    #[test]
+    fn echoes_and_rows_resident_elsewhere_are_not_written() {
+        let eu_only = vec!["eu-*".to_string()];
+        assert_eq!(
+            admit(Some("eu-west-1"), None, &[], "eu-west-1"),
+            Some(outcome::ECHO)
+        );
+        assert_eq!(admit(Some("us-east-1"), None, &[], "eu-west-1"), None);
+        assert_eq!(admit(None, None, &[], "eu-west-1"), None);
+        assert_eq!(
+            admit(Some("eu-west-1"), Some("eu-west-1"), &eu_only, "us-east-1"),
+            Some(outcome::RESIDENCY)
+        );
+        assert_eq!(
+            admit(None, Some("eu-central-1"), &eu_only, "us-east-1"),
+            Some(outcome::RESIDENCY)
+        );
+        assert_eq!(
+            admit(
+                Some("eu-central-1"),
+                Some("eu-central-1"),
+                &eu_only,
+                "eu-west-1"
+            ),
+            None
+        );
+    }
 
     #[test]
     fn pinned_rows_stay_in_the_regions_of_their_pattern() {

@@ -81,7 +81,7 @@ impl LagWorker {
     /// (replication lag, heartbeat age) of source region A, as served.
     async fn lag(&self) -> Option<(f64, f64)> {
         let (_, text) = self.get("/metrics").await?;
-        let picture = regionsync::status::parse(&text).ok()?;
+        let picture = regionsync::ops::status::parse(&text).ok()?;
         let r = picture.regions.get(&region_a().name)?;
         Some((r.lag_seconds?, r.heartbeat_age_seconds?))
     }

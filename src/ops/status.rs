@@ -152,6 +152,12 @@ pub fn render(
 
 /// Scrapes `base` (e.g. http://127.0.0.1:29464) once, or twice `interval`
 /// apart for rates, and renders the picture.
+/// The command: prints the picture of the worker at `base`.
+pub async fn run(base: &str, interval: Duration) -> anyhow::Result<()> {
+    print!("{}", show(base, interval).await?);
+    Ok(())
+}
+
 pub async fn show(base: &str, interval: Duration) -> anyhow::Result<String> {
     let http = reqwest::Client::builder()
         .timeout(Duration::from_secs(5))

@@ -1,18 +1,14 @@
 //! Metrics: every metric's name in one place (documented in METRICS.md), the
-//! bounded label values, and the worker's HTTP endpoint: `/metrics`
-//! (Prometheus text), `/healthz` (the process answers) and `/readyz` (Kafka
-//! partitions assigned and PostgreSQL reachable).
+//! one set of bounded label values (`outcome` of a change, `reason` of a
+//! dead letter), how a batch's counts are recorded (`record`), and the
+//! worker's HTTP endpoint (`server`): `/metrics` (Prometheus text),
+//! `/healthz` (the process answers) and `/readyz` (Kafka partitions
+//! assigned and PostgreSQL reachable).
 
-use std::net::SocketAddr;
-use std::sync::{Arc, OnceLock};
-use std::time::Duration;
+pub mod record;
+mod server;
 
-use axum::extract::State;
-use axum::http::StatusCode;
-use axum::routing::get;
-use futures::future::BoxFuture;
-use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
-use metrics_util::MetricKindMask;
+pub use server::{install, serve, Readiness, ReadyCheck};
 
 /// Changes by what became of them. Labels: source_region, table, op, outcome.
 pub const EVENTS_TOTAL: &str = "regionsync_events_total";
@@ -77,92 +73,47 @@ pub mod outcome {
     pub const LATE: &str = "late";
 }
 
-/// Histogram buckets (seconds and rows alike): from a millisecond to five
-/// minutes, so a lag-sized latency still lands in a bucket.
-const BUCKETS: &[f64] = &[
-    0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0,
-    1000.0, 5000.0,
-];
+/// Dead-letter reason label values: the `reason` of
+/// `regionsync_dlq_messages_total` and the DLQ header `regionsync.reason`.
+/// `worker::failure` gives each fault one of these, the same for JSON and
+/// Avro.
+pub mod reason {
+    /// Key and value above `apply.max_message_bytes`.
+    pub const OVERSIZED: &str = "oversized";
+    /// An event of a table other than the one its topic feeds.
+    pub const UNCONFIGURED_TABLE: &str = "unconfigured_table";
+    /// No key on a change that is not a truncate.
+    pub const NULL_KEY: &str = "null_key";
+    /// Bytes that are not JSON (and not Avro's wire format).
+    pub const NOT_JSON: &str = "not_json";
+    /// Avro bytes that are not a datum of their writer schema.
+    pub const BAD_AVRO: &str = "bad_avro";
+    /// The writer schema could not be had from the registry.
+    pub const REGISTRY: &str = "registry";
+    /// Not a Debezium envelope (missing or wrong parts, unknown op).
+    pub const BAD_ENVELOPE: &str = "bad_envelope";
+    /// A value that cannot be decoded, or cannot be written to its column
+    /// without changing it.
+    pub const BAD_VALUE: &str = "bad_value";
+    /// A row without what the apply needs (version columns, key).
+    pub const BAD_SHAPE: &str = "bad_shape";
+    /// An Avro message from a region without a configured registry.
+    pub const NO_REGISTRY: &str = "no_registry";
+    /// PostgreSQL refused the row alone.
+    pub const REJECTED_BY_POSTGRES: &str = "rejected_by_postgres";
 
-/// Installs the global Prometheus recorder. Gauges not set for a minute are
-/// dropped, so a partition this worker no longer owns stops being reported.
-pub fn install() -> anyhow::Result<PrometheusHandle> {
-    let handle = PrometheusBuilder::new()
-        .set_buckets(BUCKETS)?
-        .idle_timeout(MetricKindMask::GAUGE, Some(Duration::from_secs(60)))
-        .install_recorder()?;
-    let upkeep = handle.clone();
-    tokio::spawn(async move {
-        let mut tick = tokio::time::interval(Duration::from_secs(5));
-        loop {
-            tick.tick().await;
-            upkeep.run_upkeep();
-        }
-    });
-    Ok(handle)
-}
-
-/// Whether the worker can do its job right now; `Err` says why not.
-pub trait ReadyCheck: Send + Sync {
-    fn check(&self) -> BoxFuture<'_, Result<(), String>>;
-}
-
-/// The worker's readiness, filled in once it has connected.
-#[derive(Clone, Default)]
-pub struct Readiness(Arc<OnceLock<Arc<dyn ReadyCheck>>>);
-
-impl Readiness {
-    pub fn set(&self, check: Arc<dyn ReadyCheck>) {
-        let _ = self.0.set(check);
-    }
-
-    pub async fn check(&self) -> Result<(), String> {
-        match self.0.get() {
-            Some(c) => c.check().await,
-            None => Err("starting: not connected yet".to_string()),
-        }
-    }
-}
-
-#[derive(Clone)]
-struct Endpoint {
-    handle: PrometheusHandle,
-    readiness: Readiness,
-}
-
-/// Serves `/metrics`, `/healthz` and `/readyz` on `listen` until the process
-/// ends. Binding fails at once (before anything is consumed).
-pub async fn serve(
-    listen: SocketAddr,
-    handle: PrometheusHandle,
-    readiness: Readiness,
-) -> anyhow::Result<()> {
-    let listener = tokio::net::TcpListener::bind(listen)
-        .await
-        .map_err(|e| anyhow::anyhow!("metrics.listen {listen}: {e}"))?;
-    let app = axum::Router::new()
-        .route(
-            "/metrics",
-            get(|State(e): State<Endpoint>| async move { e.handle.render() }),
-        )
-        .route("/healthz", get(|| async { "ok\n" }))
-        .route(
-            "/readyz",
-            get(|State(e): State<Endpoint>| async move {
-                match e.readiness.check().await {
-                    Ok(()) => (StatusCode::OK, "ready\n".to_string()),
-                    Err(why) => (
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        format!("not ready: {why}\n"),
-                    ),
-                }
-            }),
-        )
-        .with_state(Endpoint { handle, readiness });
-    tokio::spawn(async move {
-        if let Err(e) = axum::serve(listener, app).await {
-            tracing::error!(error = %e, "metrics endpoint stopped");
-        }
-    });
-    Ok(())
+    /// Every reason, for documentation checks.
+    pub const ALL: [&str; 11] = [
+        OVERSIZED,
+        UNCONFIGURED_TABLE,
+        NULL_KEY,
+        NOT_JSON,
+        BAD_AVRO,
+        REGISTRY,
+        BAD_ENVELOPE,
+        BAD_VALUE,
+        BAD_SHAPE,
+        NO_REGISTRY,
+        REJECTED_BY_POSTGRES,
+    ];
 }

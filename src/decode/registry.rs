@@ -15,11 +15,12 @@ use std::sync::{Arc, RwLock};
 use apache_avro::reader::datum::GenericDatumReader;
 use apache_avro::types::Value;
 use apache_avro::Schema;
+use futures::future::BoxFuture;
 use rustc_hash::FxHashMap;
 use schema_registry_converter::async_impl::avro::AvroDecoder;
 use schema_registry_converter::async_impl::schema_registry::SrSettings;
 
-use crate::avro::Plan;
+use super::avro_reader::Plan;
 
 /// One datum reader per writer schema id.
 struct Reader {
@@ -37,10 +38,63 @@ enum Part {
     Envelope,
 }
 
-/// The Avro side of one source region: its registry and the readers of the
+/// Why an Avro key or value could not be read.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum AvroError {
+    /// The registry did not give the writer schema: a fault of the
+    /// infrastructure (or an id it does not know), not of the message.
+    #[error("schema registry: {0}")]
+    Registry(String),
+    /// The bytes are not a datum of their writer schema.
+    #[error("{0}")]
+    Datum(String),
+}
+
+/// Where writer schemas come from, by id: the source region's registry,
+/// or a fixed set (tests).
+pub trait SchemaSource: Send + Sync {
+    fn schema(&self, id: u32) -> BoxFuture<'_, Result<Schema, AvroError>>;
+}
+
+/// A Confluent-compatible schema registry (Apicurio's `ccompat` API too),
+/// through schema_registry_converter, which caches what it fetched.
+pub struct ConfluentRegistry(AvroDecoder);
+
+impl ConfluentRegistry {
+    pub fn new(url: &str) -> Self {
+        ConfluentRegistry(AvroDecoder::new(SrSettings::new(url.to_string())))
+    }
+}
+
+impl SchemaSource for ConfluentRegistry {
+    fn schema(&self, id: u32) -> BoxFuture<'_, Result<Schema, AvroError>> {
+        Box::pin(async move {
+            self.0
+                .get_schema(id)
+                .await
+                .map(|registered| registered.parsed.clone())
+                .map_err(|e| AvroError::Registry(format!("schema id {id}: {e}")))
+        })
+    }
+}
+
+/// A fixed set of schemas by id, in memory: what a registry would answer.
+#[derive(Default)]
+pub struct FixedSchemas(pub FxHashMap<u32, Schema>);
+
+impl SchemaSource for FixedSchemas {
+    fn schema(&self, id: u32) -> BoxFuture<'_, Result<Schema, AvroError>> {
+        let found = self.0.get(&id).cloned();
+        Box::pin(async move {
+            found.ok_or_else(|| AvroError::Registry(format!("schema id {id}: not registered")))
+        })
+    }
+}
+
+/// The Avro side of one source region: its schemas and the readers of the
 /// schema ids seen so far.
 pub struct AvroSource {
-    registry: AvroDecoder,
+    registry: Box<dyn SchemaSource>,
     readers: RwLock<FxHashMap<u32, Arc<Reader>>>,
 }
 
@@ -51,30 +105,39 @@ pub struct Datum {
 }
 
 impl AvroSource {
+    /// The region's registry at `registry_url`.
     pub fn new(registry_url: &str) -> Self {
+        Self::with_schemas(ConfluentRegistry::new(registry_url))
+    }
+
+    pub fn with_schemas(schemas: impl SchemaSource + 'static) -> Self {
         AvroSource {
-            registry: AvroDecoder::new(SrSettings::new(registry_url.to_string())),
+            registry: Box::new(schemas),
             readers: RwLock::new(FxHashMap::default()),
         }
     }
 
     /// Decodes one key or value whole; `None` for a null (a tombstone's
     /// value).
-    pub async fn decode(&self, bytes: Option<&[u8]>) -> Result<Option<Datum>, String> {
+    pub async fn decode(&self, bytes: Option<&[u8]>) -> Result<Option<Datum>, AvroError> {
         self.decode_part(bytes, Part::Whole).await
     }
 
     /// Decodes a value as a Debezium envelope, building only the fields the
     /// apply reads (`avro::Plan::read_envelope`); `None` for a null.
-    pub async fn decode_envelope(&self, bytes: Option<&[u8]>) -> Result<Option<Datum>, String> {
+    pub async fn decode_envelope(&self, bytes: Option<&[u8]>) -> Result<Option<Datum>, AvroError> {
         self.decode_part(bytes, Part::Envelope).await
     }
 
-    async fn decode_part(&self, bytes: Option<&[u8]>, part: Part) -> Result<Option<Datum>, String> {
+    async fn decode_part(
+        &self,
+        bytes: Option<&[u8]>,
+        part: Part,
+    ) -> Result<Option<Datum>, AvroError> {
         let Some(bytes) = bytes else {
             return Ok(None);
         };
-        let (id, datum) = split_wire_format(bytes)?;
+        let (id, datum) = split_wire_format(bytes).map_err(AvroError::Datum)?;
         let reader = self.reader(id).await?;
         let value = match (&reader.plan, part) {
             (Some(plan), Part::Whole) => plan.read(datum),
@@ -84,28 +147,26 @@ impl AvroSource {
                 .read_value(&mut Cursor::new(datum))
                 .map_err(|e| e.to_string()),
         }
-        .map_err(|e| format!("the datum does not match writer schema {id}: {e}"))?;
+        .map_err(|e| {
+            AvroError::Datum(format!("the datum does not match writer schema {id}: {e}"))
+        })?;
         Ok(Some(Datum {
             value,
             schema: reader.schema,
         }))
     }
 
-    async fn reader(&self, id: u32) -> Result<Arc<Reader>, String> {
+    async fn reader(&self, id: u32) -> Result<Arc<Reader>, AvroError> {
         if let Some(r) = self.readers.read().expect("readers lock").get(&id) {
             return Ok(r.clone());
         }
-        let registered = self
-            .registry
-            .get_schema(id)
-            .await
-            .map_err(|e| format!("schema id {id}: {e}"))?;
+        let registered = self.registry.schema(id).await?;
         // Kept for the process's life, like the registry client's own
         // cache: one per schema id ever seen, a handful per table.
-        let schema: &'static Schema = Box::leak(Box::new(registered.parsed.clone()));
+        let schema: &'static Schema = Box::leak(Box::new(registered));
         let reader = GenericDatumReader::builder(schema)
             .build()
-            .map_err(|e| format!("schema id {id} cannot be read: {e}"))?;
+            .map_err(|e| AvroError::Datum(format!("schema id {id} cannot be read: {e}")))?;
         let reader = Arc::new(Reader {
             schema,
             plan: Plan::new(schema),

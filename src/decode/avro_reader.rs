@@ -499,10 +499,10 @@ mod tests {
     fn schemas() -> Vec<&'static Schema> {
         [
             ALL_KINDS,
-            include_str!("../schemas/avro/public.users-value.avsc"),
-            include_str!("../schemas/avro/public.users-key.avsc"),
-            include_str!("../schemas/avro/public.orders-value.avsc"),
-            include_str!("../schemas/avro/regionsync.heartbeat-value.avsc"),
+            include_str!("../../schemas/avro/public.users-value.avsc"),
+            include_str!("../../schemas/avro/public.users-key.avsc"),
+            include_str!("../../schemas/avro/public.orders-value.avsc"),
+            include_str!("../../schemas/avro/regionsync.heartbeat-value.avsc"),
         ]
         .iter()
         .map(|text| &*Box::leak(Box::new(Schema::parse_str(text).expect("a schema"))))

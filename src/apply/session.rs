@@ -1,20 +1,12 @@
-//! Operations: `setup` (the regionsync schema in the target database and the
-//! checks of the replicated tables), and the connection pool the worker and
-//! the operations share. `rebuild`, `verify` and `failover-check`
-//! (DESIGN.md §7) are still to come.
+//! The connections to the target database: the apply pool, whose every
+//! connection runs under a replication origin of its own and with the apply
+//! session's settings, and the plain pool for local writes every region
+//! must apply. Every command connects through here.
 
 use anyhow::Context as _;
 use deadpool_postgres::{Hook, HookError, Manager, ManagerConfig, Pool, RecyclingMethod};
 
-use crate::apply::TargetTable;
 use crate::config::Config;
-
-/// The SQL of the regionsync schema (offsets, tombstones, heartbeat, HLC
-/// trigger function); idempotent.
-pub const SCHEMA_SQL: &str = include_str!("../schemas/regionsync.sql");
-
-/// Prefix of the replication origins the apply sessions run under.
-pub const ORIGIN_PREFIX: &str = "regionsync_";
 
 /// How many origins (`regionsync_0` … `regionsync_63`) the sessions of all
 /// workers on one database share. PostgreSQL lets one session use an origin
@@ -27,7 +19,7 @@ pub const ORIGINS: u32 = 64;
 /// region's Debezium tags every change the worker applies with
 /// `source.origin`: the other regions then know it for a relay of a change
 /// they receive directly, and skip it.
-const MARK_SESSION_SQL: &str = "
+pub(crate) const MARK_SESSION_SQL: &str = "
 DO $$
 BEGIN
     FOR i IN 0..63 LOOP
@@ -77,7 +69,7 @@ pub const APPLY_TRANSACTION_SQL: &str =
     "SET LOCAL session_replication_role = replica; SELECT pg_replication_origin_xact_reset()";
 
 /// Why marking a session failed, with what to do about it.
-fn mark_session_error(e: &tokio_postgres::Error, user: &str) -> String {
+pub(crate) fn mark_session_error(e: &tokio_postgres::Error, user: &str) -> String {
     let code = e.code().map(|c| c.code()).unwrap_or_default();
     let detail = e
         .as_db_error()
@@ -150,148 +142,4 @@ fn pool_with(config: &Config, mark_sessions: bool) -> anyhow::Result<Pool> {
         }));
     }
     builder.build().context("building the PostgreSQL pool")
-}
-
-/// Installs on a replicated table the triggers of schemas/regionsync.sql
-/// that it lacks (HLC stamping, tombstones, the truncate mark, and the CRDT
-/// counters' components), and checks its replica identity. Returns what it
-/// could not fix, with the SQL to run.
-async fn ensure_triggers(
-    client: &tokio_postgres::Client,
-    config: &crate::config::TableConfig,
-    table: &TargetTable,
-) -> anyhow::Result<Vec<String>> {
-    let mut problems = Vec::new();
-    let literal = |s: &str| format!("'{}'", s.replace('\'', "''"));
-    let keys: Vec<String> = table
-        .key
-        .iter()
-        .map(|i| literal(&table.columns[*i].0))
-        .collect();
-    let keys = keys.join(", ");
-    let ident = &table.ident;
-    let mut wanted = vec![
-        (
-            "regionsync_stamp_hlc",
-            format!("CREATE TRIGGER regionsync_stamp_hlc BEFORE INSERT OR UPDATE ON {ident} FOR EACH ROW EXECUTE FUNCTION regionsync.stamp_hlc({keys})"),
-        ),
-        (
-            "regionsync_mark_deleted",
-            format!("CREATE TRIGGER regionsync_mark_deleted AFTER DELETE ON {ident} FOR EACH ROW EXECUTE FUNCTION regionsync.mark_deleted({keys})"),
-        ),
-        (
-            "regionsync_mark_truncated",
-            format!("CREATE TRIGGER regionsync_mark_truncated AFTER TRUNCATE ON {ident} FOR EACH STATEMENT EXECUTE FUNCTION regionsync.mark_truncated()"),
-        ),
-    ];
-    if !config.counters.is_empty() {
-        let pairs: Vec<String> = config
-            .counters
-            .iter()
-            .flat_map(|(c, p)| [literal(c), literal(p)])
-            .collect();
-        wanted.push((
-            "regionsync_count_by_region",
-            format!(
-                "CREATE TRIGGER regionsync_count_by_region BEFORE INSERT OR UPDATE ON {ident} FOR EACH ROW EXECUTE FUNCTION regionsync.count_by_region({})",
-                pairs.join(", ")
-            ),
-        ));
-    }
-    let present: Vec<String> = client
-        .query(
-            "SELECT tgname::text FROM pg_trigger WHERE tgrelid = $1::text::regclass AND NOT tgisinternal",
-            &[ident],
-        )
-        .await?
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
-    for (name, sql) in wanted {
-        if present.iter().any(|p| p == name) {
-            continue;
-        }
-        if let Err(e) = client.batch_execute(&sql).await {
-            let detail = e
-                .as_db_error()
-                .map_or(e.to_string(), |d| d.message().to_string());
-            problems.push(format!(
-                "table {}: trigger {name} is missing and could not be created ({detail}); as the table's owner run: {sql}",
-                table.name
-            ));
-        }
-    }
-    let identity: i8 = client
-        .query_one(
-            "SELECT relreplident::\"char\" FROM pg_class WHERE oid = $1::text::regclass",
-            &[ident],
-        )
-        .await?
-        .get(0);
-    if identity != b'f' as i8 {
-        problems.push(format!(
-            "table {}: REPLICA IDENTITY is not FULL, so its events carry no before image (conflict detection, unchanged TOAST values and deletes need it); run: ALTER TABLE {ident} REPLICA IDENTITY FULL",
-            table.name
-        ));
-    }
-    Ok(problems)
-}
-
-/// What `setup` found: the problems it could not fix itself.
-#[derive(Debug, Default)]
-pub struct SetupReport {
-    pub problems: Vec<String>,
-}
-
-/// Creates the regionsync schema and checks every configured table and the
-/// role's right to apply as a replica.
-pub async fn setup(config: &Config) -> anyhow::Result<SetupReport> {
-    // Unmarked: a missing grant is a problem to report, not a failure.
-    let pool = pool_with(config, false)?;
-    let client = pool.get().await.context("connecting to PostgreSQL")?;
-    // The schema's DDL locks regionsync's tables; against running workers
-    // it can deadlock (and is then rolled back whole): try again.
-    let mut attempt = 1;
-    loop {
-        match client.batch_execute(SCHEMA_SQL).await {
-            Ok(()) => break,
-            Err(e)
-                if attempt < 5
-                    && e.code().is_some_and(|c| {
-                        *c == tokio_postgres::error::SqlState::T_R_DEADLOCK_DETECTED
-                    }) =>
-            {
-                attempt += 1;
-                tokio::time::sleep(std::time::Duration::from_millis(200 * attempt)).await;
-            }
-            Err(e) => {
-                return Err(e).context("creating the regionsync schema (schemas/regionsync.sql)")
-            }
-        }
-    }
-    let mut report = SetupReport::default();
-    for t in &config.tables {
-        match TargetTable::load(&**client, t, &config.regions).await {
-            Ok(table) => report
-                .problems
-                .extend(ensure_triggers(&client, t, &table).await?),
-            Err(e) => report.problems.push(e.to_string()),
-        }
-    }
-    if let Err(e) = client
-        .batch_execute("BEGIN; SET LOCAL session_replication_role = replica; ROLLBACK")
-        .await
-    {
-        let _ = client.batch_execute("ROLLBACK").await;
-        report.problems.push(format!(
-            "role {} may not set session_replication_role ({e}); as a superuser run: GRANT SET ON PARAMETER session_replication_role TO {}",
-            config.postgres.user, config.postgres.user
-        ));
-    }
-    if let Err(e) = client.batch_execute(MARK_SESSION_SQL).await {
-        report
-            .problems
-            .push(mark_session_error(&e, &config.postgres.user));
-    }
-    Ok(report)
 }

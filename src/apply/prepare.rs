@@ -1,0 +1,570 @@
+//! Prepare: a decoded change rendered for its target table, as the final
+//! state it asks for ([`Final`]): an upsert's values as PostgreSQL text in
+//! column order with its version, home and pin, or a delete's key and
+//! version. A value the column cannot hold is a [`RowError`] naming table,
+//! column and type. [`collapse`] keeps the last final state per key.
+
+use std::borrow::Cow;
+
+use rustc_hash::FxHashMap;
+
+use super::TargetTable;
+use crate::change::{Change, Field, Op, Row};
+
+/// A change that cannot be applied, for the dead-letter topic.
+#[derive(Debug, thiserror::Error)]
+pub enum RowError {
+    #[error("{table}: column {column}: {problem}")]
+    Value {
+        table: String,
+        column: String,
+        problem: String,
+    },
+    #[error("{table}: {problem}")]
+    Shape { table: String, problem: String },
+}
+
+impl RowError {
+    /// A short, bounded label for metrics.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            RowError::Value { .. } => "bad_value",
+            RowError::Shape { .. } => "bad_shape",
+        }
+    }
+}
+
+/// One row's final state in a batch.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Final {
+    Upsert(PreparedRow),
+    Delete(PreparedDelete),
+}
+
+/// An upsert's values, rendered as PostgreSQL text, in target column order.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PreparedRow {
+    pub key_text: String,
+    /// (target column index, value); None is SQL NULL.
+    pub values: Vec<(usize, Option<String>)>,
+    /// Target columns whose value Debezium did not send (unchanged TOAST):
+    /// the stored value is kept.
+    pub unavailable: Vec<usize>,
+    pub hlc: i64,
+    pub origin: String,
+    /// The version the writer replaced (the before image's), if it sent one:
+    /// what conflict detection compares with the stored version.
+    pub replaced: Option<(i64, String)>,
+    /// The row's home region (homed tables).
+    pub home: Option<String>,
+    /// The row's pin (`home_region_column`), if set.
+    pub pin: Option<String>,
+    /// From a snapshot read (op `r`), not a write.
+    pub snapshot: bool,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct PreparedDelete {
+    pub key_text: String,
+    /// Key values in `TargetTable::key` order.
+    pub key_values: Vec<Option<String>>,
+    pub hlc: i64,
+    pub origin: String,
+    /// The version the delete replaced (its before image's), if known.
+    pub replaced: Option<(i64, String)>,
+    /// The row's home region (homed tables), from the before image.
+    pub home: Option<String>,
+    /// The row's pin (`home_region_column`), from the before image.
+    pub pin: Option<String>,
+}
+
+impl PreparedRow {
+    /// Carries the same columns, in the same order, and keeps the same
+    /// unsent ones: one statement can apply both. (Rows of one schema list
+    /// their columns in one order; another order only makes another group.)
+    pub(super) fn same_columns(&self, other: &PreparedRow) -> bool {
+        self.unavailable == other.unavailable
+            && self.values.len() == other.values.len()
+            && self
+                .values
+                .iter()
+                .zip(&other.values)
+                .all(|((a, _), (b, _))| a == b)
+    }
+}
+
+impl Final {
+    pub fn key_text(&self) -> &str {
+        match self {
+            Final::Upsert(r) => &r.key_text,
+            Final::Delete(d) => &d.key_text,
+        }
+    }
+    pub fn version(&self) -> (i64, &str) {
+        match self {
+            Final::Upsert(r) => (r.hlc, &r.origin),
+            Final::Delete(d) => (d.hlc, &d.origin),
+        }
+    }
+    pub fn replaced(&self) -> Option<&(i64, String)> {
+        match self {
+            Final::Upsert(r) => r.replaced.as_ref(),
+            Final::Delete(d) => d.replaced.as_ref(),
+        }
+    }
+    fn set_replaced(&mut self, replaced: Option<(i64, String)>) {
+        match self {
+            Final::Upsert(r) => r.replaced = replaced,
+            Final::Delete(d) => d.replaced = replaced,
+        }
+    }
+    pub fn home(&self) -> Option<&str> {
+        match self {
+            Final::Upsert(r) => r.home.as_deref(),
+            Final::Delete(d) => d.home.as_deref(),
+        }
+    }
+    pub fn pin(&self) -> Option<&str> {
+        match self {
+            Final::Upsert(r) => r.pin.as_deref(),
+            Final::Delete(d) => d.pin.as_deref(),
+        }
+    }
+}
+
+/// The `(hlc, origin_region)` of a row image, if it has both.
+fn version_of(row: &Row) -> Option<(i64, String)> {
+    Some((
+        int_of(row, "hlc")?,
+        str_of(row, "origin_region")?.to_string(),
+    ))
+}
+
+fn row_error(table: &TargetTable, column: &str, problem: impl ToString) -> RowError {
+    RowError::Value {
+        table: table.name.clone(),
+        column: column.to_string(),
+        problem: problem.to_string(),
+    }
+}
+
+fn int_of(row: &Row, column: &str) -> Option<i64> {
+    match row.get(column).map(|t| &t.field) {
+        Some(Field::Int(v)) => Some(*v),
+        Some(Field::String(s)) => s.parse().ok(),
+        _ => None,
+    }
+}
+
+fn str_of<'a>(row: &'a Row, column: &str) -> Option<&'a str> {
+    match row.get(column).map(|t| &t.field) {
+        Some(Field::String(s)) => Some(s),
+        _ => None,
+    }
+}
+
+/// The key as text: one column's PostgreSQL text, or a JSON array of them
+/// for composite keys, spelled as `regionsync.row_key()` in
+/// schemas/regionsync.sql spells it (jsonb's text form).
+fn key_text(values: &[Option<String>]) -> String {
+    match values {
+        [Some(one)] => one.clone(),
+        _ => {
+            let parts: Vec<String> = values
+                .iter()
+                .map(|v| serde_json::to_string(v).unwrap_or_default())
+                .collect();
+            format!("[{}]", parts.join(", "))
+        }
+    }
+}
+
+/// Renders one source row image into target columns. Takes the image: its
+/// texts become the statement's without a copy where they need no change.
+fn render(table: &TargetTable, row: Row, before: Option<&Row>) -> Result<PreparedRow, RowError> {
+    let hlc =
+        int_of(&row, "hlc").ok_or_else(|| row_error(table, "hlc", "missing or not an integer"))?;
+    let origin = str_of(&row, "origin_region")
+        .ok_or_else(|| row_error(table, "origin_region", "missing or not text"))?
+        .to_string();
+    let mut values = Vec::with_capacity(row.len());
+    let mut unavailable = Vec::new();
+    for (source_col, typed) in row {
+        // Columns the target does not have are not replicated.
+        let Some(idx) = table.column_index(&source_col) else {
+            continue;
+        };
+        let name = &table.columns[idx].0;
+        let ty = &table.pg_types[idx];
+        let text = if typed.field == Field::Unavailable {
+            // With REPLICA IDENTITY FULL the before image has the value.
+            match before.and_then(|b| b.get(&source_col)) {
+                Some(b) if b.field != Field::Unavailable => b.to_pg_text_as(ty),
+                _ => {
+                    unavailable.push(idx);
+                    continue;
+                }
+            }
+        } else {
+            typed.into_pg_text_as(ty)
+        };
+        values.push((idx, text.map_err(|e| row_error(table, name, e))?));
+    }
+    let key_values = key_values(table, &values)?;
+    let home = table.homing.as_ref().and_then(|h| h.home(&values));
+    let pin = table.homing.as_ref().and_then(|h| h.pin(&values));
+    Ok(PreparedRow {
+        key_text: key_text(&key_values),
+        values,
+        unavailable,
+        hlc,
+        origin,
+        replaced: before.and_then(version_of),
+        home,
+        pin,
+        snapshot: false,
+    })
+}
+
+fn key_values(
+    table: &TargetTable,
+    values: &[(usize, Option<String>)],
+) -> Result<Vec<Option<String>>, RowError> {
+    table
+        .key
+        .iter()
+        .map(|k| {
+            let v = values
+                .iter()
+                .find(|(i, _)| i == k)
+                .and_then(|(_, v)| v.clone());
+            match v {
+                Some(v) => Ok(Some(v)),
+                None => Err(row_error(
+                    table,
+                    &table.columns[*k].0,
+                    "key column is missing or null",
+                )),
+            }
+        })
+        .collect()
+}
+
+/// The final state one change asks for, from region `source_region`.
+pub fn prepare(
+    table: &TargetTable,
+    change: Change,
+    source_region: &str,
+) -> Result<Final, RowError> {
+    match change.op {
+        Op::Create | Op::Update | Op::Read => {
+            let after = change.after.ok_or_else(|| RowError::Shape {
+                table: table.name.clone(),
+                problem: format!("{:?} without an after image", change.op),
+            })?;
+            let mut row = render(table, after, change.before.as_ref())?;
+            row.snapshot = change.op == Op::Read;
+            Ok(Final::Upsert(row))
+        }
+        Op::Delete => {
+            // The key message carries the key; the before image (REPLICA
+            // IDENTITY FULL) carries the version the delete replaced.
+            let image = change.before.as_ref().unwrap_or(&change.key);
+            let mut values = Vec::new();
+            let homing_columns: Vec<usize> =
+                table.homing.iter().flat_map(|h| h.columns()).collect();
+            for (source_col, typed) in image.iter().chain(change.key.iter()) {
+                if let Some(idx) = table.column_index(source_col) {
+                    let wanted = table.key.contains(&idx) || homing_columns.contains(&idx);
+                    if wanted && !values.iter().any(|(i, _)| *i == idx) {
+                        let text = typed
+                            .to_pg_text_as(&table.pg_types[idx])
+                            .map_err(|e| row_error(table, source_col, e))?;
+                        values.push((idx, text));
+                    }
+                }
+            }
+            let key_values = key_values(table, &values)?;
+            // The delete is the version right after the one it replaced: the
+            // source's own tombstone (regionsync.mark_deleted) has the same
+            // version, and orders a later re-insert of the key after it.
+            // (The commit time cannot serve: a re-insert in the same
+            // transaction or millisecond is stamped before the commit.)
+            let hlc = match change.before.as_ref().and_then(|b| int_of(b, "hlc")) {
+                Some(before) => before + 1,
+                None => change.source_ts_ms << crate::clock::LOGICAL_BITS,
+            };
+            Ok(Final::Delete(PreparedDelete {
+                key_text: key_text(&key_values),
+                key_values,
+                hlc,
+                origin: source_region.to_string(),
+                replaced: change.before.as_ref().and_then(version_of),
+                home: table.homing.as_ref().and_then(|h| h.home(&values)),
+                pin: table.homing.as_ref().and_then(|h| h.pin(&values)),
+            }))
+        }
+        Op::Truncate => Err(RowError::Shape {
+            table: table.name.clone(),
+            problem: "a truncate is applied by apply_truncate, not as a row".into(),
+        }),
+    }
+}
+
+/// Keeps the last final state per key, in first-seen key order, with the
+/// version the first of them replaced (what the batch as a whole replaces,
+/// for conflict detection). Borrows the changes: the batch keeps them for a
+/// retry, and only a change whose replaced version this alters is copied.
+pub fn collapse<'a>(finals: impl IntoIterator<Item = &'a Final>) -> Vec<Cow<'a, Final>> {
+    let finals = finals.into_iter();
+    let mut position: FxHashMap<&'a str, usize> =
+        FxHashMap::with_capacity_and_hasher(finals.size_hint().0, Default::default());
+    let mut out: Vec<Cow<'a, Final>> = Vec::with_capacity(finals.size_hint().0);
+    for f in finals {
+        match position.get(f.key_text()) {
+            Some(&i) => {
+                let first = out[i].replaced();
+                out[i] = if f.replaced() == first {
+                    Cow::Borrowed(f)
+                } else {
+                    let mut f = f.clone();
+                    f.set_replaced(first.cloned());
+                    Cow::Owned(f)
+                };
+            }
+            None => {
+                position.insert(f.key_text(), out.len());
+                out.push(Cow::Borrowed(f));
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+    use crate::apply::pg_text::PgType;
+    use crate::apply::quote_ident;
+    use crate::apply::table::source_positions;
+    use crate::change::Typed;
+    use crate::config::Policy;
+    use crate::route::Homing;
+
+    fn table() -> TargetTable {
+        let columns: Vec<(String, String)> = vec![
+            ("id".into(), "bigint".into()),
+            ("email".into(), "text".into()),
+            ("bio".into(), "text".into()),
+            ("hlc".into(), "bigint".into()),
+            ("origin_region".into(), "text".into()),
+        ];
+        TargetTable {
+            name: "public.users".into(),
+            ident: "\"public\".\"users\"".into(),
+            by_source: source_positions(&columns, &BTreeMap::new()),
+            pg_types: columns.iter().map(|(_, t)| PgType::parse(t)).collect(),
+            columns,
+            key: vec![0],
+            homing: None,
+            residency: Vec::new(),
+            counters: Vec::new(),
+        }
+    }
+
+    fn t(field: Field) -> Typed {
+        Typed {
+            field,
+            semantic: None,
+        }
+    }
+
+    fn row(id: i64, email: &str, bio: Field, hlc: i64) -> Row {
+        [
+            ("id".to_string(), t(Field::Int(id))),
+            ("email".to_string(), t(Field::String(email.into()))),
+            ("bio".to_string(), t(bio)),
+            ("hlc".to_string(), t(Field::Int(hlc))),
+            (
+                "origin_region".to_string(),
+                t(Field::String("us-east-1".into())),
+            ),
+            ("dropped_in_target".to_string(), t(Field::Int(1))),
+        ]
+        .into_iter()
+        .collect()
+    }
+
+    fn change(op: Op, id: i64, before: Option<Row>, after: Option<Row>) -> Change {
+        Change {
+            op,
+            schema: "public".into(),
+            table: "users".into(),
+            key: [("id".to_string(), t(Field::Int(id)))]
+                .into_iter()
+                .collect(),
+            before,
+            after,
+            source_ts_ms: 1_000,
+            lsn: None,
+            origin: None,
+            snapshot: false,
+        }
+    }
+
+    #[test]
+    fn an_upsert_renders_target_columns_and_its_version() {
+        let c = change(
+            Op::Create,
+            7,
+            None,
+            Some(row(7, "a@x", Field::String("b".into()), 99)),
+        );
+        let Final::Upsert(r) = prepare(&table(), c.clone(), "us-east-1").unwrap() else {
+            panic!("upsert expected")
+        };
+        assert_eq!(r.key_text, "7");
+        assert_eq!(r.hlc, 99);
+        assert_eq!(r.origin, "us-east-1");
+        assert!(r.values.contains(&(1, Some("a@x".into()))));
+        assert_eq!(r.values.len(), 5, "the column the target lacks is left out");
+    }
+
+    #[test]
+    fn an_unsent_toast_value_comes_from_the_before_image_or_is_kept() {
+        let before = row(7, "a@x", Field::String("long bio".into()), 5);
+        let after = row(7, "b@x", Field::Unavailable, 6);
+        let c = change(Op::Update, 7, Some(before), Some(after.clone()));
+        let Final::Upsert(r) = prepare(&table(), c.clone(), "us-east-1").unwrap() else {
+            panic!()
+        };
+        assert!(r.values.contains(&(2, Some("long bio".into()))));
+        assert!(r.unavailable.is_empty());
+
+        let c = change(Op::Update, 7, None, Some(after));
+        let Final::Upsert(r) = prepare(&table(), c.clone(), "us-east-1").unwrap() else {
+            panic!()
+        };
+        assert_eq!(r.unavailable, vec![2]);
+        assert!(!r.values.iter().any(|(i, _)| *i == 2));
+    }
+
+    #[test]
+    fn a_delete_is_versioned_after_the_row_it_replaced() {
+        let before = row(7, "a@x", Field::Null, (5_000 << 16) + 3);
+        let c = change(Op::Delete, 7, Some(before), None);
+        let Final::Delete(d) = prepare(&table(), c.clone(), "us-east-1").unwrap() else {
+            panic!()
+        };
+        assert_eq!(d.hlc, (5_000 << 16) + 4, "before.hlc + 1");
+        // Even when the commit time is later: a re-insert stamped before the
+        // commit (same transaction or millisecond) must still win.
+        let mut c = change(
+            Op::Delete,
+            7,
+            Some(row(7, "a@x", Field::Null, 500 << 16)),
+            None,
+        );
+        c.source_ts_ms = 501;
+        let Final::Delete(d) = prepare(&table(), c.clone(), "us-east-1").unwrap() else {
+            panic!()
+        };
+        assert_eq!(d.hlc, (500 << 16) + 1);
+        assert_eq!(d.key_values, vec![Some("7".to_string())]);
+        let c = change(Op::Delete, 8, None, None);
+        let Final::Delete(d) = prepare(&table(), c.clone(), "eu-west-1").unwrap() else {
+            panic!()
+        };
+        assert_eq!(d.hlc, 1_000 << 16);
+        assert_eq!(d.origin, "eu-west-1");
+    }
+
+    #[test]
+    fn collapse_keeps_the_last_change_per_key() {
+        let up = |id: i64, hlc: i64| {
+            let c = change(Op::Update, id, None, Some(row(id, "x", Field::Null, hlc)));
+            prepare(&table(), c.clone(), "us-east-1").unwrap()
+        };
+        let del =
+            |id: i64| prepare(&table(), change(Op::Delete, id, None, None), "us-east-1").unwrap();
+        // update → delete → update ends with the row present.
+        let changes = [up(1, 1), del(1), up(2, 1), up(1, 3)];
+        let out = collapse(&changes);
+        assert_eq!(out.len(), 2);
+        assert!(matches!(&*out[0], Final::Upsert(r) if r.key_text == "1" && r.hlc == 3));
+        assert!(matches!(&*out[1], Final::Upsert(r) if r.key_text == "2"));
+        // update → delete ends deleted.
+        let changes = [up(1, 1), del(1)];
+        let out = collapse(&changes);
+        assert!(matches!(&out[..], [d] if matches!(**d, Final::Delete(_))));
+    }
+
+    #[test]
+    fn collapse_keeps_the_version_the_first_change_replaced() {
+        let up = |before_hlc: i64, hlc: i64| {
+            let before = row(1, "x", Field::Null, before_hlc);
+            let c = change(
+                Op::Update,
+                1,
+                Some(before),
+                Some(row(1, "x", Field::Null, hlc)),
+            );
+            prepare(&table(), c.clone(), "us-east-1").unwrap()
+        };
+        let changes = [up(1, 2), up(2, 3), up(3, 4)];
+        let out = collapse(&changes);
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0].version(), (4, "us-east-1"));
+        assert_eq!(out[0].replaced(), Some(&(1, "us-east-1".to_string())));
+        // Only that change is copied; a key met once is borrowed as it is.
+        assert!(matches!(out[0], Cow::Owned(_)));
+        let out = collapse(&changes[1..2]);
+        assert!(matches!(&out[..], [Cow::Borrowed(f)] if std::ptr::eq(*f, &changes[1])));
+    }
+
+    #[test]
+    fn a_homed_row_is_homed_by_its_pin_or_its_affinity_value() {
+        let mut homed = table();
+        homed.homing = Some(Homing {
+            affinity: Some(0),
+            pin: Some(2),
+            regions: vec!["us-east-1".into(), "eu-west-1".into()],
+            policy: Policy::Reject,
+        });
+        let upsert = |bio: Field| {
+            let c = change(Op::Create, 7, None, Some(row(7, "x", bio, 1)));
+            prepare(&homed, c.clone(), "us-east-1").unwrap()
+        };
+        let by_key = crate::route::home_region("7", &["us-east-1", "eu-west-1"]);
+        assert_eq!(upsert(Field::Null).home(), Some(by_key));
+        assert_eq!(
+            upsert(Field::String("ap-south-1".into())).home(),
+            Some("ap-south-1")
+        );
+        // A delete is homed from its before image.
+        let before = row(7, "x", Field::String("eu-west-1".into()), 1);
+        let d = prepare(
+            &homed,
+            change(Op::Delete, 7, Some(before), None),
+            "us-east-1",
+        )
+        .unwrap();
+        assert_eq!(d.home(), Some("eu-west-1"));
+        assert_eq!(d.replaced(), Some(&(1, "us-east-1".to_string())));
+    }
+
+    #[test]
+    fn a_null_key_is_a_row_error_naming_the_column() {
+        let mut r = row(7, "a@x", Field::Null, 1);
+        r.insert("id".into(), t(Field::Null));
+        let err = prepare(&table(), change(Op::Create, 7, None, Some(r)), "us-east-1").unwrap_err();
+        assert!(err.to_string().contains("column id"), "{err}");
+    }
+
+    #[test]
+    fn identifiers_are_quoted() {
+        assert_eq!(quote_ident("we\"ird"), "\"we\"\"ird\"");
+    }
+}

@@ -1,0 +1,221 @@
+//! Source: the Kafka side of the worker, and only that. One consumer per
+//! worker subscribed to the mirrored CDC and heartbeat topics, whose
+//! assignments and revocations are forwarded to the worker's main loop,
+//! with a librdkafka queue per partition; and the client settings the
+//! consumer and the dead-letter producer share.
+//!
+//! What it promises:
+//! - A newly assigned partition is paused before anything is fetched, and
+//!   resumed only when the worker has sought it to its stored offset
+//!   ([`seek_and_resume`]); Kafka's own committed offsets are a copy for
+//!   monitoring, never the position.
+//! - A partition's messages reach only its own queue; librdkafka stops
+//!   fetching a partition whose queue is full, which bounds memory.
+
+pub mod dlq;
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::stream_consumer::StreamPartitionQueue;
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance, StreamConsumer};
+use rdkafka::message::BorrowedMessage;
+use rdkafka::{ClientContext, Offset, TopicPartitionList};
+use tokio::sync::{mpsc, watch};
+use tracing::{info, warn};
+
+use crate::config::Config;
+
+/// The worker's consumer.
+pub type Kafka = StreamConsumer<RebalanceForwarder>;
+
+/// A partition's own queue of the worker's consumer.
+pub type Queue = StreamPartitionQueue<RebalanceForwarder>;
+
+/// paused here, before any fetch, until the main loop has sought them to
+/// their stored offsets.
+pub struct RebalanceForwarder {
+    events: mpsc::UnboundedSender<RebalanceEvent>,
+    /// High watermark per partition, from librdkafka's periodic statistics
+    /// (no broker round trip of our own).
+    pub high_watermarks: Mutex<HashMap<(String, i32), i64>>,
+}
+
+#[derive(Debug)]
+pub enum RebalanceEvent {
+    Assigned(Vec<(String, i32)>),
+    Revoked(Vec<(String, i32)>),
+}
+
+fn partitions(tpl: &TopicPartitionList) -> Vec<(String, i32)> {
+    tpl.elements()
+        .iter()
+        .map(|e| (e.topic().to_string(), e.partition()))
+        .collect()
+}
+
+impl ClientContext for RebalanceForwarder {
+    fn stats(&self, statistics: rdkafka::Statistics) {
+        let mut highs = self.high_watermarks.lock().expect("watermarks lock");
+        for (name, topic) in statistics.topics {
+            for (partition, p) in topic.partitions {
+                // Partition -1 is librdkafka's internal "unassigned" queue.
+                if partition >= 0 && p.hi_offset >= 0 {
+                    highs.insert((name.clone(), partition), p.hi_offset);
+                }
+            }
+        }
+    }
+}
+
+impl ConsumerContext for RebalanceForwarder {
+    fn pre_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Revoke(tpl) = rebalance {
+            let _ = self.events.send(RebalanceEvent::Revoked(partitions(tpl)));
+        }
+    }
+
+    fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Assign(tpl) = rebalance {
+            if tpl.count() == 0 {
+                return;
+            }
+            if let Err(e) = consumer.pause(tpl) {
+                warn!(error = %e, "pausing newly assigned partitions failed");
+            }
+            let _ = self.events.send(RebalanceEvent::Assigned(partitions(tpl)));
+        }
+    }
+}
+
+/// Anchors a regex on exact topic names.
+fn subscription_pattern(topics: &[String]) -> String {
+    let escaped: Vec<String> = topics
+        .iter()
+        .map(|t| t.replace('.', "\\.").replace('-', "\\-"))
+        .collect();
+    format!("^({})$", escaped.join("|"))
+}
+
+pub fn kafka_config(config: &Config) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", &config.kafka.bootstrap_servers);
+    for (k, v) in &config.kafka.properties {
+        c.set(k, v);
+    }
+    c
+}
+
+/// The worker's consumer of `group`, and the channel its rebalances arrive
+/// on. Offsets are never committed automatically: PostgreSQL holds them.
+pub fn consumer(
+    config: &Config,
+    group: &str,
+) -> anyhow::Result<(Kafka, mpsc::UnboundedReceiver<RebalanceEvent>)> {
+    let (events_tx, events_rx) = mpsc::unbounded_channel();
+    let consumer: Kafka = kafka_config(config)
+        .set("group.id", group)
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("auto.offset.reset", "earliest")
+        .set("partition.assignment.strategy", "cooperative-sticky")
+        .set("topic.metadata.refresh.interval.ms", "5000")
+        .set_if_absent("session.timeout.ms", "10000")
+        .set_if_absent("fetch.wait.max.ms", "50")
+        // librdkafka prefetches up to 64 MiB per partition by default;
+        // 2 MiB per partition queue keeps every fetch busy (measured) and
+        // the worker's memory bounded whatever the backlog.
+        .set_if_absent("queued.max.messages.kbytes", "2048")
+        // Both limits count compressed bytes, and a fetch may overshoot
+        // the queue by up to this much per partition: 1 MiB (the
+        // default) of lz4 JSON events is 10-30 MiB decompressed, which
+        // took a replay's peak RSS from about 110 MB to 171-195 MB
+        // (make bench). 256 KiB: 134 MB, at the same rate.
+        .set_if_absent("fetch.message.max.bytes", "262144")
+        // Default 1 s: a partition whose queue filled up while its batch
+        // was committing would then wait a whole second for its next
+        // fetch — most of the replay time with large JSON messages.
+        .set_if_absent("fetch.queue.backoff.ms", "10")
+        // Feeds the consumer-lag gauge with high watermarks.
+        .set_if_absent("statistics.interval.ms", "5000")
+        .create_with_context(RebalanceForwarder {
+            events: events_tx,
+            high_watermarks: Mutex::new(HashMap::new()),
+        })
+        .context("creating the Kafka consumer")?;
+    Ok((consumer, events_rx))
+}
+
+/// Subscribes to exactly `topics`.
+pub fn subscribe(consumer: &Kafka, topics: &[String]) -> anyhow::Result<()> {
+    consumer
+        .subscribe(&[&subscription_pattern(topics)])
+        .context("subscribing to the mirrored topics")
+}
+
+trait SetIfAbsent {
+    fn set_if_absent(&mut self, key: &str, value: &str) -> &mut Self;
+}
+
+impl SetIfAbsent for ClientConfig {
+    fn set_if_absent(&mut self, key: &str, value: &str) -> &mut Self {
+        if self.get(key).is_none() {
+            self.set(key, value);
+        }
+        self
+    }
+}
+
+/// The partition's next message, or `None` once told to stop. Borrowed from
+/// librdkafka's fetch buffer, not copied: a batch holds its messages until
+/// it is applied.
+pub async fn next_message<'q>(
+    queue: &'q Queue,
+    stop: &mut watch::Receiver<()>,
+) -> Option<BorrowedMessage<'q>> {
+    loop {
+        tokio::select! {
+            biased;
+            // Err: the sender is gone, i.e. the partition was revoked.
+            _ = stop.changed() => return None,
+            m = queue.recv() => match m {
+                Ok(m) => return Some(m),
+                Err(e) => warn!(error = %e, "kafka"),
+            },
+        }
+    }
+}
+
+/// Seeks newly assigned (paused) partitions to the given offsets (`None`:
+/// the first offset still in the topic) and resumes them.
+pub fn seek_and_resume(
+    consumer: &Kafka,
+    positions: &[((String, i32), Option<i64>)],
+) -> anyhow::Result<()> {
+    let mut seek = TopicPartitionList::new();
+    let mut resume = TopicPartitionList::new();
+    for ((topic, partition), stored) in positions {
+        resume.add_partition(topic, *partition);
+        match stored {
+            Some(next) => {
+                info!(topic = %topic, partition, offset = next, "resuming at stored offset");
+                seek.add_partition_offset(topic, *partition, Offset::Offset(*next))?;
+            }
+            None => {
+                // Not from Kafka's committed offset, which is only a copy.
+                info!(topic = %topic, partition, "no stored offset; starting from the beginning");
+                seek.add_partition_offset(topic, *partition, Offset::Beginning)?;
+            }
+        }
+    }
+    if seek.count() > 0 {
+        consumer
+            .seek_partitions(seek, Duration::from_secs(10))
+            .context("seeking to stored offsets")?;
+    }
+    consumer.resume(&resume).context("resuming partitions")?;
+    Ok(())
+}

@@ -1,0 +1,800 @@
+//! One batch of a partition, in two halves.
+//!
+//! [`plan`] turns the batch's messages into steps: each is decoded, routed
+//! (`route`) and prepared for its table (`apply::prepare`); a message that
+//! cannot be used becomes a [`Rejected`] with its [`Fault`], a change that
+//! is not for this region a skip with its outcome. No database and no
+//! Kafka: it is unit-tested below, with a fixed set of Avro schemas.
+//!
+//! [`commit`] applies the steps in one transaction, with the conflict
+//! check, the dead letters' offsets and the partition's offset row, so the
+//! batch's effects and its position are stored together or not at all.
+//! [`apply`] drives both, following the verdicts of `failure`.
+
+use std::borrow::Cow;
+use std::collections::HashMap;
+use std::time::Instant;
+
+use rdkafka::message::Message;
+use tracing::{info, warn};
+
+use super::failure::{self, BatchError, Fault, Verdict};
+use super::{Route, Worker};
+use crate::apply::{self, Applied, Final, TargetTable};
+use crate::change::Decoded;
+use crate::clock::{self, Hlc};
+use crate::config::{Config, LateChanges, Policy};
+use crate::conflict;
+use crate::decode::registry::AvroSource;
+use crate::decode::{self, DecodeError};
+use crate::metrics::{self as m, outcome, record};
+use crate::offsets;
+use crate::route::{self, Decision};
+use crate::source::dlq::DeadLetter;
+
+/// A message the batch could not use, bound for the dead-letter topic.
+pub(super) struct Rejected<'a, M> {
+    msg: &'a M,
+    fault: Fault,
+    /// Produced to the dead-letter topic already, by an attempt whose
+    /// commit then failed: not sent twice, still counted.
+    sent: bool,
+}
+
+impl<'a, M> Rejected<'a, M> {
+    fn new(msg: &'a M, fault: Fault) -> Self {
+        Rejected {
+            msg,
+            fault,
+            sent: false,
+        }
+    }
+}
+
+/// One change ready to apply, with the message it came from.
+pub(super) enum Step<'a, M> {
+    Row {
+        table: usize,
+        fin: Final,
+        msg: &'a M,
+        /// Source commit time, for the end-to-end latency.
+        ts_ms: i64,
+    },
+    Truncate {
+        table: usize,
+        ts_ms: i64,
+    },
+}
+
+/// What a batch's messages became.
+pub(super) struct Plan<'a, M> {
+    pub steps: Vec<Step<'a, M>>,
+    pub rejected: Vec<Rejected<'a, M>>,
+    /// Changes not for this region, by (outcome, table).
+    pub skipped: HashMap<(&'static str, String), u64>,
+    /// The newest source commit time among the batch's changes.
+    pub newest_ts_ms: Option<i64>,
+}
+
+/// What planning a batch reads: the worker's configuration and tables, and
+/// the source region's Avro schemas.
+pub(super) struct Planner<'w> {
+    pub config: &'w Config,
+    pub tables: &'w [TargetTable],
+    pub source_region: &'w str,
+    /// Index into `tables`; `None` for a heartbeat topic.
+    pub table: Option<usize>,
+    pub avro: Option<&'w AvroSource>,
+}
+
+impl Planner<'_> {
+    /// Decodes, routes and prepares each message of `topic`; `now_ms` is
+    /// the time clock skew is measured against.
+    pub async fn plan<'a, M: Message>(
+        &self,
+        topic: &str,
+        messages: &'a [M],
+        now_ms: i64,
+    ) -> Plan<'a, M> {
+        let mut plan = Plan {
+            steps: Vec::new(),
+            rejected: Vec::new(),
+            skipped: HashMap::new(),
+            newest_ts_ms: None,
+        };
+        let limit = self.config.apply.max_message_bytes;
+        for msg in messages {
+            let size = msg.key().map_or(0, |k| k.len()) + msg.payload().map_or(0, |p| p.len());
+            if size > limit {
+                plan.rejected
+                    .push(Rejected::new(msg, Fault::Oversized { size, limit }));
+                continue;
+            }
+            let change = match self.decode(msg).await {
+                Ok(Decoded::Change(c)) => c,
+                Ok(Decoded::Tombstone { .. }) => {
+                    *plan
+                        .skipped
+                        .entry((outcome::TOMBSTONE, String::new()))
+                        .or_default() += 1;
+                    continue;
+                }
+                Err(fault) => {
+                    plan.rejected.push(Rejected::new(msg, fault));
+                    continue;
+                }
+            };
+            plan.newest_ts_ms = Some(plan.newest_ts_ms.unwrap_or(0).max(change.source_ts_ms));
+            let routed = self.table.map(|t| (t, &self.config.tables[t]));
+            let table = match route::route_change(routed, topic, &change) {
+                Decision::Apply { table } => table,
+                Decision::Truncate { table } => {
+                    plan.steps.push(Step::Truncate {
+                        table,
+                        ts_ms: change.source_ts_ms,
+                    });
+                    continue;
+                }
+                Decision::Skip(why) => {
+                    // A heartbeat topic feeds no table: its label is empty.
+                    let name = self
+                        .table
+                        .map_or(String::new(), |t| self.tables[t].name.clone());
+                    *plan.skipped.entry((why, name)).or_default() += 1;
+                    continue;
+                }
+                Decision::Unconfigured => {
+                    let config = routed.map(|(_, c)| c.target.clone()).unwrap_or_default();
+                    plan.rejected.push(Rejected::new(
+                        msg,
+                        Fault::UnconfiguredTable {
+                            source_table: format!("{}.{}", change.schema, change.table),
+                            topic: topic.to_owned(),
+                            target: config,
+                        },
+                    ));
+                    continue;
+                }
+            };
+            let target = &self.tables[table];
+            let ts_ms = change.source_ts_ms;
+            let fin = match apply::prepare(target, change, self.source_region) {
+                Ok(fin) => fin,
+                Err(e) => {
+                    plan.rejected.push(Rejected::new(msg, Fault::Row(e)));
+                    continue;
+                }
+            };
+            let upsert_origin = match &fin {
+                Final::Upsert(r) => Some(r.origin.as_str()),
+                Final::Delete(_) => None,
+            };
+            if let Some(why) = route::admit(
+                upsert_origin,
+                fin.pin(),
+                &target.residency,
+                &self.config.region,
+            ) {
+                if why == outcome::RESIDENCY {
+                    // Never written here; logged without the row's contents.
+                    info!(topic, partition = msg.partition(), offset = msg.offset(),
+                        table = %target.name, pinned_to = fin.pin().unwrap_or_default(),
+                        "a row restricted to other regions is not written here");
+                }
+                *plan.skipped.entry((why, target.name.clone())).or_default() += 1;
+                continue;
+            }
+            let hlc = Hlc(fin.version().0);
+            if clock::exceeds_clock_skew(hlc, now_ms, self.config.max_clock_skew) {
+                // Applied all the same (the version order stays total), but
+                // a clock this far ahead wins every conflict: say so.
+                warn!(topic, offset = msg.offset(), source_region = %self.source_region,
+                    ahead = ?hlc.ahead_of(now_ms), max_clock_skew = ?self.config.max_clock_skew,
+                    "a change is dated further in the future than max_clock_skew");
+                metrics::counter!(m::CLOCK_SKEW_EXCEEDED_TOTAL, "source_region" => self.source_region.to_owned())
+                    .increment(1);
+            }
+            plan.steps.push(Step::Row {
+                table,
+                fin,
+                msg,
+                ts_ms,
+            });
+        }
+        plan
+    }
+
+    /// Avro (Confluent wire format: magic byte 0) or JSON, by the first byte.
+    async fn decode<M: Message>(&self, msg: &M) -> Result<Decoded, Fault> {
+        let is_avro = |b: Option<&[u8]>| b.is_some_and(|b| b.first() == Some(&0));
+        if !(is_avro(msg.key()) || is_avro(msg.payload())) {
+            return decode::decode_json(msg.key(), msg.payload()).map_err(Fault::Decode);
+        }
+        let avro = self
+            .avro
+            .ok_or_else(|| Fault::NoRegistry(self.source_region.to_owned()))?;
+        let key = avro
+            .decode(msg.key())
+            .await
+            .map_err(|error| Fault::Avro { part: "key", error })?;
+        let value = avro
+            .decode_envelope(msg.payload())
+            .await
+            .map_err(|error| Fault::Avro {
+                part: "value",
+                error,
+            })?;
+        match (key, value) {
+            (Some(key), value) => {
+                decode::decode_avro(key.value, key.schema, value.map(|v| (v.value, v.schema)))
+            }
+            (None, Some(v)) => decode::decode_avro_keyless(v.value, v.schema),
+            (None, None) => Err(DecodeError::MissingKey),
+        }
+        .map_err(Fault::Decode)
+    }
+}
+
+/// Plans, commits and stores the offset of one batch, retrying what
+/// `failure` says to retry; returns the next offset.
+pub(super) async fn apply<M: Message>(
+    worker: &Worker,
+    route: &Route,
+    topic: &str,
+    partition: i32,
+    messages: &[M],
+) -> anyhow::Result<i64> {
+    let next = messages.last().map(|m| m.offset() + 1).unwrap_or(0);
+    let planner = Planner {
+        config: &worker.config,
+        tables: &worker.tables,
+        source_region: &route.source_region,
+        table: route.table,
+        avro: worker.decoders.get(&route.source_region).map(|a| &**a),
+    };
+    let Plan {
+        mut steps,
+        mut rejected,
+        skipped,
+        newest_ts_ms,
+    } = planner.plan(topic, messages, clock::now_ms()).await;
+    if let Some(r) = rejected.first() {
+        if failure::message_verdict(&r.fault, worker.config.on_error) == Verdict::Stop {
+            anyhow::bail!(
+                "{} at {}/{}/{}: {} (on_error = stop)",
+                r.fault.reason(),
+                r.msg.topic(),
+                r.msg.partition(),
+                r.msg.offset(),
+                r.fault
+            );
+        }
+    }
+    let mut backoff = failure::Backoff::default();
+    loop {
+        let committed = commit(
+            worker,
+            &route.source_region,
+            topic,
+            partition,
+            (next, newest_ts_ms),
+            &steps,
+            &mut rejected,
+        )
+        .await;
+        let e = match committed {
+            Ok(counts) => {
+                let now = clock::now_ms();
+                worker
+                    .last_commit_ms
+                    .store(now, std::sync::atomic::Ordering::Relaxed);
+                if let Some(ts) = newest_ts_ms {
+                    worker
+                        .lag
+                        .committed(&route.source_region, ts, route.table.is_none());
+                }
+                let latency = metrics::histogram!(m::END_TO_END_LATENCY, "source_region" => route.source_region.clone());
+                for step in &steps {
+                    if let Step::Row { ts_ms, .. } = step {
+                        latency.record(crate::lag::latency_seconds(now, *ts_ms));
+                    }
+                }
+                let to_reassert: u64 = counts.iter().map(|(_, a)| a.rejected).sum();
+                let tables = counts
+                    .into_iter()
+                    .map(|(t, applied)| record::TableCounts {
+                        table: &worker.tables[t].name,
+                        policy: worker.tables[t]
+                            .homing
+                            .as_ref()
+                            .map_or(Policy::Lww, |h| h.policy),
+                        applied,
+                    })
+                    .collect();
+                record::batch(
+                    &route.source_region,
+                    tables,
+                    &skipped,
+                    rejected.len(),
+                    messages.len(),
+                );
+                if to_reassert > 0 {
+                    super::reassert_rejected(worker).await;
+                }
+                return Ok(next);
+            }
+            Err(e) => e,
+        };
+        match (failure::batch_verdict(&e, worker.config.on_error), e) {
+            (Verdict::Stop, e) => {
+                let e = match e {
+                    BatchError::Data(e) => anyhow::Error::from(e),
+                    BatchError::Transient(e) => e,
+                };
+                anyhow::bail!("applying {topic}/{partition} failed: {e} (on_error = stop)");
+            }
+            (Verdict::DeadLetter, _) => {
+                // Find the changes PostgreSQL refuses, one by one.
+                isolate_bad_rows(worker, &mut steps, &mut rejected).await?;
+            }
+            (Verdict::Retry, e) => {
+                let e = match e {
+                    BatchError::Data(e) => anyhow::Error::from(e),
+                    BatchError::Transient(e) => e,
+                };
+                warn!(topic, partition, error = %e, retry_in = ?backoff.delay(), "batch failed; retrying");
+                backoff.wait().await;
+            }
+        }
+    }
+}
+
+/// One transaction: the rows, the dead letters' offsets, the offset row
+/// (with the newest source commit time, so lag survives a restart).
+async fn commit<M: Message>(
+    worker: &Worker,
+    source_region: &str,
+    topic: &str,
+    partition: i32,
+    (next, newest_ts_ms): (i64, Option<i64>),
+    steps: &[Step<'_, M>],
+    rejected: &mut [Rejected<'_, M>],
+) -> Result<Vec<(usize, Applied)>, BatchError> {
+    let classify = failure::classify;
+    let mut client = worker
+        .pool
+        .get()
+        .await
+        .map_err(|e| BatchError::Transient(e.into()))?;
+    let started = Instant::now();
+    let tx = client.transaction().await.map_err(classify)?;
+    tx.batch_execute(apply::session::APPLY_TRANSACTION_SQL)
+        .await
+        .map_err(classify)?;
+    let mut counts: HashMap<usize, Applied> = HashMap::new();
+    let late_before = (worker.config.late_changes == LateChanges::Skip).then(|| {
+        let grace_ms = worker.config.tombstone_grace.as_millis() as i64;
+        Hlc::new(clock::now_ms() - grace_ms, 0)
+    });
+    // Rows between truncates, per table, collapsed to the last change per key.
+    let mut pending: HashMap<usize, Vec<&Final>> = HashMap::new();
+    let end = Step::Truncate {
+        table: usize::MAX,
+        ts_ms: 0,
+    };
+    for step in steps.iter().chain(std::iter::once(&end)) {
+        match step {
+            Step::Row { table, fin, .. } => pending.entry(*table).or_default().push(fin),
+            Step::Truncate { table, ts_ms } => {
+                for (t, finals) in pending.drain() {
+                    let changes = finals.len() as u64;
+                    let finals = apply::collapse(finals);
+                    let superseded = changes - finals.len() as u64;
+                    let checked = conflict::check(
+                        &tx,
+                        &worker.tables[t],
+                        finals,
+                        source_region,
+                        &worker.config.region,
+                        late_before,
+                    )
+                    .await
+                    .map_err(classify)?;
+                    if checked.late > 0 {
+                        warn!(table = %worker.tables[t].name, topic, partition, count = checked.late,
+                            tombstone_grace = ?worker.config.tombstone_grace,
+                            "changes older than tombstone_grace for keys without a row were not applied (late_changes = skip)");
+                    }
+                    *counts.entry(t).or_default() += Applied {
+                        superseded,
+                        conflicts: checked.recorded,
+                        held: checked.held,
+                        rejected: checked.rejected,
+                        classes: checked.classes,
+                        late: checked.late,
+                        ..Applied::default()
+                    };
+                    let a = apply::apply_finals(&tx, &worker.tables[t], &checked.finals)
+                        .await
+                        .map_err(classify)?;
+                    *counts.entry(t).or_default() += a;
+                }
+                if *table != usize::MAX {
+                    let a =
+                        apply::apply_truncate(&tx, &worker.tables[*table], *ts_ms, source_region)
+                            .await
+                            .map_err(classify)?;
+                    *counts.entry(*table).or_default() += a;
+                }
+            }
+        }
+    }
+    send_to_dlq(worker, rejected)
+        .await
+        .map_err(BatchError::Transient)?;
+    offsets::store(&tx, &worker.group, topic, partition, next, newest_ts_ms)
+        .await
+        .map_err(classify)?;
+    tx.commit().await.map_err(classify)?;
+    metrics::histogram!(m::APPLY_BATCH_SECONDS).record(started.elapsed().as_secs_f64());
+    Ok(counts.into_iter().collect())
+}
+
+/// Tries each row change alone (inside a savepoint); those PostgreSQL refuses
+/// move from `steps` to `rejected`.
+async fn isolate_bad_rows<'a, M>(
+    worker: &Worker,
+    steps: &mut Vec<Step<'a, M>>,
+    rejected: &mut Vec<Rejected<'a, M>>,
+) -> anyhow::Result<()> {
+    let mut client = worker.pool.get().await?;
+    let mut tx = client.transaction().await?;
+    tx.batch_execute(apply::session::APPLY_TRANSACTION_SQL)
+        .await?;
+    let mut keep = Vec::new();
+    for step in steps.drain(..) {
+        if let Step::Row {
+            table, fin, msg, ..
+        } = &step
+        {
+            let sp = tx.savepoint("row").await?;
+            let result =
+                apply::apply_finals(&sp, &worker.tables[*table], &[Cow::Borrowed(fin)]).await;
+            match result {
+                Ok(_) => sp.rollback().await?,
+                Err(e) => {
+                    let _ = sp.rollback().await;
+                    let detail = e
+                        .as_db_error()
+                        .map(|d| d.message().to_string())
+                        .unwrap_or_else(|| e.to_string());
+                    rejected.push(Rejected::new(
+                        *msg,
+                        Fault::RefusedByPostgres {
+                            table: worker.tables[*table].name.clone(),
+                            detail,
+                        },
+                    ));
+                    continue;
+                }
+            }
+        }
+        keep.push(step);
+    }
+    tx.rollback().await?;
+    *steps = keep;
+    Ok(())
+}
+
+/// Produces the rejected messages to the dead-letter topic and waits for
+/// the broker's acknowledgement (before the offset moves past them).
+async fn send_to_dlq<M: Message>(
+    worker: &Worker,
+    rejected: &mut [Rejected<'_, M>],
+) -> anyhow::Result<()> {
+    for r in rejected.iter_mut().filter(|r| !r.sent) {
+        let error = r.fault.to_string();
+        worker
+            .dlq
+            .send(&DeadLetter {
+                topic: r.msg.topic(),
+                partition: r.msg.partition(),
+                offset: r.msg.offset(),
+                key: r.msg.key(),
+                payload: r.msg.payload(),
+                reason: r.fault.reason(),
+                error: &error,
+            })
+            .await?;
+        r.sent = true;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use apache_avro::types::Value as AvroValue;
+    use apache_avro::writer::datum::GenericDatumWriter;
+    use apache_avro::Schema;
+    use rdkafka::message::OwnedMessage;
+    use rdkafka::Timestamp;
+    use serde_json::json;
+
+    use super::*;
+    use crate::decode::registry::FixedSchemas;
+    use crate::metrics::reason;
+
+    const TOPIC: &str = "us-east-1.cdc.public.users";
+
+    fn config() -> Config {
+        Config::from_toml(
+            r#"
+            region = "eu-west-1"
+            regions = ["us-east-1", "eu-west-1"]
+            [kafka]
+            bootstrap_servers = "127.0.0.1:1"
+            [postgres]
+            host = "127.0.0.1"
+            dbname = "app"
+            user = "regionsync"
+            [apply]
+            max_message_bytes = 4096
+            [[tables]]
+            topics = ["cdc.public.users"]
+            target = "public.users"
+            key = ["id"]
+            "#,
+        )
+        .expect("a valid config")
+    }
+
+    fn tables() -> Vec<TargetTable> {
+        vec![TargetTable::for_tests(
+            "public.users",
+            &[
+                ("id", "bigint"),
+                ("name", "text"),
+                ("hlc", "bigint"),
+                ("origin_region", "text"),
+            ],
+        )]
+    }
+
+    fn message(offset: i64, key: Option<Vec<u8>>, value: Option<Vec<u8>>) -> OwnedMessage {
+        OwnedMessage::new(
+            value,
+            key,
+            TOPIC.into(),
+            Timestamp::NotAvailable,
+            0,
+            offset,
+            None,
+        )
+    }
+
+    /// A schemaless JSON change of `users` (JsonConverter without schemas).
+    fn json_change(
+        offset: i64,
+        op: &str,
+        table: &str,
+        origin: Option<&str>,
+        ts_ms: i64,
+        origin_region: &str,
+    ) -> OwnedMessage {
+        let row =
+            json!({"id": 7, "name": "Zoë", "hlc": 1_000_i64 << 16, "origin_region": origin_region});
+        let value = json!({
+            "op": op,
+            "before": if op == "d" { row.clone() } else { json!(null) },
+            "after": if op == "d" || op == "t" { json!(null) } else { row },
+            "source": {"ts_ms": ts_ms, "schema": "public", "table": table, "origin": origin},
+        });
+        let key = (op != "t").then(|| serde_json::to_vec(&json!({"id": 7})).unwrap());
+        message(offset, key, Some(serde_json::to_vec(&value).unwrap()))
+    }
+
+    async fn plan_of(
+        messages: &[OwnedMessage],
+        table: Option<usize>,
+        avro: Option<&AvroSource>,
+    ) -> (
+        Vec<String>,
+        Vec<&'static str>,
+        HashMap<(&'static str, String), u64>,
+    ) {
+        let (config, tables) = (config(), tables());
+        let planner = Planner {
+            config: &config,
+            tables: &tables,
+            source_region: "us-east-1",
+            table,
+            avro,
+        };
+        let plan = planner.plan(TOPIC, messages, 0).await;
+        let steps = plan
+            .steps
+            .iter()
+            .map(|s| match s {
+                Step::Row { fin, msg, .. } => {
+                    format!("{} {:?} @{}", msg.offset(), fin.key_text(), fin.version().0)
+                }
+                Step::Truncate { ts_ms, .. } => format!("truncate {ts_ms}"),
+            })
+            .collect();
+        let rejected = plan.rejected.iter().map(|r| r.fault.reason()).collect();
+        (steps, rejected, plan.skipped)
+    }
+
+    #[tokio::test]
+    async fn a_batch_is_planned_change_by_change() {
+        let messages = vec![
+            json_change(10, "c", "users", None, 5, "us-east-1"),
+            // Relayed by us-east-1's worker: skipped.
+            json_change(11, "u", "users", Some("regionsync_3"), 6, "ap-south-1"),
+            // This region's own change, copied back: skipped.
+            json_change(12, "u", "users", None, 7, "eu-west-1"),
+            // An event of another table on this table's topic.
+            json_change(13, "c", "orders", None, 8, "us-east-1"),
+            json_change(14, "t", "users", None, 9, "us-east-1"),
+            // Compaction's tombstone after a delete.
+            message(15, Some(b"{\"id\": 7}".to_vec()), None),
+            message(
+                16,
+                Some(b"{\"id\": 7}".to_vec()),
+                Some(b"{not json".to_vec()),
+            ),
+            message(17, None, Some(vec![b' '; 5000])),
+            json_change(18, "d", "users", None, 10, "us-east-1"),
+        ];
+        let (steps, rejected, skipped) = plan_of(&messages, Some(0), None).await;
+        let hlc = 1_000_i64 << 16;
+        assert_eq!(
+            steps,
+            vec![
+                format!("10 \"7\" @{hlc}"),
+                "truncate 9".to_string(),
+                // A delete is versioned just after the row it removes.
+                format!("18 \"7\" @{}", hlc + 1),
+            ]
+        );
+        assert_eq!(
+            rejected,
+            vec![
+                reason::UNCONFIGURED_TABLE,
+                reason::NOT_JSON,
+                reason::OVERSIZED
+            ]
+        );
+        let users = "public.users".to_string();
+        assert_eq!(skipped[&(outcome::RELAY, users.clone())], 1);
+        assert_eq!(skipped[&(outcome::ECHO, users)], 1);
+        assert_eq!(skipped[&(outcome::TOMBSTONE, String::new())], 1);
+        assert_eq!(skipped.len(), 3);
+    }
+
+    #[tokio::test]
+    async fn a_heartbeat_topic_feeds_no_table() {
+        let messages = vec![json_change(1, "u", "heartbeat", None, 5, "us-east-1")];
+        let (steps, rejected, skipped) = plan_of(&messages, None, None).await;
+        assert!(steps.is_empty() && rejected.is_empty());
+        assert_eq!(skipped[&(outcome::HEARTBEAT, String::new())], 1);
+    }
+
+    const KEY_SCHEMA: &str = r#"{"type": "record", "name": "Key", "namespace": "us_east_1.public.users",
+        "fields": [{"name": "id", "type": "long"}]}"#;
+    const VALUE_SCHEMA: &str = r#"{"type": "record", "name": "Envelope", "namespace": "us_east_1.public.users",
+        "fields": [
+          {"name": "before", "type": ["null", {"type": "record", "name": "Value", "fields": [
+            {"name": "id", "type": "long"}, {"name": "name", "type": ["null", "string"]},
+            {"name": "hlc", "type": "long"}, {"name": "origin_region", "type": "string"}]}]},
+          {"name": "after", "type": ["null", "Value"]},
+          {"name": "source", "type": {"type": "record", "name": "Source", "namespace": "io.debezium.connector.postgresql",
+            "fields": [{"name": "ts_ms", "type": "long"}, {"name": "schema", "type": "string"},
+                       {"name": "table", "type": "string"}, {"name": "origin", "type": ["null", "string"]}]}},
+          {"name": "op", "type": "string"}]}"#;
+
+    /// The same change as `json_change(offset, "c", "users", None, 5, "us-east-1")`,
+    /// in Avro's wire format with schema ids 1 (key) and 2 (value).
+    fn avro_change(offset: i64) -> OwnedMessage {
+        let wire = |id: u32, schema: &str, value: AvroValue| {
+            let schema = Schema::parse_str(schema).unwrap();
+            let mut bytes = vec![0];
+            bytes.extend(id.to_be_bytes());
+            let datum = GenericDatumWriter::builder(&schema)
+                .build()
+                .and_then(|w| w.write_value_to_vec(value))
+                .unwrap();
+            bytes.extend(datum);
+            bytes
+        };
+        let key = AvroValue::Record(vec![("id".into(), AvroValue::Long(7))]);
+        let row = AvroValue::Record(vec![
+            ("id".into(), AvroValue::Long(7)),
+            (
+                "name".into(),
+                AvroValue::Union(1, Box::new(AvroValue::String("Zoë".into()))),
+            ),
+            ("hlc".into(), AvroValue::Long(1_000 << 16)),
+            (
+                "origin_region".into(),
+                AvroValue::String("us-east-1".into()),
+            ),
+        ]);
+        let value = AvroValue::Record(vec![
+            (
+                "before".into(),
+                AvroValue::Union(0, Box::new(AvroValue::Null)),
+            ),
+            ("after".into(), AvroValue::Union(1, Box::new(row))),
+            (
+                "source".into(),
+                AvroValue::Record(vec![
+                    ("ts_ms".into(), AvroValue::Long(5)),
+                    ("schema".into(), AvroValue::String("public".into())),
+                    ("table".into(), AvroValue::String("users".into())),
+                    (
+                        "origin".into(),
+                        AvroValue::Union(0, Box::new(AvroValue::Null)),
+                    ),
+                ]),
+            ),
+            ("op".into(), AvroValue::String("c".into())),
+        ]);
+        message(
+            offset,
+            Some(wire(1, KEY_SCHEMA, key)),
+            Some(wire(2, VALUE_SCHEMA, value)),
+        )
+    }
+
+    fn registry(with: &[(u32, &str)]) -> AvroSource {
+        let mut schemas = FixedSchemas::default();
+        for (id, text) in with {
+            schemas.0.insert(*id, Schema::parse_str(text).unwrap());
+        }
+        AvroSource::with_schemas(schemas)
+    }
+
+    #[tokio::test]
+    async fn avro_and_json_plan_the_same_step() {
+        let avro = registry(&[(1, KEY_SCHEMA), (2, VALUE_SCHEMA)]);
+        let (config, tables) = (config(), tables());
+        let planner = Planner {
+            config: &config,
+            tables: &tables,
+            source_region: "us-east-1",
+            table: Some(0),
+            avro: Some(&avro),
+        };
+        let from_json = [json_change(1, "c", "users", None, 5, "us-east-1")];
+        let from_avro = [avro_change(1)];
+        let (a, b) = (
+            planner.plan(TOPIC, &from_json, 0).await,
+            planner.plan(TOPIC, &from_avro, 0).await,
+        );
+        let fin = |p: &Plan<'_, OwnedMessage>| match &p.steps[..] {
+            [Step::Row { fin, .. }] => fin.clone(),
+            _ => panic!("one row step expected"),
+        };
+        assert_eq!(fin(&a), fin(&b));
+        assert_eq!(a.newest_ts_ms, b.newest_ts_ms);
+    }
+
+    #[tokio::test]
+    async fn avro_without_its_schema_is_a_registry_fault() {
+        let messages = [avro_change(1)];
+        let (_, rejected, _) = plan_of(&messages, Some(0), Some(&registry(&[]))).await;
+        assert_eq!(rejected, vec![reason::REGISTRY]);
+        let (_, rejected, _) = plan_of(&messages, Some(0), None).await;
+        assert_eq!(rejected, vec![reason::NO_REGISTRY]);
+        // A datum cut short is the message's fault.
+        let mut cut = avro_change(1);
+        let payload = cut.payload().unwrap();
+        let cut_payload = payload[..payload.len() - 3].to_vec();
+        cut = message(1, cut.key().map(<[u8]>::to_vec), Some(cut_payload));
+        let messages = [cut];
+        let full = registry(&[(1, KEY_SCHEMA), (2, VALUE_SCHEMA)]);
+        let (_, rejected, _) = plan_of(&messages, Some(0), Some(&full)).await;
+        assert_eq!(rejected, vec![reason::BAD_AVRO]);
+    }
+}

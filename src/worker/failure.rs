@@ -1,0 +1,363 @@
+//! The one error decision. Every failure of a message or of a batch is
+//! named here and given its verdict: retry, dead-letter (with one label of
+//! [`metrics::reason`](crate::metrics::reason)), or stop. JSON and Avro
+//! give the same label for the same fault; the DLQ header
+//! `regionsync.reason` and the `reason` label of
+//! `regionsync_dlq_messages_total` carry it.
+//!
+//! Also the one backoff: capped exponential, used by every loop that waits
+//! for PostgreSQL to come back.
+
+use std::time::Duration;
+
+use tracing::warn;
+
+use crate::apply::RowError;
+use crate::config::OnError;
+use crate::decode::registry::AvroError;
+use crate::decode::DecodeError;
+use crate::metrics::{self as m, reason};
+
+/// Why one message cannot be applied.
+#[derive(Debug, thiserror::Error)]
+pub enum Fault {
+    #[error("message of {size} bytes is above apply.max_message_bytes ({limit})")]
+    Oversized { size: usize, limit: usize },
+    #[error("{0}")]
+    Decode(DecodeError),
+    #[error("{part}: {error}")]
+    Avro {
+        part: &'static str,
+        error: AvroError,
+    },
+    #[error("an Avro message, but no schema registry is configured for region {0}")]
+    NoRegistry(String),
+    #[error("an event of table {source_table} on {topic}, which feeds {target}")]
+    UnconfiguredTable {
+        source_table: String,
+        topic: String,
+        target: String,
+    },
+    #[error("{0}")]
+    Row(RowError),
+    /// PostgreSQL refused the row alone, in a savepoint.
+    #[error("{table}: {detail}")]
+    RefusedByPostgres { table: String, detail: String },
+}
+
+impl Fault {
+    /// The fault's bounded label, the same whichever encoding carried it.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Fault::Oversized { .. } => reason::OVERSIZED,
+            Fault::Decode(e) => match e {
+                DecodeError::MissingKey => reason::NULL_KEY,
+                DecodeError::Json(_) => reason::NOT_JSON,
+                DecodeError::Avro(_) => reason::BAD_AVRO,
+                DecodeError::Column { .. } => reason::BAD_VALUE,
+                DecodeError::Envelope(_) | DecodeError::UnknownOp(_) => reason::BAD_ENVELOPE,
+            },
+            Fault::Avro {
+                error: AvroError::Registry(_),
+                ..
+            } => reason::REGISTRY,
+            Fault::Avro {
+                error: AvroError::Datum(_),
+                ..
+            } => reason::BAD_AVRO,
+            Fault::NoRegistry(_) => reason::NO_REGISTRY,
+            Fault::UnconfiguredTable { .. } => reason::UNCONFIGURED_TABLE,
+            Fault::Row(RowError::Value { .. }) => reason::BAD_VALUE,
+            Fault::Row(RowError::Shape { .. }) => reason::BAD_SHAPE,
+            Fault::RefusedByPostgres { .. } => reason::REJECTED_BY_POSTGRES,
+        }
+    }
+}
+
+/// What the worker does about a failure.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    /// Wait (with backoff) and try the same changes again.
+    Retry,
+    /// Send the message to the dead-letter topic and move past it.
+    DeadLetter,
+    /// Stop the worker with the error.
+    Stop,
+}
+
+/// The verdict on a message that cannot be applied.
+pub fn message_verdict(_fault: &Fault, on_error: OnError) -> Verdict {
+    match on_error {
+        OnError::Stop => Verdict::Stop,
+        OnError::Dlq => Verdict::DeadLetter,
+    }
+}
+
+/// A batch's database failure.
+#[derive(Debug)]
+pub enum BatchError {
+    /// PostgreSQL refused the data (a bad value, a constraint): find the
+    /// rows it refuses, one by one.
+    Data(tokio_postgres::Error),
+    /// The connection or server failed: retry the whole batch.
+    Transient(anyhow::Error),
+}
+
+/// Sorts a PostgreSQL error into [`BatchError`] by its SQLSTATE class.
+pub fn classify(e: tokio_postgres::Error) -> BatchError {
+    match e.code() {
+        // Classes 22 (data exception), 23 (integrity constraint), 42 (e.g.
+        // a cast that does not fit): the row, not the server.
+        Some(code)
+            if ["22", "23", "42"]
+                .iter()
+                .any(|c| code.code().starts_with(c)) =>
+        {
+            BatchError::Data(e)
+        }
+        _ => BatchError::Transient(e.into()),
+    }
+}
+
+/// The verdict on a batch that failed in PostgreSQL: a data error isolates
+/// the rows at fault (which then become [`Fault::RefusedByPostgres`]), or
+/// stops with `on_error = stop`; anything else is retried.
+pub fn batch_verdict(e: &BatchError, on_error: OnError) -> Verdict {
+    match (e, on_error) {
+        (BatchError::Data(_), OnError::Stop) => Verdict::Stop,
+        (BatchError::Data(_), OnError::Dlq) => Verdict::DeadLetter,
+        (BatchError::Transient(_), _) => Verdict::Retry,
+    }
+}
+
+/// Capped exponential backoff: 200 ms, doubling, at most 5 s. Each wait
+/// counts in `regionsync_postgres_reconnects_total`.
+pub struct Backoff {
+    delay: Duration,
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Backoff {
+            delay: Duration::from_millis(200),
+        }
+    }
+}
+
+impl Backoff {
+    /// The delay the next [`Backoff::wait`] sleeps.
+    pub fn delay(&self) -> Duration {
+        self.delay
+    }
+
+    pub async fn wait(&mut self) {
+        metrics::counter!(m::POSTGRES_RECONNECTS_TOTAL).increment(1);
+        tokio::time::sleep(self.delay).await;
+        self.delay = (self.delay * 2).min(Duration::from_secs(5));
+    }
+}
+
+/// Runs `f` until it succeeds, logging each failure and backing off.
+pub async fn with_retry<T, E: std::fmt::Display, F, Fut>(what: &str, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, E>>,
+{
+    let mut backoff = Backoff::default();
+    loop {
+        match f().await {
+            Ok(v) => return v,
+            Err(e) => {
+                warn!(error = %e, retry_in = ?backoff.delay(), "{what} failed");
+                backoff.wait().await;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::decode::{decode_avro, decode_json};
+    use apache_avro::types::Value as AvroValue;
+    use apache_avro::Schema;
+    use serde_json::json;
+
+    fn json_fault(key: Option<serde_json::Value>, value: serde_json::Value) -> &'static str {
+        let key = key.map(|k| serde_json::to_vec(&k).unwrap());
+        let value = serde_json::to_vec(&value).unwrap();
+        let e = decode_json(key.as_deref(), Some(&value)).expect_err("a fault");
+        Fault::Decode(e).reason()
+    }
+
+    const VALUE_SCHEMA: &str = r#"{"type": "record", "name": "Envelope", "namespace": "t", "fields": [
+        {"name": "before", "type": ["null", {"type": "record", "name": "Value", "fields": [
+            {"name": "id", "type": "long"},
+            {"name": "d", "type": ["null", {"type": "record", "name": "VariableScaleDecimal",
+                "namespace": "io.debezium.data", "connect.name": "io.debezium.data.VariableScaleDecimal",
+                "fields": [{"name": "scale", "type": "int"}, {"name": "value", "type": "bytes"}]}]}]}]},
+        {"name": "after", "type": ["null", "Value"]},
+        {"name": "source", "type": {"type": "record", "name": "Source", "fields": [
+            {"name": "ts_ms", "type": "long"}, {"name": "schema", "type": "string"},
+            {"name": "table", "type": "string"}]}},
+        {"name": "op", "type": "string"}]}"#;
+
+    fn avro_fault(op: &str, after: AvroValue) -> &'static str {
+        let schema = Schema::parse_str(VALUE_SCHEMA).unwrap();
+        let key_schema = Schema::parse_str(
+            r#"{"type": "record", "name": "Key", "fields": [{"name": "id", "type": "long"}]}"#,
+        )
+        .unwrap();
+        let key = AvroValue::Record(vec![("id".into(), AvroValue::Long(1))]);
+        let source = AvroValue::Record(vec![
+            ("ts_ms".into(), AvroValue::Long(1)),
+            ("schema".into(), AvroValue::String("public".into())),
+            ("table".into(), AvroValue::String("t".into())),
+        ]);
+        let value = AvroValue::Record(vec![
+            (
+                "before".into(),
+                AvroValue::Union(0, Box::new(AvroValue::Null)),
+            ),
+            ("after".into(), after),
+            ("source".into(), source),
+            ("op".into(), AvroValue::String(op.into())),
+        ]);
+        let key_schema: &'static Schema = Box::leak(Box::new(key_schema));
+        let schema: &'static Schema = Box::leak(Box::new(schema));
+        let e = decode_avro(key, key_schema, Some((value, schema))).expect_err("a fault");
+        Fault::Decode(e).reason()
+    }
+
+    fn avro_row(d: AvroValue) -> AvroValue {
+        AvroValue::Union(
+            1,
+            Box::new(AvroValue::Record(vec![
+                ("id".into(), AvroValue::Long(1)),
+                ("d".into(), d),
+            ])),
+        )
+    }
+
+    #[test]
+    fn json_and_avro_give_one_reason_per_fault() {
+        let source = json!({"ts_ms": 1, "schema": "public", "table": "t"});
+        let key = Some(json!({"id": 1}));
+        // An op that is none of c, u, d, r, t.
+        assert_eq!(
+            json_fault(
+                key.clone(),
+                json!({"op": "x", "source": source, "after": {"id": 1}})
+            ),
+            reason::BAD_ENVELOPE
+        );
+        assert_eq!(
+            avro_fault(
+                "x",
+                avro_row(AvroValue::Union(0, Box::new(AvroValue::Null)))
+            ),
+            reason::BAD_ENVELOPE
+        );
+        // An insert without its row image.
+        assert_eq!(
+            json_fault(key.clone(), json!({"op": "c", "source": source})),
+            reason::BAD_ENVELOPE
+        );
+        assert_eq!(
+            avro_fault("c", AvroValue::Union(0, Box::new(AvroValue::Null))),
+            reason::BAD_ENVELOPE
+        );
+        // A value that is not what its semantic type says (a numeric
+        // with a negative scale).
+        assert_eq!(
+            json_fault(
+                key.clone(),
+                json!({"schema": {"type": "struct", "fields": [
+                    {"field": "after", "type": "struct", "optional": true, "fields": [
+                        {"field": "id", "type": "int64"},
+                        {"field": "d", "type": "struct", "optional": true,
+                         "name": "io.debezium.data.VariableScaleDecimal", "fields": [
+                            {"field": "scale", "type": "int32"}, {"field": "value", "type": "bytes"}]}]},
+                    {"field": "op", "type": "string"},
+                    {"field": "source", "type": "struct", "fields": []}]},
+                 "payload": {"op": "c", "source": source, "after": {"id": 1, "d": {"scale": -1, "value": "AQ=="}}}})
+            ),
+            reason::BAD_VALUE
+        );
+        assert_eq!(
+            avro_fault(
+                "c",
+                avro_row(AvroValue::Union(
+                    1,
+                    Box::new(AvroValue::Record(vec![
+                        ("scale".into(), AvroValue::Int(-1)),
+                        ("value".into(), AvroValue::Bytes(vec![1])),
+                    ]))
+                ))
+            ),
+            reason::BAD_VALUE
+        );
+        // No key on a change that is not a truncate.
+        assert_eq!(
+            json_fault(
+                None,
+                json!({"op": "c", "source": source, "after": {"id": 1}})
+            ),
+            reason::NULL_KEY
+        );
+    }
+
+    #[test]
+    fn avro_faults_tell_the_registry_from_the_datum() {
+        let registry = Fault::Avro {
+            part: "value",
+            error: AvroError::Registry("connection refused".into()),
+        };
+        let datum = Fault::Avro {
+            part: "value",
+            error: AvroError::Datum("the datum ends".into()),
+        };
+        assert_eq!(registry.reason(), reason::REGISTRY);
+        assert_eq!(datum.reason(), reason::BAD_AVRO);
+        assert_eq!(
+            Fault::Decode(DecodeError::Avro("x".into())).reason(),
+            reason::BAD_AVRO
+        );
+    }
+
+    #[test]
+    fn every_label_is_one_of_the_documented_set() {
+        let faults = [
+            Fault::Oversized { size: 2, limit: 1 },
+            Fault::Decode(DecodeError::MissingKey),
+            Fault::Decode(DecodeError::Json("x".into())),
+            Fault::NoRegistry("r".into()),
+            Fault::UnconfiguredTable {
+                source_table: "a.b".into(),
+                topic: "t".into(),
+                target: "c".into(),
+            },
+            Fault::Row(RowError::Shape {
+                table: "t".into(),
+                problem: "p".into(),
+            }),
+            Fault::RefusedByPostgres {
+                table: "t".into(),
+                detail: "d".into(),
+            },
+        ];
+        for f in &faults {
+            assert!(reason::ALL.contains(&f.reason()), "{f:?}");
+        }
+    }
+
+    #[test]
+    fn on_error_decides_between_dead_letter_and_stop() {
+        let f = Fault::Oversized { size: 2, limit: 1 };
+        assert_eq!(message_verdict(&f, OnError::Dlq), Verdict::DeadLetter);
+        assert_eq!(message_verdict(&f, OnError::Stop), Verdict::Stop);
+        let transient = BatchError::Transient(anyhow::anyhow!("connection reset"));
+        assert_eq!(batch_verdict(&transient, OnError::Stop), Verdict::Retry);
+        assert_eq!(batch_verdict(&transient, OnError::Dlq), Verdict::Retry);
+    }
+}

@@ -1,0 +1,280 @@
+//! Worker: the apply loop that ties the steps together. It owns what every
+//! partition task shares ([`Worker`]), the main loop that starts a task per
+//! assigned partition and stops it on revocation, and readiness.
+//!
+//! What it promises:
+//! - Offsets come from PostgreSQL: a newly assigned partition is paused,
+//!   sought to its stored `regionsync.offsets` row, then resumed; messages
+//!   below the stored offset are never applied again.
+//! - Each partition is applied by its own task (`partition`), in order, in
+//!   batches closed by count, bytes or linger time; partitions run
+//!   concurrently on the connection pool.
+//! - A batch is planned (decode → route → prepare, `batch::plan`) and then
+//!   committed in one transaction with its offset (`batch::commit`); what
+//!   cannot be applied is decided once, in `failure`.
+//! - Kafka's committed offsets follow PostgreSQL's, for monitoring only.
+//!
+//! | file | holds |
+//! |---|---|
+//! | `partition` | one partition's task: batching, duplicates, the batch retry loop |
+//! | `batch` | a batch's plan (pure) and its transaction |
+//! | `failure` | the one error decision: retry, dead-letter or stop; the backoff |
+//! | `background` | the lag reporter, the tombstone collector, re-asserting rejected writes |
+
+mod background;
+mod batch;
+pub mod failure;
+mod partition;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::Context as _;
+use rdkafka::consumer::Consumer;
+use rdkafka::message::Message;
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+use tracing::{info, warn};
+
+use crate::apply::TargetTable;
+use crate::clock;
+use crate::config::Config;
+use crate::decode::registry::AvroSource;
+use crate::lag::LagTracker;
+use crate::metrics::ReadyCheck;
+use crate::offsets;
+use crate::source::dlq::DeadLetterProducer;
+use crate::source::{self, Kafka, Queue, RebalanceEvent};
+
+pub use background::reassert_rejected;
+
+/// Where a mirrored topic's messages go.
+#[derive(Clone, Debug)]
+struct Route {
+    source_region: String,
+    /// Index into the worker's tables; None for a heartbeat topic.
+    table: Option<usize>,
+}
+
+/// What every partition task shares.
+pub struct Worker {
+    pub config: Config,
+    pub group: String,
+    pub pool: deadpool_postgres::Pool,
+    /// Connections without a replication origin (conflict resolution).
+    pub plain_pool: deadpool_postgres::Pool,
+    pub tables: Vec<TargetTable>,
+    routes: HashMap<String, Route>,
+    decoders: HashMap<String, Arc<AvroSource>>,
+    dlq: DeadLetterProducer,
+    consumer: Arc<Kafka>,
+    /// Freshness per source region, for the lag gauges.
+    pub lag: LagTracker,
+    /// Next offset to apply per owned partition, for the consumer-lag gauge.
+    positions: Mutex<HashMap<(String, i32), i64>>,
+    /// When a batch last committed (ms): proof enough that PostgreSQL
+    /// answers, so readiness need not queue for a busy pool.
+    last_commit_ms: std::sync::atomic::AtomicI64,
+}
+
+impl Worker {
+    /// Reads the target tables and the stored source times, creates the
+    /// consumer and the dead-letter producer. Nothing is consumed yet.
+    pub async fn connect(
+        config: Config,
+        pool: deadpool_postgres::Pool,
+    ) -> anyhow::Result<(Arc<Worker>, mpsc::UnboundedReceiver<RebalanceEvent>)> {
+        let client = pool.get().await.context("connecting to PostgreSQL")?;
+        let mut tables = Vec::new();
+        for t in &config.tables {
+            tables.push(TargetTable::load(&**client, t, &config.regions).await?);
+        }
+        let mut routes = HashMap::new();
+        for (topic, region, table) in config.mirrored_topics() {
+            routes.insert(
+                topic,
+                Route {
+                    source_region: region,
+                    table,
+                },
+            );
+        }
+        // Lag carries on from what earlier runs committed, so a restart does
+        // not reset it to zero.
+        let group = config.consumer_group();
+        let lag = LagTracker::new(config.source_regions(), clock::now_ms());
+        let stored = offsets::newest_source_times(&**client, &group)
+            .await
+            .context(
+                "reading regionsync.offsets (is the schema current? `regionsync setup` updates it)",
+            )?;
+        background::record_stored_times(&lag, &routes, stored);
+        drop(client);
+        let mut decoders = HashMap::new();
+        for region in config.source_regions() {
+            if let Some(url) = config.registry_for(&region) {
+                decoders.insert(region, Arc::new(AvroSource::new(url)));
+            }
+        }
+        let (consumer, events) = source::consumer(&config, &group)?;
+        let worker = Worker {
+            group,
+            plain_pool: crate::apply::session::plain_pool(&config)?,
+            pool,
+            tables,
+            routes,
+            decoders,
+            dlq: DeadLetterProducer::new(&config)?,
+            consumer: Arc::new(consumer),
+            config,
+            lag,
+            positions: Mutex::new(HashMap::new()),
+            last_commit_ms: std::sync::atomic::AtomicI64::new(0),
+        };
+        Ok((Arc::new(worker), events))
+    }
+}
+
+impl ReadyCheck for Worker {
+    fn check(&self) -> futures::future::BoxFuture<'_, Result<(), String>> {
+        Box::pin(async move {
+            let assigned = self
+                .consumer
+                .assignment()
+                .map_err(|e| format!("Kafka: {e}"))?;
+            if assigned.count() == 0 {
+                return Err("Kafka: no partitions assigned".to_string());
+            }
+            let last_commit = self
+                .last_commit_ms
+                .load(std::sync::atomic::Ordering::Relaxed);
+            if clock::now_ms() - last_commit < 5_000 {
+                return Ok(());
+            }
+            let ping = async {
+                let client = self.pool.get().await.map_err(|e| e.to_string())?;
+                client
+                    .simple_query("SELECT 1")
+                    .await
+                    .map_err(|e| e.to_string())
+            };
+            match tokio::time::timeout(Duration::from_secs(2), ping).await {
+                Ok(Ok(_)) => Ok(()),
+                Ok(Err(e)) => Err(format!("PostgreSQL: {e}")),
+                Err(_) => Err("PostgreSQL: no answer within 2 s".to_string()),
+            }
+        })
+    }
+}
+
+/// A partition's apply task and the sender whose drop tells it to stop.
+type PartitionTask = (watch::Sender<()>, JoinHandle<anyhow::Result<()>>);
+
+/// Consumes until `shutdown` resolves, then drains the partition tasks and
+/// leaves the group.
+///
+/// Each assigned partition gets its own librdkafka queue and apply task, so
+/// a partition that is busy committing never holds up the others; librdkafka
+/// stops fetching a partition whose queue is full (bounded memory).
+pub async fn run(
+    worker: Arc<Worker>,
+    mut events: mpsc::UnboundedReceiver<RebalanceEvent>,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> anyhow::Result<()> {
+    let topics: Vec<String> = worker.routes.keys().cloned().collect();
+    source::subscribe(&worker.consumer, &topics)?;
+    info!(group = %worker.group, topics = ?topics, "consuming");
+    let reporter = tokio::spawn(background::report_lag(worker.clone()));
+    let collector = tokio::spawn(background::collect_tombstones(worker.clone()));
+    let mut tasks: HashMap<(String, i32), PartitionTask> = HashMap::new();
+    // One queue per partition for the consumer's life: dropping a split
+    // queue detaches librdkafka's wake-up from it, which would leave a new
+    // queue of the same partition (reassigned while the old task finished
+    // its batch) never woken again.
+    let mut queues: HashMap<(String, i32), Arc<Queue>> = HashMap::new();
+    let (failed_tx, mut failed_rx) = mpsc::unbounded_channel::<anyhow::Error>();
+    tokio::pin!(shutdown);
+    let result = loop {
+        tokio::select! {
+            biased;
+            _ = &mut shutdown => break Ok(()),
+            Some(err) = failed_rx.recv() => break Err(err),
+            Some(ev) = events.recv() => match ev {
+                RebalanceEvent::Assigned(parts) => {
+                    let mut positions = Vec::with_capacity(parts.len());
+                    for (topic, partition) in &parts {
+                        let key = (topic.clone(), *partition);
+                        // Read once: the seek and the task start from it.
+                        let stored = stored_offset(&worker, topic, *partition).await;
+                        positions.push((key.clone(), stored));
+                        // Split each (still paused) partition off the main
+                        // queue before it is resumed, so no message lands
+                        // there.
+                        let queue = match queues.get(&key) {
+                            Some(q) => q.clone(),
+                            None => match worker.consumer.split_partition_queue(topic, *partition) {
+                                Some(q) => queues.entry(key.clone()).or_insert(Arc::new(q)).clone(),
+                                None => {
+                                    // Its messages would reach the main queue,
+                                    // which restarts the worker (from the
+                                    // stored offsets).
+                                    warn!(topic = %topic, partition, "could not give the partition its own queue");
+                                    continue;
+                                }
+                            },
+                        };
+                        let (stop, stopped) = watch::channel(());
+                        let task = tokio::spawn(partition::run(
+                            worker.clone(), key.clone(), stored, queue, stopped, failed_tx.clone(),
+                        ));
+                        tasks.insert(key, (stop, task));
+                    }
+                    if let Err(e) = source::seek_and_resume(&worker.consumer, &positions) {
+                        break Err(e);
+                    }
+                }
+                RebalanceEvent::Revoked(parts) => {
+                    // Dropping the stop sender lets the task finish the batch
+                    // it holds (it then forgets its position).
+                    for p in parts {
+                        tasks.remove(&p);
+                    }
+                }
+            },
+            // Serves rebalances and errors; messages all go to the
+            // partitions' own queues.
+            msg = worker.consumer.recv() => match msg {
+                Ok(m) => break Err(anyhow::anyhow!(
+                    "a message of {}/{} arrived outside its partition queue; restarting from the stored offsets",
+                    m.topic(), m.partition()
+                )),
+                Err(e) => warn!(error = %e, "kafka"),
+            },
+        }
+    };
+    // Let the partition tasks finish their in-flight batches (bounded).
+    let handles: Vec<JoinHandle<anyhow::Result<()>>> =
+        tasks.into_values().map(|(_, h)| h).collect();
+    let drained =
+        tokio::time::timeout(Duration::from_secs(8), futures::future::join_all(handles)).await;
+    if drained.is_err() {
+        warn!("in-flight batches did not finish within 8 s; abandoning them (their offsets were not stored)");
+    }
+    worker.consumer.unsubscribe();
+    reporter.abort();
+    collector.abort();
+    result
+}
+
+/// The next offset to apply of a partition, as stored with its last batch
+/// (`None`: nothing applied yet), read until PostgreSQL answers.
+async fn stored_offset(worker: &Worker, topic: &str, partition: i32) -> Option<i64> {
+    failure::with_retry("reading the stored offset", || async {
+        let client = worker.pool.get().await.map_err(anyhow::Error::from)?;
+        offsets::load(&**client, &worker.group, topic, partition)
+            .await
+            .map_err(anyhow::Error::from)
+    })
+    .await
+}

@@ -1,0 +1,113 @@
+//! One partition's task: reads its own queue, closes batches by count,
+//! bytes or linger time, drops what was applied already, hands each batch
+//! to `batch` and moves the partition's position when it committed.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use rdkafka::consumer::{CommitMode, Consumer};
+use rdkafka::message::Message;
+use rdkafka::{Offset, TopicPartitionList};
+use tokio::sync::{mpsc, watch};
+use tracing::error;
+
+use super::{batch, Worker};
+use crate::metrics::{self as m, outcome};
+use crate::source::{next_message, Queue};
+
+/// Removes a partition's position when its task ends.
+struct Forget<'a>(&'a Worker, (String, i32));
+
+impl Drop for Forget<'_> {
+    fn drop(&mut self) {
+        if let Ok(mut positions) = self.0.positions.lock() {
+            positions.remove(&self.1);
+        }
+    }
+}
+
+/// One partition: batches, applies, stores offsets, until told to stop
+/// (its stop sender dropped on revocation or shutdown). `stored` is the
+/// next offset to apply as stored in PostgreSQL (`None`: nothing yet). A
+/// failure that stops the worker is sent on `failed`.
+pub(super) async fn run(
+    worker: Arc<Worker>,
+    (topic, partition): (String, i32),
+    stored: Option<i64>,
+    queue: Arc<Queue>,
+    mut stop: watch::Receiver<()>,
+    failed: mpsc::UnboundedSender<anyhow::Error>,
+) -> anyhow::Result<()> {
+    let Some(route) = worker.routes.get(&topic).cloned() else {
+        return Ok(());
+    };
+    let mut next = match stored {
+        Some(n) => n,
+        // No stored offset: the consumer starts at the earliest one.
+        None => {
+            let (consumer, t) = (worker.consumer.clone(), topic.clone());
+            tokio::task::spawn_blocking(move || {
+                consumer.fetch_watermarks(&t, partition, Duration::from_secs(5))
+            })
+            .await
+            .ok()
+            .and_then(Result::ok)
+            .map_or(0, |(low, _)| low)
+        }
+    };
+    let set_position = |next: i64| {
+        worker
+            .positions
+            .lock()
+            .expect("positions lock")
+            .insert((topic.clone(), partition), next);
+    };
+    set_position(next);
+    // However the task ends, its partition leaves the consumer-lag gauge.
+    let _forget = Forget(&worker, (topic.clone(), partition));
+    let linger = worker.config.apply.linger();
+    loop {
+        let Some(first) = next_message(&queue, &mut stop).await else {
+            return Ok(());
+        };
+        let deadline = tokio::time::Instant::now() + linger;
+        let mut bytes = first.payload().map_or(0, |p| p.len());
+        let mut messages = vec![first];
+        while messages.len() < worker.config.apply.batch_max_rows
+            && bytes < worker.config.apply.batch_max_bytes
+        {
+            tokio::select! {
+                m = next_message(&queue, &mut stop) => match m {
+                    Some(m) => { bytes += m.payload().map_or(0, |p| p.len()); messages.push(m); }
+                    None => break,
+                },
+                _ = tokio::time::sleep_until(deadline) => break,
+            }
+        }
+        // Already applied (redelivered after a crash between the PostgreSQL
+        // and the Kafka commit): never apply again.
+        let before = messages.len();
+        messages.retain(|m| m.offset() >= next);
+        if messages.len() < before {
+            metrics::counter!(m::EVENTS_TOTAL, "source_region" => route.source_region.clone(), "table" => "", "op" => "", "outcome" => outcome::DUPLICATE)
+                .increment((before - messages.len()) as u64);
+        }
+        if messages.is_empty() {
+            continue;
+        }
+        match batch::apply(&worker, &route, &topic, partition, &messages).await {
+            Ok(new_next) => {
+                next = new_next;
+                set_position(next);
+                let mut tpl = TopicPartitionList::new();
+                let _ = tpl.add_partition_offset(&topic, partition, Offset::Offset(next));
+                let _ = worker.consumer.commit(&tpl, CommitMode::Async);
+            }
+            Err(e) => {
+                error!(topic = %topic, partition, error = %format!("{e:#}"), "stopping");
+                let _ = failed.send(e);
+                return Ok(());
+            }
+        }
+    }
+}
