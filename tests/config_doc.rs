@@ -205,7 +205,11 @@ fn the_environment_rules_of_the_reference_hold() {
         jail.set_env("REGIONSYNC_SOURCE_REGIONS", r#"["us-east-1"]"#);
         jail.set_env(
             "REGIONSYNC_KAFKA__PROPERTIES",
-            r#"{"security.protocol"="SASL_SSL"}"#,
+            r#"{"security.protocol" = "SASL_SSL", "sasl.mechanism" = "PLAIN"}"#,
+        );
+        jail.set_env(
+            "REGIONSYNC_SCHEMA_REGISTRY__PER_REGION",
+            r#"{"us-east-1" = "https://registry.us-east-1.internal"}"#,
         );
         jail.set_env("REGIONSYNC_POSTGRES__PASSWORD", r#""12345""#);
         let c = Config::load(path).map_err(|e| e.to_string())?;
@@ -219,8 +223,16 @@ fn the_environment_rules_of_the_reference_hold() {
                 .map(String::as_str),
             Some("SASL_SSL")
         );
+        assert_eq!(
+            c.kafka.properties.get("sasl.mechanism").map(String::as_str),
+            Some("PLAIN")
+        );
+        assert_eq!(
+            c.registry_for("us-east-1"),
+            Some("https://registry.us-east-1.internal")
+        );
         assert!(
-            c.kafka.properties.len() > 1,
+            c.kafka.properties.len() > 2,
             "the file's other properties stay: {:?}",
             c.kafka.properties
         );
