@@ -32,7 +32,7 @@ pub const DEFAULT_MAX_CLOCK_SKEW: Duration = Duration::from_secs(5);
 
 /// What a worker does with a remote region's write to a row homed in its own
 /// region (DESIGN.md §3).
-#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq, Default)]
+#[derive(Clone, Copy, Debug, Deserialize, serde::Serialize, PartialEq, Eq, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum Policy {
     /// The newer `(hlc, origin_region)` wins; a concurrent loser is recorded
@@ -65,7 +65,7 @@ pub const DEFAULT_TOMBSTONE_GRACE: Duration = Duration::from_secs(7 * 24 * 3600)
 /// What to do with a change older than `tombstone_grace` for a key with no
 /// row here: its key's tombstone may have been collected, so applying it
 /// could bring back a deleted row.
-#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq, Default)]
+#[derive(Clone, Copy, Debug, Deserialize, serde::Serialize, PartialEq, Eq, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum LateChanges {
     /// Count it (`outcome="late"`), log it, do not apply it (the default).
@@ -77,7 +77,7 @@ pub enum LateChanges {
 }
 
 /// What to do with a message that cannot be decoded or applied.
-#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq, Default)]
+#[derive(Clone, Copy, Debug, Deserialize, serde::Serialize, PartialEq, Eq, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum OnError {
     /// Send it to the dead-letter topic and move on (the default).
@@ -87,7 +87,7 @@ pub enum OnError {
     Stop,
 }
 
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     /// This worker's region: the one whose database it writes.
@@ -146,7 +146,7 @@ fn default_max_clock_skew() -> Duration {
     DEFAULT_MAX_CLOCK_SKEW
 }
 
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct KafkaConfig {
     pub bootstrap_servers: String,
@@ -155,7 +155,7 @@ pub struct KafkaConfig {
     pub properties: BTreeMap<String, String>,
 }
 
-#[derive(Clone, Debug, Default, Deserialize)]
+#[derive(Clone, Debug, Default, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct SchemaRegistryConfig {
     /// The Confluent-compatible API of the registry every source region uses.
@@ -167,7 +167,7 @@ pub struct SchemaRegistryConfig {
     pub per_region: BTreeMap<String, String>,
 }
 
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct PostgresConfig {
     pub host: String,
@@ -177,7 +177,7 @@ pub struct PostgresConfig {
     pub user: String,
     /// The password itself; prefer `password_file` or the environment
     /// (`REGIONSYNC_POSTGRES__PASSWORD`).
-    #[serde(default)]
+    #[serde(default, skip_serializing)]
     pub password: Option<Secret>,
     /// A file whose content (trimmed) is the password.
     #[serde(default)]
@@ -194,7 +194,7 @@ fn default_pool_size() -> usize {
     DEFAULT_POOL_SIZE
 }
 
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ApplyConfig {
     /// A batch closes at this many changes…
@@ -242,7 +242,7 @@ impl ApplyConfig {
     }
 }
 
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct MetricsConfig {
     /// Address of the HTTP endpoint with /metrics, /healthz and /readyz.
@@ -263,7 +263,7 @@ impl Default for MetricsConfig {
 }
 
 /// One replicated table: which source topics feed it and how.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct TableConfig {
     /// Source topics as the source region's Debezium names them, without the
