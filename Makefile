@@ -62,7 +62,7 @@ bench-decode: stack-up
 	./target/release/bench-decode
 
 # regionsync against the Debezium JDBC sink on Connect B (tools/src/bin/
-# bench-peers; the sink's configs are in connectors/): bulk apply of the same
+# bench-peers; the sink's configs are in tools/peer/): bulk apply of the same
 # N changes in JSON and Avro, and live end-to-end latency at 1,000 and 5,000
 # writes/s; writes target/bench/peers.md, peers.json and peers.svg. Options:
 # make bench-peers PEERS_ARGS="--changes 200000 --runs 1 --rates 1000

@@ -16,7 +16,7 @@
 //!
 //! The programs are binaries of this crate, one folder each under
 //! `src/bin/`: `bench`, `bench-decode`, `bench-peers` (regionsync against
-//! the Debezium JDBC sink) and `demo`.
+//! the Debezium JDBC sink, whose configs are in `tools/peer/`) and `demo`.
 
 pub mod args;
 pub mod copy;

@@ -7,7 +7,7 @@
 //!    first offset into an empty copy of the table in region B by each peer
 //!    in turn — regionsync (the release binary) and the JDBC sink
 //!    (registered on region B's Connect worker, connect.rs, with the configs
-//!    of connectors/, peer.rs) — R runs each, alternating. A run is timed
+//!    of tools/peer/, peer.rs) — R runs each, alternating. A run is timed
 //!    from its start until the peer's stored (regionsync) or committed
 //!    (Connect) offsets reach the topic's end; the copy is then compared
 //!    with A's table, and a run whose copy differs fails the bench.

@@ -1,6 +1,6 @@
 //! The two peers under test, and the JDBC sink's side of a run that is not
 //! Connect's REST API: the sink's settings, its connector config
-//! (connectors/debezium-jdbc-sink[-avro].json with the placeholders filled)
+//! (tools/peer/debezium-jdbc-sink[-avro].json with the placeholders filled)
 //! and its consumer group's offsets in B's Kafka.
 
 use std::collections::HashMap;
@@ -43,7 +43,7 @@ pub struct SinkSettings {
     pub tasks: u64,
 }
 
-/// `connectors/debezium-jdbc-sink[-avro].json` with its placeholders filled.
+/// `tools/peer/debezium-jdbc-sink[-avro].json` with its placeholders filled.
 pub fn sink_config(
     encoding: &str,
     topic: &str,
@@ -52,8 +52,8 @@ pub fn sink_config(
     s: SinkSettings,
 ) -> String {
     let file = match encoding {
-        "avro" => "connectors/debezium-jdbc-sink-avro.json",
-        _ => "connectors/debezium-jdbc-sink.json",
+        "avro" => "tools/peer/debezium-jdbc-sink-avro.json",
+        _ => "tools/peer/debezium-jdbc-sink.json",
     };
     let template = std::fs::read_to_string(root().join(file)).expect(file);
     let values = [
