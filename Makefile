@@ -42,33 +42,34 @@ workers-down:
 demo:
 	@bash deploy/local/demo.sh $(DEMO_ARGS)
 
-# The apply benchmark on real Debezium events (examples/bench.rs): N changes
+# The apply benchmark on real Debezium events (tools/src/bin/bench): N changes
 # (default 1,000,000; make bench BENCH_ARGS="--changes 200000 --runs 3"),
 # cached in the topics between runs; prints rows/s, batch commit latency,
 # peak RSS, CPU, and the rate as a fraction of the in-memory ceiling. Then
 # bench-decode and bench-peers on the same changes.
 bench: stack-up
-	cargo build --release --bin regionsync --example bench --example bench_decode --example bench_peers
-	./target/release/examples/bench $(BENCH_ARGS)
-	./target/release/examples/bench_decode $(BENCH_ARGS)
-	./target/release/examples/bench_peers $(BENCH_ARGS) $(PEERS_ARGS)
+	cargo build --release -p regionsync -p regionsync-tools --bin regionsync --bin bench --bin bench-decode --bin bench-peers
+	./target/release/bench $(BENCH_ARGS)
+	./target/release/bench-decode $(BENCH_ARGS)
+	./target/release/bench-peers $(BENCH_ARGS) $(PEERS_ARGS)
 
 # The worker's decode + prepare CPU per change on the first 100,000 changes
 # of bench's topics, from memory: no Kafka, no PostgreSQL, so unlike the
-# replay rates it does not move with the rest of the box (examples/
-# bench_decode.rs). Needs the topics bench produced.
+# replay rates it does not move with the rest of the box (tools/src/bin/
+# bench-decode). Needs the topics bench produced.
 bench-decode: stack-up
-	cargo build --release --example bench_decode
-	./target/release/examples/bench_decode
+	cargo build --release -p regionsync-tools --bin bench-decode
+	./target/release/bench-decode
 
-# regionsync against the Debezium JDBC sink on Connect B (examples/
-# bench_peers.rs): bulk apply of the same N changes in JSON and Avro, and live
-# end-to-end latency at 1,000 and 5,000 writes/s; writes target/bench/peers.md,
-# peers.json and peers.svg. Options: make bench-peers PEERS_ARGS="--changes
-# 200000 --runs 1 --rates 1000 --live-seconds 30 --sink-batch 4000 --sink-tasks 4".
+# regionsync against the Debezium JDBC sink on Connect B (tools/src/bin/
+# bench-peers; the sink's configs are in tools/peer/): bulk apply of the same
+# N changes in JSON and Avro, and live end-to-end latency at 1,000 and 5,000
+# writes/s; writes target/bench/peers.md, peers.json and peers.svg. Options:
+# make bench-peers PEERS_ARGS="--changes 200000 --runs 1 --rates 1000
+# --live-seconds 30 --sink-batch 4000 --sink-tasks 4".
 bench-peers: stack-up
-	cargo build --release --bin regionsync --example bench_peers
-	./target/release/examples/bench_peers $(PEERS_ARGS)
+	cargo build --release -p regionsync -p regionsync-tools --bin regionsync --bin bench-peers
+	./target/release/bench-peers $(PEERS_ARGS)
 
 # The whole suite: installs what the stack needs (a no-op once done), formatting,
 # lints and the Prometheus rule tests, unit tests, then the integration tests
@@ -84,8 +85,8 @@ test: stack-install lint
 	cargo test --test stack_lifecycle
 
 lint: rules-test
-	cargo fmt --check
-	cargo clippy --all-targets -- -D warnings
+	cargo fmt --all --check
+	cargo clippy --workspace --all-targets -- -D warnings
 
 # The Prometheus alert and recording rules (deploy/prometheus/) and their
 # promtool unit tests, and the Grafana dashboard's queries against them.

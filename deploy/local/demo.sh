@@ -3,7 +3,7 @@
 #
 # Brings the stack up (idempotent), starts the two regionsync workers
 # (deploy/local/regionsync-<region>.toml), then runs the demo writer
-# (examples/demo.rs) in the foreground: it writes into region A and shows the
+# (tools/src/bin/demo) in the foreground: it writes into region A and shows the
 # changes applied in region B, with the lag. Ctrl-C stops the demo; the workers
 # are stopped again if this script started them, and the stack is left running
 # (`make stack-down` stops it). Arguments are passed to the demo, e.g.
@@ -54,8 +54,8 @@ trap ':' INT
 trap 'exit 143' TERM
 
 bash "$STACK" workers-up
-say "building the demo (cargo build --release --example demo)"
-(cd "$ROOT" && cargo build -q --release --example demo)
+say "building the demo (cargo build --release -p regionsync-tools --bin demo)"
+(cd "$ROOT" && cargo build -q --release -p regionsync-tools --bin demo)
 
 cat <<INFO
 
@@ -75,5 +75,5 @@ cat <<INFO
 INFO
 
 status=0
-"$ROOT/target/release/examples/demo" "$@" || status=$?
+"$ROOT/target/release/demo" "$@" || status=$?
 exit $status

@@ -1,6 +1,8 @@
 # Names, ports and local-only credentials of the local two-region stack.
-# Sourced by stack.sh and the Makefile's helpers; tests read the same values
-# from tests/support. Override any of them from the environment.
+# Sourced by stack.sh and the Makefile's helpers. Rust code (tests/support and
+# the tools/ programs) reads the same variables through deploy/local/
+# stack_env.rs, whose names and defaults must match these (a unit test of
+# regionsync-tools checks it). Override any of them from the environment.
 : "${REGION_A:=us-east-1}"
 : "${REGION_B:=eu-west-1}"
 : "${PG_PORT_A:=15432}"

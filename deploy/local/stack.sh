@@ -380,7 +380,7 @@ config.providers=env
 config.providers.env.class=org.apache.kafka.common.config.provider.EnvVarConfigProvider
 EOF
   # The sink password is for the benchmark's peer, the Debezium JDBC sink
-  # (connectors/debezium-jdbc-sink.json), registered only by make bench-peers.
+  # (tools/peer/debezium-jdbc-sink.json), registered only by make bench-peers.
   REGIONSYNC_DEBEZIUM_PASSWORD="$DEBEZIUM_PASSWORD" REGIONSYNC_SINK_PASSWORD="$REGIONSYNC_PASSWORD" \
     spawn "$name" java "${JAVA_CONNECT[@]}" -cp "$DIST/lib/*" \
     org.apache.kafka.connect.cli.ConnectDistributed "$dir/connect.properties"

@@ -109,7 +109,7 @@ pub fn worker_toml(table: &TestTable, topic: &str, apply_extra: &str) -> String 
         [schema_registry]
         url = "{registry}"
         [postgres]
-        host = "127.0.0.1"
+        host = "{host}"
         port = {port}
         dbname = "app"
         user = "regionsync"
@@ -127,9 +127,9 @@ pub fn worker_toml(table: &TestTable, topic: &str, apply_extra: &str) -> String 
         name = table.name,
         kafka = b.kafka,
         registry = registry_ccompat_url(),
+        host = stack_env::HOST,
         port = b.pg_port,
-        password =
-            std::env::var("REGIONSYNC_PASSWORD").unwrap_or_else(|_| "regionsync-local".into()),
+        password = stack_env::REGIONSYNC_PASSWORD.get(),
     );
     toml
 }

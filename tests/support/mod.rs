@@ -1,10 +1,13 @@
 //! Shared harness for the integration tests: the local two-region stack's
-//! addresses (deploy/local/env.sh, overridable from the environment), clients
+//! addresses (deploy/local/env.sh, overridable from the environment, read
+//! through deploy/local/stack_env.rs like the tools' programs), clients
 //! for its PostgreSQL and Kafka, and a reader that collects the events of one
 //! row key from a topic. Tests isolate themselves by using fresh row keys.
 #![allow(dead_code)]
 
 pub mod kit;
+#[path = "../../deploy/local/stack_env.rs"]
+pub mod stack_env;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicI64, Ordering};
@@ -22,31 +25,28 @@ pub struct Region {
     pub kafka: String,
 }
 
-fn env_or(key: &str, default: &str) -> String {
-    std::env::var(key).unwrap_or_else(|_| default.to_string())
-}
-
 pub fn region_a() -> Region {
     Region {
-        name: env_or("REGION_A", "us-east-1"),
-        pg_port: env_or("PG_PORT_A", "15432").parse().expect("PG_PORT_A"),
-        kafka: format!("127.0.0.1:{}", env_or("KAFKA_PORT_A", "19092")),
+        name: stack_env::REGION_A.get(),
+        pg_port: stack_env::PG_PORT_A.get().parse().expect("PG_PORT_A"),
+        kafka: format!("{}:{}", stack_env::HOST, stack_env::KAFKA_PORT_A.get()),
     }
 }
 
 pub fn region_b() -> Region {
     Region {
-        name: env_or("REGION_B", "eu-west-1"),
-        pg_port: env_or("PG_PORT_B", "25432").parse().expect("PG_PORT_B"),
-        kafka: format!("127.0.0.1:{}", env_or("KAFKA_PORT_B", "29092")),
+        name: stack_env::REGION_B.get(),
+        pg_port: stack_env::PG_PORT_B.get().parse().expect("PG_PORT_B"),
+        kafka: format!("{}:{}", stack_env::HOST, stack_env::KAFKA_PORT_B.get()),
     }
 }
 
 /// The registry's Confluent-compatible API, shared by both regions.
 pub fn registry_ccompat_url() -> String {
     format!(
-        "http://127.0.0.1:{}/apis/ccompat/v7",
-        env_or("REGISTRY_PORT", "18081")
+        "http://{}:{}/apis/ccompat/v7",
+        stack_env::HOST,
+        stack_env::REGISTRY_PORT.get()
     )
 }
 
@@ -75,9 +75,10 @@ pub fn now_ms() -> i64 {
 /// A connection to `region`'s database `app` as the application's role.
 pub async fn app_db(region: &Region) -> tokio_postgres::Client {
     let conn = format!(
-        "host=127.0.0.1 port={} dbname=app user=app password={}",
+        "host={} port={} dbname=app user=app password={}",
+        stack_env::HOST,
         region.pg_port,
-        env_or("APP_PASSWORD", "app-local")
+        stack_env::APP_PASSWORD.get()
     );
     let (client, connection) = tokio_postgres::connect(&conn, tokio_postgres::NoTls)
         .await
@@ -92,7 +93,8 @@ pub async fn app_db(region: &Region) -> tokio_postgres::Client {
 /// stack trusts it over loopback), to read regionsync's own tables.
 pub async fn admin_db(region: &Region) -> tokio_postgres::Client {
     let conn = format!(
-        "host=127.0.0.1 port={} dbname=app user=postgres",
+        "host={} port={} dbname=app user=postgres",
+        stack_env::HOST,
         region.pg_port
     );
     let (client, connection) = tokio_postgres::connect(&conn, tokio_postgres::NoTls)

@@ -10,9 +10,7 @@
 //!
 //! Needs the topics `make bench` produced (run it first) and the stack up.
 //!
-//! cargo run --release --example bench_decode [-- --changes N --messages M --runs R --only json|avro]
-
-mod support;
+//! cargo run --release -p regionsync-tools --bin bench-decode [-- --changes N --messages M --runs R --only json|avro]
 
 use std::time::{Duration, Instant};
 
@@ -20,13 +18,20 @@ use rdkafka::message::Message;
 use regionsync::apply::{self, TargetTable};
 use regionsync::decode::registry::AvroSource;
 use regionsync::decode::{self, Decoded};
-use support::*;
+use regionsync_tools::args::{arg, exit_if_help, only};
+use regionsync_tools::copy::users_copy_target;
+use regionsync_tools::kafka::{kafka_b_from_beginning, topic_ends};
+use regionsync_tools::pg::connect;
+use regionsync_tools::source::{source_table, source_topics};
+use regionsync_tools::stack::{mirrored, pg_port_b, region_a, registry_ccompat_url};
+use regionsync_tools::stats::median;
+
+const USAGE: &str = "usage: bench-decode [--changes N (default 1000000)] [--messages M (default 100000)] [--runs R (default 5)] [--only json|avro]
+The worker's decode + prepare CPU per change, from memory, on the first M changes of `make bench`'s topics (run it first).";
 
 // The worker's allocator (src/main.rs): allocation is a fair share of decoding.
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
-const REGISTRY_B: &str = "http://127.0.0.1:18081/apis/ccompat/v7";
 
 type Raw = (Option<Vec<u8>>, Option<Vec<u8>>);
 
@@ -54,6 +59,7 @@ async fn decode_all(
     messages: &[Raw],
     table: &TargetTable,
     avro: Option<&AvroSource>,
+    source_region: &str,
 ) -> (f64, u64) {
     let started = Instant::now();
     let mut handled = 0;
@@ -72,7 +78,7 @@ async fn decode_all(
         };
         match decoded {
             Ok(Decoded::Change(change)) => {
-                if apply::prepare(table, change, "us-east-1").is_ok() {
+                if apply::prepare(table, change, source_region).is_ok() {
                     handled += 1;
                 }
             }
@@ -86,24 +92,26 @@ async fn decode_all(
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() {
+    exit_if_help(USAGE);
     let n = arg("--changes", 1_000_000);
     let m = arg("--messages", 100_000) as usize;
     let runs = arg("--runs", 5);
-    let b = connect(PG_PORT_B, "postgres", "").await;
+    let b = connect(pg_port_b(), "postgres", "").await;
     let table = users_copy_target(&b, "public.users").await;
-    let registry = AvroSource::new(REGISTRY_B);
+    let registry = AvroSource::new(&registry_ccompat_url());
+    let source_region = region_a();
     // `--only json` or `--only avro` measures one encoding (for profiling).
-    let only = std::env::args().skip_while(|a| a != "--only").nth(1);
+    let only = only();
     let mut lines = Vec::new();
     for (enc, topic) in ["json", "avro"]
         .into_iter()
         .zip(source_topics(&source_table(n)))
         .filter(|(enc, _)| only.as_deref().is_none_or(|o| o == *enc))
     {
-        let messages = first_messages(&format!("us-east-1.{topic}"), m);
+        let messages = first_messages(&mirrored(&topic), m);
         let avro = (enc == "avro").then_some(&registry);
         // One untimed pass: schemas fetched and cached, as in a running worker.
-        let (_, handled) = decode_all(&messages, &table, avro).await;
+        let (_, handled) = decode_all(&messages, &table, avro, &source_region).await;
         assert_eq!(
             handled as usize,
             messages.len(),
@@ -111,7 +119,7 @@ async fn main() {
         );
         let mut per_change_us = Vec::new();
         for run in 0..runs {
-            let (secs, _) = decode_all(&messages, &table, avro).await;
+            let (secs, _) = decode_all(&messages, &table, avro, &source_region).await;
             let us = secs * 1e6 / messages.len() as f64;
             println!("{enc} run {run}: {us:.2} µs per change");
             per_change_us.push(us);
