@@ -76,7 +76,8 @@ bench-peers: stack-up
 # against the running stack (started here if it is not up), and last the
 # stack lifecycle test, which restarts and rebuilds the stack and so runs alone.
 test: stack-install lint
-	cargo test --lib --bins --test cli_route
+	cargo test --lib --bins --test cli_route --test config_doc
+	cargo test -p regionsync-tools
 	bash $(STACK) up
 	cargo test --test stack --test pipeline --test crash
 	cargo test --test outages
@@ -87,6 +88,7 @@ test: stack-install lint
 lint: rules-test
 	cargo fmt --all --check
 	cargo clippy --workspace --all-targets -- -D warnings
+	RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps
 
 # The Prometheus alert and recording rules (deploy/prometheus/) and their
 # promtool unit tests, and the Grafana dashboard's queries against them.

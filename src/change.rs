@@ -67,7 +67,7 @@ pub struct Change {
     /// The message key's fields (the row's primary key).
     pub key: Row,
     /// A delete's before image whole; an update's only as far as the apply
-    /// reads it (see [`before_wanted`]).
+    /// reads it (see `decode::envelope::before_wanted`).
     pub before: Option<Row>,
     pub after: Option<Row>,
     /// `source.ts_ms`: the commit time in the source database.

@@ -25,7 +25,7 @@ pub struct Checked<'a> {
     pub recorded: u64,
     /// Changes held by `reject` or `manual`.
     pub held: u64,
-    /// Of those, held by `reject`: [`reassert_rejected`] has work.
+    /// Of those, held by `reject`: [`super::reassert_rejected`] has work.
     pub rejected: u64,
     /// Changes per write class, indexed by [`WriteClass::index`].
     pub classes: [u64; 4],

@@ -12,7 +12,7 @@
 //! The values it builds are the ones apache-avro builds (the tests compare
 //! both on random data of every kind of schema), so `decode` treats them
 //! alike. Schemas with a kind this reader does not build (`uuid`,
-//! `big-decimal`) are read by apache-avro instead ([`Plan::supports`]).
+//! `big-decimal`) are read by apache-avro instead (`Plan::supports`).
 //! Unlike apache-avro, a datum cut short is always an error, never a value.
 
 use std::collections::HashMap;
