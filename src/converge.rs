@@ -1,5 +1,5 @@
 //! Converge: the apply rules as pure functions — the specification of the
-//! version guards that src/apply.rs writes in SQL and of the stamping
+//! version guards that src/apply/write.rs writes in SQL and of the stamping
 //! triggers in schemas/regionsync.sql, and the model docs/CONVERGENCE.md
 //! reasons about (why three or more regions in a full mesh converge).
 //!
@@ -16,7 +16,7 @@ use crate::clock::{send, Hlc, Version};
 /// in a table whose newest truncate mark (`regionsync.truncations`) is at
 /// `truncated`.
 ///
-/// This is the guard of the upsert statement in src/apply.rs (`upsert`):
+/// This is the guard of the upsert statement in src/apply/write.rs (`upsert`):
 /// `INSERT … SELECT … WHERE NOT EXISTS (tombstone >= incoming) AND NOT
 /// EXISTS (truncation.hlc > incoming.hlc) ON CONFLICT … DO UPDATE … WHERE
 /// (t.hlc, t.origin_region COLLATE "C") < (EXCLUDED.hlc, …)`. The upsert
@@ -47,7 +47,7 @@ pub struct DeleteOutcome {
 /// What a delete of version `delete` does to a key whose stored row has
 /// version `row` and whose tombstone has `tombstone`.
 ///
-/// This is the delete statement in src/apply.rs (`delete`): the `gone` CTE
+/// This is the delete statement in src/apply/write.rs (`delete`): the `gone` CTE
 /// removes the row where `(t.hlc, t.origin_region) < delete`; the `marked`
 /// CTE inserts the tombstone unless a row `>= delete` exists (it sees the
 /// row as it was before `gone`), and `ON CONFLICT … WHERE (ts.hlc, …) <

@@ -239,9 +239,13 @@ fn postgres_b_parent() -> String {
 }
 
 async fn stop_connector_a() {
-    let url = "http://127.0.0.1:18083/connectors/cdc-json/stop";
+    let url = format!(
+        "http://{}:{}/connectors/cdc-json/stop",
+        support::stack_env::HOST,
+        support::stack_env::CONNECT_PORT_A.get()
+    );
     let resp = reqwest::Client::new()
-        .put(url)
+        .put(&url)
         .send()
         .await
         .unwrap_or_else(|e| panic!("{url}: {e}"));
@@ -341,7 +345,11 @@ async fn lag_rises_and_pages_through_each_stall_then_recovers() {
             "-fsS",
             "-X",
             "PUT",
-            "http://127.0.0.1:18083/connectors/cdc-json/resume",
+            &format!(
+                "http://{}:{}/connectors/cdc-json/resume",
+                support::stack_env::HOST,
+                support::stack_env::CONNECT_PORT_A.get()
+            ),
         ],
     );
     stop_connector_a().await;

@@ -500,8 +500,9 @@ async fn a_snapshotted_table_arrives_complete() {
         .unwrap()
         .remove("heartbeat.interval.ms");
     let connect = format!(
-        "http://127.0.0.1:{}/connectors/{connector}",
-        std::env::var("CONNECT_PORT_A").unwrap_or_else(|_| "18083".into())
+        "http://{}:{}/connectors/{connector}",
+        support::stack_env::HOST,
+        support::stack_env::CONNECT_PORT_A.get()
     );
     let http = reqwest::Client::new();
     let resp = http

@@ -224,7 +224,7 @@ unix_socket_directories = '$data'
 wal_level = logical
 max_wal_senders = 10
 # The connectors' slots, and one origin state per regionsync apply session
-# origin (regionsync_0..63, see src/ops.rs).
+# origin (regionsync_0..63, see src/apply/session.rs).
 max_replication_slots = 80
 max_connections = 100
 shared_buffers = 256MB
