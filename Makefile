@@ -81,6 +81,7 @@ test: stack-install lint
 	bash $(STACK) up
 	cargo test --test stack --test pipeline --test crash
 	cargo test --test outages
+	cargo test --test faults -- --test-threads=1
 	cargo test --test active_active
 	cargo test --test lag -- --test-threads=1
 	cargo test --test stack_lifecycle

@@ -165,6 +165,20 @@ pub struct SchemaRegistryConfig {
     /// belong to the registry that issued them).
     #[serde(default)]
     pub per_region: BTreeMap<String, String>,
+    /// What a change whose schema id the registry does not know becomes:
+    /// held and retried (the registry may be behind, or restored from a
+    /// backup), or dead-lettered.
+    #[serde(default)]
+    pub unknown_schema: UnknownSchema,
+}
+
+/// See [`SchemaRegistryConfig::unknown_schema`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum UnknownSchema {
+    #[default]
+    Retry,
+    Dlq,
 }
 
 #[derive(Clone, Debug, Deserialize, serde::Serialize)]
@@ -210,6 +224,15 @@ pub struct ApplyConfig {
     /// …or when its first change has waited this long.
     #[serde(default = "default_linger_ms")]
     pub linger_ms: u64,
+    /// A partition held by a fault the worker waits out (registry,
+    /// missing grant, missing column) for longer than this makes `/readyz`
+    /// answer 503 naming it.
+    #[serde(default = "default_unready_after", with = "humantime_serde")]
+    pub unready_after: Duration,
+}
+
+fn default_unready_after() -> Duration {
+    Duration::from_secs(30)
 }
 
 fn default_batch_max_rows() -> usize {
@@ -232,6 +255,7 @@ impl Default for ApplyConfig {
             batch_max_bytes: DEFAULT_BATCH_MAX_BYTES,
             max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
             linger_ms: DEFAULT_LINGER_MS,
+            unready_after: default_unready_after(),
         }
     }
 }

@@ -42,7 +42,12 @@ pub async fn store(
              VALUES ($1, $2, $3, $4, $5, now())
              ON CONFLICT (consumer_group, topic, partition) DO UPDATE
                 SET next_offset = EXCLUDED.next_offset,
-                    source_ts_ms = GREATEST(o.source_ts_ms, EXCLUDED.source_ts_ms),
+                    -- A stored time ahead of the clock (a source clock
+                    -- ahead, before the worker capped such times) would
+                    -- hold the newest time there for good: cap it first.
+                    source_ts_ms = GREATEST(
+                        LEAST(o.source_ts_ms, (extract(epoch FROM clock_timestamp()) * 1000)::bigint),
+                        EXCLUDED.source_ts_ms),
                     updated_at = now()
               WHERE o.next_offset <= EXCLUDED.next_offset",
         )

@@ -64,11 +64,13 @@ async fn poison_messages_go_to_the_dead_letter_topic_and_the_rest_applies() {
     let table = TestTable::create("poison").await;
     let topic = format!("cdc.public.{}", table.name);
     let mirrored_topic = mirrored(&region_a(), &topic);
-    let worker = Worker::start(worker_config_with(
-        &table,
-        &topic,
-        "max_message_bytes = 65536",
-    ));
+    // An unknown schema id is held and retried by default (the registry
+    // may be behind); here it is dead-lettered, as an operator may choose.
+    let toml = worker_toml(&table, &topic, "max_message_bytes = 65536").replace(
+        "[schema_registry]",
+        "[schema_registry]\nunknown_schema = \"dlq\"",
+    );
+    let worker = Worker::start(regionsync::config::Config::from_toml(&toml).expect("config"));
     insert_users(&table, 1, 100).await;
     table.wait_converged(Duration::from_secs(120)).await;
 

@@ -11,6 +11,7 @@
 
 use std::io::Cursor;
 use std::sync::{Arc, RwLock};
+use std::time::Duration;
 
 use apache_avro::reader::datum::GenericDatumReader;
 use apache_avro::types::Value;
@@ -41,10 +42,14 @@ enum Part {
 /// Why an Avro key or value could not be read.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum AvroError {
-    /// The registry did not give the writer schema: a fault of the
-    /// infrastructure (or an id it does not know), not of the message.
+    /// The registry could not be asked or did not answer with a schema (a
+    /// connection refused, a timeout, a 5xx, 429 or 401): a fault of the
+    /// infrastructure, not of the message.
     #[error("schema registry: {0}")]
     Registry(String),
+    /// The registry answered that it does not know the schema id.
+    #[error("schema registry: {0}")]
+    UnknownSchema(String),
     /// The bytes are not a datum of their writer schema.
     #[error("{0}")]
     Datum(String),
@@ -56,25 +61,51 @@ pub trait SchemaSource: Send + Sync {
     fn schema(&self, id: u32) -> BoxFuture<'_, Result<Schema, AvroError>>;
 }
 
+/// How long one registry request may take before it counts as failed (and
+/// is retried): a registry that accepts a connection and never answers
+/// must not hold a partition for good.
+pub const REGISTRY_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// A Confluent-compatible schema registry (Apicurio's `ccompat` API too),
-/// through schema_registry_converter, which caches what it fetched.
+/// through schema_registry_converter. Only schemas it gave are kept (by
+/// [`AvroSource`]); a failed lookup is forgotten at once, so the next try
+/// asks again.
 pub struct ConfluentRegistry(AvroDecoder);
 
 impl ConfluentRegistry {
-    pub fn new(url: &str) -> Self {
-        ConfluentRegistry(AvroDecoder::new(SrSettings::new(url.to_string())))
+    pub fn new(url: &str) -> anyhow::Result<Self> {
+        let settings = SrSettings::new_builder(url.to_string())
+            .set_timeout(REGISTRY_TIMEOUT)
+            .build()
+            .map_err(|e| anyhow::anyhow!("schema registry client for {url}: {e}"))?;
+        Ok(ConfluentRegistry(AvroDecoder::new(settings)))
     }
 }
 
 impl SchemaSource for ConfluentRegistry {
     fn schema(&self, id: u32) -> BoxFuture<'_, Result<Schema, AvroError>> {
         Box::pin(async move {
-            self.0
-                .get_schema(id)
-                .await
-                .map(|registered| registered.parsed.clone())
-                .map_err(|e| AvroError::Registry(format!("schema id {id}: {e}")))
+            match self.0.get_schema(id).await {
+                Ok(registered) => Ok(registered.parsed.clone()),
+                Err(e) => {
+                    // The client keeps non-retriable failures (a 404, but
+                    // also a 500 or 401) for good: drop them.
+                    self.0.remove_errors_from_cache();
+                    Err(registry_error(id, &e.to_string()))
+                }
+            }
         })
+    }
+}
+
+/// A failed lookup of schema `id`: unknown to the registry (HTTP 404), or
+/// anything else.
+fn registry_error(id: u32, error: &str) -> AvroError {
+    let text = format!("schema id {id}: {error}");
+    if error.contains("404") {
+        AvroError::UnknownSchema(text)
+    } else {
+        AvroError::Registry(text)
     }
 }
 
@@ -86,7 +117,7 @@ impl SchemaSource for FixedSchemas {
     fn schema(&self, id: u32) -> BoxFuture<'_, Result<Schema, AvroError>> {
         let found = self.0.get(&id).cloned();
         Box::pin(async move {
-            found.ok_or_else(|| AvroError::Registry(format!("schema id {id}: not registered")))
+            found.ok_or_else(|| AvroError::UnknownSchema(format!("schema id {id}: not registered")))
         })
     }
 }
@@ -106,8 +137,8 @@ pub struct Datum {
 
 impl AvroSource {
     /// The region's registry at `registry_url`.
-    pub fn new(registry_url: &str) -> Self {
-        Self::with_schemas(ConfluentRegistry::new(registry_url))
+    pub fn new(registry_url: &str) -> anyhow::Result<Self> {
+        Ok(Self::with_schemas(ConfluentRegistry::new(registry_url)?))
     }
 
     pub fn with_schemas(schemas: impl SchemaSource + 'static) -> Self {
@@ -197,6 +228,46 @@ pub fn split_wire_format(bytes: &[u8]) -> Result<(u32, &[u8]), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_unknown_schema_id_is_told_from_an_outage() {
+        let unknown = registry_error(
+            7,
+            "HTTP request to schema registry failed with status 404 Not Found",
+        );
+        assert!(matches!(unknown, AvroError::UnknownSchema(ref t) if t.contains("schema id 7")));
+        for outage in [
+            "error sending request for url (http://127.0.0.1:18081/...): connection refused",
+            "HTTP request to schema registry failed with status 503 Service Unavailable",
+            "HTTP request to schema registry failed with status 401 Unauthorized",
+            "operation timed out",
+        ] {
+            assert!(
+                matches!(registry_error(7, outage), AvroError::Registry(_)),
+                "{outage}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn a_failed_lookup_is_not_kept() {
+        // Nothing listens on port 1: the request fails at once.
+        let registry = ConfluentRegistry::new("http://127.0.0.1:1").unwrap();
+        for _ in 0..2 {
+            let e = registry.schema(5).await.unwrap_err();
+            assert!(matches!(e, AvroError::Registry(_)), "{e}");
+        }
+        let source = AvroSource::with_schemas(FixedSchemas::default());
+        let bytes = [0, 0, 0, 0, 9, 2];
+        assert!(matches!(
+            source.decode(Some(&bytes)).await,
+            Err(AvroError::UnknownSchema(_))
+        ));
+        assert!(
+            source.readers.read().unwrap().is_empty(),
+            "no reader kept for a failure"
+        );
+    }
 
     #[test]
     fn wire_format_is_magic_id_datum() {

@@ -18,6 +18,8 @@ pub const APPLY_BATCH_ROWS: &str = "regionsync_apply_batch_rows";
 pub const APPLY_BATCH_SECONDS: &str = "regionsync_apply_batch_seconds";
 /// Messages sent to the dead-letter topic. Label: reason.
 pub const DLQ_MESSAGES_TOTAL: &str = "regionsync_dlq_messages_total";
+/// Waits before a retry, by what was waited out. Label: reason (`retry`).
+pub const RETRIES_TOTAL: &str = "regionsync_retries_total";
 /// Reconnections to PostgreSQL after a failure.
 pub const POSTGRES_RECONNECTS_TOTAL: &str = "regionsync_postgres_reconnects_total";
 /// now − source commit time of the newest change or heartbeat whose effects
@@ -102,8 +104,12 @@ pub mod reason {
     /// PostgreSQL refused the row alone.
     pub const REJECTED_BY_POSTGRES: &str = "rejected_by_postgres";
 
+    /// The registry does not know the schema id (with
+    /// `schema_registry.unknown_schema = "dlq"`).
+    pub const UNKNOWN_SCHEMA: &str = "unknown_schema";
+
     /// Every reason, for documentation checks.
-    pub const ALL: [&str; 11] = [
+    pub const ALL: [&str; 12] = [
         OVERSIZED,
         UNCONFIGURED_TABLE,
         NULL_KEY,
@@ -115,5 +121,34 @@ pub mod reason {
         BAD_SHAPE,
         NO_REGISTRY,
         REJECTED_BY_POSTGRES,
+        UNKNOWN_SCHEMA,
+    ];
+}
+
+/// Retry reason label values: the `reason` of `regionsync_retries_total`.
+/// A fault the worker waits out holds its partition at the change; none of
+/// them is ever dead-lettered.
+pub mod retry {
+    /// The schema registry could not be reached, timed out or failed.
+    pub const REGISTRY: &str = "registry";
+    /// The registry does not know a schema id (`unknown_schema = "retry"`).
+    pub const UNKNOWN_SCHEMA: &str = "unknown_schema";
+    /// PostgreSQL refused for want of a privilege (SQLSTATE 42501).
+    pub const POSTGRES_PERMISSION: &str = "postgres_permission";
+    /// A table, column, type or function the statement needs is missing
+    /// (SQLSTATE 42P01, 42703, 42704, 42883).
+    pub const POSTGRES_SCHEMA: &str = "postgres_schema";
+    /// The connection or the server failed.
+    pub const POSTGRES_UNAVAILABLE: &str = "postgres_unavailable";
+    /// The dead-letter topic did not acknowledge.
+    pub const DLQ_UNAVAILABLE: &str = "dlq_unavailable";
+
+    pub const ALL: [&str; 6] = [
+        REGISTRY,
+        UNKNOWN_SCHEMA,
+        POSTGRES_PERMISSION,
+        POSTGRES_SCHEMA,
+        POSTGRES_UNAVAILABLE,
+        DLQ_UNAVAILABLE,
     ];
 }

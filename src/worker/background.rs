@@ -19,13 +19,16 @@ use crate::metrics::{self as m, ReadyCheck};
 use crate::offsets;
 
 /// Feeds the newest source times stored per topic (by any replica of the
-/// group) into the lag tracker.
+/// group) into the lag tracker. A time ahead of the local clock (stored
+/// before such times were capped, or by a replica with a clock ahead) is
+/// left out: it would read as no lag at all.
 pub(super) fn record_stored_times(
     lag: &LagTracker,
     routes: &HashMap<String, Route>,
     stored: Vec<(String, i64)>,
 ) {
-    for (topic, ts_ms) in stored {
+    let now = clock::now_ms();
+    for (topic, ts_ms) in stored.into_iter().filter(|(_, t)| *t <= now) {
         if let Some(route) = routes.get(&topic) {
             lag.committed(&route.source_region, ts_ms, route.table.is_none());
         }

@@ -27,7 +27,7 @@ use crate::config::{Config, LateChanges, Policy};
 use crate::conflict;
 use crate::decode::registry::AvroSource;
 use crate::decode::{self, DecodeError};
-use crate::metrics::{self as m, outcome, record};
+use crate::metrics::{self as m, outcome, record, retry};
 use crate::offsets;
 use crate::route::{self, Decision};
 use crate::source::dlq::DeadLetter;
@@ -237,6 +237,10 @@ impl Planner<'_> {
 
 /// Plans, commits and stores the offset of one batch, retrying what
 /// `failure` says to retry; returns the next offset.
+///
+/// Dead letters are produced (and acknowledged) before the transaction
+/// opens, so a slow Kafka never holds the batch's row locks; their offsets
+/// are stored by the commit that follows.
 pub(super) async fn apply<M: Message>(
     worker: &Worker,
     route: &Route,
@@ -252,14 +256,30 @@ pub(super) async fn apply<M: Message>(
         table: route.table,
         avro: worker.decoders.get(&route.source_region).map(|a| &**a),
     };
+    let mut backoff = failure::Backoff::default();
+    // A change whose fault is the infrastructure's (the registry) holds
+    // the partition: the whole batch is planned again once waited out.
     let Plan {
         mut steps,
         mut rejected,
         skipped,
         newest_ts_ms,
-    } = planner.plan(topic, messages, clock::now_ms()).await;
+    } = loop {
+        let plan = planner.plan(topic, messages, clock::now_ms()).await;
+        let held = plan.rejected.iter().find_map(|r| {
+            let reason = r.fault.retry_reason(&worker.config)?;
+            Some((reason, r.msg.offset(), r.fault.to_string()))
+        });
+        let Some((reason, offset, cause)) = held else {
+            break plan;
+        };
+        warn!(topic, partition, offset, reason, error = %cause, retry_in = ?backoff.delay(),
+            "holding the partition at a change until the fault is gone");
+        worker.hold(topic, partition, cause);
+        backoff.wait(reason).await;
+    };
     if let Some(r) = rejected.first() {
-        if failure::message_verdict(&r.fault, worker.config.on_error) == Verdict::Stop {
+        if failure::message_verdict(&r.fault, &worker.config) == Verdict::Stop {
             anyhow::bail!(
                 "{} at {}/{}/{}: {} (on_error = stop)",
                 r.fault.reason(),
@@ -270,8 +290,16 @@ pub(super) async fn apply<M: Message>(
             );
         }
     }
-    let mut backoff = failure::Backoff::default();
+    // A source clock ahead of ours must not make lag read zero for good:
+    // the newest source time counts at most as now.
+    let newest_ts_ms = newest_ts_ms.map(|t| t.min(clock::now_ms()));
     loop {
+        if let Err(e) = send_to_dlq(worker, &mut rejected).await {
+            warn!(topic, partition, error = %format!("{e:#}"), retry_in = ?backoff.delay(), "dead letters not acknowledged; retrying");
+            worker.hold(topic, partition, format!("{e:#}"));
+            backoff.wait(retry::DLQ_UNAVAILABLE).await;
+            continue;
+        }
         let committed = commit(
             worker,
             &route.source_region,
@@ -279,11 +307,11 @@ pub(super) async fn apply<M: Message>(
             partition,
             (next, newest_ts_ms),
             &steps,
-            &mut rejected,
         )
         .await;
         let e = match committed {
             Ok(counts) => {
+                worker.release(topic, partition);
                 let now = clock::now_ms();
                 worker
                     .last_commit_ms
@@ -325,32 +353,33 @@ pub(super) async fn apply<M: Message>(
             }
             Err(e) => e,
         };
-        match (failure::batch_verdict(&e, worker.config.on_error), e) {
-            (Verdict::Stop, e) => {
-                let e = match e {
-                    BatchError::Data(e) => anyhow::Error::from(e),
-                    BatchError::Transient(e) => e,
-                };
+        match failure::batch_verdict(&e, worker.config.on_error) {
+            Verdict::Stop => {
+                let e = e.into_error();
                 anyhow::bail!("applying {topic}/{partition} failed: {e} (on_error = stop)");
             }
-            (Verdict::DeadLetter, _) => {
+            Verdict::DeadLetter => {
                 // Find the changes PostgreSQL refuses, one by one.
                 isolate_bad_rows(worker, &mut steps, &mut rejected).await?;
             }
-            (Verdict::Retry, e) => {
-                let e = match e {
-                    BatchError::Data(e) => anyhow::Error::from(e),
-                    BatchError::Transient(e) => e,
-                };
-                warn!(topic, partition, error = %e, retry_in = ?backoff.delay(), "batch failed; retrying");
-                backoff.wait().await;
+            Verdict::Retry => {
+                let reason = e.retry_reason();
+                let e = e.into_error();
+                let detail = e
+                    .downcast_ref::<tokio_postgres::Error>()
+                    .and_then(|e| e.as_db_error())
+                    .map_or_else(|| format!("{e:#}"), |d| d.message().to_owned());
+                warn!(topic, partition, reason, error = %detail, retry_in = ?backoff.delay(), "batch failed; retrying");
+                worker.hold(topic, partition, format!("PostgreSQL: {detail}"));
+                backoff.wait(reason).await;
             }
         }
     }
 }
 
-/// One transaction: the rows, the dead letters' offsets, the offset row
-/// (with the newest source commit time, so lag survives a restart).
+/// One transaction: the rows and the offset row (with the newest source
+/// commit time, so lag survives a restart), which also moves past the
+/// dead letters produced before it.
 async fn commit<M: Message>(
     worker: &Worker,
     source_region: &str,
@@ -358,7 +387,6 @@ async fn commit<M: Message>(
     partition: i32,
     (next, newest_ts_ms): (i64, Option<i64>),
     steps: &[Step<'_, M>],
-    rejected: &mut [Rejected<'_, M>],
 ) -> Result<Vec<(usize, Applied)>, BatchError> {
     let classify = failure::classify;
     let mut client = worker
@@ -429,9 +457,6 @@ async fn commit<M: Message>(
             }
         }
     }
-    send_to_dlq(worker, rejected)
-        .await
-        .map_err(BatchError::Transient)?;
     offsets::store(&tx, &worker.group, topic, partition, next, newest_ts_ms)
         .await
         .map_err(classify)?;
@@ -784,7 +809,7 @@ mod tests {
     async fn avro_without_its_schema_is_a_registry_fault() {
         let messages = [avro_change(1)];
         let (_, rejected, _) = plan_of(&messages, Some(0), Some(&registry(&[]))).await;
-        assert_eq!(rejected, vec![reason::REGISTRY]);
+        assert_eq!(rejected, vec![reason::UNKNOWN_SCHEMA]);
         let (_, rejected, _) = plan_of(&messages, Some(0), None).await;
         assert_eq!(rejected, vec![reason::NO_REGISTRY]);
         // A datum cut short is the message's fault.

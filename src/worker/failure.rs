@@ -5,18 +5,25 @@
 //! `regionsync.reason` and the `reason` label of
 //! `regionsync_dlq_messages_total` carry it.
 //!
-//! Also the one backoff: capped exponential, used by every loop that waits
-//! for PostgreSQL to come back.
+//! A change is dead-lettered only when it would fail the same way whatever
+//! the state of the infrastructure: it cannot be decoded, or a value cannot
+//! be written to its column. A fault of the infrastructure (the registry,
+//! a missing grant or table, a lost connection) holds the partition at the
+//! change and is retried, counted in `regionsync_retries_total{reason}`
+//! (labels in [`metrics::retry`](crate::metrics::retry)).
+//!
+//! Also the one backoff: capped exponential with jitter, used by every loop
+//! that waits a fault out.
 
 use std::time::Duration;
 
 use tracing::warn;
 
 use crate::apply::RowError;
-use crate::config::OnError;
+use crate::config::{Config, OnError, UnknownSchema};
 use crate::decode::registry::AvroError;
 use crate::decode::DecodeError;
-use crate::metrics::{self as m, reason};
+use crate::metrics::{self as m, reason, retry};
 
 /// Why one message cannot be applied.
 #[derive(Debug, thiserror::Error)]
@@ -65,6 +72,10 @@ impl Fault {
                 error: AvroError::Datum(_),
                 ..
             } => reason::BAD_AVRO,
+            Fault::Avro {
+                error: AvroError::UnknownSchema(_),
+                ..
+            } => reason::UNKNOWN_SCHEMA,
             Fault::NoRegistry(_) => reason::NO_REGISTRY,
             Fault::UnconfiguredTable { .. } => reason::UNCONFIGURED_TABLE,
             Fault::Row(RowError::Value { .. }) => reason::BAD_VALUE,
@@ -85,9 +96,32 @@ pub enum Verdict {
     Stop,
 }
 
+impl Fault {
+    /// The `retry` label of a fault that is waited out, `None` for the
+    /// message's own faults.
+    pub fn retry_reason(&self, config: &Config) -> Option<&'static str> {
+        match self {
+            Fault::Avro {
+                error: AvroError::Registry(_),
+                ..
+            } => Some(retry::REGISTRY),
+            Fault::Avro {
+                error: AvroError::UnknownSchema(_),
+                ..
+            } if config.schema_registry.unknown_schema == UnknownSchema::Retry => {
+                Some(retry::UNKNOWN_SCHEMA)
+            }
+            _ => None,
+        }
+    }
+}
+
 /// The verdict on a message that cannot be applied.
-pub fn message_verdict(_fault: &Fault, on_error: OnError) -> Verdict {
-    match on_error {
+pub fn message_verdict(fault: &Fault, config: &Config) -> Verdict {
+    if fault.retry_reason(config).is_some() {
+        return Verdict::Retry;
+    }
+    match config.on_error {
         OnError::Stop => Verdict::Stop,
         OnError::Dlq => Verdict::DeadLetter,
     }
@@ -101,20 +135,43 @@ pub enum BatchError {
     Data(tokio_postgres::Error),
     /// The connection or server failed: retry the whole batch.
     Transient(anyhow::Error),
+    /// PostgreSQL refused for a reason outside the data (a privilege, a
+    /// missing table or column): hold the batch and retry it, with the
+    /// `retry` label.
+    Held(&'static str, tokio_postgres::Error),
 }
 
-/// Sorts a PostgreSQL error into [`BatchError`] by its SQLSTATE class.
-pub fn classify(e: tokio_postgres::Error) -> BatchError {
-    match e.code() {
-        // Classes 22 (data exception), 23 (integrity constraint), 42 (e.g.
-        // a cast that does not fit): the row, not the server.
-        Some(code)
-            if ["22", "23", "42"]
-                .iter()
-                .any(|c| code.code().starts_with(c)) =>
-        {
-            BatchError::Data(e)
+impl BatchError {
+    /// The `retry` label of a failure that is waited out.
+    pub fn retry_reason(&self) -> &'static str {
+        match self {
+            BatchError::Held(reason, _) => reason,
+            _ => retry::POSTGRES_UNAVAILABLE,
         }
+    }
+
+    pub fn into_error(self) -> anyhow::Error {
+        match self {
+            BatchError::Data(e) | BatchError::Held(_, e) => e.into(),
+            BatchError::Transient(e) => e,
+        }
+    }
+}
+
+/// Sorts a PostgreSQL error into [`BatchError`] by its SQLSTATE.
+pub fn classify(e: tokio_postgres::Error) -> BatchError {
+    let Some(code) = e.code().map(|c| c.code().to_owned()) else {
+        return BatchError::Transient(e.into());
+    };
+    match code.as_str() {
+        // A REVOKE, or a role set up without its grants: a GRANT fixes it.
+        "42501" => BatchError::Held(retry::POSTGRES_PERMISSION, e),
+        // Undefined table, column, object (type) or function: a migration
+        // in progress, or a table not yet created.
+        "42P01" | "42703" | "42704" | "42883" => BatchError::Held(retry::POSTGRES_SCHEMA, e),
+        // Classes 22 (data exception), 23 (integrity constraint), the rest
+        // of 42 (e.g. a cast that does not fit): the row, not the server.
+        c if ["22", "23", "42"].iter().any(|class| c.starts_with(class)) => BatchError::Data(e),
         _ => BatchError::Transient(e.into()),
     }
 }
@@ -126,12 +183,15 @@ pub fn batch_verdict(e: &BatchError, on_error: OnError) -> Verdict {
     match (e, on_error) {
         (BatchError::Data(_), OnError::Stop) => Verdict::Stop,
         (BatchError::Data(_), OnError::Dlq) => Verdict::DeadLetter,
-        (BatchError::Transient(_), _) => Verdict::Retry,
+        (BatchError::Transient(_) | BatchError::Held(..), _) => Verdict::Retry,
     }
 }
 
-/// Capped exponential backoff: 200 ms, doubling, at most 5 s. Each wait
-/// counts in `regionsync_postgres_reconnects_total`.
+/// Capped exponential backoff: 200 ms, doubling, at most 5 s, each wait
+/// shortened by up to a fifth at random so that partitions held by one
+/// fault do not retry in step. Each wait counts in
+/// `regionsync_retries_total{reason}`, and a wait for PostgreSQL's
+/// connection in `regionsync_postgres_reconnects_total` too.
 pub struct Backoff {
     delay: Duration,
 }
@@ -150,9 +210,17 @@ impl Backoff {
         self.delay
     }
 
-    pub async fn wait(&mut self) {
-        metrics::counter!(m::POSTGRES_RECONNECTS_TOTAL).increment(1);
-        tokio::time::sleep(self.delay).await;
+    pub async fn wait(&mut self, reason: &'static str) {
+        metrics::counter!(m::RETRIES_TOTAL, "reason" => reason).increment(1);
+        if reason == retry::POSTGRES_UNAVAILABLE {
+            metrics::counter!(m::POSTGRES_RECONNECTS_TOTAL).increment(1);
+        }
+        // Jitter from the clock's nanoseconds: no generator state needed.
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos());
+        let jitter = self.delay.mul_f64(f64::from(nanos % 1000) / 5000.0);
+        tokio::time::sleep(self.delay - jitter).await;
         self.delay = (self.delay * 2).min(Duration::from_secs(5));
     }
 }
@@ -169,7 +237,7 @@ where
             Ok(v) => return v,
             Err(e) => {
                 warn!(error = %e, retry_in = ?backoff.delay(), "{what} failed");
-                backoff.wait().await;
+                backoff.wait(retry::POSTGRES_UNAVAILABLE).await;
             }
         }
     }
@@ -351,11 +419,61 @@ mod tests {
         }
     }
 
+    fn config(extra: &str) -> Config {
+        Config::from_toml(&format!(
+            r#"
+            region = "eu-west-1"
+            regions = ["us-east-1", "eu-west-1"]
+            {extra}
+            [kafka]
+            bootstrap_servers = "127.0.0.1:1"
+            [schema_registry]
+            url = "http://127.0.0.1:1"
+            [postgres]
+            host = "127.0.0.1"
+            dbname = "app"
+            user = "regionsync"
+            [[tables]]
+            topics = ["cdc.public.users"]
+            target = "public.users"
+            key = ["id"]
+            "#
+        ))
+        .expect("a valid config")
+    }
+
+    #[test]
+    fn the_registry_is_waited_out_and_never_costs_a_change() {
+        let unreachable = Fault::Avro {
+            part: "key",
+            error: AvroError::Registry("connection refused".into()),
+        };
+        let unknown = Fault::Avro {
+            part: "value",
+            error: AvroError::UnknownSchema("schema id 9: 404".into()),
+        };
+        for on_error in ["", "on_error = \"stop\""] {
+            let c = config(on_error);
+            assert_eq!(message_verdict(&unreachable, &c), Verdict::Retry);
+            assert_eq!(message_verdict(&unknown, &c), Verdict::Retry);
+            assert_eq!(unreachable.retry_reason(&c), Some(retry::REGISTRY));
+        }
+        // Dead-lettered only where the operator says so.
+        let mut c = config("");
+        c.schema_registry.unknown_schema = UnknownSchema::Dlq;
+        assert_eq!(message_verdict(&unknown, &c), Verdict::DeadLetter);
+        assert_eq!(unknown.reason(), reason::UNKNOWN_SCHEMA);
+        assert_eq!(message_verdict(&unreachable, &c), Verdict::Retry);
+    }
+
     #[test]
     fn on_error_decides_between_dead_letter_and_stop() {
         let f = Fault::Oversized { size: 2, limit: 1 };
-        assert_eq!(message_verdict(&f, OnError::Dlq), Verdict::DeadLetter);
-        assert_eq!(message_verdict(&f, OnError::Stop), Verdict::Stop);
+        assert_eq!(message_verdict(&f, &config("")), Verdict::DeadLetter);
+        assert_eq!(
+            message_verdict(&f, &config("on_error = \"stop\"")),
+            Verdict::Stop
+        );
         let transient = BatchError::Transient(anyhow::anyhow!("connection reset"));
         assert_eq!(batch_verdict(&transient, OnError::Stop), Verdict::Retry);
         assert_eq!(batch_verdict(&transient, OnError::Dlq), Verdict::Retry);

@@ -28,7 +28,7 @@ mod partition;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use rdkafka::consumer::Consumer;
@@ -76,6 +76,48 @@ pub struct Worker {
     /// When a batch last committed (ms): proof enough that PostgreSQL
     /// answers, so readiness need not queue for a busy pool.
     last_commit_ms: std::sync::atomic::AtomicI64,
+    /// Partitions held at a change by a fault being waited out: since
+    /// when, and why (for `/readyz`).
+    held: Mutex<HashMap<(String, i32), (Instant, String)>>,
+}
+
+impl Worker {
+    /// Marks a partition as held by `cause` (from its first retry on).
+    fn hold(&self, topic: &str, partition: i32, cause: String) {
+        let mut held = self.held.lock().expect("held lock");
+        match held.get_mut(&(topic.to_owned(), partition)) {
+            Some((_, why)) => *why = cause,
+            None => {
+                held.insert((topic.to_owned(), partition), (Instant::now(), cause));
+            }
+        }
+    }
+
+    /// The partition moved on (or was given up).
+    fn release(&self, topic: &str, partition: i32) {
+        self.held
+            .lock()
+            .expect("held lock")
+            .remove(&(topic.to_owned(), partition));
+    }
+
+    /// The partitions held longer than `apply.unready_after`, described.
+    fn held_too_long(&self) -> Option<String> {
+        let limit = self.config.apply.unready_after;
+        let held = self.held.lock().expect("held lock");
+        let mut long: Vec<String> = held
+            .iter()
+            .filter(|(_, (since, _))| since.elapsed() >= limit)
+            .map(|((topic, partition), (since, why))| {
+                format!(
+                    "{topic}/{partition} held for {}s: {why}",
+                    since.elapsed().as_secs()
+                )
+            })
+            .collect();
+        long.sort();
+        (!long.is_empty()).then(|| long.join("; "))
+    }
 }
 
 impl Worker {
@@ -114,7 +156,7 @@ impl Worker {
         let mut decoders = HashMap::new();
         for region in config.source_regions() {
             if let Some(url) = config.registry_for(&region) {
-                decoders.insert(region, Arc::new(AvroSource::new(url)));
+                decoders.insert(region, Arc::new(AvroSource::new(url)?));
             }
         }
         let (consumer, events) = source::consumer(&config, &group)?;
@@ -131,6 +173,7 @@ impl Worker {
             lag,
             positions: Mutex::new(HashMap::new()),
             last_commit_ms: std::sync::atomic::AtomicI64::new(0),
+            held: Mutex::new(HashMap::new()),
         };
         Ok((Arc::new(worker), events))
     }
@@ -145,6 +188,9 @@ impl ReadyCheck for Worker {
                 .map_err(|e| format!("Kafka: {e}"))?;
             if assigned.count() == 0 {
                 return Err("Kafka: no partitions assigned".to_string());
+            }
+            if let Some(held) = self.held_too_long() {
+                return Err(held);
             }
             let last_commit = self
                 .last_commit_ms

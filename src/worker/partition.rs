@@ -23,6 +23,7 @@ impl Drop for Forget<'_> {
         if let Ok(mut positions) = self.0.positions.lock() {
             positions.remove(&self.1);
         }
+        self.0.release(&self.1 .0, self.1 .1);
     }
 }
 
@@ -63,7 +64,8 @@ pub(super) async fn run(
             .insert((topic.clone(), partition), next);
     };
     set_position(next);
-    // However the task ends, its partition leaves the consumer-lag gauge.
+    // However the task ends, its partition leaves the consumer-lag gauge
+    // and the held partitions.
     let _forget = Forget(&worker, (topic.clone(), partition));
     let linger = worker.config.apply.linger();
     loop {

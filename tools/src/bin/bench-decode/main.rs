@@ -98,7 +98,7 @@ async fn main() {
     let runs = arg("--runs", 5);
     let b = connect(pg_port_b(), "postgres", "").await;
     let table = users_copy_target(&b, "public.users").await;
-    let registry = AvroSource::new(&registry_ccompat_url());
+    let registry = AvroSource::new(&registry_ccompat_url()).expect("a schema registry client");
     let source_region = region_a();
     // `--only json` or `--only avro` measures one encoding (for profiling).
     let only = only();
