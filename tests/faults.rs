@@ -82,12 +82,22 @@ fn restart_failed_avro_tasks() {
         support::stack_env::CONNECT_PORT_B.get(),
     ] {
         let _ = Command::new("curl")
-            .args(["-fsS", "-X", "POST"])
+            .args(["-fsS", "-o", "/dev/null", "-X", "POST"])
             .arg(format!(
                 "http://{}:{port}/connectors/cdc-avro/restart?includeTasks=true&onlyFailed=true",
                 support::stack_env::HOST
             ))
             .status();
+    }
+}
+
+/// Sends SIGCONT to a frozen process when dropped (also on a panic).
+struct Resume(String);
+
+impl Drop for Resume {
+    fn drop(&mut self) {
+        let _ = Command::new("kill").arg("-CONT").arg(&self.0).status();
+        restart_failed_avro_tasks();
     }
 }
 
@@ -113,6 +123,8 @@ async fn a_frozen_registry_holds_avro_changes_and_loses_none() {
     // new worker knows no schema yet.
     let registry = stack_pid("registry");
     run(Command::new("kill").arg("-STOP").arg(&registry));
+    // However the test ends, the registry runs again.
+    let _resume = Resume(registry.clone());
     let (dead_before, held_before) = (dead_lettered(), retries("registry"));
     let worker = Worker::start(worker_config(&table, &topic));
     let frozen = Instant::now();
@@ -126,7 +138,6 @@ async fn a_frozen_registry_holds_avro_changes_and_loses_none() {
         (rows_in_b(&table).await, dead_lettered())
     }
     .await;
-    // Resume before asserting, so a failure leaves the stack usable.
     run(Command::new("kill").arg("-CONT").arg(&registry));
     restart_failed_avro_tasks();
     let (rows, dead) = waited;

@@ -99,10 +99,11 @@ impl SchemaSource for ConfluentRegistry {
 }
 
 /// A failed lookup of schema `id`: unknown to the registry (HTTP 404), or
-/// anything else.
+/// anything else. The client words an HTTP error as "… failed with status
+/// 404 Not Found"; a URL or an id that merely contains 404 is no 404.
 fn registry_error(id: u32, error: &str) -> AvroError {
     let text = format!("schema id {id}: {error}");
-    if error.contains("404") {
+    if error.contains("status 404") {
         AvroError::UnknownSchema(text)
     } else {
         AvroError::Registry(text)
@@ -237,6 +238,7 @@ mod tests {
         );
         assert!(matches!(unknown, AvroError::UnknownSchema(ref t) if t.contains("schema id 7")));
         for outage in [
+            "error sending request for url (http://127.0.0.1:18081/schemas/ids/404): operation timed out",
             "error sending request for url (http://127.0.0.1:18081/...): connection refused",
             "HTTP request to schema registry failed with status 503 Service Unavailable",
             "HTTP request to schema registry failed with status 401 Unauthorized",

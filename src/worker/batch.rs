@@ -120,7 +120,14 @@ impl Planner<'_> {
                     continue;
                 }
                 Err(fault) => {
+                    // A fault that is waited out holds the whole batch: the
+                    // rest is not decoded now (each lookup of a frozen
+                    // registry would wait out its own timeout).
+                    let held = fault.retry_reason(self.config).is_some();
                     plan.rejected.push(Rejected::new(msg, fault));
+                    if held {
+                        return plan;
+                    }
                     continue;
                 }
             };
