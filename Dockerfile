@@ -20,7 +20,7 @@ FROM ${BUILD_BASE} AS build
 # librdkafka and mimalloc are compiled from C sources by their -sys crates
 # (make, a C/C++ compiler, zlib headers).
 RUN apt-get update \
- && apt-get install -y --no-install-recommends build-essential pkg-config zlib1g-dev \
+ && apt-get install -y --no-install-recommends build-essential pkg-config zlib1g-dev ca-certificates \
  && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
@@ -39,11 +39,13 @@ LABEL org.opencontainers.image.title="regionsync" \
       org.opencontainers.image.version="${VERSION}" \
       org.opencontainers.image.revision="${REVISION}" \
       org.opencontainers.image.documentation="deploy/k8s/README.md"
-# The binary only: it links glibc, libgcc and libz, all in the base; the
-# registry client carries its own TLS (rustls) and CA roots.
+# The binary only: it links glibc, libgcc and libz, all in the base. Its
+# HTTP client (rustls) loads the system's CA roots when it starts and panics
+# without any, and the slim base has none: so Debian's CA bundle comes too.
 COPY --from=build --chown=0:0 --chmod=0755 /out/regionsync /usr/local/bin/regionsync
-# Mount points the manifests use (deploy/k8s/base/deployment.yaml); owned
-# by root and read-only to the worker.
+COPY --from=build --chown=0:0 --chmod=0644 /etc/ssl/certs/ca-certificates.crt /etc/ssl/certs/ca-certificates.crt
+# Config and secrets are mounted by the manifests (deploy/k8s/base/
+# deployment.yaml); the image itself writes nowhere.
 USER 10001:10001
 WORKDIR /
 # The metrics port of the manifests (metrics.listen = "0.0.0.0:9464").
