@@ -2,7 +2,7 @@
 SHELL := /bin/bash
 STACK := deploy/local/stack.sh
 
-.PHONY: help demo test lint rules-test unit integration stack-up stack-down stack-status stack-install bench bench-decode bench-peers workers-up workers-down
+.PHONY: help demo test lint rules-test unit integration stack-up stack-down stack-status stack-install bench bench-decode bench-peers workers-up workers-down k8s-check k8s-rules k8s-runtime-check
 
 help:
 	@echo "make demo          local two-region stack replicating live, lag visible"
@@ -15,6 +15,9 @@ help:
 	@echo "make bench         the apply benchmark, then bench-decode and bench-peers"
 	@echo "make bench-decode  decode + prepare CPU per change, from memory (after make bench)"
 	@echo "make bench-peers   regionsync against the Debezium JDBC sink, same events, same run"
+	@echo "make k8s-check     render deploy/k8s overlays into target/k8s/ and validate them (offline)"
+	@echo "make k8s-rules     regenerate deploy/k8s/base/prometheusrule.yaml from the rules file"
+	@echo "make k8s-runtime-check  run the worker as the pod does (uid, read-only root, mounts; needs the stack)"
 
 stack-install:
 	@bash $(STACK) install
@@ -76,7 +79,9 @@ bench-peers: stack-up
 # stack lifecycle test, which restarts and rebuilds the stack and so runs alone.
 test: stack-install lint
 	cargo test --lib --bins --test cli_route
+	bash deploy/k8s/check.sh
 	bash $(STACK) up
+	bash deploy/k8s/tools/runtime_check.sh
 	cargo test --test stack --test pipeline --test crash
 	cargo test --test outages
 	cargo test --test active_active
@@ -86,6 +91,24 @@ test: stack-install lint
 lint: rules-test
 	cargo fmt --check
 	cargo clippy --all-targets -- -D warnings
+
+# Kubernetes manifests (deploy/k8s/README.md): renders every overlay with a
+# pinned kustomize into target/k8s/<region>.yaml and checks it offline —
+# Kubernetes schemas (strict), the CRD objects, a security scan, the config
+# (check-config) and the rules against deploy/prometheus/. Installs its
+# tools under target/k8s-tools/ on first use.
+k8s-check:
+	bash deploy/k8s/check.sh
+
+k8s-rules:
+	bash deploy/k8s/check.sh --tools-only
+	target/k8s-tools/venv/bin/python deploy/k8s/tools/gen_prometheusrule.py
+
+# The image's runtime contract without a container engine: the worker as
+# uid 10001 on a read-only Debian root with the manifest's mounts, against
+# the running stack's eu-west-1 (make k8s-check first, for target/k8s/).
+k8s-runtime-check:
+	bash deploy/k8s/tools/runtime_check.sh
 
 # The Prometheus alert and recording rules (deploy/prometheus/) and their
 # promtool unit tests, and the Grafana dashboard's queries against them.
