@@ -34,9 +34,8 @@ fail() { echo "[k8s-runtime] FAIL: $*" >&2; exit 1; }
 source deploy/local/env.sh
 
 [ -f "$OUT/$REGION.yaml" ] || fail "$OUT/$REGION.yaml missing: run make k8s-check first"
-if [ -z "${REGIONSYNC_BIN:-}" ] && { [ ! -x "$BIN" ] || [ -n "$(find src Cargo.toml Cargo.lock -newer "$BIN" -print -quit)" ]; }; then
-  cargo build -q --bin regionsync
-fi
+# REGIONSYNC_BIN=target/release/regionsync checks the release binary instead.
+[ -n "${REGIONSYNC_BIN:-}" ] || cargo build -q --bin regionsync
 [ -x "$BIN" ] || fail "no binary at $BIN"
 
 # --- the runtime base ---------------------------------------------------------
