@@ -25,6 +25,8 @@ RUN apt-get update \
 WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
 COPY src ./src
+# The library embeds schemas/regionsync.sql (regionsync setup) at compile time.
+COPY schemas ./schemas
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \
     cargo build --release --locked --bin regionsync \
