@@ -3,12 +3,13 @@
 # regionsync binary runs the way deploy/k8s/base/deployment.yaml runs it in
 # the image, against the local stack's eu-west-1 (make stack-up), and the
 # check fails if any of this does not hold:
-#   - root filesystem: a Debian bookworm minbase tree (what the Dockerfile's
-#     debian:bookworm-slim runtime holds; debootstrap from Debian's packages,
-#     cached in target/k8s-tools/rootfs-bookworm), mounted read-only, with
-#     only what the Dockerfile adds: the binary at /usr/local/bin/regionsync
-#     and Debian's CA bundle (the worker's HTTP client panics without one);
-#     its shared libraries must be there, and no shell starts it;
+#   - root filesystem: a Debian bookworm minbase tree without CA material
+#     (what the Dockerfile's debian:bookworm-slim runtime holds; made by
+#     tools/rootfs.sh from Debian's packages, cached), mounted read-only,
+#     with only what the Dockerfile adds: the binary at
+#     /usr/local/bin/regionsync and Debian's CA bundle (the worker's HTTP
+#     client panics without one); its shared libraries must be there, and
+#     no shell starts it;
 #   - the uid/gid of the manifest's securityContext, no capabilities,
 #     no_new_privs (allowPrivilegeEscalation: false), no writable path;
 #   - the rendered ConfigMap's regionsync.toml at /etc/regionsync/ and the
@@ -24,7 +25,6 @@ set -euo pipefail
 cd "$(dirname "$0")/../../.."
 ROOT=$PWD
 TOOLS=$ROOT/target/k8s-tools
-ROOTFS=$TOOLS/rootfs-bookworm
 OUT=$ROOT/target/k8s
 REGION=eu-west-1
 BIN=${REGIONSYNC_BIN:-$ROOT/target/debug/regionsync}
@@ -39,20 +39,8 @@ source deploy/local/env.sh
 [ -x "$BIN" ] || fail "no binary at $BIN"
 
 # --- the runtime base ---------------------------------------------------------
-if [ ! -e "$ROOTFS/.complete" ]; then
-  command -v debootstrap >/dev/null || {
-    say "installing debootstrap"
-    apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends debootstrap >/dev/null
-  }
-  say "debootstrap --variant=minbase --include=ca-certificates bookworm into $ROOTFS (once)"
-  rm -rf "$ROOTFS.tmp"
-  # --include: the Dockerfile's one addition besides the binary, Debian's CA
-  # bundle (from the ca-certificates package).
-  debootstrap --variant=minbase --include=ca-certificates bookworm "$ROOTFS.tmp" \
-    >"$TOOLS/debootstrap.log" 2>&1 || { tail -5 "$TOOLS/debootstrap.log"; fail "debootstrap"; }
-  rm -rf "$ROOTFS"; mv "$ROOTFS.tmp" "$ROOTFS"; touch "$ROOTFS/.complete"
-fi
+# shellcheck source=rootfs.sh
+source deploy/k8s/tools/rootfs.sh
 
 # --- what the manifest says ---------------------------------------------------------
 eval "$("$TOOLS/venv/bin/python" - "$OUT/$REGION.yaml" <<'PY'
@@ -102,21 +90,23 @@ port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); p
 group="regionsync-k8s-runtime-$$"
 
 # Mount points the kubelet would create; the cached tree is ours to change.
-mkdir -p "$ROOTFS$M_CONFIG_DIR" "$ROOTFS/run/${M_PW_DIR#/var/run/}" "$ROOTFS/usr/local/bin"
+mkdir -p "$ROOTFS$M_CONFIG_DIR" "$ROOTFS/run/${M_PW_DIR#/var/run/}" "$ROOTFS/usr/local/bin" "$ROOTFS/etc/ssl/certs"
 [ -e "$ROOTFS/usr/local/bin/regionsync" ] || : >"$ROOTFS/usr/local/bin/regionsync"
+[ -e "$ROOTFS/etc/ssl/certs/ca-certificates.crt" ] || : >"$ROOTFS/etc/ssl/certs/ca-certificates.crt"
 
 cat >"$work/enter.sh" <<'SH'
 set -euo pipefail
-work=$1 rootfs=$2 bin=$3 cfgdir=$4 pwdir=$5 uid=$6 gid=$7; shift 7
+work=$1 rootfs=$2 bin=$3 cfgdir=$4 pwdir=$5 uid=$6 gid=$7 ca=$8; shift 8
 r=$work/root
 mount --bind "$rootfs" "$r"
 mount --bind "$bin" "$r/usr/local/bin/regionsync"
+mount --bind "$ca" "$r/etc/ssl/certs/ca-certificates.crt"
 mount --bind "$work/config" "$r$cfgdir"
 mount --bind "$work/secret" "$r/run/${pwdir#/var/run/}"
 mount -t proc proc "$r/proc"
 mount --rbind /dev "$r/dev"
 # Read-only, as readOnlyRootFilesystem and the volumes' readOnly make them.
-for m in "$r" "$r/usr/local/bin/regionsync" "$r$cfgdir" "$r/run/${pwdir#/var/run/}"; do
+for m in "$r" "$r/usr/local/bin/regionsync" "$r/etc/ssl/certs/ca-certificates.crt" "$r$cfgdir" "$r/run/${pwdir#/var/run/}"; do
   mount -o remount,bind,ro "$m"
 done
 cd /
@@ -143,7 +133,7 @@ envs=(
 )
 run_in_pod() {  # command... : run inside the pod's filesystem as the pod's user
   env -i "${envs[@]}" unshare -m --propagation private --fork \
-    bash "$work/enter.sh" "$work" "$ROOTFS" "$BIN" "$M_CONFIG_DIR" "$M_PW_DIR" "$M_UID" "$M_GID" "$@"
+    bash "$work/enter.sh" "$work" "$ROOTFS" "$BIN" "$M_CONFIG_DIR" "$M_PW_DIR" "$M_UID" "$M_GID" "$CA_BUNDLE" "$@"
 }
 
 # No writable path for the pod's user, not even /tmp.
