@@ -2,7 +2,7 @@
 SHELL := /bin/bash
 STACK := deploy/local/stack.sh
 
-.PHONY: help demo test lint rules-test unit integration stack-up stack-down stack-status stack-install bench bench-decode bench-peers workers-up workers-down k8s-check k8s-rules k8s-runtime-check
+.PHONY: help demo test lint rules-test unit integration stack-up stack-down stack-status stack-install bench bench-decode bench-peers workers-up workers-down k8s-check k8s-rules k8s-runtime-check image-check
 
 help:
 	@echo "make demo          local two-region stack replicating live, lag visible"
@@ -18,6 +18,7 @@ help:
 	@echo "make k8s-check     render deploy/k8s overlays into target/k8s/ and validate them (offline)"
 	@echo "make k8s-rules     regenerate deploy/k8s/base/prometheusrule.yaml from the rules file"
 	@echo "make k8s-runtime-check  run the worker as the pod does (uid, read-only root, mounts; needs the stack)"
+	@echo "make image-check   build the Dockerfile with podman and run the image against the stack (slow)"
 
 stack-install:
 	@bash $(STACK) install
@@ -109,6 +110,12 @@ k8s-rules:
 # the running stack's eu-west-1 (make k8s-check first, for target/k8s/).
 k8s-runtime-check:
 	bash deploy/k8s/tools/runtime_check.sh
+
+# The Dockerfile built with podman here (local stand-ins for the base
+# images, which cannot be pulled) and the image run as the pod runs it,
+# against the stack. Not in make test: its build stage is a release build.
+image-check: k8s-check
+	bash deploy/k8s/tools/image_check.sh
 
 # The Prometheus alert and recording rules (deploy/prometheus/) and their
 # promtool unit tests, and the Grafana dashboard's queries against them.
