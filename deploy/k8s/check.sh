@@ -61,11 +61,11 @@ if ! command -v promtool >/dev/null; then
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null
   if [ -n "$created" ]; then rm -f $policy; fi
 fi
+[ "${1:-}" = --tools-only ] && exit 0
 # The debug binary, for check-config (a no-op in make test, where the tests
 # before this built it).
 cargo build -q --bin regionsync
 say "tools ready ($(( $(date +%s) - start )) s)"
-[ "${1:-}" = --tools-only ] && exit 0
 
 # --- 1. render -------------------------------------------------------------------
 regions=()
