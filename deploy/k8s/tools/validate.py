@@ -249,9 +249,13 @@ def main():
     with open(os.path.join(HERE, "schemas", "scaledobject-keda-v1alpha1.json")) as f:
         so_schema = json.load(f)
     failed = False
+    region_lists = {}
     for path in args.files:
         region = os.path.basename(path).removesuffix(".yaml")
         objs = load(path)
+        for o in objs:
+            if o["kind"] == "ConfigMap" and "regionsync.toml" in o.get("data", {}):
+                region_lists[region] = tomllib.loads(o["data"]["regionsync.toml"]).get("regions")
         problems = schema_problems(objs, args.k8s_version, so_schema)
         kinds = sorted({o["kind"] for o in objs})
         problems += project_problems(region, objs)
@@ -263,6 +267,16 @@ def main():
         else:
             print(f"ok   {path}: {len(objs)} objects ({', '.join(kinds)}) valid for Kubernetes "
                   f"{args.k8s_version} (strict), consistent, unknown fields rejected")
+    # Routing needs one region list, in one order, in every region.
+    lists = {tuple(v or ()) for v in region_lists.values()}
+    if len(lists) > 1:
+        failed = True
+        print(f"FAIL the overlays' regions lists differ: {region_lists}")
+    elif lists and not set(region_lists) <= set(next(iter(lists))):
+        failed = True
+        print(f"FAIL an overlay's region is missing from regions: {sorted(region_lists)} vs {next(iter(lists))}")
+    elif lists:
+        print(f"ok   every overlay has regions = {list(next(iter(lists)))}")
     return 1 if failed else 0
 
 
