@@ -2,7 +2,7 @@
 SHELL := /bin/bash
 STACK := deploy/local/stack.sh
 
-.PHONY: help demo test lint rules-test unit integration stack-up stack-down stack-status stack-install bench bench-decode bench-peers workers-up workers-down
+.PHONY: help demo test lint rules-test unit integration stack-up stack-down stack-status stack-install bench bench-decode bench-peers workers-up workers-down k8s-check k8s-rules k8s-runtime-check image-check
 
 help:
 	@echo "make demo          local two-region stack replicating live, lag visible"
@@ -15,6 +15,10 @@ help:
 	@echo "make bench         the apply benchmark, then bench-decode and bench-peers"
 	@echo "make bench-decode  decode + prepare CPU per change, from memory (after make bench)"
 	@echo "make bench-peers   regionsync against the Debezium JDBC sink, same events, same run"
+	@echo "make k8s-check     render deploy/k8s overlays into target/k8s/ and validate them (offline)"
+	@echo "make k8s-rules     regenerate deploy/k8s/base/prometheusrule.yaml from the rules file"
+	@echo "make k8s-runtime-check  run the worker as the pod does (uid, read-only root, mounts; needs the stack)"
+	@echo "make image-check   build the Dockerfile with podman and run the image against the stack (slow)"
 
 stack-install:
 	@bash $(STACK) install
@@ -78,7 +82,9 @@ bench-peers: stack-up
 test: stack-install lint
 	cargo test --lib --bins --test cli_route --test config_doc
 	cargo test -p regionsync-tools
+	bash deploy/k8s/check.sh
 	bash $(STACK) up
+	bash deploy/k8s/tools/runtime_check.sh
 	cargo test --test stack --test pipeline --test crash
 	cargo test --test outages
 	cargo test --test faults -- --test-threads=1
@@ -90,6 +96,30 @@ lint: rules-test
 	cargo fmt --all --check
 	cargo clippy --workspace --all-targets -- -D warnings
 	RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps
+
+# Kubernetes manifests (deploy/k8s/README.md): renders every overlay with a
+# pinned kustomize into target/k8s/<region>.yaml and checks it offline —
+# Kubernetes schemas (strict), the CRD objects, a security scan, the config
+# (check-config) and the rules against deploy/prometheus/. Installs its
+# tools under target/k8s-tools/ on first use.
+k8s-check:
+	bash deploy/k8s/check.sh
+
+k8s-rules:
+	bash deploy/k8s/check.sh --tools-only
+	target/k8s-tools/venv/bin/python deploy/k8s/tools/gen_prometheusrule.py
+
+# The image's runtime contract without a container engine: the worker as
+# uid 10001 on a read-only Debian root with the manifest's mounts, against
+# the running stack's eu-west-1 (make k8s-check first, for target/k8s/).
+k8s-runtime-check:
+	bash deploy/k8s/tools/runtime_check.sh
+
+# The Dockerfile built with podman here (local stand-ins for the base
+# images, which cannot be pulled) and the image run as the pod runs it,
+# against the stack. Not in make test: its build stage is a release build.
+image-check: k8s-check
+	bash deploy/k8s/tools/image_check.sh
 
 # The Prometheus alert and recording rules (deploy/prometheus/) and their
 # promtool unit tests, and the Grafana dashboard's queries against them.
