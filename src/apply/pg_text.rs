@@ -221,7 +221,8 @@ impl Typed {
                         | PgKind::Numeric { .. }
                         | PgKind::Bit { .. }
                         | PgKind::VarBit { .. }
-                ) =>
+                ) && !(matches!(kind, PgKind::TimestampTz)
+                    && s.starts_with(['-', '+', '0'])) =>
             {
                 Ok(Some(s))
             }
@@ -504,6 +505,7 @@ fn render_float(f: f64) -> String {
 
 fn render_string(s: &str, ty: &PgType) -> Result<String, RenderError> {
     match ty.kind {
+        PgKind::TimestampTz => Ok(signed_year_timestamp(s).unwrap_or_else(|| s.to_owned())),
         // Schemaless JSON carries bytes as base64.
         PgKind::Bytea if s.starts_with("\\x") => Ok(s.to_owned()),
         PgKind::Bytea => BASE64
@@ -524,6 +526,32 @@ fn render_string(s: &str, ty: &PgType) -> Result<String, RenderError> {
             decimal_text(&bytes, scale)
         }
         _ => Ok(s.to_owned()),
+    }
+}
+
+/// Debezium's `ZonedTimestamp` is Java's ISO text, with astronomical years
+/// signed outside 0000..=9999: `-0043-03-15T12:00:00Z` is 44 BC, `0000-…`
+/// is 1 BC, `+10000-01-01T00:00:00Z` the year 10000. PostgreSQL reads
+/// neither sign (the `-` as a time zone) nor year 0, so these are written
+/// with its `BC` suffix or without the `+`. `None` for any other text
+/// (`-infinity` included).
+fn signed_year_timestamp(s: &str) -> Option<String> {
+    let (sign, rest) = match s.as_bytes().first()? {
+        b'-' => (-1, &s[1..]),
+        b'+' => (1, &s[1..]),
+        _ => (0, s),
+    };
+    let digits = rest.bytes().take_while(u8::is_ascii_digit).count();
+    let tail = &rest[digits..];
+    if digits < 4 || !tail.starts_with('-') {
+        return None;
+    }
+    let year: i64 = rest[..digits].parse().ok()?;
+    match (sign, year) {
+        (1, _) => Some(rest.to_owned()),
+        // Astronomical -Y (and 0) is Y+1 BC.
+        (-1, _) | (0, 0) => Some(format!("{:04}{tail} BC", year + 1)),
+        _ => None,
     }
 }
 
@@ -889,6 +917,34 @@ mod tests {
                 .unwrap()
                 .ends_with(" BC")
         );
+    }
+
+    #[test]
+    fn zoned_timestamps_with_signed_years_become_bc_or_lose_the_plus() {
+        let tz = "timestamp with time zone";
+        for (zoned, expected) in [
+            (
+                "-0043-03-15T12:00:00.123456Z",
+                "0044-03-15T12:00:00.123456Z BC",
+            ),
+            ("0000-06-01T00:00:00Z", "0001-06-01T00:00:00Z BC"),
+            ("0001-01-01T00:00:00Z", "0001-01-01T00:00:00Z"),
+            ("-4712-01-01T00:00:00Z", "4713-01-01T00:00:00Z BC"),
+            ("+10000-01-01T00:00:00Z", "10000-01-01T00:00:00Z"),
+            ("-infinity", "-infinity"),
+            ("2024-02-29T11:14:15.654321Z", "2024-02-29T11:14:15.654321Z"),
+        ] {
+            assert_eq!(
+                text(Field::String(zoned.into()), None, tz).as_deref(),
+                Ok(expected)
+            );
+            let moved = Typed {
+                field: Field::String(zoned.into()),
+                semantic: None,
+            }
+            .into_pg_text_as(&PgType::parse(tz));
+            assert_eq!(moved, Ok(Some(expected.to_owned())), "taken: {zoned}");
+        }
     }
 
     #[test]
