@@ -79,7 +79,7 @@ test: stack-install lint
 	cargo test --lib --bins --test cli_route --test config_doc
 	cargo test -p regionsync-tools
 	bash $(STACK) up
-	cargo test --test stack --test pipeline --test crash
+	cargo test --test stack --test pipeline --test crash --test types
 	cargo test --test outages
 	cargo test --test active_active
 	cargo test --test lag -- --test-threads=1
