@@ -210,28 +210,29 @@ impl Typed {
     }
 
     /// As [`Typed::to_pg_text_as`], taking the value: a text that is its
-    /// own rendering (`render_string` changes only bytea's, numeric's and
-    /// bit strings') is moved, not copied.
+    /// own rendering (`is_own_rendering`) is moved, not copied.
     pub fn into_pg_text_as(self, ty: &PgType) -> Result<Option<String>, RenderError> {
         match (self.field, &ty.kind) {
-            (Field::String(s), kind)
-                if !matches!(
-                    kind,
-                    PgKind::Bytea
-                        | PgKind::Numeric { .. }
-                        | PgKind::Bit { .. }
-                        | PgKind::VarBit { .. }
-                ) && !(matches!(kind, PgKind::TimestampTz)
-                    && s.starts_with(['-', '+', '0'])) =>
-            {
-                Ok(Some(s))
-            }
+            (Field::String(s), kind) if is_own_rendering(&s, kind) => Ok(Some(s)),
             (field, _) => Typed {
                 field,
                 semantic: self.semantic,
             }
             .to_pg_text_as(ty),
         }
+    }
+}
+
+/// Whether `render_string` gives `s` back unchanged: it changes bytea's,
+/// numeric's and bit strings' texts, and timestamptz texts with a signed or
+/// zero year (`signed_year_timestamp`).
+fn is_own_rendering(s: &str, kind: &PgKind) -> bool {
+    match kind {
+        PgKind::Bytea | PgKind::Numeric { .. } | PgKind::Bit { .. } | PgKind::VarBit { .. } => {
+            false
+        }
+        PgKind::TimestampTz => !s.starts_with(['-', '+', '0']),
+        _ => true,
     }
 }
 
