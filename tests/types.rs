@@ -1,8 +1,9 @@
 //! Every PostgreSQL type of the wide table replicates exactly, or is refused
 //! loudly (docs/TYPES.md). A table of its own in both regions holds the
-//! everyday types and their special values (±infinity, BC dates, 24:00:00,
-//! NaN and ±Infinity, -0, bit strings, points, intervals with months, days
-//! and time apart, arrays with NULL elements); rows written in us-east-1
+//! everyday types, time and timestamp at every precision 0–6, and their
+//! special values (±infinity, BC dates, 24:00:00, NaN and ±Infinity, -0,
+//! bit strings, points, intervals with months, days and time apart, arrays
+//! with NULL elements); rows written in us-east-1
 //! (inserts, an update that leaves TOASTed text, jsonb and bytea unchanged,
 //! a delete) must arrive in eu-west-1 with `to_jsonb(row)` equal, `hlc` and
 //! `origin_region` included, through the JSON topics and through the Avro
@@ -32,7 +33,10 @@ const COLUMNS: &str = "
     c_interval interval, c_uuid uuid, c_json json, c_jsonb jsonb,
     c_inet inet, c_cidr cidr, c_macaddr macaddr, c_mood {mood},
     c_int_arr integer[], c_text_arr text[],
-    c_bit bit(8), c_bit1 bit(1), c_varbit bit varying(8), c_point point";
+    c_bit bit(8), c_bit1 bit(1), c_varbit bit varying(8), c_point point,
+    c_time1 time(1), c_time2 time(2), c_time4 time(4), c_time5 time(5),
+    c_ts1 timestamp(1), c_ts2 timestamp(2), c_ts4 timestamp(4), c_ts5 timestamp(5),
+    c_tstz0 timestamptz(0), c_tstz6 timestamptz(6)";
 
 /// Rows that must arrive exactly, by id (each `INSERT … VALUES` tuple
 /// after its id lists the columns above, in order).
@@ -52,7 +56,10 @@ const EXACT_ROWS: &[(i64, &str)] = &[
          (SELECT jsonb_object_agg('k' || s, md5(s::text)) FROM generate_series(1, 2000) s),
          '192.168.0.1/24', '10.0.0.0/8', '08:00:2b:01:02:03', 'happy',
          '{1,NULL,3}', '{\"a\\\"b\",NULL,\"c,d\",\"\",\"NULL\"}',
-         B'00000101', B'1', B'10000001', '(1.5,-2)'",
+         B'00000101', B'1', B'10000001', '(1.5,-2)',
+         '12:34:56.7', '12:34:56.78', '12:34:56.7891', '12:34:56.78912',
+         '2024-02-29 13:14:15.1', '2024-02-29 13:14:15.12', '2024-02-29 13:14:15.1234',
+         '2024-02-29 13:14:15.12345', '2024-02-29 13:14:15+01', '2024-02-29 13:14:15.123456-08'",
     ),
     // Special values, and the far ends of the ranges.
     (
@@ -63,7 +70,9 @@ const EXACT_ROWS: &[(i64, &str)] = &[
          'infinity', 'infinity', 'infinity', 'infinity', '-infinity',
          '-1 days +02:03:04.5', '00000000-0000-0000-0000-000000000000', '[]', '{}',
          '::1', '2001:db8::/32', 'ff:ff:ff:ff:ff:ff', 'sad',
-         '{}', '{}', B'10000000', B'0', B'11111111', '(NaN,Infinity)'",
+         '{}', '{}', B'10000000', B'0', B'11111111', '(NaN,Infinity)',
+         '24:00:00', '24:00:00', '24:00:00', '24:00:00',
+         'infinity', 'infinity', 'infinity', 'infinity', 'infinity', '-infinity'",
     ),
     (
         3,
@@ -73,7 +82,9 @@ const EXACT_ROWS: &[(i64, &str)] = &[
          '-infinity', '-infinity', '-infinity', '-infinity', 'infinity',
          '-1 years -2 mons +3 days -00:00:00.000001', NULL, 'null', '\"\"',
          NULL, NULL, NULL, NULL,
-         '{NULL}', '{NULL}', B'00000000', NULL, NULL, '(-0,1e-300)'",
+         '{NULL}', '{NULL}', B'00000000', NULL, NULL, '(-0,1e-300)',
+         '00:00:00', '23:59:59.99', '00:00:00.0001', '23:59:59.99999',
+         '-infinity', '-infinity', '-infinity', '-infinity', '-infinity', 'infinity'",
     ),
     // BC dates and timestamps, years beyond 9999.
     (
@@ -85,14 +96,18 @@ const EXACT_ROWS: &[(i64, &str)] = &[
          '0044-03-15 12:00:00.123456+00 BC', '10000-01-01 00:00:00+00',
          '0', NULL, NULL, NULL,
          NULL, NULL, NULL, NULL,
-         NULL, NULL, NULL, NULL, NULL, NULL",
+         NULL, NULL, NULL, NULL, NULL, NULL,
+         NULL, NULL, NULL, NULL,
+         '0001-01-01 00:00:00.1 BC', '1969-12-31 23:59:59.99', '1970-01-01 00:00:00.0001',
+         '4713-01-01 00:00:00.00001 BC', '0001-01-01 00:00:00+00 BC', '1969-12-31 23:59:59.999999+00'",
     ),
     // Everything NULL.
     (
         5,
         "5, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
          NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
-         NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL",
+         NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
+         NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL",
     ),
 ];
 
