@@ -85,7 +85,7 @@ test: stack-install lint
 	bash deploy/k8s/check.sh
 	bash $(STACK) up
 	bash deploy/k8s/tools/runtime_check.sh
-	cargo test --test stack --test pipeline --test crash
+	cargo test --test stack --test pipeline --test crash --test types
 	cargo test --test outages
 	cargo test --test faults -- --test-threads=1
 	cargo test --test active_active

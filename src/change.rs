@@ -113,4 +113,12 @@ pub mod semantic {
     pub const ENUM: &str = "io.debezium.data.Enum";
     pub const DECIMAL: &str = "org.apache.kafka.connect.data.Decimal";
     pub const VARIABLE_SCALE_DECIMAL: &str = "io.debezium.data.VariableScaleDecimal";
+    /// `bit(n)`, `bit varying`: little-endian bytes, parameter `length`.
+    pub const BITS: &str = "io.debezium.data.Bits";
+    /// `interval` with `interval.handling.mode=string`: ISO 8601 text.
+    pub const INTERVAL: &str = "io.debezium.time.Interval";
+    /// `interval` with `interval.handling.mode=numeric`: microseconds.
+    pub const MICRO_DURATION: &str = "io.debezium.time.MicroDuration";
+    /// `point`: a struct `{x, y, wkb, srid}`.
+    pub const POINT: &str = "io.debezium.data.geometry.Point";
 }

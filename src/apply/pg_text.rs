@@ -1,10 +1,14 @@
 //! PostgreSQL text rendering: a decoded [`Field`] as the text input of the
 //! target column's type, so that the applier can bind every value as text
 //! and cast it in SQL (`$1::text[]` → `::numeric`, `::date`, …). Dates,
-//! times and decimals are formatted exactly, in integer arithmetic; a value
-//! the column's type cannot take is a [`RenderError`], never a different
-//! value.
+//! times and decimals are formatted exactly, in integer arithmetic;
+//! Debezium's stand-ins for `±infinity` ([`sentinel`]) become `infinity`
+//! and `-infinity` again; bit strings, points and intervals are rebuilt
+//! from the forms Debezium gives them. A value the column's type cannot
+//! take, or that Debezium carried without what would make it exact, is a
+//! [`RenderError`], never a different value. docs/TYPES.md lists each type.
 
+use std::borrow::Cow;
 use std::fmt::Write as _;
 
 use base64::engine::general_purpose::STANDARD as BASE64;
@@ -21,6 +25,43 @@ use crate::decode::json_plain;
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 #[error("{0}")]
 pub struct RenderError(pub String);
+
+/// The numbers Debezium's PostgreSQL connector (3.6) writes for PostgreSQL's
+/// `infinity` and `-infinity` in `date` and `timestamp` columns
+/// (`timestamptz` carries the words themselves, as `ZonedTimestamp` text).
+///
+/// Read in debezium-connector-postgres 3.6.1.Final,
+/// `PostgresValueConverter` (`POSITIVE_INFINITY_LOCAL_DATE_TIME`, …, built
+/// from pgjdbc's `PGStatement.DATE_POSITIVE_INFINITY` /
+/// `DATE_NEGATIVE_INFINITY`, read as microseconds since the epoch, and
+/// `convertTimestampToEpochNanos`) and `connection/DateTimeFormat.date`
+/// (the two dates), and in the connector's documentation ("TIMESTAMP
+/// type": `9223372036825200000` and `-9223372036832400000`; with
+/// `time.precision.mode=nanoseconds`, `Long.MAX_VALUE` and
+/// `Long.MIN_VALUE`).
+///
+/// The dates were measured on the local stack (`date 'infinity'` arrives
+/// as -2147472692). The dates and the negative instants lie outside
+/// PostgreSQL's ranges, so they cannot be real values. The positive
+/// instant is a real timestamp, 294247-01-10 04:00:25.2 (at millisecond
+/// precision the same): that one value arrives as `infinity`
+/// (docs/TYPES.md).
+pub mod sentinel {
+    /// `io.debezium.time.MicroTimestamp` (microseconds since the epoch).
+    pub const TIMESTAMP_INFINITY_MICROS: i64 = 9_223_372_036_825_200_000;
+    pub const TIMESTAMP_MINUS_INFINITY_MICROS: i64 = -9_223_372_036_832_400_000;
+    /// `io.debezium.time.Timestamp` and Connect's `Timestamp` (milliseconds):
+    /// the same instants.
+    pub const TIMESTAMP_INFINITY_MILLIS: i64 = TIMESTAMP_INFINITY_MICROS / 1000;
+    pub const TIMESTAMP_MINUS_INFINITY_MILLIS: i64 = TIMESTAMP_MINUS_INFINITY_MICROS / 1000;
+    /// `io.debezium.time.NanoTimestamp` (nanoseconds).
+    pub const TIMESTAMP_INFINITY_NANOS: i64 = i64::MAX;
+    pub const TIMESTAMP_MINUS_INFINITY_NANOS: i64 = i64::MIN;
+    /// `io.debezium.time.Date` (days since the epoch): the dates
+    /// -5877611-06-21 (`infinity`) and -5877611-06-22 (`-infinity`).
+    pub const DATE_INFINITY_DAYS: i64 = -2_147_472_692;
+    pub const DATE_MINUS_INFINITY_DAYS: i64 = -2_147_472_691;
+}
 
 const MICROS_PER_DAY: i128 = 86_400_000_000;
 /// Far beyond PostgreSQL's date range, small enough that no calendar
@@ -56,6 +97,15 @@ enum PgKind {
     Bytea,
     Json,
     Uuid,
+    /// `bit(n)`: exactly `length` bits.
+    Bit {
+        length: u32,
+    },
+    /// `bit varying(n)` (`max`), or unconstrained.
+    VarBit {
+        max: Option<u32>,
+    },
+    Point,
     /// Text types, enums and anything unknown.
     Text,
     Array(Box<PgType>),
@@ -116,6 +166,12 @@ impl PgType {
             "bytea" => PgKind::Bytea,
             "json" | "jsonb" => PgKind::Json,
             "uuid" => PgKind::Uuid,
+            // `bit` alone is `bit(1)`.
+            "bit" => PgKind::Bit {
+                length: first.unwrap_or(1),
+            },
+            "bit varying" | "varbit" => PgKind::VarBit { max: first },
+            "point" => PgKind::Point,
             b if b.starts_with("interval") => PgKind::Interval,
             _ => PgKind::Text,
         };
@@ -123,6 +179,11 @@ impl PgType {
             name: name.to_owned(),
             kind,
         }
+    }
+
+    /// The type as `format_type` printed it.
+    pub fn name(&self) -> &str {
+        &self.name
     }
 }
 
@@ -149,13 +210,10 @@ impl Typed {
     }
 
     /// As [`Typed::to_pg_text_as`], taking the value: a text that is its
-    /// own rendering (`render_string` changes only bytea's and numeric's)
-    /// is moved, not copied.
+    /// own rendering (`is_own_rendering`) is moved, not copied.
     pub fn into_pg_text_as(self, ty: &PgType) -> Result<Option<String>, RenderError> {
         match (self.field, &ty.kind) {
-            (Field::String(s), kind) if !matches!(kind, PgKind::Bytea | PgKind::Numeric { .. }) => {
-                Ok(Some(s))
-            }
+            (Field::String(s), kind) if is_own_rendering(&s, kind) => Ok(Some(s)),
             (field, _) => Typed {
                 field,
                 semantic: self.semantic,
@@ -165,9 +223,26 @@ impl Typed {
     }
 }
 
+/// Whether `render_string` gives `s` back unchanged: it changes bytea's,
+/// numeric's and bit strings' texts, and timestamptz texts with a signed or
+/// zero year (`signed_year_timestamp`).
+fn is_own_rendering(s: &str, kind: &PgKind) -> bool {
+    match kind {
+        PgKind::Bytea | PgKind::Numeric { .. } | PgKind::Bit { .. } | PgKind::VarBit { .. } => {
+            false
+        }
+        PgKind::TimestampTz => !s.starts_with(['-', '+', '0']),
+        _ => true,
+    }
+}
+
 fn render(field: &Field, semantic: Option<&str>, ty: &PgType) -> Result<String, RenderError> {
-    if let PgKind::Array(element) = &ty.kind {
-        return render_array(field, element, ty);
+    match (&ty.kind, field) {
+        (PgKind::Array(element), _) => return render_array(field, element),
+        (_, Field::Null | Field::Unavailable) => {}
+        (PgKind::Bit { .. } | PgKind::VarBit { .. }, _) => return render_bits(field, &ty.kind),
+        (PgKind::Point, Field::Json(point)) => return render_point(point),
+        _ => {}
     }
     match field {
         Field::Null => Err(render_error("NULL has no text form")),
@@ -189,23 +264,19 @@ fn render(field: &Field, semantic: Option<&str>, ty: &PgType) -> Result<String, 
                 match text.split_once('.') {
                     None => Ok(text),
                     Some((int, frac)) if frac.bytes().all(|b| b == b'0') => Ok(int.to_owned()),
-                    Some(_) => Err(render_error(format!(
-                        "{text} is not an integer for type {}",
-                        ty.name
-                    ))),
+                    Some(_) => Err(render_error(format!("{text} is not an integer"))),
                 }
             }
             _ => decimal_text(unscaled, *scale),
         },
         Field::Json(value) => Ok(value.to_string()),
-        Field::Array(_) => Err(render_error(format!(
-            "an array value cannot be written to a column of type {}",
-            ty.name
-        ))),
+        Field::Array(_) => Err(render_error(
+            "an array value cannot be written to a column that is not an array",
+        )),
     }
 }
 
-fn render_array(field: &Field, element: &PgType, ty: &PgType) -> Result<String, RenderError> {
+fn render_array(field: &Field, element: &PgType) -> Result<String, RenderError> {
     match field {
         Field::Array(items) => array_literal(items, element),
         // Already PostgreSQL's array text.
@@ -222,10 +293,9 @@ fn render_array(field: &Field, element: &PgType, ty: &PgType) -> Result<String, 
             array_literal(&items, element)
         }
         Field::Null | Field::Unavailable => render(field, None, element),
-        _ => Err(render_error(format!(
-            "a scalar value cannot be written to a column of type {}",
-            ty.name
-        ))),
+        _ => Err(render_error(
+            "a scalar value cannot be written to an array column",
+        )),
     }
 }
 
@@ -258,6 +328,9 @@ fn array_literal(items: &[Field], element: &PgType) -> Result<String, RenderErro
 }
 
 fn render_int(i: i64, semantic: Option<&str>, ty: &PgType) -> Result<String, RenderError> {
+    if let Some(word) = infinity(i, semantic, &ty.kind) {
+        return Ok(word.to_owned());
+    }
     let i = i128::from(i);
     match ty.kind {
         PgKind::Date => {
@@ -285,6 +358,41 @@ fn render_int(i: i64, semantic: Option<&str>, ty: &PgType) -> Result<String, Ren
             "an integer cannot be written to a bytea column",
         )),
         _ => Ok(i.to_string()),
+    }
+}
+
+/// `infinity` or `-infinity` where `i` is Debezium's [`sentinel`] for it in
+/// the unit the semantic type (or, lacking one, the column) says.
+fn infinity(i: i64, semantic: Option<&str>, kind: &PgKind) -> Option<&'static str> {
+    use sentinel::*;
+    let (plus, minus) = match (kind, semantic) {
+        (PgKind::Timestamp { .. } | PgKind::TimestampTz | PgKind::Date, Some(NANO_TIMESTAMP)) => {
+            (TIMESTAMP_INFINITY_NANOS, TIMESTAMP_MINUS_INFINITY_NANOS)
+        }
+        (
+            PgKind::Timestamp { .. } | PgKind::TimestampTz | PgKind::Date,
+            Some(TIMESTAMP | CONNECT_TIMESTAMP),
+        ) => (TIMESTAMP_INFINITY_MILLIS, TIMESTAMP_MINUS_INFINITY_MILLIS),
+        (PgKind::Timestamp { .. } | PgKind::TimestampTz | PgKind::Date, Some(MICRO_TIMESTAMP)) => {
+            (TIMESTAMP_INFINITY_MICROS, TIMESTAMP_MINUS_INFINITY_MICROS)
+        }
+        (PgKind::Date, _) => (DATE_INFINITY_DAYS, DATE_MINUS_INFINITY_DAYS),
+        // Avro drops the semantic name of a primitive: the column's
+        // precision says the unit, as for any other value (`instant_micros`).
+        (PgKind::Timestamp { precision }, _) if precision.is_some_and(|p| p <= 3) => {
+            (TIMESTAMP_INFINITY_MILLIS, TIMESTAMP_MINUS_INFINITY_MILLIS)
+        }
+        (PgKind::Timestamp { .. } | PgKind::TimestampTz, _) => {
+            (TIMESTAMP_INFINITY_MICROS, TIMESTAMP_MINUS_INFINITY_MICROS)
+        }
+        _ => return None,
+    };
+    if i == plus {
+        Some("infinity")
+    } else if i == minus {
+        Some("-infinity")
+    } else {
+        None
     }
 }
 
@@ -398,6 +506,7 @@ fn render_float(f: f64) -> String {
 
 fn render_string(s: &str, ty: &PgType) -> Result<String, RenderError> {
     match ty.kind {
+        PgKind::TimestampTz => Ok(signed_year_timestamp(s).unwrap_or_else(|| s.to_owned())),
         // Schemaless JSON carries bytes as base64.
         PgKind::Bytea if s.starts_with("\\x") => Ok(s.to_owned()),
         PgKind::Bytea => BASE64
@@ -408,15 +517,11 @@ fn render_string(s: &str, ty: &PgType) -> Result<String, RenderError> {
         // Schemaless JSON carries a Decimal as base64 of its unscaled value.
         PgKind::Numeric { scale } => {
             let bytes = BASE64.decode(s).map_err(|_| {
-                render_error(format!(
-                    "{s:?} is neither a number nor a base64 decimal for type {}",
-                    ty.name
-                ))
+                render_error(format!("{s:?} is neither a number nor a base64 decimal"))
             })?;
             let scale = scale.ok_or_else(|| {
                 render_error(format!(
-                    "base64 decimal {s:?} for type {} that has no scale: the scale is unknown",
-                    ty.name
+                    "base64 decimal {s:?} whose scale the column does not declare: the scale is unknown"
                 ))
             })?;
             decimal_text(&bytes, scale)
@@ -425,14 +530,39 @@ fn render_string(s: &str, ty: &PgType) -> Result<String, RenderError> {
     }
 }
 
+/// Debezium's `ZonedTimestamp` is Java's ISO text, with astronomical years
+/// signed outside 0000..=9999: `-0043-03-15T12:00:00Z` is 44 BC, `0000-…`
+/// is 1 BC, `+10000-01-01T00:00:00Z` the year 10000. PostgreSQL reads
+/// neither sign (the `-` as a time zone) nor year 0, so these are written
+/// with its `BC` suffix or without the `+`. `None` for any other text
+/// (`-infinity` included).
+fn signed_year_timestamp(s: &str) -> Option<String> {
+    let (sign, rest) = match s.as_bytes().first()? {
+        b'-' => (-1, &s[1..]),
+        b'+' => (1, &s[1..]),
+        _ => (0, s),
+    };
+    let digits = rest.bytes().take_while(u8::is_ascii_digit).count();
+    let tail = &rest[digits..];
+    if digits < 4 || !tail.starts_with('-') {
+        return None;
+    }
+    let year: i64 = rest[..digits].parse().ok()?;
+    match (sign, year) {
+        (1, _) => Some(rest.to_owned()),
+        // Astronomical -Y (and 0) is Y+1 BC.
+        (-1, _) | (0, 0) => Some(format!("{:04}{tail} BC", year + 1)),
+        _ => None,
+    }
+}
+
 fn render_bytes(bytes: &[u8], ty: &PgType) -> Result<String, RenderError> {
     match ty.kind {
         PgKind::Bytea => Ok(hex_bytea(bytes)),
         PgKind::Numeric { scale: Some(scale) } => decimal_text(bytes, scale),
-        PgKind::Numeric { scale: None } => Err(render_error(format!(
-            "bytes for type {} that has no scale: the scale is unknown",
-            ty.name
-        ))),
+        PgKind::Numeric { scale: None } => Err(render_error(
+            "bytes of a decimal whose scale the column does not declare: the scale is unknown",
+        )),
         PgKind::Uuid if bytes.len() == 16 => {
             let hex = hex(bytes);
             let part =
@@ -446,12 +576,115 @@ fn render_bytes(bytes: &[u8], ty: &PgType) -> Result<String, RenderError> {
             ]
             .join("-"))
         }
-        _ => String::from_utf8(bytes.to_vec()).map_err(|_| {
+        _ => String::from_utf8(bytes.to_vec())
+            .map_err(|_| render_error("bytes that are not UTF-8 have no text form for this type")),
+    }
+}
+
+/// A `bit(n)` or `bit varying(n)` value from Debezium's
+/// `io.debezium.data.Bits`: the bits little-endian (the string's last bit
+/// is bit 0 of the first byte), in as many bytes as the highest `1` bit
+/// needs: leading zeros are not carried (PostgresValueConverter.convertBits
+/// in debezium-connector-postgres 3.6.1). A boolean for a one-bit column.
+/// Schemaless JSON carries the bytes as base64.
+///
+/// `bit(n)` is exact: its length is the column's. `bit varying` is exact
+/// only when the highest `1` is at the column's maximum length, which then
+/// is the value's length; any other value could have had leading zeros
+/// (`101` and `0101` arrive alike) and is refused.
+fn render_bits(field: &Field, kind: &PgKind) -> Result<String, RenderError> {
+    let bytes = match field {
+        Field::Bool(b) => {
+            return match kind {
+                PgKind::Bit { length: 1 } | PgKind::VarBit { max: Some(1) } => {
+                    Ok(if *b { "1" } else { "0" }.to_owned())
+                }
+                _ => Err(render_error(
+                    "a boolean is a one-bit value; the column holds more bits",
+                )),
+            };
+        }
+        Field::Bytes(bytes) => Cow::Borrowed(bytes.as_slice()),
+        Field::String(s) => Cow::Owned(BASE64.decode(s).map_err(|e| {
             render_error(format!(
-                "bytes that are not UTF-8 cannot be written to a column of type {}",
-                ty.name
+                "text for a bit string is not base64 of its bits: {e}"
             ))
-        }),
+        })?),
+        other => {
+            return Err(render_error(format!(
+                "{} is not a bit string (Debezium sends io.debezium.data.Bits bytes)",
+                field_kind(other)
+            )))
+        }
+    };
+    // Bits up to and including the highest 1.
+    let significant = bytes
+        .iter()
+        .enumerate()
+        .rev()
+        .find(|(_, b)| **b != 0)
+        .map_or(0, |(i, b)| i as u64 * 8 + u64::from(8 - b.leading_zeros()));
+    let length = match *kind {
+        PgKind::Bit { length } if significant <= u64::from(length) => length,
+        PgKind::Bit { length } => {
+            return Err(render_error(format!(
+                "{significant} significant bits do not fit bit({length})"
+            )))
+        }
+        PgKind::VarBit { max: Some(max) } if significant == u64::from(max) => max,
+        PgKind::VarBit { max } => {
+            return Err(render_error(format!(
+                "Debezium carries a varying bit string without its leading zeros: \
+                 {significant} significant bits{}, so its length is unknown and \
+                 it cannot be written exactly",
+                max.map(|m| format!(" of at most {m}")).unwrap_or_default()
+            )))
+        }
+        _ => return Err(render_error("not a bit string type")),
+    };
+    Ok((0..u64::from(length))
+        .rev()
+        .map(|k| {
+            let byte = bytes.get((k / 8) as usize).copied().unwrap_or(0);
+            if byte >> (k % 8) & 1 == 1 {
+                '1'
+            } else {
+                '0'
+            }
+        })
+        .collect())
+}
+
+/// Debezium's `io.debezium.data.geometry.Point` struct `{x, y, wkb, srid}`
+/// as PostgreSQL's `(x,y)`: the coordinates as doubles, each in the
+/// shortest text that reads back as the same double (JsonConverter writes
+/// NaN and the infinities as strings).
+fn render_point(point: &Json) -> Result<String, RenderError> {
+    let coordinate = |name: &str| {
+        point
+            .get(name)
+            .and_then(crate::decode::json_float)
+            .ok_or_else(|| render_error(format!("a point without a number `{name}`")))
+    };
+    Ok(format!(
+        "({},{})",
+        render_float(coordinate("x")?),
+        render_float(coordinate("y")?)
+    ))
+}
+
+fn field_kind(field: &Field) -> &'static str {
+    match field {
+        Field::Null => "NULL",
+        Field::Bool(_) => "a boolean",
+        Field::Int(_) => "an integer",
+        Field::Float(_) => "a float",
+        Field::String(_) => "a text",
+        Field::Bytes(_) => "bytes",
+        Field::Decimal { .. } => "a decimal",
+        Field::Array(_) => "an array",
+        Field::Json(_) => "a JSON value",
+        Field::Unavailable => "the unchanged TOAST placeholder",
     }
 }
 
@@ -560,4 +793,320 @@ fn decimal_text(unscaled: &[u8], scale: u32) -> Result<String, RenderError> {
     } else {
         digits
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::borrow::Cow;
+
+    use serde_json::json;
+
+    use super::sentinel::*;
+    use super::*;
+
+    fn text(field: Field, semantic: Option<&str>, pg_type: &str) -> Result<String, RenderError> {
+        Typed {
+            field,
+            semantic: semantic.map(|s| Cow::Owned(s.to_owned())),
+        }
+        .to_pg_text(pg_type)
+        .map(|t| t.expect("not NULL"))
+    }
+
+    #[test]
+    fn timestamp_sentinels_are_infinity_in_every_unit() {
+        let cases = [
+            (
+                TIMESTAMP_INFINITY_MICROS,
+                Some(MICRO_TIMESTAMP),
+                "timestamp without time zone",
+                "infinity",
+            ),
+            (
+                TIMESTAMP_MINUS_INFINITY_MICROS,
+                Some(MICRO_TIMESTAMP),
+                "timestamp(6) without time zone",
+                "-infinity",
+            ),
+            (
+                TIMESTAMP_INFINITY_MILLIS,
+                Some(TIMESTAMP),
+                "timestamp(3) without time zone",
+                "infinity",
+            ),
+            (
+                TIMESTAMP_MINUS_INFINITY_MILLIS,
+                Some(TIMESTAMP),
+                "timestamp(0) without time zone",
+                "-infinity",
+            ),
+            (
+                TIMESTAMP_INFINITY_MILLIS,
+                Some(CONNECT_TIMESTAMP),
+                "timestamp without time zone",
+                "infinity",
+            ),
+            (
+                TIMESTAMP_INFINITY_NANOS,
+                Some(NANO_TIMESTAMP),
+                "timestamp without time zone",
+                "infinity",
+            ),
+            (
+                TIMESTAMP_MINUS_INFINITY_NANOS,
+                Some(NANO_TIMESTAMP),
+                "timestamp without time zone",
+                "-infinity",
+            ),
+            // Avro: no semantic name; the column's precision says the unit.
+            (
+                TIMESTAMP_INFINITY_MICROS,
+                None,
+                "timestamp without time zone",
+                "infinity",
+            ),
+            (
+                TIMESTAMP_MINUS_INFINITY_MICROS,
+                None,
+                "timestamp(4) without time zone",
+                "-infinity",
+            ),
+            (
+                TIMESTAMP_INFINITY_MILLIS,
+                None,
+                "timestamp(3) without time zone",
+                "infinity",
+            ),
+            (
+                TIMESTAMP_MINUS_INFINITY_MILLIS,
+                None,
+                "timestamp(1) without time zone",
+                "-infinity",
+            ),
+            (
+                TIMESTAMP_INFINITY_MICROS,
+                None,
+                "timestamp with time zone",
+                "infinity",
+            ),
+        ];
+        for (value, semantic, pg_type, expected) in cases {
+            assert_eq!(
+                text(Field::Int(value), semantic, pg_type).as_deref(),
+                Ok(expected),
+                "{value} {semantic:?} as {pg_type}"
+            );
+        }
+        // The documented collision: the positive instant is a real one.
+        assert_eq!(
+            timestamp_text(i128::from(TIMESTAMP_INFINITY_MICROS), "").unwrap(),
+            "294247-01-10 04:00:25.200000"
+        );
+        // A sentinel in another unit is an ordinary instant.
+        assert_eq!(
+            text(
+                Field::Int(TIMESTAMP_INFINITY_MILLIS),
+                Some(MICRO_TIMESTAMP),
+                "timestamp without time zone"
+            )
+            .unwrap(),
+            "2262-04-11 23:47:16.825200"
+        );
+        // The negative instant, were it not a sentinel, is out of range.
+        assert!(
+            timestamp_text(i128::from(TIMESTAMP_MINUS_INFINITY_MICROS), "")
+                .unwrap()
+                .ends_with(" BC")
+        );
+    }
+
+    #[test]
+    fn zoned_timestamps_with_signed_years_become_bc_or_lose_the_plus() {
+        let tz = "timestamp with time zone";
+        for (zoned, expected) in [
+            (
+                "-0043-03-15T12:00:00.123456Z",
+                "0044-03-15T12:00:00.123456Z BC",
+            ),
+            ("0000-06-01T00:00:00Z", "0001-06-01T00:00:00Z BC"),
+            ("0001-01-01T00:00:00Z", "0001-01-01T00:00:00Z"),
+            ("-4712-01-01T00:00:00Z", "4713-01-01T00:00:00Z BC"),
+            ("+10000-01-01T00:00:00Z", "10000-01-01T00:00:00Z"),
+            ("-infinity", "-infinity"),
+            ("2024-02-29T11:14:15.654321Z", "2024-02-29T11:14:15.654321Z"),
+        ] {
+            assert_eq!(
+                text(Field::String(zoned.into()), None, tz).as_deref(),
+                Ok(expected)
+            );
+            let moved = Typed {
+                field: Field::String(zoned.into()),
+                semantic: None,
+            }
+            .into_pg_text_as(&PgType::parse(tz));
+            assert_eq!(moved, Ok(Some(expected.to_owned())), "taken: {zoned}");
+        }
+    }
+
+    #[test]
+    fn date_sentinels_are_infinity() {
+        for semantic in [Some(DATE), Some(CONNECT_DATE), None] {
+            assert_eq!(
+                text(Field::Int(DATE_INFINITY_DAYS), semantic, "date").as_deref(),
+                Ok("infinity")
+            );
+            assert_eq!(
+                text(Field::Int(DATE_MINUS_INFINITY_DAYS), semantic, "date").as_deref(),
+                Ok("-infinity")
+            );
+        }
+        // One day either side is an ordinary (out of range) date.
+        assert!(text(Field::Int(DATE_INFINITY_DAYS - 1), Some(DATE), "date").is_err());
+        assert_eq!(
+            text(Field::Int(-2_440_550), Some(DATE), "date").as_deref(),
+            Ok("4713-01-01 BC")
+        );
+        // A timestamp's sentinel into a date column.
+        assert_eq!(
+            text(
+                Field::Int(TIMESTAMP_INFINITY_MICROS),
+                Some(MICRO_TIMESTAMP),
+                "date"
+            )
+            .as_deref(),
+            Ok("infinity")
+        );
+        // timestamptz carries the words as text.
+        assert_eq!(
+            text(
+                Field::String("-infinity".into()),
+                None,
+                "timestamp with time zone"
+            )
+            .as_deref(),
+            Ok("-infinity")
+        );
+    }
+
+    #[test]
+    fn bit_strings_are_rebuilt_little_endian() {
+        let bits =
+            |bytes: &[u8], pg_type: &str| text(Field::Bytes(bytes.to_vec()), Some(BITS), pg_type);
+        // As measured on the stack: B'00000101' arrives as 0x05, B'10000000'
+        // as 0x80, B'00000000' as no bytes at all.
+        assert_eq!(bits(&[0x05], "bit(8)").as_deref(), Ok("00000101"));
+        assert_eq!(bits(&[0x80], "bit(8)").as_deref(), Ok("10000000"));
+        assert_eq!(bits(&[], "bit(8)").as_deref(), Ok("00000000"));
+        assert_eq!(
+            bits(&[0x01, 0x02], "bit(12)").as_deref(),
+            Ok("001000000001")
+        );
+        assert_eq!(bits(&[0x05], "bit(3)").as_deref(), Ok("101"));
+        assert!(bits(&[0x05], "bit(2)").is_err(), "a 1 beyond the length");
+        // bit(1) and bit varying(1) come as booleans.
+        assert_eq!(text(Field::Bool(true), None, "bit(1)").as_deref(), Ok("1"));
+        assert_eq!(text(Field::Bool(false), None, "bit").as_deref(), Ok("0"));
+        assert_eq!(
+            text(Field::Bool(true), None, "bit varying(1)").as_deref(),
+            Ok("1")
+        );
+        assert!(text(Field::Bool(true), None, "bit(8)").is_err());
+        // Schemaless JSON: base64.
+        assert_eq!(
+            text(Field::String("gA==".into()), None, "bit(8)").as_deref(),
+            Ok("10000000")
+        );
+        // bit varying: exact only when the highest 1 is at the maximum length.
+        assert_eq!(bits(&[0x81], "bit varying(8)").as_deref(), Ok("10000001"));
+        assert_eq!(bits(&[0x05], "bit varying(3)").as_deref(), Ok("101"));
+        for (bytes, pg_type) in [
+            (&[0x05][..], "bit varying(8)"),
+            (&[0x05][..], "bit varying"),
+            (&[][..], "bit varying(8)"),
+            (&[0x81][..], "bit varying(4)"),
+        ] {
+            let err = bits(bytes, pg_type).unwrap_err();
+            assert!(err.0.contains("leading zeros"), "{pg_type}: {err}");
+            assert!(
+                !err.0.contains(pg_type),
+                "the type is named by the caller: {err}"
+            );
+        }
+        // Arrays of bits are not carried this way.
+        assert!(text(Field::Int(5), None, "bit(8)").is_err());
+    }
+
+    #[test]
+    fn points_are_rebuilt_from_their_coordinates() {
+        let point = |x: serde_json::Value, y: serde_json::Value| {
+            text(
+                Field::Json(json!({"x": x, "y": y, "wkb": "AQEAAAA=", "srid": null})),
+                Some(POINT),
+                "point",
+            )
+        };
+        assert_eq!(point(json!(1.5), json!(-2.0)).as_deref(), Ok("(1.5,-2)"));
+        assert_eq!(point(json!(-0.0), json!(1e-300)).as_deref(), Ok("(-0,0.000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000001)"));
+        assert_eq!(
+            point(json!("NaN"), json!("Infinity")).as_deref(),
+            Ok("(NaN,Infinity)")
+        );
+        assert_eq!(
+            point(json!("-Infinity"), json!(3)).as_deref(),
+            Ok("(-Infinity,3)")
+        );
+        assert!(point(json!("east"), json!(3)).is_err());
+        assert!(text(Field::Json(json!({"y": 1})), Some(POINT), "point").is_err());
+        // Already PostgreSQL's text.
+        assert_eq!(
+            text(Field::String("(1,2)".into()), None, "point").as_deref(),
+            Ok("(1,2)")
+        );
+    }
+
+    #[test]
+    fn intervals_keep_iso_text_or_are_microseconds() {
+        // interval.handling.mode=string: months, days and time kept apart.
+        for iso in [
+            "P1Y2M20DT4H5M6.789S",
+            "P0Y0M-1DT2H3M4.5S",
+            "P-1Y-2M0DT0H0M0S",
+        ] {
+            assert_eq!(
+                text(Field::String(iso.into()), Some(INTERVAL), "interval").as_deref(),
+                Ok(iso)
+            );
+        }
+        // numeric: one number of microseconds (what it loses: docs/TYPES.md).
+        assert_eq!(
+            text(
+                Field::Int(1_728_000_000_000),
+                Some(MICRO_DURATION),
+                "interval"
+            )
+            .as_deref(),
+            Ok("1728000000000 microseconds")
+        );
+        assert_eq!(
+            text(Field::Int(-1), None, "interval second(6)").as_deref(),
+            Ok("-1 microseconds")
+        );
+    }
+
+    #[test]
+    fn render_errors_name_neither_column_nor_type() {
+        let cases: Vec<(Field, &str)> = vec![
+            (Field::Bytes(vec![0xff]), "character(5)"),
+            (Field::Bytes(vec![0x05]), "bit varying(16)"),
+            (Field::Array(vec![]), "text"),
+            (Field::Int(1), "integer[]"),
+            (Field::Bytes(vec![1]), "numeric"),
+            (Field::String("x".into()), "numeric"),
+        ];
+        for (field, pg_type) in cases {
+            let err = text(field.clone(), None, pg_type).unwrap_err();
+            assert!(!err.0.contains(pg_type), "{field:?} as {pg_type}: {err}");
+            assert!(!err.0.contains("column :"), "{err}");
+        }
+    }
 }

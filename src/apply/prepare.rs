@@ -2,7 +2,8 @@
 //! state it asks for ([`Final`]): an upsert's values as PostgreSQL text in
 //! column order with its version, home and pin, or a delete's key and
 //! version. A value the column cannot hold is a [`RowError`] naming table,
-//! column and type. [`collapse`] keeps the last final state per key.
+//! column and type, each once. [`collapse`] keeps the last final state per
+//! key.
 
 use std::borrow::Cow;
 
@@ -14,10 +15,14 @@ use crate::change::{Change, Field, Op, Row};
 /// A change that cannot be applied, for the dead-letter topic.
 #[derive(Debug, thiserror::Error)]
 pub enum RowError {
-    #[error("{table}: column {column}: {problem}")]
+    /// `problem` says what is wrong with the value (a `RenderError`),
+    /// naming neither the column nor its type: this names them, once.
+    #[error("{table}: column {column} ({pg_type}): {problem}")]
     Value {
         table: String,
         column: String,
+        /// The target column's type as `format_type` prints it.
+        pg_type: String,
         problem: String,
     },
     #[error("{table}: {problem}")]
@@ -140,11 +145,25 @@ fn version_of(row: &Row) -> Option<(i64, String)> {
     ))
 }
 
-fn row_error(table: &TargetTable, column: &str, problem: impl ToString) -> RowError {
+/// A value of target column `idx` that cannot be written.
+fn row_error(table: &TargetTable, idx: usize, problem: impl ToString) -> RowError {
     RowError::Value {
         table: table.name.clone(),
-        column: column.to_string(),
+        column: table.columns[idx].0.clone(),
+        pg_type: table.columns[idx].1.clone(),
         problem: problem.to_string(),
+    }
+}
+
+/// A value of source column `column` that cannot be written, by its name
+/// (the version columns, read before any value is rendered).
+fn named_row_error(table: &TargetTable, column: &str, problem: impl ToString) -> RowError {
+    match table.column_index(column) {
+        Some(idx) => row_error(table, idx, problem),
+        None => RowError::Shape {
+            table: table.name.clone(),
+            problem: format!("column {column}: {}", problem.to_string()),
+        },
     }
 }
 
@@ -182,10 +201,10 @@ fn key_text(values: &[Option<String>]) -> String {
 /// Renders one source row image into target columns. Takes the image: its
 /// texts become the statement's without a copy where they need no change.
 fn render(table: &TargetTable, row: Row, before: Option<&Row>) -> Result<PreparedRow, RowError> {
-    let hlc =
-        int_of(&row, "hlc").ok_or_else(|| row_error(table, "hlc", "missing or not an integer"))?;
+    let hlc = int_of(&row, "hlc")
+        .ok_or_else(|| named_row_error(table, "hlc", "missing or not an integer"))?;
     let origin = str_of(&row, "origin_region")
-        .ok_or_else(|| row_error(table, "origin_region", "missing or not text"))?
+        .ok_or_else(|| named_row_error(table, "origin_region", "missing or not text"))?
         .to_string();
     let mut values = Vec::with_capacity(row.len());
     let mut unavailable = Vec::new();
@@ -194,7 +213,6 @@ fn render(table: &TargetTable, row: Row, before: Option<&Row>) -> Result<Prepare
         let Some(idx) = table.column_index(&source_col) else {
             continue;
         };
-        let name = &table.columns[idx].0;
         let ty = &table.pg_types[idx];
         let text = if typed.field == Field::Unavailable {
             // With REPLICA IDENTITY FULL the before image has the value.
@@ -208,7 +226,7 @@ fn render(table: &TargetTable, row: Row, before: Option<&Row>) -> Result<Prepare
         } else {
             typed.into_pg_text_as(ty)
         };
-        values.push((idx, text.map_err(|e| row_error(table, name, e))?));
+        values.push((idx, text.map_err(|e| row_error(table, idx, e))?));
     }
     let key_values = key_values(table, &values)?;
     let home = table.homing.as_ref().and_then(|h| h.home(&values));
@@ -240,11 +258,7 @@ fn key_values(
                 .and_then(|(_, v)| v.clone());
             match v {
                 Some(v) => Ok(Some(v)),
-                None => Err(row_error(
-                    table,
-                    &table.columns[*k].0,
-                    "key column is missing or null",
-                )),
+                None => Err(row_error(table, *k, "key column is missing or null")),
             }
         })
         .collect()
@@ -279,7 +293,7 @@ pub fn prepare(
                     if wanted && !values.iter().any(|(i, _)| *i == idx) {
                         let text = typed
                             .to_pg_text_as(&table.pg_types[idx])
-                            .map_err(|e| row_error(table, source_col, e))?;
+                            .map_err(|e| row_error(table, idx, e))?;
                         values.push((idx, text));
                     }
                 }
@@ -561,6 +575,28 @@ mod tests {
         r.insert("id".into(), t(Field::Null));
         let err = prepare(&table(), change(Op::Create, 7, None, Some(r)), "us-east-1").unwrap_err();
         assert!(err.to_string().contains("column id"), "{err}");
+    }
+
+    #[test]
+    fn a_value_error_names_table_column_and_type_once() {
+        let mut bits = table();
+        bits.columns[2] = ("c_bit".into(), "bit varying(8)".into());
+        bits.pg_types[2] = PgType::parse("bit varying(8)");
+        bits.by_source = source_positions(&bits.columns, &BTreeMap::new());
+        let mut r = row(7, "a@x", Field::Null, 1);
+        r.remove("bio");
+        r.insert("c_bit".into(), t(Field::Bytes(vec![0x05])));
+        let err = prepare(&bits, change(Op::Create, 7, None, Some(r)), "us-east-1").unwrap_err();
+        let text = err.to_string();
+        assert!(
+            text.starts_with("public.users: column c_bit (bit varying(8)): "),
+            "{text}"
+        );
+        for once in ["public.users", "c_bit", "bit varying(8)"] {
+            assert_eq!(text.matches(once).count(), 1, "{once} in {text}");
+        }
+        assert!(!text.contains("column :"), "{text}");
+        assert_eq!(err.reason(), "bad_value");
     }
 
     #[test]

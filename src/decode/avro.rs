@@ -421,6 +421,8 @@ pub(super) fn avro_typed<'a>(
                     && avro_get(fields, "value").is_some());
             if is_vsd {
                 (avro_variable_scale_decimal(fields, column)?, semantic)
+            } else if semantic.as_deref() == Some(POINT) {
+                (avro_point(fields, column)?, semantic)
             } else {
                 (avro_json(value, column)?, semantic)
             }
@@ -436,6 +438,33 @@ pub(super) fn avro_json(value: AvroValue, column: &str) -> Result<Field, DecodeE
     Json::try_from(value)
         .map(Field::Json)
         .map_err(|e| column_error(column, format!("Avro value has no JSON form: {e}")))
+}
+
+/// Debezium's Point record `{x, y, wkb, srid}` as the JSON struct
+/// JsonConverter writes, coordinates only: a NaN or infinite double (which
+/// a JSON number cannot hold) as the string JsonConverter uses for it.
+pub(super) fn avro_point(
+    fields: &[(String, AvroValue)],
+    column: &str,
+) -> Result<Field, DecodeError> {
+    let coordinate = |name: &str| match avro_get(fields, name) {
+        Some(AvroValue::Double(v)) => Ok(*v),
+        Some(AvroValue::Float(v)) => Ok(f64::from(*v)),
+        _ => Err(column_error(
+            column,
+            format!("Point has no double `{name}`"),
+        )),
+    };
+    let json = |v: f64| match serde_json::Number::from_f64(v) {
+        Some(n) => Json::Number(n),
+        None if v.is_nan() => Json::String("NaN".into()),
+        None if v > 0.0 => Json::String("Infinity".into()),
+        None => Json::String("-Infinity".into()),
+    };
+    Ok(Field::Json(serde_json::json!({
+        "x": json(coordinate("x")?),
+        "y": json(coordinate("y")?),
+    })))
 }
 
 pub(super) fn avro_variable_scale_decimal(

@@ -21,7 +21,11 @@ pub(super) fn before_wanted(op: Op, after: Option<&Row>, column: &str) -> bool {
 /// A semantic type name, without an allocation for the names rendering
 /// looks at (the common case: every date, time and decimal column).
 pub(super) fn semantic_name(name: &str) -> Cow<'static, str> {
-    const KNOWN: [&str; 14] = [
+    const KNOWN: [&str; 18] = [
+        BITS,
+        INTERVAL,
+        MICRO_DURATION,
+        POINT,
         DATE,
         TIME,
         MICRO_TIME,
@@ -39,16 +43,13 @@ pub(super) fn semantic_name(name: &str) -> Cow<'static, str> {
     ];
     // Other names Debezium's PostgreSQL connector gives values: kept only,
     // but borrowed too, as each is cloned into every value of its column.
-    const OTHER: [&str; 13] = [
+    const OTHER: [&str; 10] = [
         "io.debezium.data.Json",
         "io.debezium.data.Xml",
-        "io.debezium.data.Bits",
         "io.debezium.data.EnumSet",
         "io.debezium.data.Ltree",
         "io.debezium.time.ZonedTimestamp",
         "io.debezium.time.ZonedTime",
-        "io.debezium.time.MicroDuration",
-        "io.debezium.time.Interval",
         "io.debezium.time.IsoDate",
         "io.debezium.time.IsoTime",
         "io.debezium.time.IsoTimestamp",

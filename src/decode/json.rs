@@ -652,7 +652,7 @@ pub(crate) fn json_plain(value: &Json, column: &str, in_array: bool) -> Result<F
 }
 
 /// JsonConverter writes non-finite doubles as the strings Jackson uses.
-pub(super) fn json_float(value: &Json) -> Option<f64> {
+pub(crate) fn json_float(value: &Json) -> Option<f64> {
     match value {
         Json::Number(n) => n.as_f64(),
         Json::String(s) => match s.as_str() {

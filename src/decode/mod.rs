@@ -29,7 +29,7 @@ mod tests;
 pub use crate::change::{Change, Decoded, Field, Op, Row, Typed, UNAVAILABLE_PLACEHOLDER};
 pub use avro::{decode_avro, decode_avro_keyless};
 pub use json::decode_json;
-pub(crate) use json::json_plain;
+pub(crate) use json::{json_float, json_plain};
 
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum DecodeError {

@@ -1495,6 +1495,220 @@ fn avro_logical_types_map_to_semantics() {
     assert!(matches!(err, DecodeError::Column { column, .. } if column == "price"));
 }
 
+// ---- special values: ±infinity, intervals, bit strings, points ----
+
+/// The row of `public.probe` as Debezium 3.6.1 wrote it on the local stack
+/// (JSON with schemas, `interval.handling.mode=string`): the sentinels of
+/// `-infinity`, an ISO 8601 interval, bit strings, a point with NaN.
+fn probe_row_schema(field: &str) -> Json {
+    json!({"type": "struct", "optional": true, "name": "cdc.public.probe.Value", "field": field,
+    "fields": [
+      {"type": "int64", "optional": false, "field": "id"},
+      {"type": "int32", "optional": true, "name": "io.debezium.time.Date", "version": 1, "field": "d"},
+      {"type": "int64", "optional": true, "name": "io.debezium.time.MicroTimestamp", "version": 1, "field": "ts"},
+      {"type": "int64", "optional": true, "name": "io.debezium.time.Timestamp", "version": 1, "field": "ts3"},
+      {"type": "string", "optional": true, "name": "io.debezium.time.ZonedTimestamp", "version": 1, "field": "tstz"},
+      {"type": "string", "optional": true, "name": "io.debezium.time.Interval", "version": 1, "field": "iv"},
+      {"type": "bytes", "optional": true, "name": "io.debezium.data.Bits", "version": 1,
+       "parameters": {"length": "8"}, "field": "b8"},
+      {"type": "boolean", "optional": true, "field": "b1"},
+      {"type": "bytes", "optional": true, "name": "io.debezium.data.Bits", "version": 1,
+       "parameters": {"length": "8"}, "field": "vb"},
+      {"type": "bytes", "optional": true, "name": "io.debezium.data.Bits", "version": 1,
+       "parameters": {"length": "2147483647"}, "field": "vbu"},
+      {"type": "struct", "fields": [{"type": "double", "optional": false, "field": "x"},
+                                    {"type": "double", "optional": false, "field": "y"},
+                                    {"type": "bytes", "optional": true, "field": "wkb"},
+                                    {"type": "int32", "optional": true, "field": "srid"}],
+       "optional": true, "name": "io.debezium.data.geometry.Point", "version": 1,
+       "doc": "Geometry (POINT)", "field": "p"},
+      {"type": "int64", "optional": false, "default": 0, "field": "hlc"},
+      {"type": "string", "optional": false, "default": "x", "field": "origin_region"}
+    ]})
+}
+
+/// (column, type as `format_type` prints it, value as Debezium sent it,
+/// text expected, or None where the value must be refused).
+const PROBE: &[(&str, &str, &str, Option<&str>)] = &[
+    ("d", "date", "-2147472691", Some("-infinity")),
+    (
+        "ts",
+        "timestamp without time zone",
+        "-9223372036832400000",
+        Some("-infinity"),
+    ),
+    (
+        "ts3",
+        "timestamp(3) without time zone",
+        "-9223372036832400",
+        Some("-infinity"),
+    ),
+    (
+        "tstz",
+        "timestamp with time zone",
+        "\"-infinity\"",
+        Some("-infinity"),
+    ),
+    (
+        "iv",
+        "interval",
+        "\"P0Y0M-1DT2H3M4.5S\"",
+        Some("P0Y0M-1DT2H3M4.5S"),
+    ),
+    ("b8", "bit(8)", "\"gA==\"", Some("10000000")),
+    ("b1", "bit(1)", "false", Some("0")),
+    ("vb", "bit varying(8)", "\"gQ==\"", Some("10000001")),
+    // '' and '0' alike: no length to write.
+    ("vbu", "bit varying", "\"\"", None),
+    (
+        "p",
+        "point",
+        r#"{"x":"NaN","y":"Infinity","wkb":"AQEAAAAAAAAAAAD4fwAAAAAAAPB/","srid":null}"#,
+        Some("(NaN,Infinity)"),
+    ),
+];
+
+#[test]
+fn json_special_values_decode_and_render_exactly_or_are_refused() {
+    let mut after: serde_json::Map<String, Json> = PROBE
+        .iter()
+        .map(|(c, _, v, _)| (c.to_string(), serde_json::from_str(v).unwrap()))
+        .collect();
+    after.insert("id".into(), json!(2));
+    after.insert("hlc".into(), json!(1));
+    after.insert("origin_region".into(), json!("x"));
+    let mut source = source();
+    source["table"] = json!("probe");
+    let envelope = json!({"type": "struct", "optional": false, "name": "cdc.public.probe.Envelope",
+        "fields": [probe_row_schema("before"), probe_row_schema("after"),
+            {"type": "struct", "fields": [{"type": "int64", "optional": false, "field": "ts_ms"}],
+             "optional": false, "name": "io.debezium.connector.postgresql.Source", "field": "source"},
+            {"type": "string", "optional": false, "field": "op"}]});
+    let message = json!({"schema": envelope, "payload": {"before": null, "after": after,
+        "source": source, "op": "c", "ts_ms": 1}});
+    let c = change(decode_json(Some(KEY), Some(message.to_string().as_bytes())).unwrap());
+    let row = c.after.expect("after");
+    assert_eq!(row["iv"].semantic.as_deref(), Some(INTERVAL));
+    assert_eq!(row["b8"].semantic.as_deref(), Some(BITS));
+    assert_eq!(row["p"].semantic.as_deref(), Some(POINT));
+    for (column, pg_type, _, expected) in PROBE {
+        let got = row[*column].to_pg_text(pg_type);
+        match expected {
+            Some(text) => assert_eq!(got, Ok(Some(text.to_string())), "{column} ({pg_type})"),
+            None => assert!(
+                got.is_err(),
+                "{column} ({pg_type}) must be refused: {got:?}"
+            ),
+        }
+    }
+}
+
+#[test]
+fn avro_special_values_decode_and_render_exactly_or_are_refused() {
+    // The shapes Debezium's Avro converter gives these columns: primitives
+    // lose their connect.name, the Point record keeps it.
+    let schema = Schema::parse(&json!({"type": "record", "name": "Value", "namespace": "cdc.avro.public.probe",
+        "fields": [
+            {"name": "d", "type": ["null", {"type": "int", "connect.name": "io.debezium.time.Date"}]},
+            {"name": "ts", "type": ["null", {"type": "long", "connect.name": "io.debezium.time.MicroTimestamp"}]},
+            {"name": "ts3", "type": ["null", {"type": "long", "connect.name": "io.debezium.time.Timestamp"}]},
+            {"name": "iv", "type": ["null", {"type": "string", "connect.name": "io.debezium.time.Interval"}]},
+            {"name": "b8", "type": ["null", {"type": "bytes", "connect.name": "io.debezium.data.Bits",
+                                              "connect.parameters": {"length": "8"}}]},
+            {"name": "vb", "type": ["null", "bytes"]},
+            {"name": "p", "type": ["null", {"type": "record", "name": "Point",
+                "namespace": "io.debezium.data.geometry", "connect.name": "io.debezium.data.geometry.Point",
+                "fields": [{"name": "x", "type": "double"}, {"name": "y", "type": "double"},
+                           {"name": "wkb", "type": ["null", "bytes"]}, {"name": "srid", "type": ["null", "int"]}]}]}
+        ]}))
+    .unwrap();
+    let point = |x: f64, y: f64| {
+        some(record(vec![
+            ("x", AvroValue::Double(x)),
+            ("y", AvroValue::Double(y)),
+            ("wkb", none()),
+            ("srid", none()),
+        ]))
+    };
+    let row = |d: i32, ts: i64, ts3: i64, iv: &str, b8: &[u8], vb: &[u8], p: AvroValue| {
+        round_trip(
+            record(vec![
+                ("d", some(AvroValue::Int(d))),
+                ("ts", some(AvroValue::Long(ts))),
+                ("ts3", some(AvroValue::Long(ts3))),
+                ("iv", some(s(iv))),
+                ("b8", some(AvroValue::Bytes(b8.to_vec()))),
+                ("vb", some(AvroValue::Bytes(vb.to_vec()))),
+                ("p", p),
+            ]),
+            &schema,
+        )
+    };
+    let types = [
+        ("d", "date"),
+        ("ts", "timestamp without time zone"),
+        ("ts3", "timestamp(3) without time zone"),
+        ("iv", "interval"),
+        ("b8", "bit(8)"),
+        ("vb", "bit varying(8)"),
+        ("p", "point"),
+    ];
+    let render = |value: AvroValue| -> Vec<Result<Option<String>, RenderError>> {
+        let AvroValue::Record(fields) = value else {
+            panic!("a record")
+        };
+        let decoded = avro_row(
+            fields,
+            Some(&schema),
+            &Names {
+                root: Some(&schema),
+            },
+        )
+        .unwrap();
+        types
+            .iter()
+            .map(|(c, t)| decoded[*c].to_pg_text(t))
+            .collect()
+    };
+    let ok = |t: &str| Ok(Some(t.to_string()));
+    assert_eq!(
+        render(row(
+            -2147472692,
+            9223372036825200000,
+            9223372036825200,
+            "P1Y2M20DT4H5M6.789S",
+            &[0x05],
+            &[0x81],
+            point(f64::NAN, f64::NEG_INFINITY),
+        )),
+        vec![
+            ok("infinity"),
+            ok("infinity"),
+            ok("infinity"),
+            ok("P1Y2M20DT4H5M6.789S"),
+            ok("00000101"),
+            ok("10000001"),
+            ok("(NaN,-Infinity)"),
+        ]
+    );
+    let refused = render(row(
+        0,
+        0,
+        0,
+        "P0Y0M0DT0H0M0S",
+        &[],
+        &[0x05],
+        point(-0.0, 1.5),
+    ));
+    assert_eq!(refused[4], ok("00000000"));
+    assert!(
+        refused[5].is_err(),
+        "bit varying without its length: {:?}",
+        refused[5]
+    );
+    assert_eq!(refused[6], ok("(-0,1.5)"));
+}
+
 // ---- never panics ----
 
 struct XorShift(u64);

@@ -1,0 +1,354 @@
+//! Every PostgreSQL type of the wide table replicates exactly, or is refused
+//! loudly (docs/TYPES.md). A table of its own in both regions holds the
+//! everyday types, time and timestamp at every precision 0–6, and their
+//! special values (±infinity, BC dates, 24:00:00, NaN and ±Infinity, -0,
+//! bit strings, points, intervals with months, days and time apart, arrays
+//! with NULL elements); rows written in us-east-1
+//! (inserts, an update that leaves TOASTed text, jsonb and bytea unchanged,
+//! a delete) must arrive in eu-west-1 with `to_jsonb(row)` equal, `hlc` and
+//! `origin_region` included, through the JSON topics and through the Avro
+//! topics. Values Debezium carries with a documented difference are checked
+//! for exactly that difference; values it carries without what would make
+//! them exact must land in the dead-letter topic with a reason naming the
+//! table, the column and its type.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use support::kit::*;
+use support::*;
+
+/// The wide table's columns after `id`, as created in both regions
+/// (`{mood}` is the test's own enum type).
+const COLUMNS: &str = "
+    c_smallint smallint, c_int integer, c_bigint bigint,
+    c_real real, c_double double precision,
+    c_numeric numeric(12,3), c_numeric_free numeric,
+    c_char char(5), c_varchar varchar(20), c_text text,
+    c_bytea bytea, c_bool boolean,
+    c_date date, c_time time, c_time0 time(0), c_time3 time(3), c_timetz timetz,
+    c_ts timestamp, c_ts0 timestamp(0), c_ts3 timestamp(3),
+    c_tstz timestamptz, c_tstz3 timestamptz(3),
+    c_interval interval, c_uuid uuid, c_json json, c_jsonb jsonb,
+    c_inet inet, c_cidr cidr, c_macaddr macaddr, c_mood {mood},
+    c_int_arr integer[], c_text_arr text[],
+    c_bit bit(8), c_bit1 bit(1), c_varbit bit varying(8), c_point point,
+    c_time1 time(1), c_time2 time(2), c_time4 time(4), c_time5 time(5),
+    c_ts1 timestamp(1), c_ts2 timestamp(2), c_ts4 timestamp(4), c_ts5 timestamp(5),
+    c_tstz0 timestamptz(0), c_tstz6 timestamptz(6)";
+
+/// Rows that must arrive exactly, by id (each `INSERT … VALUES` tuple
+/// after its id lists the columns above, in order).
+const EXACT_ROWS: &[(i64, &str)] = &[
+    // Everyday values; the text, jsonb and bytea are large (TOASTed) and
+    // stay unchanged through the update below.
+    (
+        1,
+        "1, -32768, 2147483647, -9223372036854775808, 1.5, 0.1, 123456789.123, 3.14159,
+         'ab', 'varchar ''quoted''', (SELECT string_agg(md5(s::text), '') FROM generate_series(1, 3000) s),
+         (SELECT string_agg(decode(md5(s::text), 'hex'), '') FROM generate_series(1, 4000) s), true,
+         '2024-02-29', '12:34:56.789012', '23:59:59', '00:00:00.001', '12:00:00.5+00',
+         '2024-02-29 13:14:15.123456', '1999-12-31 23:59:59', '2000-01-01 00:00:00.999',
+         '2024-02-29 13:14:15.654321+02', '2024-02-29 23:59:59.999+05:30',
+         '1 year 2 mons 20 days 04:05:06.789', 'a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11',
+         '{\"b\": [1, 2.50, null], \"a\": \"\\u00e9t\\u00e9\"}',
+         (SELECT jsonb_object_agg('k' || s, md5(s::text)) FROM generate_series(1, 2000) s),
+         '192.168.0.1/24', '10.0.0.0/8', '08:00:2b:01:02:03', 'happy',
+         '{1,NULL,3}', '{\"a\\\"b\",NULL,\"c,d\",\"\",\"NULL\"}',
+         B'00000101', B'1', B'10000001', '(1.5,-2)',
+         '12:34:56.7', '12:34:56.78', '12:34:56.7891', '12:34:56.78912',
+         '2024-02-29 13:14:15.1', '2024-02-29 13:14:15.12', '2024-02-29 13:14:15.1234',
+         '2024-02-29 13:14:15.12345', '2024-02-29 13:14:15+01', '2024-02-29 13:14:15.123456-08'",
+    ),
+    // Special values, and the far ends of the ranges.
+    (
+        2,
+        "2, 0, -1, 0, 'NaN', 'Infinity', -0.001, 0.000001,
+         'abcde', '', 'x', '\\x'::bytea, false,
+         'infinity', '24:00:00', '00:00:00', '23:59:59.999', '00:00:00+00',
+         'infinity', 'infinity', 'infinity', 'infinity', '-infinity',
+         '-1 days +02:03:04.5', '00000000-0000-0000-0000-000000000000', '[]', '{}',
+         '::1', '2001:db8::/32', 'ff:ff:ff:ff:ff:ff', 'sad',
+         '{}', '{}', B'10000000', B'0', B'11111111', '(NaN,Infinity)',
+         '24:00:00', '24:00:00', '24:00:00', '24:00:00',
+         'infinity', 'infinity', 'infinity', 'infinity', 'infinity', '-infinity'",
+    ),
+    (
+        3,
+        "3, 1, 1, 1, '-Infinity', '-0', 99999.999, -12345678901234567890.123456789,
+         NULL, NULL, NULL, NULL, NULL,
+         '-infinity', '00:00:00.000001', NULL, NULL, NULL,
+         '-infinity', '-infinity', '-infinity', '-infinity', 'infinity',
+         '-1 years -2 mons +3 days -00:00:00.000001', NULL, 'null', '\"\"',
+         NULL, NULL, NULL, NULL,
+         '{NULL}', '{NULL}', B'00000000', NULL, NULL, '(-0,1e-300)',
+         '00:00:00', '23:59:59.99', '00:00:00.0001', '23:59:59.99999',
+         '-infinity', '-infinity', '-infinity', '-infinity', '-infinity', 'infinity'",
+    ),
+    // BC dates and timestamps, years beyond 9999.
+    (
+        4,
+        "4, NULL, NULL, NULL, 3.4028235e38, 1e308, NULL, 1e-20,
+         NULL, NULL, NULL, NULL, NULL,
+         '4713-01-01 BC', NULL, NULL, NULL, NULL,
+         '0044-03-15 12:00:00.123456 BC', '0001-12-31 23:59:59 BC', '0001-01-01 00:00:00.001 BC',
+         '0044-03-15 12:00:00.123456+00 BC', '10000-01-01 00:00:00+00',
+         '0', NULL, NULL, NULL,
+         NULL, NULL, NULL, NULL,
+         NULL, NULL, NULL, NULL, NULL, NULL,
+         NULL, NULL, NULL, NULL,
+         '0001-01-01 00:00:00.1 BC', '1969-12-31 23:59:59.99', '1970-01-01 00:00:00.0001',
+         '4713-01-01 00:00:00.00001 BC', '0001-01-01 00:00:00+00 BC', '1969-12-31 23:59:59.999999+00'",
+    ),
+    // Everything NULL.
+    (
+        5,
+        "5, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
+         NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
+         NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
+         NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL",
+    ),
+];
+
+/// A row deleted after it arrived.
+const DELETED: i64 = 6;
+/// Rows Debezium carries with a documented difference (docs/TYPES.md):
+/// (id, column, value in A, the text B must hold for that column).
+const DIFFERENT: &[(i64, &str, &str, &str)] = &[
+    // An unconstrained numeric loses its trailing zeros.
+    (20, "c_numeric_free", "12.50", "12.5"),
+    // timetz is carried in UTC: the offset is lost, the instant kept.
+    (21, "c_timetz", "'12:00:00.5+02'", "10:00:00.5+00"),
+    // Debezium's stand-in for infinity is this one real timestamp.
+    (22, "c_ts", "'294247-01-10 04:00:25.2'", "infinity"),
+];
+/// Rows that must be refused: (id, column, value in A, its type).
+const REFUSED: &[(i64, &str, &str, &str)] = &[
+    // A bit varying value below its maximum length: leading zeros are not
+    // carried, so 0101 and 101 arrive alike.
+    (30, "c_varbit", "B'0101'", "bit varying(8)"),
+    (31, "c_varbit", "B''", "bit varying(8)"),
+];
+
+async fn create_table(prefix: &str) -> TestTable {
+    let name = format!("{prefix}_{}", fresh_key());
+    let mood = format!("{name}_mood");
+    for region in [region_a(), region_b()] {
+        app_db(&region)
+            .await
+            .batch_execute(&format!(
+                "CREATE TYPE public.{mood} AS ENUM ('sad', 'ok', 'happy');
+                 CREATE TABLE public.{name} (id bigint PRIMARY KEY, {columns},
+                     hlc bigint NOT NULL DEFAULT 0, origin_region text NOT NULL DEFAULT '');
+                 ALTER TABLE public.{name} REPLICA IDENTITY FULL;
+                 CREATE TRIGGER regionsync_stamp_hlc BEFORE INSERT OR UPDATE ON public.{name}
+                     FOR EACH ROW EXECUTE FUNCTION regionsync.stamp_hlc('id');
+                 CREATE TRIGGER regionsync_mark_deleted AFTER DELETE ON public.{name}
+                     FOR EACH ROW EXECUTE FUNCTION regionsync.mark_deleted('id');",
+                columns = COLUMNS.replace("{mood}", &mood),
+            ))
+            .await
+            .unwrap_or_else(|e| panic!("create {name} in {}: {e}", region.name));
+    }
+    TestTable { name }
+}
+
+/// `to_jsonb(row)` of the given ids in `region`, ordered by id.
+async fn rows(table: &TestTable, region: &Region, ids: &[i64]) -> Vec<String> {
+    app_db(region)
+        .await
+        .query(
+            &format!(
+                "SELECT to_jsonb(t)::text FROM public.{} t WHERE id = ANY($1) ORDER BY id",
+                table.name
+            ),
+            &[&ids],
+        )
+        .await
+        .expect("select rows")
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+}
+
+/// Whether B holds exactly A's rows of `ids`; else the first differences.
+async fn converged(table: &TestTable, ids: &[i64]) -> Result<(), String> {
+    let (in_a, in_b) = (
+        rows(table, &region_a(), ids).await,
+        rows(table, &region_b(), ids).await,
+    );
+    if in_a == in_b {
+        return Ok(());
+    }
+    let differ: Vec<String> = in_a
+        .iter()
+        .zip(in_b.iter().map(Some).chain(std::iter::repeat(None)))
+        .filter(|(x, y)| Some(*x) != *y)
+        .take(2)
+        .map(|(x, y)| format!("\nA: {x}\nB: {y:?}"))
+        .collect();
+    Err(format!(
+        "{} rows in A, {} in B; first differences:{}",
+        in_a.len(),
+        in_b.len(),
+        differ.concat()
+    ))
+}
+
+/// Polls until `check` holds, or fails with what it last returned.
+async fn eventually<F, Fut>(what: &str, timeout: Duration, check: F)
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = Result<(), String>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        match check().await {
+            Ok(()) => return,
+            Err(e) if Instant::now() > deadline => panic!("{what} not within {timeout:?}: {e}"),
+            Err(_) => tokio::time::sleep(Duration::from_millis(500)).await,
+        }
+    }
+}
+
+async fn every_type_replicates_or_is_refused(prefix: &str, topic_prefix: &str) {
+    let table = create_table(prefix).await;
+    let name = table.name.clone();
+    let worker = Worker::start(worker_config(
+        &table,
+        &format!("{topic_prefix}.public.{name}"),
+    ));
+    let a = app_db(&region_a()).await;
+    let insert = |values: String| format!("INSERT INTO public.{name} VALUES ({values});");
+    let mut sql: String = EXACT_ROWS
+        .iter()
+        .map(|(_, v)| insert(v.to_string()))
+        .collect();
+    sql.push_str(&format!(
+        "INSERT INTO public.{name} (id, c_int) VALUES ({DELETED}, 6);"
+    ));
+    for (id, column, value, _) in DIFFERENT.iter().chain(REFUSED) {
+        sql.push_str(&format!(
+            "INSERT INTO public.{name} (id, {column}) VALUES ({id}, {value});"
+        ));
+    }
+    a.batch_execute(&sql)
+        .await
+        .expect("insert the wide rows in A");
+
+    // Everything but the refused rows arrives; then an update that leaves
+    // the TOASTed columns unchanged, and a delete.
+    let mut with_deleted: Vec<i64> = EXACT_ROWS.iter().map(|(id, _)| *id).collect();
+    with_deleted.push(DELETED);
+    let (t, ids) = (&table, &with_deleted);
+    eventually(
+        "the inserted rows in B",
+        Duration::from_secs(180),
+        || async move { converged(t, ids).await },
+    )
+    .await;
+    a.batch_execute(&format!(
+        "UPDATE public.{name} SET c_int = c_int - 1, c_varchar = 'updated' WHERE id = 1;
+         DELETE FROM public.{name} WHERE id = {DELETED};"
+    ))
+    .await
+    .expect("update and delete in A");
+    eventually(
+        "the update and the delete in B",
+        Duration::from_secs(120),
+        || async move {
+            converged(t, ids).await?;
+            let b = rows(t, &region_b(), &[1]).await;
+            if b.first().is_some_and(|r| r.contains("\"updated\"")) {
+                Ok(())
+            } else {
+                Err(format!("row 1 in B is not updated yet: {b:?}"))
+            }
+        },
+    )
+    .await;
+    let updated = rows(&table, &region_b(), &[1]).await;
+    assert!(
+        updated[0].len() > 100_000,
+        "the unchanged TOASTed values are kept ({} bytes of row 1)",
+        updated[0].len()
+    );
+
+    // The documented differences, exactly as documented.
+    let b = app_db(&region_b()).await;
+    for (id, column, value, expected) in DIFFERENT {
+        let got: Option<String> = b
+            .query_opt(
+                &format!("SELECT {column}::text FROM public.{name} WHERE id = $1"),
+                &[id],
+            )
+            .await
+            .expect("select a documented difference")
+            .and_then(|r| r.get(0));
+        assert_eq!(
+            got.as_deref(),
+            Some(*expected),
+            "{column} = {value} in A arrives in B as documented"
+        );
+    }
+
+    // The refused rows: in the dead-letter topic, each with a reason naming
+    // table, column and type, and not in B.
+    let dlq = format!("regionsync.dlq.test-{name}");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let letters = tokio::task::block_in_place(|| {
+        TopicReader::open(&region_b(), &dlq, deadline).collect(
+            deadline,
+            |_| true,
+            |found| found.len() >= REFUSED.len(),
+        )
+    });
+    assert_eq!(
+        letters.len(),
+        REFUSED.len(),
+        "one dead letter per refused row"
+    );
+    for (id, column, value, pg_type) in REFUSED {
+        let expected = format!("public.{name}: column {column} ({pg_type}): ");
+        let letter = letters
+            .iter()
+            .map(headers)
+            .find(|h| {
+                h.get("regionsync.error")
+                    .is_some_and(|e| e.starts_with(&expected))
+                    && h.get("regionsync.offset").is_some()
+            })
+            .unwrap_or_else(|| {
+                panic!(
+                    "no dead letter for {column} = {value} (id {id}) naming {expected:?}: {:?}",
+                    letters.iter().map(headers).collect::<Vec<_>>()
+                )
+            });
+        assert_eq!(
+            letter["regionsync.reason"], "bad_value",
+            "{column} = {value}"
+        );
+        assert!(
+            letter["regionsync.error"].contains("leading zeros"),
+            "{}",
+            letter["regionsync.error"]
+        );
+    }
+    let refused: Vec<i64> = REFUSED.iter().map(|(id, ..)| *id).collect();
+    assert!(
+        rows(&table, &region_b(), &refused).await.is_empty(),
+        "a refused row is not written"
+    );
+    worker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn every_type_replicates_or_is_refused_through_json() {
+    every_type_replicates_or_is_refused("types_json", "cdc").await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn every_type_replicates_or_is_refused_through_avro() {
+    every_type_replicates_or_is_refused("types_avro", "cdc.avro").await;
+}
