@@ -80,6 +80,7 @@ test: stack-install lint
 	cargo test -p regionsync-tools
 	bash $(STACK) up
 	cargo test --test stack --test pipeline --test crash
+	cargo test --test secure
 	cargo test --test outages
 	cargo test --test active_active
 	cargo test --test lag -- --test-threads=1
