@@ -2,7 +2,7 @@
 SHELL := /bin/bash
 STACK := deploy/local/stack.sh
 
-.PHONY: help demo test lint rules-test unit integration stack-up stack-down stack-status stack-install bench bench-decode bench-peers workers-up workers-down
+.PHONY: help demo test lint rules-test deny-install unit integration stack-up stack-down stack-status stack-install bench bench-decode bench-peers workers-up workers-down
 
 help:
 	@echo "make demo          local two-region stack replicating live, lag visible"
@@ -86,10 +86,16 @@ test: stack-install lint
 	cargo test --test lag -- --test-threads=1
 	cargo test --test stack_lifecycle
 
-lint: rules-test
+lint: rules-test deny-install
 	cargo fmt --all --check
 	cargo clippy --workspace --all-targets -- -D warnings
 	RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps
+	cargo deny check licenses bans sources
+
+# cargo-deny checks licences, bans and sources (deny.toml); its advisories
+# need a database this machine cannot fetch, so they are not checked.
+deny-install:
+	@command -v cargo-deny >/dev/null || cargo install cargo-deny --locked
 
 # The Prometheus alert and recording rules (deploy/prometheus/) and their
 # promtool unit tests, and the Grafana dashboard's queries against them.
