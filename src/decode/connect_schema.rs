@@ -40,6 +40,7 @@ thread_local! {
 /// by the caller's parse. Where that parse fails (trailing bytes, a
 /// repeated key, a broken payload), the caller goes the general way
 /// (`parse_framed`), which decides and words the error as it always did.
+#[inline]
 pub(super) fn parse_known_framed(bytes: &[u8]) -> Option<(&str, Rc<ConnectSchema>)> {
     let rest = bytes.strip_prefix(b"{\"schema\":")?;
     let (schema, rest) = RECENT.with(|recent| {
@@ -55,6 +56,7 @@ pub(super) fn parse_known_framed(bytes: &[u8]) -> Option<(&str, Rc<ConnectSchema
     Some((std::str::from_utf8(payload).ok()?, schema))
 }
 
+#[inline]
 pub(super) fn remember_recent(text: &str, schema: &Rc<ConnectSchema>) {
     RECENT.with(|recent| {
         let mut recent = recent.borrow_mut();
@@ -135,11 +137,13 @@ pub(super) struct StructSchema<'a> {
 }
 
 impl<'a> StructSchema<'a> {
+    #[inline]
     pub(super) fn field(&self, name: &str) -> Option<&'a Json> {
         self.fields.get(*self.index.positions.get(name)?)
     }
 
     /// A field's schema with its plan.
+    #[inline]
     pub(super) fn planned_field(&self, name: &str) -> Option<(&'a Json, &'a FieldPlan)> {
         let i = *self.index.positions.get(name)?;
         Some((self.fields.get(i)?, self.index.plans.get(i)?))
@@ -161,6 +165,7 @@ impl ConnectSchema {
     }
 
     /// The schema itself, as a struct (a key's row).
+    #[inline]
     pub(super) fn as_struct(&self) -> Option<StructSchema<'_>> {
         Some(StructSchema {
             fields: self.json.get("fields")?.as_array()?,
@@ -169,6 +174,7 @@ impl ConnectSchema {
     }
 
     /// Its field `name`, as a struct (an envelope's `before` or `after`).
+    #[inline]
     pub(super) fn struct_field(&self, name: &str) -> Option<StructSchema<'_>> {
         Some(StructSchema {
             fields: self.as_struct()?.field(name)?.get("fields")?.as_array()?,
@@ -177,6 +183,7 @@ impl ConnectSchema {
     }
 }
 
+#[inline]
 pub(super) fn cached_schema(
     text: &str,
     what: &str,

@@ -12,6 +12,7 @@ use crate::change::{Change, Decoded, Field, Op, Row, VERSION_COLUMNS};
 /// a delete's, but of any other change's only the version it replaced and
 /// the values its after image left out (unchanged TOAST): decoding the
 /// rest of every update's before image was a third of the decode's work.
+#[inline]
 pub(super) fn before_wanted(op: Op, after: Option<&Row>, column: &str) -> bool {
     op == Op::Delete
         || VERSION_COLUMNS.contains(&column)
@@ -61,6 +62,7 @@ pub(super) fn semantic_name(name: &str) -> Cow<'static, str> {
     }
 }
 
+#[inline]
 pub(super) fn column_error(column: &str, problem: impl Into<String>) -> DecodeError {
     DecodeError::Column {
         column: column.to_owned(),
@@ -68,10 +70,12 @@ pub(super) fn column_error(column: &str, problem: impl Into<String>) -> DecodeEr
     }
 }
 
+#[inline]
 pub(super) fn envelope_error(problem: impl Into<String>) -> DecodeError {
     DecodeError::Envelope(problem.into())
 }
 
+#[inline]
 pub(super) fn parse_op(op: &str) -> Result<Op, DecodeError> {
     match op {
         "c" => Ok(Op::Create),
@@ -85,6 +89,7 @@ pub(super) fn parse_op(op: &str) -> Result<Op, DecodeError> {
 
 /// `source.snapshot`: Debezium writes "false" outside snapshots and one of
 /// "true", "first", "last", … (or a bool in older versions) inside them.
+#[inline]
 pub(super) fn snapshot_flag(value: Option<&str>) -> Result<bool, DecodeError> {
     match value {
         None | Some("false") => Ok(false),
@@ -154,6 +159,7 @@ impl Envelope {
 }
 
 /// A list that is only Debezium's placeholder: an unchanged TOASTed array.
+#[inline]
 pub(super) fn is_placeholder_list<T>(items: &[T], is_placeholder: impl Fn(&T) -> bool) -> bool {
     matches!(items, [only] if is_placeholder(only))
 }
