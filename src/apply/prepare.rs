@@ -368,24 +368,16 @@ mod tests {
     use crate::route::Homing;
 
     fn table() -> TargetTable {
-        let columns: Vec<(String, String)> = vec![
-            ("id".into(), "bigint".into()),
-            ("email".into(), "text".into()),
-            ("bio".into(), "text".into()),
-            ("hlc".into(), "bigint".into()),
-            ("origin_region".into(), "text".into()),
-        ];
-        TargetTable {
-            name: "public.users".into(),
-            ident: "\"public\".\"users\"".into(),
-            by_source: source_positions(&columns, &BTreeMap::new()),
-            pg_types: columns.iter().map(|(_, t)| PgType::parse(t)).collect(),
-            columns,
-            key: vec![0],
-            homing: None,
-            residency: Vec::new(),
-            counters: Vec::new(),
-        }
+        TargetTable::for_tests(
+            "public.users",
+            &[
+                ("id", "bigint"),
+                ("email", "text"),
+                ("bio", "text"),
+                ("hlc", "bigint"),
+                ("origin_region", "text"),
+            ],
+        )
     }
 
     fn t(field: Field) -> Typed {
