@@ -559,25 +559,9 @@ mod tests {
     const TOPIC: &str = "us-east-1.cdc.public.users";
 
     fn config() -> Config {
-        Config::from_toml(
-            r#"
-            region = "eu-west-1"
-            regions = ["us-east-1", "eu-west-1"]
-            [kafka]
-            bootstrap_servers = "127.0.0.1:1"
-            [postgres]
-            host = "127.0.0.1"
-            dbname = "app"
-            user = "regionsync"
-            [apply]
-            max_message_bytes = 4096
-            [[tables]]
-            topics = ["cdc.public.users"]
-            target = "public.users"
-            key = ["id"]
-            "#,
-        )
-        .expect("a valid config")
+        let mut config = super::super::test_config("");
+        config.apply.max_message_bytes = 4096;
+        config
     }
 
     fn tables() -> Vec<TargetTable> {

@@ -420,26 +420,7 @@ mod tests {
     }
 
     fn config(extra: &str) -> Config {
-        Config::from_toml(&format!(
-            r#"
-            region = "eu-west-1"
-            regions = ["us-east-1", "eu-west-1"]
-            {extra}
-            [kafka]
-            bootstrap_servers = "127.0.0.1:1"
-            [schema_registry]
-            url = "http://127.0.0.1:1"
-            [postgres]
-            host = "127.0.0.1"
-            dbname = "app"
-            user = "regionsync"
-            [[tables]]
-            topics = ["cdc.public.users"]
-            target = "public.users"
-            key = ["id"]
-            "#
-        ))
-        .expect("a valid config")
+        super::super::test_config(extra)
     }
 
     #[test]

@@ -324,3 +324,29 @@ async fn stored_offset(worker: &Worker, topic: &str, partition: i32) -> Option<i
     })
     .await
 }
+
+/// A worker configuration for eu-west-1 replicating `public.users` from
+/// us-east-1, with `extra` top-level keys; nothing in it is reached.
+#[cfg(test)]
+pub(crate) fn test_config(extra: &str) -> Config {
+    Config::from_toml(&format!(
+        r#"
+        region = "eu-west-1"
+        regions = ["us-east-1", "eu-west-1"]
+        {extra}
+        [kafka]
+        bootstrap_servers = "127.0.0.1:1"
+        [schema_registry]
+        url = "http://127.0.0.1:1"
+        [postgres]
+        host = "127.0.0.1"
+        dbname = "app"
+        user = "regionsync"
+        [[tables]]
+        topics = ["cdc.public.users"]
+        target = "public.users"
+        key = ["id"]
+        "#
+    ))
+    .expect("a valid config")
+}
