@@ -317,7 +317,16 @@ log.retention.hours=-1
 EOF
   if [ ! -f "$dir/data/meta.properties" ]; then
     local cluster_id
-    cluster_id=$(python3 -c 'import base64,uuid;print(base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("="))')
+    # A cluster id is a url-safe base64 UUID; one that starts with '-' would be
+    # read as an option by kafka-storage (1 in 64 draws), so draw again, as
+    # Kafka's own random-uuid does.
+    cluster_id=$(python3 -c '
+import base64, uuid
+while True:
+    s = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+    if not s.startswith("-"):
+        print(s)
+        break')
     log "formatting $name storage (cluster id $cluster_id)"
     java -cp "$DIST/lib/*" "${JAVA_SMALL[@]}" kafka.tools.StorageTool format --standalone \
       -t "$cluster_id" -c "$dir/server.properties" >>"$LOGS/$name.log" 2>&1 ||
