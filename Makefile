@@ -2,7 +2,7 @@
 SHELL := /bin/bash
 STACK := deploy/local/stack.sh
 
-.PHONY: help demo test lint rules-test unit integration stack-up stack-down stack-status stack-install bench bench-decode bench-peers workers-up workers-down k8s-check k8s-rules k8s-runtime-check image-check
+.PHONY: help demo test lint rules-test deny-install unit integration stack-up stack-down stack-status stack-install bench bench-decode bench-peers workers-up workers-down k8s-check k8s-rules k8s-runtime-check image-check
 
 help:
 	@echo "make demo          local two-region stack replicating live, lag visible"
@@ -86,16 +86,23 @@ test: stack-install lint
 	bash $(STACK) up
 	bash deploy/k8s/tools/runtime_check.sh
 	cargo test --test stack --test pipeline --test crash --test types
+	cargo test --test secure
 	cargo test --test outages
 	cargo test --test faults -- --test-threads=1
 	cargo test --test active_active
 	cargo test --test lag -- --test-threads=1
 	cargo test --test stack_lifecycle
 
-lint: rules-test
+lint: rules-test deny-install
 	cargo fmt --all --check
 	cargo clippy --workspace --all-targets -- -D warnings
 	RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps
+	cargo deny check licenses bans sources
+
+# cargo-deny checks licences, bans and sources (deny.toml); its advisories
+# need a database this machine cannot fetch, so they are not checked.
+deny-install:
+	@command -v cargo-deny >/dev/null || cargo install cargo-deny --locked
 
 # Kubernetes manifests (deploy/k8s/README.md): renders every overlay with a
 # pinned kustomize into target/k8s/<region>.yaml and checks it offline —

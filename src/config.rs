@@ -2,8 +2,11 @@
 //! overridable from the environment (`REGIONSYNC_` + the key path joined by
 //! `__`, e.g. `REGIONSYNC_POSTGRES__HOST`). [`Config::validate`] names every
 //! bad field at once, before anything connects or consumes. Secrets (the
-//! database password) come from the environment or a file, and cannot be
-//! printed: [`Secret`] redacts itself in `Debug`.
+//! database password, the SASL password, the registry's password or token)
+//! come from the environment or from a file (`*_file`, as Kubernetes mounts
+//! Secrets), and cannot be printed: [`Secret`] redacts itself in `Debug`
+//! and is never serialized, and [`KafkaConfig`]'s `Debug` hides the values
+//! of pass-through properties that hold secrets.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -146,13 +149,127 @@ fn default_max_clock_skew() -> Duration {
     DEFAULT_MAX_CLOCK_SKEW
 }
 
-#[derive(Clone, Debug, Deserialize, serde::Serialize)]
+#[derive(Clone, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct KafkaConfig {
     pub bootstrap_servers: String,
-    /// Any librdkafka property, passed through as is (TLS, SASL, tuning).
+    /// librdkafka's `security.protocol`; default plaintext.
+    #[serde(default)]
+    pub security_protocol: Option<SecurityProtocol>,
+    /// librdkafka's `sasl.mechanism`; needs a SASL `security_protocol`.
+    #[serde(default)]
+    pub sasl_mechanism: Option<SaslMechanism>,
+    #[serde(default)]
+    pub sasl_username: Option<String>,
+    /// The SASL password; prefer `sasl_password_file` or the environment
+    /// (`REGIONSYNC_KAFKA__SASL_PASSWORD`).
+    #[serde(default, skip_serializing)]
+    pub sasl_password: Option<Secret>,
+    /// A file whose content (without a trailing newline) is the SASL password.
+    #[serde(default)]
+    pub sasl_password_file: Option<String>,
+    /// PEM file of the CA(s) that signed the brokers' certificates
+    /// (librdkafka's `ssl.ca.location`); default: librdkafka's own.
+    #[serde(default)]
+    pub ssl_ca_location: Option<String>,
+    /// Any librdkafka property, passed through as is (tuning, client
+    /// certificates, OAUTHBEARER…); it wins over the typed keys above.
     #[serde(default)]
     pub properties: BTreeMap<String, String>,
+}
+
+/// Whether a pass-through librdkafka property holds a secret (its value is
+/// then never printed).
+pub fn is_secret_property(key: &str) -> bool {
+    let k = key.to_ascii_lowercase();
+    [
+        "password",
+        "secret",
+        "jaas",
+        "oauthbearer.config",
+        "key.pem",
+    ]
+    .iter()
+    .any(|s| k.contains(s))
+}
+
+impl fmt::Debug for KafkaConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let properties: BTreeMap<&str, &str> = self
+            .properties
+            .iter()
+            .map(|(k, v)| {
+                let shown = if is_secret_property(k) {
+                    "<redacted>"
+                } else {
+                    v.as_str()
+                };
+                (k.as_str(), shown)
+            })
+            .collect();
+        f.debug_struct("KafkaConfig")
+            .field("bootstrap_servers", &self.bootstrap_servers)
+            .field("security_protocol", &self.security_protocol)
+            .field("sasl_mechanism", &self.sasl_mechanism)
+            .field("sasl_username", &self.sasl_username)
+            .field("sasl_password", &self.sasl_password)
+            .field("sasl_password_file", &self.sasl_password_file)
+            .field("ssl_ca_location", &self.ssl_ca_location)
+            .field("properties", &properties)
+            .finish()
+    }
+}
+
+/// librdkafka's `security.protocol`.
+#[derive(Clone, Copy, Debug, Deserialize, serde::Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum SecurityProtocol {
+    Plaintext,
+    Ssl,
+    SaslPlaintext,
+    SaslSsl,
+}
+
+impl SecurityProtocol {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SecurityProtocol::Plaintext => "plaintext",
+            SecurityProtocol::Ssl => "ssl",
+            SecurityProtocol::SaslPlaintext => "sasl_plaintext",
+            SecurityProtocol::SaslSsl => "sasl_ssl",
+        }
+    }
+    pub fn is_sasl(self) -> bool {
+        matches!(
+            self,
+            SecurityProtocol::SaslPlaintext | SecurityProtocol::SaslSsl
+        )
+    }
+    pub fn is_tls(self) -> bool {
+        matches!(self, SecurityProtocol::Ssl | SecurityProtocol::SaslSsl)
+    }
+}
+
+/// librdkafka's `sasl.mechanism`, those that take a user name and password
+/// (OAUTHBEARER and GSSAPI go through `kafka.properties`).
+#[derive(Clone, Copy, Debug, Deserialize, serde::Serialize, PartialEq, Eq)]
+pub enum SaslMechanism {
+    #[serde(rename = "SCRAM-SHA-256")]
+    ScramSha256,
+    #[serde(rename = "SCRAM-SHA-512")]
+    ScramSha512,
+    #[serde(rename = "PLAIN")]
+    Plain,
+}
+
+impl SaslMechanism {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SaslMechanism::ScramSha256 => "SCRAM-SHA-256",
+            SaslMechanism::ScramSha512 => "SCRAM-SHA-512",
+            SaslMechanism::Plain => "PLAIN",
+        }
+    }
 }
 
 #[derive(Clone, Debug, Default, Deserialize, serde::Serialize)]
@@ -170,6 +287,23 @@ pub struct SchemaRegistryConfig {
     /// backup), or dead-lettered.
     #[serde(default)]
     pub unknown_schema: UnknownSchema,
+    /// Basic authentication: the user (Confluent Cloud: the API key).
+    #[serde(default)]
+    pub username: Option<String>,
+    /// Basic authentication: the password (Confluent Cloud: the API secret).
+    #[serde(default, skip_serializing)]
+    pub password: Option<Secret>,
+    #[serde(default)]
+    pub password_file: Option<String>,
+    /// A bearer token instead of a user and password.
+    #[serde(default, skip_serializing)]
+    pub token: Option<Secret>,
+    #[serde(default)]
+    pub token_file: Option<String>,
+    /// PEM file of the CA(s) that signed the registry's certificate, trusted
+    /// beside the system's roots.
+    #[serde(default)]
+    pub ca_file: Option<String>,
 }
 
 /// See [`SchemaRegistryConfig::unknown_schema`].
@@ -181,10 +315,45 @@ pub enum UnknownSchema {
     Dlq,
 }
 
+/// libpq's `sslmode`: whether to use TLS and what to check.
+#[derive(Clone, Copy, Debug, Deserialize, serde::Serialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum SslMode {
+    /// Plain connections only.
+    Disable,
+    /// TLS if the server offers it, else plain; the certificate is not
+    /// checked (the default, as libpq's).
+    #[default]
+    Prefer,
+    /// TLS or nothing; the certificate is not checked, unless `sslrootcert`
+    /// is set, when it is checked as with `verify-ca` (as libpq does).
+    Require,
+    /// TLS, the server's certificate signed by a CA of `sslrootcert`.
+    VerifyCa,
+    /// As `verify-ca`, and the certificate names the host connected to.
+    VerifyFull,
+}
+
+impl SslMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SslMode::Disable => "disable",
+            SslMode::Prefer => "prefer",
+            SslMode::Require => "require",
+            SslMode::VerifyCa => "verify-ca",
+            SslMode::VerifyFull => "verify-full",
+        }
+    }
+}
+
 #[derive(Clone, Debug, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct PostgresConfig {
     pub host: String,
+    /// The IP address to connect to, as libpq's `hostaddr`: `host` is then
+    /// only the name the server's certificate must carry (`verify-full`).
+    #[serde(default)]
+    pub hostaddr: Option<String>,
     #[serde(default = "default_pg_port")]
     pub port: u16,
     pub dbname: String,
@@ -196,6 +365,18 @@ pub struct PostgresConfig {
     /// A file whose content (trimmed) is the password.
     #[serde(default)]
     pub password_file: Option<String>,
+    /// TLS, as libpq's `sslmode` (default `prefer`).
+    #[serde(default)]
+    pub sslmode: SslMode,
+    /// PEM file of the CA(s) trusted to sign the server's certificate.
+    #[serde(default)]
+    pub sslrootcert: Option<String>,
+    /// PEM file of the client certificate (for `cert` authentication).
+    #[serde(default)]
+    pub sslcert: Option<String>,
+    /// PEM file of the client certificate's private key.
+    #[serde(default)]
+    pub sslkey: Option<String>,
     /// Connections for applying; partitions share them.
     #[serde(default = "default_pool_size")]
     pub pool_size: usize,
@@ -445,6 +626,49 @@ pub fn region_list_problems(field: &str, regions: &[String]) -> Vec<String> {
     p
 }
 
+/// A secret given inline (or from the environment), else read from `file`
+/// (without its trailing newline). The error names the file, never the
+/// content.
+fn secret(
+    field: &str,
+    inline: &Option<Secret>,
+    file: &Option<String>,
+) -> Result<Option<Secret>, ConfigError> {
+    if let Some(p) = inline {
+        return Ok(Some(p.clone()));
+    }
+    match file {
+        Some(file) => std::fs::read_to_string(file)
+            .map(|s| Some(Secret::new(s.trim_end_matches(['\n', '\r']))))
+            .map_err(|e| ConfigError {
+                problems: vec![format!("{field} {file}: {e}")],
+            }),
+        None => Ok(None),
+    }
+}
+
+/// Problems of a secret given both inline and as a file, or as a file that
+/// cannot be read.
+fn secret_problems(p: &mut Vec<String>, field: &str, inline: bool, file: &Option<String>) {
+    if inline && file.is_some() {
+        p.push(format!("{field} and {field}_file: set only one"));
+    }
+    if let Some(file) = file {
+        if !Path::new(file).is_file() {
+            p.push(format!("{field}_file: {file} is not a readable file"));
+        }
+    }
+}
+
+/// A problem if the file a key names does not exist.
+fn file_problem(p: &mut Vec<String>, field: &str, file: &Option<String>, what: &str) {
+    if let Some(file) = file {
+        if !Path::new(file).is_file() {
+            p.push(format!("{field}: {file} ({what}) is not a readable file"));
+        }
+    }
+}
+
 /// The first segment of an environment key (`postgres.host` → `postgres`).
 fn top_level(key: &str) -> &str {
     key.split('.').next().unwrap_or(key)
@@ -523,17 +747,38 @@ impl Config {
 
     /// The password, from the config/environment or from `password_file`.
     pub fn postgres_password(&self) -> Result<Option<Secret>, ConfigError> {
-        if let Some(p) = &self.postgres.password {
-            return Ok(Some(p.clone()));
-        }
-        match &self.postgres.password_file {
-            Some(file) => std::fs::read_to_string(file)
-                .map(|s| Some(Secret::new(s.trim_end_matches(['\n', '\r']))))
-                .map_err(|e| ConfigError {
-                    problems: vec![format!("postgres.password_file {file}: {e}")],
-                }),
-            None => Ok(None),
-        }
+        secret(
+            "postgres.password_file",
+            &self.postgres.password,
+            &self.postgres.password_file,
+        )
+    }
+
+    /// The SASL password, from the config/environment or its file.
+    pub fn kafka_sasl_password(&self) -> Result<Option<Secret>, ConfigError> {
+        secret(
+            "kafka.sasl_password_file",
+            &self.kafka.sasl_password,
+            &self.kafka.sasl_password_file,
+        )
+    }
+
+    /// The registry's password, from the config/environment or its file.
+    pub fn registry_password(&self) -> Result<Option<Secret>, ConfigError> {
+        secret(
+            "schema_registry.password_file",
+            &self.schema_registry.password,
+            &self.schema_registry.password_file,
+        )
+    }
+
+    /// The registry's bearer token, from the config/environment or its file.
+    pub fn registry_token(&self) -> Result<Option<Secret>, ConfigError> {
+        secret(
+            "schema_registry.token_file",
+            &self.schema_registry.token,
+            &self.schema_registry.token_file,
+        )
     }
 
     /// The exact mirrored topic names this worker consumes, with the table
@@ -553,6 +798,118 @@ impl Config {
             }
         }
         out
+    }
+
+    /// The problems of the TLS, SASL and registry credential keys: files
+    /// that are missing, halves of a pair, a mechanism without credentials.
+    fn tls_problems(&self, p: &mut Vec<String>) {
+        let pg = &self.postgres;
+        file_problem(
+            p,
+            "postgres.sslrootcert",
+            &pg.sslrootcert,
+            "the CA certificate",
+        );
+        file_problem(p, "postgres.sslcert", &pg.sslcert, "the client certificate");
+        file_problem(p, "postgres.sslkey", &pg.sslkey, "the client key");
+        match (&pg.sslcert, &pg.sslkey) {
+            (None, Some(_)) => p.push(
+                "postgres.sslkey: a client key without a certificate; set postgres.sslcert too"
+                    .into(),
+            ),
+            (Some(_), None) => p.push(
+                "postgres.sslcert: a client certificate without its key; set postgres.sslkey too"
+                    .into(),
+            ),
+            _ => {}
+        }
+        if matches!(pg.sslmode, SslMode::VerifyCa | SslMode::VerifyFull) && pg.sslrootcert.is_none()
+        {
+            p.push(format!(
+                "postgres.sslrootcert: sslmode {} needs the CA that signed the server's certificate",
+                pg.sslmode.as_str()
+            ));
+        }
+        if pg.sslmode == SslMode::Disable && (pg.sslrootcert.is_some() || pg.sslcert.is_some()) {
+            p.push("postgres.sslmode: disable, but sslrootcert or sslcert is set".into());
+        }
+
+        let k = &self.kafka;
+        file_problem(
+            p,
+            "kafka.ssl_ca_location",
+            &k.ssl_ca_location,
+            "the CA certificate",
+        );
+        secret_problems(
+            p,
+            "kafka.sasl_password",
+            k.sasl_password.is_some(),
+            &k.sasl_password_file,
+        );
+        let protocol = k.security_protocol.unwrap_or(SecurityProtocol::Plaintext);
+        let has_password = k.sasl_password.is_some() || k.sasl_password_file.is_some();
+        match k.sasl_mechanism {
+            Some(m) => {
+                if !protocol.is_sasl() {
+                    p.push(format!(
+                        "kafka.sasl_mechanism: {} needs security_protocol sasl_ssl (or sasl_plaintext), not {}",
+                        m.as_str(),
+                        protocol.as_str()
+                    ));
+                }
+                if k.sasl_username.is_none() || !has_password {
+                    p.push(format!(
+                        "kafka.sasl_mechanism: {} needs credentials: sasl_username and sasl_password (or sasl_password_file)",
+                        m.as_str()
+                    ));
+                }
+            }
+            None => {
+                if protocol.is_sasl() && !k.properties.contains_key("sasl.mechanism") {
+                    p.push(format!(
+                        "kafka.security_protocol: {} needs sasl_mechanism (SCRAM-SHA-256, SCRAM-SHA-512 or PLAIN)",
+                        protocol.as_str()
+                    ));
+                }
+                if k.sasl_username.is_some() || has_password {
+                    p.push(
+                        "kafka.sasl_username / sasl_password: set, but no sasl_mechanism".into(),
+                    );
+                }
+            }
+        }
+        if k.ssl_ca_location.is_some() && !protocol.is_tls() {
+            p.push(format!(
+                "kafka.ssl_ca_location: set, but security_protocol is {} (use ssl or sasl_ssl)",
+                protocol.as_str()
+            ));
+        }
+
+        let r = &self.schema_registry;
+        file_problem(
+            p,
+            "schema_registry.ca_file",
+            &r.ca_file,
+            "the CA certificate",
+        );
+        secret_problems(
+            p,
+            "schema_registry.password",
+            r.password.is_some(),
+            &r.password_file,
+        );
+        secret_problems(p, "schema_registry.token", r.token.is_some(), &r.token_file);
+        let has_password = r.password.is_some() || r.password_file.is_some();
+        let has_token = r.token.is_some() || r.token_file.is_some();
+        if has_token && (r.username.is_some() || has_password) {
+            p.push(
+                "schema_registry.token: a bearer token, or username and password, not both".into(),
+            );
+        }
+        if has_password && r.username.is_none() {
+            p.push("schema_registry.password: set, but no schema_registry.username".into());
+        }
     }
 
     /// Checks every field and reports all problems at once.
@@ -619,22 +976,24 @@ impl Config {
         if self.postgres.host.is_empty() {
             p.push("postgres.host: must not be empty".into());
         }
+        if let Some(a) = &self.postgres.hostaddr {
+            if a.parse::<std::net::IpAddr>().is_err() {
+                p.push(format!("postgres.hostaddr: {a:?} is not an IP address"));
+            }
+        }
         if self.postgres.dbname.is_empty() {
             p.push("postgres.dbname: must not be empty".into());
         }
         if self.postgres.user.is_empty() {
             p.push("postgres.user: must not be empty".into());
         }
-        if self.postgres.password.is_some() && self.postgres.password_file.is_some() {
-            p.push("postgres.password and postgres.password_file: set only one".into());
-        }
-        if let Some(file) = &self.postgres.password_file {
-            if !Path::new(file).is_file() {
-                p.push(format!(
-                    "postgres.password_file: {file} is not a readable file"
-                ));
-            }
-        }
+        secret_problems(
+            &mut p,
+            "postgres.password",
+            self.postgres.password.is_some(),
+            &self.postgres.password_file,
+        );
+        self.tls_problems(&mut p);
         if self.postgres.pool_size == 0 || self.postgres.pool_size > 64 {
             p.push(format!(
                 "postgres.pool_size: {} is outside 1..=64",
@@ -821,6 +1180,96 @@ mod tests {
         let printed = format!("{c:?}");
         assert!(!printed.contains("s3cret"), "{printed}");
         assert!(printed.contains("<redacted>"));
+    }
+
+    #[test]
+    fn no_secret_shows_in_debug_output() {
+        let c = Config::from_toml(&GOOD.replace(
+            "bootstrap_servers = \"127.0.0.1:29092\"",
+            "bootstrap_servers = \"127.0.0.1:29092\"\nsecurity_protocol = \"sasl_ssl\"\n\
+             sasl_mechanism = \"SCRAM-SHA-512\"\nsasl_username = \"rs\"\n\
+             sasl_password = \"kafka-s3cret\"\n\
+             properties = { \"sasl.oauthbearer.config\" = \"oauth-s3cret\", \"ssl.key.password\" = \"key-s3cret\", \"client.id\" = \"shown\" }\n\
+             [schema_registry]\nurl = \"https://r\"\ntoken = \"token-s3cret\"",
+        ))
+        .unwrap();
+        let printed = format!("{c:?}");
+        for secret in [
+            "s3cret",
+            "kafka-s3cret",
+            "oauth-s3cret",
+            "key-s3cret",
+            "token-s3cret",
+        ] {
+            assert!(!printed.contains(secret), "{secret} in {printed}");
+        }
+        assert!(printed.contains("shown"), "{printed}");
+        let json = serde_json::to_string(&c).unwrap();
+        assert!(!json.contains("kafka-s3cret") && !json.contains("token-s3cret"));
+    }
+
+    #[test]
+    fn tls_and_sasl_problems_are_named_before_connecting() {
+        let bad = GOOD
+            .replace(
+                "bootstrap_servers = \"127.0.0.1:29092\"",
+                "bootstrap_servers = \"127.0.0.1:29092\"\nsasl_mechanism = \"PLAIN\"\n\
+                 ssl_ca_location = \"/nonexistent/kafka-ca.pem\"",
+            )
+            .replace(
+                "password = \"s3cret\"",
+                "password = \"s3cret\"\nsslmode = \"verify-full\"\nsslkey = \"/nonexistent/k.pem\"",
+            );
+        let text = Config::from_toml(&bad).unwrap_err().to_string();
+        for expected in [
+            "kafka.ssl_ca_location: /nonexistent/kafka-ca.pem (the CA certificate) is not a readable file",
+            "kafka.ssl_ca_location: set, but security_protocol is plaintext",
+            "kafka.sasl_mechanism: PLAIN needs security_protocol sasl_ssl",
+            "kafka.sasl_mechanism: PLAIN needs credentials",
+            "postgres.sslkey: a client key without a certificate",
+            "postgres.sslrootcert: sslmode verify-full needs the CA",
+        ] {
+            assert!(text.contains(expected), "{expected:?} not in {text}");
+        }
+        assert!(!text.contains("s3cret"), "{text}");
+        let protocol_only = GOOD.replace(
+            "bootstrap_servers = \"127.0.0.1:29092\"",
+            "bootstrap_servers = \"127.0.0.1:29092\"\nsecurity_protocol = \"sasl_ssl\"",
+        );
+        let text = Config::from_toml(&protocol_only).unwrap_err().to_string();
+        assert!(
+            text.contains("kafka.security_protocol: sasl_ssl needs sasl_mechanism"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn secrets_are_read_from_their_files_without_the_newline() {
+        let dir = std::env::temp_dir().join(format!("regionsync-secret-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("sasl");
+        std::fs::write(&file, "from-a-file\n").unwrap();
+        let text = GOOD.replace(
+            "bootstrap_servers = \"127.0.0.1:29092\"",
+            &format!(
+                "bootstrap_servers = \"127.0.0.1:29092\"\nsecurity_protocol = \"sasl_ssl\"\n\
+                 sasl_mechanism = \"SCRAM-SHA-256\"\nsasl_username = \"rs\"\nsasl_password_file = {:?}",
+                file.display().to_string()
+            ),
+        );
+        let c = Config::from_toml(&text).unwrap();
+        let password = c.kafka_sasl_password().unwrap().unwrap();
+        assert_eq!(password.expose(), "from-a-file");
+        let both = text.replace(
+            "sasl_username = \"rs\"",
+            "sasl_username = \"rs\"\nsasl_password = \"x\"",
+        );
+        let err = Config::from_toml(&both).unwrap_err().to_string();
+        assert!(
+            err.contains("kafka.sasl_password and kafka.sasl_password_file: set only one"),
+            "{err}"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

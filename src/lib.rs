@@ -53,6 +53,11 @@ use std::future::Future;
 /// Serves metrics (when asked), connects, checks the target tables and
 /// consumes until `shutdown` resolves. Errors that stop the worker are
 /// returned.
+///
+/// Start-up first proves that PostgreSQL and Kafka accept the worker's
+/// credentials and certificates ([`check_connections`]), retrying
+/// [`START_ATTEMPTS`] times while `/readyz` says why not; then it stops with
+/// that reason (a wrong password, an untrusted CA, a host name mismatch).
 pub async fn run(
     config: config::Config,
     shutdown: impl Future<Output = ()>,
@@ -64,9 +69,37 @@ pub async fn run(
         metrics::serve(config.metrics.listen.parse()?, handle, readiness.clone()).await?;
     }
     let pool = apply::session::pool(&config)?;
+    let mut attempt = 1;
+    while let Err(why) = check_connections(&config, &pool).await {
+        readiness.starting(why.clone());
+        if attempt == START_ATTEMPTS {
+            anyhow::bail!("{why}");
+        }
+        let wait = std::time::Duration::from_secs(1 << (attempt - 1));
+        tracing::warn!(error = %why, attempt, retry_in = ?wait, "start-up: connecting failed");
+        tokio::time::sleep(wait).await;
+        attempt += 1;
+    }
     let (worker, events) = worker::Worker::connect(config, pool).await?;
     readiness.set(worker.clone());
     // Rejected writes a crash left pending (conflict::reassert_rejected).
     worker::reassert_rejected(&worker).await;
     worker::run(worker, events, shutdown).await
+}
+
+/// How often start-up tries to connect before it gives up (waiting 1, 2,
+/// 4 … s between attempts: about 15 s in all).
+pub const START_ATTEMPTS: u32 = 5;
+
+/// Whether PostgreSQL (through the apply pool: TLS, password, the session's
+/// set-up) and Kafka (the brokers' TLS and SASL) accept this worker; `Err`
+/// says which refused and why.
+pub async fn check_connections(
+    config: &config::Config,
+    pool: &deadpool_postgres::Pool,
+) -> Result<(), String> {
+    if let Err(e) = pool.get().await {
+        return Err(apply::tls::explain_pool(&e, &config.postgres));
+    }
+    source::check_connection(config, std::time::Duration::from_secs(10)).await
 }

@@ -7,8 +7,11 @@
 : "${REGION_B:=eu-west-1}"
 : "${PG_PORT_A:=15432}"
 : "${PG_PORT_B:=25432}"
-: "${KAFKA_PORT_A:=19092}"       # the KRaft controller listens on the next port
+: "${KAFKA_PORT_A:=19092}"
 : "${KAFKA_PORT_B:=29092}"
+: "${KAFKA_CONTROLLER_PORT_A:=19093}"  # each broker's KRaft controller
+: "${KAFKA_CONTROLLER_PORT_B:=29094}"
+: "${KAFKA_SASL_PORT_B:=29093}"        # Kafka B's SASL_SSL listener (SCRAM-SHA-512)
 : "${CONNECT_PORT_A:=18083}"
 : "${CONNECT_PORT_B:=28083}"
 : "${REGISTRY_PORT:=18081}"
@@ -19,4 +22,4 @@
 # Local loopback stack only; real deployments take secrets from their own store.
 : "${APP_PASSWORD:=app-local}"
 : "${DEBEZIUM_PASSWORD:=debezium-local}"
-: "${REGIONSYNC_PASSWORD:=regionsync-local}"
+: "${REGIONSYNC_PASSWORD:=regionsync-local}"  # also the SCRAM password of Kafka B's user regionsync

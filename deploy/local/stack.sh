@@ -16,6 +16,12 @@
 #                 stack; a running worker is left alone (idempotent)
 #   workers-down  stop the workers, by pid
 #
+# Secured endpoints beside the plain ones: a local CA (target/stack/tls/ca.pem,
+# made with openssl on the first `up`) signs a server certificate for localhost
+# and 127.0.0.1; PostgreSQL B serves TLS on its usual port (and the role
+# regionsync_cert logs in with a client certificate only); Kafka B has a second
+# listener, SASL_SSL with SCRAM-SHA-512, on KAFKA_SASL_PORT_B.
+#
 # Runtime state (data, logs, pids) lives in target/stack/ ; downloaded JVM
 # artifacts in target/dist/ (Maven also caches them in ~/.m2).
 set -euo pipefail
@@ -47,7 +53,7 @@ die() { printf '[stack] error: %s\n' "$*" >&2; exit 1; }
 region_letter() { [ "$1" = "$REGION_A" ] && echo a || echo b; }
 pg_port() { [ "$1" = "$REGION_A" ] && echo "$PG_PORT_A" || echo "$PG_PORT_B"; }
 kafka_port() { [ "$1" = "$REGION_A" ] && echo "$KAFKA_PORT_A" || echo "$KAFKA_PORT_B"; }
-controller_port() { echo $(($(kafka_port "$1") + 1)); }
+controller_port() { [ "$1" = "$REGION_A" ] && echo "$KAFKA_CONTROLLER_PORT_A" || echo "$KAFKA_CONTROLLER_PORT_B"; }
 connect_port() { [ "$1" = "$REGION_A" ] && echo "$CONNECT_PORT_A" || echo "$CONNECT_PORT_B"; }
 metrics_port() { [ "$1" = "$REGION_A" ] && echo "$WORKER_METRICS_PORT_A" || echo "$WORKER_METRICS_PORT_B"; }
 
@@ -126,6 +132,7 @@ install_debian() {
   command -v prometheus >/dev/null || missing+=(prometheus)
   command -v kcat >/dev/null || missing+=(kcat)
   command -v curl >/dev/null || missing+=(curl)
+  command -v openssl >/dev/null || missing+=(openssl)
   if [ ${#missing[@]} -gt 0 ]; then
     log "installing Debian packages: ${missing[*]}"
     # The packages' own services must not start: this script runs its own.
@@ -202,10 +209,79 @@ ensure_traversable() {
   done
 }
 
+# --- The local CA and the certificates of the secured endpoints ----------------
+TLS="$STATE/tls"
+
+# Idempotent: made once, kept with the stack's data. The client certificate's
+# common name is the role that logs in with it (pg_hba.conf `cert`).
+tls_up() {
+  [ -f "$TLS/client-regionsync_cert.pem" ] && return 0
+  command -v openssl >/dev/null || die "openssl missing: run make stack-install"
+  mkdir -p "$TLS"
+  log "making the local CA and certificates in $TLS"
+  (
+    cd "$TLS"
+    openssl req -x509 -newkey rsa:2048 -nodes -days 3650 -subj "/CN=regionsync local CA" \
+      -keyout ca-key.pem -out ca.pem 2>/dev/null
+    openssl req -newkey rsa:2048 -nodes -subj "/CN=localhost" \
+      -keyout server-key.pem -out server.csr 2>/dev/null
+    printf 'subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth\n' >server.ext
+    openssl x509 -req -in server.csr -CA ca.pem -CAkey ca-key.pem -CAcreateserial -days 3650 \
+      -extfile server.ext -out server.pem 2>/dev/null
+    openssl req -newkey rsa:2048 -nodes -subj "/CN=regionsync_cert" \
+      -keyout client-regionsync_cert-key.pem -out client.csr 2>/dev/null
+    printf 'extendedKeyUsage=clientAuth\n' >client.ext
+    openssl x509 -req -in client.csr -CA ca.pem -CAkey ca-key.pem -CAcreateserial -days 3650 \
+      -extfile client.ext -out client-regionsync_cert.pem.tmp 2>/dev/null
+    # Kafka reads an unencrypted PKCS#8 key and its certificate from one file.
+    cat server-key.pem server.pem >kafka-keystore.pem
+    rm -f ./*.csr ./*.ext
+    mv client-regionsync_cert.pem.tmp client-regionsync_cert.pem
+  )
+  chmod 644 "$TLS"/*.pem
+  chmod 600 "$TLS"/*-key.pem "$TLS/kafka-keystore.pem"
+}
+
+# PostgreSQL B serves TLS with the local CA's server certificate; the role
+# regionsync_cert must present a client certificate (hostssl … cert). Applied
+# on every `up`: prints "changed" when it changed the server's files.
+pg_tls_conf() {
+  local region=$1 data=$2
+  [ "$region" = "$REGION_B" ] || return 0
+  local changed=
+  if [ ! -f "$data/server.crt" ] || ! cmp -s "$TLS/server.pem" "$data/server.crt"; then
+    install -o postgres -g postgres -m 644 "$TLS/server.pem" "$data/server.crt"
+    install -o postgres -g postgres -m 600 "$TLS/server-key.pem" "$data/server.key"
+    install -o postgres -g postgres -m 644 "$TLS/ca.pem" "$data/root.crt"
+    changed=1
+  fi
+  if ! grep -q '^ssl = on' "$data/postgresql.conf"; then
+    cat >>"$data/postgresql.conf" <<EOF
+# TLS with the local CA's certificate (target/stack/tls/).
+ssl = on
+ssl_cert_file = 'server.crt'
+ssl_key_file = 'server.key'
+ssl_ca_file = 'root.crt'
+EOF
+    changed=1
+  fi
+  if ! grep -q 'regionsync_cert' "$data/pg_hba.conf"; then
+    { echo "hostssl all regionsync_cert 127.0.0.1/32 cert"; cat "$data/pg_hba.conf"; } >"$data/pg_hba.conf.new"
+    mv "$data/pg_hba.conf.new" "$data/pg_hba.conf"
+    chown postgres:postgres "$data/pg_hba.conf"
+    changed=1
+  fi
+  [ -z "$changed" ] || echo changed
+}
+
 pg_up() {
   local region=$1 name data port
   name="postgres-$region"; data="$STATE/$name"; port=$(pg_port "$region")
   if alive "$name" && as_postgres "$PG_BIN/pg_isready" -q -h 127.0.0.1 -p "$port"; then
+    if [ -n "$(pg_tls_conf "$region" "$data")" ]; then
+      log "reloading $name for TLS"
+      as_postgres "$PG_BIN/pg_ctl" -D "$data" reload >/dev/null
+    fi
     pg_schemas "$region"
     return 0
   fi
@@ -247,6 +323,7 @@ EOF
   # directory made before it was needed gets it on its next start too.
   grep -q '^track_commit_timestamp' "$data/postgresql.conf" ||
     echo "track_commit_timestamp = on" >>"$data/postgresql.conf"
+  pg_tls_conf "$region" "$data" >/dev/null
   chown -R postgres:postgres "$data"
   touch "$LOGS/$name.log"; chown postgres "$LOGS/$name.log"
   log "starting $name (log: $LOGS/$name.log)"
@@ -271,6 +348,15 @@ pg_schemas() {
   psql_admin "$region" -d app -v region="$region" -v app_password="$APP_PASSWORD" \
     -v debezium_password="$DEBEZIUM_PASSWORD" -v regionsync_password="$REGIONSYNC_PASSWORD" \
     -f "$HERE/bootstrap.sql" >/dev/null
+  # The client-certificate role (pg_hba.conf: hostssl … cert) may do what
+  # regionsync does, and has no password.
+  psql_admin "$region" -d app >/dev/null <<'EOF'
+DO $$ BEGIN
+  IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'regionsync_cert') THEN
+    CREATE ROLE regionsync_cert LOGIN IN ROLE regionsync;
+  END IF;
+END $$;
+EOF
 }
 
 pg_down() {
@@ -288,20 +374,57 @@ pg_down() {
 # --- Kafka (KRaft, one combined broker+controller per region) -------------------
 kafka_ready() { kcat -b "127.0.0.1:$1" -L -m 3 -J >/dev/null 2>&1; }
 
+# The listener lines of a broker: the plain one and the controller's, and on
+# Kafka B a second listener, SASL_SSL with SCRAM-SHA-512.
+kafka_listeners() { # region port controller-port
+  if [ "$1" = "$REGION_B" ]; then
+    cat <<EOF
+listeners=PLAINTEXT://127.0.0.1:$2,CONTROLLER://127.0.0.1:$3,SASL_SSL://127.0.0.1:$KAFKA_SASL_PORT_B
+advertised.listeners=PLAINTEXT://127.0.0.1:$2,SASL_SSL://127.0.0.1:$KAFKA_SASL_PORT_B
+listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT,SASL_SSL:SASL_SSL
+sasl.enabled.mechanisms=SCRAM-SHA-512
+listener.name.sasl_ssl.scram-sha-512.sasl.jaas.config=org.apache.kafka.common.security.scram.ScramLoginModule required;
+ssl.keystore.type=PEM
+ssl.keystore.location=$TLS/kafka-keystore.pem
+EOF
+  else
+    cat <<EOF
+listeners=PLAINTEXT://127.0.0.1:$2,CONTROLLER://127.0.0.1:$3
+advertised.listeners=PLAINTEXT://127.0.0.1:$2
+listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT
+EOF
+  fi
+}
+
+# Kafka B's SCRAM user regionsync, with REGIONSYNC_PASSWORD (idempotent).
+kafka_scram_user() { # port
+  java -cp "$DIST/lib/*" "${JAVA_SMALL[@]}" kafka.admin.ConfigCommand --bootstrap-server "127.0.0.1:$1" \
+    --alter --entity-type users --entity-name regionsync \
+    --add-config "SCRAM-SHA-512=[iterations=4096,password=$REGIONSYNC_PASSWORD]" >>"$LOGS/kafka-$REGION_B.log" 2>&1 ||
+    die "adding Kafka B's SCRAM user failed (log: $LOGS/kafka-$REGION_B.log)"
+}
+
 kafka_up() {
   local region=$1 name dir port cport
   name="kafka-$region"; dir="$STATE/$name"; port=$(kafka_port "$region"); cport=$(controller_port "$region")
-  if alive "$name" && kafka_ready "$port"; then return 0; fi
+  if alive "$name" && kafka_ready "$port"; then
+    # A broker started with other listeners (before the SASL_SSL one existed,
+    # or with other ports) is restarted with the current ones.
+    if kafka_listeners "$region" "$port" "$cport" | grep -qxvFf "$dir/server.properties"; then
+      log "restarting $name: its listeners changed"
+      stop_pid "$name" 60
+    else
+      return 0
+    fi
+  fi
   mkdir -p "$dir/data"
   cat >"$dir/server.properties" <<EOF
 process.roles=broker,controller
 node.id=1
 controller.quorum.bootstrap.servers=127.0.0.1:$cport
-listeners=PLAINTEXT://127.0.0.1:$port,CONTROLLER://127.0.0.1:$cport
-advertised.listeners=PLAINTEXT://127.0.0.1:$port
+$(kafka_listeners "$region" "$port" "$cport")
 controller.listener.names=CONTROLLER
 inter.broker.listener.name=PLAINTEXT
-listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT
 log.dirs=$dir/data
 num.partitions=4
 auto.create.topics.enable=true
@@ -333,6 +456,10 @@ while True:
       { tail -n 20 "$LOGS/$name.log" >&2; die "formatting $name failed"; }
   fi
   spawn "$name" java -Xmx384m "${JAVA_SMALL[@]}" -cp "$DIST/lib/*" kafka.Kafka "$dir/server.properties"
+  if [ "$region" = "$REGION_B" ]; then
+    wait_for "$name" 120 kafka_ready "$port"
+    kafka_scram_user "$port"
+  fi
 }
 
 # --- Apicurio Registry (one, shared by both regions) ----------------------------
@@ -530,10 +657,25 @@ cmd_workers_down() {
 }
 
 # --- commands --------------------------------------------------------------------
+# Every port of env.sh must be its own: two services on one port would fail
+# late and obscurely (the controllers once took KAFKA_PORT+1, which is now
+# Kafka B's SASL_SSL listener).
+check_ports() {
+  local v seen=" "
+  for v in PG_PORT_A PG_PORT_B KAFKA_PORT_A KAFKA_PORT_B KAFKA_CONTROLLER_PORT_A KAFKA_CONTROLLER_PORT_B \
+    KAFKA_SASL_PORT_B CONNECT_PORT_A CONNECT_PORT_B REGISTRY_PORT PROMETHEUS_PORT \
+    WORKER_METRICS_PORT_A WORKER_METRICS_PORT_B; do
+    case "$seen" in *" ${!v} "*) die "port ${!v} of $v is also another service's (deploy/local/env.sh)" ;; esac
+    seen="$seen${!v} "
+  done
+}
+
 cmd_up() {
   local t0=$SECONDS region
+  check_ports
   cmd_install
   mkdir -p "$LOGS" "$PIDS"
+  tls_up
   for region in "${REGIONS[@]}"; do pg_up "$region"; done
   # Both brokers start together; each is small and mostly waits on I/O.
   for region in "${REGIONS[@]}"; do kafka_up "$region"; done
@@ -586,6 +728,7 @@ cmd_status() {
   local region
   for region in "${REGIONS[@]}"; do status_line "postgres-$region" "$(pg_port "$region")" pg_ready "$(pg_port "$region")"; done
   for region in "${REGIONS[@]}"; do status_line "kafka-$region" "$(kafka_port "$region")" kafka_ready "$(kafka_port "$region")"; done
+  status_line "kafka-$REGION_B" "$KAFKA_SASL_PORT_B" port_open "$KAFKA_SASL_PORT_B" # SASL_SSL
   status_line registry "$REGISTRY_PORT" registry_ready
   for region in "${REGIONS[@]}"; do status_line "connect-$region" "$(connect_port "$region")" connect_ready "$(connect_port "$region")"; done
   status_line mirrormaker2 - mm2_ready

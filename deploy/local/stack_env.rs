@@ -55,7 +55,6 @@ pub const PG_PORT_B: Var = Var {
     name: "PG_PORT_B",
     default: "25432",
 };
-/// The KRaft controller listens on the next port.
 pub const KAFKA_PORT_A: Var = Var {
     name: "KAFKA_PORT_A",
     default: "19092",
@@ -63,6 +62,22 @@ pub const KAFKA_PORT_A: Var = Var {
 pub const KAFKA_PORT_B: Var = Var {
     name: "KAFKA_PORT_B",
     default: "29092",
+};
+/// Each broker's KRaft controller listener.
+pub const KAFKA_CONTROLLER_PORT_A: Var = Var {
+    name: "KAFKA_CONTROLLER_PORT_A",
+    default: "19093",
+};
+pub const KAFKA_CONTROLLER_PORT_B: Var = Var {
+    name: "KAFKA_CONTROLLER_PORT_B",
+    default: "29094",
+};
+/// Kafka B's SASL_SSL listener (SCRAM-SHA-512, user `regionsync` with
+/// `REGIONSYNC_PASSWORD`; the certificate is signed by
+/// `target/stack/tls/ca.pem`).
+pub const KAFKA_SASL_PORT_B: Var = Var {
+    name: "KAFKA_SASL_PORT_B",
+    default: "29093",
 };
 pub const CONNECT_PORT_A: Var = Var {
     name: "CONNECT_PORT_A",
@@ -110,13 +125,16 @@ pub const REGIONSYNC_PASSWORD: Var = Var {
 };
 
 /// Every variable of env.sh, in its order.
-pub const ALL: [Var; 16] = [
+pub const ALL: [Var; 19] = [
     REGION_A,
     REGION_B,
     PG_PORT_A,
     PG_PORT_B,
     KAFKA_PORT_A,
     KAFKA_PORT_B,
+    KAFKA_CONTROLLER_PORT_A,
+    KAFKA_CONTROLLER_PORT_B,
+    KAFKA_SASL_PORT_B,
     CONNECT_PORT_A,
     CONNECT_PORT_B,
     REGISTRY_PORT,

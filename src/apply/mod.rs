@@ -26,12 +26,14 @@
 //! | `pg_text` | a value as PostgreSQL text input of its column's type |
 //! | `write` | the guarded upsert, delete and truncate statements |
 //! | `session` | the connection pools and the apply session's settings |
+//! | `tls` | TLS to PostgreSQL (libpq's `sslmode`), and why a connection failed |
 //! | `tombstones` | the collector of expired delete tombstones |
 
 pub mod pg_text;
 mod prepare;
 pub mod session;
 mod table;
+pub mod tls;
 pub mod tombstones;
 mod write;
 

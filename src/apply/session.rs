@@ -1,7 +1,8 @@
 //! The connections to the target database: the apply pool, whose every
 //! connection runs under a replication origin of its own and with the apply
 //! session's settings, and the plain pool for local writes every region
-//! must apply. Every command connects through here.
+//! must apply. Every command connects through here, with the one TLS
+//! connector of `postgres.sslmode` (`tls`).
 
 use anyhow::Context as _;
 use deadpool_postgres::{Hook, HookError, Manager, ManagerConfig, Pool, RecyclingMethod};
@@ -109,12 +110,18 @@ fn pool_with(config: &Config, mark_sessions: bool) -> anyhow::Result<Pool> {
         .user(&config.postgres.user)
         .application_name("regionsync")
         .connect_timeout(std::time::Duration::from_secs(5));
+    if let Some(addr) = &config.postgres.hostaddr {
+        pg.hostaddr(
+            addr.parse()
+                .with_context(|| format!("postgres.hostaddr {addr:?}"))?,
+        );
+    }
     if let Some(p) = config.postgres_password()? {
         pg.password(p.expose());
     }
-    let manager = Manager::from_config(
+    let manager = Manager::from_connect(
         pg,
-        tokio_postgres::NoTls,
+        super::tls::connector(&config.postgres)?,
         ManagerConfig {
             recycling_method: RecyclingMethod::Fast,
         },

@@ -21,7 +21,10 @@ use rustc_hash::FxHashMap;
 use schema_registry_converter::async_impl::avro::AvroDecoder;
 use schema_registry_converter::async_impl::schema_registry::SrSettings;
 
+use anyhow::Context as _;
+
 use super::avro_reader::Plan;
+use crate::config::Config;
 
 /// One datum reader per writer schema id.
 struct Reader {
@@ -77,6 +80,34 @@ impl ConfluentRegistry {
         let settings = SrSettings::new_builder(url.to_string())
             .set_timeout(REGISTRY_TIMEOUT)
             .build()
+            .map_err(|e| anyhow::anyhow!("schema registry client for {url}: {e}"))?;
+        Ok(ConfluentRegistry(AvroDecoder::new(settings)))
+    }
+
+    /// The registry at `url` with the configuration's credentials (basic
+    /// authentication or a bearer token) and CA file, trusted beside the
+    /// system's roots.
+    pub fn with_settings(url: &str, config: &Config) -> anyhow::Result<Self> {
+        let r = &config.schema_registry;
+        let mut settings = SrSettings::new_builder(url.to_string());
+        settings.set_timeout(REGISTRY_TIMEOUT);
+        if let Some(token) = config.registry_token()? {
+            settings.set_token_authorization(token.expose());
+        } else if let Some(user) = &r.username {
+            let password = config.registry_password()?;
+            settings.set_basic_authorization(user, password.as_ref().map(|p| p.expose()));
+        }
+        let mut client = reqwest::Client::builder();
+        if let Some(file) = &r.ca_file {
+            let pem =
+                std::fs::read(file).with_context(|| format!("schema_registry.ca_file {file}"))?;
+            let certs = reqwest::Certificate::from_pem_bundle(&pem)
+                .with_context(|| format!("schema_registry.ca_file {file}"))?;
+            client = client.tls_certs_merge(certs);
+        }
+        // SRCError's text holds no credential.
+        let settings = settings
+            .build_with(client)
             .map_err(|e| anyhow::anyhow!("schema registry client for {url}: {e}"))?;
         Ok(ConfluentRegistry(AvroDecoder::new(settings)))
     }
@@ -140,6 +171,15 @@ impl AvroSource {
     /// The region's registry at `registry_url`.
     pub fn new(registry_url: &str) -> anyhow::Result<Self> {
         Ok(Self::with_schemas(ConfluentRegistry::new(registry_url)?))
+    }
+
+    /// The region's registry at `registry_url`, with the configuration's
+    /// credentials and CA ([`ConfluentRegistry::with_settings`]).
+    pub fn with_settings(registry_url: &str, config: &Config) -> anyhow::Result<Self> {
+        Ok(Self::with_schemas(ConfluentRegistry::with_settings(
+            registry_url,
+            config,
+        )?))
     }
 
     pub fn with_schemas(schemas: impl SchemaSource + 'static) -> Self {

@@ -2,7 +2,7 @@
 //! Prometheus recorder behind `/metrics`.
 
 use std::net::SocketAddr;
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use axum::extract::State;
@@ -42,19 +42,35 @@ pub trait ReadyCheck: Send + Sync {
     fn check(&self) -> BoxFuture<'_, Result<(), String>>;
 }
 
-/// The worker's readiness, filled in once it has connected.
+/// The worker's readiness, filled in once it has connected; until then,
+/// what start-up is waiting for (e.g. why the last connection attempt was
+/// refused).
 #[derive(Clone, Default)]
-pub struct Readiness(Arc<OnceLock<Arc<dyn ReadyCheck>>>);
+pub struct Readiness(Arc<ReadinessInner>);
+
+#[derive(Default)]
+struct ReadinessInner {
+    check: OnceLock<Arc<dyn ReadyCheck>>,
+    starting: Mutex<Option<String>>,
+}
 
 impl Readiness {
     pub fn set(&self, check: Arc<dyn ReadyCheck>) {
-        let _ = self.0.set(check);
+        let _ = self.0.check.set(check);
+    }
+
+    /// What start-up is waiting for, until [`Readiness::set`].
+    pub fn starting(&self, why: impl Into<String>) {
+        *self.0.starting.lock().expect("readiness lock") = Some(why.into());
     }
 
     pub async fn check(&self) -> Result<(), String> {
-        match self.0.get() {
+        match self.0.check.get() {
             Some(c) => c.check().await,
-            None => Err("starting: not connected yet".to_string()),
+            None => Err(match &*self.0.starting.lock().expect("readiness lock") {
+                Some(why) => format!("starting: {why}"),
+                None => "starting: not connected yet".to_string(),
+            }),
         }
     }
 }

@@ -33,7 +33,7 @@ pub struct DeadLetterProducer {
 
 impl DeadLetterProducer {
     pub fn new(config: &Config) -> anyhow::Result<Self> {
-        let producer: FutureProducer = super::kafka_config(config)
+        let producer: FutureProducer = super::kafka_config(config)?
             .set("enable.idempotence", "true")
             .create()
             .context("creating the dead-letter producer")?;

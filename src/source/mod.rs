@@ -2,7 +2,9 @@
 //! worker subscribed to the mirrored CDC and heartbeat topics, whose
 //! assignments and revocations are forwarded to the worker's main loop,
 //! with a librdkafka queue per partition; and the client settings the
-//! consumer and the dead-letter producer share.
+//! consumer and the dead-letter producer share ([`kafka_config`]: the
+//! typed TLS and SASL keys, then `kafka.properties`), with the check that
+//! the brokers accept them ([`check_connection`]).
 //!
 //! What it promises:
 //! - A newly assigned partition is paused before anything is fetched, and
@@ -15,17 +17,19 @@
 pub mod dlq;
 
 use std::collections::HashMap;
-use std::sync::Mutex;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
-use rdkafka::config::ClientConfig;
+use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
 use rdkafka::consumer::stream_consumer::StreamPartitionQueue;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance, StreamConsumer};
+use rdkafka::error::KafkaError;
 use rdkafka::message::BorrowedMessage;
+use rdkafka::producer::{BaseProducer, Producer};
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use tokio::sync::{mpsc, watch};
-use tracing::{info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::config::Config;
 
@@ -42,6 +46,75 @@ pub struct RebalanceForwarder {
     /// High watermark per partition, from librdkafka's periodic statistics
     /// (no broker round trip of our own).
     pub high_watermarks: Mutex<HashMap<(String, i32), i64>>,
+    /// The client's last error, explained, for readiness.
+    pub errors: LastError,
+}
+
+/// The last error a librdkafka client reported, explained ([`explain`]),
+/// with when.
+#[derive(Default)]
+pub struct LastError(Mutex<Option<(Instant, String)>>);
+
+impl LastError {
+    fn record(&self, error: &KafkaError, reason: &str) {
+        let why = explain(error.rdkafka_error_code(), reason);
+        warn!(error = %why, "kafka");
+        *self.0.lock().expect("last error lock") = Some((Instant::now(), why));
+    }
+
+    /// A librdkafka log line, forwarded to the log as librdkafka's default
+    /// does; a broker connection's failure (facility `FAIL`: a refused
+    /// TLS handshake is reported only there) is kept as the last error.
+    fn log(&self, level: RDKafkaLogLevel, fac: &str, message: &str) {
+        match level {
+            RDKafkaLogLevel::Emerg
+            | RDKafkaLogLevel::Alert
+            | RDKafkaLogLevel::Critical
+            | RDKafkaLogLevel::Error => error!(target: "librdkafka", "librdkafka: {fac} {message}"),
+            RDKafkaLogLevel::Warning => warn!(target: "librdkafka", "librdkafka: {fac} {message}"),
+            RDKafkaLogLevel::Notice | RDKafkaLogLevel::Info => {
+                info!(target: "librdkafka", "librdkafka: {fac} {message}")
+            }
+            RDKafkaLogLevel::Debug => debug!(target: "librdkafka", "librdkafka: {fac} {message}"),
+        }
+        if fac == "FAIL" {
+            let why = explain(None, message);
+            *self.0.lock().expect("last error lock") = Some((Instant::now(), why));
+        }
+    }
+
+    /// The last error, if it is younger than `within`.
+    pub fn recent(&self, within: Duration) -> Option<String> {
+        self.0
+            .lock()
+            .expect("last error lock")
+            .as_ref()
+            .filter(|(at, _)| at.elapsed() < within)
+            .map(|(_, why)| why.clone())
+    }
+}
+
+/// A librdkafka error in words that name what was refused: the SASL
+/// credentials, the broker's certificate, or the address. librdkafka never
+/// puts a password in an error.
+pub fn explain(code: Option<rdkafka::types::RDKafkaErrorCode>, reason: &str) -> String {
+    let lower = reason.to_ascii_lowercase();
+    let refused_credentials = lower.contains("sasl authentication")
+        || (code == Some(rdkafka::types::RDKafkaErrorCode::Authentication)
+            && lower.contains("sasl"));
+    if refused_credentials {
+        format!("Kafka refused the SASL credentials (wrong user name or password, or mechanism): {reason}")
+    } else if lower.contains("certificate verify failed")
+        || lower.contains("certificate could not be verified")
+    {
+        format!(
+            "the Kafka broker's certificate could not be verified (untrusted CA: not signed by a CA in kafka.ssl_ca_location; or a host name mismatch): {reason}"
+        )
+    } else if lower.contains("ssl") {
+        format!("TLS with the Kafka broker failed: {reason}")
+    } else {
+        format!("Kafka: {reason}")
+    }
 }
 
 #[derive(Debug)]
@@ -58,6 +131,14 @@ fn partitions(tpl: &TopicPartitionList) -> Vec<(String, i32)> {
 }
 
 impl ClientContext for RebalanceForwarder {
+    fn error(&self, error: KafkaError, reason: &str) {
+        self.errors.record(&error, reason);
+    }
+
+    fn log(&self, level: RDKafkaLogLevel, fac: &str, message: &str) {
+        self.errors.log(level, fac, message);
+    }
+
     fn stats(&self, statistics: rdkafka::Statistics) {
         let mut highs = self.high_watermarks.lock().expect("watermarks lock");
         for (name, topic) in statistics.topics {
@@ -100,13 +181,89 @@ fn subscription_pattern(topics: &[String]) -> String {
     format!("^({})$", escaped.join("|"))
 }
 
-pub fn kafka_config(config: &Config) -> ClientConfig {
+/// The client settings of the consumer and the dead-letter producer: the
+/// brokers, the typed TLS and SASL keys as librdkafka properties, then
+/// `kafka.properties`, which win. Holds the SASL password: never print it
+/// (`ClientConfig`'s `Debug` shows every value).
+pub fn kafka_config(config: &Config) -> anyhow::Result<ClientConfig> {
+    let k = &config.kafka;
     let mut c = ClientConfig::new();
-    c.set("bootstrap.servers", &config.kafka.bootstrap_servers);
-    for (k, v) in &config.kafka.properties {
-        c.set(k, v);
+    c.set("bootstrap.servers", &k.bootstrap_servers);
+    if let Some(p) = k.security_protocol {
+        c.set("security.protocol", p.as_str());
     }
-    c
+    if let Some(m) = k.sasl_mechanism {
+        c.set("sasl.mechanism", m.as_str());
+    }
+    if let Some(u) = &k.sasl_username {
+        c.set("sasl.username", u);
+    }
+    if let Some(p) = config.kafka_sasl_password()? {
+        c.set("sasl.password", p.expose());
+    }
+    if let Some(ca) = &k.ssl_ca_location {
+        c.set("ssl.ca.location", ca);
+    }
+    for (key, v) in &k.properties {
+        c.set(key, v);
+    }
+    Ok(c)
+}
+
+/// Collects a client's errors (the connection check's producer).
+#[derive(Default)]
+struct ErrorCollector(LastError);
+
+impl ClientContext for ErrorCollector {
+    fn error(&self, error: KafkaError, reason: &str) {
+        self.0.record(&error, reason);
+    }
+
+    fn log(&self, level: RDKafkaLogLevel, fac: &str, message: &str) {
+        self.0.log(level, fac, message);
+    }
+}
+
+impl rdkafka::producer::ProducerContext for ErrorCollector {
+    type DeliveryOpaque = ();
+    fn delivery(&self, _: &rdkafka::message::DeliveryResult<'_>, _: Self::DeliveryOpaque) {}
+}
+
+/// Whether the brokers accept this worker's settings: fetches the cluster's
+/// metadata with a client of the same settings (a producer, as the
+/// dead-letter producer), within `within`. `Err` says what was refused (the
+/// SASL credentials, the broker's certificate), not only that it timed out.
+pub async fn check_connection(config: &Config, within: Duration) -> Result<(), String> {
+    let producer: BaseProducer<ErrorCollector> = kafka_config(config)
+        .map_err(|e| format!("{e:#}"))?
+        .create_with_context(ErrorCollector::default())
+        .map_err(|e| format!("creating a Kafka client: {e}"))?;
+    let producer = Arc::new(producer);
+    let servers = config.kafka.bootstrap_servers.clone();
+    tokio::task::spawn_blocking(move || {
+        let deadline = Instant::now() + within;
+        loop {
+            let step = Duration::from_millis(500);
+            let fetched = producer.client().fetch_metadata(None, step);
+            // Serves the error events the attempt raised.
+            producer.poll(Duration::ZERO);
+            if fetched.is_ok() {
+                return Ok(());
+            }
+            if let Some(why) = producer.context().0.recent(within) {
+                return Err(why);
+            }
+            if Instant::now() >= deadline {
+                let detail = fetched.err().map(|e| e.to_string()).unwrap_or_default();
+                return Err(format!(
+                    "Kafka at {servers}: no answer within {} s ({detail}); is kafka.bootstrap_servers right?",
+                    within.as_secs()
+                ));
+            }
+        }
+    })
+    .await
+    .map_err(|e| format!("checking Kafka: {e}"))?
 }
 
 /// The worker's consumer of `group`, and the channel its rebalances arrive
@@ -116,7 +273,7 @@ pub fn consumer(
     group: &str,
 ) -> anyhow::Result<(Kafka, mpsc::UnboundedReceiver<RebalanceEvent>)> {
     let (events_tx, events_rx) = mpsc::unbounded_channel();
-    let consumer: Kafka = kafka_config(config)
+    let consumer: Kafka = kafka_config(config)?
         .set("group.id", group)
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")
@@ -144,6 +301,7 @@ pub fn consumer(
         .create_with_context(RebalanceForwarder {
             events: events_tx,
             high_watermarks: Mutex::new(HashMap::new()),
+            errors: LastError::default(),
         })
         .context("creating the Kafka consumer")?;
     Ok((consumer, events_rx))

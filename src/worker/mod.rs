@@ -127,7 +127,10 @@ impl Worker {
         config: Config,
         pool: deadpool_postgres::Pool,
     ) -> anyhow::Result<(Arc<Worker>, mpsc::UnboundedReceiver<RebalanceEvent>)> {
-        let client = pool.get().await.context("connecting to PostgreSQL")?;
+        let client = pool
+            .get()
+            .await
+            .map_err(|e| anyhow::anyhow!(crate::apply::tls::explain_pool(&e, &config.postgres)))?;
         let mut tables = Vec::new();
         for t in &config.tables {
             tables.push(TargetTable::load(&**client, t, &config.regions).await?);
@@ -156,7 +159,7 @@ impl Worker {
         let mut decoders = HashMap::new();
         for region in config.source_regions() {
             if let Some(url) = config.registry_for(&region) {
-                decoders.insert(region, Arc::new(AvroSource::new(url)?));
+                decoders.insert(region, Arc::new(AvroSource::with_settings(url, &config)?));
             }
         }
         let (consumer, events) = source::consumer(&config, &group)?;
@@ -187,7 +190,17 @@ impl ReadyCheck for Worker {
                 .assignment()
                 .map_err(|e| format!("Kafka: {e}"))?;
             if assigned.count() == 0 {
-                return Err("Kafka: no partitions assigned".to_string());
+                return Err(
+                    match self
+                        .consumer
+                        .context()
+                        .errors
+                        .recent(Duration::from_secs(60))
+                    {
+                        Some(why) => format!("Kafka: no partitions assigned; {why}"),
+                        None => "Kafka: no partitions assigned".to_string(),
+                    },
+                );
             }
             if let Some(held) = self.held_too_long() {
                 return Err(held);
@@ -199,7 +212,11 @@ impl ReadyCheck for Worker {
                 return Ok(());
             }
             let ping = async {
-                let client = self.pool.get().await.map_err(|e| e.to_string())?;
+                let client = self
+                    .pool
+                    .get()
+                    .await
+                    .map_err(|e| crate::apply::tls::explain_pool(&e, &self.config.postgres))?;
                 client
                     .simple_query("SELECT 1")
                     .await
@@ -207,6 +224,7 @@ impl ReadyCheck for Worker {
             };
             match tokio::time::timeout(Duration::from_secs(2), ping).await {
                 Ok(Ok(_)) => Ok(()),
+                Ok(Err(e)) if e.starts_with("PostgreSQL") => Err(e),
                 Ok(Err(e)) => Err(format!("PostgreSQL: {e}")),
                 Err(_) => Err("PostgreSQL: no answer within 2 s".to_string()),
             }
