@@ -80,25 +80,8 @@ base_ca=$( { "${PODMAN[@]}" run --rm "${LIMITS[@]}" --entrypoint /bin/ls "$SLIM"
 [ "$base_ca" -eq 0 ] || fail "the slim stand-in has CA material; it should have none"
 say "image: user $user, entrypoint $entry, OCI labels, CA bundle $ca bytes (the base has none)"
 
-# The manifest's settings, as runtime_check.sh reads them.
-eval "$("$TOOLS/venv/bin/python" - "$OUT/$REGION.yaml" <<'PY'
-import shlex, sys, yaml
-docs = [d for d in yaml.safe_load_all(open(sys.argv[1])) if d]
-dep = next(d for d in docs if d["kind"] == "Deployment")
-cm = next(d for d in docs if d["kind"] == "ConfigMap")
-pod = dep["spec"]["template"]["spec"]
-(c,) = pod["containers"]
-sc = {**pod.get("securityContext", {}), **c.get("securityContext", {})}
-vols = {v["name"]: v for v in pod["volumes"]}
-mounts = {m["name"]: m["mountPath"] for m in c["volumeMounts"]}
-cfg = next(n for n, v in vols.items() if "configMap" in v)
-pw = next(n for n, v in vols.items() if v.get("secret", {}).get("secretName") == "regionsync-postgres")
-for k, v in {"M_UID": sc["runAsUser"], "M_GID": sc["runAsGroup"], "M_ARGS": " ".join(map(shlex.quote, c["args"])),
-             "M_CONFIG_DIR": mounts[cfg], "M_PW_DIR": mounts[pw], "M_PW_FILE": vols[pw]["secret"]["items"][0]["path"],
-             "M_GRACE": pod["terminationGracePeriodSeconds"], "M_TOML": cm["data"]["regionsync.toml"]}.items():
-    print(f"{k}={shlex.quote(str(v))}")
-PY
-)"
+# The manifest's settings (the same reading as runtime_check.sh's).
+eval "$("$TOOLS/venv/bin/python" deploy/k8s/tools/manifest_env.py "$OUT/$REGION.yaml")"
 work=$(mktemp -d /tmp/image-check.XXXXXX)
 name=regionsync-image-check-$$
 cleanup() { "${PODMAN[@]}" rm -f "$name" >/dev/null 2>&1 || true; rm -rf "$work"; }

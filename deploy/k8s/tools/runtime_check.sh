@@ -43,33 +43,7 @@ source deploy/local/env.sh
 source deploy/k8s/tools/rootfs.sh
 
 # --- what the manifest says ---------------------------------------------------------
-eval "$("$TOOLS/venv/bin/python" - "$OUT/$REGION.yaml" <<'PY'
-import shlex, sys, yaml
-docs = [d for d in yaml.safe_load_all(open(sys.argv[1])) if d]
-dep = next(d for d in docs if d["kind"] == "Deployment")
-cm = next(d for d in docs if d["kind"] == "ConfigMap")
-pod = dep["spec"]["template"]["spec"]
-(c,) = pod["containers"]
-sc = {**pod.get("securityContext", {}), **c.get("securityContext", {})}
-vols = {v["name"]: v for v in pod["volumes"]}
-mounts = {m["name"]: m["mountPath"] for m in c["volumeMounts"]}
-cfg_vol = next(n for n, v in vols.items() if "configMap" in v)
-pw_vol = next(n for n, v in vols.items() if v.get("secret", {}).get("secretName") == "regionsync-postgres")
-pw_items = vols[pw_vol]["secret"]["items"]
-out = {
-    "M_UID": sc["runAsUser"], "M_GID": sc["runAsGroup"],
-    "M_RO": str(c["securityContext"]["readOnlyRootFilesystem"]).lower(),
-    "M_ARGS": " ".join(shlex.quote(a) for a in c["args"]),
-    "M_CONFIG_DIR": mounts[cfg_vol],
-    "M_PW_DIR": mounts[pw_vol], "M_PW_FILE": pw_items[0]["path"],
-    "M_GRACE": pod["terminationGracePeriodSeconds"],
-    "M_PORT": next(p["containerPort"] for p in c["ports"] if p["name"] == "metrics"),
-    "M_TOML": cm["data"]["regionsync.toml"],
-}
-for k, v in out.items():
-    print(f"{k}={shlex.quote(str(v))}")
-PY
-)"
+eval "$("$TOOLS/venv/bin/python" deploy/k8s/tools/manifest_env.py "$OUT/$REGION.yaml")"
 [ "$M_RO" = true ] || fail "the manifest's root filesystem is not read-only"
 say "manifest: uid $M_UID gid $M_GID, read-only root, config in $M_CONFIG_DIR, password at $M_PW_DIR/$M_PW_FILE, args: $M_ARGS"
 grep -q "password_file = \"$M_PW_DIR/$M_PW_FILE\"" <<<"$M_TOML" || fail "the config's password_file is not the Secret's mount"
