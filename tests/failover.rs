@@ -7,9 +7,10 @@
 //!   does not answer (frozen).
 //! - `rehome` and `route --current`: A's users move to B and back, the
 //!   same windows are written in both databases, nonsense is refused.
-//! - Outage writes survive failback under `reject`: a write B made to a row
+//! - Outage writes survive failback: a write B made to a row
 //!   homed in A while A's rows were re-homed in B is applied in A as an
-//!   owner write, not held and overwritten by A's policy.
+//!   owner write under every policy, not held and overwritten by A's policy;
+//!   A's unmirrored changes (RPO) are applied, or recorded where they race.
 //!
 //! It pauses services of the shared stack, so `make test` runs it alone
 //! (`--test-threads=1`).
@@ -212,6 +213,7 @@ fn scopeguard(pid: u32) -> impl Drop {
             let _ = Command::new("kill")
                 .arg("-TERM")
                 .arg(self.0.to_string())
+                .stderr(std::process::Stdio::null())
                 .status();
         }
     }
@@ -257,6 +259,25 @@ async fn forget_windows(since_ms: i64) {
     }
 }
 
+/// Forgets the windows opened since `.0` when dropped, also when an
+/// assertion failed first (a window left open would re-home other tests'
+/// writes).
+struct ForgetWindows(i64);
+
+impl Drop for ForgetWindows {
+    fn drop(&mut self) {
+        let since = self.0;
+        let _ = std::thread::spawn(move || {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime")
+                .block_on(forget_windows(since))
+        })
+        .join();
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn rehome_moves_a_region_s_users_and_back_in_every_database() {
     let table = TestTable::create("rehome").await;
@@ -282,7 +303,7 @@ async fn rehome_moves_a_region_s_users_and_back_in_every_database() {
         String::from_utf8_lossy(&out.stdout).trim().to_string()
     };
     assert_eq!(route(&b), a_name);
-    let since = now_ms() - 1_000;
+    let _forget = ForgetWindows(now_ms() - 1_000);
     let a_path = a.to_string_lossy().to_string();
 
     // Failover: A's users are homed in B, in both databases.
@@ -299,7 +320,7 @@ async fn rehome_moves_a_region_s_users_and_back_in_every_database() {
         ],
     );
     assert!(out.status.success(), "{}", text(&out));
-    let result = (async {
+    {
         assert_eq!(route(&b), b_name);
         assert_eq!(route(&a), b_name);
         let (in_a, in_b) = (
@@ -344,10 +365,7 @@ async fn rehome_moves_a_region_s_users_and_back_in_every_database() {
         );
         assert_eq!(in_a, in_b);
         assert!(in_b.iter().all(|w| !w.contains(" - ")), "{in_b:?}");
-    })
-    .await;
-    forget_windows(since).await;
-    result
+    }
 }
 
 /// A region's display_name of row `id`, with its origin.
@@ -400,17 +418,25 @@ async fn wait_name(table: &TestTable, id: i64, want: &str, within: Duration) {
     }
 }
 
-/// The short variant of the whole-region scenario, under `reject` (the
-/// policy that overwrote outage writes before failover homing): with
-/// MirrorMaker 2 paused, A commits changes that do not cross (the RPO
-/// window); A's users are re-homed in B; B writes one of the same rows
-/// (the race) and another of A's rows; then the mirror resumes. The outage
-/// writes end in both regions, the RPO change without a race is applied,
-/// the one that raced is recorded as a conflict in B, and A holds nothing.
+/// The short variant of the whole-region scenario, under each policy
+/// (`reject` and `manual` held, and `reject` overwrote, outage writes
+/// before failover homing): with MirrorMaker 2 paused, A commits changes
+/// that do not cross (the RPO window); A's users are re-homed in B; B
+/// writes one of the same rows (the race) and another of A's rows; then
+/// the mirror resumes. The outage writes end in both regions, the RPO
+/// change without a race is applied, the one that raced is recorded as a
+/// conflict in B, and A holds nothing. Prints RTO and RPO per policy.
 #[tokio::test(flavor = "multi_thread")]
-async fn outage_writes_survive_and_the_rpo_window_is_applied_or_recorded_under_reject() {
-    let table = TestTable::create("outage_reject").await;
-    let extra = "affinity = \"id\"\npolicy = \"reject\"";
+async fn outage_writes_survive_and_the_rpo_window_is_applied_or_recorded_under_each_policy() {
+    for policy in ["reject", "manual", "lww"] {
+        outage_scenario(policy).await;
+    }
+}
+
+async fn outage_scenario(policy: &str) {
+    let table = TestTable::create(&format!("outage_{policy}")).await;
+    let extra = format!("affinity = \"id\"\npolicy = \"{policy}\"");
+    let extra = extra.as_str();
     let quick = |toml: String| {
         toml.replace(
             "consumer_group =",
@@ -440,12 +466,13 @@ async fn outage_writes_survive_and_the_rpo_window_is_applied_or_recorded_under_r
     let mm2 = stack_pid("mirrormaker2");
     let paused = Continue(vec![mm2.clone()]);
     run(Command::new("kill").arg("-STOP").arg(&mm2));
-    set_name(&region_a(), &table, raced, "rpo-a-raced").await;
+    let failed = Instant::now();
+    let first_rpo_hlc = set_name(&region_a(), &table, raced, "rpo-a-raced").await;
     set_name(&region_a(), &table, rpo_only, "rpo-a-only").await;
     tokio::time::sleep(Duration::from_secs(1)).await;
 
     // Failover: A's users are homed in B from now on.
-    let since = now_ms() - 1_000;
+    let _forget = ForgetWindows(now_ms() - 1_000);
     let a_path = a.to_string_lossy().to_string();
     let out = regionsync(
         &b,
@@ -526,7 +553,6 @@ async fn outage_writes_survive_and_the_rpo_window_is_applied_or_recorded_under_r
     wait_name(&table, outage_only, "after-a", Duration::from_secs(60)).await;
     table.wait_converged(Duration::from_secs(60)).await;
 
-    forget_windows(since).await;
     worker_a.stop().await;
     worker_b.stop().await;
 }
