@@ -384,18 +384,20 @@ async fn name_of(region: &Region, table: &TestTable, id: i64) -> Option<(Option<
         .map(|r| (r.get(0), r.get(1)))
 }
 
-async fn set_name(region: &Region, table: &TestTable, id: i64, name: &str) {
+/// Updates row `id` in `region`; returns the write's HLC.
+async fn set_name(region: &Region, table: &TestTable, id: i64, name: &str) -> i64 {
     app_db(region)
         .await
-        .execute(
+        .query_one(
             &format!(
-                "UPDATE public.{} SET display_name = $1 WHERE id = $2",
+                "UPDATE public.{} SET display_name = $1 WHERE id = $2 RETURNING hlc",
                 table.name
             ),
             &[&name, &id],
         )
         .await
-        .expect("update");
+        .expect("update")
+        .get(0)
 }
 
 async fn wait_name(table: &TestTable, id: i64, want: &str, within: Duration) {
@@ -487,6 +489,24 @@ async fn outage_scenario(policy: &str) {
         ],
     );
     assert!(out.status.success(), "{}", text(&out));
+    // RTO here: the mirror's stop to B taking A's users as their home,
+    // without detection (the test knows); RPO: A's two changes not
+    // mirrored, from the first one's commit to the failover.
+    let rto = failed.elapsed();
+    let from_ms: i64 = admin_db(&region_b())
+        .await
+        .query_one(
+            "SELECT max(from_ms) FROM regionsync.homing WHERE region = $1",
+            &[&a_name],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let rpo_seconds = (from_ms - (first_rpo_hlc >> 16)) as f64 / 1000.0;
+    eprintln!(
+        "{policy}: RTO {:.1} s (mirror stopped -> rehome returned); RPO 2 changes, {rpo_seconds:.1} s",
+        rto.as_secs_f64()
+    );
     set_name(&region_b(), &table, raced, "outage-b-raced").await;
     set_name(&region_b(), &table, outage_only, "outage-b-only").await;
 
