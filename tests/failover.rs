@@ -17,7 +17,7 @@
 
 mod support;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
@@ -41,7 +41,7 @@ fn config_file(name: &str, toml: &str) -> PathBuf {
     path
 }
 
-fn regionsync(config: &PathBuf, args: &[&str]) -> Output {
+fn regionsync(config: &Path, args: &[&str]) -> Output {
     tokio::task::block_in_place(|| {
         Command::new(env!("CARGO_BIN_EXE_regionsync"))
             .arg("--config")
@@ -64,12 +64,7 @@ fn text(out: &Output) -> String {
 
 /// Runs `failover-check --json` until its exit code is `want`, within
 /// `within`; returns the JSON report then.
-async fn check_until(
-    config: &PathBuf,
-    want: i32,
-    within: Duration,
-    what: &str,
-) -> serde_json::Value {
+async fn check_until(config: &Path, want: i32, within: Duration, what: &str) -> serde_json::Value {
     let deadline = Instant::now() + within;
     loop {
         let out = regionsync(config, &["failover-check", "--max-lag", "30s", "--json"]);
