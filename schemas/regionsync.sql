@@ -74,6 +74,23 @@ CREATE TABLE IF NOT EXISTS regionsync.conflicts (
 CREATE INDEX IF NOT EXISTS conflicts_pending
     ON regionsync.conflicts (id) WHERE resolved_at IS NULL;
 
+-- Failover homing (DESIGN.md §3): while `region` is failed over, the rows
+-- homed there are homed in `acting_home`, for every write whose source commit
+-- time (ms) is in [from_ms, until_ms) (until_ms NULL: not back yet). Written
+-- by `regionsync rehome` with the same rows in every reachable region, read
+-- by the worker in each batch's transaction and by `regionsync route`.
+CREATE TABLE IF NOT EXISTS regionsync.homing (
+    region      text        NOT NULL,
+    acting_home text        NOT NULL,
+    from_ms     bigint      NOT NULL,
+    until_ms    bigint,
+    epoch       bigint      NOT NULL,
+    changed_at  timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (region, from_ms),
+    CHECK (until_ms IS NULL OR until_ms >= from_ms),
+    CHECK (region <> acting_home)
+);
+
 -- One row per region, touched every few seconds by that region's Debezium
 -- (heartbeat.action.query) so that an idle pipeline still carries a fresh
 -- source commit time to the other regions (DESIGN.md §5).

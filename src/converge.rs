@@ -794,3 +794,235 @@ mod tests {
         assert!(sim.divergence().is_some());
     }
 }
+
+/// The failover model (DESIGN.md §3, "Failover homing"): region X fails
+/// with some of its writes not yet mirrored (the RPO window), its rows are
+/// re-homed in Y, Y's users keep writing X's rows, X returns and the
+/// backlogs cross in any per-key FIFO interleaving, then X is failed back.
+/// Each region classifies every change through the same re-homing windows
+/// ([`crate::route::HomingOverrides`]), decides it with the worker's rule
+/// ([`crate::conflict::decide`]) under each policy, and applies it under the
+/// version guard.
+#[cfg(test)]
+mod failover_tests {
+    use super::*;
+    use crate::config::Policy;
+    use crate::conflict::{decide, Case};
+    use crate::route::{classify, HomingOverrides, HomingWindow};
+    use proptest::prelude::*;
+    use std::collections::{BTreeMap, BTreeSet, VecDeque};
+
+    const X: &str = "us-east-1";
+    const Y: &str = "eu-west-1";
+
+    type V = (i64, &'static str);
+
+    fn ver(v: &V) -> Version<'static> {
+        Version {
+            hlc: Hlc(v.0),
+            origin_region: v.1,
+        }
+    }
+
+    /// One committed write of a key.
+    #[derive(Clone, Debug)]
+    struct Write {
+        key: u8,
+        value: u32,
+        version: V,
+        replaced: Option<V>,
+        committed_ms: i64,
+    }
+
+    #[derive(Default)]
+    struct Region {
+        rows: BTreeMap<u8, (u32, V)>,
+        /// (key, incoming version) of every conflict recorded here.
+        recorded: BTreeSet<(u8, V)>,
+    }
+
+    impl Region {
+        fn local_write(&mut self, name: &'static str, key: u8, value: u32, wall_ms: i64) -> Write {
+            let old = self.rows.get(&key).map(|r| r.1);
+            let hlc = stamp_hlc(old.map(|o| Hlc(o.0)), None, wall_ms).0;
+            self.rows.insert(key, (value, (hlc, name)));
+            Write {
+                key,
+                value,
+                version: (hlc, name),
+                replaced: old,
+                committed_ms: wall_ms,
+            }
+        }
+
+        /// The worker of `local` applying `w` from `source`; panics if the
+        /// policy holds it (the homing must make that impossible here).
+        fn apply(
+            &mut self,
+            local: &'static str,
+            source: &'static str,
+            w: &Write,
+            policy: Policy,
+            homing: &HomingOverrides,
+        ) {
+            let stored = self.rows.get(&w.key).map(|r| r.1);
+            // Every key is naturally homed in X.
+            let home = homing.acting_home(X, w.committed_ms);
+            let stored_version = stored.as_ref().map(ver);
+            let d = decide(&Case {
+                class: classify(source, Some(home), local),
+                policy,
+                source,
+                incoming: ver(&w.version),
+                is_delete: false,
+                snapshot: false,
+                replaced: w.replaced.as_ref().map(ver),
+                row: stored_version.clone(),
+                tombstone: None,
+            });
+            assert!(
+                d.apply,
+                "{local} held {w:?} from {source} under {policy:?} (home {home})"
+            );
+            if d.record.is_some() {
+                self.recorded.insert((w.key, w.version));
+            }
+            if upsert_wins(&ver(&w.version), stored_version.as_ref(), None, None) {
+                self.rows.insert(w.key, (w.value, w.version));
+            }
+        }
+    }
+
+    fn policy() -> impl Strategy<Value = Policy> {
+        prop_oneof![
+            Just(Policy::Lww),
+            Just(Policy::Reject),
+            Just(Policy::Manual)
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+        #[test]
+        fn failover_and_failback_lose_no_outage_write_and_record_every_rpo_race(
+            policy in policy(),
+            before in proptest::collection::vec((0u8..4, 0i64..50), 1..30),
+            mirrored_share in 0usize..=100,
+            detection_ms in 200i64..3_000,
+            outage in proptest::collection::vec((0u8..4, 0i64..200), 0..30),
+            skew_x in -100i64..100,
+            skew_y in -100i64..100,
+            interleave in proptest::collection::vec(any::<bool>(), 0..120),
+            after in proptest::collection::vec((0u8..4, 0i64..50), 0..10),
+        ) {
+            let (mut x, mut y) = (Region::default(), Region::default());
+            let mut value = 0u32;
+            let mut next = || { value += 1; value };
+            let no_homing = HomingOverrides::default();
+            // Before the failure: X writes, a prefix of its stream reaches Y.
+            let mut t = 10_000;
+            let mut x_stream = VecDeque::new();
+            for (key, dt) in before {
+                t += dt + 1;
+                x_stream.push_back(x.local_write(X, key, next(), t + skew_x));
+            }
+            let mirrored = x_stream.len() * mirrored_share / 100;
+            for _ in 0..mirrored {
+                let w = x_stream.pop_front().unwrap();
+                y.apply(Y, X, &w, policy, &no_homing);
+            }
+            let rpo: Vec<Write> = x_stream.iter().cloned().collect();
+            // X fails at t; the operator re-homes X's rows in Y.
+            let from_ms = t + detection_ms;
+            let mut homing = HomingOverrides { windows: vec![HomingWindow {
+                region: X.into(), acting_home: Y.into(), from_ms, until_ms: None, epoch: 1,
+            }] };
+            // Y's users write X's rows, from when `route --current` sends
+            // them there (from_ms + max_clock_skew, more than the skews
+            // here); every write is acknowledged.
+            let mut t = from_ms + 200;
+            let mut y_stream = VecDeque::new();
+            for (key, dt) in outage {
+                t += dt + 1;
+                y_stream.push_back(y.local_write(Y, key, next(), t + skew_y));
+            }
+            let acknowledged: Vec<Write> = y_stream.iter().cloned().collect();
+            // X returns: both backlogs cross, interleaved.
+            let mut picks = interleave.into_iter();
+            while !x_stream.is_empty() || !y_stream.is_empty() {
+                let from_x = match (x_stream.is_empty(), y_stream.is_empty()) {
+                    (false, true) => true,
+                    (true, false) => false,
+                    _ => picks.next().unwrap_or(true),
+                };
+                if from_x {
+                    let w = x_stream.pop_front().unwrap();
+                    y.apply(Y, X, &w, policy, &homing);
+                } else {
+                    let w = y_stream.pop_front().unwrap();
+                    x.apply(X, Y, &w, policy, &homing);
+                }
+            }
+            // Failback: X's users write at X again.
+            let until_ms = t + 1_000;
+            homing.windows[0].until_ms = Some(until_ms);
+            homing.windows[0].epoch = 2;
+            let mut t = until_ms + 200;
+            let mut later = Vec::new();
+            for (key, dt) in after {
+                t += dt + 1;
+                let w = x.local_write(X, key, next(), t + skew_x);
+                y.apply(Y, X, &w, policy, &homing);
+                later.push(w);
+            }
+            // Both regions hold the same rows.
+            prop_assert_eq!(&x.rows, &y.rows);
+            // No outage write is overwritten by anything written before it:
+            // the final version of each key is at least its newest
+            // acknowledged outage write.
+            for w in &acknowledged {
+                let (_, final_version) = x.rows[&w.key];
+                prop_assert!(ver(&final_version) >= ver(&w.version),
+                    "outage write {:?} lost to {:?}", w, final_version);
+            }
+            // Every RPO change that is not the final version raced with an
+            // outage write and is recorded as a conflict in Y, or it was
+            // superseded by a later write of X itself.
+            for r in &rpo {
+                let (_, final_version) = x.rows[&r.key];
+                let superseded_by_x = rpo.iter().chain(&later)
+                    .any(|o| o.key == r.key && ver(&o.version) > ver(&r.version));
+                if final_version != r.version && !superseded_by_x {
+                    let raced = acknowledged.iter().any(|w| w.key == r.key);
+                    prop_assert!(raced, "RPO change {:?} vanished without a race", r);
+                    prop_assert!(y.recorded.contains(&(r.key, r.version))
+                        || x.recorded.iter().any(|(k, _)| *k == r.key),
+                        "RPO change {:?} lost to an outage write without a conflict record", r);
+                }
+            }
+        }
+    }
+
+    /// Without failover homing, `reject` in X holds Y's outage writes when
+    /// X returns: what the re-homing prevents.
+    #[test]
+    fn without_the_window_the_home_policy_holds_outage_writes() {
+        let mut y = Region::default();
+        let w = y.local_write(Y, 1, 7, 50_000);
+        let mut x = Region::default();
+        x.rows.insert(1, (3, (Hlc::new(40_000, 0).0, X)));
+        let stored = x.rows[&1].1;
+        let d = decide(&Case {
+            class: classify(Y, Some(X), X),
+            policy: Policy::Reject,
+            source: Y,
+            incoming: ver(&w.version),
+            is_delete: false,
+            snapshot: false,
+            replaced: None,
+            row: Some(ver(&stored)),
+            tombstone: None,
+        });
+        assert!(!d.apply);
+    }
+}

@@ -18,6 +18,7 @@
 //! | `change`   | the vocabulary decode makes and the later steps read        |
 //! | `decode`   | Debezium envelopes (JSON, Avro + registry) into changes     |
 //! | `route`    | where a change goes: table, relay, echo, residency, home    |
+//! | `homing`   | failover re-homing windows as stored in regionsync.homing   |
 //! | `conflict` | concurrent writes detected, recorded, settled by policy     |
 //! | `apply`    | changes rendered and written to PostgreSQL under the guard  |
 //! | `offsets`  | partition offsets stored with each batch                    |
@@ -40,6 +41,7 @@ pub mod config;
 pub mod conflict;
 pub mod converge;
 pub mod decode;
+pub mod homing;
 pub mod lag;
 pub mod metrics;
 pub mod offsets;

@@ -91,6 +91,55 @@ enum Command {
         /// us-east-1,eu-west-1. Default: `regions` from the config file.
         #[arg(long, value_delimiter = ',')]
         regions: Option<Vec<String>>,
+        /// The home for a write committed now, with the failover homing
+        /// (`regionsync rehome`) read from this region's database: what a
+        /// load balancer must follow. Exit 2 if the database does not
+        /// answer.
+        #[arg(long, conflicts_with = "regions")]
+        current: bool,
+    },
+    /// Fail a region's rows over to another region, or back (DESIGN.md §3,
+    /// RUNBOOK.md "Regional failover"). Writes the same homing, with a new
+    /// epoch, into this region's database and every --peer-config's; fails
+    /// naming any region it could not write.
+    Rehome {
+        /// The region whose rows move (the failed one).
+        #[arg(long)]
+        region: String,
+        /// The region that is their home from now on.
+        #[arg(long, required_unless_present = "back", conflicts_with = "back")]
+        to: Option<String>,
+        /// The region is home again.
+        #[arg(long)]
+        back: bool,
+        /// With --back: writes committed during this much longer still
+        /// belong to the acting home (while the load balancer moves the
+        /// users back), e.g. 10s.
+        #[arg(long, default_value = "0s", value_parser = humantime::parse_duration, requires = "back")]
+        drain: std::time::Duration,
+        /// The configuration of another region's worker, whose database is
+        /// written too (repeat for each region).
+        #[arg(long = "peer-config")]
+        peer_configs: Vec<PathBuf>,
+    },
+    /// Say whether this region may take over from the others now: every
+    /// mirrored partition applied to its high watermark (or its oldest
+    /// unapplied message younger than --max-lag), the newest heartbeat of
+    /// each source region younger than --max-lag, the worker ready, no
+    /// unsettled conflicts. Exit 0: it may; 1: it may not (each reason
+    /// printed: source region, partition, seconds and messages behind); 2:
+    /// cannot tell (database, Kafka or worker unreachable).
+    FailoverCheck {
+        /// The most a source region may be behind, e.g. 30s, 2m.
+        #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+        max_lag: std::time::Duration,
+        /// The worker's metrics endpoint, for /readyz (default: from
+        /// `metrics.listen` in the config).
+        #[arg(long)]
+        url: Option<String>,
+        /// Print the verdict, reasons and facts as JSON.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -142,7 +191,11 @@ fn main() -> ExitCode {
             let interval = *interval;
             return block_on(async move { ops::status::run(&url, seconds(interval)?).await });
         }
-        Command::Route { key, regions } => {
+        Command::Route {
+            key,
+            regions,
+            current: false,
+        } => {
             return match ops::route::home(&cli.config, key, regions.as_deref()) {
                 Ok(home) => {
                     println!("{home}");
@@ -165,6 +218,38 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if let Command::Route {
+        key, current: true, ..
+    } = &cli.command
+    {
+        let key = key.clone();
+        return match tokio::runtime::Runtime::new()
+            .map_err(anyhow::Error::from)
+            .and_then(|rt| rt.block_on(ops::route::current(&config, &key)))
+        {
+            Ok(home) => {
+                println!("{home}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("regionsync: {e:#}");
+                ExitCode::from(2)
+            }
+        };
+    }
+    if let Command::FailoverCheck { max_lag, url, json } = &cli.command {
+        let url = url.clone().unwrap_or_else(|| worker_url(&config));
+        let (max_lag, json) = (*max_lag, *json);
+        return match tokio::runtime::Runtime::new() {
+            Ok(rt) => {
+                ExitCode::from(rt.block_on(ops::failover_check::run(&config, &url, max_lag, json)))
+            }
+            Err(e) => {
+                eprintln!("regionsync: starting the runtime: {e}");
+                ExitCode::from(2)
+            }
+        };
+    }
     block_on(async move {
         match cli.command {
             Command::CheckConfig => {
@@ -174,11 +259,7 @@ fn main() -> ExitCode {
             Command::Setup => ops::setup::run(&config).await,
             Command::Run => regionsync::run(config, shutdown_signal(), true).await,
             Command::Status { interval, .. } => {
-                let url = format!(
-                    "http://{}",
-                    config.metrics.listen.replace("0.0.0.0", "127.0.0.1")
-                );
-                ops::status::run(&url, seconds(interval)?).await
+                ops::status::run(&worker_url(&config), seconds(interval)?).await
             }
             Command::Conflicts(ConflictsCommand::List { table, open, limit }) => {
                 ops::conflicts::list(&config, table.as_deref(), open, limit).await
@@ -186,9 +267,40 @@ fn main() -> ExitCode {
             Command::Conflicts(ConflictsCommand::Resolve { id, keep }) => {
                 ops::conflicts::resolve(&config, id, keep).await
             }
-            Command::Route { .. } => unreachable!("handled without a runtime"),
+            Command::Rehome {
+                region,
+                to,
+                back,
+                drain,
+                peer_configs,
+            } => {
+                let now = regionsync::clock::now_ms();
+                let change = match (to, back) {
+                    (Some(to), false) => ops::rehome::Change::Failover {
+                        region,
+                        to,
+                        from_ms: now,
+                    },
+                    _ => ops::rehome::Change::Failback {
+                        region,
+                        until_ms: now + drain.as_millis() as i64,
+                    },
+                };
+                ops::rehome::run(&config, &peer_configs, change).await
+            }
+            Command::Route { .. } | Command::FailoverCheck { .. } => {
+                unreachable!("handled above")
+            }
         }
     })
+}
+
+/// The worker's metrics endpoint from `metrics.listen` of the config.
+fn worker_url(config: &Config) -> String {
+    format!(
+        "http://{}",
+        config.metrics.listen.replace("0.0.0.0", "127.0.0.1")
+    )
 }
 
 /// Runs a command on a new runtime; its error is printed and fails the

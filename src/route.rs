@@ -179,6 +179,90 @@ impl Homing {
     }
 }
 
+/// One re-homing (DESIGN.md §3, "Failover homing"): the rows homed in
+/// `region` are homed in `acting_home` for every write committed at or
+/// after `from_ms` and before `until_ms` (`None`: still failed over), by
+/// its source commit time. Every region's `regionsync.homing` holds the
+/// same windows, so every region classifies every write alike, whenever
+/// and in whatever order it applies it.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct HomingWindow {
+    pub region: String,
+    pub acting_home: String,
+    pub from_ms: i64,
+    pub until_ms: Option<i64>,
+    /// The `rehome` command that last wrote it.
+    pub epoch: i64,
+}
+
+impl HomingWindow {
+    /// Whether a write committed at `committed_ms` falls in the window.
+    pub fn covers(&self, committed_ms: i64) -> bool {
+        self.from_ms <= committed_ms && self.until_ms.is_none_or(|u| committed_ms < u)
+    }
+}
+
+/// Every re-homing window, as read from `regionsync.homing`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct HomingOverrides {
+    pub windows: Vec<HomingWindow>,
+}
+
+impl HomingOverrides {
+    /// The home of a write to a row whose home is `home`, committed at
+    /// `committed_ms`: the acting home of a window that covers it, else
+    /// `home`. One step only: a region is never re-homed to a region that
+    /// is itself re-homed at that time (`rehome` refuses it).
+    pub fn acting_home<'a>(&'a self, home: &'a str, committed_ms: i64) -> &'a str {
+        self.windows
+            .iter()
+            .find(|w| w.region == home && w.covers(committed_ms))
+            .map_or(home, |w| w.acting_home.as_str())
+    }
+
+    /// For a write of region `source` committed at `committed_ms` and
+    /// applied now: how long before `source` was failed over it was
+    /// committed, if it was (the next failover of `source` after it). Such
+    /// a write was in the RPO window: committed, not mirrored when its
+    /// region failed. A replay of old changes counts again.
+    pub fn rpo_span_ms(&self, source: &str, committed_ms: i64) -> Option<i64> {
+        self.windows
+            .iter()
+            .filter(|w| w.region == source && w.from_ms > committed_ms)
+            .map(|w| w.from_ms - committed_ms)
+            .min()
+    }
+
+    /// The newest epoch among the windows (0: never re-homed).
+    pub fn epoch(&self) -> i64 {
+        self.windows.iter().map(|w| w.epoch).max().unwrap_or(0)
+    }
+
+    /// The open window of `region` (failed over and not back), if any.
+    pub fn open(&self, region: &str) -> Option<&HomingWindow> {
+        self.windows
+            .iter()
+            .find(|w| w.region == region && w.until_ms.is_none())
+    }
+
+    /// Where a load balancer sends a key's writes at `now_ms`
+    /// (`regionsync route --current`): its home for a write committed
+    /// `margin_ms` earlier (the config's `max_clock_skew`). A window's
+    /// users move in only once it has been open that long, and back out
+    /// only once it has been closed that long, so a writer whose clock is
+    /// up to `margin_ms` off still stamps its writes inside the window of
+    /// the region it writes in.
+    pub fn home_now<'a, S: AsRef<str>>(
+        &'a self,
+        key: &str,
+        regions: &'a [S],
+        now_ms: i64,
+        margin_ms: i64,
+    ) -> &'a str {
+        self.acting_home(home_region(key, regions), now_ms - margin_ms)
+    }
+}
+
 /// The multiplier of the 64-bit linear congruential step of the jump hash.
 pub const JUMP_LCG_MULTIPLIER: u64 = 2_862_933_555_777_941_757;
 

@@ -66,6 +66,9 @@ pub struct PreparedRow {
     pub pin: Option<String>,
     /// From a snapshot read (op `r`), not a write.
     pub snapshot: bool,
+    /// The source commit time (ms): which homing epoch the write belongs
+    /// to (route::HomingOverrides).
+    pub committed_ms: i64,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -81,6 +84,8 @@ pub struct PreparedDelete {
     pub home: Option<String>,
     /// The row's pin (`home_region_column`), from the before image.
     pub pin: Option<String>,
+    /// The source commit time (ms), as [`PreparedRow::committed_ms`].
+    pub committed_ms: i64,
 }
 
 impl PreparedRow {
@@ -121,6 +126,13 @@ impl Final {
         match self {
             Final::Upsert(r) => r.replaced = replaced,
             Final::Delete(d) => d.replaced = replaced,
+        }
+    }
+    /// The source commit time (ms).
+    pub fn committed_ms(&self) -> i64 {
+        match self {
+            Final::Upsert(r) => r.committed_ms,
+            Final::Delete(d) => d.committed_ms,
         }
     }
     pub fn home(&self) -> Option<&str> {
@@ -241,6 +253,7 @@ fn render(table: &TargetTable, row: Row, before: Option<&Row>) -> Result<Prepare
         home,
         pin,
         snapshot: false,
+        committed_ms: 0,
     })
 }
 
@@ -278,6 +291,7 @@ pub fn prepare(
             })?;
             let mut row = render(table, after, change.before.as_ref())?;
             row.snapshot = change.op == Op::Read;
+            row.committed_ms = change.source_ts_ms;
             Ok(Final::Upsert(row))
         }
         Op::Delete => {
@@ -316,6 +330,7 @@ pub fn prepare(
                 replaced: change.before.as_ref().and_then(version_of),
                 home: table.homing.as_ref().and_then(|h| h.home(&values)),
                 pin: table.homing.as_ref().and_then(|h| h.pin(&values)),
+                committed_ms: change.source_ts_ms,
             }))
         }
         Op::Truncate => Err(RowError::Shape {

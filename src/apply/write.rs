@@ -28,6 +28,11 @@ pub struct Applied {
     pub classes: [u64; 4],
     /// Upserts older than the tombstone grace for keys with no row: skipped.
     pub late: u64,
+    /// Changes committed in their region before it was failed over and
+    /// applied here only after (the RPO window), and the longest time
+    /// between such a commit and the failover (ms).
+    pub rpo: u64,
+    pub rpo_span_ms: i64,
 }
 
 impl std::ops::AddAssign for Applied {
@@ -39,6 +44,8 @@ impl std::ops::AddAssign for Applied {
         self.held += o.held;
         self.rejected += o.rejected;
         self.late += o.late;
+        self.rpo += o.rpo;
+        self.rpo_span_ms = self.rpo_span_ms.max(o.rpo_span_ms);
         for (a, b) in self.classes.iter_mut().zip(o.classes) {
             *a += b;
         }

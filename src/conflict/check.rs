@@ -14,7 +14,7 @@ use super::{decide, Case, Kind, Resolution};
 use crate::apply::{Final, TargetTable};
 use crate::clock::{Hlc, Version};
 use crate::config::Policy;
-use crate::route::{classify, WriteClass};
+use crate::route::{classify, HomingOverrides, WriteClass};
 
 /// What the check did to one table's batch.
 #[derive(Debug, Default)]
@@ -32,6 +32,10 @@ pub struct Checked<'a> {
     /// Upserts older than the tombstone grace for keys with no row here:
     /// not applied (their tombstone may be collected already).
     pub late: u64,
+    /// Changes of the RPO window (committed before their region failed
+    /// over, applied only now), and the longest span before the failover.
+    pub rpo: u64,
+    pub rpo_span_ms: i64,
 }
 
 struct Stored {
@@ -67,7 +71,9 @@ fn key_values<'f>(table: &TargetTable, f: &'f Final) -> Vec<Option<&'f str>> {
 /// Checks one table's collapsed changes from `source` in the caller's
 /// transaction, records the conflicts, and returns the changes to apply.
 /// Upserts with an HLC below `late_before` (now − tombstone grace) are
-/// applied only where their row is stored here.
+/// applied only where their row is stored here. A row's home is the acting
+/// home of a re-homing window covering the write's commit time, if any
+/// (`homing`, DESIGN.md §3 "Failover homing").
 pub async fn check<'a>(
     client: &impl CachingClient,
     table: &TargetTable,
@@ -75,12 +81,17 @@ pub async fn check<'a>(
     source: &str,
     local: &str,
     late_before: Option<Hlc>,
+    homing: &HomingOverrides,
 ) -> Result<Checked<'a>, tokio_postgres::Error> {
     let policy = table.homing.as_ref().map_or(Policy::Lww, |h| h.policy);
     let classes: Vec<WriteClass> = finals
         .iter()
         .map(|f| {
-            let home = table.homing.as_ref().and(f.home());
+            let home = table
+                .homing
+                .as_ref()
+                .and(f.home())
+                .map(|h| homing.acting_home(h, f.committed_ms()));
             match (&table.homing, home) {
                 (None, _) => WriteClass::Shared,
                 // A homed table's row without a home value: as if shared.
@@ -89,6 +100,13 @@ pub async fn check<'a>(
             }
         })
         .collect();
+    let (mut rpo, mut rpo_span_ms) = (0, 0);
+    for f in &finals {
+        if let Some(span) = homing.rpo_span_ms(source, f.committed_ms()) {
+            rpo += 1;
+            rpo_span_ms = rpo_span_ms.max(span);
+        }
+    }
     let mut class_counts = [0u64; 4];
     for c in &classes {
         class_counts[c.index()] += 1;
@@ -147,6 +165,8 @@ pub async fn check<'a>(
         rejected,
         classes: class_counts,
         late: too_late,
+        rpo,
+        rpo_span_ms,
     })
 }
 

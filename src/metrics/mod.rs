@@ -49,6 +49,22 @@ pub const READY: &str = "regionsync_ready";
 /// effects are committed here. Label: source_region.
 pub const LAST_APPLIED_SOURCE_TIMESTAMP: &str = "regionsync_last_applied_source_timestamp_seconds";
 
+/// Changes committed in their region before it was failed over and applied
+/// here only after (the RPO window of that failover). Label: source_region.
+pub const RPO_CHANGES_TOTAL: &str = "regionsync_rpo_changes_total";
+/// The longest time, in seconds, between such a change's commit and its
+/// region's failover, as seen by this worker. Label: source_region.
+pub const RPO_WINDOW_SECONDS: &str = "regionsync_rpo_window_seconds";
+/// The newest failover homing epoch in this region's database (0: never
+/// re-homed).
+pub const HOMING_EPOCH: &str = "regionsync_homing_epoch";
+/// 1 while `region`'s rows are homed in `acting_home` (an open failover),
+/// else 0. Labels: region, acting_home.
+pub const REHOMED: &str = "regionsync_rehomed";
+/// When the newest failover began (Unix seconds); `time() - ` it is the time
+/// since the last failover.
+pub const LAST_FAILOVER_TIMESTAMP: &str = "regionsync_last_failover_timestamp_seconds";
+
 /// Outcome label values.
 pub mod outcome {
     pub const APPLIED: &str = "applied";

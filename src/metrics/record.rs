@@ -4,7 +4,10 @@
 
 use std::collections::HashMap;
 
-use super::{outcome, APPLY_BATCH_ROWS, CONFLICTS_TOTAL, EVENTS_TOTAL, WRITES_BY_CLASS_TOTAL};
+use super::{
+    outcome, APPLY_BATCH_ROWS, CONFLICTS_TOTAL, EVENTS_TOTAL, RPO_CHANGES_TOTAL,
+    RPO_WINDOW_SECONDS, WRITES_BY_CLASS_TOTAL,
+};
 use crate::apply::Applied;
 use crate::config::Policy;
 use crate::route::WriteClass;
@@ -47,6 +50,12 @@ pub fn batch(
         if a.conflicts > 0 {
             metrics::counter!(CONFLICTS_TOTAL, "table" => name.clone(), "policy" => policy.as_str()).increment(a.conflicts);
         }
+        if a.rpo > 0 {
+            metrics::counter!(RPO_CHANGES_TOTAL, "source_region" => region.clone())
+                .increment(a.rpo);
+            let span = rpo_span_max(&region, a.rpo_span_ms as f64 / 1000.0);
+            metrics::gauge!(RPO_WINDOW_SECONDS, "source_region" => region.clone()).set(span);
+        }
         for class in WriteClass::ALL {
             let n = a.classes[class.index()];
             if n > 0 {
@@ -61,4 +70,16 @@ pub fn batch(
         metrics::counter!(EVENTS_TOTAL, "source_region" => region.clone(), "table" => "", "op" => "", "outcome" => outcome::DLQ).increment(dlq as u64);
     }
     metrics::histogram!(APPLY_BATCH_ROWS).record(batch_len as f64);
+}
+
+/// The longest RPO span seen from `region` by this process, with `span`.
+fn rpo_span_max(region: &str, span: f64) -> f64 {
+    static MAX: std::sync::Mutex<Option<HashMap<String, f64>>> = std::sync::Mutex::new(None);
+    let mut max = MAX.lock().expect("rpo lock");
+    let slot = max
+        .get_or_insert_with(HashMap::new)
+        .entry(region.to_string())
+        .or_insert(0.0);
+    *slot = slot.max(span);
+    *slot
 }

@@ -7,8 +7,12 @@
 //! | `status` | `regionsync status`: one worker's picture from its metrics |
 //! | `conflicts` | `regionsync conflicts list|resolve` |
 //! | `route` | `regionsync route KEY`: a key's home region |
+//! | `rehome` | `regionsync rehome`: a region's rows homed elsewhere, and back |
+//! | `failover_check` | `regionsync failover-check`: may this region take over? |
 
 pub mod conflicts;
+pub mod failover_check;
+pub mod rehome;
 pub mod route;
 pub mod setup;
 pub mod status;

@@ -114,9 +114,33 @@ pub(super) async fn report_lag(worker: Arc<Worker>) {
             }
         }
         if n % 5 == 0 {
+            report_homing(&worker).await;
             let ready = worker.check().await.is_ok();
             metrics::gauge!(m::READY).set(if ready { 1.0 } else { 0.0 });
         }
+    }
+}
+
+/// Sets the failover homing gauges from `regionsync.homing` (a failed read
+/// leaves them as they were).
+async fn report_homing(worker: &Worker) {
+    let read = async {
+        let client = worker.pool.get().await.map_err(|e| e.to_string())?;
+        crate::homing::load(&**client)
+            .await
+            .map_err(|e| e.to_string())
+    };
+    let Ok(Ok(homing)) = tokio::time::timeout(Duration::from_millis(800), read).await else {
+        return;
+    };
+    metrics::gauge!(m::HOMING_EPOCH).set(homing.epoch() as f64);
+    for w in &homing.windows {
+        let open = if w.until_ms.is_none() { 1.0 } else { 0.0 };
+        metrics::gauge!(m::REHOMED, "region" => w.region.clone(), "acting_home" => w.acting_home.clone())
+            .set(open);
+    }
+    if let Some(newest) = homing.windows.iter().map(|w| w.from_ms).max() {
+        metrics::gauge!(m::LAST_FAILOVER_TIMESTAMP).set(newest as f64 / 1000.0);
     }
 }
 

@@ -27,9 +27,10 @@ use crate::config::{Config, LateChanges, Policy};
 use crate::conflict;
 use crate::decode::registry::AvroSource;
 use crate::decode::{self, DecodeError};
+use crate::homing;
 use crate::metrics::{self as m, outcome, record, retry};
 use crate::offsets;
-use crate::route::{self, Decision};
+use crate::route::{self, Decision, HomingOverrides};
 use crate::source::dlq::DeadLetter;
 
 /// A message the batch could not use, bound for the dead-letter topic.
@@ -407,6 +408,16 @@ async fn commit<M: Message>(
         .await
         .map_err(classify)?;
     let mut counts: HashMap<usize, Applied> = HashMap::new();
+    // Read in the batch's transaction: a `rehome` committed before it is
+    // seen by it (DESIGN.md §3, "Failover homing").
+    let homed = steps
+        .iter()
+        .any(|s| matches!(s, Step::Row { table, .. } if worker.tables[*table].homing.is_some()));
+    let homing = if homed {
+        homing::load(&*tx).await.map_err(classify)?
+    } else {
+        HomingOverrides::default()
+    };
     let late_before = (worker.config.late_changes == LateChanges::Skip).then(|| {
         let grace_ms = worker.config.tombstone_grace.as_millis() as i64;
         Hlc::new(clock::now_ms() - grace_ms, 0)
@@ -432,6 +443,7 @@ async fn commit<M: Message>(
                         source_region,
                         &worker.config.region,
                         late_before,
+                        &homing,
                     )
                     .await
                     .map_err(classify)?;
@@ -447,6 +459,8 @@ async fn commit<M: Message>(
                         rejected: checked.rejected,
                         classes: checked.classes,
                         late: checked.late,
+                        rpo: checked.rpo,
+                        rpo_span_ms: checked.rpo_span_ms,
                         ..Applied::default()
                     };
                     let a = apply::apply_finals(&tx, &worker.tables[t], &checked.finals)
