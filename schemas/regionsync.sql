@@ -47,6 +47,22 @@ CREATE TABLE IF NOT EXISTS regionsync.truncations (
     truncated_at  timestamptz NOT NULL DEFAULT now()
 );
 
+-- Every column each replicated table has had in this region, recorded by
+-- the worker whenever it reads the table's layout (docs/SCHEMA-CHANGES.md).
+-- A source column the target lacks but once had was dropped here: it is
+-- ignored; or renamed here (the same table's column number now has another
+-- name): its values go to the renamed column. One it never had is new
+-- upstream: its partition is held until the column is added here, so no
+-- value is lost.
+CREATE TABLE IF NOT EXISTS regionsync.known_columns (
+    table_name  text        NOT NULL,
+    column_name text        NOT NULL,
+    table_oid   oid         NOT NULL,
+    attnum      smallint    NOT NULL,
+    first_seen  timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (table_name, column_name)
+);
+
 -- Concurrent writes and held cross-region writes (DESIGN.md §3, §4), with
 -- both versions: the one stored here (NULL row: deleted here) and the remote
 -- one (NULL row: a delete). resolution: remote_won / local_kept (lww,

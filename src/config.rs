@@ -90,6 +90,34 @@ pub enum OnError {
     Stop,
 }
 
+/// What to do with a change that meets a schema difference between its
+/// source and the target (docs/SCHEMA-CHANGES.md): a column the target
+/// does not have yet, a value the target's narrower type cannot hold, a
+/// NOT NULL the source did not have.
+#[derive(Clone, Copy, Debug, Deserialize, serde::Serialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum OnSchemaMismatch {
+    /// Hold the partition at the change and retry, reading the table's
+    /// layout again each time, until the migration reaches this region
+    /// (the default).
+    #[default]
+    Hold,
+    /// Send the change to the dead-letter topic (reason `schema_mismatch`).
+    Dlq,
+    /// Stop the worker; the offset stays before the change.
+    Stop,
+}
+
+impl OnSchemaMismatch {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OnSchemaMismatch::Hold => "hold",
+            OnSchemaMismatch::Dlq => "dlq",
+            OnSchemaMismatch::Stop => "stop",
+        }
+    }
+}
+
 #[derive(Clone, Debug, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
@@ -106,6 +134,10 @@ pub struct Config {
     pub consumer_group: Option<String>,
     #[serde(default)]
     pub on_error: OnError,
+    /// A change that meets a schema difference (docs/SCHEMA-CHANGES.md);
+    /// `tables[].on_schema_mismatch` overrides it per table.
+    #[serde(default)]
+    pub on_schema_mismatch: OnSchemaMismatch,
     /// Dead-letter topic on the local Kafka; default `regionsync.dlq.<region>`.
     #[serde(default)]
     pub dlq_topic: Option<String>,
@@ -510,6 +542,14 @@ pub struct TableConfig {
     /// Merged whatever the row's version, so no region's increments are lost.
     #[serde(default)]
     pub counters: BTreeMap<String, String>,
+    /// Source columns deliberately not replicated (the target lacks them by
+    /// design). Any other source column the target does not have, and never
+    /// had, holds the partition until it is added (docs/SCHEMA-CHANGES.md).
+    #[serde(default)]
+    pub ignore_columns: Vec<String>,
+    /// This table's `on_schema_mismatch`; default: the global one.
+    #[serde(default)]
+    pub on_schema_mismatch: Option<OnSchemaMismatch>,
 }
 
 /// The `affinity` value of a table whose rows have no home.
@@ -1074,6 +1114,16 @@ impl Config {
                 if !is_region_name(pattern.strip_suffix('*').unwrap_or(pattern)) {
                     p.push(format!(
                         "tables[{i}].residency[{j}]: {pattern:?} is neither a region name nor a prefix ending in *"
+                    ));
+                }
+            }
+            for (j, c) in t.ignore_columns.iter().enumerate() {
+                if t.key.contains(c)
+                    || t.target_column(c) == "hlc"
+                    || t.target_column(c) == "origin_region"
+                {
+                    p.push(format!(
+                        "tables[{i}].ignore_columns[{j}]: {c:?} is a key or version column, which every change needs"
                     ));
                 }
             }

@@ -405,6 +405,8 @@ mod tests {
             policy: Policy::Lww,
             residency: vec![],
             counters: Default::default(),
+            ignore_columns: vec![],
+            on_schema_mismatch: None,
         }
     }
 

@@ -38,5 +38,5 @@ pub mod tombstones;
 mod write;
 
 pub use prepare::{collapse, prepare, Final, PreparedDelete, PreparedRow, RowError};
-pub use table::{quote_ident, TableError, TargetTable};
+pub use table::{quote_ident, Fit, TableError, TargetTable, UnknownColumn};
 pub use write::{apply_finals, apply_truncate, Applied};

@@ -9,8 +9,10 @@ use std::borrow::Cow;
 
 use rustc_hash::FxHashMap;
 
-use super::TargetTable;
-use crate::change::{Change, Field, Op, Row};
+use super::table::UnknownColumn;
+use super::{quote_ident, TargetTable};
+use crate::change::{Change, Field, Op, Row, Typed};
+use crate::config::OnSchemaMismatch;
 
 /// A change that cannot be applied, for the dead-letter topic.
 #[derive(Debug, thiserror::Error)]
@@ -27,6 +29,16 @@ pub enum RowError {
     },
     #[error("{table}: {problem}")]
     Shape { table: String, problem: String },
+    /// The change meets a schema difference between its source and this
+    /// region (a migration run in one region first): `problem` names the
+    /// column, the types and what to run.
+    #[error("{table}: {problem}")]
+    Schema {
+        table: String,
+        problem: String,
+        /// The table's `on_schema_mismatch`.
+        policy: OnSchemaMismatch,
+    },
 }
 
 impl RowError {
@@ -35,6 +47,7 @@ impl RowError {
         match self {
             RowError::Value { .. } => "bad_value",
             RowError::Shape { .. } => "bad_shape",
+            RowError::Schema { .. } => "schema_mismatch",
         }
     }
 }
@@ -179,6 +192,94 @@ fn named_row_error(table: &TargetTable, column: &str, problem: impl ToString) ->
     }
 }
 
+/// What a source value is, for a message about a column: its Debezium
+/// semantic type, or its kind.
+fn describe(typed: &Typed) -> String {
+    if let Some(semantic) = &typed.semantic {
+        return semantic.to_string();
+    }
+    match &typed.field {
+        Field::Null => "null",
+        Field::Bool(_) => "boolean",
+        Field::Int(_) => "integer",
+        Field::Float(_) => "floating point",
+        Field::String(_) => "string",
+        Field::Bytes(_) => "bytes",
+        Field::Decimal { .. } => "decimal",
+        Field::Array(_) => "array",
+        Field::Json(_) => "json",
+        Field::Unavailable => "unchanged toast",
+    }
+    .to_owned()
+}
+
+/// A value this region's column cannot hold exactly, though the source's
+/// held it: a widening run upstream first.
+fn does_not_fit(table: &TargetTable, idx: usize, why: &str) -> RowError {
+    let (column, pg_type) = &table.columns[idx];
+    RowError::Schema {
+        table: table.name.clone(),
+        problem: format!(
+            "column {column} ({pg_type}): {why}, though the source region's column held it: \
+             was the column widened there first? Widen it here too \
+             (ALTER TABLE {ident} ALTER COLUMN {col} TYPE <the source's type>), \
+             or set on_schema_mismatch = \"dlq\" if this region's type is narrower by design",
+            ident = table.ident,
+            col = quote_ident(column),
+        ),
+        policy: table.on_schema_mismatch,
+    }
+}
+
+/// Source columns this region's table does not have and never had: added
+/// upstream first, or renamed there.
+fn new_column(
+    table: &TargetTable,
+    new: &[(String, String)],
+    values: &[(usize, Option<String>)],
+    unavailable: &[usize],
+) -> RowError {
+    // Columns here the change does not carry: what a rename came from.
+    let missing: Vec<&str> = (0..table.columns.len())
+        .filter(|i| {
+            !values.iter().any(|(v, _)| v == i)
+                && !unavailable.contains(i)
+                && !table.key.contains(i)
+        })
+        .map(|i| table.columns[i].0.as_str())
+        .filter(|c| !matches!(*c, "hlc" | "origin_region"))
+        .collect();
+    let (column, kind) = &new[0];
+    let others = if new.len() > 1 {
+        let rest: Vec<&str> = new[1..].iter().map(|(c, _)| c.as_str()).collect();
+        format!(" (and {})", rest.join(", "))
+    } else {
+        String::new()
+    };
+    let rename = match missing.first() {
+        Some(old) => format!(
+            "; if it was renamed from {old} there, rename it here too \
+             (ALTER TABLE {ident} RENAME COLUMN {old_q} TO {col}) or map it (columns = {{ {column} = \"{old}\" }})",
+            ident = table.ident,
+            old_q = quote_ident(old),
+            col = quote_ident(column),
+        ),
+        None => String::new(),
+    };
+    RowError::Schema {
+        table: table.name.clone(),
+        problem: format!(
+            "source column {column}{others} ({kind}) is not in this region's table, which never had it: \
+             was it added in the source region first? Add it here \
+             (ALTER TABLE {ident} ADD COLUMN {col} <type>){rename}; \
+             or, to leave it out here by design, list it in ignore_columns",
+            ident = table.ident,
+            col = quote_ident(column),
+        ),
+        policy: table.on_schema_mismatch,
+    }
+}
+
 fn int_of(row: &Row, column: &str) -> Option<i64> {
     match row.get(column).map(|t| &t.field) {
         Some(Field::Int(v)) => Some(*v),
@@ -220,9 +321,15 @@ fn render(table: &TargetTable, row: Row, before: Option<&Row>) -> Result<Prepare
         .to_string();
     let mut values = Vec::with_capacity(row.len());
     let mut unavailable = Vec::new();
+    let mut new_columns = Vec::new();
     for (source_col, typed) in row {
-        // Columns the target does not have are not replicated.
         let Some(idx) = table.column_index(&source_col) else {
+            // Dropped here or not replicated by configuration: left out.
+            // Never had: added upstream first, and its values must not be
+            // lost (reported below, once every column is seen).
+            if table.unknown_column(&source_col) == UnknownColumn::New {
+                new_columns.push((source_col, describe(&typed)));
+            }
             continue;
         };
         let ty = &table.pg_types[idx];
@@ -238,7 +345,18 @@ fn render(table: &TargetTable, row: Row, before: Option<&Row>) -> Result<Prepare
         } else {
             typed.into_pg_text_as(ty)
         };
-        values.push((idx, text.map_err(|e| row_error(table, idx, e))?));
+        let text = text.map_err(|e| row_error(table, idx, e))?;
+        if let Some(t) = &text {
+            // A value the source's column held and this one cannot: the
+            // source's column is wider (widened there first).
+            table.fits[idx]
+                .check(t)
+                .map_err(|why| does_not_fit(table, idx, &why))?;
+        }
+        values.push((idx, text));
+    }
+    if !new_columns.is_empty() {
+        return Err(new_column(table, &new_columns, &values, &unavailable));
     }
     let key_values = key_values(table, &values)?;
     let home = table.homing.as_ref().and_then(|h| h.home(&values));
@@ -383,7 +501,7 @@ mod tests {
     use crate::route::Homing;
 
     fn table() -> TargetTable {
-        TargetTable::for_tests(
+        let mut t = TargetTable::for_tests(
             "public.users",
             &[
                 ("id", "bigint"),
@@ -392,7 +510,10 @@ mod tests {
                 ("hlc", "bigint"),
                 ("origin_region", "text"),
             ],
-        )
+        );
+        // The rows below carry a column this table had and dropped.
+        t.once_had.insert("dropped_in_target".into());
+        t
     }
 
     fn t(field: Field) -> Typed {
@@ -604,6 +725,76 @@ mod tests {
         }
         assert!(!text.contains("column :"), "{text}");
         assert_eq!(err.reason(), "bad_value");
+    }
+
+    #[test]
+    fn a_column_new_upstream_is_a_schema_mismatch_naming_it_and_the_fix() {
+        let mut t = table();
+        t.once_had.remove("dropped_in_target");
+        let c = change(
+            Op::Create,
+            7,
+            None,
+            Some(row(7, "a@x", Field::String("b".into()), 1)),
+        );
+        let err = prepare(&t, c.clone(), "us-east-1").unwrap_err();
+        let text = err.to_string();
+        assert!(
+            text.starts_with("public.users: source column dropped_in_target (integer)"),
+            "{text}"
+        );
+        assert!(
+            text.contains("ALTER TABLE \"public\".\"users\" ADD COLUMN \"dropped_in_target\""),
+            "{text}"
+        );
+        assert!(text.contains("ignore_columns"), "{text}");
+        assert_eq!(err.reason(), "schema_mismatch");
+        // A rename: the target has a column the change does not carry.
+        let mut r = row(7, "a@x", Field::String("b".into()), 1);
+        r.remove("bio");
+        let err = prepare(&t, change(Op::Create, 7, None, Some(r)), "us-east-1").unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("RENAME COLUMN \"bio\" TO \"dropped_in_target\""),
+            "{err}"
+        );
+        // Listed in ignore_columns: left out.
+        t.ignored.insert("dropped_in_target".into());
+        assert!(prepare(&t, c.clone(), "us-east-1").is_ok());
+        // A delete needs only its key: never held by a new column.
+        let before = row(7, "a@x", Field::Null, 1);
+        t.ignored.clear();
+        assert!(prepare(&t, change(Op::Delete, 7, Some(before), None), "us-east-1").is_ok());
+    }
+
+    #[test]
+    fn a_value_the_target_column_cannot_hold_is_a_schema_mismatch() {
+        let narrow = TargetTable::for_tests(
+            "public.users",
+            &[
+                ("id", "bigint"),
+                ("email", "character varying(3)"),
+                ("bio", "text"),
+                ("hlc", "bigint"),
+                ("origin_region", "text"),
+            ],
+        );
+        let mut r = row(7, "a@xyz", Field::Null, 1);
+        r.remove("dropped_in_target");
+        let err = prepare(&narrow, change(Op::Create, 7, None, Some(r)), "us-east-1").unwrap_err();
+        let text = err.to_string();
+        assert!(
+            text.starts_with("public.users: column email (character varying(3)): a value of 5 characters does not fit"),
+            "{text}"
+        );
+        assert!(text.contains("ALTER COLUMN \"email\" TYPE"), "{text}");
+        assert!(matches!(
+            err,
+            RowError::Schema {
+                policy: OnSchemaMismatch::Hold,
+                ..
+            }
+        ));
     }
 
     #[test]

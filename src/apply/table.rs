@@ -4,11 +4,13 @@
 //! statements are built from.
 
 use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
 
-use rustc_hash::FxHashMap;
+use rustc_hash::{FxHashMap, FxHashSet};
+use tracing::info;
 
 use super::pg_text::PgType;
-use crate::config::{TableConfig, SHARED};
+use crate::config::{OnSchemaMismatch, TableConfig, SHARED};
 use crate::route::Homing;
 
 /// A replicated table as the target database describes it.
@@ -34,6 +36,166 @@ pub struct TargetTable {
     /// CRDT counters: (counter column, companion column of per-region
     /// components), positions in `columns`.
     pub counters: Vec<(usize, usize)>,
+    /// What each column can hold beyond its type's syntax, in `columns`
+    /// order: a value the source held but this region's narrower column
+    /// would cut, round or refuse is a schema mismatch, not bad data.
+    pub fits: Vec<Fit>,
+    /// Every column this table has had in this region
+    /// (`regionsync.known_columns`): a source column among them that the
+    /// table lacks now was dropped here.
+    pub once_had: FxHashSet<String>,
+    /// Source columns deliberately not replicated (`ignore_columns`).
+    pub ignored: FxHashSet<String>,
+    /// Source → target column renames (`columns`).
+    pub renames: BTreeMap<String, String>,
+    /// What a change meeting a schema difference does.
+    pub on_schema_mismatch: OnSchemaMismatch,
+    /// Dropped columns already logged as ignored (logged once per layout).
+    dropped_logged: Arc<Mutex<FxHashSet<String>>>,
+}
+
+/// What a source column the target table does not have is.
+#[derive(Debug, PartialEq, Eq)]
+pub enum UnknownColumn {
+    /// Listed in `ignore_columns`, or dropped here (the table once had it).
+    Ignored,
+    /// New upstream: the table never had it.
+    New,
+}
+
+/// The limit a column's type puts on a value beyond its syntax, where an
+/// explicit cast would cut or round instead of refusing (varchar(n),
+/// numeric(p,s)) or a range narrower than the source's may be (smallint,
+/// integer).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fit {
+    Any,
+    /// `character varying(n)`, or `character(n)` (`padded`: trailing
+    /// blanks do not count).
+    Chars {
+        max: usize,
+        padded: bool,
+    },
+    Int {
+        min: i64,
+        max: i64,
+    },
+    /// `numeric(p, s)`: at most `p - s` digits before the point, none
+    /// but zeros after the `s`th.
+    Numeric {
+        precision: u32,
+        scale: u32,
+    },
+}
+
+impl Fit {
+    /// The limit of a type as `format_type` prints it.
+    pub fn of(pg_type: &str) -> Fit {
+        let t = pg_type.trim();
+        let number = |rest: &str| -> Vec<u32> {
+            rest.trim_end_matches(')')
+                .split(',')
+                .filter_map(|n| n.trim().parse().ok())
+                .collect()
+        };
+        if let Some(rest) = t.strip_prefix("character varying(") {
+            if let [n] = number(rest)[..] {
+                return Fit::Chars {
+                    max: n as usize,
+                    padded: false,
+                };
+            }
+        }
+        if let Some(rest) = t.strip_prefix("character(") {
+            if let [n] = number(rest)[..] {
+                return Fit::Chars {
+                    max: n as usize,
+                    padded: true,
+                };
+            }
+        }
+        if let Some(rest) = t.strip_prefix("numeric(") {
+            match number(rest)[..] {
+                [p] => {
+                    return Fit::Numeric {
+                        precision: p,
+                        scale: 0,
+                    }
+                }
+                [p, s] => {
+                    return Fit::Numeric {
+                        precision: p,
+                        scale: s,
+                    }
+                }
+                _ => {}
+            }
+        }
+        match t {
+            "smallint" => Fit::Int {
+                min: i16::MIN.into(),
+                max: i16::MAX.into(),
+            },
+            "integer" => Fit::Int {
+                min: i32::MIN.into(),
+                max: i32::MAX.into(),
+            },
+            _ => Fit::Any,
+        }
+    }
+
+    /// `Err(why)` if the column cannot hold `text` exactly. Text that is
+    /// not a number where one is expected passes: PostgreSQL refuses it,
+    /// as the data's fault.
+    pub fn check(self, text: &str) -> Result<(), String> {
+        match self {
+            Fit::Any => Ok(()),
+            Fit::Chars { max, padded } => {
+                if text.len() <= max {
+                    return Ok(());
+                }
+                let text = if padded {
+                    text.trim_end_matches(' ')
+                } else {
+                    text
+                };
+                let n = text.chars().count();
+                if n <= max {
+                    Ok(())
+                } else {
+                    Err(format!("a value of {n} characters does not fit"))
+                }
+            }
+            Fit::Int { min, max } => match text.parse::<i64>() {
+                Ok(v) if v < min || v > max => Err(format!("the value {v} is out of its range")),
+                _ => Ok(()),
+            },
+            Fit::Numeric { precision, scale } => {
+                let digits = text.strip_prefix('-').unwrap_or(text);
+                let (int, frac) = digits.split_once('.').unwrap_or((digits, ""));
+                if int.is_empty()
+                    || !int.bytes().all(|b| b.is_ascii_digit())
+                    || !frac.bytes().all(|b| b.is_ascii_digit())
+                {
+                    return Ok(());
+                }
+                let int_digits = int.trim_start_matches('0').len() as u32;
+                let frac_digits = frac.trim_end_matches('0').len() as u32;
+                if int_digits > precision.saturating_sub(scale) {
+                    Err(format!(
+                        "the value {text} has {int_digits} digits before the point, the column at most {}",
+                        precision.saturating_sub(scale)
+                    ))
+                } else if frac_digits > scale {
+                    Err(format!(
+                        "the value {text} has {frac_digits} digits after the point, the column keeps {scale} (it would be rounded)"
+                    ))
+                } else {
+                    Ok(())
+                }
+            }
+        }
+    }
 }
 /// Quotes an identifier for SQL (names come from configuration).
 pub fn quote_ident(name: &str) -> String {
@@ -63,6 +225,11 @@ pub enum TableError {
     },
     #[error("table {table}: key {key:?} is not its primary key or a unique index")]
     KeyNotUnique { table: String, key: Vec<String> },
+    #[error("table {table}: recording its columns in regionsync.known_columns (is the schema current? `regionsync setup` updates it): {source}")]
+    KnownColumns {
+        table: String,
+        source: tokio_postgres::Error,
+    },
     #[error(transparent)]
     Postgres(#[from] tokio_postgres::Error),
 }
@@ -78,7 +245,7 @@ impl TargetTable {
         let name = format!("{schema}.{table}");
         let rows = client
             .query(
-                "SELECT a.attname::text, format_type(a.atttypid, a.atttypmod)
+                "SELECT a.attname::text, format_type(a.atttypid, a.atttypmod), a.attnum, c.oid
                    FROM pg_attribute a
                    JOIN pg_class c ON c.oid = a.attrelid
                    JOIN pg_namespace n ON n.oid = c.relnamespace
@@ -92,6 +259,8 @@ impl TargetTable {
             return Err(TableError::Missing(name));
         }
         let columns: Vec<(String, String)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+        let attnums: Vec<i16> = rows.iter().map(|r| r.get(2)).collect();
+        let oid: u32 = rows[0].get(3);
         let position = |c: &str| columns.iter().position(|(n, _)| n == c);
         let mut key = Vec::new();
         for k in &config.key {
@@ -165,8 +334,60 @@ impl TargetTable {
         } else {
             None
         };
+        // Every column seen is remembered, so that one missing later is
+        // known for dropped or renamed here, not new upstream (also across
+        // restarts).
+        let names: Vec<&str> = columns.iter().map(|(n, _)| n.as_str()).collect();
+        let known = |source| TableError::KnownColumns {
+            table: name.clone(),
+            source,
+        };
+        client
+            .execute(
+                "INSERT INTO regionsync.known_columns AS k (table_name, column_name, table_oid, attnum)
+                 SELECT $1::text, unnest($2::text[]), $3::oid, unnest($4::smallint[])
+                 ON CONFLICT (table_name, column_name) DO UPDATE
+                    SET table_oid = EXCLUDED.table_oid, attnum = EXCLUDED.attnum
+                  WHERE (k.table_oid, k.attnum) IS DISTINCT FROM (EXCLUDED.table_oid, EXCLUDED.attnum)",
+                &[&name, &names, &oid, &attnums],
+            )
+            .await
+            .map_err(known)?;
+        let mut once_had = FxHashSet::default();
+        let mut renamed_here = Vec::new();
+        for r in client
+            .query(
+                "SELECT column_name, table_oid, attnum FROM regionsync.known_columns WHERE table_name = $1",
+                &[&name],
+            )
+            .await
+            .map_err(known)?
+        {
+            let (column, was_oid, was_attnum): (String, u32, i16) = (r.get(0), r.get(1), r.get(2));
+            // The same table's column number under another name: renamed.
+            if was_oid == oid && !names.contains(&column.as_str()) {
+                if let Some(now) = attnums.iter().position(|a| *a == was_attnum) {
+                    renamed_here.push((column.clone(), now));
+                }
+            }
+            once_had.insert(column);
+        }
+        let mut by_source = source_positions(&columns, &config.columns);
+        for (old, now) in renamed_here {
+            // A source still sending the old name writes the renamed column,
+            // unless the configuration maps that name itself.
+            if !config.columns.contains_key(&old) {
+                by_source.insert(old, now);
+            }
+        }
         Ok(TargetTable {
-            by_source: source_positions(&columns, &config.columns),
+            by_source,
+            fits: columns.iter().map(|(_, t)| Fit::of(t)).collect(),
+            once_had,
+            ignored: config.ignore_columns.iter().cloned().collect(),
+            renames: config.columns.clone(),
+            on_schema_mismatch: config.on_schema_mismatch.unwrap_or_default(),
+            dropped_logged: Arc::default(),
             pg_types: columns.iter().map(|(_, t)| PgType::parse(t)).collect(),
             ident: format!("{}.{}", quote_ident(schema), quote_ident(table)),
             name,
@@ -239,6 +460,30 @@ impl TargetTable {
     pub(super) fn column_index(&self, source: &str) -> Option<usize> {
         self.by_source.get(source).copied()
     }
+
+    /// What a source column this table does not have is: ignored by
+    /// configuration or dropped here (logged once), or new upstream.
+    pub fn unknown_column(&self, source: &str) -> UnknownColumn {
+        if self.ignored.contains(source) {
+            return UnknownColumn::Ignored;
+        }
+        let target = self.renames.get(source).map_or(source, String::as_str);
+        if !self.once_had.contains(target) {
+            return UnknownColumn::New;
+        }
+        let mut logged = self.dropped_logged.lock().expect("dropped_logged lock");
+        if logged.insert(source.to_owned()) {
+            info!(table = %self.name, column = source,
+                "the source still sends a column dropped here: its values are not replicated");
+        }
+        UnknownColumn::Ignored
+    }
+
+    /// Whether the layouts differ in what the apply reads: columns and
+    /// their types.
+    pub fn same_layout(&self, other: &TargetTable) -> bool {
+        self.columns == other.columns && self.once_had == other.once_had
+    }
 }
 
 /// Source column name → position in `columns`: a column's own name, unless
@@ -283,7 +528,20 @@ impl TargetTable {
             homing: None,
             residency: Vec::new(),
             counters: Vec::new(),
+            fits: Vec::new(),
+            once_had: FxHashSet::default(),
+            ignored: FxHashSet::default(),
+            renames: BTreeMap::new(),
+            on_schema_mismatch: OnSchemaMismatch::Hold,
+            dropped_logged: Arc::default(),
         }
+        .with_fits()
+    }
+
+    fn with_fits(mut self) -> TargetTable {
+        self.fits = self.columns.iter().map(|(_, t)| Fit::of(t)).collect();
+        self.once_had = self.columns.iter().map(|(n, _)| n.clone()).collect();
+        self
     }
 }
 
@@ -313,5 +571,64 @@ mod tests {
         assert_eq!(by.get("mail"), Some(&1));
         assert_eq!(by.get("gone"), None);
         assert_eq!(by.get("other"), None);
+    }
+
+    #[test]
+    fn a_narrower_column_is_told_from_a_value_it_can_hold() {
+        let chars = Fit::of("character varying(5)");
+        assert_eq!(
+            chars,
+            Fit::Chars {
+                max: 5,
+                padded: false
+            }
+        );
+        assert!(chars.check("héllo").is_ok(), "characters, not bytes");
+        assert!(chars.check("hello!").is_err());
+        let padded = Fit::of("character(3)");
+        assert!(
+            padded.check("ab     ").is_ok(),
+            "trailing blanks of char(n)"
+        );
+        assert!(padded.check("abcd").is_err());
+        let int = Fit::of("integer");
+        assert!(int.check("2147483647").is_ok());
+        assert!(int.check("2147483648").is_err());
+        assert!(
+            int.check("forty").is_ok(),
+            "not a number: PostgreSQL refuses it"
+        );
+        assert!(Fit::of("smallint").check("-32769").is_err());
+        assert_eq!(Fit::of("bigint"), Fit::Any);
+        assert_eq!(Fit::of("text"), Fit::Any);
+        let num = Fit::of("numeric(5,2)");
+        assert_eq!(
+            num,
+            Fit::Numeric {
+                precision: 5,
+                scale: 2
+            }
+        );
+        assert!(num.check("-999.99").is_ok());
+        assert!(num.check("0999.9900").is_ok(), "leading and trailing zeros");
+        assert!(
+            num.check("1000.00").is_err(),
+            "four digits before the point"
+        );
+        assert!(num.check("1.234").is_err(), "rounded away");
+        assert!(Fit::of("numeric(4)").check("12345").is_err());
+        assert_eq!(Fit::of("numeric"), Fit::Any);
+    }
+
+    #[test]
+    fn a_missing_column_is_ignored_if_dropped_here_or_configured_else_new() {
+        let mut t = TargetTable::for_tests("public.t", &[("id", "bigint"), ("a", "text")]);
+        t.once_had.insert("gone".into());
+        t.ignored.insert("local_only".into());
+        t.renames.insert("old_name".into(), "gone".into());
+        assert_eq!(t.unknown_column("gone"), UnknownColumn::Ignored);
+        assert_eq!(t.unknown_column("old_name"), UnknownColumn::Ignored);
+        assert_eq!(t.unknown_column("local_only"), UnknownColumn::Ignored);
+        assert_eq!(t.unknown_column("added_upstream"), UnknownColumn::New);
     }
 }

@@ -124,8 +124,12 @@ pub mod reason {
     /// `schema_registry.unknown_schema = "dlq"`).
     pub const UNKNOWN_SCHEMA: &str = "unknown_schema";
 
+    /// A schema difference between source and target, dead-lettered by
+    /// `on_schema_mismatch = "dlq"`.
+    pub const SCHEMA_MISMATCH: &str = "schema_mismatch";
+
     /// Every reason, for documentation checks.
-    pub const ALL: [&str; 12] = [
+    pub const ALL: [&str; 13] = [
         OVERSIZED,
         UNCONFIGURED_TABLE,
         NULL_KEY,
@@ -138,6 +142,7 @@ pub mod reason {
         NO_REGISTRY,
         REJECTED_BY_POSTGRES,
         UNKNOWN_SCHEMA,
+        SCHEMA_MISMATCH,
     ];
 }
 
@@ -158,13 +163,18 @@ pub mod retry {
     pub const POSTGRES_UNAVAILABLE: &str = "postgres_unavailable";
     /// The dead-letter topic did not acknowledge.
     pub const DLQ_UNAVAILABLE: &str = "dlq_unavailable";
+    /// A change met a schema difference this region has not caught up
+    /// with (a column added upstream first, a type widened there first),
+    /// held by `on_schema_mismatch = "hold"`.
+    pub const SCHEMA_MISMATCH: &str = "schema_mismatch";
 
-    pub const ALL: [&str; 6] = [
+    pub const ALL: [&str; 7] = [
         REGISTRY,
         UNKNOWN_SCHEMA,
         POSTGRES_PERMISSION,
         POSTGRES_SCHEMA,
         POSTGRES_UNAVAILABLE,
         DLQ_UNAVAILABLE,
+        SCHEMA_MISMATCH,
     ];
 }

@@ -41,7 +41,7 @@ pub(super) fn record_stored_times(
 pub(super) async fn collect_tombstones(worker: Arc<Worker>) {
     let grace = worker.config.tombstone_grace;
     let every = (grace / 10).clamp(Duration::from_secs(1), Duration::from_secs(60));
-    let tables: Vec<String> = worker.tables.iter().map(|t| t.name.clone()).collect();
+    let tables: Vec<String> = worker.tables().iter().map(|t| t.name.clone()).collect();
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -150,7 +150,7 @@ async fn report_homing(worker: &Worker) {
 pub async fn reassert_rejected(worker: &Worker) {
     let result = async {
         let mut client = worker.plain_pool.get().await?;
-        conflict::reassert_rejected(&mut client, &worker.tables, &worker.config.region).await
+        conflict::reassert_rejected(&mut client, &worker.tables(), &worker.config.region).await
     }
     .await;
     match result {

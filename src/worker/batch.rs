@@ -256,10 +256,43 @@ pub(super) async fn apply<M: Message>(
     partition: i32,
     messages: &[M],
 ) -> anyhow::Result<i64> {
+    // Dead letters produced under an earlier layout: not produced again.
+    let mut sent = Vec::new();
+    loop {
+        let tables = worker.tables();
+        let batch = (topic, partition, messages);
+        if let Some(next) = apply_on_layout(worker, &tables, route, batch, &mut sent).await? {
+            return Ok(next);
+        }
+        // The table's layout changed under a schema fault: planned anew on
+        // it (docs/SCHEMA-CHANGES.md).
+    }
+}
+
+/// Reads table `t`'s layout again after a schema fault; true if it differs
+/// from the batch's snapshot (read again by this call, or already by
+/// another partition's).
+async fn refresh_layout(worker: &Worker, tables: &[TargetTable], t: usize) -> bool {
+    if let Err(e) = worker.refresh_layout(t).await {
+        warn!(error = %format!("{e:#}"), "reading the table's layout again failed");
+    }
+    !worker.tables()[t].same_layout(&tables[t])
+}
+
+/// [`apply`] on one snapshot of the target tables: `None` when a schema
+/// fault found the table's layout changed, so the batch must be planned
+/// again.
+async fn apply_on_layout<M: Message>(
+    worker: &Worker,
+    tables: &[TargetTable],
+    route: &Route,
+    (topic, partition, messages): (&str, i32, &[M]),
+    sent: &mut Vec<i64>,
+) -> anyhow::Result<Option<i64>> {
     let next = messages.last().map(|m| m.offset() + 1).unwrap_or(0);
     let planner = Planner {
         config: &worker.config,
-        tables: &worker.tables,
+        tables,
         source_region: &route.source_region,
         table: route.table,
         avro: worker.decoders.get(&route.source_region).map(|a| &**a),
@@ -285,18 +318,29 @@ pub(super) async fn apply<M: Message>(
             "holding the partition at a change until the fault is gone");
         worker.hold(topic, partition, cause);
         backoff.wait(reason).await;
-    };
-    if let Some(r) = rejected.first() {
-        if failure::message_verdict(&r.fault, &worker.config) == Verdict::Stop {
-            anyhow::bail!(
-                "{} at {}/{}/{}: {} (on_error = stop)",
-                r.fault.reason(),
-                r.msg.topic(),
-                r.msg.partition(),
-                r.msg.offset(),
-                r.fault
-            );
+        if reason == retry::SCHEMA_MISMATCH {
+            if let Some(t) = route.table {
+                if refresh_layout(worker, tables, t).await {
+                    return Ok(None);
+                }
+            }
         }
+    };
+    for r in &mut rejected {
+        r.sent = sent.contains(&r.msg.offset());
+    }
+    let stop = rejected
+        .iter()
+        .find(|r| failure::message_verdict(&r.fault, &worker.config) == Verdict::Stop);
+    if let Some(r) = stop {
+        anyhow::bail!(
+            "{} at {}/{}/{}: {} (on_error or on_schema_mismatch = stop)",
+            r.fault.reason(),
+            r.msg.topic(),
+            r.msg.partition(),
+            r.msg.offset(),
+            r.fault
+        );
     }
     // A source clock ahead of ours must not make lag read zero for good:
     // the newest source time counts at most as now.
@@ -308,6 +352,7 @@ pub(super) async fn apply<M: Message>(
             backoff.wait(retry::DLQ_UNAVAILABLE).await;
             continue;
         }
+        sent.extend(rejected.iter().map(|r| r.msg.offset()));
         let committed = commit(
             worker,
             &route.source_region,
@@ -315,6 +360,7 @@ pub(super) async fn apply<M: Message>(
             partition,
             (next, newest_ts_ms),
             &steps,
+            tables,
         )
         .await;
         let e = match committed {
@@ -339,11 +385,8 @@ pub(super) async fn apply<M: Message>(
                 let tables = counts
                     .into_iter()
                     .map(|(t, applied)| record::TableCounts {
-                        table: &worker.tables[t].name,
-                        policy: worker.tables[t]
-                            .homing
-                            .as_ref()
-                            .map_or(Policy::Lww, |h| h.policy),
+                        table: &tables[t].name,
+                        policy: tables[t].homing.as_ref().map_or(Policy::Lww, |h| h.policy),
                         applied,
                     })
                     .collect();
@@ -357,18 +400,23 @@ pub(super) async fn apply<M: Message>(
                 if to_reassert > 0 {
                     super::reassert_rejected(worker).await;
                 }
-                return Ok(next);
+                return Ok(Some(next));
             }
             Err(e) => e,
         };
-        match failure::batch_verdict(&e, worker.config.on_error) {
+        let on_schema_mismatch = route
+            .table
+            .map_or(Default::default(), |t| tables[t].on_schema_mismatch);
+        let verdict = failure::schema_verdict(&e, on_schema_mismatch)
+            .unwrap_or_else(|| failure::batch_verdict(&e, worker.config.on_error));
+        match verdict {
             Verdict::Stop => {
                 let e = e.into_error();
-                anyhow::bail!("applying {topic}/{partition} failed: {e} (on_error = stop)");
+                anyhow::bail!("applying {topic}/{partition} failed: {e} (on_error or on_schema_mismatch = stop)");
             }
             Verdict::DeadLetter => {
                 // Find the changes PostgreSQL refuses, one by one.
-                isolate_bad_rows(worker, &mut steps, &mut rejected).await?;
+                isolate_bad_rows(worker, tables, &mut steps, &mut rejected).await?;
             }
             Verdict::Retry => {
                 let reason = e.retry_reason();
@@ -380,6 +428,14 @@ pub(super) async fn apply<M: Message>(
                 warn!(topic, partition, reason, error = %detail, retry_in = ?backoff.delay(), "batch failed; retrying");
                 worker.hold(topic, partition, format!("PostgreSQL: {detail}"));
                 backoff.wait(reason).await;
+                // A column or type changed here: read the layout again.
+                if [retry::POSTGRES_SCHEMA, retry::SCHEMA_MISMATCH].contains(&reason) {
+                    if let Some(t) = route.table {
+                        if refresh_layout(worker, tables, t).await {
+                            return Ok(None);
+                        }
+                    }
+                }
             }
         }
     }
@@ -395,6 +451,7 @@ async fn commit<M: Message>(
     partition: i32,
     (next, newest_ts_ms): (i64, Option<i64>),
     steps: &[Step<'_, M>],
+    tables: &[TargetTable],
 ) -> Result<Vec<(usize, Applied)>, BatchError> {
     let classify = failure::classify;
     let mut client = worker
@@ -438,7 +495,7 @@ async fn commit<M: Message>(
                     let superseded = changes - finals.len() as u64;
                     let checked = conflict::check(
                         &tx,
-                        &worker.tables[t],
+                        &tables[t],
                         finals,
                         source_region,
                         &worker.config.region,
@@ -448,7 +505,7 @@ async fn commit<M: Message>(
                     .await
                     .map_err(classify)?;
                     if checked.late > 0 {
-                        warn!(table = %worker.tables[t].name, topic, partition, count = checked.late,
+                        warn!(table = %tables[t].name, topic, partition, count = checked.late,
                             tombstone_grace = ?worker.config.tombstone_grace,
                             "changes older than tombstone_grace for keys without a row were not applied (late_changes = skip)");
                     }
@@ -463,16 +520,15 @@ async fn commit<M: Message>(
                         rpo_span_ms: checked.rpo_span_ms,
                         ..Applied::default()
                     };
-                    let a = apply::apply_finals(&tx, &worker.tables[t], &checked.finals)
+                    let a = apply::apply_finals(&tx, &tables[t], &checked.finals)
                         .await
                         .map_err(classify)?;
                     *counts.entry(t).or_default() += a;
                 }
                 if *table != usize::MAX {
-                    let a =
-                        apply::apply_truncate(&tx, &worker.tables[*table], *ts_ms, source_region)
-                            .await
-                            .map_err(classify)?;
+                    let a = apply::apply_truncate(&tx, &tables[*table], *ts_ms, source_region)
+                        .await
+                        .map_err(classify)?;
                     *counts.entry(*table).or_default() += a;
                 }
             }
@@ -490,6 +546,7 @@ async fn commit<M: Message>(
 /// move from `steps` to `rejected`.
 async fn isolate_bad_rows<'a, M>(
     worker: &Worker,
+    tables: &[TargetTable],
     steps: &mut Vec<Step<'a, M>>,
     rejected: &mut Vec<Rejected<'a, M>>,
 ) -> anyhow::Result<()> {
@@ -504,8 +561,7 @@ async fn isolate_bad_rows<'a, M>(
         } = &step
         {
             let sp = tx.savepoint("row").await?;
-            let result =
-                apply::apply_finals(&sp, &worker.tables[*table], &[Cow::Borrowed(fin)]).await;
+            let result = apply::apply_finals(&sp, &tables[*table], &[Cow::Borrowed(fin)]).await;
             match result {
                 Ok(_) => sp.rollback().await?,
                 Err(e) => {
@@ -517,7 +573,7 @@ async fn isolate_bad_rows<'a, M>(
                     rejected.push(Rejected::new(
                         *msg,
                         Fault::RefusedByPostgres {
-                            table: worker.tables[*table].name.clone(),
+                            table: tables[*table].name.clone(),
                             detail,
                         },
                     ));

@@ -20,7 +20,7 @@ use std::time::Duration;
 use tracing::warn;
 
 use crate::apply::RowError;
-use crate::config::{Config, OnError, UnknownSchema};
+use crate::config::{Config, OnError, OnSchemaMismatch, UnknownSchema};
 use crate::decode::registry::AvroError;
 use crate::decode::DecodeError;
 use crate::metrics::{self as m, reason, retry};
@@ -80,6 +80,7 @@ impl Fault {
             Fault::UnconfiguredTable { .. } => reason::UNCONFIGURED_TABLE,
             Fault::Row(RowError::Value { .. }) => reason::BAD_VALUE,
             Fault::Row(RowError::Shape { .. }) => reason::BAD_SHAPE,
+            Fault::Row(RowError::Schema { .. }) => reason::SCHEMA_MISMATCH,
             Fault::RefusedByPostgres { .. } => reason::REJECTED_BY_POSTGRES,
         }
     }
@@ -111,6 +112,12 @@ impl Fault {
             } if config.schema_registry.unknown_schema == UnknownSchema::Retry => {
                 Some(retry::UNKNOWN_SCHEMA)
             }
+            // A migration not yet run here: waited out, the table's layout
+            // read again before each retry.
+            Fault::Row(RowError::Schema {
+                policy: OnSchemaMismatch::Hold,
+                ..
+            }) => Some(retry::SCHEMA_MISMATCH),
             _ => None,
         }
     }
@@ -120,6 +127,17 @@ impl Fault {
 pub fn message_verdict(fault: &Fault, config: &Config) -> Verdict {
     if fault.retry_reason(config).is_some() {
         return Verdict::Retry;
+    }
+    match fault {
+        Fault::Row(RowError::Schema {
+            policy: OnSchemaMismatch::Stop,
+            ..
+        }) => return Verdict::Stop,
+        Fault::Row(RowError::Schema {
+            policy: OnSchemaMismatch::Dlq,
+            ..
+        }) => return Verdict::DeadLetter,
+        _ => {}
     }
     match config.on_error {
         OnError::Stop => Verdict::Stop,
@@ -169,6 +187,10 @@ pub fn classify(e: tokio_postgres::Error) -> BatchError {
         // Undefined table, column, object (type) or function: a migration
         // in progress, or a table not yet created.
         "42P01" | "42703" | "42704" | "42883" => BatchError::Held(retry::POSTGRES_SCHEMA, e),
+        // A value too long or out of range, a NULL where this region has
+        // NOT NULL: the source's column held it, so this region's schema
+        // is behind (`on_schema_mismatch` decides).
+        "22001" | "22003" | "23502" => BatchError::Held(retry::SCHEMA_MISMATCH, e),
         // Classes 22 (data exception), 23 (integrity constraint), the rest
         // of 42 (e.g. a cast that does not fit): the row, not the server.
         c if ["22", "23", "42"].iter().any(|class| c.starts_with(class)) => BatchError::Data(e),
@@ -184,6 +206,21 @@ pub fn batch_verdict(e: &BatchError, on_error: OnError) -> Verdict {
         (BatchError::Data(_), OnError::Stop) => Verdict::Stop,
         (BatchError::Data(_), OnError::Dlq) => Verdict::DeadLetter,
         (BatchError::Transient(_) | BatchError::Held(..), _) => Verdict::Retry,
+    }
+}
+
+/// The verdict on a batch PostgreSQL refused for a schema difference (a
+/// value this region's column cannot hold, a NOT NULL the source lacks),
+/// by the table's `on_schema_mismatch`; `None` for any other failure.
+/// Dead-lettering isolates the rows at fault, as for a data error.
+pub fn schema_verdict(e: &BatchError, policy: OnSchemaMismatch) -> Option<Verdict> {
+    match e {
+        BatchError::Held(reason, _) if *reason == retry::SCHEMA_MISMATCH => Some(match policy {
+            OnSchemaMismatch::Hold => Verdict::Retry,
+            OnSchemaMismatch::Dlq => Verdict::DeadLetter,
+            OnSchemaMismatch::Stop => Verdict::Stop,
+        }),
+        _ => None,
     }
 }
 
@@ -409,6 +446,11 @@ mod tests {
                 table: "t".into(),
                 problem: "p".into(),
             }),
+            Fault::Row(RowError::Schema {
+                table: "t".into(),
+                problem: "p".into(),
+                policy: OnSchemaMismatch::Dlq,
+            }),
             Fault::RefusedByPostgres {
                 table: "t".into(),
                 detail: "d".into(),
@@ -458,5 +500,34 @@ mod tests {
         let transient = BatchError::Transient(anyhow::anyhow!("connection reset"));
         assert_eq!(batch_verdict(&transient, OnError::Stop), Verdict::Retry);
         assert_eq!(batch_verdict(&transient, OnError::Dlq), Verdict::Retry);
+    }
+
+    #[test]
+    fn a_schema_mismatch_follows_on_schema_mismatch_not_on_error() {
+        let fault = |policy| {
+            Fault::Row(RowError::Schema {
+                table: "public.t".into(),
+                problem: "source column c is not in this region's table".into(),
+                policy,
+            })
+        };
+        for on_error in ["", "on_error = \"stop\""] {
+            let c = config(on_error);
+            let held = fault(OnSchemaMismatch::Hold);
+            assert_eq!(message_verdict(&held, &c), Verdict::Retry);
+            assert_eq!(held.retry_reason(&c), Some(retry::SCHEMA_MISMATCH));
+            assert_eq!(
+                message_verdict(&fault(OnSchemaMismatch::Dlq), &c),
+                Verdict::DeadLetter
+            );
+            assert_eq!(
+                message_verdict(&fault(OnSchemaMismatch::Stop), &c),
+                Verdict::Stop
+            );
+        }
+        assert_eq!(
+            fault(OnSchemaMismatch::Dlq).reason(),
+            reason::SCHEMA_MISMATCH
+        );
     }
 }

@@ -64,7 +64,10 @@ pub struct Worker {
     pub pool: deadpool_postgres::Pool,
     /// Connections without a replication origin (conflict resolution).
     pub plain_pool: deadpool_postgres::Pool,
-    pub tables: Vec<TargetTable>,
+    /// The target tables as last read from the catalog, in `config.tables`
+    /// order. A batch works on one snapshot ([`Worker::tables`]); a schema
+    /// fault reads a table again ([`Worker::refresh_layout`]).
+    layouts: std::sync::RwLock<Arc<Vec<TargetTable>>>,
     routes: HashMap<String, Route>,
     decoders: HashMap<String, Arc<AvroSource>>,
     dlq: DeadLetterProducer,
@@ -82,6 +85,49 @@ pub struct Worker {
 }
 
 impl Worker {
+    /// The target tables as last read: one snapshot for a whole batch, so
+    /// that its plan and its statements agree on the columns.
+    pub fn tables(&self) -> Arc<Vec<TargetTable>> {
+        self.layouts.read().expect("layouts lock").clone()
+    }
+
+    /// Reads table `t`'s layout from the catalog again (after a schema
+    /// fault: a column added, dropped or retyped here); true if it changed.
+    pub(crate) async fn refresh_layout(&self, t: usize) -> anyhow::Result<bool> {
+        let client = self.pool.get().await?;
+        let fresh = load_table(&**client, &self.config, t).await?;
+        let mut layouts = self.layouts.write().expect("layouts lock");
+        let old = &layouts[t];
+        if old.same_layout(&fresh) {
+            return Ok(false);
+        }
+        let added: Vec<&str> = fresh
+            .columns
+            .iter()
+            .filter(|c| !old.columns.iter().any(|o| o.0 == c.0))
+            .map(|c| c.0.as_str())
+            .collect();
+        let dropped: Vec<&str> = old
+            .columns
+            .iter()
+            .filter(|c| !fresh.columns.iter().any(|f| f.0 == c.0))
+            .map(|c| c.0.as_str())
+            .collect();
+        let retyped: Vec<String> = fresh
+            .columns
+            .iter()
+            .filter_map(|c| {
+                let o = old.columns.iter().find(|o| o.0 == c.0)?;
+                (o.1 != c.1).then(|| format!("{} {} -> {}", c.0, o.1, c.1))
+            })
+            .collect();
+        info!(table = %fresh.name, ?added, ?dropped, ?retyped, "the table's layout changed; read again");
+        let mut next = (**layouts).clone();
+        next[t] = fresh;
+        *layouts = Arc::new(next);
+        Ok(true)
+    }
+
     /// Marks a partition as held by `cause` (from its first retry on).
     fn hold(&self, topic: &str, partition: i32, cause: String) {
         let mut held = self.held.lock().expect("held lock");
@@ -132,8 +178,8 @@ impl Worker {
             .await
             .map_err(|e| anyhow::anyhow!(crate::apply::tls::explain_pool(&e, &config.postgres)))?;
         let mut tables = Vec::new();
-        for t in &config.tables {
-            tables.push(TargetTable::load(&**client, t, &config.regions).await?);
+        for t in 0..config.tables.len() {
+            tables.push(load_table(&**client, &config, t).await?);
         }
         let mut routes = HashMap::new();
         for (topic, region, table) in config.mirrored_topics() {
@@ -167,7 +213,7 @@ impl Worker {
             group,
             plain_pool: crate::apply::session::plain_pool(&config)?,
             pool,
-            tables,
+            layouts: std::sync::RwLock::new(Arc::new(tables)),
             routes,
             decoders,
             dlq: DeadLetterProducer::new(&config)?,
@@ -329,6 +375,21 @@ pub async fn run(
     reporter.abort();
     collector.abort();
     result
+}
+
+/// Reads configured table `t` from the catalog, with its
+/// `on_schema_mismatch` (the table's, else the global one).
+async fn load_table(
+    client: &impl tokio_postgres::GenericClient,
+    config: &Config,
+    t: usize,
+) -> Result<TargetTable, crate::apply::TableError> {
+    let table_config = &config.tables[t];
+    let mut table = TargetTable::load(client, table_config, &config.regions).await?;
+    table.on_schema_mismatch = table_config
+        .on_schema_mismatch
+        .unwrap_or(config.on_schema_mismatch);
+    Ok(table)
 }
 
 /// The next offset to apply of a partition, as stored with its last batch

@@ -77,6 +77,8 @@ pub async fn users_copy_target(b: &Client, target: &str) -> TargetTable {
         policy: Default::default(),
         residency: vec![],
         counters: Default::default(),
+        ignore_columns: vec![],
+        on_schema_mismatch: None,
     };
     let regions = [region_a(), region_b()];
     TargetTable::load(b, &config, &regions)
