@@ -469,7 +469,7 @@ async fn commit<M: Message>(
     // seen by it (DESIGN.md §3, "Failover homing").
     let homed = steps
         .iter()
-        .any(|s| matches!(s, Step::Row { table, .. } if worker.tables[*table].homing.is_some()));
+        .any(|s| matches!(s, Step::Row { table, .. } if tables[*table].homing.is_some()));
     let homing = if homed {
         homing::load(&*tx).await.map_err(classify)?
     } else {

@@ -12,6 +12,7 @@ use regionsync::apply::{self, Final, TargetTable};
 use regionsync::config::DEFAULT_BATCH_MAX_ROWS;
 use regionsync::conflict::check;
 use regionsync::decode::{decode_json, Decoded};
+use regionsync::route::HomingOverrides;
 use regionsync_tools::copy::{drop_copy, fresh_copy, users_copy_target};
 use regionsync_tools::kafka::kafka_b_from_beginning;
 use regionsync_tools::pg::connect_pooled;
@@ -88,6 +89,8 @@ pub async fn ceiling(b_admin: &Client, input: &CeilingInput, n: u64) -> (f64, f6
                     &source_region,
                     &local_region,
                     None,
+                    // No failover window: the bench measures the plain path.
+                    &HomingOverrides::default(),
                 )
                 .await
                 .expect("check");
