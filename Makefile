@@ -91,6 +91,7 @@ test: stack-install lint
 	cargo test --test faults -- --test-threads=1
 	cargo test --test active_active
 	cargo test --test lag -- --test-threads=1
+	cargo test --test verify --test rebuild -- --test-threads=1
 	cargo test --test stack_lifecycle
 
 lint: rules-test deny-install

@@ -7,8 +7,14 @@
 //! | `status` | `regionsync status`: one worker's picture from its metrics |
 //! | `conflicts` | `regionsync conflicts list|resolve` |
 //! | `route` | `regionsync route KEY`: a key's home region |
+//! | `verify` | `regionsync verify --against`: compare with another region |
+//! | `rebuild` | `regionsync rebuild`: replay the topics into this region's tables |
+//! | `progress` | progress bars (a terminal) or log lines for long commands |
 
 pub mod conflicts;
+pub mod progress;
+pub mod rebuild;
 pub mod route;
 pub mod setup;
 pub mod status;
+pub mod verify;
