@@ -236,7 +236,10 @@ pub fn consumer(config: &Config) -> anyhow::Result<StreamConsumer> {
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")
         .set("auto.offset.reset", "earliest")
-        .set("queued.max.messages.kbytes", "16384")
+        // As the worker's (source::consumer): 2 MiB per partition queue;
+        // 16 MiB took a debug rebuild of 8 partitions to 350 MB RSS.
+        .set("queued.max.messages.kbytes", "2048")
+        .set("fetch.message.max.bytes", "262144")
         .set("fetch.wait.max.ms", "50")
         .create()
         .context("creating the rebuild's Kafka consumer")
