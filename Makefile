@@ -93,6 +93,7 @@ test: stack-install lint
 	cargo test --test schema_changes -- --test-threads=6
 	cargo test --test lag -- --test-threads=1
 	cargo test --test failover -- --test-threads=1
+	cargo test --test verify --test rebuild -- --test-threads=1
 	cargo test --test stack_lifecycle
 
 lint: rules-test deny-install

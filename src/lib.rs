@@ -27,7 +27,9 @@
 //! | `converge` | the apply rules as pure functions, convergence model — pure |
 //! | `lag`      | how far behind each source region the worker is — pure      |
 //! | `metrics`  | metric names and labels, recording, /metrics /healthz /readyz |
-//! | `ops`      | the operator commands: setup, status, conflicts, route      |
+//! | `ops`      | the operator commands: setup, status, conflicts, route, verify, rebuild |
+//! | `verify`   | comparing two regions' tables by key-range checksums         |
+//! | `rebuild`  | replaying the change topics into a region's tables           |
 //!
 //! docs/DESIGN.md describes the design in these terms.
 //!
@@ -46,8 +48,10 @@ pub mod lag;
 pub mod metrics;
 pub mod offsets;
 pub mod ops;
+pub mod rebuild;
 pub mod route;
 pub mod source;
+pub mod verify;
 pub mod worker;
 
 use std::future::Future;
@@ -82,6 +86,9 @@ pub async fn run(
         tokio::time::sleep(wait).await;
         attempt += 1;
     }
+    // Held for the worker's life: a rebuild into the live tables refuses
+    // while it is held, and a worker waits for a running rebuild.
+    let _running = rebuild::lock::hold_as_worker(&config).await?;
     let (worker, events) = worker::Worker::connect(config, pool).await?;
     readiness.set(worker.clone());
     // Rejected writes a crash left pending (conflict::reassert_rejected).

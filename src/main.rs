@@ -141,6 +141,64 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Compare this region's tables with another region's database, row by
+    /// row, by key-range checksums computed in PostgreSQL; print each
+    /// differing key (missing here, missing there, different) with both
+    /// versions. Read-only on both sides. Exit 0 equal, 1 different, 2
+    /// could not compare.
+    ///
+    /// A key that differs only because a change is still in flight (its
+    /// newer version is younger than the measured lag) is fetched again
+    /// after the lag before it is reported.
+    ///
+    /// Example: PGPASSWORD=… regionsync --config eu-west-1.toml verify
+    /// --against "host=pg.us-east-1 dbname=app user=regionsync_ro
+    /// sslmode=verify-full sslrootcert=/etc/ca.pem" --table public.users
+    #[command(verbatim_doc_comment)]
+    Verify {
+        /// The other region's database, as a libpq key=value string (host,
+        /// hostaddr, port, dbname, user, sslmode, sslrootcert, sslcert,
+        /// sslkey). Keys not given are this config's [postgres] values;
+        /// the password comes from PGPASSWORD.
+        #[arg(long)]
+        against: String,
+        /// Only this table (schema.table, as in the config); repeatable.
+        #[arg(long = "table")]
+        tables: Vec<String>,
+        /// The report as JSON on standard output.
+        #[arg(long)]
+        json: bool,
+        /// List at most this many differing keys per table (the rest are
+        /// counted).
+        #[arg(long, default_value_t = 1000)]
+        max_differences: usize,
+    },
+    /// Rebuild this region's copy of tables by replaying, from their first
+    /// offsets, every change topic that holds their rows: the other
+    /// regions' mirrored topics and this region's own capture topic.
+    /// Same decode, routing and version rules as the worker; offsets of its
+    /// own (consumer group <group>-rebuild), so it resumes after a kill and
+    /// does nothing once finished. Into the live tables, which it empties
+    /// first: the worker must be stopped (it holds an advisory lock the
+    /// rebuild checks). Refuses topics that no longer hold the whole
+    /// history.
+    ///
+    /// Example: regionsync --config eu-west-1.toml rebuild --table public.users
+    /// then:    regionsync --config eu-west-1.toml verify --against "host=pg.us-east-1 …"
+    #[command(verbatim_doc_comment)]
+    Rebuild {
+        /// Only this table (schema.table, as in the config); repeatable.
+        #[arg(long = "table")]
+        tables: Vec<String>,
+        /// Build into shadow tables and swap them in while the worker runs
+        /// (not built yet: refused).
+        #[arg(long)]
+        shadow: bool,
+        /// Start over even if a rebuild of the table finished or is under
+        /// way.
+        #[arg(long)]
+        restart: bool,
+    },
 }
 
 #[derive(clap::Subcommand, Debug)]
@@ -250,6 +308,34 @@ fn main() -> ExitCode {
             }
         };
     }
+    if let Command::Verify {
+        against,
+        tables,
+        json,
+        max_differences,
+    } = &cli.command
+    {
+        // Its own exit codes: 0 equal, 1 different, 2 could not compare.
+        let outcome = tokio::runtime::Runtime::new()
+            .map_err(|e| anyhow::anyhow!("starting the runtime: {e}"))
+            .and_then(|rt| {
+                rt.block_on(ops::verify::run(
+                    &config,
+                    against,
+                    tables,
+                    *json,
+                    *max_differences,
+                ))
+            });
+        return match outcome {
+            Ok(ops::verify::Outcome::Equal) => ExitCode::SUCCESS,
+            Ok(ops::verify::Outcome::Different) => ExitCode::from(1),
+            Err(e) => {
+                eprintln!("regionsync: verify could not compare: {e:#}");
+                ExitCode::from(2)
+            }
+        };
+    }
     block_on(async move {
         match cli.command {
             Command::CheckConfig => {
@@ -291,6 +377,21 @@ fn main() -> ExitCode {
             Command::Route { .. } | Command::FailoverCheck { .. } => {
                 unreachable!("handled above")
             }
+            Command::Verify { .. } => unreachable!("handled with its own exit codes"),
+            Command::Rebuild {
+                tables,
+                shadow,
+                restart,
+            } => {
+                // Progress on a terminal or in the log; the rebuild's
+                // metrics on the worker's endpoint, which is free while the
+                // worker is stopped.
+                match metrics_endpoint(&config).await {
+                    Ok(()) => {}
+                    Err(e) => tracing::warn!(error = %e, "rebuild metrics not served"),
+                }
+                ops::rebuild::run(&config, &tables, shadow, restart).await
+            }
         }
     })
 }
@@ -301,6 +402,17 @@ fn worker_url(config: &Config) -> String {
         "http://{}",
         config.metrics.listen.replace("0.0.0.0", "127.0.0.1")
     )
+}
+
+/// Serves the process's metrics on `metrics.listen`.
+async fn metrics_endpoint(config: &Config) -> anyhow::Result<()> {
+    let handle = regionsync::metrics::install()?;
+    regionsync::metrics::serve(
+        config.metrics.listen.parse()?,
+        handle,
+        regionsync::metrics::Readiness::default(),
+    )
+    .await
 }
 
 /// Runs a command on a new runtime; its error is printed and fails the

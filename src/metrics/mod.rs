@@ -12,6 +12,10 @@ pub use server::{install, serve, Readiness, ReadyCheck};
 
 /// Changes by what became of them. Labels: source_region, table, op, outcome.
 pub const EVENTS_TOTAL: &str = "regionsync_events_total";
+/// Messages a `regionsync rebuild` replayed. Label: topic.
+pub const REBUILD_MESSAGES_TOTAL: &str = "regionsync_rebuild_messages_total";
+/// Messages a `regionsync rebuild` has still to replay. Label: topic.
+pub const REBUILD_REMAINING: &str = "regionsync_rebuild_remaining_messages";
 /// Rows per applied batch (histogram).
 pub const APPLY_BATCH_ROWS: &str = "regionsync_apply_batch_rows";
 /// Seconds from a batch's BEGIN to its COMMIT (histogram).

@@ -34,9 +34,9 @@ use crate::route::{self, Decision, HomingOverrides};
 use crate::source::dlq::DeadLetter;
 
 /// A message the batch could not use, bound for the dead-letter topic.
-pub(super) struct Rejected<'a, M> {
-    msg: &'a M,
-    fault: Fault,
+pub(crate) struct Rejected<'a, M> {
+    pub(crate) msg: &'a M,
+    pub(crate) fault: Fault,
     /// Produced to the dead-letter topic already, by an attempt whose
     /// commit then failed: not sent twice, still counted.
     sent: bool,
@@ -53,7 +53,7 @@ impl<'a, M> Rejected<'a, M> {
 }
 
 /// One change ready to apply, with the message it came from.
-pub(super) enum Step<'a, M> {
+pub(crate) enum Step<'a, M> {
     Row {
         table: usize,
         fin: Final,
@@ -68,7 +68,7 @@ pub(super) enum Step<'a, M> {
 }
 
 /// What a batch's messages became.
-pub(super) struct Plan<'a, M> {
+pub(crate) struct Plan<'a, M> {
     pub steps: Vec<Step<'a, M>>,
     pub rejected: Vec<Rejected<'a, M>>,
     /// Changes not for this region, by (outcome, table).
@@ -79,13 +79,16 @@ pub(super) struct Plan<'a, M> {
 
 /// What planning a batch reads: the worker's configuration and tables, and
 /// the source region's Avro schemas.
-pub(super) struct Planner<'w> {
+pub(crate) struct Planner<'w> {
     pub config: &'w Config,
     pub tables: &'w [TargetTable],
     pub source_region: &'w str,
     /// Index into `tables`; `None` for a heartbeat topic.
     pub table: Option<usize>,
     pub avro: Option<&'w AvroSource>,
+    /// Replaying this region's own capture topic (`regionsync rebuild`):
+    /// its rows carry this region's name and are not echoes.
+    pub own_topic: bool,
 }
 
 impl Planner<'_> {
@@ -174,8 +177,8 @@ impl Planner<'_> {
                 }
             };
             let upsert_origin = match &fin {
-                Final::Upsert(r) => Some(r.origin.as_str()),
-                Final::Delete(_) => None,
+                Final::Upsert(r) if !self.own_topic => Some(r.origin.as_str()),
+                _ => None,
             };
             if let Some(why) = route::admit(
                 upsert_origin,
@@ -296,6 +299,7 @@ async fn apply_on_layout<M: Message>(
         source_region: &route.source_region,
         table: route.table,
         avro: worker.decoders.get(&route.source_region).map(|a| &**a),
+        own_topic: false,
     };
     let mut backoff = failure::Backoff::default();
     // A change whose fault is the infrastructure's (the registry) holds
@@ -695,6 +699,7 @@ mod tests {
             source_region: "us-east-1",
             table,
             avro,
+            own_topic: false,
         };
         let plan = planner.plan(TOPIC, messages, 0).await;
         let steps = plan
@@ -851,6 +856,7 @@ mod tests {
             source_region: "us-east-1",
             table: Some(0),
             avro: Some(&avro),
+            own_topic: false,
         };
         let from_json = [json_change(1, "c", "users", None, 5, "us-east-1")];
         let from_avro = [avro_change(1)];

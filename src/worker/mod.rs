@@ -22,7 +22,7 @@
 //! | `background` | the lag reporter, the tombstone collector, re-asserting rejected writes |
 
 mod background;
-mod batch;
+pub(crate) mod batch;
 pub mod failure;
 mod partition;
 

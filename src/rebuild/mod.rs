@@ -1,0 +1,518 @@
+//! Rebuild: a region's copy of tables replayed from the change topics
+//! (DESIGN.md §7), with the worker's decode, route and version guard.
+//!
+//! What it promises:
+//! - Every topic that holds the tables' rows is replayed from its first
+//!   offset: each other region's mirrored topic and this region's own
+//!   capture topic ([`feeds`]); in active-active the region's own writes
+//!   exist only in the latter. In the own topic, rows carrying this
+//!   region's name are applied (they are not echoes there); relays (what
+//!   this region's worker applied) are skipped as always, their originals
+//!   arriving from the region that made them.
+//! - Offsets are stored in `regionsync.offsets` under a consumer group of
+//!   its own ([`group`]), in the transaction of the rows they follow, so a
+//!   rebuild killed at any point resumes where it stopped; the worker's
+//!   rows are untouched. Per table a marker row (topic `rebuild:<table>`,
+//!   partition -1) says whether the rebuild is under way (0) or done (1).
+//! - Each partition is replayed up to its end as the run found it; the
+//!   worker applies what comes later (again, harmlessly: the guard).
+//! - Order between partitions and topics does not matter: every write is
+//!   "keep the newest version" (DESIGN.md §4). Within one batch the
+//!   changes of one partition are collapsed per key and applied
+//!   partition by partition.
+//! - No conflicts are recorded and no write is held: a replay into an
+//!   empty table has no concurrent writes to detect, and the versions the
+//!   policies kept are in the topics as newer writes.
+//! - [`history_problem`] says when a topic cannot rebuild a table.
+
+pub mod lock;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::message::{BorrowedMessage, Message};
+use rdkafka::{Offset, TopicPartitionList};
+use tracing::{info, warn};
+
+use crate::apply::{self, session, Applied, TargetTable};
+use crate::config::Config;
+use crate::decode::registry::AvroSource;
+use crate::offsets;
+use crate::worker::batch::{Plan, Planner, Step};
+
+/// A topic that holds rows of a rebuilt table.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Feed {
+    pub topic: String,
+    /// The region whose database made the changes.
+    pub source_region: String,
+    /// Index into the config's tables.
+    pub table: usize,
+    /// This region's own capture topic.
+    pub own: bool,
+}
+
+/// The topics that hold the rows of `tables` (indexes into the config's):
+/// every source region's mirrored copy, and this region's own topic.
+pub fn feeds(config: &Config, tables: &[usize]) -> Vec<Feed> {
+    let mut out = Vec::new();
+    for &t in tables {
+        for topic in &config.tables[t].topics {
+            for region in config.source_regions() {
+                out.push(Feed {
+                    topic: format!("{region}.{topic}"),
+                    source_region: region,
+                    table: t,
+                    own: false,
+                });
+            }
+            out.push(Feed {
+                topic: topic.clone(),
+                source_region: config.region.clone(),
+                table: t,
+                own: true,
+            });
+        }
+    }
+    out
+}
+
+/// The consumer group a rebuild stores its offsets under.
+pub fn group(config: &Config) -> String {
+    format!("{}-rebuild", config.consumer_group())
+}
+
+/// The marker row's topic of a table's rebuild.
+pub fn marker_topic(table: &str) -> String {
+    format!("rebuild:{table}")
+}
+
+/// What a topic's retention leaves of its history, for [`history_problem`].
+#[derive(Clone, Debug, Default)]
+pub struct Retention {
+    /// `cleanup.policy`: `delete`, `compact`, or `compact,delete`.
+    pub cleanup_policy: String,
+    pub delete_retention_ms: Option<i64>,
+    /// Per partition: its first offset and that message's timestamp (ms).
+    pub partitions: Vec<(i32, i64, Option<i64>)>,
+}
+
+/// Why `topic` cannot rebuild a table, or `None` if it holds its whole
+/// history: a deleting topic whose first offset is past 0 lost changes;
+/// a compacted topic whose oldest message is older than
+/// `delete.retention.ms` may have lost the tombstones of deleted rows,
+/// which a rebuild would bring back.
+pub fn history_problem(topic: &str, r: &Retention, now_ms: i64) -> Option<String> {
+    let policies: Vec<&str> = r.cleanup_policy.split(',').map(str::trim).collect();
+    if policies.contains(&"delete") {
+        if let Some((p, first, _)) = r.partitions.iter().find(|(_, first, _)| *first > 0) {
+            return Some(format!(
+                "topic {topic} (cleanup.policy={}) no longer holds its whole history: partition {p} starts at offset {first}, not 0; the changes before it were deleted",
+                r.cleanup_policy
+            ));
+        }
+    }
+    if policies.contains(&"compact") {
+        let retention = r.delete_retention_ms.unwrap_or(86_400_000);
+        let oldest = r.partitions.iter().filter_map(|(_, _, ts)| *ts).min();
+        if let Some(oldest) = oldest {
+            let age = now_ms - oldest;
+            if age > retention {
+                return Some(format!(
+                    "topic {topic} is compacted with delete.retention.ms={retention} ({}), but its data began {} ago: the tombstones of rows deleted since may be gone, and a replay would bring those rows back",
+                    human(retention),
+                    human(age)
+                ));
+            }
+        }
+    }
+    None
+}
+
+/// A duration in ms, roughly, for a message: "3d 4h", "5h 2m", "40s".
+fn human(ms: i64) -> String {
+    let s = (ms / 1000).max(0);
+    let (d, h, m) = (s / 86_400, s % 86_400 / 3_600, s % 3_600 / 60);
+    if d > 0 {
+        format!("{d}d {h}h")
+    } else if h > 0 {
+        format!("{h}h {m}m")
+    } else if m > 0 {
+        format!("{m}m {}s", s % 60)
+    } else {
+        format!("{s}s")
+    }
+}
+
+/// One partition's replay: where it starts and the end it runs to.
+#[derive(Clone, Debug)]
+pub struct Span {
+    pub topic: String,
+    pub partition: i32,
+    pub next: i64,
+    pub end: i64,
+}
+
+/// Reads a topic's retention settings and partitions' first offsets,
+/// first timestamps and ends. `None`: the topic does not exist.
+pub async fn inspect(
+    config: &Config,
+    consumer: &StreamConsumer,
+    topic: &str,
+) -> anyhow::Result<Option<(Retention, Vec<(i32, i64, i64)>)>> {
+    use rdkafka::admin::{AdminClient, AdminOptions, ResourceSpecifier};
+    let metadata = tokio::task::block_in_place(|| {
+        consumer.fetch_metadata(Some(topic), Duration::from_secs(10))
+    })
+    .with_context(|| format!("reading the metadata of topic {topic}"))?;
+    let Some(t) = metadata.topics().iter().find(|t| t.name() == topic) else {
+        return Ok(None);
+    };
+    if t.error().is_some() || t.partitions().is_empty() {
+        return Ok(None);
+    }
+    let admin: AdminClient<rdkafka::client::DefaultClientContext> =
+        crate::source::kafka_config(config)?
+            .create()
+            .context("creating the Kafka admin client")?;
+    let described = admin
+        .describe_configs(
+            &[ResourceSpecifier::Topic(topic)],
+            &AdminOptions::new().request_timeout(Some(Duration::from_secs(10))),
+        )
+        .await
+        .with_context(|| format!("reading the configuration of topic {topic}"))?;
+    let mut retention = Retention::default();
+    if let Some(Ok(resource)) = described.into_iter().next() {
+        let value = |name: &str| resource.get(name).and_then(|e| e.value.clone());
+        retention.cleanup_policy = value("cleanup.policy").unwrap_or_else(|| "delete".into());
+        retention.delete_retention_ms = value("delete.retention.ms").and_then(|v| v.parse().ok());
+    }
+    let mut spans = Vec::new();
+    for p in t.partitions() {
+        let (low, high) = tokio::task::block_in_place(|| {
+            consumer.fetch_watermarks(topic, p.id(), Duration::from_secs(10))
+        })
+        .with_context(|| format!("reading the offsets of {topic}/{}", p.id()))?;
+        let first_ts = if high > low {
+            first_timestamp(config, topic, p.id(), low).await
+        } else {
+            None
+        };
+        retention.partitions.push((p.id(), low, first_ts));
+        spans.push((p.id(), low, high));
+    }
+    Ok(Some((retention, spans)))
+}
+
+/// The timestamp of the message at `offset` of a partition (a reader of
+/// its own, not in any group).
+async fn first_timestamp(config: &Config, topic: &str, partition: i32, offset: i64) -> Option<i64> {
+    let reader: StreamConsumer = crate::source::kafka_config(config)
+        .ok()?
+        .set("group.id", "regionsync-rebuild-inspect")
+        .set("enable.auto.commit", "false")
+        .create()
+        .ok()?;
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset(topic, partition, Offset::Offset(offset))
+        .ok()?;
+    reader.assign(&tpl).ok()?;
+    let msg = tokio::time::timeout(Duration::from_secs(10), reader.recv())
+        .await
+        .ok()?
+        .ok()?;
+    msg.timestamp().to_millis()
+}
+
+/// The rebuild's consumer: no group membership (partitions are assigned),
+/// nothing committed to Kafka.
+pub fn consumer(config: &Config) -> anyhow::Result<StreamConsumer> {
+    crate::source::kafka_config(config)?
+        .set("group.id", group(config))
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("auto.offset.reset", "earliest")
+        // As the worker's (source::consumer): 2 MiB per partition queue;
+        // 16 MiB took a debug rebuild of 8 partitions to 350 MB RSS.
+        .set("queued.max.messages.kbytes", "2048")
+        .set("fetch.message.max.bytes", "262144")
+        .set("fetch.wait.max.ms", "50")
+        .create()
+        .context("creating the rebuild's Kafka consumer")
+}
+
+/// What a replay did.
+#[derive(Clone, Debug, Default)]
+pub struct Replayed {
+    pub messages: u64,
+    pub applied: Applied,
+    /// Messages that could not be used (the worker dead-lettered them).
+    pub refused: u64,
+}
+
+/// Something told about each partition's progress: (topic, messages).
+pub type OnProgress<'a> = dyn Fn(&str, u64) + Send + Sync + 'a;
+
+/// Replays `spans` of `feeds` into `tables` (the config's, loaded), in
+/// batches of `apply.batch_max_rows` messages, each committed with its
+/// partitions' offsets under the rebuild's group.
+pub async fn replay(
+    config: &Config,
+    pool: &deadpool_postgres::Pool,
+    tables: &[TargetTable],
+    feeds: &[Feed],
+    spans: Vec<Span>,
+    on_progress: &OnProgress<'_>,
+) -> anyhow::Result<Replayed> {
+    let group = group(config);
+    let mut decoders: HashMap<String, Arc<AvroSource>> = HashMap::new();
+    for f in feeds {
+        if let Some(url) = config.registry_for(&f.source_region) {
+            if !decoders.contains_key(&f.source_region) {
+                decoders.insert(
+                    f.source_region.clone(),
+                    Arc::new(AvroSource::with_settings(url, config)?),
+                );
+            }
+        }
+    }
+    let feed_of: HashMap<&str, &Feed> = feeds.iter().map(|f| (f.topic.as_str(), f)).collect();
+    let mut ends: HashMap<(String, i32), i64> = HashMap::new();
+    let mut tpl = TopicPartitionList::new();
+    for s in &spans {
+        if s.next < s.end {
+            tpl.add_partition_offset(&s.topic, s.partition, Offset::Offset(s.next))?;
+            ends.insert((s.topic.clone(), s.partition), s.end);
+        }
+    }
+    let mut done = Replayed::default();
+    if ends.is_empty() {
+        return Ok(done);
+    }
+    let consumer = consumer(config)?;
+    consumer
+        .assign(&tpl)
+        .context("assigning the partitions to replay")?;
+    let max_rows = config.apply.batch_max_rows.max(1);
+    while !ends.is_empty() {
+        let mut batch: Vec<BorrowedMessage<'_>> = Vec::new();
+        let mut idle = Duration::ZERO;
+        let first = loop {
+            match tokio::time::timeout(Duration::from_secs(1), consumer.recv()).await {
+                Ok(m) => break Some(m?),
+                Err(_) => {
+                    // Nothing came: a partition may end in offsets that are
+                    // no messages (transaction markers, compacted away).
+                    reached_by_position(&consumer, &mut ends);
+                    if ends.is_empty() {
+                        break None;
+                    }
+                    idle += Duration::from_secs(1);
+                    if idle >= Duration::from_secs(30) {
+                        anyhow::bail!(
+                            "no message from Kafka for 30 s while {} partition(s) are not replayed to their end",
+                            ends.len()
+                        );
+                    }
+                }
+            }
+        };
+        let Some(first) = first else { break };
+        batch.push(first);
+        let linger = tokio::time::Instant::now() + Duration::from_millis(50);
+        while batch.len() < max_rows {
+            match tokio::time::timeout_at(linger, consumer.recv()).await {
+                Ok(m) => batch.push(m?),
+                Err(_) => break,
+            }
+        }
+        // Per partition, in offset order; past its end is the worker's.
+        let mut by_partition: HashMap<(String, i32), Vec<BorrowedMessage<'_>>> = HashMap::new();
+        for m in batch {
+            let key = (m.topic().to_owned(), m.partition());
+            match ends.get(&key) {
+                Some(end) if m.offset() < *end => by_partition.entry(key).or_default().push(m),
+                _ => {}
+            }
+        }
+        let mut plans = Vec::new();
+        for ((topic, partition), messages) in &by_partition {
+            let feed = feed_of
+                .get(topic.as_str())
+                .ok_or_else(|| anyhow::anyhow!("a message of {topic}, which is not replayed"))?;
+            let planner = Planner {
+                config,
+                tables,
+                source_region: &feed.source_region,
+                table: Some(feed.table),
+                avro: decoders.get(&feed.source_region).map(|a| &**a),
+                own_topic: feed.own,
+            };
+            let plan = planner.plan(topic, messages, crate::clock::now_ms()).await;
+            for r in &plan.rejected {
+                if let Some(reason) = r.fault.retry_reason(config) {
+                    anyhow::bail!(
+                        "{topic}/{partition} at offset {}: {} ({reason}); run the rebuild again once it is fixed: it resumes",
+                        r.msg.offset(),
+                        r.fault
+                    );
+                }
+                warn!(topic = %topic, partition, offset = r.msg.offset(), reason = r.fault.reason(),
+                    error = %r.fault, "a change that cannot be applied is skipped (the worker dead-lettered it)");
+            }
+            let next = messages.last().map_or(0, |m| m.offset() + 1);
+            plans.push((
+                topic.clone(),
+                *partition,
+                next,
+                messages.len(),
+                plan,
+                feed.source_region.as_str(),
+            ));
+        }
+        let applied = commit(pool, &group, tables, &plans).await?;
+        done.applied += applied;
+        for (topic, partition, next, count, plan, _) in &plans {
+            done.messages += *count as u64;
+            done.refused += plan.rejected.len() as u64;
+            on_progress(topic, *count as u64);
+            metrics::counter!(crate::metrics::REBUILD_MESSAGES_TOTAL, "topic" => topic.clone())
+                .increment(*count as u64);
+            let key = (topic.clone(), *partition);
+            if ends.get(&key).is_some_and(|end| next >= end) {
+                ends.remove(&key);
+                info!(topic = %topic, partition, "replayed to its end");
+            }
+        }
+    }
+    Ok(done)
+}
+
+/// A partition's planned messages: topic, partition, next offset, count,
+/// plan, source region.
+/// Drops from `ends` the partitions whose fetch position reached their end.
+fn reached_by_position(consumer: &StreamConsumer, ends: &mut HashMap<(String, i32), i64>) {
+    let Ok(positions) = consumer.position() else {
+        return;
+    };
+    for e in positions.elements() {
+        if let Offset::Offset(at) = e.offset() {
+            let key = (e.topic().to_owned(), e.partition());
+            if ends.get(&key).is_some_and(|end| at >= *end) {
+                ends.remove(&key);
+            }
+        }
+    }
+}
+
+type Planned<'a> = (
+    String,
+    i32,
+    i64,
+    usize,
+    Plan<'a, BorrowedMessage<'a>>,
+    &'a str,
+);
+
+/// One transaction: each partition's changes (collapsed per key within
+/// the partition) under the version guard, then its offset.
+async fn commit(
+    pool: &deadpool_postgres::Pool,
+    group: &str,
+    tables: &[TargetTable],
+    plans: &[Planned<'_>],
+) -> anyhow::Result<Applied> {
+    let mut client = pool.get().await?;
+    let tx = client.transaction().await?;
+    tx.batch_execute(session::APPLY_TRANSACTION_SQL).await?;
+    let mut total = Applied::default();
+    for (topic, partition, next, _, plan, source_region) in plans {
+        let mut pending: HashMap<usize, Vec<&apply::Final>> = HashMap::new();
+        for step in &plan.steps {
+            match step {
+                Step::Row { table, fin, .. } => pending.entry(*table).or_default().push(fin),
+                Step::Truncate { table, ts_ms } => {
+                    for (t, finals) in pending.drain() {
+                        let collapsed = apply::collapse(finals);
+                        total += apply::apply_finals(&tx, &tables[t], &collapsed).await?;
+                    }
+                    total +=
+                        apply::apply_truncate(&tx, &tables[*table], *ts_ms, source_region).await?;
+                }
+            }
+        }
+        for (t, finals) in pending.drain() {
+            let collapsed = apply::collapse(finals);
+            total += apply::apply_finals(&tx, &tables[t], &collapsed)
+                .await
+                .with_context(|| format!("applying {topic}/{partition} to {}", tables[t].name))?;
+        }
+        offsets::store(&tx, group, topic, *partition, *next, plan.newest_ts_ms).await?;
+    }
+    tx.commit().await?;
+    Ok(total)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_region_topic_and_the_own_one_feed_a_table() {
+        let config = crate::worker::test_config("");
+        let f = feeds(&config, &[0]);
+        assert_eq!(
+            f,
+            vec![
+                Feed {
+                    topic: "us-east-1.cdc.public.users".into(),
+                    source_region: "us-east-1".into(),
+                    table: 0,
+                    own: false
+                },
+                Feed {
+                    topic: "cdc.public.users".into(),
+                    source_region: "eu-west-1".into(),
+                    table: 0,
+                    own: true
+                },
+            ]
+        );
+        assert_eq!(group(&config), "regionsync-eu-west-1-rebuild");
+    }
+
+    #[test]
+    fn a_topic_without_its_whole_history_is_named() {
+        let now = 10 * 86_400_000;
+        let deleting = Retention {
+            cleanup_policy: "delete".into(),
+            delete_retention_ms: None,
+            partitions: vec![(0, 0, Some(now - 1000)), (1, 42, Some(now - 1000))],
+        };
+        let why = history_problem("us-east-1.cdc.public.users", &deleting, now).unwrap();
+        assert!(why.contains("partition 1 starts at offset 42"), "{why}");
+        let whole = Retention {
+            partitions: vec![(0, 0, Some(now - 1000))],
+            ..deleting.clone()
+        };
+        assert_eq!(history_problem("t", &whole, now), None);
+
+        let compacted = Retention {
+            cleanup_policy: "compact".into(),
+            delete_retention_ms: Some(86_400_000),
+            // A compacted topic's first offset past 0 is normal.
+            partitions: vec![(0, 5, Some(now - 3_600_000))],
+        };
+        assert_eq!(history_problem("t", &compacted, now), None);
+        let old = Retention {
+            partitions: vec![(0, 5, Some(now - 2 * 86_400_000))],
+            ..compacted
+        };
+        let why = history_problem("t", &old, now).unwrap();
+        assert!(why.contains("delete.retention.ms=86400000"), "{why}");
+    }
+}

@@ -1,0 +1,290 @@
+//! `regionsync rebuild` on the real two-region stack: region B's copy of a
+//! fresh users-shaped table, written in both regions, lost and replayed
+//! from the topics, then checked with `regionsync verify` against A.
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::{ClientConfig, TopicPartitionList};
+use support::kit::*;
+use support::*;
+
+/// A worker config file for `region`, replicating the table from the
+/// other region's topic (`table_extra` into its `[[tables]]` entry).
+fn config_file(region: &Region, table: &TestTable, suffix: &str, apply_extra: &str) -> PathBuf {
+    let dir = repo_root().join("target/test-configs");
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join(format!("{}-{}-{suffix}.toml", table.name, region.name));
+    let toml =
+        worker_toml_for(region, table, "").replace("[apply]", &format!("[apply]\n{apply_extra}"));
+    std::fs::write(&path, toml).unwrap();
+    path
+}
+
+fn regionsync(config: &Path, args: &[&str]) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_regionsync"));
+    cmd.arg("--config")
+        .arg(config)
+        .args(args)
+        .env("PGPASSWORD", stack_env::REGIONSYNC_PASSWORD.get())
+        .env("RUST_LOG", "info,rdkafka=warn")
+        .env("NO_COLOR", "1");
+    cmd
+}
+
+fn output(config: &Path, args: &[&str]) -> Output {
+    tokio::task::block_in_place(|| regionsync(config, args).output()).expect("run regionsync")
+}
+
+fn text(out: &Output) -> String {
+    format!(
+        "exit {:?}\n{}{}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// `verify` of B against A: its exit code and output.
+fn verify(config_b: &Path, table: &TestTable) -> (i32, String) {
+    let against = format!(
+        "host={} port={} dbname=app user=regionsync sslmode=disable",
+        stack_env::HOST,
+        region_a().pg_port
+    );
+    let out = output(
+        config_b,
+        &[
+            "verify",
+            "--against",
+            &against,
+            "--table",
+            &format!("public.{}", table.name),
+        ],
+    );
+    (out.status.code().unwrap_or(-1), text(&out))
+}
+
+fn start_worker(region: &Region, table: &TestTable) -> Worker {
+    Worker::start(
+        regionsync::config::Config::from_toml(&worker_toml_for(region, table, ""))
+            .expect("valid config"),
+    )
+}
+
+/// Loses B's copy, as a restore gone wrong would: the table truncated
+/// bypassing the triggers (no truncate mark). Not row deletes: Debezium
+/// would carry those to A as changes.
+async fn lose_b(table: &TestTable) {
+    admin_db(&region_b())
+        .await
+        .batch_execute(&format!(
+            "BEGIN; SET LOCAL session_replication_role = replica; TRUNCATE {}; COMMIT",
+            table.name
+        ))
+        .await
+        .expect("empty B");
+}
+
+async fn count(region: &Region, table: &TestTable) -> i64 {
+    app_db(region)
+        .await
+        .query_one(&format!("SELECT count(*) FROM {}", table.name), &[])
+        .await
+        .unwrap()
+        .get(0)
+}
+
+/// Writes in both regions: inserts, updates and deletes in A, and rows of
+/// B's own (inserted and updated in B), so B's copy needs its own topic too.
+async fn write_both(table: &TestTable, rows: i64) -> i64 {
+    let first = fresh_key();
+    insert_users(table, first, rows).await;
+    write_mixed(table, 400, 300, first as u64).await;
+    let b = app_db(&region_b()).await;
+    b.execute(
+        &format!(
+            "INSERT INTO {} (id, email) SELECT g, 'b' || g || '@example.com' FROM generate_series($1::bigint, $1::bigint + 199) g",
+            table.name
+        ),
+        &[&(first + 10_000_000)],
+    )
+    .await
+    .expect("insert in B");
+    b.execute(
+        &format!(
+            "UPDATE {} SET display_name = 'changed in B' WHERE id % 7 = 0",
+            table.name
+        ),
+        &[],
+    )
+    .await
+    .expect("update in B");
+    first
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_lost_copy_is_rebuilt_from_both_regions_topics_and_verifies_equal() {
+    let table = TestTable::create("rebuild").await;
+    let (a, b) = (
+        start_worker(&region_a(), &table),
+        start_worker(&region_b(), &table),
+    );
+    write_both(&table, 1_000).await;
+    table.wait_converged(Duration::from_secs(120)).await;
+    let config_b = config_file(&region_b(), &table, "rebuild", "");
+
+    // Refused while B's worker runs.
+    let out = output(&config_b, &["rebuild"]);
+    assert!(!out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("is running"), "{}", text(&out));
+
+    b.stop().await;
+    lose_b(&table).await;
+    assert_eq!(count(&region_b(), &table).await, 0);
+    let (code, report) = verify(&config_b, &table);
+    assert_eq!(code, 1, "{report}");
+
+    let out = output(&config_b, &["rebuild"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let (code, report) = verify(&config_b, &table);
+    assert_eq!(code, 0, "{report}");
+    assert_eq!(table.rows(&region_a()).await, table.rows(&region_b()).await);
+
+    // Done: a second run does nothing.
+    let out = output(&config_b, &["rebuild"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("nothing to do"), "{}", text(&out));
+
+    // The worker takes over from where it was, and A was not disturbed.
+    let b = start_worker(&region_b(), &table);
+    app_db(&region_a())
+        .await
+        .execute(
+            &format!(
+                "UPDATE {} SET age = 99 WHERE id IN (SELECT id FROM {0} ORDER BY id LIMIT 5)",
+                table.name
+            ),
+            &[],
+        )
+        .await
+        .unwrap();
+    table.wait_converged(Duration::from_secs(60)).await;
+    a.stop().await;
+    b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_rebuild_killed_three_times_resumes_and_ends_equal() {
+    let table = TestTable::create("rebuild_kill").await;
+    let (a, b) = (
+        start_worker(&region_a(), &table),
+        start_worker(&region_b(), &table),
+    );
+    write_both(&table, 30_000).await;
+    table.wait_converged(Duration::from_secs(180)).await;
+    b.stop().await;
+    lose_b(&table).await;
+    // Small batches: many commits to be killed between.
+    let config_b = config_file(&region_b(), &table, "kill", "batch_max_rows = 300");
+    let mut seen = 0;
+    for kill in 1..=3 {
+        let mut child = regionsync(&config_b, &["rebuild"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start rebuild");
+        // Killed once it made progress past the last kill.
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            let n = count(&region_b(), &table).await;
+            if n > seen + 500 {
+                seen = n;
+                break;
+            }
+            assert!(
+                Instant::now() < deadline && child.try_wait().unwrap().is_none(),
+                "kill {kill}: the rebuild made no progress past {seen} rows (or ended first)"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        child.kill().expect("kill -9");
+        child.wait().unwrap();
+        eprintln!("killed the rebuild at {seen} rows");
+    }
+    let out = output(&config_b, &["rebuild"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        !text(&out).contains("nothing to do"),
+        "it resumed: {}",
+        text(&out)
+    );
+    let (code, report) = verify(&config_b, &table);
+    assert_eq!(code, 0, "{report}");
+    a.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_topic_without_its_whole_history_is_refused() {
+    let table = TestTable::create("rebuild_hist").await;
+    // The table's own topic in B: a deleting topic whose first records
+    // were deleted.
+    let topic = format!("hist.public.{}", table.name);
+    let b = region_b();
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", &b.kafka)
+        .create()
+        .unwrap();
+    let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
+    admin
+        .create_topics(
+            &[
+                NewTopic::new(&topic, 1, TopicReplication::Fixed(1))
+                    .set("cleanup.policy", "delete"),
+            ],
+            &options,
+        )
+        .await
+        .unwrap();
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", &b.kafka)
+        .create()
+        .unwrap();
+    for i in 0..3 {
+        producer
+            .send(
+                FutureRecord::to(&topic).key(&format!("{i}")).payload("{}"),
+                Duration::from_secs(10),
+            )
+            .await
+            .unwrap();
+    }
+    let mut upto = TopicPartitionList::new();
+    upto.add_partition_offset(&topic, 0, rdkafka::Offset::Offset(2))
+        .unwrap();
+    admin.delete_records(&upto, &options).await.unwrap();
+
+    let dir = repo_root().join("target/test-configs");
+    let config = dir.join(format!("{}-hist.toml", table.name));
+    std::fs::write(
+        &config,
+        worker_toml_for(&b, &table, "").replace(
+            &format!("topics = [\"cdc.public.{}\"]", table.name),
+            &format!("topics = [\"{topic}\"]"),
+        ),
+    )
+    .unwrap();
+    let out = output(&config, &["rebuild"]);
+    let said = text(&out);
+    assert!(!out.status.success(), "{said}");
+    assert!(
+        said.contains(&format!("topic {topic} (cleanup.policy=delete) no longer holds its whole history: partition 0 starts at offset 2")),
+        "{said}"
+    );
+    assert!(said.contains("incremental snapshot"), "{said}");
+}
