@@ -488,6 +488,10 @@ const LEFT_OUT: &[(&str, &str)] = &[
     ("c_xml_arr", "xml[]"),
     ("c_point_arr", "point[]"),
     ("c_posint_arr", "{posint}[]"),
+    ("c_tsquery", "tsquery"),
+    ("c_lsn", "pg_lsn"),
+    // Present in the event, but NULL whatever the value.
+    ("c_bit_arr", "bit(4)[]"),
 ];
 
 /// A value of each [`LEFT_OUT`] type, in the same order.
@@ -504,6 +508,9 @@ const LEFT_OUT_VALUES: &[&str] = &[
     "ARRAY['<a/>'::xml]",
     "'{\"(1,2)\"}'",
     "'{1,2}'",
+    "'a & b'",
+    "'0/16B3748'",
+    "'{1010,0001}'",
 ];
 
 /// A row with a column of a type Debezium leaves out is dead-lettered

@@ -198,6 +198,10 @@ impl PgType {
                 PgKind::NotCarried(NOT_CARRIED_GEOMETRY)
             }
             b if b.ends_with("multirange") => PgKind::NotCarried(NOT_CARRIED_MULTIRANGE),
+            "tsquery" | "pg_lsn" | "txid_snapshot" | "pg_snapshot" | "xid" | "xid8" | "cid"
+            | "tid" | "regclass" | "regproc" | "regprocedure" | "regoper" | "regoperator"
+            | "regtype" | "regrole" | "regnamespace" | "regconfig" | "regdictionary"
+            | "regcollation" => PgKind::NotCarried(NOT_CARRIED_TYPE),
             b if b.starts_with("interval") => PgKind::Interval,
             _ => PgKind::Text,
         };
@@ -242,6 +246,12 @@ const NOT_CARRIED_GEOMETRY: &str = "Debezium does not carry this geometric type 
 const NOT_CARRIED_MULTIRANGE: &str = "Debezium does not carry multiranges (its \
      PostgreSQL connector has no converter for them and leaves the column out of every \
      change event), so the row cannot be written exactly";
+const NOT_CARRIED_TYPE: &str = "Debezium does not carry this type (its PostgreSQL \
+     connector has no converter for it and leaves the column out of every change event), \
+     so the row cannot be written exactly";
+const NOT_CARRIED_BIT_ARRAY: &str = "Debezium does not carry arrays of bit strings (it \
+     gives the column the scalar's Bits schema and sends NULL for every value), so no \
+     value of the column, NULL included, can be told from a lost one";
 const NOT_CARRIED_ARRAY: &str = "Debezium does not carry arrays of this type (its \
      PostgreSQL connector has no converter for them and leaves the column out of every \
      change event), so the row cannot be written exactly";
@@ -255,6 +265,7 @@ const NOT_CARRIED_DOMAIN_ARRAY: &str = "Debezium does not carry arrays of a doma
 /// carry at all).
 fn not_carried_array(element: &PgType) -> Option<&'static str> {
     match &element.kind {
+        PgKind::Bit { .. } => Some(NOT_CARRIED_BIT_ARRAY),
         PgKind::Interval | PgKind::VarBit { .. } | PgKind::Point | PgKind::NotCarried(_) => {
             Some(NOT_CARRIED_ARRAY)
         }
@@ -282,6 +293,8 @@ impl Typed {
     /// per value).
     pub fn to_pg_text_as(&self, ty: &PgType) -> Result<Option<String>, RenderError> {
         match &self.field {
+            // A NULL of a type Debezium does not carry may be a lost value.
+            _ if ty.not_carried().is_some() => render(&self.field, None, ty).map(Some),
             Field::Null => Ok(None),
             field => render(field, self.semantic.as_deref(), ty).map(Some),
         }
@@ -319,11 +332,11 @@ fn is_own_rendering(s: &str, kind: &PgKind) -> bool {
 
 fn render(field: &Field, semantic: Option<&str>, ty: &PgType) -> Result<String, RenderError> {
     match (&ty.kind, field) {
+        (PgKind::NotCarried(why), _) => return Err(render_error(*why)),
         (PgKind::Array(element), _) => return render_array(field, element),
         (_, Field::Null | Field::Unavailable) => {}
         (PgKind::Bit { .. } | PgKind::VarBit { .. }, _) => return render_bits(field, &ty.kind),
         (PgKind::Point, Field::Json(point)) => return render_point(point),
-        (PgKind::NotCarried(why), _) => return Err(render_error(*why)),
         (PgKind::Hstore, Field::String(s)) => return render_hstore(s),
         (PgKind::Hstore, Field::Json(map)) => return hstore_text(map),
         _ => {}
@@ -1273,6 +1286,11 @@ mod tests {
             "point[]",
             "box[]",
             "name[]",
+            "bit(4)[]",
+            "tsquery",
+            "pg_lsn",
+            "txid_snapshot",
+            "regclass",
         ] {
             let ty = PgType::parse(pg_type);
             assert!(ty.not_carried().is_some(), "{pg_type}");
@@ -1291,6 +1309,18 @@ mod tests {
             assert!(PgType::parse(pg_type).not_carried().is_none(), "{pg_type}");
         }
         assert!(PgType::array_of_domain("posint[]").not_carried().is_some());
+        // bit(n)[] arrives as NULL whatever the value: a NULL is refused too.
+        let null = Typed {
+            field: Field::Null,
+            semantic: None,
+        };
+        assert!(null
+            .to_pg_text("bit(4)[]")
+            .unwrap_err()
+            .0
+            .starts_with("Debezium does not carry arrays of bit strings"));
+        assert_eq!(null.to_pg_text("bit(4)"), Ok(None));
+        assert!(PgType::parse("region").not_carried().is_none());
     }
 
     #[test]
