@@ -23,7 +23,7 @@ pub struct TargetTable {
     /// `columns`' types parsed for rendering, in the same order.
     pub pg_types: Vec<PgType>,
     /// The type each value is cast to in SQL, in the same order
-    /// ([`cast_type`]): the column's, without a length that an explicit
+    /// (`cast_type`): the column's, without a length that an explicit
     /// cast would silently truncate to.
     pub cast_types: Vec<String>,
     /// Positions of the key columns in `columns`.
