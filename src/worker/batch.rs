@@ -573,10 +573,18 @@ async fn isolate_bad_rows<'a, M>(
                 Ok(_) => sp.rollback().await?,
                 Err(e) => {
                     let _ = sp.rollback().await;
-                    let detail = e
+                    let mut detail = e
                         .as_db_error()
                         .map(|d| d.message().to_string())
                         .unwrap_or_else(|| e.to_string());
+                    // A data exception names no column: find the value.
+                    let target = &tables[*table];
+                    if e.code().is_some_and(|c| c.code().starts_with("22")) {
+                        if let Some(idx) = apply::refused_column(&mut tx, target, fin).await? {
+                            let (column, pg_type) = &target.columns[idx];
+                            detail = format!("column {column} ({pg_type}): {detail}");
+                        }
+                    }
                     rejected.push(Rejected::new(
                         *msg,
                         Fault::RefusedByPostgres {
