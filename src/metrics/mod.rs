@@ -40,11 +40,19 @@ pub const CONFLICTS_TOTAL: &str = "regionsync_conflicts_total";
 pub const WRITES_BY_CLASS_TOTAL: &str = "regionsync_writes_by_class_total";
 /// Tombstones removed after `tombstone_grace`.
 pub const TOMBSTONES_COLLECTED_TOTAL: &str = "regionsync_tombstones_collected_total";
-/// Changes whose HLC is further in the future than `max_clock_skew` (still
-/// applied; they are flagged). Label: source_region.
+/// Changes whose HLC or source time is further in the future than
+/// `max_clock_skew`, dead-lettered or applied by `clock_ahead` (held ones
+/// count as retries). Label: source_region.
 pub const CLOCK_SKEW_EXCEEDED_TOTAL: &str = "regionsync_clock_skew_exceeded_total";
 /// 1 while ready (partitions assigned, PostgreSQL reachable), else 0.
 pub const READY: &str = "regionsync_ready";
+/// 1 while a partition is stopped because its stored offset is outside the
+/// topic (re-created, or a retention gap), else 0. Labels: topic,
+/// partition, reason (`beyond_end`, `retention_gap`).
+pub const PARTITION_STOPPED: &str = "regionsync_partition_stopped";
+/// Partition tasks that panicked and were restarted from their stored
+/// offset. Label: topic.
+pub const PARTITION_PANICS_TOTAL: &str = "regionsync_partition_panics_total";
 /// Source commit time (Unix seconds) of the newest change or heartbeat whose
 /// effects are committed here. Label: source_region.
 pub const LAST_APPLIED_SOURCE_TIMESTAMP: &str = "regionsync_last_applied_source_timestamp_seconds";
@@ -108,8 +116,12 @@ pub mod reason {
     /// `schema_registry.unknown_schema = "dlq"`).
     pub const UNKNOWN_SCHEMA: &str = "unknown_schema";
 
+    /// A change or truncate dated beyond `max_clock_skew` (with
+    /// `clock_ahead = "dlq"`).
+    pub const CLOCK_AHEAD: &str = "clock_ahead";
+
     /// Every reason, for documentation checks.
-    pub const ALL: [&str; 12] = [
+    pub const ALL: [&str; 13] = [
         OVERSIZED,
         UNCONFIGURED_TABLE,
         NULL_KEY,
@@ -122,6 +134,7 @@ pub mod reason {
         NO_REGISTRY,
         REJECTED_BY_POSTGRES,
         UNKNOWN_SCHEMA,
+        CLOCK_AHEAD,
     ];
 }
 
@@ -142,13 +155,26 @@ pub mod retry {
     pub const POSTGRES_UNAVAILABLE: &str = "postgres_unavailable";
     /// The dead-letter topic did not acknowledge.
     pub const DLQ_UNAVAILABLE: &str = "dlq_unavailable";
+    /// A unique index refuses a change in source order: the value is still
+    /// held by a row another partition (or the source's later change) has
+    /// not moved yet (SQLSTATE 23505).
+    pub const UNIQUE_WAIT: &str = "unique_wait";
+    /// PostgreSQL refused a statement that is no single change's (the
+    /// offset row, the commit, a truncate): held, never dead-lettered.
+    pub const POSTGRES_REFUSED: &str = "postgres_refused";
+    /// A change or truncate dated beyond `max_clock_skew`, held until the
+    /// local clock is within it (`clock_ahead = "hold"`).
+    pub const CLOCK_AHEAD: &str = "clock_ahead";
 
-    pub const ALL: [&str; 6] = [
+    pub const ALL: [&str; 9] = [
         REGISTRY,
         UNKNOWN_SCHEMA,
         POSTGRES_PERMISSION,
         POSTGRES_SCHEMA,
         POSTGRES_UNAVAILABLE,
         DLQ_UNAVAILABLE,
+        UNIQUE_WAIT,
+        POSTGRES_REFUSED,
+        CLOCK_AHEAD,
     ];
 }
