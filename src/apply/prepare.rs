@@ -447,8 +447,14 @@ pub fn prepare(
             // (The commit time cannot serve: a re-insert in the same
             // transaction or millisecond is stamped before the commit.)
             let hlc = match change.before.as_ref().and_then(|b| int_of(b, "hlc")) {
-                Some(before) => before + 1,
-                None => change.source_ts_ms << crate::clock::LOGICAL_BITS,
+                Some(before) => before.checked_add(1).ok_or_else(|| {
+                    named_row_error(
+                        table,
+                        "hlc",
+                        "at the largest bigint: no version can follow it",
+                    )
+                })?,
+                None => crate::clock::Hlc::at_ms_saturating(change.source_ts_ms).0,
             };
             Ok(Final::Delete(PreparedDelete {
                 key_text: key_text(&key_values),

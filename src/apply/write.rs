@@ -113,11 +113,15 @@ pub async fn apply_finals(
             Final::Delete(d) => deletes.push(d),
         }
     }
-    for rows in groups {
-        result += upsert(client, table, &rows).await?;
-    }
+    // Deletes first: the keys are distinct (collapsed), and a delete only
+    // frees unique values, so an upsert that takes a value a deleted row
+    // held (a primary-key change keeping its email) finds it free, as it
+    // did in the source. The other way round a unique index refuses it.
     if !deletes.is_empty() {
         result += delete(client, table, &deletes).await?;
+    }
+    for rows in groups {
+        result += upsert(client, table, &rows).await?;
     }
     Ok(result)
 }
@@ -333,7 +337,7 @@ pub async fn apply_truncate(
     source_ts_ms: i64,
     origin: &str,
 ) -> Result<Applied, tokio_postgres::Error> {
-    let cutoff = source_ts_ms << crate::clock::LOGICAL_BITS;
+    let cutoff = crate::clock::Hlc::at_ms_saturating(source_ts_ms).0;
     client
         .execute(
             &format!("DELETE FROM {} WHERE hlc < $1", table.ident),
