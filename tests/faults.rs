@@ -331,8 +331,10 @@ async fn a_unique_index_the_source_satisfied_costs_no_change() {
     let email = |id: i64| format!("g{id}@example.com");
     // A primary-key change keeping the unique value, once to an id of the
     // same partition and once to one of another.
-    let (pk_same_from, pk_same_to) = by_partition(true, &ids[0..5], &ids[40..]);
-    let (pk_other_from, pk_other_to) = by_partition(false, &ids[5..10], &ids[40..]);
+    // Targets from disjoint ranges: both changes may not pick the same
+    // free id (the source itself would refuse the second).
+    let (pk_same_from, pk_same_to) = by_partition(true, &ids[0..5], &ids[40..60]);
+    let (pk_other_from, pk_other_to) = by_partition(false, &ids[5..10], &ids[60..]);
     // Two rows exchanging emails through a temporary value in one
     // transaction, on one partition and across two.
     let (p, q) = by_partition(true, &ids[10..25], &ids[10..25]);
