@@ -140,6 +140,14 @@ LANGUAGE sql IMMUTABLE AS $$
            END
 $$;
 
+-- The version right after `h` (NULL for NULL), held at the largest bigint:
+-- a row at i64::MAX (a clock far ahead, or a value written by hand) stays
+-- updatable instead of failing with "bigint out of range".
+CREATE OR REPLACE FUNCTION regionsync.hlc_after(h bigint) RETURNS bigint
+LANGUAGE sql IMMUTABLE AS $$
+    SELECT CASE WHEN h < 9223372036854775807 THEN h + 1 ELSE h END
+$$;
+
 CREATE OR REPLACE FUNCTION regionsync.stamp_hlc() RETURNS trigger
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, regionsync AS $$
 DECLARE
@@ -150,7 +158,7 @@ DECLARE
     deleted bigint;
 BEGIN
     IF TG_OP = 'UPDATE' THEN
-        NEW.hlc := greatest(wall, OLD.hlc + 1);
+        NEW.hlc := greatest(wall, regionsync.hlc_after(OLD.hlc));
     ELSE
         -- TG_TABLE_SCHEMA and TG_TABLE_NAME are of type name, collation
         -- "C": without the COLLATE the comparison cannot use the primary
@@ -158,7 +166,7 @@ BEGIN
         SELECT t.hlc INTO deleted FROM regionsync.tombstones t
          WHERE t.table_name = (TG_TABLE_SCHEMA || '.' || TG_TABLE_NAME) COLLATE "default"
            AND t.row_key = regionsync.row_key(to_jsonb(NEW), TG_ARGV::text[]);
-        NEW.hlc := greatest(wall, coalesce(deleted + 1, 0));
+        NEW.hlc := greatest(wall, coalesce(regionsync.hlc_after(deleted), 0));
     END IF;
     NEW.origin_region := current_setting('regionsync.region');
     RETURN NEW;
@@ -174,7 +182,7 @@ BEGIN
     INSERT INTO regionsync.tombstones AS ts (table_name, row_key, hlc, origin_region)
     VALUES (TG_TABLE_SCHEMA || '.' || TG_TABLE_NAME,
             regionsync.row_key(to_jsonb(OLD), TG_ARGV::text[]),
-            OLD.hlc + 1, current_setting('regionsync.region'))
+            regionsync.hlc_after(OLD.hlc), current_setting('regionsync.region'))
     ON CONFLICT (table_name, row_key) DO UPDATE
        SET hlc = EXCLUDED.hlc, origin_region = EXCLUDED.origin_region, deleted_at = now()
      WHERE (ts.hlc, ts.origin_region COLLATE "C") < (EXCLUDED.hlc, EXCLUDED.origin_region COLLATE "C");

@@ -37,6 +37,13 @@ impl Hlc {
         Hlc((physical_ms << LOGICAL_BITS) | logical as i64)
     }
 
+    /// The HLC of wall-clock milliseconds `ms` with a zero counter, held
+    /// within `0..=i64::MAX` whatever `ms` is (a source time far ahead
+    /// must not wrap around to the past).
+    pub fn at_ms_saturating(ms: i64) -> Hlc {
+        Hlc(ms.clamp(0, i64::MAX >> LOGICAL_BITS) << LOGICAL_BITS)
+    }
+
     /// The wall-clock milliseconds part.
     pub fn physical_ms(self) -> i64 {
         self.0 >> LOGICAL_BITS
@@ -72,7 +79,7 @@ pub fn exceeds_clock_skew(hlc: Hlc, now_ms: i64, max_clock_skew: Duration) -> bo
 /// at 65535 carries into the physical part (packed `+ 1`), so the result is
 /// always above `local`.
 pub fn send(local: Hlc, now_ms: i64) -> Hlc {
-    Hlc::new(now_ms, 0).max(Hlc(local.0 + 1))
+    Hlc::new(now_ms, 0).max(Hlc(local.0.saturating_add(1)))
 }
 
 /// The receive rule: the local HLC after seeing `remote` at physical time
@@ -85,7 +92,7 @@ pub fn send(local: Hlc, now_ms: i64) -> Hlc {
 /// has. A counter at 65535 carries into the physical part, as in [`send`],
 /// so the result is always above both `local` and `remote`.
 pub fn recv(local: Hlc, remote: Hlc, now_ms: i64) -> Hlc {
-    Hlc::new(now_ms, 0).max(Hlc(local.max(remote).0 + 1))
+    Hlc::new(now_ms, 0).max(Hlc(local.max(remote).0.saturating_add(1)))
 }
 
 /// One version of a row: its HLC and the region that wrote it.
@@ -124,6 +131,17 @@ mod tests {
         assert_eq!(h.physical_ms(), 1_795_813_071_636);
         assert_eq!(h.logical(), 7);
         assert_eq!(h.0, (1_795_813_071_636 << 16) | 7);
+    }
+
+    #[test]
+    fn hlc_arithmetic_never_wraps() {
+        // A year-2100 or absurd source time stays the largest version, not
+        // a negative one.
+        assert_eq!(Hlc::at_ms_saturating(i64::MAX).0, (i64::MAX >> 16) << 16);
+        assert_eq!(Hlc::at_ms_saturating(-5).0, 0);
+        assert_eq!(Hlc::at_ms_saturating(1_000).0, 1_000 << 16);
+        assert_eq!(send(Hlc(i64::MAX), 0), Hlc(i64::MAX));
+        assert_eq!(recv(Hlc(1), Hlc(i64::MAX), 0), Hlc(i64::MAX));
     }
 
     #[test]

@@ -79,6 +79,23 @@ pub enum LateChanges {
     Apply,
 }
 
+/// What to do with a change or truncate dated further in the future than
+/// `max_clock_skew` (its HLC or its source commit time `ts_ms`).
+#[derive(Clone, Copy, Debug, Deserialize, serde::Serialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum ClockAhead {
+    /// Hold its partition at it until the local clock is within
+    /// `max_clock_skew` of it (the default): a truncate from a clock far
+    /// ahead would delete newer rows and refuse every later write.
+    #[default]
+    Hold,
+    /// Send it to the dead-letter topic (reason `clock_ahead`).
+    Dlq,
+    /// Apply it all the same, counted and logged: the version order stays
+    /// total, but its writer wins every conflict until the clocks meet.
+    Apply,
+}
+
 /// What to do with a message that cannot be decoded or applied.
 #[derive(Clone, Copy, Debug, Deserialize, serde::Serialize, PartialEq, Eq, Default)]
 #[serde(rename_all = "lowercase")]
@@ -158,6 +175,9 @@ pub struct Config {
     /// (see [`crate::clock::exceeds_clock_skew`]).
     #[serde(default = "default_max_clock_skew", with = "humantime_serde")]
     pub max_clock_skew: Duration,
+    /// A change or truncate beyond `max_clock_skew`: hold, dlq or apply.
+    #[serde(default)]
+    pub clock_ahead: ClockAhead,
     /// How long tombstones are kept before the worker collects them, e.g.
     /// "7d"; must exceed the longest replication lag.
     #[serde(default = "default_tombstone_grace", with = "humantime_serde")]
@@ -412,10 +432,45 @@ pub struct PostgresConfig {
     /// Connections for applying; partitions share them.
     #[serde(default = "default_pool_size")]
     pub pool_size: usize,
+    /// Giving up on a connection attempt after this long.
+    #[serde(default = "default_connect_timeout", with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// TCP keepalive probes after this long idle (then every
+    /// `keepalives_idle / 3`, 3 times): a half-open connection is found
+    /// instead of stalling a batch for the kernel's two hours.
+    #[serde(default = "default_keepalives_idle", with = "humantime_serde")]
+    pub keepalives_idle: Duration,
+    /// Linux `TCP_USER_TIMEOUT`: a connection whose sent data stays
+    /// unacknowledged this long is dropped ("0s": the kernel's default).
+    #[serde(default = "default_tcp_user_timeout", with = "humantime_serde")]
+    pub tcp_user_timeout: Duration,
+    /// PostgreSQL's `statement_timeout` on the apply connections: a
+    /// statement running longer is cancelled and its batch retried.
+    #[serde(default = "default_statement_timeout", with = "humantime_serde")]
+    pub statement_timeout: Duration,
+    /// How long a batch waits for a free pooled connection before it is
+    /// retried (with the backoff) instead of queueing without end.
+    #[serde(default = "default_pool_wait_timeout", with = "humantime_serde")]
+    pub pool_wait_timeout: Duration,
 }
 
 fn default_pg_port() -> u16 {
     5432
+}
+fn default_connect_timeout() -> Duration {
+    Duration::from_secs(5)
+}
+fn default_keepalives_idle() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_tcp_user_timeout() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_statement_timeout() -> Duration {
+    Duration::from_secs(60)
+}
+fn default_pool_wait_timeout() -> Duration {
+    Duration::from_secs(30)
 }
 fn default_pool_size() -> usize {
     DEFAULT_POOL_SIZE
@@ -634,6 +689,7 @@ const TOP_LEVEL_KEYS: &[&str] = &[
     "metrics",
     "heartbeat_topic",
     "max_clock_skew",
+    "clock_ahead",
     "tombstone_grace",
     "late_changes",
     "tables",
@@ -1039,6 +1095,22 @@ impl Config {
                 "postgres.pool_size: {} is outside 1..=64",
                 self.postgres.pool_size
             ));
+        }
+        for (key, d) in [
+            ("postgres.connect_timeout", self.postgres.connect_timeout),
+            ("postgres.keepalives_idle", self.postgres.keepalives_idle),
+            (
+                "postgres.statement_timeout",
+                self.postgres.statement_timeout,
+            ),
+            (
+                "postgres.pool_wait_timeout",
+                self.postgres.pool_wait_timeout,
+            ),
+        ] {
+            if d < Duration::from_secs(1) {
+                p.push(format!("{key}: {d:?} is below 1s"));
+            }
         }
         if self.apply.batch_max_rows == 0 || self.apply.batch_max_rows > 100_000 {
             p.push(format!(

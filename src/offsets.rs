@@ -76,3 +76,63 @@ pub async fn newest_source_times(
         .await?;
     Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
 }
+
+/// Why a partition cannot resume from its stored offset `stored`, given
+/// the first (`low`) and next (`high`) offsets the topic holds now; `None`
+/// when it can. Either way round, resuming would skip changes silently:
+/// above the end, the topic was deleted and re-created (or emptied), and
+/// every new message would be taken for one applied already; below the
+/// start, retention deleted messages never applied here.
+pub fn resume_problem(
+    topic: &str,
+    partition: i32,
+    stored: i64,
+    (low, high): (i64, i64),
+) -> Option<(&'static str, String)> {
+    if stored > high {
+        Some((
+            "beyond_end",
+            format!(
+                "{topic}/{partition}: the stored offset {stored} is above the partition's end \
+                 ({high}): the topic was deleted and re-created, or emptied; its messages would \
+                 be skipped as applied already. The partition is stopped (RUNBOOK.md, \
+                 RegionsyncPartitionStopped)"
+            ),
+        ))
+    } else if stored < low {
+        Some((
+            "retention_gap",
+            format!(
+                "{topic}/{partition}: the stored offset {stored} is below the partition's first \
+                 offset ({low}): retention deleted {} messages never applied here. The partition \
+                 is stopped (RUNBOOK.md, RegionsyncPartitionStopped)",
+                low - stored
+            ),
+        ))
+    } else {
+        None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_stored_offset_outside_the_topic_is_named_both_ways() {
+        assert_eq!(resume_problem("t", 0, 5, (0, 10)), None);
+        assert_eq!(resume_problem("t", 0, 10, (0, 10)), None, "caught up");
+        assert_eq!(resume_problem("t", 0, 3, (3, 10)), None, "at the first");
+        let (kind, why) = resume_problem("us-east-1.cdc.t", 2, 120, (0, 4)).unwrap();
+        assert_eq!(kind, "beyond_end");
+        assert!(why.contains("us-east-1.cdc.t/2") && why.contains("120") && why.contains("(4)"));
+        let (kind, why) = resume_problem("t", 1, 7, (50, 90)).unwrap();
+        assert_eq!(kind, "retention_gap");
+        assert!(
+            why.contains("t/1")
+                && why.contains(" 7 ")
+                && why.contains("(50)")
+                && why.contains("43 messages")
+        );
+    }
+}

@@ -848,7 +848,14 @@ async fn causality_holds_with_clocks_five_minutes_apart() {
     let counters = counters();
     let (a, b) = (region_a(), region_b());
     let table = TestTable::create("aa_skew").await;
-    let workers = start_workers(&table, "");
+    // Applied all the same (and counted), not held until the clocks meet.
+    let config = |r: &Region| {
+        regionsync::config::Config::from_toml(
+            &worker_toml_for(r, &table, "").replace("[kafka]", "clock_ahead = \"apply\"\n[kafka]"),
+        )
+        .expect("valid worker config")
+    };
+    let workers = (Worker::start(config(&a)), Worker::start(config(&b)));
     let skewed = |region: Region, offset_ms: i64| async move {
         let db = app_db(&region).await;
         db.batch_execute(&format!("SET regionsync.clock_offset_ms = {offset_ms}"))

@@ -8,6 +8,8 @@
 mod support;
 
 use std::process::Command;
+
+use rdkafka::message::Message as _;
 use std::time::{Duration, Instant};
 
 use support::kit::*;
@@ -154,8 +156,13 @@ async fn a_frozen_registry_holds_avro_changes_and_loses_none() {
     worker.stop().await;
 }
 
+/// A change and a truncate from a source clock far ahead (the year 2100):
+/// held by default, dead-lettered with `clock_ahead = "dlq"`, never
+/// applied. The truncate deletes no newer row and leaves no mark that
+/// would refuse later writes; the stored source time (what lag is
+/// computed from, across restarts too) is not in the future.
 #[tokio::test(flavor = "multi_thread")]
-async fn a_source_clock_far_ahead_does_not_blind_the_lag() {
+async fn a_source_clock_far_ahead_is_held_and_applies_nothing() {
     use rdkafka::producer::{FutureProducer, FutureRecord};
 
     let table = TestTable::create("future").await;
@@ -164,59 +171,84 @@ async fn a_source_clock_far_ahead_does_not_blind_the_lag() {
     insert_users(&table, 1, 5).await;
     table.wait_converged(Duration::from_secs(60)).await;
 
-    // One change stamped in the year 2100, as a source with a broken clock
-    // would send it.
     let year_2100_ms: i64 = 4_102_444_800_000;
-    let event = serde_json::json!({
+    let source = serde_json::json!({"ts_ms": year_2100_ms, "schema": "public", "table": table.name,
+                                    "lsn": 1, "snapshot": "false"});
+    let change = serde_json::json!({
         "before": null,
         "after": {"id": 900_001, "email": "future@example.com", "status": "active", "age": 1,
                   "bio": "x", "created_at": "2024-01-01T00:00:00Z", "hlc": now_ms() << 16,
                   "origin_region": region_a().name},
-        "source": {"ts_ms": year_2100_ms, "schema": "public", "table": table.name, "lsn": 1, "snapshot": "false"},
-        "op": "c",
-        "ts_ms": year_2100_ms
+        "source": source, "op": "c", "ts_ms": year_2100_ms
     });
+    let truncate = serde_json::json!({"before": null, "after": null, "source": source,
+                                      "op": "t", "ts_ms": year_2100_ms});
     let producer: FutureProducer = rdkafka::ClientConfig::new()
         .set("bootstrap.servers", &region_b().kafka)
         .create()
         .expect("producer");
     let mirrored_topic = mirrored(&region_a(), &topic);
+    let (dead_before, held_before) = (dead_lettered(), retries("clock_ahead"));
     producer
         .send(
             FutureRecord::to(&mirrored_topic)
                 .key(&serde_json::to_vec(&serde_json::json!({"id": 900_001})).unwrap())
-                .payload(&serde_json::to_vec(&event).unwrap()),
+                .payload(&serde_json::to_vec(&change).unwrap()),
             Duration::from_secs(10),
         )
         .await
         .expect("produce the far-future change");
+    producer
+        .send(
+            // With a key: the mirrored topics are compacted, which refuses
+            // a message without one.
+            FutureRecord::to(&mirrored_topic)
+                .partition(0)
+                .key(&serde_json::to_vec(&serde_json::json!({"id": 900_002})).unwrap())
+                .payload(&serde_json::to_vec(&truncate).unwrap()),
+            Duration::from_secs(10),
+        )
+        .await
+        .expect("produce the far-future truncate");
 
-    let b = app_db(&region_b()).await;
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let n: i64 = b
-            .query_one(
-                &format!(
-                    "SELECT count(*) FROM public.{} WHERE id = 900001",
-                    table.name
-                ),
-                &[],
-            )
-            .await
-            .expect("count")
-            .get(0);
-        if n == 1 {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the far-future change is applied"
-        );
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
-    // The newest source time stored for the topic (what lag is computed
-    // from, across restarts too) is not in the future.
+    wait_for(
+        "retries for the clock far ahead",
+        Duration::from_secs(60),
+        || retries("clock_ahead") >= held_before + 4,
+    )
+    .await;
+    assert_eq!(
+        rows_in_b(&table).await,
+        5,
+        "held: nothing applied, nothing deleted"
+    );
+    assert_eq!(dead_lettered(), dead_before, "held: nothing dead-lettered");
+    worker.stop().await;
+
+    // The operator decides: dead-letter what a clock far ahead sent.
+    let toml = worker_toml(&table, &topic, "").replace("[kafka]", "clock_ahead = \"dlq\"\n[kafka]");
+    let worker = Worker::start(regionsync::config::Config::from_toml(&toml).expect("config"));
+    wait_for("two dead letters", Duration::from_secs(60), || {
+        counters().total(
+            "regionsync_dlq_messages_total",
+            &[("reason", "clock_ahead")],
+        ) >= 2
+            && dead_lettered() >= dead_before + 2
+    })
+    .await;
+    // The table is not frozen: later writes arrive, the earlier rows stay.
+    insert_users(&table, 6, 5).await;
+    assert_eq!(table.wait_converged(Duration::from_secs(60)).await, 10);
     let admin = admin_db(&region_b()).await;
+    let marks: i64 = admin
+        .query_one(
+            "SELECT count(*) FROM regionsync.truncations WHERE table_name = $1",
+            &[&format!("public.{}", table.name)],
+        )
+        .await
+        .expect("truncation marks")
+        .get(0);
+    assert_eq!(marks, 0, "no truncate mark from the year 2100");
     let stored: i64 = admin
         .query_one(
             "SELECT max(source_ts_ms) FROM regionsync.offsets WHERE topic = $1",
@@ -230,5 +262,323 @@ async fn a_source_clock_far_ahead_does_not_blind_the_lag() {
         "stored newest source time {stored} is ahead of now {}",
         now_ms()
     );
+    worker.stop().await;
+}
+
+/// The partition of each id's change on the mirrored topic in B (read
+/// until every id in `ids` is seen).
+async fn partitions_of(table: &TestTable, ids: &[i64]) -> std::collections::HashMap<i64, i32> {
+    let topic = mirrored(&region_a(), &format!("cdc.public.{}", table.name));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let wanted: std::collections::HashSet<i64> = ids.iter().copied().collect();
+    let found = tokio::task::block_in_place(|| {
+        TopicReader::open(&region_b(), &topic, deadline).collect(
+            deadline,
+            |_| true,
+            |found| {
+                let seen: std::collections::HashSet<i64> = found
+                    .iter()
+                    .filter_map(|m| json_payload(m.key())?["id"].as_i64())
+                    .collect();
+                wanted.is_subset(&seen)
+            },
+        )
+    });
+    let map: std::collections::HashMap<i64, i32> = found
+        .iter()
+        .filter_map(|m| Some((json_payload(m.key())?["id"].as_i64()?, m.partition())))
+        .collect();
+    assert!(
+        ids.iter().all(|id| map.contains_key(id)),
+        "every id's change is on the mirrored topic"
+    );
+    map
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_unique_index_the_source_satisfied_costs_no_change() {
+    let table = TestTable::create("uniq").await;
+    let name = &table.name;
+    for region in [region_a(), region_b()] {
+        app_db(&region)
+            .await
+            .batch_execute(&format!(
+                "CREATE UNIQUE INDEX {name}_email ON public.{name} (email)"
+            ))
+            .await
+            .expect("unique index on email");
+    }
+    let topic = format!("cdc.public.{name}");
+    let (dead_before, waits_before) = (dead_lettered(), retries("unique_wait"));
+    let worker = Worker::start(worker_config(&table, &topic));
+    // Ids 1-40 stay; 41-80 are deleted again, so that the partitions of
+    // ids free for a primary-key change are known.
+    insert_users(&table, 1, 80).await;
+    let ids: Vec<i64> = (1..=80).collect();
+    let partition = partitions_of(&table, &ids).await;
+    let a = app_db(&region_a()).await;
+    a.batch_execute(&format!("DELETE FROM {name} WHERE id > 40"))
+        .await
+        .expect("delete 41-80");
+    table.wait_converged(Duration::from_secs(60)).await;
+
+    let by_partition = |same: bool, from: &[i64], to: &[i64]| -> (i64, i64) {
+        from.iter()
+            .flat_map(|x| to.iter().map(move |y| (*x, *y)))
+            .find(|(x, y)| x != y && (partition[x] == partition[y]) == same)
+            .expect("a pair of ids with the partitions wanted")
+    };
+    let email = |id: i64| format!("g{id}@example.com");
+    // A primary-key change keeping the unique value, once to an id of the
+    // same partition and once to one of another.
+    // Targets from disjoint ranges: both changes may not pick the same
+    // free id (the source itself would refuse the second).
+    let (pk_same_from, pk_same_to) = by_partition(true, &ids[0..5], &ids[40..60]);
+    let (pk_other_from, pk_other_to) = by_partition(false, &ids[5..10], &ids[60..]);
+    // Two rows exchanging emails through a temporary value in one
+    // transaction, on one partition and across two.
+    let (p, q) = by_partition(true, &ids[10..25], &ids[10..25]);
+    let (r, s) = by_partition(false, &ids[25..40], &ids[25..40]);
+    let mut sql = format!(
+        "BEGIN;
+         UPDATE {name} SET id = {pk_same_to} WHERE id = {pk_same_from};
+         UPDATE {name} SET id = {pk_other_to} WHERE id = {pk_other_from};
+         COMMIT;"
+    );
+    for (x, y) in [(p, q), (r, s)] {
+        sql.push_str(&format!(
+            "BEGIN;
+             UPDATE {name} SET email = 'swap-{x}' WHERE id = {x};
+             UPDATE {name} SET email = '{ex}' WHERE id = {y};
+             UPDATE {name} SET email = '{ey}' WHERE id = {x};
+             COMMIT;",
+            ex = email(x),
+            ey = email(y),
+        ));
+    }
+    a.batch_execute(&sql).await.expect("exchanges in A");
+
+    let started = Instant::now();
+    let rows = table.wait_converged(Duration::from_secs(90)).await;
+    assert_eq!(rows, 40);
+    let b = app_db(&region_b()).await;
+    let moved: i64 = b
+        .query_one(
+            &format!(
+                "SELECT count(*) FROM {name} WHERE (id = {pk_same_to} AND email = '{}')
+                    OR (id = {pk_other_to} AND email = '{}')
+                    OR (id = {p} AND email = '{}') OR (id = {q} AND email = '{}')
+                    OR (id = {r} AND email = '{}') OR (id = {s} AND email = '{}')",
+                email(pk_same_from),
+                email(pk_other_from),
+                email(q),
+                email(p),
+                email(s),
+                email(r)
+            ),
+            &[],
+        )
+        .await
+        .expect("count")
+        .get(0);
+    assert_eq!(moved, 6, "every key and email moved in B as in A");
+    assert_eq!(dead_lettered(), dead_before, "nothing dead-lettered");
+    eprintln!(
+        "unique index: 2 primary-key changes and 2 exchanges, 0 dead-lettered, converged in {:?}, {} waits for a unique value",
+        started.elapsed(),
+        retries("unique_wait") - waits_before
+    );
+    worker.stop().await;
+}
+
+/// The end offset of each of `partitions` partitions of `topic`.
+fn ends(region: &Region, topic: &str, partitions: i32) -> Vec<i64> {
+    let consumer: rdkafka::consumer::BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", &region.kafka)
+        .create()
+        .expect("consumer");
+    tokio::task::block_in_place(|| {
+        (0..partitions)
+            .map(|p| {
+                rdkafka::consumer::Consumer::fetch_watermarks(
+                    &consumer,
+                    topic,
+                    p,
+                    Duration::from_secs(5),
+                )
+                .map_or(-1, |(_, high)| high)
+            })
+            .collect()
+    })
+}
+
+/// Deletes `topic` on `region`'s Kafka and creates it again, empty, with
+/// `partitions` partitions.
+async fn recreate_topic(region: &Region, topic: &str, partitions: i32) {
+    use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+    use rdkafka::client::DefaultClientContext;
+    let admin: AdminClient<DefaultClientContext> = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", &region.kafka)
+        .create()
+        .expect("admin client");
+    let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
+    admin
+        .delete_topics(&[topic], &options)
+        .await
+        .expect("delete topics")
+        .into_iter()
+        .for_each(|r| r.map(|_| ()).expect("topic deleted"));
+    // The broker finishes the deletion in the background: create until it
+    // takes (MirrorMaker 2 may create it first, which is as good).
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let created = admin
+            .create_topics(
+                &[NewTopic::new(topic, partitions, TopicReplication::Fixed(1))],
+                &options,
+            )
+            .await
+            .expect("create topics");
+        match &created[0] {
+            Ok(_) => break,
+            Err((_, rdkafka::types::RDKafkaErrorCode::TopicAlreadyExists)) => {
+                // Gone and back already, or still being deleted: the end
+                // offsets tell (a re-created topic starts at 0 again).
+                if ends(region, topic, partitions).iter().all(|e| *e == 0) {
+                    break;
+                }
+            }
+            Err((_, e)) => panic!("create {topic}: {e}"),
+        }
+        assert!(Instant::now() < deadline, "{topic} re-created within 60 s");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_recreated_topic_stops_its_partitions_and_skips_nothing() {
+    let table = TestTable::create("recreate").await;
+    let topic = format!("cdc.public.{}", table.name);
+    let mirrored_topic = mirrored(&region_a(), &topic);
+    let group = format!("test-{}", table.name);
+    let worker = Worker::start(worker_config(&table, &topic));
+    insert_users(&table, 1, 20).await;
+    assert_eq!(table.wait_converged(Duration::from_secs(60)).await, 20);
+    worker.stop().await;
+    let admin = admin_db(&region_b()).await;
+    let stored: Vec<i32> = admin
+        .query(
+            "SELECT partition FROM regionsync.offsets
+              WHERE consumer_group = $1 AND topic = $2 AND next_offset > 0 ORDER BY partition",
+            &[&group, &mirrored_topic],
+        )
+        .await
+        .expect("stored offsets")
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert!(!stored.is_empty(), "offsets stored for the topic");
+
+    recreate_topic(&region_b(), &mirrored_topic, 4).await;
+    let worker = Worker::start(worker_config(&table, &topic));
+    let stopped = || {
+        counters().gauge(
+            "regionsync_partition_stopped",
+            &[("topic", mirrored_topic.as_str()), ("reason", "beyond_end")],
+        ) as usize
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while stopped() != stored.len() {
+        assert!(
+            Instant::now() < deadline,
+            "every partition with a stored offset ({stored:?}) stopped: {} of them within 60 s; ends now {:?}",
+            stopped(),
+            ends(&region_b(), &mirrored_topic, 4)
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    // New changes reach the re-created topic; none is taken for one
+    // applied already on a stopped partition.
+    insert_users(&table, 21, 20).await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let arrived = tokio::task::block_in_place(|| {
+        TopicReader::open(&region_b(), &mirrored_topic, deadline).collect(
+            deadline,
+            |m| m.payload().is_some(),
+            |found| found.len() >= 20,
+        )
+    });
+    assert_eq!(
+        arrived.len(),
+        20,
+        "the new changes are on the re-created topic"
+    );
+    let on_running: usize = arrived
+        .iter()
+        .filter(|m| !stored.contains(&m.partition()))
+        .count();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        rows_in_b(&table).await,
+        20 + on_running,
+        "the first 20 kept; of the new ones only those on partitions not stopped"
+    );
+    worker.stop().await;
+
+    // The runbook's way forward: start the re-created topic from its
+    // beginning, on purpose.
+    admin
+        .execute(
+            "DELETE FROM regionsync.offsets WHERE consumer_group = $1 AND topic = $2",
+            &[&group, &mirrored_topic],
+        )
+        .await
+        .expect("reset the stored offsets");
+    let worker = Worker::start(worker_config(&table, &topic));
+    assert_eq!(table.wait_converged(Duration::from_secs(60)).await, 40);
+    assert_eq!(stopped(), 0, "nothing stopped after the reset");
+    worker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_panicking_partition_task_is_reported_and_restarted_from_its_offset() {
+    let table = TestTable::create("panic").await;
+    let topic = format!("cdc.public.{}", table.name);
+    let mirrored_topic = mirrored(&region_a(), &topic);
+    let (dead_before, panics_before) = (
+        dead_lettered(),
+        counters().total(
+            "regionsync_partition_panics_total",
+            &[("topic", mirrored_topic.as_str())],
+        ),
+    );
+    // The task that reaches offset 2 of any partition panics, once: the
+    // offsets before it are committed, the rest waits in the queue.
+    *regionsync::worker::PANIC_ONCE_AT.lock().unwrap() = Some((mirrored_topic.clone(), 2));
+    let worker = Worker::start(worker_config(&table, &topic));
+    for first in [1, 11, 21, 31] {
+        insert_users(&table, first, 10).await;
+    }
+    assert_eq!(table.wait_converged(Duration::from_secs(60)).await, 40);
+    assert_eq!(
+        counters().total(
+            "regionsync_partition_panics_total",
+            &[("topic", mirrored_topic.as_str())],
+        ) - panics_before,
+        1,
+        "the panic is counted"
+    );
+    assert!(
+        regionsync::worker::PANIC_ONCE_AT.lock().unwrap().is_none(),
+        "the hook fired"
+    );
+    // Readiness reports it (the gauge is refreshed every few seconds).
+    wait_for(
+        "/readyz false after the panic",
+        Duration::from_secs(20),
+        || counters().gauge("regionsync_ready", &[]) == 0.0,
+    )
+    .await;
+    assert_eq!(dead_lettered(), dead_before, "nothing dead-lettered");
     worker.stop().await;
 }

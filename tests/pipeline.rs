@@ -554,15 +554,21 @@ async fn a_snapshotted_table_arrives_complete() {
     worker.stop().await;
 }
 
-/// A change stamped an hour in the future (a source clock far ahead) is
-/// applied — the version order stays total — but counted against
-/// `max_clock_skew`; a change stamped now is not.
+/// With `clock_ahead = "apply"`, a change stamped an hour in the future (a
+/// source clock far ahead) is applied — the version order stays total —
+/// but counted against `max_clock_skew`; a change stamped now is not.
+/// (By default it is held: tests/faults.rs.)
 #[tokio::test(flavor = "multi_thread")]
 async fn a_change_from_a_clock_far_ahead_is_flagged() {
     let counters = counters();
     let table = TestTable::create("skew").await;
     let topic = format!("cdc.public.{}", table.name);
-    let worker = Worker::start(worker_config(&table, &topic));
+    let worker = Worker::start(
+        regionsync::config::Config::from_toml(
+            &worker_toml(&table, &topic, "").replace("[kafka]", "clock_ahead = \"apply\"\n[kafka]"),
+        )
+        .expect("valid test config"),
+    );
     let flagged = || {
         counters.total(
             "regionsync_clock_skew_exceeded_total",

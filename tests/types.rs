@@ -36,7 +36,57 @@ const COLUMNS: &str = "
     c_bit bit(8), c_bit1 bit(1), c_varbit bit varying(8), c_point point,
     c_time1 time(1), c_time2 time(2), c_time4 time(4), c_time5 time(5),
     c_ts1 timestamp(1), c_ts2 timestamp(2), c_ts4 timestamp(4), c_ts5 timestamp(5),
-    c_tstz0 timestamptz(0), c_tstz6 timestamptz(6)";
+    c_tstz0 timestamptz(0), c_tstz6 timestamptz(6),
+    c_money money, c_citext citext, c_macaddr8 macaddr8, c_xml xml, c_tsvector tsvector,
+    c_tstz1 timestamptz(1), c_tstz2 timestamptz(2), c_tstz4 timestamptz(4), c_tstz5 timestamptz(5),
+    c_int4range int4range, c_numrange numrange, c_tsrange tsrange, c_tstzrange tstzrange,
+    c_daterange daterange, c_int8range int8range,
+    c_hstore hstore, c_ltree ltree, c_posint {posint}, c_day {day},
+    c_date_arr date[], c_num_arr numeric(8,2)[], c_numfree_arr numeric[], c_bool_arr boolean[],
+    c_f8_arr float8[], c_uuid_arr uuid[], c_jsonb_arr jsonb[], c_ts_arr timestamp[],
+    c_tstz_arr timestamptz[], c_time_arr time[], c_bytea_arr bytea[], c_citext_arr citext[],
+    c_ltree_arr ltree[], c_hstore_arr hstore[], c_inet_arr inet[], c_mood_arr {mood}[],
+    c_char_arr char(3)[], c_narrow varchar(20)";
+
+/// The values of the columns from `c_money` on, for the rows of
+/// [`EXACT_ROWS`] in the same order (`{posint}`, `{day}`: the test's
+/// domains over integer and date).
+const EXACT_ROWS_MORE: &[&str] = &[
+    r#"'-1234.56', 'MiXeD Case', '08:00:2b:01:02:03:04:05', '<a x="1">t&amp;é</a>', 'a fat cat sat',
+       '2024-02-29 13:14:15.1+00', '2024-02-29 13:14:15.12+03', '2024-02-29 13:14:15.1234-01',
+       '2024-02-29 13:14:15.12345+00',
+       '[1,5)', '(1.5,2.50]', '[2024-01-01 00:00,2024-02-01 12:00:00.5)',
+       '[2024-01-01 00:00+02,2024-06-01 00:00+00)', '[2024-01-01,2024-12-31)',
+       '[-9223372036854775808,9223372036854775807)',
+       'a=>1, b=>NULL, "c d"=>"e\"f", "back\\slash"=>""', 'top.sci.astro', 5, '2024-02-29',
+       '{2024-02-29,NULL,1970-01-01}', '{1.50,NULL,-2.00}', '{1.5,NULL,-2}', '{t,f,NULL}',
+       '{1.5,NaN,-Infinity,-0}', '{a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11,NULL}',
+       ARRAY['{"a": 1}'::jsonb, NULL, '[]'], '{"2024-02-29 13:14:15.123456",NULL}',
+       '{"2024-02-29 13:14:15.123456+02"}', '{12:34:56.789,00:00:00}', '{"\\x0102",NULL,"\\x"}',
+       '{AbC,NULL}', '{a.b,c}', ARRAY['a=>1, b=>NULL'::hstore, NULL], '{::1,10.0.0.1/8}',
+       '{happy,sad}', '{a,bc,"d,e"}', 'abc'"#,
+    r#"'92233720368547758.07', '', 'ff:ff:ff:ff:ff:ff:ff:ff', '<!-- c --><r/>', '',
+       'infinity', '-infinity', 'infinity', '-infinity',
+       'empty', '[-1.5,)', '(,infinity]', '[-infinity,"2024-01-01 00:00+00")', '(,)', 'empty',
+       '', '', 2147483647, 'infinity',
+       '{infinity,-infinity}', '{}', '{}', '{}', '{}', '{}', '{}', '{infinity,-infinity}',
+       '{infinity,-infinity}', '{}', '{}', '{}', '{}', '{}', '{}', '{}', '{}', ''"#,
+    r#"'-92233720368547758.08', NULL, NULL, NULL, NULL,
+       '0044-03-15 12:00:00.1+00 BC', '1969-12-31 23:59:59.99+00', '10000-01-01 00:00:00.0001+00',
+       '2000-01-01 00:00:00.00001+00',
+       '(-1,1)', '[0.0000001,1e20]', '["0044-03-15 12:00 BC","2024-01-01")', NULL,
+       '[4713-01-01 BC,infinity)', NULL,
+       NULL, 'a', 1, '4713-01-01 BC',
+       '{NULL}', '{NULL}', '{-12345678901234567890.123456789}', '{NULL}', '{NULL}', '{NULL}',
+       '{NULL}', '{NULL}', '{NULL}', '{NULL}', '{NULL}', '{NULL}', '{}', '{NULL}', '{NULL}',
+       '{}', '{NULL}', NULL"#,
+    r#"NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
+       NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
+       NULL, NULL, NULL, NULL, NULL, NULL, NULL"#,
+    r#"NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
+       NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
+       NULL, NULL, NULL, NULL, NULL, NULL, NULL"#,
+];
 
 /// Rows that must arrive exactly, by id (each `INSERT … VALUES` tuple
 /// after its id lists the columns above, in order).
@@ -113,44 +163,101 @@ const EXACT_ROWS: &[(i64, &str)] = &[
 
 /// A row deleted after it arrived.
 const DELETED: i64 = 6;
+/// Row 4's key is changed to this after it arrived (Debezium: a delete of
+/// the old key and a create of the new one).
+const REKEYED: i64 = 7;
 /// Rows Debezium carries with a documented difference (docs/TYPES.md):
-/// (id, column, value in A, the text B must hold for that column).
-const DIFFERENT: &[(i64, &str, &str, &str)] = &[
+/// (id, column, value in A, the text B must hold for that column; `None`
+/// for NULL).
+const DIFFERENT: &[(i64, &str, &str, Option<&str>)] = &[
     // An unconstrained numeric loses its trailing zeros.
-    (20, "c_numeric_free", "12.50", "12.5"),
+    (20, "c_numeric_free", "12.50", Some("12.5")),
     // timetz is carried in UTC: the offset is lost, the instant kept.
-    (21, "c_timetz", "'12:00:00.5+02'", "10:00:00.5+00"),
+    (21, "c_timetz", "'12:00:00.5+02'", Some("10:00:00.5+00")),
     // Debezium's stand-in for infinity is this one real timestamp.
-    (22, "c_ts", "'294247-01-10 04:00:25.2'", "infinity"),
+    (22, "c_ts", "'294247-01-10 04:00:25.2'", Some("infinity")),
+    // Debezium's array converter (pgjdbc's array reader) loses a date's
+    // era, turns 24:00:00 into 00:00:00 and a multi-dimensional array into
+    // an array of NULLs; a NaN element, or a NULL element of an enum or
+    // ltree array, makes it send the whole array as NULL; numeric elements
+    // lose trailing zeros.
+    (23, "c_date_arr", "'{4713-01-01 BC}'", Some("{4713-01-01}")),
+    (24, "c_time_arr", "'{24:00:00}'", Some("{00:00:00}")),
+    (25, "c_int_arr", "'{{1,2},{3,4}}'", Some("{NULL,NULL}")),
+    (26, "c_numfree_arr", "'{1.5,NaN}'", None),
+    (27, "c_mood_arr", "'{sad,NULL}'", None),
+    (28, "c_numfree_arr", "'{1.50}'", Some("{1.5}")),
+    (29, "c_ltree_arr", "'{a,NULL}'", None),
 ];
-/// Rows that must be refused: (id, column, value in A, its type).
-const REFUSED: &[(i64, &str, &str, &str)] = &[
+/// Rows that must be refused: (id, column, value in A, its type in B, the
+/// dead letter's `regionsync.reason`, a part of its error).
+const REFUSED: &[(i64, &str, &str, &str, &str, &str)] = &[
     // A bit varying value below its maximum length: leading zeros are not
     // carried, so 0101 and 101 arrive alike.
-    (30, "c_varbit", "B'0101'", "bit varying(8)"),
-    (31, "c_varbit", "B''", "bit varying(8)"),
+    (
+        30,
+        "c_varbit",
+        "B'0101'",
+        "bit varying(8)",
+        "bad_value",
+        "leading zeros",
+    ),
+    (
+        31,
+        "c_varbit",
+        "B''",
+        "bit varying(8)",
+        "bad_value",
+        "leading zeros",
+    ),
+    // B's column is narrower than A's: a schema difference, found before
+    // PostgreSQL would cut or refuse the value (on_schema_mismatch = dlq).
+    (
+        32,
+        "c_narrow",
+        "'longer than three'",
+        "character varying(3)",
+        "schema_mismatch",
+        "does not fit",
+    ),
 ];
 
 async fn create_table(prefix: &str) -> TestTable {
     let name = format!("{prefix}_{}", fresh_key());
-    let mood = format!("{name}_mood");
+    let (mood, posint, day) = (
+        format!("{name}_mood"),
+        format!("{name}_posint"),
+        format!("{name}_day"),
+    );
     for region in [region_a(), region_b()] {
-        app_db(&region)
-            .await
-            .batch_execute(&format!(
-                "CREATE TYPE public.{mood} AS ENUM ('sad', 'ok', 'happy');
-                 CREATE TABLE public.{name} (id bigint PRIMARY KEY, {columns},
-                     hlc bigint NOT NULL DEFAULT 0, origin_region text NOT NULL DEFAULT '');
-                 ALTER TABLE public.{name} REPLICA IDENTITY FULL;
-                 CREATE TRIGGER regionsync_stamp_hlc BEFORE INSERT OR UPDATE ON public.{name}
-                     FOR EACH ROW EXECUTE FUNCTION regionsync.stamp_hlc('id');
-                 CREATE TRIGGER regionsync_mark_deleted AFTER DELETE ON public.{name}
-                     FOR EACH ROW EXECUTE FUNCTION regionsync.mark_deleted('id');",
-                columns = COLUMNS.replace("{mood}", &mood),
-            ))
-            .await
-            .unwrap_or_else(|e| panic!("create {name} in {}: {e}", region.name));
+        let db = app_db(&region).await;
+        db.batch_execute(&format!(
+            "CREATE TYPE public.{mood} AS ENUM ('sad', 'ok', 'happy');
+             CREATE DOMAIN public.{posint} AS integer CHECK (VALUE > 0);
+             CREATE DOMAIN public.{day} AS date;
+             CREATE TABLE public.{name} (id bigint PRIMARY KEY, {columns},
+                 hlc bigint NOT NULL DEFAULT 0, origin_region text NOT NULL DEFAULT '');
+             ALTER TABLE public.{name} REPLICA IDENTITY FULL;
+             CREATE TRIGGER regionsync_stamp_hlc BEFORE INSERT OR UPDATE ON public.{name}
+                 FOR EACH ROW EXECUTE FUNCTION regionsync.stamp_hlc('id');
+             CREATE TRIGGER regionsync_mark_deleted AFTER DELETE ON public.{name}
+                 FOR EACH ROW EXECUTE FUNCTION regionsync.mark_deleted('id');",
+            columns = COLUMNS
+                .replace("{mood}", &mood)
+                .replace("{posint}", &posint)
+                .replace("{day}", &day),
+        ))
+        .await
+        .unwrap_or_else(|e| panic!("create {name} in {}: {e}", region.name));
     }
+    // B's c_narrow is narrower than A's: PostgreSQL refuses a longer value.
+    app_db(&region_b())
+        .await
+        .batch_execute(&format!(
+            "ALTER TABLE public.{name} ALTER COLUMN c_narrow TYPE varchar(3)"
+        ))
+        .await
+        .expect("narrow c_narrow in B");
     TestTable { name }
 }
 
@@ -215,20 +322,34 @@ where
 async fn every_type_replicates_or_is_refused(prefix: &str, topic_prefix: &str) {
     let table = create_table(prefix).await;
     let name = table.name.clone();
-    let worker = Worker::start(worker_config(
-        &table,
-        &format!("{topic_prefix}.public.{name}"),
-    ));
+    // A value B's narrower c_narrow cannot hold is a schema difference
+    // (docs/SCHEMA-CHANGES.md): dead-lettered here rather than held, so the
+    // rows after it arrive.
+    let toml = worker_toml(&table, &format!("{topic_prefix}.public.{name}"), "").replace(
+        "key = [\"id\"]",
+        "key = [\"id\"]\non_schema_mismatch = \"dlq\"",
+    );
+    let worker =
+        Worker::start(regionsync::config::Config::from_toml(&toml).expect("valid test config"));
     let a = app_db(&region_a()).await;
     let insert = |values: String| format!("INSERT INTO public.{name} VALUES ({values});");
     let mut sql: String = EXACT_ROWS
         .iter()
-        .map(|(_, v)| insert(v.to_string()))
+        .zip(EXACT_ROWS_MORE)
+        .map(|((_, v), more)| insert(format!("{v}, {more}")))
         .collect();
     sql.push_str(&format!(
         "INSERT INTO public.{name} (id, c_int) VALUES ({DELETED}, 6);"
     ));
-    for (id, column, value, _) in DIFFERENT.iter().chain(REFUSED) {
+    let probes = DIFFERENT
+        .iter()
+        .map(|(id, column, value, _)| (id, column, value))
+        .chain(
+            REFUSED
+                .iter()
+                .map(|(id, column, value, ..)| (id, column, value)),
+        );
+    for (id, column, value) in probes {
         sql.push_str(&format!(
             "INSERT INTO public.{name} (id, {column}) VALUES ({id}, {value});"
         ));
@@ -250,15 +371,21 @@ async fn every_type_replicates_or_is_refused(prefix: &str, topic_prefix: &str) {
     .await;
     a.batch_execute(&format!(
         "UPDATE public.{name} SET c_int = c_int - 1, c_varchar = 'updated' WHERE id = 1;
-         DELETE FROM public.{name} WHERE id = {DELETED};"
+         DELETE FROM public.{name} WHERE id = {DELETED};
+         UPDATE public.{name} SET id = {REKEYED} WHERE id = 4;"
     ))
     .await
-    .expect("update and delete in A");
+    .expect("update, delete and key change in A");
+    with_deleted.push(REKEYED);
+    let ids = &with_deleted;
     eventually(
-        "the update and the delete in B",
+        "the update, the delete and the key change in B",
         Duration::from_secs(120),
         || async move {
             converged(t, ids).await?;
+            if rows(t, &region_b(), &[4, REKEYED]).await.len() != 1 {
+                return Err("row 4 is not yet row 7 in B".into());
+            }
             let b = rows(t, &region_b(), &[1]).await;
             if b.first().is_some_and(|r| r.contains("\"updated\"")) {
                 Ok(())
@@ -288,7 +415,7 @@ async fn every_type_replicates_or_is_refused(prefix: &str, topic_prefix: &str) {
             .and_then(|r| r.get(0));
         assert_eq!(
             got.as_deref(),
-            Some(*expected),
+            *expected,
             "{column} = {value} in A arrives in B as documented"
         );
     }
@@ -309,7 +436,7 @@ async fn every_type_replicates_or_is_refused(prefix: &str, topic_prefix: &str) {
         REFUSED.len(),
         "one dead letter per refused row"
     );
-    for (id, column, value, pg_type) in REFUSED {
+    for (id, column, value, pg_type, reason, why) in REFUSED {
         let expected = format!("public.{name}: column {column} ({pg_type}): ");
         let letter = letters
             .iter()
@@ -325,12 +452,9 @@ async fn every_type_replicates_or_is_refused(prefix: &str, topic_prefix: &str) {
                     letters.iter().map(headers).collect::<Vec<_>>()
                 )
             });
-        assert_eq!(
-            letter["regionsync.reason"], "bad_value",
-            "{column} = {value}"
-        );
+        assert_eq!(letter["regionsync.reason"], *reason, "{column} = {value}");
         assert!(
-            letter["regionsync.error"].contains("leading zeros"),
+            letter["regionsync.error"].contains(why),
             "{}",
             letter["regionsync.error"]
         );
@@ -351,4 +475,141 @@ async fn every_type_replicates_or_is_refused_through_json() {
 #[tokio::test(flavor = "multi_thread")]
 async fn every_type_replicates_or_is_refused_through_avro() {
     every_type_replicates_or_is_refused("types_avro", "cdc.avro").await;
+}
+
+/// Types Debezium's PostgreSQL connector leaves out of its change events
+/// (no converter: the column is missing from the event's schema and
+/// payload): (column, its type; `{posint}` is a domain over integer).
+const LEFT_OUT: &[(&str, &str)] = &[
+    ("c_box", "box"),
+    ("c_lseg", "lseg"),
+    ("c_path", "path"),
+    ("c_polygon", "polygon"),
+    ("c_circle", "circle"),
+    ("c_line", "line"),
+    ("c_multi", "int4multirange"),
+    ("c_money_arr", "money[]"),
+    ("c_interval_arr", "interval[]"),
+    ("c_xml_arr", "xml[]"),
+    ("c_point_arr", "point[]"),
+    ("c_posint_arr", "{posint}[]"),
+    ("c_tsquery", "tsquery"),
+    ("c_lsn", "pg_lsn"),
+    // Present in the event, but NULL whatever the value.
+    ("c_bit_arr", "bit(4)[]"),
+];
+
+/// A value of each [`LEFT_OUT`] type, in the same order.
+const LEFT_OUT_VALUES: &[&str] = &[
+    "'((1,2),(3,4))'",
+    "'[(1,2),(3,4)]'",
+    "'[(0,0),(1,1),(2,0)]'",
+    "'((0,0),(1,1),(2,0))'",
+    "'<(1,2),3>'",
+    "'{1,-1,0}'",
+    "'{[1,3), [5,7)}'",
+    "'{1.50}'",
+    "'{\"1 day\"}'",
+    "ARRAY['<a/>'::xml]",
+    "'{\"(1,2)\"}'",
+    "'{1,2}'",
+    "'a & b'",
+    "'0/16B3748'",
+    "'{1010,0001}'",
+];
+
+/// A row with a column of a type Debezium leaves out is dead-lettered
+/// naming table, column and type: written without it, B's row would hold
+/// the column's default instead of A's value. One table per type (a row is
+/// refused at its first such column), one worker for all of them.
+async fn left_out_types_are_refused(prefix: &str, topic_prefix: &str) {
+    let key = fresh_key();
+    let posint = format!("{prefix}_{key}_posint");
+    let mut tables = Vec::new();
+    for (i, (column, pg_type)) in LEFT_OUT.iter().enumerate() {
+        let name = format!("{prefix}_{key}_{i}");
+        let pg_type = pg_type.replace("{posint}", &posint);
+        for region in [region_a(), region_b()] {
+            let domain = if i == 0 {
+                format!("CREATE DOMAIN public.{posint} AS integer CHECK (VALUE > 0);")
+            } else {
+                String::new()
+            };
+            app_db(&region)
+                .await
+                .batch_execute(&format!(
+                    "{domain}
+                     CREATE TABLE public.{name} (id bigint PRIMARY KEY, {column} {pg_type},
+                         hlc bigint NOT NULL DEFAULT 0, origin_region text NOT NULL DEFAULT '');
+                     ALTER TABLE public.{name} REPLICA IDENTITY FULL;
+                     CREATE TRIGGER regionsync_stamp_hlc BEFORE INSERT OR UPDATE ON public.{name}
+                         FOR EACH ROW EXECUTE FUNCTION regionsync.stamp_hlc('id');"
+                ))
+                .await
+                .unwrap_or_else(|e| panic!("create {name} in {}: {e}", region.name));
+        }
+        tables.push((name, *column, pg_type));
+    }
+    // One worker for every table: the first table's configuration, and a
+    // [[tables]] entry per other table.
+    let first = TestTable {
+        name: tables[0].0.clone(),
+    };
+    let mut toml = worker_toml(&first, &format!("{topic_prefix}.public.{}", first.name), "");
+    for (name, ..) in &tables[1..] {
+        toml.push_str(&format!(
+            "\n[[tables]]\ntopics = [\"{topic_prefix}.public.{name}\"]\n\
+             target = \"public.{name}\"\nkey = [\"id\"]\n"
+        ));
+    }
+    let worker =
+        Worker::start(regionsync::config::Config::from_toml(&toml).expect("valid test config"));
+    let a = app_db(&region_a()).await;
+    for ((name, column, _), value) in tables.iter().zip(LEFT_OUT_VALUES) {
+        a.batch_execute(&format!(
+            "INSERT INTO public.{name} (id, {column}) VALUES (1, {value});"
+        ))
+        .await
+        .unwrap_or_else(|e| panic!("insert into {name}: {e}"));
+    }
+    let dlq = format!("regionsync.dlq.test-{}", first.name);
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let letters = tokio::task::block_in_place(|| {
+        TopicReader::open(&region_b(), &dlq, deadline).collect(
+            deadline,
+            |_| true,
+            |found| found.len() >= tables.len(),
+        )
+    });
+    let errors: Vec<String> = letters
+        .iter()
+        .map(headers)
+        .filter(|h| h.get("regionsync.reason").map(String::as_str) == Some("bad_value"))
+        .filter_map(|h| h.get("regionsync.error").cloned())
+        .collect();
+    for (name, column, pg_type) in &tables {
+        let expected =
+            format!("public.{name}: column {column} ({pg_type}): Debezium does not carry");
+        assert!(
+            errors.iter().any(|e| e.starts_with(&expected)),
+            "no dead letter naming {expected:?}: {errors:?}"
+        );
+        let b = app_db(&region_b())
+            .await
+            .query(&format!("SELECT 1 FROM public.{name}"), &[])
+            .await
+            .expect("select");
+        assert!(b.is_empty(), "{name}: a refused row is not written");
+    }
+    worker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn left_out_types_are_refused_through_json() {
+    left_out_types_are_refused("types_out_json", "cdc").await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn left_out_types_are_refused_through_avro() {
+    left_out_types_are_refused("types_out_avro", "cdc.avro").await;
 }

@@ -22,6 +22,14 @@ ALTER ROLE app PASSWORD :'app_password';
 ALTER ROLE debezium PASSWORD :'debezium_password';
 ALTER ROLE regionsync PASSWORD :'regionsync_password';
 
+-- Contrib types the applications may use (docs/TYPES.md). Created before
+-- the connectors start: Debezium looks up hstore's, ltree's and citext's
+-- type ids once, when its task starts, and treats them as unknown types
+-- (leaving such columns out of its events) if they did not exist then.
+CREATE EXTENSION IF NOT EXISTS hstore SCHEMA public;
+CREATE EXTENSION IF NOT EXISTS ltree SCHEMA public;
+CREATE EXTENSION IF NOT EXISTS citext SCHEMA public;
+
 -- Debezium: read the captured tables (snapshot) and write its heartbeat row.
 GRANT USAGE ON SCHEMA public, regionsync TO debezium;
 GRANT SELECT ON ALL TABLES IN SCHEMA public TO debezium;

@@ -39,4 +39,4 @@ mod write;
 
 pub use prepare::{collapse, prepare, Final, PreparedDelete, PreparedRow, RowError};
 pub use table::{quote_ident, Fit, TableError, TargetTable, UnknownColumn};
-pub use write::{apply_finals, apply_truncate, Applied};
+pub use write::{apply_finals, apply_truncate, refused_column, Applied};

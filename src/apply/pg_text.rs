@@ -61,6 +61,16 @@ pub mod sentinel {
     /// -5877611-06-21 (`infinity`) and -5877611-06-22 (`-infinity`).
     pub const DATE_INFINITY_DAYS: i64 = -2_147_472_692;
     pub const DATE_MINUS_INFINITY_DAYS: i64 = -2_147_472_691;
+    /// The same in a `date[]` element, which Debezium converts another way
+    /// (through pgjdbc's array reader): measured on the local stack, with
+    /// the Connect JVM in UTC. Both lie millions of years before
+    /// PostgreSQL's first date.
+    pub const DATE_ARRAY_INFINITY_DAYS: i64 = -622_191_234;
+    pub const DATE_ARRAY_MINUS_INFINITY_DAYS: i64 = -625_821_272;
+    /// A `timestamptz[]` element `-infinity` arrives as this text
+    /// (`+292269055-12-02T23:00:00.000000Z`, measured; `infinity` arrives
+    /// as the word), far beyond PostgreSQL's last year, 294276.
+    pub const TIMESTAMPTZ_ARRAY_MINUS_INFINITY_PREFIX: &str = "+292269055-12-02T";
 }
 
 const MICROS_PER_DAY: i128 = 86_400_000_000;
@@ -106,6 +116,12 @@ enum PgKind {
         max: Option<u32>,
     },
     Point,
+    /// `hstore`: Debezium's JSON object text (`hstore.handling.mode=json`)
+    /// is rebuilt as `"k"=>"v"` pairs.
+    Hstore,
+    /// A type Debezium's PostgreSQL connector leaves out of its change
+    /// events (it has no converter for it): why, for the dead-letter reason.
+    NotCarried(&'static str),
     /// Text types, enums and anything unknown.
     Text,
     Array(Box<PgType>),
@@ -123,9 +139,14 @@ impl PgType {
     pub fn parse(pg_type: &str) -> PgType {
         let name = pg_type.trim();
         if let Some(element) = name.strip_suffix("[]") {
+            let element = PgType::parse(element);
+            let kind = match not_carried_array(&element) {
+                Some(why) => PgKind::NotCarried(why),
+                None => PgKind::Array(Box::new(element)),
+            };
             return PgType {
                 name: name.to_owned(),
-                kind: PgKind::Array(Box::new(PgType::parse(element))),
+                kind,
             };
         }
         let lower = name.to_ascii_lowercase();
@@ -172,6 +193,15 @@ impl PgType {
             },
             "bit varying" | "varbit" => PgKind::VarBit { max: first },
             "point" => PgKind::Point,
+            "hstore" => PgKind::Hstore,
+            "box" | "lseg" | "path" | "polygon" | "circle" | "line" => {
+                PgKind::NotCarried(NOT_CARRIED_GEOMETRY)
+            }
+            b if b.ends_with("multirange") => PgKind::NotCarried(NOT_CARRIED_MULTIRANGE),
+            "tsquery" | "pg_lsn" | "txid_snapshot" | "pg_snapshot" | "xid" | "xid8" | "cid"
+            | "tid" | "regclass" | "regproc" | "regprocedure" | "regoper" | "regoperator"
+            | "regtype" | "regrole" | "regnamespace" | "regconfig" | "regdictionary"
+            | "regcollation" => PgKind::NotCarried(NOT_CARRIED_TYPE),
             b if b.starts_with("interval") => PgKind::Interval,
             _ => PgKind::Text,
         };
@@ -184,6 +214,65 @@ impl PgType {
     /// The type as `format_type` printed it.
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// The type of an array whose element type is a domain: Debezium has
+    /// no converter for it (its `PostgresValueConverter` says so) and
+    /// leaves such a column out of its events.
+    pub fn array_of_domain(name: &str) -> PgType {
+        PgType {
+            name: name.to_owned(),
+            kind: PgKind::NotCarried(NOT_CARRIED_DOMAIN_ARRAY),
+        }
+    }
+
+    /// Why Debezium's PostgreSQL connector leaves a column of this type
+    /// out of its change events, if it does: such a column is absent from
+    /// every event, and a row that has it cannot be written exactly.
+    pub fn not_carried(&self) -> Option<&'static str> {
+        match self.kind {
+            PgKind::NotCarried(why) => Some(why),
+            _ => None,
+        }
+    }
+}
+
+// Measured on the local stack (Debezium 3.6.1): the column is missing from
+// the event's schema and payload, and Connect's log says "No converter
+// found for column … The column will not be part of change events".
+const NOT_CARRIED_GEOMETRY: &str = "Debezium does not carry this geometric type \
+     (its PostgreSQL connector has no converter for it and leaves the column out of \
+     every change event), so the row cannot be written exactly";
+const NOT_CARRIED_MULTIRANGE: &str = "Debezium does not carry multiranges (its \
+     PostgreSQL connector has no converter for them and leaves the column out of every \
+     change event), so the row cannot be written exactly";
+const NOT_CARRIED_TYPE: &str = "Debezium does not carry this type (its PostgreSQL \
+     connector has no converter for it and leaves the column out of every change event), \
+     so the row cannot be written exactly";
+const NOT_CARRIED_BIT_ARRAY: &str = "Debezium does not carry arrays of bit strings (it \
+     gives the column the scalar's Bits schema and sends NULL for every value), so no \
+     value of the column, NULL included, can be told from a lost one";
+const NOT_CARRIED_ARRAY: &str = "Debezium does not carry arrays of this type (its \
+     PostgreSQL connector has no converter for them and leaves the column out of every \
+     change event), so the row cannot be written exactly";
+const NOT_CARRIED_DOMAIN_ARRAY: &str = "Debezium does not carry arrays of a domain type \
+     (its PostgreSQL connector has no converter for them and leaves the column out of \
+     every change event), so the row cannot be written exactly";
+
+/// Arrays whose elements Debezium cannot convert (`PostgresValueConverter`
+/// returns no schema for `money[]`, `interval[]`, `bit varying[]`,
+/// `xml[]`, `point[]`, `name[]`; nor for the element types it does not
+/// carry at all).
+fn not_carried_array(element: &PgType) -> Option<&'static str> {
+    match &element.kind {
+        PgKind::Bit { .. } => Some(NOT_CARRIED_BIT_ARRAY),
+        PgKind::Interval | PgKind::VarBit { .. } | PgKind::Point | PgKind::NotCarried(_) => {
+            Some(NOT_CARRIED_ARRAY)
+        }
+        _ => match element.name.to_ascii_lowercase().as_str() {
+            "money" | "xml" | "name" => Some(NOT_CARRIED_ARRAY),
+            _ => None,
+        },
     }
 }
 
@@ -204,6 +293,8 @@ impl Typed {
     /// per value).
     pub fn to_pg_text_as(&self, ty: &PgType) -> Result<Option<String>, RenderError> {
         match &self.field {
+            // A NULL of a type Debezium does not carry may be a lost value.
+            _ if ty.not_carried().is_some() => render(&self.field, None, ty).map(Some),
             Field::Null => Ok(None),
             field => render(field, self.semantic.as_deref(), ty).map(Some),
         }
@@ -228,9 +319,12 @@ impl Typed {
 /// zero year (`signed_year_timestamp`).
 fn is_own_rendering(s: &str, kind: &PgKind) -> bool {
     match kind {
-        PgKind::Bytea | PgKind::Numeric { .. } | PgKind::Bit { .. } | PgKind::VarBit { .. } => {
-            false
-        }
+        PgKind::Bytea
+        | PgKind::Numeric { .. }
+        | PgKind::Bit { .. }
+        | PgKind::VarBit { .. }
+        | PgKind::Hstore
+        | PgKind::NotCarried(_) => false,
         PgKind::TimestampTz => !s.starts_with(['-', '+', '0']),
         _ => true,
     }
@@ -238,10 +332,13 @@ fn is_own_rendering(s: &str, kind: &PgKind) -> bool {
 
 fn render(field: &Field, semantic: Option<&str>, ty: &PgType) -> Result<String, RenderError> {
     match (&ty.kind, field) {
+        (PgKind::NotCarried(why), _) => return Err(render_error(*why)),
         (PgKind::Array(element), _) => return render_array(field, element),
         (_, Field::Null | Field::Unavailable) => {}
         (PgKind::Bit { .. } | PgKind::VarBit { .. }, _) => return render_bits(field, &ty.kind),
         (PgKind::Point, Field::Json(point)) => return render_point(point),
+        (PgKind::Hstore, Field::String(s)) => return render_hstore(s),
+        (PgKind::Hstore, Field::Json(map)) => return hstore_text(map),
         _ => {}
     }
     match field {
@@ -387,9 +484,13 @@ fn infinity(i: i64, semantic: Option<&str>, kind: &PgKind) -> Option<&'static st
         }
         _ => return None,
     };
-    if i == plus {
+    let (plus_element, minus_element) = match kind {
+        PgKind::Date => (DATE_ARRAY_INFINITY_DAYS, DATE_ARRAY_MINUS_INFINITY_DAYS),
+        _ => (plus, minus),
+    };
+    if i == plus || i == plus_element {
         Some("infinity")
-    } else if i == minus {
+    } else if i == minus || i == minus_element {
         Some("-infinity")
     } else {
         None
@@ -537,6 +638,9 @@ fn render_string(s: &str, ty: &PgType) -> Result<String, RenderError> {
 /// with its `BC` suffix or without the `+`. `None` for any other text
 /// (`-infinity` included).
 fn signed_year_timestamp(s: &str) -> Option<String> {
+    if s.starts_with(sentinel::TIMESTAMPTZ_ARRAY_MINUS_INFINITY_PREFIX) {
+        return Some("-infinity".to_owned());
+    }
     let (sign, rest) = match s.as_bytes().first()? {
         b'-' => (-1, &s[1..]),
         b'+' => (1, &s[1..]),
@@ -671,6 +775,48 @@ fn render_point(point: &Json) -> Result<String, RenderError> {
         render_float(coordinate("x")?),
         render_float(coordinate("y")?)
     ))
+}
+
+/// `hstore` from Debezium's JSON text of it (`hstore.handling.mode=json`,
+/// `{"k":"v","n":null}`): every key and value quoted, `"` and `\`
+/// escaped, a JSON null as `NULL`. Anything else is refused: an hstore
+/// holds only text keys and text-or-NULL values.
+fn render_hstore(s: &str) -> Result<String, RenderError> {
+    let map: Json = serde_json::from_str(s)
+        .map_err(|e| render_error(format!("hstore text is not Debezium's JSON object: {e}")))?;
+    hstore_text(&map)
+}
+
+fn hstore_text(map: &Json) -> Result<String, RenderError> {
+    let Json::Object(map) = map else {
+        return Err(render_error("an hstore value that is not a JSON object"));
+    };
+    let quoted = |t: &str| {
+        let mut out = String::with_capacity(t.len() + 2);
+        out.push('"');
+        for c in t.chars() {
+            if c == '"' || c == '\\' {
+                out.push('\\');
+            }
+            out.push(c);
+        }
+        out.push('"');
+        out
+    };
+    let mut pairs = Vec::with_capacity(map.len());
+    for (key, value) in map {
+        let value = match value {
+            Json::Null => "NULL".to_owned(),
+            Json::String(v) => quoted(v),
+            other => {
+                return Err(render_error(format!(
+                    "hstore value of key {key:?} is {other}, not text or null"
+                )))
+            }
+        };
+        pairs.push(format!("{}=>{value}", quoted(key)));
+    }
+    Ok(pairs.join(", "))
 }
 
 fn field_kind(field: &Field) -> &'static str {
@@ -934,6 +1080,8 @@ mod tests {
             ("+10000-01-01T00:00:00Z", "10000-01-01T00:00:00Z"),
             ("-infinity", "-infinity"),
             ("2024-02-29T11:14:15.654321Z", "2024-02-29T11:14:15.654321Z"),
+            // A timestamptz[] element's -infinity, as measured.
+            ("+292269055-12-02T23:00:00.000000Z", "-infinity"),
         ] {
             assert_eq!(
                 text(Field::String(zoned.into()), None, tz).as_deref(),
@@ -1091,6 +1239,159 @@ mod tests {
             text(Field::Int(-1), None, "interval second(6)").as_deref(),
             Ok("-1 microseconds")
         );
+    }
+
+    #[test]
+    fn hstore_is_rebuilt_from_debeziums_json() {
+        let hstore = |json: &str| text(Field::String(json.into()), None, "hstore");
+        assert_eq!(
+            hstore(r#"{"a":"1","b":null,"c d":"e\"f","back\\slash":""}"#).as_deref(),
+            // Keys in sorted order (hstore keeps its own order anyway).
+            Ok(r#""a"=>"1", "b"=>NULL, "back\\slash"=>"", "c d"=>"e\"f""#)
+        );
+        assert_eq!(hstore("{}").as_deref(), Ok(""));
+        assert!(hstore(r#"{"a":1}"#).is_err(), "a value that is not text");
+        assert!(hstore("a=>1").is_err(), "not Debezium's JSON");
+        // hstore[]: each element its own hstore text, quoted in the array.
+        assert_eq!(
+            text(
+                Field::Array(vec![
+                    Field::String(r#"{"a":"1","b":null}"#.into()),
+                    Field::Null
+                ]),
+                None,
+                "hstore[]"
+            )
+            .as_deref(),
+            Ok(r#"{"\"a\"=>\"1\", \"b\"=>NULL",NULL}"#)
+        );
+    }
+
+    #[test]
+    fn types_debezium_leaves_out_are_known() {
+        for pg_type in [
+            "box",
+            "lseg",
+            "path",
+            "polygon",
+            "circle",
+            "line",
+            "int4multirange",
+            "tstzmultirange",
+            "money[]",
+            "interval[]",
+            "interval day to second[]",
+            "bit varying(4)[]",
+            "xml[]",
+            "point[]",
+            "box[]",
+            "name[]",
+            "bit(4)[]",
+            "tsquery",
+            "pg_lsn",
+            "txid_snapshot",
+            "regclass",
+        ] {
+            let ty = PgType::parse(pg_type);
+            assert!(ty.not_carried().is_some(), "{pg_type}");
+            let err = text(Field::String("x".into()), None, pg_type).unwrap_err();
+            assert!(err.0.starts_with("Debezium does not carry"), "{err}");
+        }
+        for pg_type in [
+            "point",
+            "money",
+            "int4range",
+            "date[]",
+            "text[]",
+            "hstore",
+            "xml",
+        ] {
+            assert!(PgType::parse(pg_type).not_carried().is_none(), "{pg_type}");
+        }
+        assert!(PgType::array_of_domain("posint[]").not_carried().is_some());
+        // bit(n)[] arrives as NULL whatever the value: a NULL is refused too.
+        let null = Typed {
+            field: Field::Null,
+            semantic: None,
+        };
+        assert!(null
+            .to_pg_text("bit(4)[]")
+            .unwrap_err()
+            .0
+            .starts_with("Debezium does not carry arrays of bit strings"));
+        assert_eq!(null.to_pg_text("bit(4)"), Ok(None));
+        assert!(PgType::parse("region").not_carried().is_none());
+    }
+
+    #[test]
+    fn date_array_elements_have_their_own_sentinels() {
+        let dates = text(
+            Field::Array(vec![
+                Field::Int(DATE_ARRAY_INFINITY_DAYS),
+                Field::Int(DATE_ARRAY_MINUS_INFINITY_DAYS),
+                Field::Null,
+                Field::Int(19_782),
+            ]),
+            None,
+            "date[]",
+        );
+        assert_eq!(
+            dates.as_deref(),
+            Ok(r#"{"infinity","-infinity",NULL,"2024-02-29"}"#)
+        );
+        // A timestamp[] element's sentinels are the scalar's.
+        assert_eq!(
+            text(
+                Field::Array(vec![
+                    Field::Int(TIMESTAMP_INFINITY_MICROS),
+                    Field::Int(TIMESTAMP_MINUS_INFINITY_MICROS)
+                ]),
+                None,
+                "timestamp without time zone[]"
+            )
+            .as_deref(),
+            Ok(r#"{"infinity","-infinity"}"#)
+        );
+    }
+
+    #[test]
+    fn money_is_its_decimal_and_other_strings_pass_through() {
+        // Debezium: Decimal with scale 2 (money.fraction.digits), measured:
+        // -1234.56 arrives as 0xfe1dc0.
+        let money = |bytes: &[u8]| {
+            text(
+                Field::Decimal {
+                    unscaled: bytes.to_vec(),
+                    scale: 2,
+                },
+                Some(DECIMAL),
+                "money",
+            )
+        };
+        assert_eq!(money(&[0xfe, 0x1d, 0xc0]).as_deref(), Ok("-1234.56"));
+        assert_eq!(
+            money(&[0x7f, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff]).as_deref(),
+            Ok("92233720368547758.07")
+        );
+        assert_eq!(
+            money(&[0x80, 0, 0, 0, 0, 0, 0, 0]).as_deref(),
+            Ok("-92233720368547758.08")
+        );
+        for (value, pg_type) in [
+            ("MiXeD", "citext"),
+            ("08:00:2b:01:02:03:04:05", "macaddr8"),
+            ("<a x=\"1\">t&amp;</a>", "xml"),
+            ("top.sci.astro", "ltree"),
+            ("'a' 'cat' 'fat'", "tsvector"),
+            ("[\"2024-01-01 00:00:00\",infinity)", "tsrange"),
+            ("empty", "daterange"),
+        ] {
+            assert_eq!(
+                text(Field::String(value.into()), None, pg_type).as_deref(),
+                Ok(value),
+                "{pg_type}"
+            );
+        }
     }
 
     #[test]

@@ -358,6 +358,16 @@ fn render(table: &TargetTable, row: Row, before: Option<&Row>) -> Result<Prepare
     if !new_columns.is_empty() {
         return Err(new_column(table, &new_columns, &values, &unavailable));
     }
+    // Debezium leaves a column of a type it cannot convert out of every
+    // event; writing the row without it would leave a different value (the
+    // default, or the stored one) in that column.
+    for (idx, ty) in table.pg_types.iter().enumerate() {
+        if let Some(why) = ty.not_carried() {
+            if !values.iter().any(|(i, _)| *i == idx) && !unavailable.contains(&idx) {
+                return Err(row_error(table, idx, why));
+            }
+        }
+    }
     let key_values = key_values(table, &values)?;
     let home = table.homing.as_ref().and_then(|h| h.home(&values));
     let pin = table.homing.as_ref().and_then(|h| h.pin(&values));
@@ -437,8 +447,14 @@ pub fn prepare(
             // (The commit time cannot serve: a re-insert in the same
             // transaction or millisecond is stamped before the commit.)
             let hlc = match change.before.as_ref().and_then(|b| int_of(b, "hlc")) {
-                Some(before) => before + 1,
-                None => change.source_ts_ms << crate::clock::LOGICAL_BITS,
+                Some(before) => before.checked_add(1).ok_or_else(|| {
+                    named_row_error(
+                        table,
+                        "hlc",
+                        "at the largest bigint: no version can follow it",
+                    )
+                })?,
+                None => crate::clock::Hlc::at_ms_saturating(change.source_ts_ms).0,
             };
             Ok(Final::Delete(PreparedDelete {
                 key_text: key_text(&key_values),
@@ -795,6 +811,45 @@ mod tests {
                 ..
             }
         ));
+    }
+
+    #[test]
+    fn a_column_debezium_leaves_out_refuses_the_row_naming_it() {
+        for pg_type in ["box", "int4multirange", "money[]", "interval[]", "polygon"] {
+            let mut shapes = table();
+            shapes.columns[2] = ("c_shape".into(), pg_type.into());
+            shapes.pg_types[2] = PgType::parse(pg_type);
+            shapes.by_source = source_positions(&shapes.columns, &BTreeMap::new());
+            let mut r = row(7, "a@x", Field::Null, 1);
+            r.remove("bio");
+            let err =
+                prepare(&shapes, change(Op::Create, 7, None, Some(r)), "us-east-1").unwrap_err();
+            let text = err.to_string();
+            assert!(
+                text.starts_with(&format!(
+                    "public.users: column c_shape ({pg_type}): Debezium does not carry"
+                )),
+                "{text}"
+            );
+            assert_eq!(err.reason(), "bad_value");
+        }
+        // A column of an array of a domain, too.
+        let mut domains = table();
+        domains.columns[2] = ("c_tags".into(), "tag[]".into());
+        domains.pg_types[2] = PgType::array_of_domain("tag[]");
+        domains.by_source = source_positions(&domains.columns, &BTreeMap::new());
+        let mut r = row(7, "a@x", Field::Null, 1);
+        r.remove("bio");
+        let err = prepare(&domains, change(Op::Create, 7, None, Some(r)), "us-east-1").unwrap_err();
+        assert!(err.to_string().contains("arrays of a domain"), "{err}");
+        // A column absent for another reason (not in the source) is not.
+        let mut extra = table();
+        extra.columns[2] = ("c_text".into(), "text".into());
+        extra.pg_types[2] = PgType::parse("text");
+        extra.by_source = source_positions(&extra.columns, &BTreeMap::new());
+        let mut r = row(7, "a@x", Field::Null, 1);
+        r.remove("bio");
+        assert!(prepare(&extra, change(Op::Create, 7, None, Some(r)), "us-east-1").is_ok());
     }
 
     #[test]

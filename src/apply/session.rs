@@ -4,6 +4,8 @@
 //! must apply. Every command connects through here, with the one TLS
 //! connector of `postgres.sslmode` (`tls`).
 
+use std::time::Duration;
+
 use anyhow::Context as _;
 use deadpool_postgres::{Hook, HookError, Manager, ManagerConfig, Pool, RecyclingMethod};
 
@@ -109,7 +111,23 @@ fn pool_with(config: &Config, mark_sessions: bool) -> anyhow::Result<Pool> {
         .dbname(&config.postgres.dbname)
         .user(&config.postgres.user)
         .application_name("regionsync")
-        .connect_timeout(std::time::Duration::from_secs(5));
+        .connect_timeout(config.postgres.connect_timeout)
+        .keepalives(true)
+        .keepalives_idle(config.postgres.keepalives_idle)
+        .keepalives_interval((config.postgres.keepalives_idle / 3).max(Duration::from_secs(1)))
+        .keepalives_retries(3);
+    if !config.postgres.tcp_user_timeout.is_zero() {
+        pg.tcp_user_timeout(config.postgres.tcp_user_timeout);
+    }
+    if mark_sessions {
+        // Apply statements only: a statement that hangs (a lock held
+        // elsewhere, a stalled server) is cancelled (57014) and its batch
+        // retried with the backoff.
+        pg.options(format!(
+            "-c statement_timeout={}",
+            config.postgres.statement_timeout.as_millis()
+        ));
+    }
     if let Some(addr) = &config.postgres.hostaddr {
         pg.hostaddr(
             addr.parse()
@@ -127,7 +145,12 @@ fn pool_with(config: &Config, mark_sessions: bool) -> anyhow::Result<Pool> {
         },
     );
     let user = config.postgres.user.clone();
-    let mut builder = Pool::builder(manager).max_size(config.postgres.pool_size);
+    let mut builder = Pool::builder(manager)
+        .max_size(config.postgres.pool_size)
+        // A connection that never comes is a transient fault like any other.
+        .wait_timeout(Some(config.postgres.pool_wait_timeout))
+        .create_timeout(Some(config.postgres.connect_timeout * 2))
+        .runtime(deadpool_postgres::Runtime::Tokio1);
     if mark_sessions {
         builder = builder.post_create(Hook::async_fn(move |client, _| {
             let user = user.clone();

@@ -24,6 +24,10 @@ pub struct TargetTable {
     pub columns: Vec<(String, String)>,
     /// `columns`' types parsed for rendering, in the same order.
     pub pg_types: Vec<PgType>,
+    /// The type each value is cast to in SQL, in the same order
+    /// (`cast_type`): the column's, without a length that an explicit
+    /// cast would silently truncate to.
+    pub cast_types: Vec<String>,
     /// Positions of the key columns in `columns`.
     pub key: Vec<usize>,
     /// Source column name → position in `columns`, renames applied
@@ -197,6 +201,27 @@ impl Fit {
         }
     }
 }
+/// The type a text value is cast to before it is assigned to a column of
+/// type `declared`. An explicit cast to `character varying(n)`,
+/// `character(n)` or `bit(n)` cuts a longer value to n silently, where
+/// assigning it to the column refuses it ("value too long", SQLSTATE
+/// 22001): so the length is left to the assignment. (A replica whose column
+/// is narrower than the source's must refuse the value, not keep a part.)
+pub fn cast_type(declared: &str) -> String {
+    let (element, array) = match declared.strip_suffix("[]") {
+        Some(element) => (element, "[]"),
+        None => (declared, ""),
+    };
+    let without_length = match element.split_once('(') {
+        Some(("character varying", _)) => "character varying",
+        Some(("character", _)) => "bpchar",
+        Some(("bit varying", _)) => "bit varying",
+        Some(("bit", _)) => "varbit",
+        _ => return declared.to_owned(),
+    };
+    format!("{without_length}{array}")
+}
+
 /// Quotes an identifier for SQL (names come from configuration).
 pub fn quote_ident(name: &str) -> String {
     format!("\"{}\"", name.replace('"', "\"\""))
@@ -245,7 +270,21 @@ impl TargetTable {
         let name = format!("{schema}.{table}");
         let rows = client
             .query(
-                "SELECT a.attname::text, format_type(a.atttypid, a.atttypmod), a.attnum, c.oid
+                // The fifth column is the type a domain stands for (through
+                // domains over domains), which Debezium carries the domain
+                // column as; the sixth whether it is an array of a domain.
+                "SELECT a.attname::text, format_type(a.atttypid, a.atttypmod), a.attnum, c.oid,
+                        (WITH RECURSIVE d(base, mod) AS (
+                            SELECT a.atttypid, a.atttypmod
+                          UNION ALL
+                            SELECT t.typbasetype, t.typtypmod
+                              FROM d JOIN pg_type t ON t.oid = d.base AND t.typtype = 'd')
+                         SELECT format_type(d.base, d.mod)
+                           FROM d JOIN pg_type b ON b.oid = d.base
+                          WHERE b.typtype <> 'd'),
+                        EXISTS (SELECT 1 FROM pg_type arr JOIN pg_type el ON el.oid = arr.typelem
+                                 WHERE arr.oid = a.atttypid AND arr.typcategory = 'A'
+                                   AND el.typtype = 'd')
                    FROM pg_attribute a
                    JOIN pg_class c ON c.oid = a.attrelid
                    JOIN pg_namespace n ON n.oid = c.relnamespace
@@ -261,6 +300,21 @@ impl TargetTable {
         let columns: Vec<(String, String)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
         let attnums: Vec<i16> = rows.iter().map(|r| r.get(2)).collect();
         let oid: u32 = rows[0].get(3);
+        // Values are rendered for the type Debezium carries: a domain's
+        // base type (the column keeps its domain name, so casts still check
+        // the domain's constraints).
+        let pg_types: Vec<PgType> = rows
+            .iter()
+            .map(|r| {
+                let declared: String = r.get(1);
+                let base: Option<String> = r.get(4);
+                if r.get::<_, bool>(5) {
+                    PgType::array_of_domain(&declared)
+                } else {
+                    PgType::parse(base.as_deref().unwrap_or(&declared))
+                }
+            })
+            .collect();
         let position = |c: &str| columns.iter().position(|(n, _)| n == c);
         let mut key = Vec::new();
         for k in &config.key {
@@ -388,7 +442,8 @@ impl TargetTable {
             renames: config.columns.clone(),
             on_schema_mismatch: config.on_schema_mismatch.unwrap_or_default(),
             dropped_logged: Arc::default(),
-            pg_types: columns.iter().map(|(_, t)| PgType::parse(t)).collect(),
+            pg_types,
+            cast_types: columns.iter().map(|(_, t)| cast_type(t)).collect(),
             ident: format!("{}.{}", quote_ident(schema), quote_ident(table)),
             name,
             columns,
@@ -415,7 +470,7 @@ impl TargetTable {
             .iter()
             .map(|i| {
                 let c = quote_ident(&self.columns[*i].0);
-                format!("t.{c} = {alias}.{c}::{}", self.columns[*i].1)
+                format!("t.{c} = {alias}.{c}::{}", self.cast_types[*i])
             })
             .collect::<Vec<_>>()
             .join(" AND ")
@@ -523,6 +578,7 @@ impl TargetTable {
             ident: format!("{}.{}", quote_ident(schema), quote_ident(table)),
             by_source: source_positions(&columns, &BTreeMap::new()),
             pg_types: columns.iter().map(|(_, t)| PgType::parse(t)).collect(),
+            cast_types: columns.iter().map(|(_, t)| cast_type(t)).collect(),
             columns,
             key: vec![0],
             homing: None,
@@ -542,6 +598,31 @@ impl TargetTable {
         self.fits = self.columns.iter().map(|(_, t)| Fit::of(t)).collect();
         self.once_had = self.columns.iter().map(|(n, _)| n.clone()).collect();
         self
+    }
+}
+
+#[cfg(test)]
+mod cast_tests {
+    use super::cast_type;
+
+    #[test]
+    fn casts_leave_lengths_to_the_assignment() {
+        for (declared, cast) in [
+            ("character varying(3)", "character varying"),
+            ("character(5)", "bpchar"),
+            ("bit(8)", "varbit"),
+            ("bit varying(8)", "bit varying"),
+            ("character varying(3)[]", "character varying[]"),
+            ("character(3)[]", "bpchar[]"),
+            ("numeric(12,3)", "numeric(12,3)"),
+            (
+                "timestamp(3) without time zone",
+                "timestamp(3) without time zone",
+            ),
+            ("text", "text"),
+        ] {
+            assert_eq!(cast_type(declared), cast, "{declared}");
+        }
     }
 }
 

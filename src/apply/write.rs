@@ -10,6 +10,45 @@ use tokio_postgres::Row as PgRow;
 
 use super::{quote_ident, Final, PreparedDelete, PreparedRow, TargetTable};
 
+/// Which value of an upsert PostgreSQL refuses, when it refused the row
+/// with a data exception (SQLSTATE class 22), whose message names no column
+/// (`value too long for type character varying(3)`): each value is cast
+/// alone to its column's type, as the statement casts it, in a savepoint
+/// of the caller's transaction. `None` if every value casts (the fault is
+/// elsewhere) or the row is a delete.
+pub async fn refused_column(
+    tx: &mut tokio_postgres::Transaction<'_>,
+    table: &TargetTable,
+    fin: &Final,
+) -> Result<Option<usize>, tokio_postgres::Error> {
+    let Final::Upsert(row) = fin else {
+        return Ok(None);
+    };
+    for (idx, value) in &row.values {
+        let Some(text) = value else { continue };
+        // The statement casts to the unsized type and assigns to the column,
+        // which refuses a value longer than the column's length: the same
+        // check is whether the value survives the column's own type.
+        let (cast, declared) = (&table.cast_types[*idx], &table.columns[*idx].1);
+        let sp = tx.savepoint("value_cast").await?;
+        let kept = sp
+            .query_one(
+                &format!("SELECT $1::text::{cast}::{declared}::{cast} = $1::text::{cast}"),
+                &[text],
+            )
+            .await;
+        sp.rollback().await?;
+        match kept {
+            Ok(row) if row.get::<_, Option<bool>>(0) == Some(false) => return Ok(Some(*idx)),
+            Err(e) if e.code().is_some_and(|c| c.code().starts_with("22")) => {
+                return Ok(Some(*idx))
+            }
+            _ => {}
+        }
+    }
+    Ok(None)
+}
+
 /// How many changes a statement applied and how many the guard skipped.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Applied {
@@ -74,11 +113,15 @@ pub async fn apply_finals(
             Final::Delete(d) => deletes.push(d),
         }
     }
-    for rows in groups {
-        result += upsert(client, table, &rows).await?;
-    }
+    // Deletes first: the keys are distinct (collapsed), and a delete only
+    // frees unique values, so an upsert that takes a value a deleted row
+    // held (a primary-key change keeping its email) finds it free, as it
+    // did in the source. The other way round a unique index refuses it.
     if !deletes.is_empty() {
         result += delete(client, table, &deletes).await?;
+    }
+    for rows in groups {
+        result += upsert(client, table, &rows).await?;
     }
     Ok(result)
 }
@@ -116,7 +159,7 @@ async fn upsert(
             format!(
                 "b.{}::{}",
                 quote_ident(&table.columns[*i].0),
-                table.columns[*i].1
+                table.cast_types[*i]
             )
         })
         .collect();
@@ -188,7 +231,7 @@ async fn upsert(
         )
     } else {
         let set = table.set_non_key(cols.iter().copied(), |c, i| {
-            format!("b.{c}::{}", table.columns[i].1)
+            format!("b.{c}::{}", table.cast_types[i])
         });
         format!(
             "UPDATE {ident} AS t SET {set}
@@ -294,7 +337,7 @@ pub async fn apply_truncate(
     source_ts_ms: i64,
     origin: &str,
 ) -> Result<Applied, tokio_postgres::Error> {
-    let cutoff = source_ts_ms << crate::clock::LOGICAL_BITS;
+    let cutoff = crate::clock::Hlc::at_ms_saturating(source_ts_ms).0;
     client
         .execute(
             &format!("DELETE FROM {} WHERE hlc < $1", table.ident),

@@ -129,9 +129,9 @@ pub async fn resolve(
     let wall = Hlc::new(crate::clock::now_ms(), 0).0;
     let hlc = [
         Some(wall),
-        local_hlc.map(|h| h + 1),
-        Some(remote_hlc + 1),
-        tombstone.map(|h| h + 1),
+        local_hlc.map(|h| h.saturating_add(1)),
+        Some(remote_hlc.saturating_add(1)),
+        tombstone.map(|h| h.saturating_add(1)),
     ]
     .into_iter()
     .flatten()

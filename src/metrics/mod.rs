@@ -44,11 +44,19 @@ pub const CONFLICTS_TOTAL: &str = "regionsync_conflicts_total";
 pub const WRITES_BY_CLASS_TOTAL: &str = "regionsync_writes_by_class_total";
 /// Tombstones removed after `tombstone_grace`.
 pub const TOMBSTONES_COLLECTED_TOTAL: &str = "regionsync_tombstones_collected_total";
-/// Changes whose HLC is further in the future than `max_clock_skew` (still
-/// applied; they are flagged). Label: source_region.
+/// Changes whose HLC or source time is further in the future than
+/// `max_clock_skew`, dead-lettered or applied by `clock_ahead` (held ones
+/// count as retries). Label: source_region.
 pub const CLOCK_SKEW_EXCEEDED_TOTAL: &str = "regionsync_clock_skew_exceeded_total";
 /// 1 while ready (partitions assigned, PostgreSQL reachable), else 0.
 pub const READY: &str = "regionsync_ready";
+/// 1 while a partition is stopped because its stored offset is outside the
+/// topic (re-created, or a retention gap), else 0. Labels: topic,
+/// partition, reason (`beyond_end`, `retention_gap`).
+pub const PARTITION_STOPPED: &str = "regionsync_partition_stopped";
+/// Partition tasks that panicked and were restarted from their stored
+/// offset. Label: topic.
+pub const PARTITION_PANICS_TOTAL: &str = "regionsync_partition_panics_total";
 /// Source commit time (Unix seconds) of the newest change or heartbeat whose
 /// effects are committed here. Label: source_region.
 pub const LAST_APPLIED_SOURCE_TIMESTAMP: &str = "regionsync_last_applied_source_timestamp_seconds";
@@ -131,9 +139,12 @@ pub mod reason {
     /// A schema difference between source and target, dead-lettered by
     /// `on_schema_mismatch = "dlq"`.
     pub const SCHEMA_MISMATCH: &str = "schema_mismatch";
+    /// A change or truncate dated beyond `max_clock_skew` (with
+    /// `clock_ahead = "dlq"`).
+    pub const CLOCK_AHEAD: &str = "clock_ahead";
 
     /// Every reason, for documentation checks.
-    pub const ALL: [&str; 13] = [
+    pub const ALL: [&str; 14] = [
         OVERSIZED,
         UNCONFIGURED_TABLE,
         NULL_KEY,
@@ -147,6 +158,7 @@ pub mod reason {
         REJECTED_BY_POSTGRES,
         UNKNOWN_SCHEMA,
         SCHEMA_MISMATCH,
+        CLOCK_AHEAD,
     ];
 }
 
@@ -172,7 +184,18 @@ pub mod retry {
     /// held by `on_schema_mismatch = "hold"`.
     pub const SCHEMA_MISMATCH: &str = "schema_mismatch";
 
-    pub const ALL: [&str; 7] = [
+    /// A unique index refuses a change in source order: the value is still
+    /// held by a row another partition (or the source's later change) has
+    /// not moved yet (SQLSTATE 23505).
+    pub const UNIQUE_WAIT: &str = "unique_wait";
+    /// PostgreSQL refused a statement that is no single change's (the
+    /// offset row, the commit, a truncate): held, never dead-lettered.
+    pub const POSTGRES_REFUSED: &str = "postgres_refused";
+    /// A change or truncate dated beyond `max_clock_skew`, held until the
+    /// local clock is within it (`clock_ahead = "hold"`).
+    pub const CLOCK_AHEAD: &str = "clock_ahead";
+
+    pub const ALL: [&str; 10] = [
         REGISTRY,
         UNKNOWN_SCHEMA,
         POSTGRES_PERMISSION,
@@ -180,5 +203,8 @@ pub mod retry {
         POSTGRES_UNAVAILABLE,
         DLQ_UNAVAILABLE,
         SCHEMA_MISMATCH,
+        UNIQUE_WAIT,
+        POSTGRES_REFUSED,
+        CLOCK_AHEAD,
     ];
 }

@@ -9,11 +9,12 @@
 //! [`commit`] applies the steps in one transaction, with the conflict
 //! check, the dead letters' offsets and the partition's offset row, so the
 //! batch's effects and its position are stored together or not at all.
-//! [`apply`] drives both, following the verdicts of `failure`.
-
-use std::borrow::Cow;
+//! If PostgreSQL refuses it, [`commit_in_order`] applies the steps again
+//! one by one in source order, to tell a refused change (dead-lettered)
+//! from a unique value another partition still holds (waited for).
+//! [`apply`] drives them, following the verdicts of `failure`.
 use std::collections::HashMap;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use rdkafka::message::Message;
 use tracing::{info, warn};
@@ -23,7 +24,7 @@ use super::{Route, Worker};
 use crate::apply::{self, Applied, Final, TargetTable};
 use crate::change::Decoded;
 use crate::clock::{self, Hlc};
-use crate::config::{Config, LateChanges, Policy};
+use crate::config::{ClockAhead, Config, LateChanges, OnSchemaMismatch, Policy};
 use crate::conflict;
 use crate::decode::registry::AvroSource;
 use crate::decode::{self, DecodeError};
@@ -143,6 +144,18 @@ impl Planner<'_> {
             let table = match route::route_change(routed, topic, &change) {
                 Decision::Apply { table } => table,
                 Decision::Truncate { table } => {
+                    // A truncate from a clock far ahead would delete rows
+                    // written after it and refuse every later write.
+                    if let Some(fault) =
+                        self.clock_ahead(topic, msg, None, change.source_ts_ms, now_ms)
+                    {
+                        let held = fault.retry_reason(self.config).is_some();
+                        plan.rejected.push(Rejected::new(msg, fault));
+                        if held {
+                            return plan;
+                        }
+                        continue;
+                    }
                     plan.steps.push(Step::Truncate {
                         table,
                         ts_ms: change.source_ts_ms,
@@ -199,14 +212,13 @@ impl Planner<'_> {
                 continue;
             }
             let hlc = Hlc(fin.version().0);
-            if clock::exceeds_clock_skew(hlc, now_ms, self.config.max_clock_skew) {
-                // Applied all the same (the version order stays total), but
-                // a clock this far ahead wins every conflict: say so.
-                warn!(topic, offset = msg.offset(), source_region = %self.source_region,
-                    ahead = ?hlc.ahead_of(now_ms), max_clock_skew = ?self.config.max_clock_skew,
-                    "a change is dated further in the future than max_clock_skew");
-                metrics::counter!(m::CLOCK_SKEW_EXCEEDED_TOTAL, "source_region" => self.source_region.to_owned())
-                    .increment(1);
+            if let Some(fault) = self.clock_ahead(topic, msg, Some(hlc), ts_ms, now_ms) {
+                let held = fault.retry_reason(self.config).is_some();
+                plan.rejected.push(Rejected::new(msg, fault));
+                if held {
+                    return plan;
+                }
+                continue;
             }
             plan.steps.push(Step::Row {
                 table,
@@ -216,6 +228,43 @@ impl Planner<'_> {
             });
         }
         plan
+    }
+
+    /// The fault of a change (or truncate, without an HLC) dated beyond
+    /// `max_clock_skew` by its HLC or its source commit time, unless
+    /// `clock_ahead = "apply"`: then it is applied, logged and counted.
+    fn clock_ahead<M: Message>(
+        &self,
+        topic: &str,
+        msg: &M,
+        hlc: Option<Hlc>,
+        ts_ms: i64,
+        now_ms: i64,
+    ) -> Option<Fault> {
+        let limit = self.config.max_clock_skew;
+        let by_hlc = hlc.map_or(Duration::ZERO, |h| h.ahead_of(now_ms));
+        let by_ts = Duration::from_millis(u64::try_from(ts_ms.saturating_sub(now_ms)).unwrap_or(0));
+        let (what, ahead) = if by_hlc >= by_ts {
+            ("its HLC", by_hlc)
+        } else {
+            ("its source commit time (ts_ms)", by_ts)
+        };
+        if ahead <= limit {
+            return None;
+        }
+        let fault = Fault::ClockAhead { what, ahead, limit };
+        if self.config.clock_ahead != ClockAhead::Hold {
+            metrics::counter!(m::CLOCK_SKEW_EXCEEDED_TOTAL, "source_region" => self.source_region.to_owned())
+                .increment(1);
+        }
+        if self.config.clock_ahead == ClockAhead::Apply {
+            // Applied all the same (the version order stays total), but a
+            // clock this far ahead wins every conflict: say so.
+            warn!(topic, offset = msg.offset(), source_region = %self.source_region,
+                error = %fault, "a change is dated further in the future than max_clock_skew (clock_ahead = apply)");
+            return None;
+        }
+        Some(fault)
     }
 
     /// Avro (Confluent wire format: magic byte 0) or JSON, by the first byte.
@@ -352,6 +401,9 @@ async fn apply_on_layout<M: Message>(
     // A source clock ahead of ours must not make lag read zero for good:
     // the newest source time counts at most as now.
     let newest_ts_ms = newest_ts_ms.map(|t| t.min(clock::now_ms()));
+    let mut order = Order::Collapsed;
+    // What commits up to a held change applied already.
+    let mut counts: HashMap<usize, Applied> = HashMap::new();
     loop {
         if let Err(e) = send_to_dlq(worker, &mut rejected).await {
             warn!(topic, partition, error = %format!("{e:#}"), retry_in = ?backoff.delay(), "dead letters not acknowledged; retrying");
@@ -360,106 +412,313 @@ async fn apply_on_layout<M: Message>(
             continue;
         }
         sent.extend(rejected.iter().map(|r| r.msg.offset()));
-        let committed = commit(
-            worker,
-            &route.source_region,
-            topic,
-            partition,
-            (next, newest_ts_ms),
-            &steps,
-            tables,
-        )
-        .await;
-        let e = match committed {
-            Ok(counts) => {
-                worker.release(topic, partition);
-                let now = clock::now_ms();
-                worker
-                    .last_commit_ms
-                    .store(now, std::sync::atomic::Ordering::Relaxed);
-                if let Some(ts) = newest_ts_ms {
-                    worker
-                        .lag
-                        .committed(&route.source_region, ts, route.table.is_none());
-                }
-                let latency = metrics::histogram!(m::END_TO_END_LATENCY, "source_region" => route.source_region.clone());
-                for step in &steps {
-                    if let Step::Row { ts_ms, .. } = step {
-                        latency.record(crate::lag::latency_seconds(now, *ts_ms));
+        let at = (topic, partition, next, newest_ts_ms);
+        let e = match order {
+            Order::Collapsed => {
+                match commit(worker, tables, &route.source_region, at, &steps).await {
+                    Ok(c) => {
+                        add_counts(&mut counts, c);
+                        break;
                     }
+                    Err(e) => e,
                 }
-                let to_reassert: u64 = counts.iter().map(|(_, a)| a.rejected).sum();
-                let tables = counts
-                    .into_iter()
-                    .map(|(t, applied)| record::TableCounts {
-                        table: &tables[t].name,
-                        policy: tables[t].homing.as_ref().map_or(Policy::Lww, |h| h.policy),
-                        applied,
-                    })
-                    .collect();
-                record::batch(
-                    &route.source_region,
-                    tables,
-                    &skipped,
-                    rejected.len(),
-                    messages.len(),
-                );
-                if to_reassert > 0 {
-                    super::reassert_rejected(worker).await;
-                }
-                return Ok(Some(next));
             }
-            Err(e) => e,
+            Order::Source => {
+                match commit_in_order(worker, tables, &route.source_region, at, &steps).await {
+                    Ok(InOrder::Committed(c)) => {
+                        add_counts(&mut counts, c);
+                        break;
+                    }
+                    Ok(InOrder::HeldAt {
+                        counts: c,
+                        step,
+                        detail,
+                    }) => {
+                        if step > 0 {
+                            add_counts(&mut counts, c);
+                            committed(worker, route, &steps[..step], prefix_ts(&steps[..step]));
+                            steps.drain(..step);
+                        }
+                        let (table, key, offset) = match &steps[0] {
+                            Step::Row {
+                                table, fin, msg, ..
+                            } => (
+                                tables[*table].name.as_str(),
+                                fin.key_text().to_owned(),
+                                msg.offset(),
+                            ),
+                            Step::Truncate { .. } => unreachable!("a held change is a row"),
+                        };
+                        warn!(topic, partition, offset, table, key, error = %detail, retry_in = ?backoff.delay(),
+                        "a unique index refuses a change in source order: the changes before it are committed, the partition waits at it until the row holding the value has moved");
+                        worker.hold(
+                            topic,
+                            partition,
+                            format!("{table} key {key} at offset {offset}: {detail}"),
+                        );
+                        backoff.wait(retry::UNIQUE_WAIT).await;
+                        order = Order::Collapsed;
+                        continue;
+                    }
+                    Ok(InOrder::Refused(refused)) => {
+                        if failure::refused_verdict(worker.config.on_error) == Verdict::Stop {
+                            let (i, fault) = &refused[0];
+                            let offset = match &steps[*i] {
+                                Step::Row { msg, .. } => msg.offset(),
+                                Step::Truncate { .. } => -1,
+                            };
+                            anyhow::bail!(
+                                "applying {topic}/{partition} failed at offset {offset}: {fault} (on_error = stop)"
+                            );
+                        }
+                        // Highest index first, so the others stay where they are.
+                        for (i, fault) in refused.into_iter().rev() {
+                            if let Step::Row { msg, .. } = steps.remove(i) {
+                                rejected.push(Rejected::new(msg, fault));
+                            }
+                        }
+                        order = Order::Collapsed;
+                        continue;
+                    }
+                    Err(e) => e,
+                }
+            }
         };
+        // A schema difference PostgreSQL found (a value this region's
+        // column cannot hold): the table's `on_schema_mismatch` decides.
         let on_schema_mismatch = route
             .table
             .map_or(Default::default(), |t| tables[t].on_schema_mismatch);
-        let verdict = failure::schema_verdict(&e, on_schema_mismatch)
-            .unwrap_or_else(|| failure::batch_verdict(&e, worker.config.on_error));
-        match verdict {
-            Verdict::Stop => {
+        match failure::schema_verdict(&e, on_schema_mismatch) {
+            Some(Verdict::Stop) => {
                 let e = e.into_error();
-                anyhow::bail!("applying {topic}/{partition} failed: {e} (on_error or on_schema_mismatch = stop)");
+                anyhow::bail!(
+                    "applying {topic}/{partition} failed: {e} (on_schema_mismatch = stop)"
+                );
             }
-            Verdict::DeadLetter => {
-                // Find the changes PostgreSQL refuses, one by one.
-                isolate_bad_rows(worker, tables, &mut steps, &mut rejected).await?;
+            // Found change by change in source order and dead-lettered.
+            Some(Verdict::DeadLetter) if order == Order::Collapsed => {
+                order = Order::Source;
+                continue;
             }
-            Verdict::Retry => {
-                let reason = e.retry_reason();
-                let e = e.into_error();
-                let detail = e
-                    .downcast_ref::<tokio_postgres::Error>()
-                    .and_then(|e| e.as_db_error())
-                    .map_or_else(|| format!("{e:#}"), |d| d.message().to_owned());
-                warn!(topic, partition, reason, error = %detail, retry_in = ?backoff.delay(), "batch failed; retrying");
-                worker.hold(topic, partition, format!("PostgreSQL: {detail}"));
-                backoff.wait(reason).await;
-                // A column or type changed here: read the layout again.
-                if [retry::POSTGRES_SCHEMA, retry::SCHEMA_MISMATCH].contains(&reason) {
-                    if let Some(t) = route.table {
-                        if refresh_layout(worker, tables, t).await {
-                            return Ok(None);
-                        }
-                    }
+            _ => {}
+        }
+        let verdict = failure::batch_verdict(&e);
+        if verdict == Verdict::InSourceOrder && order == Order::Collapsed {
+            order = Order::Source;
+            continue;
+        }
+        // Retried as it is: an outage or a missing grant, or (in source
+        // order) a refusal of no single change's: a deferred unique index
+        // at commit, the offset row. Never a loop without a backoff.
+        let reason = match &e {
+            BatchError::Unique(_) => retry::UNIQUE_WAIT,
+            BatchError::Data(_) => retry::POSTGRES_REFUSED,
+            _ => e.retry_reason(),
+        };
+        let e = e.into_error();
+        let detail = e
+            .downcast_ref::<tokio_postgres::Error>()
+            .and_then(|e| e.as_db_error())
+            .map_or_else(|| format!("{e:#}"), |d| d.message().to_owned());
+        warn!(topic, partition, reason, error = %detail, retry_in = ?backoff.delay(), "batch failed; retrying");
+        worker.hold(topic, partition, format!("PostgreSQL: {detail}"));
+        backoff.wait(reason).await;
+        order = Order::Collapsed;
+        // A column or type changed here: read the layout again.
+        if [retry::POSTGRES_SCHEMA, retry::SCHEMA_MISMATCH].contains(&reason) {
+            if let Some(t) = route.table {
+                if refresh_layout(worker, tables, t).await {
+                    return Ok(None);
                 }
             }
         }
     }
+    worker.release(topic, partition);
+    committed(worker, route, &steps, newest_ts_ms);
+    let to_reassert: u64 = counts.values().map(|a| a.rejected).sum();
+    let table_counts = counts
+        .into_iter()
+        .map(|(t, applied)| record::TableCounts {
+            table: &tables[t].name,
+            policy: tables[t].homing.as_ref().map_or(Policy::Lww, |h| h.policy),
+            applied,
+        })
+        .collect();
+    record::batch(
+        &route.source_region,
+        table_counts,
+        &skipped,
+        rejected.len(),
+        messages.len(),
+    );
+    if to_reassert > 0 {
+        super::reassert_rejected(worker).await;
+    }
+    Ok(Some(next))
 }
 
-/// One transaction: the rows and the offset row (with the newest source
-/// commit time, so lag survives a restart), which also moves past the
-/// dead letters produced before it.
-async fn commit<M: Message>(
+/// How a batch's changes are applied.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Order {
+    /// Collapsed per key, one statement per table and kind: the fast way.
+    Collapsed,
+    /// Change by change, in the order the source committed them.
+    Source,
+}
+
+/// What applying a batch in source order came to.
+enum InOrder {
+    /// Every change applied, the batch's offset stored.
+    Committed(HashMap<usize, Applied>),
+    /// A unique index refused step `step`: the steps before it are
+    /// committed with the offset of its message (nothing when it is the
+    /// first), it and the rest are not.
+    HeldAt {
+        counts: HashMap<usize, Applied>,
+        step: usize,
+        detail: String,
+    },
+    /// These steps PostgreSQL refuses alone, after the changes before
+    /// them: nothing was committed; they are to be dead-lettered.
+    Refused(Vec<(usize, Fault)>),
+}
+
+fn add_counts(into: &mut HashMap<usize, Applied>, from: HashMap<usize, Applied>) {
+    for (t, a) in from {
+        *into.entry(t).or_default() += a;
+    }
+}
+
+/// The newest source time of `steps`, at most now.
+fn prefix_ts<M>(steps: &[Step<'_, M>]) -> Option<i64> {
+    steps
+        .iter()
+        .map(|s| match s {
+            Step::Row { ts_ms, .. } | Step::Truncate { ts_ms, .. } => *ts_ms,
+        })
+        .max()
+        .map(|t| t.min(clock::now_ms()))
+}
+
+/// Bookkeeping after `steps` committed: readiness, lag, latency.
+fn committed<M>(worker: &Worker, route: &Route, steps: &[Step<'_, M>], newest_ts_ms: Option<i64>) {
+    let now = clock::now_ms();
+    worker
+        .last_commit_ms
+        .store(now, std::sync::atomic::Ordering::Relaxed);
+    if let Some(ts) = newest_ts_ms {
+        worker
+            .lag
+            .committed(&route.source_region, ts, route.table.is_none());
+    }
+    let latency =
+        metrics::histogram!(m::END_TO_END_LATENCY, "source_region" => route.source_region.clone());
+    for step in steps {
+        if let Step::Row { ts_ms, .. } = step {
+            latency.record(crate::lag::latency_seconds(now, *ts_ms));
+        }
+    }
+}
+
+/// Where a commit stores its offset: topic, partition, the next offset and
+/// the newest source time.
+type At<'t> = (&'t str, i32, i64, Option<i64>);
+
+/// What every row of one transaction is checked against: the batch's
+/// table layouts, the late-change cutoff and the failover homing read in
+/// the transaction.
+struct Rules<'r> {
+    tables: &'r [TargetTable],
+    /// Upserts older than this HLC (now − tombstone grace) are applied only
+    /// where their row is stored (`late_changes = skip`).
+    late_before: Option<Hlc>,
+    homing: HomingOverrides,
+}
+
+impl<'r> Rules<'r> {
+    /// Read in the batch's transaction: a `rehome` committed before it is
+    /// seen by it (DESIGN.md §3, "Failover homing").
+    async fn read<M>(
+        client: &impl tokio_postgres::GenericClient,
+        worker: &Worker,
+        tables: &'r [TargetTable],
+        steps: &[Step<'_, M>],
+    ) -> Result<Rules<'r>, tokio_postgres::Error> {
+        let homed = steps
+            .iter()
+            .any(|s| matches!(s, Step::Row { table, .. } if tables[*table].homing.is_some()));
+        let homing = if homed {
+            homing::load(client).await?
+        } else {
+            HomingOverrides::default()
+        };
+        let late_before = (worker.config.late_changes == LateChanges::Skip).then(|| {
+            let grace_ms = worker.config.tombstone_grace.as_millis() as i64;
+            Hlc::new(clock::now_ms() - grace_ms, 0)
+        });
+        Ok(Rules {
+            tables,
+            late_before,
+            homing,
+        })
+    }
+}
+
+/// One table's changes, collapsed per key, checked for conflicts (which
+/// are recorded) and applied, in the caller's transaction.
+async fn apply_rows(
+    client: &impl deadpool_postgres::GenericClient,
     worker: &Worker,
     source_region: &str,
-    topic: &str,
-    partition: i32,
-    (next, newest_ts_ms): (i64, Option<i64>),
-    steps: &[Step<'_, M>],
+    rules: &Rules<'_>,
+    t: usize,
+    finals: Vec<&Final>,
+) -> Result<Applied, tokio_postgres::Error> {
+    let table = &rules.tables[t];
+    let changes = finals.len() as u64;
+    let finals = apply::collapse(finals);
+    let superseded = changes - finals.len() as u64;
+    let checked = conflict::check(
+        client,
+        table,
+        finals,
+        source_region,
+        &worker.config.region,
+        rules.late_before,
+        &rules.homing,
+    )
+    .await?;
+    if checked.late > 0 {
+        warn!(table = %table.name, count = checked.late,
+            tombstone_grace = ?worker.config.tombstone_grace,
+            "changes older than tombstone_grace for keys without a row were not applied (late_changes = skip)");
+    }
+    let mut applied = Applied {
+        superseded,
+        conflicts: checked.recorded,
+        held: checked.held,
+        rejected: checked.rejected,
+        classes: checked.classes,
+        late: checked.late,
+        rpo: checked.rpo,
+        rpo_span_ms: checked.rpo_span_ms,
+        ..Applied::default()
+    };
+    applied += apply::apply_finals(client, table, &checked.finals).await?;
+    Ok(applied)
+}
+
+/// One transaction: the rows, collapsed per key between truncates, and the
+/// offset row (with the newest source commit time, so lag survives a
+/// restart), which also moves past the dead letters produced before it.
+async fn commit<M: Message>(
+    worker: &Worker,
     tables: &[TargetTable],
-) -> Result<Vec<(usize, Applied)>, BatchError> {
+    source_region: &str,
+    (topic, partition, next, newest_ts_ms): At<'_>,
+    steps: &[Step<'_, M>],
+) -> Result<HashMap<usize, Applied>, BatchError> {
     let classify = failure::classify;
     let mut client = worker
         .pool
@@ -472,21 +731,10 @@ async fn commit<M: Message>(
         .await
         .map_err(classify)?;
     let mut counts: HashMap<usize, Applied> = HashMap::new();
-    // Read in the batch's transaction: a `rehome` committed before it is
-    // seen by it (DESIGN.md §3, "Failover homing").
-    let homed = steps
-        .iter()
-        .any(|s| matches!(s, Step::Row { table, .. } if tables[*table].homing.is_some()));
-    let homing = if homed {
-        homing::load(&*tx).await.map_err(classify)?
-    } else {
-        HomingOverrides::default()
-    };
-    let late_before = (worker.config.late_changes == LateChanges::Skip).then(|| {
-        let grace_ms = worker.config.tombstone_grace.as_millis() as i64;
-        Hlc::new(clock::now_ms() - grace_ms, 0)
-    });
-    // Rows between truncates, per table, collapsed to the last change per key.
+    let rules = Rules::read(&*tx, worker, tables, steps)
+        .await
+        .map_err(classify)?;
+    // Rows between truncates, per table.
     let mut pending: HashMap<usize, Vec<&Final>> = HashMap::new();
     let end = Step::Truncate {
         table: usize::MAX,
@@ -497,37 +745,7 @@ async fn commit<M: Message>(
             Step::Row { table, fin, .. } => pending.entry(*table).or_default().push(fin),
             Step::Truncate { table, ts_ms } => {
                 for (t, finals) in pending.drain() {
-                    let changes = finals.len() as u64;
-                    let finals = apply::collapse(finals);
-                    let superseded = changes - finals.len() as u64;
-                    let checked = conflict::check(
-                        &tx,
-                        &tables[t],
-                        finals,
-                        source_region,
-                        &worker.config.region,
-                        late_before,
-                        &homing,
-                    )
-                    .await
-                    .map_err(classify)?;
-                    if checked.late > 0 {
-                        warn!(table = %tables[t].name, topic, partition, count = checked.late,
-                            tombstone_grace = ?worker.config.tombstone_grace,
-                            "changes older than tombstone_grace for keys without a row were not applied (late_changes = skip)");
-                    }
-                    *counts.entry(t).or_default() += Applied {
-                        superseded,
-                        conflicts: checked.recorded,
-                        held: checked.held,
-                        rejected: checked.rejected,
-                        classes: checked.classes,
-                        late: checked.late,
-                        rpo: checked.rpo,
-                        rpo_span_ms: checked.rpo_span_ms,
-                        ..Applied::default()
-                    };
-                    let a = apply::apply_finals(&tx, &tables[t], &checked.finals)
+                    let a = apply_rows(&tx, worker, source_region, &rules, t, finals)
                         .await
                         .map_err(classify)?;
                     *counts.entry(t).or_default() += a;
@@ -546,53 +764,143 @@ async fn commit<M: Message>(
         .map_err(classify)?;
     tx.commit().await.map_err(classify)?;
     metrics::histogram!(m::APPLY_BATCH_SECONDS).record(started.elapsed().as_secs_f64());
-    Ok(counts.into_iter().collect())
+    Ok(counts)
 }
 
-/// Tries each row change alone (inside a savepoint); those PostgreSQL refuses
-/// move from `steps` to `rejected`.
-async fn isolate_bad_rows<'a, M>(
+/// The batch again, one change at a time in source order, each under a
+/// savepoint, in one transaction: the order the source committed them in,
+/// so a unique index the source satisfied is satisfied here too, as long
+/// as the other partitions have caught up. Truncates and the conflict
+/// log are applied the same way, so whatever PostgreSQL refuses is found.
+///
+/// A change refused as data (class 22, 23 but 23505, the rest of 42) is
+/// set aside and the next one tried; then nothing is committed and the
+/// caller dead-letters them. A change a unique index refuses (23505)
+/// stops the pass: the changes before it are committed with its offset.
+/// A value this region's column cannot hold is set aside the same way
+/// when its table's `on_schema_mismatch` is `dlq`, and held otherwise.
+async fn commit_in_order<M: Message>(
     worker: &Worker,
     tables: &[TargetTable],
-    steps: &mut Vec<Step<'a, M>>,
-    rejected: &mut Vec<Rejected<'a, M>>,
-) -> anyhow::Result<()> {
-    let mut client = worker.pool.get().await?;
-    let mut tx = client.transaction().await?;
+    source_region: &str,
+    (topic, partition, next, newest_ts_ms): At<'_>,
+    steps: &[Step<'_, M>],
+) -> Result<InOrder, BatchError> {
+    let classify = failure::classify;
+    let mut client = worker
+        .pool
+        .get()
+        .await
+        .map_err(|e| BatchError::Transient(e.into()))?;
+    let started = Instant::now();
+    let mut tx = client.transaction().await.map_err(classify)?;
     tx.batch_execute(apply::session::APPLY_TRANSACTION_SQL)
-        .await?;
-    let mut keep = Vec::new();
-    for step in steps.drain(..) {
-        if let Step::Row {
-            table, fin, msg, ..
-        } = &step
-        {
-            let sp = tx.savepoint("row").await?;
-            let result = apply::apply_finals(&sp, &tables[*table], &[Cow::Borrowed(fin)]).await;
-            match result {
-                Ok(_) => sp.rollback().await?,
-                Err(e) => {
-                    let _ = sp.rollback().await;
-                    let detail = e
-                        .as_db_error()
-                        .map(|d| d.message().to_string())
-                        .unwrap_or_else(|| e.to_string());
-                    rejected.push(Rejected::new(
-                        *msg,
-                        Fault::RefusedByPostgres {
-                            table: tables[*table].name.clone(),
-                            detail,
-                        },
-                    ));
-                    continue;
+        .await
+        .map_err(classify)?;
+    let rules = Rules::read(&*tx, worker, tables, steps)
+        .await
+        .map_err(classify)?;
+    let mut counts: HashMap<usize, Applied> = HashMap::new();
+    let mut refused = Vec::new();
+    let mut held = None;
+    for (i, step) in steps.iter().enumerate() {
+        let sp = tx.savepoint("change").await.map_err(classify)?;
+        let (table, result) = match step {
+            Step::Row { table, fin, .. } => (
+                *table,
+                apply_rows(&sp, worker, source_region, &rules, *table, vec![fin]).await,
+            ),
+            Step::Truncate { table, ts_ms } => (
+                *table,
+                apply::apply_truncate(&sp, &tables[*table], *ts_ms, source_region).await,
+            ),
+        };
+        match result {
+            Ok(a) => {
+                sp.commit().await.map_err(classify)?;
+                *counts.entry(table).or_default() += a;
+            }
+            Err(e) => {
+                sp.rollback().await.map_err(classify)?;
+                let Step::Row { fin, .. } = step else {
+                    return Err(classify(e));
+                };
+                let set_aside = match classify(e) {
+                    BatchError::Unique(e) => {
+                        held = Some((i, e));
+                        break;
+                    }
+                    BatchError::Data(e) => e,
+                    BatchError::Held(reason, e)
+                        if reason == retry::SCHEMA_MISMATCH
+                            && tables[table].on_schema_mismatch == OnSchemaMismatch::Dlq =>
+                    {
+                        e
+                    }
+                    other => return Err(other),
+                };
+                let mut detail = set_aside
+                    .as_db_error()
+                    .map(|d| d.message().to_string())
+                    .unwrap_or_else(|| set_aside.to_string());
+                // A data exception names no column: find the value.
+                if set_aside.code().is_some_and(|c| c.code().starts_with("22")) {
+                    let target = &tables[table];
+                    if let Some(idx) = apply::refused_column(&mut tx, target, fin)
+                        .await
+                        .map_err(classify)?
+                    {
+                        let (column, pg_type) = &target.columns[idx];
+                        detail = format!("column {column} ({pg_type}): {detail}");
+                    }
                 }
+                refused.push((
+                    i,
+                    Fault::RefusedByPostgres {
+                        table: tables[table].name.clone(),
+                        detail,
+                    },
+                ));
             }
         }
-        keep.push(step);
     }
-    tx.rollback().await?;
-    *steps = keep;
-    Ok(())
+    if !refused.is_empty() {
+        tx.rollback().await.map_err(classify)?;
+        return Ok(InOrder::Refused(refused));
+    }
+    let Some((step, error)) = held else {
+        offsets::store(&tx, &worker.group, topic, partition, next, newest_ts_ms)
+            .await
+            .map_err(classify)?;
+        tx.commit().await.map_err(classify)?;
+        metrics::histogram!(m::APPLY_BATCH_SECONDS).record(started.elapsed().as_secs_f64());
+        return Ok(InOrder::Committed(counts));
+    };
+    let detail = error.as_db_error().map_or_else(
+        || error.to_string(),
+        |d| match d.detail() {
+            Some(more) => format!("{} ({more})", d.message()),
+            None => d.message().to_owned(),
+        },
+    );
+    if step == 0 {
+        tx.rollback().await.map_err(classify)?;
+    } else {
+        let Step::Row { msg, .. } = &steps[step] else {
+            unreachable!("a held change is a row")
+        };
+        let prefix = prefix_ts(&steps[..step]);
+        offsets::store(&tx, &worker.group, topic, partition, msg.offset(), prefix)
+            .await
+            .map_err(classify)?;
+        tx.commit().await.map_err(classify)?;
+        metrics::histogram!(m::APPLY_BATCH_SECONDS).record(started.elapsed().as_secs_f64());
+    }
+    Ok(InOrder::HeldAt {
+        counts,
+        step,
+        detail,
+    })
 }
 
 /// Produces the rejected messages to the dead-letter topic and waits for
@@ -764,6 +1072,63 @@ mod tests {
         assert_eq!(skipped[&(outcome::ECHO, users)], 1);
         assert_eq!(skipped[&(outcome::TOMBSTONE, String::new())], 1);
         assert_eq!(skipped.len(), 3);
+    }
+
+    #[tokio::test]
+    async fn a_clock_far_ahead_is_held_dead_lettered_or_applied_as_configured() {
+        use crate::config::ClockAhead;
+        let now = 1_000_000_000_i64;
+        // A change whose source time is an hour ahead, then a truncate two
+        // hours ahead, then a change of now.
+        let messages = vec![
+            json_change(1, "c", "users", None, now + 3_600_000, "us-east-1"),
+            json_change(2, "t", "users", None, now + 7_200_000, "us-east-1"),
+            json_change(3, "c", "users", None, now, "us-east-1"),
+        ];
+        let tables = tables();
+        let run = |mode: ClockAhead| {
+            let mut config = config();
+            config.clock_ahead = mode;
+            let (tables, messages) = (&tables, &messages);
+            async move {
+                let planner = Planner {
+                    config: &config,
+                    tables,
+                    source_region: "us-east-1",
+                    table: Some(0),
+                    avro: None,
+                    own_topic: false,
+                };
+                let plan = planner.plan(TOPIC, messages, now).await;
+                let rejected: Vec<(i64, &'static str, bool)> = plan
+                    .rejected
+                    .iter()
+                    .map(|r| {
+                        let held = r.fault.retry_reason(&config).is_some();
+                        (r.msg.offset(), r.fault.reason(), held)
+                    })
+                    .collect();
+                (plan.steps.len(), rejected)
+            }
+        };
+        // Held: planning stops at the first, nothing is applied.
+        assert_eq!(
+            run(ClockAhead::Hold).await,
+            (0, vec![(1, reason::CLOCK_AHEAD, true)])
+        );
+        // Dead-lettered: both, and the change of now is applied.
+        assert_eq!(
+            run(ClockAhead::Dlq).await,
+            (
+                1,
+                vec![
+                    (1, reason::CLOCK_AHEAD, false),
+                    (2, reason::CLOCK_AHEAD, false)
+                ]
+            )
+        );
+        // Applied all the same (counted and logged).
+        assert_eq!(run(ClockAhead::Apply).await, (3, vec![]));
     }
 
     #[tokio::test]

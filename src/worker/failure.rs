@@ -20,7 +20,7 @@ use std::time::Duration;
 use tracing::warn;
 
 use crate::apply::RowError;
-use crate::config::{Config, OnError, OnSchemaMismatch, UnknownSchema};
+use crate::config::{ClockAhead, Config, OnError, OnSchemaMismatch, UnknownSchema};
 use crate::decode::registry::AvroError;
 use crate::decode::DecodeError;
 use crate::metrics::{self as m, reason, retry};
@@ -50,6 +50,14 @@ pub enum Fault {
     /// PostgreSQL refused the row alone, in a savepoint.
     #[error("{table}: {detail}")]
     RefusedByPostgres { table: String, detail: String },
+    /// A change or truncate dated further ahead of the local clock than
+    /// `max_clock_skew` (`what`: its HLC or its source commit time).
+    #[error("{what} is {ahead:?} ahead of this worker's clock, beyond max_clock_skew ({limit:?})")]
+    ClockAhead {
+        what: &'static str,
+        ahead: std::time::Duration,
+        limit: std::time::Duration,
+    },
 }
 
 impl Fault {
@@ -82,6 +90,7 @@ impl Fault {
             Fault::Row(RowError::Shape { .. }) => reason::BAD_SHAPE,
             Fault::Row(RowError::Schema { .. }) => reason::SCHEMA_MISMATCH,
             Fault::RefusedByPostgres { .. } => reason::REJECTED_BY_POSTGRES,
+            Fault::ClockAhead { .. } => reason::CLOCK_AHEAD,
         }
     }
 }
@@ -95,6 +104,10 @@ pub enum Verdict {
     DeadLetter,
     /// Stop the worker with the error.
     Stop,
+    /// Apply the batch again change by change, in the order the source
+    /// committed them, in one transaction: an order the source proved
+    /// possible. Only a change refused there is the data's fault.
+    InSourceOrder,
 }
 
 impl Fault {
@@ -118,6 +131,9 @@ impl Fault {
                 policy: OnSchemaMismatch::Hold,
                 ..
             }) => Some(retry::SCHEMA_MISMATCH),
+            Fault::ClockAhead { .. } if config.clock_ahead == ClockAhead::Hold => {
+                Some(retry::CLOCK_AHEAD)
+            }
             _ => None,
         }
     }
@@ -151,6 +167,11 @@ pub enum BatchError {
     /// PostgreSQL refused the data (a bad value, a constraint): find the
     /// rows it refuses, one by one.
     Data(tokio_postgres::Error),
+    /// A unique index refused a row (23505). The source satisfied it, so
+    /// the order of the writes is at fault, never the row: applied in
+    /// source order, and where that still fails (the value is held by a
+    /// row of another partition, not yet moved) waited out.
+    Unique(tokio_postgres::Error),
     /// The connection or server failed: retry the whole batch.
     Transient(anyhow::Error),
     /// PostgreSQL refused for a reason outside the data (a privilege, a
@@ -170,7 +191,7 @@ impl BatchError {
 
     pub fn into_error(self) -> anyhow::Error {
         match self {
-            BatchError::Data(e) | BatchError::Held(_, e) => e.into(),
+            BatchError::Data(e) | BatchError::Unique(e) | BatchError::Held(_, e) => e.into(),
             BatchError::Transient(e) => e,
         }
     }
@@ -191,6 +212,7 @@ pub fn classify(e: tokio_postgres::Error) -> BatchError {
         // NOT NULL: the source's column held it, so this region's schema
         // is behind (`on_schema_mismatch` decides).
         "22001" | "22003" | "23502" => BatchError::Held(retry::SCHEMA_MISMATCH, e),
+        "23505" => BatchError::Unique(e),
         // Classes 22 (data exception), 23 (integrity constraint), the rest
         // of 42 (e.g. a cast that does not fit): the row, not the server.
         c if ["22", "23", "42"].iter().any(|class| c.starts_with(class)) => BatchError::Data(e),
@@ -198,14 +220,30 @@ pub fn classify(e: tokio_postgres::Error) -> BatchError {
     }
 }
 
-/// The verdict on a batch that failed in PostgreSQL: a data error isolates
-/// the rows at fault (which then become [`Fault::RefusedByPostgres`]), or
-/// stops with `on_error = stop`; anything else is retried.
-pub fn batch_verdict(e: &BatchError, on_error: OnError) -> Verdict {
-    match (e, on_error) {
-        (BatchError::Data(_), OnError::Stop) => Verdict::Stop,
-        (BatchError::Data(_), OnError::Dlq) => Verdict::DeadLetter,
-        (BatchError::Transient(_) | BatchError::Held(..), _) => Verdict::Retry,
+/// Whether PostgreSQL's error is a unique index refusing a row (23505).
+pub fn is_unique_violation(e: &tokio_postgres::Error) -> bool {
+    e.code() == Some(&tokio_postgres::error::SqlState::UNIQUE_VIOLATION)
+}
+
+/// The verdict on a batch that failed in PostgreSQL when applied collapsed
+/// (one statement per table and kind): a data error or a unique index is
+/// first tried again in source order (where a refused change then
+/// becomes a [`Fault::RefusedByPostgres`] with [`refused_verdict`]);
+/// anything else is retried.
+pub fn batch_verdict(e: &BatchError) -> Verdict {
+    match e {
+        BatchError::Data(_) | BatchError::Unique(_) => Verdict::InSourceOrder,
+        BatchError::Transient(_) | BatchError::Held(..) => Verdict::Retry,
+    }
+}
+
+/// The verdict on a change PostgreSQL refused alone, in source order after
+/// the changes before it: dead-lettered, or the worker stops with
+/// `on_error = stop`. (A unique index is never this: it is waited out.)
+pub fn refused_verdict(on_error: OnError) -> Verdict {
+    match on_error {
+        OnError::Stop => Verdict::Stop,
+        OnError::Dlq => Verdict::DeadLetter,
     }
 }
 
@@ -455,6 +493,11 @@ mod tests {
                 table: "t".into(),
                 detail: "d".into(),
             },
+            Fault::ClockAhead {
+                what: "ts_ms",
+                ahead: std::time::Duration::from_secs(60),
+                limit: std::time::Duration::from_secs(5),
+            },
         ];
         for f in &faults {
             assert!(reason::ALL.contains(&f.reason()), "{f:?}");
@@ -498,8 +541,9 @@ mod tests {
             Verdict::Stop
         );
         let transient = BatchError::Transient(anyhow::anyhow!("connection reset"));
-        assert_eq!(batch_verdict(&transient, OnError::Stop), Verdict::Retry);
-        assert_eq!(batch_verdict(&transient, OnError::Dlq), Verdict::Retry);
+        assert_eq!(batch_verdict(&transient), Verdict::Retry);
+        assert_eq!(refused_verdict(OnError::Stop), Verdict::Stop);
+        assert_eq!(refused_verdict(OnError::Dlq), Verdict::DeadLetter);
     }
 
     #[test]

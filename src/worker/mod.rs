@@ -35,7 +35,7 @@ use rdkafka::consumer::Consumer;
 use rdkafka::message::Message;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use crate::apply::TargetTable;
 use crate::clock;
@@ -57,6 +57,9 @@ struct Route {
     table: Option<usize>,
 }
 
+/// A partition of a topic: (topic, partition).
+type PartitionKey = (String, i32);
+
 /// What every partition task shares.
 pub struct Worker {
     pub config: Config,
@@ -75,14 +78,25 @@ pub struct Worker {
     /// Freshness per source region, for the lag gauges.
     pub lag: LagTracker,
     /// Next offset to apply per owned partition, for the consumer-lag gauge.
-    positions: Mutex<HashMap<(String, i32), i64>>,
+    positions: Mutex<HashMap<PartitionKey, i64>>,
     /// When a batch last committed (ms): proof enough that PostgreSQL
     /// answers, so readiness need not queue for a busy pool.
     last_commit_ms: std::sync::atomic::AtomicI64,
     /// Partitions held at a change by a fault being waited out: since
     /// when, and why (for `/readyz`).
     held: Mutex<HashMap<(String, i32), (Instant, String)>>,
+    /// Partitions not resumed because their stored offset is outside the
+    /// topic: (reason label, why), for `/readyz` and the gauge.
+    stopped: Mutex<HashMap<PartitionKey, (&'static str, String)>>,
+    /// Partitions whose task panicked and was restarted: when, and the
+    /// panic's message (`/readyz` is false for `apply.unready_after`).
+    panicked: Mutex<HashMap<(String, i32), (Instant, String)>>,
 }
+
+/// A test hook: the partition task that reaches a message of this topic
+/// at this offset panics, once. Never set outside tests.
+#[doc(hidden)]
+pub static PANIC_ONCE_AT: Mutex<Option<(String, i64)>> = Mutex::new(None);
 
 impl Worker {
     /// The target tables as last read: one snapshot for a whole batch, so
@@ -145,6 +159,25 @@ impl Worker {
             .lock()
             .expect("held lock")
             .remove(&(topic.to_owned(), partition));
+    }
+
+    /// Records whether a newly assigned partition may resume (`problem`:
+    /// why not), for `/readyz` and `regionsync_partition_stopped`.
+    fn set_stopped(&self, topic: &str, partition: i32, problem: Option<(&'static str, String)>) {
+        let key = (topic.to_owned(), partition);
+        let mut stopped = self.stopped.lock().expect("stopped lock");
+        let gauge = |reason: &'static str, v: f64| {
+            metrics::gauge!(crate::metrics::PARTITION_STOPPED, "topic" => topic.to_owned(),
+                "partition" => partition.to_string(), "reason" => reason)
+            .set(v);
+        };
+        if let Some((reason, _)) = stopped.remove(&key) {
+            gauge(reason, 0.0);
+        }
+        if let Some((reason, why)) = problem {
+            gauge(reason, 1.0);
+            stopped.insert(key, (reason, why));
+        }
     }
 
     /// The partitions held longer than `apply.unready_after`, described.
@@ -223,6 +256,8 @@ impl Worker {
             positions: Mutex::new(HashMap::new()),
             last_commit_ms: std::sync::atomic::AtomicI64::new(0),
             held: Mutex::new(HashMap::new()),
+            stopped: Mutex::new(HashMap::new()),
+            panicked: Mutex::new(HashMap::new()),
         };
         Ok((Arc::new(worker), events))
     }
@@ -250,6 +285,32 @@ impl ReadyCheck for Worker {
             }
             if let Some(held) = self.held_too_long() {
                 return Err(held);
+            }
+            {
+                let limit = self.config.apply.unready_after;
+                let panicked = self.panicked.lock().expect("panicked lock");
+                let mut recent: Vec<String> = panicked
+                    .iter()
+                    .filter(|(_, (at, _))| at.elapsed() < limit)
+                    .map(|((t, p), (at, why))| {
+                        format!(
+                            "{t}/{p}: its task panicked {}s ago ({why}) and was restarted",
+                            at.elapsed().as_secs()
+                        )
+                    })
+                    .collect();
+                if !recent.is_empty() {
+                    recent.sort();
+                    return Err(recent.join("; "));
+                }
+            }
+            {
+                let stopped = self.stopped.lock().expect("stopped lock");
+                if !stopped.is_empty() {
+                    let mut why: Vec<&str> = stopped.values().map(|(_, w)| w.as_str()).collect();
+                    why.sort_unstable();
+                    return Err(why.join("; "));
+                }
             }
             let last_commit = self
                 .last_commit_ms
@@ -305,7 +366,7 @@ pub async fn run(
     let mut queues: HashMap<(String, i32), Arc<Queue>> = HashMap::new();
     let (failed_tx, mut failed_rx) = mpsc::unbounded_channel::<anyhow::Error>();
     tokio::pin!(shutdown);
-    let result = loop {
+    let result = 'main: loop {
         tokio::select! {
             biased;
             _ = &mut shutdown => break Ok(()),
@@ -316,7 +377,28 @@ pub async fn run(
                     for (topic, partition) in &parts {
                         let key = (topic.clone(), *partition);
                         // Read once: the seek and the task start from it.
-                        let stored = stored_offset(&worker, topic, *partition).await;
+                        // Waits for PostgreSQL as long as it takes, but a
+                        // shutdown (SIGTERM) still ends it.
+                        let stored = tokio::select! {
+                            biased;
+                            _ = &mut shutdown => break 'main Ok(()),
+                            s = stored_offset(&worker, topic, *partition) => s,
+                        };
+                        // Resuming from an offset outside the topic would
+                        // skip changes silently: such a partition stays
+                        // paused, without a task, until an operator acts.
+                        let problem = match stored {
+                            Some(next) => outside_topic(&worker, topic, *partition, next).await,
+                            None => None,
+                        };
+                        if let Some((_, why)) = &problem {
+                            error!(topic = %topic, partition, stored = stored.unwrap_or_default(), "{why}");
+                        }
+                        let stop_it = problem.is_some();
+                        worker.set_stopped(topic, *partition, problem);
+                        if stop_it {
+                            continue;
+                        }
                         positions.push((key.clone(), stored));
                         // Split each (still paused) partition off the main
                         // queue before it is resumed, so no message lands
@@ -335,19 +417,33 @@ pub async fn run(
                             },
                         };
                         let (stop, stopped) = watch::channel(());
-                        let task = tokio::spawn(partition::run(
+                        let task = tokio::spawn(supervise(
                             worker.clone(), key.clone(), stored, queue, stopped, failed_tx.clone(),
                         ));
                         tasks.insert(key, (stop, task));
                     }
-                    if let Err(e) = source::seek_and_resume(&worker.consumer, &positions) {
-                        break Err(e);
+                    // The seek blocks (up to 10 s): off the runtime, and a
+                    // shutdown meanwhile is still honoured.
+                    let consumer = worker.consumer.clone();
+                    let seek = tokio::task::spawn_blocking(move || {
+                        source::seek_and_resume(&consumer, &positions)
+                    });
+                    let sought = tokio::select! {
+                        biased;
+                        _ = &mut shutdown => break 'main Ok(()),
+                        r = seek => r,
+                    };
+                    match sought {
+                        Ok(Ok(())) => {}
+                        Ok(Err(e)) => break 'main Err(e),
+                        Err(e) => break 'main Err(anyhow::anyhow!("seeking to the stored offsets: {e}")),
                     }
                 }
                 RebalanceEvent::Revoked(parts) => {
                     // Dropping the stop sender lets the task finish the batch
                     // it holds (it then forgets its position).
                     for p in parts {
+                        worker.set_stopped(&p.0, p.1, None);
                         tasks.remove(&p);
                     }
                 }
@@ -372,6 +468,17 @@ pub async fn run(
         warn!("in-flight batches did not finish within 8 s; abandoning them (their offsets were not stored)");
     }
     worker.consumer.unsubscribe();
+    // Stopped partitions are no longer this worker's.
+    let stopped: Vec<(String, i32)> = worker
+        .stopped
+        .lock()
+        .expect("stopped lock")
+        .keys()
+        .cloned()
+        .collect();
+    for (topic, partition) in stopped {
+        worker.set_stopped(&topic, partition, None);
+    }
     reporter.abort();
     collector.abort();
     result
@@ -402,6 +509,97 @@ async fn stored_offset(worker: &Worker, topic: &str, partition: i32) -> Option<i
             .map_err(anyhow::Error::from)
     })
     .await
+}
+
+/// Runs a partition's task and restarts it from its stored offset if it
+/// panics: the panic is logged, counted
+/// (`regionsync_partition_panics_total`) and makes `/readyz` false for
+/// `apply.unready_after`. The messages the dead task had taken from the
+/// queue are fetched again by seeking the partition to the stored offset.
+async fn supervise(
+    worker: Arc<Worker>,
+    key: (String, i32),
+    mut stored: Option<i64>,
+    queue: Arc<Queue>,
+    stop: watch::Receiver<()>,
+    failed: mpsc::UnboundedSender<anyhow::Error>,
+) -> anyhow::Result<()> {
+    let (topic, partition) = key.clone();
+    loop {
+        let task = tokio::spawn(partition::run(
+            worker.clone(),
+            key.clone(),
+            stored,
+            queue.clone(),
+            stop.clone(),
+            failed.clone(),
+        ));
+        let panic = match task.await {
+            Ok(result) => return result,
+            Err(e) if e.is_panic() => e.into_panic(),
+            Err(_) => return Ok(()),
+        };
+        let why = panic
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "a panic without a message".to_string());
+        error!(topic = %topic, partition, panic = %why, "the partition's task panicked; restarting it from the stored offset");
+        metrics::counter!(crate::metrics::PARTITION_PANICS_TOTAL, "topic" => topic.clone())
+            .increment(1);
+        worker
+            .panicked
+            .lock()
+            .expect("panicked lock")
+            .insert(key.clone(), (Instant::now(), why));
+        // Revoked or shutting down meanwhile: nothing to restart.
+        if stop.has_changed().is_err() {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        stored = stored_offset(&worker, &topic, partition).await;
+        let (consumer, t) = (worker.consumer.clone(), topic.clone());
+        let to = stored.map_or(rdkafka::Offset::Beginning, rdkafka::Offset::Offset);
+        let sought = tokio::task::spawn_blocking(move || {
+            consumer.seek(&t, partition, to, Duration::from_secs(10))
+        })
+        .await;
+        if let Err(e) = sought
+            .map_err(anyhow::Error::from)
+            .and_then(|r| r.map_err(anyhow::Error::from))
+        {
+            // The worker restarts from the stored offsets instead.
+            let _ = failed.send(anyhow::anyhow!(
+                "seeking {topic}/{partition} after its task panicked: {e}"
+            ));
+            return Ok(());
+        }
+    }
+}
+
+/// Why `topic`/`partition` cannot resume at its stored offset `next`
+/// (`offsets::resume_problem`), asking Kafka for the partition's
+/// watermarks; `None` also when Kafka does not answer within 5 s (the
+/// consumer then resumes as before).
+async fn outside_topic(
+    worker: &Worker,
+    topic: &str,
+    partition: i32,
+    next: i64,
+) -> Option<(&'static str, String)> {
+    let (consumer, t) = (worker.consumer.clone(), topic.to_owned());
+    let watermarks = tokio::task::spawn_blocking(move || {
+        consumer.fetch_watermarks(&t, partition, Duration::from_secs(5))
+    })
+    .await;
+    match watermarks {
+        Ok(Ok(w)) => offsets::resume_problem(topic, partition, next, w),
+        Ok(Err(e)) => {
+            warn!(topic, partition, error = %e, "could not check the stored offset against the topic");
+            None
+        }
+        Err(_) => None,
+    }
 }
 
 /// A worker configuration for eu-west-1 replicating `public.users` from

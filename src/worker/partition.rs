@@ -27,6 +27,19 @@ impl Drop for Forget<'_> {
     }
 }
 
+/// The test hook [`super::PANIC_ONCE_AT`].
+fn panic_if_asked<M: Message>(topic: &str, messages: &[M]) {
+    let mut hook = super::PANIC_ONCE_AT.lock().expect("hook lock");
+    let hit = hook
+        .as_ref()
+        .is_some_and(|(t, o)| t == topic && messages.iter().any(|m| m.offset() == *o));
+    if hit {
+        *hook = None;
+        drop(hook);
+        panic!("test hook: a panic in the partition task of {topic}");
+    }
+}
+
 /// One partition: batches, applies, stores offsets, until told to stop
 /// (its stop sender dropped on revocation or shutdown). `stored` is the
 /// next offset to apply as stored in PostgreSQL (`None`: nothing yet). A
@@ -97,6 +110,7 @@ pub(super) async fn run(
         if messages.is_empty() {
             continue;
         }
+        panic_if_asked(&topic, &messages);
         match batch::apply(&worker, &route, &topic, partition, &messages).await {
             Ok(new_next) => {
                 next = new_next;

@@ -253,12 +253,14 @@ pub fn repo_root() -> std::path::PathBuf {
     std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
-/// Counters recorded by in-process workers. Installed once per test binary;
-/// a snapshot drains the recorder, so totals accumulate here and every test
-/// reads its own labels (tests use their own tables).
+/// Counters (and gauges) recorded by in-process workers. Installed once per
+/// test binary; a snapshot drains the recorder's counters, so totals
+/// accumulate here and every test reads its own labels (tests use their own
+/// tables).
 pub struct Counters {
     snapshotter: metrics_util::debugging::Snapshotter,
     totals: std::sync::Mutex<HashMap<String, u64>>,
+    gauges: std::sync::Mutex<HashMap<String, f64>>,
 }
 
 pub fn counters() -> &'static Counters {
@@ -272,40 +274,70 @@ pub fn counters() -> &'static Counters {
         Counters {
             snapshotter,
             totals: std::sync::Mutex::new(HashMap::new()),
+            gauges: std::sync::Mutex::new(HashMap::new()),
         }
     })
 }
 
+/// `name{label=value,…}`, labels sorted.
+fn series_id(key: &metrics::Key) -> String {
+    let mut l: Vec<String> = key
+        .labels()
+        .map(|l| format!("{}={}", l.key(), l.value()))
+        .collect();
+    l.sort();
+    format!("{}{{{}}}", key.name(), l.join(","))
+}
+
+/// The series of `map` named `name` whose labels include `labels`.
+fn matching<'m, V>(
+    map: &'m HashMap<String, V>,
+    name: &str,
+    labels: &[(&str, &str)],
+) -> impl Iterator<Item = &'m V> {
+    let wanted: Vec<String> = labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    let prefix = format!("{name}{{");
+    map.iter()
+        .filter(move |(id, _)| {
+            id.starts_with(&prefix)
+                && wanted
+                    .iter()
+                    .all(|w| id[prefix.len()..id.len() - 1].split(',').any(|l| l == w))
+        })
+        .map(|(_, v)| v)
+}
+
 impl Counters {
-    /// The total of counter `name` over every label set that includes `labels`.
-    pub fn total(&self, name: &str, labels: &[(&str, &str)]) -> u64 {
+    /// Takes what the recorder holds now into the totals and gauges.
+    fn absorb(&self) {
         let mut totals = self.totals.lock().expect("counters lock");
+        let mut gauges = self.gauges.lock().expect("gauges lock");
         for (key, _, _, value) in self.snapshotter.snapshot().into_vec() {
-            if let metrics_util::debugging::DebugValue::Counter(n) = value {
-                let k = key.key();
-                let mut id = k.name().to_string();
-                let mut l: Vec<String> = k
-                    .labels()
-                    .map(|l| format!("{}={}", l.key(), l.value()))
-                    .collect();
-                l.sort();
-                id.push('{');
-                id.push_str(&l.join(","));
-                id.push('}');
-                *totals.entry(id).or_default() += n;
+            match value {
+                metrics_util::debugging::DebugValue::Counter(n) => {
+                    *totals.entry(series_id(key.key())).or_default() += n;
+                }
+                metrics_util::debugging::DebugValue::Gauge(v) => {
+                    gauges.insert(series_id(key.key()), v.into_inner());
+                }
+                _ => {}
             }
         }
-        let wanted: Vec<String> = labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
-        totals
-            .iter()
-            .filter(|(id, _)| {
-                id.starts_with(&format!("{name}{{"))
-                    && wanted
-                        .iter()
-                        .all(|w| id[name.len() + 1..id.len() - 1].split(',').any(|l| l == w))
-            })
-            .map(|(_, n)| *n)
-            .sum()
+    }
+
+    /// The total of counter `name` over every label set that includes `labels`.
+    pub fn total(&self, name: &str, labels: &[(&str, &str)]) -> u64 {
+        self.absorb();
+        let totals = self.totals.lock().expect("counters lock");
+        matching(&totals, name, labels).sum()
+    }
+
+    /// The sum of the last values of gauge `name` over every label set that
+    /// includes `labels`.
+    pub fn gauge(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        self.absorb();
+        let gauges = self.gauges.lock().expect("gauges lock");
+        matching(&gauges, name, labels).sum()
     }
 }
 
