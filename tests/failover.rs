@@ -91,32 +91,6 @@ impl Drop for Continue {
     }
 }
 
-/// PostgreSQL B's postmaster, its children and its `runuser` parent.
-fn postgres_b_processes() -> Vec<String> {
-    let postmaster = stack_pid(&format!("postgres-{}", region_b().name));
-    let children = Command::new("pgrep")
-        .arg("-P")
-        .arg(&postmaster)
-        .output()
-        .expect("pgrep");
-    let mut pids: Vec<String> = String::from_utf8_lossy(&children.stdout)
-        .split_whitespace()
-        .map(str::to_string)
-        .collect();
-    pids.push(postmaster);
-    pids
-}
-
-fn postgres_b_parent() -> Option<String> {
-    let postmaster = stack_pid(&format!("postgres-{}", region_b().name));
-    let out = Command::new("ps")
-        .args(["-o", "ppid=", "-p", &postmaster])
-        .output()
-        .expect("ps");
-    Some(String::from_utf8_lossy(&out.stdout).trim().to_string())
-        .filter(|p| !p.is_empty() && p != "1")
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn failover_check_follows_mirrormaker_and_the_database() {
     let listen = metrics_b();

@@ -210,34 +210,6 @@ async fn prometheus_watches(worker: &LagWorker) {
     let _ = worker;
 }
 
-/// PostgreSQL B's postmaster and its children.
-fn postgres_b_processes() -> Vec<String> {
-    let postmaster = stack_pid(&format!("postgres-{}", region_b().name));
-    let children = Command::new("pgrep")
-        .arg("-P")
-        .arg(&postmaster)
-        .output()
-        .expect("pgrep");
-    let mut pids: Vec<String> = String::from_utf8_lossy(&children.stdout)
-        .split_whitespace()
-        .map(str::to_string)
-        .collect();
-    pids.push(postmaster);
-    pids
-}
-
-/// The parent of PostgreSQL B's postmaster (the stack's `runuser`), which
-/// stops itself when its child is stopped and must be continued too, or it
-/// never reaps the postmaster when that exits.
-fn postgres_b_parent() -> String {
-    let postmaster = stack_pid(&format!("postgres-{}", region_b().name));
-    let out = Command::new("ps")
-        .args(["-o", "ppid=", "-p", &postmaster])
-        .output()
-        .expect("ps");
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
-}
-
 async fn stop_connector_a() {
     let url = format!(
         "http://{}:{}/connectors/cdc-json/stop",
@@ -371,10 +343,7 @@ async fn lag_rises_and_pages_through_each_stall_then_recovers() {
     // 3. B's PostgreSQL freezes: the worker cannot commit, and is not ready.
     let stall = "PostgreSQL B frozen";
     let frozen = postgres_b_processes();
-    let parent: Vec<String> = Some(postgres_b_parent())
-        .filter(|p| !p.is_empty() && p != "1")
-        .into_iter()
-        .collect();
+    let parent: Vec<String> = postgres_b_parent().into_iter().collect();
     let thaw = Restore::with(
         "kill",
         &[&["-CONT".to_string()], frozen.as_slice(), parent.as_slice()]

@@ -349,6 +349,36 @@ pub fn stack_pid(service: &str) -> String {
         .to_string()
 }
 
+/// PostgreSQL B's postmaster and its children (to SIGSTOP the whole
+/// server in a test).
+pub fn postgres_b_processes() -> Vec<String> {
+    let postmaster = stack_pid(&format!("postgres-{}", region_b().name));
+    let children = std::process::Command::new("pgrep")
+        .arg("-P")
+        .arg(&postmaster)
+        .output()
+        .expect("pgrep");
+    let mut pids: Vec<String> = String::from_utf8_lossy(&children.stdout)
+        .split_whitespace()
+        .map(str::to_string)
+        .collect();
+    pids.push(postmaster);
+    pids
+}
+
+/// The parent of PostgreSQL B's postmaster (the stack's `runuser`), if it
+/// has one: it stops itself when its child is stopped and must be
+/// continued too, or it never reaps the postmaster when that exits.
+pub fn postgres_b_parent() -> Option<String> {
+    let postmaster = stack_pid(&format!("postgres-{}", region_b().name));
+    let out = std::process::Command::new("ps")
+        .args(["-o", "ppid=", "-p", &postmaster])
+        .output()
+        .expect("ps");
+    Some(String::from_utf8_lossy(&out.stdout).trim().to_string())
+        .filter(|p| !p.is_empty() && p != "1")
+}
+
 /// Runs a command to completion (off the async worker) and asserts success.
 pub fn run(cmd: &mut std::process::Command) {
     let status = tokio::task::block_in_place(|| cmd.status()).expect("run command");
