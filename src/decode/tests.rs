@@ -425,8 +425,9 @@ fn json_with_schemas_decodes_every_users_type() {
 
 #[test]
 fn a_json_float32_is_the_float4_its_text_stands_for() {
-    let float32 = json!({"type": "float32", "optional": true});
-    let float64 = json!({"type": "float64", "optional": true});
+    // JsonConverter's names for FLOAT32 and FLOAT64 (measured on the stack).
+    let float32 = json!({"type": "float", "optional": true});
+    let float64 = json!({"type": "double", "optional": true});
     let field = |value: Json, schema: &Json| json_typed(&value, schema, "c").unwrap().field;
     // Java's Float.toString text of the float4 0.1, widened exactly (as
     // Avro's float is), not the double 0.1.
@@ -436,6 +437,14 @@ fn a_json_float32_is_the_float4_its_text_stands_for() {
         Field::Float(f64::from(f32::MAX))
     );
     assert_eq!(field(json!(0.1), &float64), Field::Float(0.1));
+    assert_eq!(
+        field(json!(0.1), &json!({"type": "float32"})),
+        Field::Float(f64::from(0.1f32))
+    );
+    assert_eq!(
+        field(json!(0.1), &json!({"type": "float64"})),
+        Field::Float(0.1)
+    );
     let Field::Float(nan) = field(json!("NaN"), &float32) else {
         panic!("a float")
     };
