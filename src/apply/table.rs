@@ -350,9 +350,12 @@ fn seconds_fraction(text: &str) -> Option<&str> {
     let b = text.as_bytes();
     let digit = |i: usize| b.get(i).is_some_and(u8::is_ascii_digit);
     // `:MM:SS` from the first colon.
-    if !(digit(colon + 1) && digit(colon + 2) && b.get(colon + 3) == Some(&b':'))
-        || !(digit(colon + 4) && digit(colon + 5))
-    {
+    let minutes_and_seconds = digit(colon + 1)
+        && digit(colon + 2)
+        && b.get(colon + 3) == Some(&b':')
+        && digit(colon + 4)
+        && digit(colon + 5);
+    if !minutes_and_seconds {
         return None;
     }
     let after = &text[colon + 6..];
