@@ -10,7 +10,11 @@
 //! topics. Values Debezium carries with a documented difference are checked
 //! for exactly that difference; values it carries without what would make
 //! them exact must land in the dead-letter topic with a reason naming the
-//! table, the column and its type.
+//! table, the column and its type. Columns narrower in eu-west-1 (fewer
+//! fractional digits, interval fields, `real` for a double, a shorter
+//! varchar) take the values they hold exactly and dead-letter the others
+//! as schema differences, never a rounded value. A table whose names have
+//! capitals, spaces and a double quote replicates end to end.
 
 mod support;
 
@@ -46,7 +50,46 @@ const COLUMNS: &str = "
     c_f8_arr float8[], c_uuid_arr uuid[], c_jsonb_arr jsonb[], c_ts_arr timestamp[],
     c_tstz_arr timestamptz[], c_time_arr time[], c_bytea_arr bytea[], c_citext_arr citext[],
     c_ltree_arr ltree[], c_hstore_arr hstore[], c_inet_arr inet[], c_mood_arr {mood}[],
-    c_char_arr char(3)[], c_narrow varchar(20)";
+    c_char_arr char(3)[], c_narrow varchar(20),
+    c_ts_narrow timestamp, c_tstz_narrow timestamptz, c_time_narrow time,
+    c_timetz_narrow timetz, c_interval_narrow interval, c_ym_narrow interval,
+    c_real_narrow double precision";
+
+/// Columns whose type in B keeps less than A's (set after both tables are
+/// created): PostgreSQL would round or drop what B's type does not keep
+/// on assignment, silently, so such a value is a schema difference.
+const NARROWER_IN_B: &[(&str, &str)] = &[
+    ("c_narrow", "varchar(3)"),
+    ("c_ts_narrow", "timestamp(0)"),
+    ("c_tstz_narrow", "timestamptz(1)"),
+    ("c_time_narrow", "time(2)"),
+    ("c_timetz_narrow", "timetz(0)"),
+    ("c_interval_narrow", "interval day to second(0)"),
+    ("c_ym_narrow", "interval year to month"),
+    ("c_real_narrow", "real"),
+];
+
+/// Rows whose values B's narrower columns hold exactly: they arrive, equal
+/// (id, then the values of the columns from `c_ts_narrow` on). The doubles
+/// are ones whose shortest texts as float4 and float8 agree, so that
+/// `to_jsonb` compares them.
+const NARROW_FITS: &[(i64, &str)] = &[
+    (
+        40,
+        "'2024-02-29 13:14:15', '2024-02-29 13:14:15.5+00', '12:34:56.78', '10:00:00+00',
+         '1 day 02:03:04', '1 year 2 mons', 1.5",
+    ),
+    (
+        41,
+        "'infinity', '-infinity', '24:00:00', '23:59:59+00',
+         '-1 days -00:00:01', '-1 years -2 mons', 'NaN'",
+    ),
+    (
+        42,
+        "'0044-03-15 12:00:00 BC', '2000-01-01 00:00:00.100000+00', '00:00:00.5', '00:00:00+00',
+         '3 mons 4 days', '0', '-Infinity'",
+    ),
+];
 
 /// The values of the columns from `c_money` on, for the rows of
 /// [`EXACT_ROWS`] in the same order (`{posint}`, `{day}`: the test's
@@ -220,6 +263,64 @@ const REFUSED: &[(i64, &str, &str, &str, &str, &str)] = &[
         "schema_mismatch",
         "does not fit",
     ),
+    // B keeps fewer fractional digits, fewer interval fields, a float4:
+    // PostgreSQL would round or drop the rest without a word.
+    (
+        33,
+        "c_ts_narrow",
+        "'2024-02-29 13:14:15.123456'",
+        "timestamp(0) without time zone",
+        "schema_mismatch",
+        "has 6 fractional digits of a second, the column keeps 0 (it would be rounded)",
+    ),
+    (
+        34,
+        "c_tstz_narrow",
+        "'2024-02-29 13:14:15.25+00'",
+        "timestamp(1) with time zone",
+        "schema_mismatch",
+        "has 2 fractional digits of a second, the column keeps 1 (it would be rounded)",
+    ),
+    (
+        35,
+        "c_time_narrow",
+        "'12:34:56.789'",
+        "time(2) without time zone",
+        "schema_mismatch",
+        "has 3 fractional digits of a second, the column keeps 2 (it would be rounded)",
+    ),
+    (
+        36,
+        "c_timetz_narrow",
+        "'10:00:00.5+00'",
+        "time(0) with time zone",
+        "schema_mismatch",
+        "has 1 fractional digits of a second, the column keeps 0 (it would be rounded)",
+    ),
+    (
+        37,
+        "c_interval_narrow",
+        "'1 day 00:00:00.5'",
+        "interval day to second(0)",
+        "schema_mismatch",
+        "the column keeps 0 (it would be rounded)",
+    ),
+    (
+        38,
+        "c_ym_narrow",
+        "'1 year 2 mons 3 days'",
+        "interval year to month",
+        "schema_mismatch",
+        "days or time, which the column's fields do not keep",
+    ),
+    (
+        39,
+        "c_real_narrow",
+        "0.1",
+        "real",
+        "schema_mismatch",
+        "has no exact real (float4) form",
+    ),
 ];
 
 async fn create_table(prefix: &str) -> TestTable {
@@ -250,14 +351,15 @@ async fn create_table(prefix: &str) -> TestTable {
         .await
         .unwrap_or_else(|e| panic!("create {name} in {}: {e}", region.name));
     }
-    // B's c_narrow is narrower than A's: PostgreSQL refuses a longer value.
+    let narrow: Vec<String> = NARROWER_IN_B
+        .iter()
+        .map(|(column, pg_type)| format!("ALTER COLUMN {column} TYPE {pg_type}"))
+        .collect();
     app_db(&region_b())
         .await
-        .batch_execute(&format!(
-            "ALTER TABLE public.{name} ALTER COLUMN c_narrow TYPE varchar(3)"
-        ))
+        .batch_execute(&format!("ALTER TABLE public.{name} {}", narrow.join(", ")))
         .await
-        .expect("narrow c_narrow in B");
+        .expect("narrow B's columns");
     TestTable { name }
 }
 
@@ -341,6 +443,13 @@ async fn every_type_replicates_or_is_refused(prefix: &str, topic_prefix: &str) {
     sql.push_str(&format!(
         "INSERT INTO public.{name} (id, c_int) VALUES ({DELETED}, 6);"
     ));
+    for (id, values) in NARROW_FITS {
+        sql.push_str(&format!(
+            "INSERT INTO public.{name} (id, c_ts_narrow, c_tstz_narrow, c_time_narrow,
+                 c_timetz_narrow, c_interval_narrow, c_ym_narrow, c_real_narrow)
+             VALUES ({id}, {values});"
+        ));
+    }
     let probes = DIFFERENT
         .iter()
         .map(|(id, column, value, _)| (id, column, value))
@@ -361,6 +470,7 @@ async fn every_type_replicates_or_is_refused(prefix: &str, topic_prefix: &str) {
     // Everything but the refused rows arrives; then an update that leaves
     // the TOASTed columns unchanged, and a delete.
     let mut with_deleted: Vec<i64> = EXACT_ROWS.iter().map(|(id, _)| *id).collect();
+    with_deleted.extend(NARROW_FITS.iter().map(|(id, _)| *id));
     with_deleted.push(DELETED);
     let (t, ids) = (&table, &with_deleted);
     eventually(
@@ -612,4 +722,180 @@ async fn left_out_types_are_refused_through_json() {
 #[tokio::test(flavor = "multi_thread")]
 async fn left_out_types_are_refused_through_avro() {
     left_out_types_are_refused("types_out_avro", "cdc.avro").await;
+}
+
+/// A table whose name and columns have capitals, spaces and a double quote
+/// replicates end to end: `regionsync setup` installs its triggers in both
+/// regions, inserts, an update and a delete arrive equal, and a value B's
+/// narrower column cannot hold is dead-lettered with a reason that names
+/// the table and the column as PostgreSQL spells them. The topic is the
+/// table's name with Debezium's `_` for each character Kafka does not
+/// allow; the Avro connector also replaces the characters Avro names do
+/// not allow (`field.name.adjustment.mode = avro`), which `columns` maps
+/// back.
+async fn names_with_capitals_spaces_and_quotes_replicate(prefix: &str, topic_prefix: &str) {
+    let key = fresh_key();
+    let table = format!("Names \"Q\" {prefix} {key}");
+    let topic = format!("{topic_prefix}.public.Names__Q__{prefix}_{key}");
+    let ident = format!("\"public\".\"{}\"", table.replace('"', "\"\""));
+    let (some, say) = ("Some Column", "Say \"Hi\"");
+    let say_ident = "\"Say \"\"Hi\"\"\"";
+    for region in [region_a(), region_b()] {
+        let width = if region.name == region_b().name {
+            3
+        } else {
+            20
+        };
+        app_db(&region)
+            .await
+            .batch_execute(&format!(
+                "CREATE TABLE {ident} (\"Id\" bigint PRIMARY KEY, \"{some}\" text,
+                     {say_ident} varchar({width}),
+                     hlc bigint NOT NULL DEFAULT 0, origin_region text NOT NULL DEFAULT '');
+                 ALTER TABLE {ident} REPLICA IDENTITY FULL;"
+            ))
+            .await
+            .unwrap_or_else(|e| panic!("create {ident} in {}: {e}", region.name));
+    }
+    let columns = if topic_prefix.contains("avro") {
+        "columns = { 'Some_Column' = 'Some Column', 'Say__Hi_' = 'Say \"Hi\"' }"
+    } else {
+        ""
+    };
+    let group = format!("test-names-{prefix}-{key}");
+    let b = region_b();
+    let toml_for = |region: &Region, user: &str| {
+        format!(
+            r#"
+            region = "{b}"
+            regions = ["{a}", "{b}"]
+            consumer_group = "{group}"
+            dlq_topic = "regionsync.dlq.{group}"
+            [kafka]
+            bootstrap_servers = "{kafka}"
+            [schema_registry]
+            url = "{registry}"
+            [postgres]
+            host = "{host}"
+            port = {port}
+            dbname = "app"
+            user = "{user}"
+            password = "{password}"
+            [apply]
+            linger_ms = 20
+            [[tables]]
+            topics = ['{topic}']
+            source_table = 'public.{table}'
+            target = 'public.{table}'
+            key = ['Id']
+            on_schema_mismatch = "dlq"
+            {columns}
+            "#,
+            a = region_a().name,
+            b = b.name,
+            kafka = b.kafka,
+            registry = registry_ccompat_url(),
+            host = stack_env::HOST,
+            port = region.pg_port,
+            password = stack_env::REGIONSYNC_PASSWORD.get(),
+        )
+    };
+    // `regionsync setup` in both regions installs the triggers.
+    for region in [region_a(), region_b()] {
+        let config = regionsync::config::Config::from_toml(&toml_for(&region, "postgres"))
+            .expect("valid setup config");
+        let report = regionsync::ops::setup::setup(&config)
+            .await
+            .expect("regionsync setup");
+        assert!(
+            report.problems.is_empty(),
+            "setup in {}: {:?}",
+            region.name,
+            report.problems
+        );
+    }
+    let worker = Worker::start(
+        regionsync::config::Config::from_toml(&toml_for(&b, "regionsync"))
+            .expect("valid test config"),
+    );
+    let a = app_db(&region_a()).await;
+    a.batch_execute(&format!(
+        "INSERT INTO {ident} VALUES (1, 'one', 'hi'), (2, 'two', 'yo'), (3, 'three', NULL);
+         INSERT INTO {ident} VALUES (4, 'four', 'too long for B');
+         UPDATE {ident} SET \"{some}\" = 'two, updated', {say_ident} = 'ok' WHERE \"Id\" = 2;
+         DELETE FROM {ident} WHERE \"Id\" = 3;"
+    ))
+    .await
+    .expect("write in A");
+    let select =
+        format!("SELECT to_jsonb(t)::text FROM {ident} t WHERE \"Id\" = ANY($1) ORDER BY \"Id\"");
+    let rows = |region: Region| {
+        let select = select.clone();
+        async move {
+            app_db(&region)
+                .await
+                .query(&select, &[&vec![1i64, 2, 3, 4]])
+                .await
+                .expect("select rows")
+                .iter()
+                .map(|r| r.get::<_, String>(0))
+                .collect::<Vec<_>>()
+        }
+    };
+    let rows = &rows;
+    eventually(
+        "rows 1 and 2 in B as in A, 3 deleted",
+        Duration::from_secs(120),
+        || async move {
+            let (in_a, in_b) = (rows(region_a()).await, rows(region_b()).await);
+            let expected: Vec<String> = in_a
+                .iter()
+                .filter(|r| !r.contains("too long"))
+                .cloned()
+                .collect();
+            if expected.len() == 2 && in_b == expected && in_b[1].contains("two, updated") {
+                Ok(())
+            } else {
+                Err(format!("A: {in_a:?}\nB: {in_b:?}"))
+            }
+        },
+    )
+    .await;
+    let dlq = format!("regionsync.dlq.{group}");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let letters = tokio::task::block_in_place(|| {
+        TopicReader::open(&b, &dlq, deadline).collect(deadline, |_| true, |found| !found.is_empty())
+    });
+    let expected = format!("public.{table}: column {say} (character varying(3)): ");
+    let letter = letters
+        .iter()
+        .map(headers)
+        .find(|h| {
+            h.get("regionsync.error")
+                .is_some_and(|e| e.starts_with(&expected))
+        })
+        .unwrap_or_else(|| {
+            panic!(
+                "no dead letter naming {expected:?}: {:?}",
+                letters.iter().map(headers).collect::<Vec<_>>()
+            )
+        });
+    assert_eq!(letter["regionsync.reason"], "schema_mismatch");
+    assert!(
+        letter["regionsync.error"]
+            .contains(&format!("ALTER TABLE {ident} ALTER COLUMN {say_ident}")),
+        "the advice quotes the names: {}",
+        letter["regionsync.error"]
+    );
+    worker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn names_with_capitals_spaces_and_quotes_replicate_through_json() {
+    names_with_capitals_spaces_and_quotes_replicate("json", "cdc").await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn names_with_capitals_spaces_and_quotes_replicate_through_avro() {
+    names_with_capitals_spaces_and_quotes_replicate("avro", "cdc.avro").await;
 }

@@ -68,9 +68,9 @@ pub enum UnknownColumn {
 }
 
 /// The limit a column's type puts on a value beyond its syntax, where an
-/// explicit cast would cut or round instead of refusing (varchar(n),
-/// numeric(p,s)) or a range narrower than the source's may be (smallint,
-/// integer).
+/// explicit cast or the assignment would cut or round instead of refusing
+/// (varchar(n), numeric(p,s), timestamp(p), interval fields, real) or a
+/// range narrower than the source's may be (smallint, integer).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Fit {
     Any,
@@ -90,7 +90,45 @@ pub enum Fit {
         precision: u32,
         scale: u32,
     },
+    /// `timestamp(p)`, `timestamptz(p)`, `time(p)`, `timetz(p)`: at most
+    /// `digits` fractional digits of a second that are not zero
+    /// (PostgreSQL rounds the rest away).
+    Seconds {
+        digits: u32,
+    },
+    /// `interval` with a fields restriction (`interval year to month`
+    /// drops days and time) or a precision (`interval(p)`, `interval day
+    /// to second(p)`; `None`: microseconds).
+    Interval {
+        keeps: IntervalFields,
+        digits: Option<u32>,
+    },
+    /// `real`: a float4 must hold the value exactly (a `double precision`
+    /// value would be rounded to the nearest float4).
+    Float4,
 }
+
+/// What an `interval` column's fields restriction keeps: PostgreSQL zeroes
+/// the fields below the last one named (`AdjustIntervalForTypmod`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum IntervalFields {
+    /// Up to seconds: `interval`, `… to second`, `second`.
+    All,
+    /// `year`: whole years of months; no days, no time.
+    Years,
+    /// `month`, `year to month`: no days, no time.
+    Months,
+    /// `day`: no time.
+    Days,
+    /// `hour`, `day to hour`: whole hours.
+    Hours,
+    /// `minute`, `day to minute`, `hour to minute`: whole minutes.
+    Minutes,
+}
+
+const MICROS_PER_SECOND: i128 = 1_000_000;
+const MICROS_PER_MINUTE: i128 = 60 * MICROS_PER_SECOND;
+const MICROS_PER_HOUR: i128 = 60 * MICROS_PER_MINUTE;
 
 impl Fit {
     /// The limit of a type as `format_type` prints it.
@@ -135,6 +173,22 @@ impl Fit {
                 _ => {}
             }
         }
+        // `timestamp(3) without time zone`, `time(0) with time zone`; a
+        // precision of 6 or more keeps every microsecond.
+        for prefix in ["timestamp(", "time("] {
+            if let Some(rest) = t.strip_prefix(prefix) {
+                if let Some((p, zone)) = rest.split_once(')') {
+                    if matches!(zone.trim(), "without time zone" | "with time zone") {
+                        if let Ok(digits @ 0..=5) = p.trim().parse::<u32>() {
+                            return Fit::Seconds { digits };
+                        }
+                    }
+                }
+            }
+        }
+        if let Some(rest) = t.strip_prefix("interval") {
+            return interval_fit(rest);
+        }
         match t {
             "smallint" => Fit::Int {
                 min: i16::MIN.into(),
@@ -144,6 +198,7 @@ impl Fit {
                 min: i32::MIN.into(),
                 max: i32::MAX.into(),
             },
+            "real" => Fit::Float4,
             _ => Fit::Any,
         }
     }
@@ -198,8 +253,181 @@ impl Fit {
                     Ok(())
                 }
             }
+            Fit::Seconds { digits } => {
+                let Some(fraction) = seconds_fraction(text) else {
+                    return Ok(());
+                };
+                let n = fraction.trim_end_matches('0').len() as u32;
+                if n <= digits {
+                    Ok(())
+                } else {
+                    Err(format!(
+                        "the value {text} has {n} fractional digits of a second, \
+                         the column keeps {digits} (it would be rounded)"
+                    ))
+                }
+            }
+            Fit::Interval { keeps, digits } => {
+                let Some((months, days, micros)) = interval_parts(text) else {
+                    return Ok(());
+                };
+                let lost = match keeps {
+                    IntervalFields::All => None,
+                    IntervalFields::Years if months % 12 != 0 || days != 0 || micros != 0 => {
+                        Some("months, days or time beyond whole years")
+                    }
+                    IntervalFields::Months if days != 0 || micros != 0 => Some("days or time"),
+                    IntervalFields::Days if micros != 0 => Some("time"),
+                    IntervalFields::Hours if micros % MICROS_PER_HOUR != 0 => {
+                        Some("minutes or seconds")
+                    }
+                    IntervalFields::Minutes if micros % MICROS_PER_MINUTE != 0 => Some("seconds"),
+                    _ => None,
+                };
+                if let Some(lost) = lost {
+                    return Err(format!(
+                        "the value {text} has {lost}, which the column's fields do not keep \
+                         (they would be dropped)"
+                    ));
+                }
+                match digits {
+                    Some(digits) if micros % 10i128.pow(6 - digits.min(6)) != 0 => Err(format!(
+                        "the value {text} has more than {digits} fractional digits of a second, \
+                         the column keeps {digits} (it would be rounded)"
+                    )),
+                    _ => Ok(()),
+                }
+            }
+            Fit::Float4 => match text.parse::<f64>() {
+                Ok(v) if v.is_finite() && (v as f32).is_infinite() => Err(format!(
+                    "the value {text} is beyond real's (float4's) range"
+                )),
+                Ok(v) if v.is_finite() && f64::from(v as f32) != v => Err(format!(
+                    "the value {text} has no exact real (float4) form (it would be rounded to {})",
+                    f64::from(v as f32)
+                )),
+                _ => Ok(()),
+            },
         }
     }
+}
+
+/// The fit of `interval…` after the word: a fields phrase (`year to
+/// month`, `day to second`) and a precision (`(3)`), either or both.
+fn interval_fit(rest: &str) -> Fit {
+    let (fields, digits) = match rest.split_once('(') {
+        Some((fields, p)) => (
+            fields.trim(),
+            p.trim_end_matches(')').trim().parse::<u32>().ok(),
+        ),
+        None => (rest.trim(), None),
+    };
+    let keeps = match fields {
+        "" | "second" | "day to second" | "hour to second" | "minute to second" => {
+            IntervalFields::All
+        }
+        "year" => IntervalFields::Years,
+        "month" | "year to month" => IntervalFields::Months,
+        "day" => IntervalFields::Days,
+        "hour" | "day to hour" => IntervalFields::Hours,
+        "minute" | "day to minute" | "hour to minute" => IntervalFields::Minutes,
+        _ => return Fit::Any,
+    };
+    let digits = digits.filter(|d| *d < 6);
+    if keeps == IntervalFields::All && digits.is_none() {
+        Fit::Any
+    } else {
+        Fit::Interval { keeps, digits }
+    }
+}
+
+/// The fractional digits of the seconds in a time or timestamp text
+/// (`2024-02-29 13:14:15.123456`, `2024-02-29T11:14:15.5Z`,
+/// `10:00:00.5+00`): the digits after `HH:MM:SS.`, `""` without a
+/// fraction; `None` without a time (`infinity`).
+fn seconds_fraction(text: &str) -> Option<&str> {
+    let colon = text.find(':')?;
+    let b = text.as_bytes();
+    let digit = |i: usize| b.get(i).is_some_and(u8::is_ascii_digit);
+    // `:MM:SS` from the first colon.
+    let minutes_and_seconds = digit(colon + 1)
+        && digit(colon + 2)
+        && b.get(colon + 3) == Some(&b':')
+        && digit(colon + 4)
+        && digit(colon + 5);
+    if !minutes_and_seconds {
+        return None;
+    }
+    let after = &text[colon + 6..];
+    Some(match after.strip_prefix('.') {
+        Some(fraction) => {
+            let n = fraction.bytes().take_while(u8::is_ascii_digit).count();
+            &fraction[..n]
+        }
+        None => "",
+    })
+}
+
+/// (months, days, microseconds) of an interval as the renderer writes it:
+/// Debezium's ISO 8601 text (`P1Y2M20DT4H5M6.789S`, a sign per field,
+/// `interval.handling.mode=string`) or `N microseconds` (`numeric`
+/// mode). `None` for anything else (PostgreSQL reads it, or refuses it).
+fn interval_parts(text: &str) -> Option<(i64, i64, i128)> {
+    if let Some(n) = text.strip_suffix(" microseconds") {
+        return Some((0, 0, n.parse().ok()?));
+    }
+    let body = text.strip_prefix('P')?;
+    let (date, time) = body.split_once('T').unwrap_or((body, ""));
+    let (mut months, mut days, mut micros) = (0i64, 0i64, 0i128);
+    // `-1D`, `6.789S`: a signed decimal and its unit letter.
+    let fields = |part: &str| -> Option<Vec<(String, char)>> {
+        let mut out = Vec::new();
+        let mut number = String::new();
+        for c in part.chars() {
+            if c.is_ascii_digit() || matches!(c, '-' | '+' | '.') {
+                number.push(c);
+            } else {
+                out.push((std::mem::take(&mut number), c));
+            }
+        }
+        number.is_empty().then_some(out)
+    };
+    for (n, unit) in fields(date)? {
+        let n: i64 = n.parse().ok()?;
+        match unit {
+            'Y' => months = months.checked_add(n.checked_mul(12)?)?,
+            'M' => months = months.checked_add(n)?,
+            'W' => days = days.checked_add(n.checked_mul(7)?)?,
+            'D' => days = days.checked_add(n)?,
+            _ => return None,
+        }
+    }
+    for (n, unit) in fields(time)? {
+        let (scale, n) = match unit {
+            'H' => (MICROS_PER_HOUR, n),
+            'M' => (MICROS_PER_MINUTE, n),
+            'S' => (MICROS_PER_SECOND, n),
+            _ => return None,
+        };
+        let negative = n.starts_with('-');
+        let digits = n.trim_start_matches(['-', '+']);
+        let (whole, fraction) = digits.split_once('.').unwrap_or((digits, ""));
+        if fraction.len() > 6 || !fraction.bytes().all(|b| b.is_ascii_digit()) {
+            return None;
+        }
+        if unit != 'S' && !fraction.is_empty() {
+            return None;
+        }
+        let whole: i128 = whole.parse().ok()?;
+        let fraction: i128 = if fraction.is_empty() {
+            0
+        } else {
+            format!("{fraction:0<6}").parse().ok()?
+        };
+        let value = whole.checked_mul(scale)?.checked_add(fraction)?;
+        micros = micros.checked_add(if negative { -value } else { value })?;
+    }
+    Some((months, days, micros))
 }
 /// The type a text value is cast to before it is assigned to a column of
 /// type `declared`. An explicit cast to `character varying(n)`,
@@ -313,6 +541,16 @@ impl TargetTable {
                 } else {
                     PgType::parse(base.as_deref().unwrap_or(&declared))
                 }
+            })
+            .collect();
+        // A domain's limit is its base type's (a domain over varchar(3) cuts
+        // and rounds as varchar(3) does).
+        let fits: Vec<Fit> = rows
+            .iter()
+            .map(|r| {
+                let declared: String = r.get(1);
+                let base: Option<String> = r.get(4);
+                Fit::of(base.as_deref().unwrap_or(&declared))
             })
             .collect();
         let position = |c: &str| columns.iter().position(|(n, _)| n == c);
@@ -436,7 +674,7 @@ impl TargetTable {
         }
         Ok(TargetTable {
             by_source,
-            fits: columns.iter().map(|(_, t)| Fit::of(t)).collect(),
+            fits,
             once_had,
             ignored: config.ignore_columns.iter().cloned().collect(),
             renames: config.columns.clone(),
@@ -699,6 +937,147 @@ mod tests {
         assert!(num.check("1.234").is_err(), "rounded away");
         assert!(Fit::of("numeric(4)").check("12345").is_err());
         assert_eq!(Fit::of("numeric"), Fit::Any);
+    }
+
+    #[test]
+    fn a_column_keeping_fewer_fractional_digits_refuses_what_it_would_round() {
+        for declared in [
+            "timestamp(0) without time zone",
+            "timestamp(0) with time zone",
+            "time(0) without time zone",
+            "time(0) with time zone",
+        ] {
+            assert_eq!(Fit::of(declared), Fit::Seconds { digits: 0 }, "{declared}");
+        }
+        assert_eq!(
+            Fit::of("timestamp(3) without time zone"),
+            Fit::Seconds { digits: 3 }
+        );
+        // Six digits keep every microsecond there is.
+        for declared in [
+            "timestamp(6) without time zone",
+            "timestamp without time zone",
+            "time with time zone",
+            "timestamp with time zone",
+        ] {
+            assert_eq!(Fit::of(declared), Fit::Any, "{declared}");
+        }
+        let ts0 = Fit::of("timestamp(0) without time zone");
+        // The renderer's text, Debezium's ISO texts, the words.
+        assert!(ts0.check("2024-02-29 13:14:15.000000").is_ok());
+        assert!(ts0.check("2024-02-29T13:14:15Z").is_ok());
+        assert!(ts0.check("0044-03-15 12:00:00.000000 BC").is_ok());
+        assert!(ts0.check("infinity").is_ok());
+        assert!(ts0.check("-infinity").is_ok());
+        let refused = ts0.check("2024-02-29 13:14:15.123456").unwrap_err();
+        assert_eq!(
+            refused,
+            "the value 2024-02-29 13:14:15.123456 has 6 fractional digits of a second, \
+             the column keeps 0 (it would be rounded)"
+        );
+        assert!(ts0.check("2024-02-29T13:14:15.5Z").is_err());
+        assert!(ts0.check("0044-03-15 12:00:00.000001 BC").is_err());
+        let ts1 = Fit::of("timestamp(1) without time zone");
+        assert!(
+            ts1.check("2024-02-29 13:14:15.500000").is_ok(),
+            "fits exactly"
+        );
+        assert!(ts1.check("2024-02-29 13:14:15.550000").is_err());
+        let tz3 = Fit::of("timestamp(3) with time zone");
+        assert!(tz3.check("2024-02-29T11:14:15.654Z").is_ok());
+        assert!(tz3.check("2024-02-29T11:14:15.6541Z").is_err());
+        let time2 = Fit::of("time(2) without time zone");
+        assert!(time2.check("12:34:56.780000").is_ok());
+        assert!(time2.check("24:00:00.000000").is_ok());
+        assert!(time2.check("12:34:56.789000").is_err());
+        let timetz0 = Fit::of("time(0) with time zone");
+        assert!(timetz0.check("10:00:00Z").is_ok());
+        assert!(timetz0.check("10:00:00.5Z").is_err());
+        // Not a time at all: PostgreSQL refuses it as the data's fault.
+        assert!(ts0.check("yesterday").is_ok());
+    }
+
+    #[test]
+    fn an_interval_column_refuses_fields_and_digits_it_would_drop() {
+        assert_eq!(Fit::of("interval"), Fit::Any);
+        assert_eq!(Fit::of("interval(6)"), Fit::Any);
+        assert_eq!(Fit::of("interval day to second"), Fit::Any);
+        assert_eq!(
+            Fit::of("interval(0)"),
+            Fit::Interval {
+                keeps: IntervalFields::All,
+                digits: Some(0)
+            }
+        );
+        assert_eq!(
+            Fit::of("interval day to second(0)"),
+            Fit::Interval {
+                keeps: IntervalFields::All,
+                digits: Some(0)
+            }
+        );
+        assert_eq!(
+            Fit::of("interval year to month"),
+            Fit::Interval {
+                keeps: IntervalFields::Months,
+                digits: None
+            }
+        );
+        let p0 = Fit::of("interval day to second(0)");
+        assert!(p0.check("P1Y2M20DT4H5M6S").is_ok());
+        assert!(p0.check("P0Y0M-1DT2H3M4S").is_ok());
+        assert!(p0.check("P1Y2M20DT4H5M6.000S").is_ok());
+        assert!(p0.check("P1Y2M20DT4H5M6.789S").is_err());
+        assert!(p0.check("P0Y0M0DT0H0M-0.000001S").is_err());
+        assert!(p0.check("86400000000 microseconds").is_ok(), "numeric mode");
+        assert!(p0.check("1500000 microseconds").is_err());
+        let p3 = Fit::of("interval(3)");
+        assert!(p3.check("P0Y0M0DT0H0M4.5S").is_ok());
+        assert!(p3.check("P0Y0M0DT0H0M4.5001S").is_err());
+        let ym = Fit::of("interval year to month");
+        assert!(ym.check("P1Y2M0DT0H0M0S").is_ok());
+        assert!(ym.check("P-1Y-2M0DT0H0M0S").is_ok());
+        let lost = ym.check("P1Y2M3DT0H0M0S").unwrap_err();
+        assert!(lost.contains("days or time"), "{lost}");
+        assert!(ym.check("P1Y2M0DT0H0M0.5S").is_err());
+        let year = Fit::of("interval year");
+        assert!(year.check("P2Y0M0DT0H0M0S").is_ok());
+        assert!(year.check("P1Y2M0DT0H0M0S").is_err(), "2 months dropped");
+        let day = Fit::of("interval day");
+        assert!(day.check("P0Y3M20DT0H0M0S").is_ok(), "months stay");
+        assert!(day.check("P0Y0M20DT1H0M0S").is_err());
+        let hour = Fit::of("interval day to hour");
+        assert!(hour.check("P0Y0M1DT-5H0M0S").is_ok());
+        assert!(hour.check("P0Y0M1DT5H1M0S").is_err());
+        let minute = Fit::of("interval hour to minute");
+        assert!(minute.check("PT5H1M").is_ok());
+        assert!(minute.check("PT5H1M1S").is_err());
+        // Not Debezium's forms: PostgreSQL decides.
+        assert!(ym.check("1 day").is_ok());
+    }
+
+    #[test]
+    fn a_real_column_refuses_a_double_it_cannot_hold() {
+        let real = Fit::of("real");
+        assert_eq!(real, Fit::Float4);
+        for fits in [
+            "1.5",
+            "0",
+            "-0",
+            "NaN",
+            "Infinity",
+            "-Infinity",
+            "16777216",
+            // A float4 value widened to a double, as Debezium's float32.
+            "0.10000000149011612",
+            "340282346638528860000000000000000000000",
+        ] {
+            assert!(real.check(fits).is_ok(), "{fits}");
+        }
+        for rounded in ["0.1", "16777217", "1e308", "3.141592653589793"] {
+            assert!(real.check(rounded).is_err(), "{rounded}");
+        }
+        assert_eq!(Fit::of("double precision"), Fit::Any);
     }
 
     #[test]

@@ -559,7 +559,12 @@ pub(super) fn json_with_schema(
     };
     let field = match ty {
         "int8" | "int16" | "int32" | "int64" => Field::Int(value.as_i64().ok_or_else(wrong)?),
-        "float32" | "float64" => Field::Float(json_float(value).ok_or_else(wrong)?),
+        // JsonConverter spells Connect's FLOAT32 and FLOAT64 `float` and
+        // `double` (measured). A FLOAT32 is the float4 the JSON text stands
+        // for, widened exactly (as Avro's `float` is): the text `0.1` is
+        // not the double 0.1.
+        "float" | "float32" => Field::Float(f64::from(json_float(value).ok_or_else(wrong)? as f32)),
+        "double" | "float64" => Field::Float(json_float(value).ok_or_else(wrong)?),
         "boolean" => Field::Bool(value.as_bool().ok_or_else(wrong)?),
         "string" => Field::String(value.as_str().ok_or_else(wrong)?.to_owned()),
         "bytes" => {

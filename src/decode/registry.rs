@@ -117,7 +117,10 @@ impl SchemaSource for ConfluentRegistry {
     fn schema(&self, id: u32) -> BoxFuture<'_, Result<Schema, AvroError>> {
         Box::pin(async move {
             match self.0.get_schema(id).await {
-                Ok(registered) => Ok(registered.parsed.clone()),
+                Ok(registered) => {
+                    Ok(with_time_units(&registered.raw)
+                        .unwrap_or_else(|| registered.parsed.clone()))
+                }
                 Err(e) => {
                     // The client keeps non-retriable failures (a 404, but
                     // also a 500 or 401) for good: drop them.
@@ -127,6 +130,67 @@ impl SchemaSource for ConfluentRegistry {
             }
         })
     }
+}
+
+/// The writer schema `raw` with Debezium's time types marked with the Avro
+/// logical type of their unit, parsed; `None` if there is nothing to mark
+/// or the result does not parse (the schema is then read as registered).
+///
+/// Why: Debezium names the unit of a time value only in `connect.name`
+/// (`io.debezium.time.MicroTimestamp` is a bare `long` of microseconds),
+/// and apache-avro keeps no attribute of a primitive. Without it the unit
+/// would have to be guessed from the target column's precision, which
+/// is wrong wherever this region's column is narrower or wider than the
+/// source's across `timestamp(3)`/`timestamp(4)`: microseconds read as
+/// milliseconds are another instant. The logical types read the same
+/// bytes, and the decoder names them back (`avro::avro_typed`).
+pub fn with_time_units(raw: &str) -> Option<Schema> {
+    fn mark(value: &mut serde_json::Value, marked: &mut bool) {
+        match value {
+            serde_json::Value::Object(map) => {
+                let unit = match (
+                    map.get("type").and_then(|t| t.as_str()),
+                    map.get("connect.name").and_then(|n| n.as_str()),
+                ) {
+                    (Some("int"), Some("io.debezium.time.Date")) => Some("date"),
+                    (Some("int"), Some("io.debezium.time.Time")) => Some("time-millis"),
+                    (Some("long"), Some("io.debezium.time.MicroTime")) => Some("time-micros"),
+                    (Some("long"), Some("io.debezium.time.Timestamp")) => {
+                        Some("local-timestamp-millis")
+                    }
+                    (Some("long"), Some("io.debezium.time.MicroTimestamp")) => {
+                        Some("local-timestamp-micros")
+                    }
+                    (Some("long"), Some("io.debezium.time.NanoTimestamp")) => {
+                        Some("local-timestamp-nanos")
+                    }
+                    _ => None,
+                };
+                if let Some(unit) = unit {
+                    if !map.contains_key("logicalType") {
+                        map.insert("logicalType".into(), unit.into());
+                        *marked = true;
+                    }
+                }
+                for v in map.values_mut() {
+                    mark(v, marked);
+                }
+            }
+            serde_json::Value::Array(items) => {
+                for v in items {
+                    mark(v, marked);
+                }
+            }
+            _ => {}
+        }
+    }
+    let mut json: serde_json::Value = serde_json::from_str(raw).ok()?;
+    let mut marked = false;
+    mark(&mut json, &mut marked);
+    if !marked {
+        return None;
+    }
+    Schema::parse(&json).ok()
 }
 
 /// A failed lookup of schema `id`: unknown to the registry (HTTP 404), or
@@ -289,6 +353,77 @@ mod tests {
                 "{outage}"
             );
         }
+    }
+
+    /// A row as Debezium's Avro converter registers it: the time units only
+    /// in `connect.name`.
+    const DEBEZIUM_TIMES: &str = r#"{"type": "record", "name": "Value", "fields": [
+        {"name": "d", "type": ["null", {"type": "int", "connect.version": 1, "connect.name": "io.debezium.time.Date"}], "default": null},
+        {"name": "t3", "type": ["null", {"type": "int", "connect.version": 1, "connect.name": "io.debezium.time.Time"}], "default": null},
+        {"name": "t6", "type": ["null", {"type": "long", "connect.version": 1, "connect.name": "io.debezium.time.MicroTime"}], "default": null},
+        {"name": "ts3", "type": ["null", {"type": "long", "connect.version": 1, "connect.name": "io.debezium.time.Timestamp"}], "default": null},
+        {"name": "ts6", "type": {"type": "long", "connect.version": 1, "connect.name": "io.debezium.time.MicroTimestamp"}},
+        {"name": "n", "type": {"type": "long"}}
+    ]}"#;
+
+    #[tokio::test]
+    async fn debezium_time_units_are_kept_as_avro_logical_types() {
+        use apache_avro::types::Record;
+        use apache_avro::writer::datum::GenericDatumWriter;
+
+        let registered = Schema::parse_str(DEBEZIUM_TIMES).unwrap();
+        let marked = with_time_units(DEBEZIUM_TIMES).expect("time fields to mark");
+        let mut record = Record::new(&registered).unwrap();
+        let union = |v: Value| Value::Union(1, Box::new(v));
+        record.put("d", union(Value::Int(19_782)));
+        record.put("t3", union(Value::Int(45_296_789)));
+        record.put("t6", union(Value::Long(45_296_789_012)));
+        record.put("ts3", union(Value::Long(1_709_212_455_123)));
+        record.put("ts6", Value::Long(1_709_212_455_123_456));
+        record.put("n", Value::Long(7));
+        let datum = GenericDatumWriter::builder(&registered)
+            .build()
+            .unwrap()
+            .write_value_to_vec(Value::from(record))
+            .unwrap();
+        // The same bytes, read with the marked schema as the worker reads
+        // them (wire format, schema id 1).
+        let source =
+            AvroSource::with_schemas(FixedSchemas([(1, marked.clone())].into_iter().collect()));
+        let message: Vec<u8> = [0, 0, 0, 0, 1].into_iter().chain(datum).collect();
+        let value = source.decode(Some(&message)).await.unwrap().unwrap().value;
+        let Value::Record(fields) = value else {
+            panic!("a record: {value:?}")
+        };
+        let names = super::super::avro::Names {
+            root: Some(&marked),
+        };
+        let text = |column: &str, pg_type: &str| {
+            let (_, v) = fields.iter().find(|(n, _)| n == column).unwrap();
+            let field_schema = super::super::avro::record_field_schema(Some(&marked), column);
+            super::super::avro::avro_typed(v.clone(), field_schema, &names, column, false)
+                .unwrap()
+                .to_pg_text(pg_type)
+                .unwrap()
+                .unwrap()
+        };
+        // Each unit as Debezium sent it, whatever this region's column
+        // precision (a timestamp(6) value into timestamp(0) is the same
+        // instant, which Fit then refuses for its digits).
+        assert_eq!(text("d", "date"), "2024-02-29");
+        assert_eq!(text("t3", "time(6) without time zone"), "12:34:56.789000");
+        assert_eq!(text("t6", "time(0) without time zone"), "12:34:56.789012");
+        assert_eq!(
+            text("ts3", "timestamp(6) without time zone"),
+            "2024-02-29 13:14:15.123000"
+        );
+        assert_eq!(
+            text("ts6", "timestamp(0) without time zone"),
+            "2024-02-29 13:14:15.123456"
+        );
+        assert_eq!(text("n", "bigint"), "7");
+        // Nothing to mark: read as registered.
+        assert!(with_time_units(r#"{"type": "long"}"#).is_none());
     }
 
     #[tokio::test]

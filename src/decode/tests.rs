@@ -424,6 +424,43 @@ fn json_with_schemas_decodes_every_users_type() {
 }
 
 #[test]
+fn a_json_float32_is_the_float4_its_text_stands_for() {
+    // JsonConverter's names for FLOAT32 and FLOAT64 (measured on the stack).
+    let float32 = json!({"type": "float", "optional": true});
+    let float64 = json!({"type": "double", "optional": true});
+    let field = |value: Json, schema: &Json| json_typed(&value, schema, "c").unwrap().field;
+    // Java's Float.toString text of the float4 0.1, widened exactly (as
+    // Avro's float is), not the double 0.1.
+    assert_eq!(field(json!(0.1), &float32), Field::Float(f64::from(0.1f32)));
+    assert_eq!(
+        field(json!(3.4028235e38), &float32),
+        Field::Float(f64::from(f32::MAX))
+    );
+    assert_eq!(field(json!(0.1), &float64), Field::Float(0.1));
+    assert_eq!(
+        field(json!(0.1), &json!({"type": "float32"})),
+        Field::Float(f64::from(0.1f32))
+    );
+    assert_eq!(
+        field(json!(0.1), &json!({"type": "float64"})),
+        Field::Float(0.1)
+    );
+    let Field::Float(nan) = field(json!("NaN"), &float32) else {
+        panic!("a float")
+    };
+    assert!(nan.is_nan());
+    assert_eq!(
+        field(json!("-Infinity"), &float32),
+        Field::Float(f64::NEG_INFINITY)
+    );
+    // Written to a real column, PostgreSQL reads the same float4 back.
+    assert_eq!(
+        text(field(json!(0.1), &float32), None, "real").unwrap(),
+        "0.10000000149011612"
+    );
+}
+
+#[test]
 fn json_without_schemas_decodes_by_shape() {
     let key = br#"{"id":1}"#;
     let value = schemaless("u", users_after(), users_after());
@@ -768,6 +805,14 @@ fn decimals_render_exactly() {
         text(Field::String("NaN".into()), None, "numeric").unwrap(),
         "NaN"
     );
+    // decimal.handling.mode=string: the value's text, trailing zeros and
+    // the infinities kept (docs/TYPES.md).
+    for string_mode in ["12.50", "-0.001", "Infinity", "-Infinity"] {
+        assert_eq!(
+            text(Field::String(string_mode.into()), None, "numeric").unwrap(),
+            string_mode
+        );
+    }
     assert!(typed(Field::String("z8c=".into()), None)
         .to_pg_text("numeric")
         .is_err());
