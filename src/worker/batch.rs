@@ -11,7 +11,8 @@
 //! batch's effects and its position are stored together or not at all.
 //! If PostgreSQL refuses it, [`commit_in_order`] applies the steps again
 //! one by one in source order, to tell a refused change (dead-lettered)
-//! from a unique value another partition still holds (waited for).
+//! from a unique value another partition still holds or a parent row
+//! another topic has not brought yet (waited for).
 //! [`apply`] drives them, following the verdicts of `failure`.
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -432,6 +433,7 @@ async fn apply_on_layout<M: Message>(
                     Ok(InOrder::HeldAt {
                         counts: c,
                         step,
+                        reason,
                         detail,
                     }) => {
                         if step > 0 {
@@ -449,14 +451,19 @@ async fn apply_on_layout<M: Message>(
                             ),
                             Step::Truncate { .. } => unreachable!("a held change is a row"),
                         };
-                        warn!(topic, partition, offset, table, key, error = %detail, retry_in = ?backoff.delay(),
-                        "a unique index refuses a change in source order: the changes before it are committed, the partition waits at it until the row holding the value has moved");
+                        if reason == retry::FOREIGN_KEY_WAIT {
+                            warn!(topic, partition, offset, table, key, reason, error = %detail, retry_in = ?backoff.delay(),
+                            "a foreign key refuses a change in source order: the changes before it are committed, the partition waits at it until the row it needs (applied from another topic or partition) is there");
+                        } else {
+                            warn!(topic, partition, offset, table, key, reason, error = %detail, retry_in = ?backoff.delay(),
+                            "a unique index refuses a change in source order: the changes before it are committed, the partition waits at it until the row holding the value has moved");
+                        }
                         worker.hold(
                             topic,
                             partition,
-                            format!("{table} key {key} at offset {offset}: {detail}"),
+                            format!("{reason}: {table} key {key} at offset {offset}: {detail}"),
                         );
-                        backoff.wait(retry::UNIQUE_WAIT).await;
+                        backoff.wait(reason).await;
                         order = Order::Collapsed;
                         continue;
                     }
@@ -512,7 +519,6 @@ async fn apply_on_layout<M: Message>(
         // order) a refusal of no single change's: a deferred unique index
         // at commit, the offset row. Never a loop without a backoff.
         let reason = match &e {
-            BatchError::Unique(_) => retry::UNIQUE_WAIT,
             BatchError::Data(_) => retry::POSTGRES_REFUSED,
             _ => e.retry_reason(),
         };
@@ -571,12 +577,14 @@ enum Order {
 enum InOrder {
     /// Every change applied, the batch's offset stored.
     Committed(HashMap<usize, Applied>),
-    /// A unique index refused step `step`: the steps before it are
-    /// committed with the offset of its message (nothing when it is the
-    /// first), it and the rest are not.
+    /// A unique index or a foreign key refused step `step` (`reason`, a
+    /// `retry` label): the steps before it are committed with the offset
+    /// of its message (nothing when it is the first), it and the rest are
+    /// not.
     HeldAt {
         counts: HashMap<usize, Applied>,
         step: usize,
+        reason: &'static str,
         detail: String,
     },
     /// These steps PostgreSQL refuses alone, after the changes before
@@ -773,9 +781,10 @@ async fn commit<M: Message>(
 /// as the other partitions have caught up. Truncates and the conflict
 /// log are applied the same way, so whatever PostgreSQL refuses is found.
 ///
-/// A change refused as data (class 22, 23 but 23505, the rest of 42) is
-/// set aside and the next one tried; then nothing is committed and the
-/// caller dead-letters them. A change a unique index refuses (23505)
+/// A change refused as data (class 22, 23 but the constraints between
+/// rows, the rest of 42) is set aside and the next one tried; then
+/// nothing is committed and the caller dead-letters them. A change a
+/// unique index or a foreign key refuses (23505, 23P01, 23503, 23001)
 /// stops the pass: the changes before it are committed with its offset.
 /// A value this region's column cannot hold is set aside the same way
 /// when its table's `on_schema_mismatch` is `dlq`, and held otherwise.
@@ -826,8 +835,8 @@ async fn commit_in_order<M: Message>(
                     return Err(classify(e));
                 };
                 let set_aside = match classify(e) {
-                    BatchError::Unique(e) => {
-                        held = Some((i, e));
+                    BatchError::Wait(reason, e) => {
+                        held = Some((i, reason, e));
                         break;
                     }
                     BatchError::Data(e) => e,
@@ -868,7 +877,7 @@ async fn commit_in_order<M: Message>(
         tx.rollback().await.map_err(classify)?;
         return Ok(InOrder::Refused(refused));
     }
-    let Some((step, error)) = held else {
+    let Some((step, reason, error)) = held else {
         offsets::store(&tx, &worker.group, topic, partition, next, newest_ts_ms)
             .await
             .map_err(classify)?;
@@ -899,6 +908,7 @@ async fn commit_in_order<M: Message>(
     Ok(InOrder::HeldAt {
         counts,
         step,
+        reason,
         detail,
     })
 }
