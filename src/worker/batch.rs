@@ -406,7 +406,8 @@ async fn apply_on_layout<M: Message>(
     // What commits up to a held change applied already.
     let mut counts: HashMap<usize, Applied> = HashMap::new();
     loop {
-        if let Err(e) = send_to_dlq(worker, &mut rejected).await {
+        let table = route.table.map(|t| tables[t].name.as_str());
+        if let Err(e) = send_to_dlq(worker, table, &mut rejected).await {
             warn!(topic, partition, error = %format!("{e:#}"), retry_in = ?backoff.delay(), "dead letters not acknowledged; retrying");
             worker.hold(topic, partition, format!("{e:#}"));
             backoff.wait(retry::DLQ_UNAVAILABLE).await;
@@ -649,7 +650,7 @@ impl<'r> Rules<'r> {
     /// seen by it (DESIGN.md §3, "Failover homing").
     async fn read<M>(
         client: &impl tokio_postgres::GenericClient,
-        worker: &Worker,
+        config: &Config,
         tables: &'r [TargetTable],
         steps: &[Step<'_, M>],
     ) -> Result<Rules<'r>, tokio_postgres::Error> {
@@ -661,8 +662,8 @@ impl<'r> Rules<'r> {
         } else {
             HomingOverrides::default()
         };
-        let late_before = (worker.config.late_changes == LateChanges::Skip).then(|| {
-            let grace_ms = worker.config.tombstone_grace.as_millis() as i64;
+        let late_before = (config.late_changes == LateChanges::Skip).then(|| {
+            let grace_ms = config.tombstone_grace.as_millis() as i64;
             Hlc::new(clock::now_ms() - grace_ms, 0)
         });
         Ok(Rules {
@@ -677,7 +678,7 @@ impl<'r> Rules<'r> {
 /// are recorded) and applied, in the caller's transaction.
 async fn apply_rows(
     client: &impl deadpool_postgres::GenericClient,
-    worker: &Worker,
+    config: &Config,
     source_region: &str,
     rules: &Rules<'_>,
     t: usize,
@@ -692,14 +693,14 @@ async fn apply_rows(
         table,
         finals,
         source_region,
-        &worker.config.region,
+        &config.region,
         rules.late_before,
         &rules.homing,
     )
     .await?;
     if checked.late > 0 {
         warn!(table = %table.name, count = checked.late,
-            tombstone_grace = ?worker.config.tombstone_grace,
+            tombstone_grace = ?config.tombstone_grace,
             "changes older than tombstone_grace for keys without a row were not applied (late_changes = skip)");
     }
     let mut applied = Applied {
@@ -739,7 +740,7 @@ async fn commit<M: Message>(
         .await
         .map_err(classify)?;
     let mut counts: HashMap<usize, Applied> = HashMap::new();
-    let rules = Rules::read(&*tx, worker, tables, steps)
+    let rules = Rules::read(&*tx, &worker.config, tables, steps)
         .await
         .map_err(classify)?;
     // Rows between truncates, per table.
@@ -753,7 +754,7 @@ async fn commit<M: Message>(
             Step::Row { table, fin, .. } => pending.entry(*table).or_default().push(fin),
             Step::Truncate { table, ts_ms } => {
                 for (t, finals) in pending.drain() {
-                    let a = apply_rows(&tx, worker, source_region, &rules, t, finals)
+                    let a = apply_rows(&tx, &worker.config, source_region, &rules, t, finals)
                         .await
                         .map_err(classify)?;
                     *counts.entry(t).or_default() += a;
@@ -773,6 +774,46 @@ async fn commit<M: Message>(
     tx.commit().await.map_err(classify)?;
     metrics::histogram!(m::APPLY_BATCH_SECONDS).record(started.elapsed().as_secs_f64());
     Ok(counts)
+}
+
+/// One replayed change (`regionsync dlq replay`) in a transaction of its
+/// own, through the same conflict check and version guard as a batch, but
+/// without an offset: the partition's stored offset moved past it long
+/// ago and must stay where the worker left it. Applied twice, it changes
+/// nothing the second time (the guard finds the row as new as it).
+pub(crate) async fn apply_replayed<M: Message>(
+    pool: &deadpool_postgres::Pool,
+    config: &Config,
+    tables: &[TargetTable],
+    source_region: &str,
+    steps: &[Step<'_, M>],
+) -> Result<Applied, BatchError> {
+    let classify = failure::classify;
+    let mut client = pool
+        .get()
+        .await
+        .map_err(|e| BatchError::Transient(e.into()))?;
+    let tx = client.transaction().await.map_err(classify)?;
+    tx.batch_execute(apply::session::APPLY_TRANSACTION_SQL)
+        .await
+        .map_err(classify)?;
+    let rules = Rules::read(&*tx, config, tables, steps)
+        .await
+        .map_err(classify)?;
+    let mut total = Applied::default();
+    for step in steps {
+        total += match step {
+            Step::Row { table, fin, .. } => {
+                apply_rows(&tx, config, source_region, &rules, *table, vec![fin]).await
+            }
+            Step::Truncate { table, ts_ms } => {
+                apply::apply_truncate(&tx, &tables[*table], *ts_ms, source_region).await
+            }
+        }
+        .map_err(classify)?;
+    }
+    tx.commit().await.map_err(classify)?;
+    Ok(total)
 }
 
 /// The batch again, one change at a time in source order, each under a
@@ -806,7 +847,7 @@ async fn commit_in_order<M: Message>(
     tx.batch_execute(apply::session::APPLY_TRANSACTION_SQL)
         .await
         .map_err(classify)?;
-    let rules = Rules::read(&*tx, worker, tables, steps)
+    let rules = Rules::read(&*tx, &worker.config, tables, steps)
         .await
         .map_err(classify)?;
     let mut counts: HashMap<usize, Applied> = HashMap::new();
@@ -817,7 +858,15 @@ async fn commit_in_order<M: Message>(
         let (table, result) = match step {
             Step::Row { table, fin, .. } => (
                 *table,
-                apply_rows(&sp, worker, source_region, &rules, *table, vec![fin]).await,
+                apply_rows(
+                    &sp,
+                    &worker.config,
+                    source_region,
+                    &rules,
+                    *table,
+                    vec![fin],
+                )
+                .await,
             ),
             Step::Truncate { table, ts_ms } => (
                 *table,
@@ -917,6 +966,7 @@ async fn commit_in_order<M: Message>(
 /// the broker's acknowledgement (before the offset moves past them).
 async fn send_to_dlq<M: Message>(
     worker: &Worker,
+    table: Option<&str>,
     rejected: &mut [Rejected<'_, M>],
 ) -> anyhow::Result<()> {
     for r in rejected.iter_mut().filter(|r| !r.sent) {
@@ -931,6 +981,7 @@ async fn send_to_dlq<M: Message>(
                 payload: r.msg.payload(),
                 reason: r.fault.reason(),
                 error: &error,
+                table,
             })
             .await?;
         r.sent = true;
