@@ -76,6 +76,10 @@ enum Command {
     /// (table regionsync.conflicts, DESIGN.md §4).
     #[command(subcommand)]
     Conflicts(ConflictsCommand),
+    /// List the dead letters of this region's dead-letter topic, or replay
+    /// them once their cause is fixed (docs/RUNBOOK.md, "Dead letters").
+    #[command(subcommand)]
+    Dlq(DlqCommand),
     /// Print the home region of an affinity key (DESIGN.md §3).
     ///
     /// The region list's entry at jump_consistent_hash(xxh64(KEY as UTF-8,
@@ -229,6 +233,63 @@ enum ConflictsCommand {
     },
 }
 
+#[derive(clap::Subcommand, Debug)]
+enum DlqCommand {
+    /// The dead letters, oldest first: when, reason, table, key, the
+    /// original topic/partition/offset, then the error. Read-only.
+    List {
+        #[command(flatten)]
+        filter: DlqFilter,
+        /// Print them as a JSON array.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Send dead-lettered changes again through the worker's decode,
+    /// routing, conflict check and version guard, once their cause is
+    /// fixed (a column widened, a grant given, a table configured). Each
+    /// change is applied in its own transaction; no stored offset moves
+    /// and the dead letters stay in the topic. Running it twice changes
+    /// nothing (the version guard). Exit 1 if any is still refused.
+    ///
+    /// Example: regionsync --config eu-west-1.toml dlq replay --reason schema_mismatch --table public.users --since 2h
+    #[command(verbatim_doc_comment)]
+    Replay {
+        #[command(flatten)]
+        filter: DlqFilter,
+    },
+}
+
+/// Which dead letters a `dlq` command reads.
+#[derive(clap::Args, Debug)]
+struct DlqFilter {
+    /// Only this reason (the `regionsync.reason` header, e.g. bad_value,
+    /// schema_mismatch, rejected_by_postgres).
+    #[arg(long)]
+    reason: Option<String>,
+    /// Only this table (schema.table, as in the config).
+    #[arg(long)]
+    table: Option<String>,
+    /// Only those dead-lettered since this time (2026-12-06T18:00:00Z) or
+    /// for this long (90m, 2h, 1d).
+    #[arg(long)]
+    since: Option<String>,
+}
+
+impl DlqFilter {
+    fn parse(self) -> anyhow::Result<ops::dlq::Filter> {
+        let since_ms = self
+            .since
+            .map(|s| ops::dlq::parse_since(&s, std::time::SystemTime::now()))
+            .transpose()
+            .map_err(|e| anyhow::anyhow!(e))?;
+        Ok(ops::dlq::Filter {
+            reason: self.reason,
+            table: self.table,
+            since_ms,
+        })
+    }
+}
+
 fn main() -> ExitCode {
     purge_freed_memory_at_once();
     let cli = Cli::parse();
@@ -373,6 +434,12 @@ fn main() -> ExitCode {
                     },
                 };
                 ops::rehome::run(&config, &peer_configs, change).await
+            }
+            Command::Dlq(DlqCommand::List { filter, json }) => {
+                ops::dlq::list(&config, &filter.parse()?, json).await
+            }
+            Command::Dlq(DlqCommand::Replay { filter }) => {
+                ops::dlq::run_replay(&config, &filter.parse()?).await
             }
             Command::Route { .. } | Command::FailoverCheck { .. } => {
                 unreachable!("handled above")

@@ -1,5 +1,6 @@
 //! Faults that are not the data's: a revoked grant, a schema registry that
-//! stops answering, a source clock far ahead. Each holds the partition (or
+//! stops answering, a source clock far ahead, a unique value or a parent
+//! row another partition has not brought yet. Each holds the partition (or
 //! is capped) and costs no change: nothing is dead-lettered, everything
 //! arrives once the cause is gone. The registry test freezes a service of
 //! the shared stack, so `make test` runs this file alone, one test at a
@@ -387,6 +388,121 @@ async fn a_unique_index_the_source_satisfied_costs_no_change() {
         "unique index: 2 primary-key changes and 2 exchanges, 0 dead-lettered, converged in {:?}, {} waits for a unique value",
         started.elapsed(),
         retries("unique_wait") - waits_before
+    );
+    worker.stop().await;
+}
+
+/// A parent and a child table on two topics, the child's id a foreign key
+/// to the parent's, in both regions (the source satisfies it: every child
+/// row is written after its parent); in B, with `enforced`, the foreign
+/// key's check triggers fire on replicated writes too (ENABLE ALWAYS).
+/// The parent's topic cannot be applied in B (a missing grant holds its
+/// partitions), so every child row arrives before its parent, whatever
+/// the timing. Returns the tables and a worker consuming both.
+async fn child_before_parent(enforced: bool) -> (TestTable, TestTable, Worker) {
+    let parent = TestTable::create("fkparent").await;
+    let child = TestTable::create("fkchild").await;
+    let (p, c) = (&parent.name, &child.name);
+    for region in [region_a(), region_b()] {
+        app_db(&region)
+            .await
+            .batch_execute(&format!(
+                "ALTER TABLE public.{c} ADD CONSTRAINT {c}_parent FOREIGN KEY (id) REFERENCES public.{p} (id)"
+            ))
+            .await
+            .expect("foreign key");
+    }
+    if enforced {
+        // Internal triggers: only a superuser may change them.
+        admin_db(&region_b())
+            .await
+            .batch_execute(&format!(
+                "DO $$ DECLARE t text; BEGIN
+                   FOR t IN SELECT tgname FROM pg_trigger
+                       WHERE tgrelid = 'public.{c}'::regclass AND tgisinternal
+                         AND tgfoid IN ('\"RI_FKey_check_ins\"'::regproc, '\"RI_FKey_check_upd\"'::regproc)
+                   LOOP EXECUTE format('ALTER TABLE public.{c} ENABLE ALWAYS TRIGGER %I', t); END LOOP;
+                 END $$"
+            ))
+            .await
+            .expect("enforce the foreign key on replicated writes in B");
+    }
+    app_db(&region_b())
+        .await
+        .batch_execute(&format!(
+            "REVOKE INSERT, UPDATE ON public.{p} FROM regionsync"
+        ))
+        .await
+        .expect("revoke");
+    let mut toml = worker_toml(&parent, &format!("cdc.public.{p}"), "");
+    toml.push_str(&format!(
+        "
+        [[tables]]
+        topics = [\"cdc.public.{c}\"]
+        target = \"public.{c}\"
+        key = [\"id\"]
+        "
+    ));
+    let worker = Worker::start(
+        regionsync::config::Config::from_toml(&toml).expect("valid two-table config"),
+    );
+    insert_users(&parent, 1, 30).await;
+    insert_users(&child, 1, 30).await;
+    (parent, child, worker)
+}
+
+async fn grant_parent(parent: &TestTable) {
+    app_db(&region_b())
+        .await
+        .batch_execute(&format!(
+            "GRANT INSERT, UPDATE ON public.{} TO regionsync",
+            parent.name
+        ))
+        .await
+        .expect("grant");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_child_row_before_its_parent_is_applied_as_logical_replication_does() {
+    // As in PostgreSQL's own logical replication, the apply sessions run
+    // with session_replication_role = replica, where a foreign key's
+    // triggers do not fire: the child row is applied at once, and the
+    // parent makes the replica whole when it comes.
+    let dead_before = dead_lettered();
+    let waits_before = retries("foreign_key_wait");
+    let (parent, child, worker) = child_before_parent(false).await;
+    assert_eq!(child.wait_converged(Duration::from_secs(90)).await, 30);
+    assert_eq!(rows_in_b(&parent).await, 0, "the parents are still held");
+    grant_parent(&parent).await;
+    assert_eq!(parent.wait_converged(Duration::from_secs(60)).await, 30);
+    assert_eq!(dead_lettered(), dead_before, "nothing dead-lettered");
+    assert_eq!(retries("foreign_key_wait"), waits_before, "nothing waited");
+    worker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_child_row_before_its_parent_waits_where_the_foreign_key_is_enforced() {
+    let dead_before = dead_lettered();
+    let waits_before = retries("foreign_key_wait");
+    let (parent, child, worker) = child_before_parent(true).await;
+    wait_for(
+        "waits for the missing parent rows",
+        Duration::from_secs(90),
+        || retries("foreign_key_wait") >= waits_before + 3,
+    )
+    .await;
+    assert_eq!(rows_in_b(&child).await, 0, "no child without its parent");
+    assert_eq!(dead_lettered(), dead_before, "nothing dead-lettered");
+
+    let started = Instant::now();
+    grant_parent(&parent).await;
+    assert_eq!(parent.wait_converged(Duration::from_secs(60)).await, 30);
+    assert_eq!(child.wait_converged(Duration::from_secs(60)).await, 30);
+    assert_eq!(dead_lettered(), dead_before, "still nothing dead-lettered");
+    eprintln!(
+        "foreign key enforced in B: 30 parents and 30 children written, 0 dead-lettered, {} waits for a parent, converged {:?} after the grant",
+        retries("foreign_key_wait") - waits_before,
+        started.elapsed()
     );
     worker.stop().await;
 }

@@ -188,6 +188,12 @@ pub mod retry {
     /// held by a row another partition (or the source's later change) has
     /// not moved yet (SQLSTATE 23505).
     pub const UNIQUE_WAIT: &str = "unique_wait";
+    /// A foreign key refuses a change in source order (SQLSTATE 23503,
+    /// 23001): the row it needs (a parent, on another topic or partition)
+    /// has not arrived yet, or a row still referencing it has not gone.
+    /// Only where the key's triggers fire on replicated writes (ENABLE
+    /// ALWAYS): the apply sessions' replica role skips them otherwise.
+    pub const FOREIGN_KEY_WAIT: &str = "foreign_key_wait";
     /// PostgreSQL refused a statement that is no single change's (the
     /// offset row, the commit, a truncate): held, never dead-lettered.
     pub const POSTGRES_REFUSED: &str = "postgres_refused";
@@ -195,7 +201,7 @@ pub mod retry {
     /// local clock is within it (`clock_ahead = "hold"`).
     pub const CLOCK_AHEAD: &str = "clock_ahead";
 
-    pub const ALL: [&str; 10] = [
+    pub const ALL: [&str; 11] = [
         REGISTRY,
         UNKNOWN_SCHEMA,
         POSTGRES_PERMISSION,
@@ -204,6 +210,7 @@ pub mod retry {
         DLQ_UNAVAILABLE,
         SCHEMA_MISMATCH,
         UNIQUE_WAIT,
+        FOREIGN_KEY_WAIT,
         POSTGRES_REFUSED,
         CLOCK_AHEAD,
     ];

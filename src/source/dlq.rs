@@ -1,13 +1,21 @@
-//! The dead-letter producer: a change the worker can never apply is produced
-//! to the region's dead-letter topic, unchanged, with headers that say why
-//! and where it came from, and acknowledged by the broker before its offset
-//! is stored.
+//! The dead-letter topic: the producer (a change the worker can never
+//! apply is produced to the region's dead-letter topic, unchanged, with
+//! headers that say why and where it came from, and acknowledged by the
+//! broker before its offset is stored), and the reader `regionsync dlq`
+//! lists and replays them with ([`read_all`]).
+//!
+//! A dead letter is the original message's key and value bytes, unchanged,
+//! with the headers [`HEADER_REASON`], [`HEADER_ERROR`], [`HEADER_TOPIC`],
+//! [`HEADER_PARTITION`], [`HEADER_OFFSET`] and, when the topic feeds a
+//! table, [`HEADER_TABLE`]; its Kafka timestamp is when it was produced.
 
 use std::time::Duration;
 
 use anyhow::Context as _;
-use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::{Offset, TopicPartitionList};
 use tracing::warn;
 
 use crate::config::Config;
@@ -23,7 +31,21 @@ pub struct DeadLetter<'a> {
     /// A label of `metrics::reason`.
     pub reason: &'static str,
     pub error: &'a str,
+    /// The target table the message's topic feeds, if any.
+    pub table: Option<&'a str>,
 }
+
+/// The error, one line.
+pub const HEADER_ERROR: &str = "regionsync.error";
+/// The reason label (`metrics::reason`).
+pub const HEADER_REASON: &str = "regionsync.reason";
+/// The original message's topic, partition and offset.
+pub const HEADER_TOPIC: &str = "regionsync.topic";
+pub const HEADER_PARTITION: &str = "regionsync.partition";
+pub const HEADER_OFFSET: &str = "regionsync.offset";
+/// The target table (schema.table) its topic feeds; absent on dead letters
+/// of a heartbeat topic and on those produced before it was added.
+pub const HEADER_TABLE: &str = "regionsync.table";
 
 /// The idempotent producer of the dead-letter topic.
 pub struct DeadLetterProducer {
@@ -48,27 +70,33 @@ impl DeadLetterProducer {
         let dlq = &self.topic;
         let partition = letter.partition.to_string();
         let offset = letter.offset.to_string();
-        let headers = OwnedHeaders::new()
+        let mut headers = OwnedHeaders::new()
             .insert(Header {
-                key: "regionsync.error",
+                key: HEADER_ERROR,
                 value: Some(letter.error),
             })
             .insert(Header {
-                key: "regionsync.reason",
+                key: HEADER_REASON,
                 value: Some(letter.reason),
             })
             .insert(Header {
-                key: "regionsync.topic",
+                key: HEADER_TOPIC,
                 value: Some(letter.topic),
             })
             .insert(Header {
-                key: "regionsync.partition",
+                key: HEADER_PARTITION,
                 value: Some(partition.as_str()),
             })
             .insert(Header {
-                key: "regionsync.offset",
+                key: HEADER_OFFSET,
                 value: Some(offset.as_str()),
             });
+        if let Some(table) = letter.table {
+            headers = headers.insert(Header {
+                key: HEADER_TABLE,
+                value: Some(table),
+            });
+        }
         let mut record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(dlq).headers(headers);
         if let Some(k) = letter.key {
             record = record.key(k);
@@ -83,5 +111,219 @@ impl DeadLetterProducer {
         warn!(topic = %letter.topic, partition = letter.partition, offset = letter.offset, reason = letter.reason, error = %letter.error, "sent to the dead-letter topic");
         metrics::counter!(m::DLQ_MESSAGES_TOTAL, "reason" => letter.reason).increment(1);
         Ok(())
+    }
+}
+
+/// A dead letter read back from the dead-letter topic.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StoredLetter {
+    /// Where it is in the dead-letter topic.
+    pub dlq_partition: i32,
+    pub dlq_offset: i64,
+    /// When it was dead-lettered (ms since the epoch), if Kafka says.
+    pub at_ms: Option<i64>,
+    pub reason: String,
+    pub error: String,
+    /// The target table its topic feeds, if the header says.
+    pub table: Option<String>,
+    /// The original message: topic, partition, offset, key and value.
+    pub topic: String,
+    pub partition: i32,
+    pub offset: i64,
+    pub key: Option<Vec<u8>>,
+    pub payload: Option<Vec<u8>>,
+}
+
+impl StoredLetter {
+    /// Reads one message of the dead-letter topic; an error names what is
+    /// missing (a message not produced by regionsync).
+    pub fn from_message<M: Message>(msg: &M) -> Result<StoredLetter, String> {
+        let mut header = std::collections::HashMap::new();
+        if let Some(headers) = msg.headers() {
+            for h in headers.iter() {
+                if let Some(v) = h.value {
+                    header.insert(h.key, String::from_utf8_lossy(v).into_owned());
+                }
+            }
+        }
+        let get = |name: &str| {
+            header.get(name).cloned().ok_or_else(|| {
+                format!(
+                    "dead letter {}/{} has no header {name}",
+                    msg.partition(),
+                    msg.offset()
+                )
+            })
+        };
+        let number = |name: &str| -> Result<i64, String> {
+            get(name)?.parse().map_err(|_| {
+                format!(
+                    "dead letter {}/{}: header {name} is not a number",
+                    msg.partition(),
+                    msg.offset()
+                )
+            })
+        };
+        Ok(StoredLetter {
+            dlq_partition: msg.partition(),
+            dlq_offset: msg.offset(),
+            at_ms: msg.timestamp().to_millis(),
+            reason: get(HEADER_REASON)?,
+            error: get(HEADER_ERROR).unwrap_or_default(),
+            table: header.get(HEADER_TABLE).cloned(),
+            topic: get(HEADER_TOPIC)?,
+            partition: i32::try_from(number(HEADER_PARTITION)?).map_err(|e| e.to_string())?,
+            offset: number(HEADER_OFFSET)?,
+            key: msg.key().map(<[u8]>::to_vec),
+            payload: msg.payload().map(<[u8]>::to_vec),
+        })
+    }
+}
+
+/// Every message of the region's dead-letter topic, oldest first per
+/// partition, read from each partition's first offset to its end as
+/// found at the start (a reader without a consumer group position: it
+/// commits nothing). Messages that are not dead letters are returned as
+/// errors, in place. An absent topic holds nothing.
+pub async fn read_all(config: &Config) -> anyhow::Result<Vec<Result<StoredLetter, String>>> {
+    let topic = config.dlq_topic();
+    let consumer: StreamConsumer = super::kafka_config(config)?
+        .set(
+            "group.id",
+            format!("{}-dlq-reader", config.consumer_group()),
+        )
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .create()
+        .context("creating the dead-letter topic's reader")?;
+    let metadata = tokio::task::block_in_place(|| {
+        consumer.fetch_metadata(Some(&topic), Duration::from_secs(10))
+    })
+    .with_context(|| format!("reading the metadata of topic {topic}"))?;
+    let Some(t) = metadata.topics().iter().find(|t| t.name() == topic) else {
+        return Ok(Vec::new());
+    };
+    if t.error().is_some() {
+        return Ok(Vec::new());
+    }
+    let mut tpl = TopicPartitionList::new();
+    let mut ends = std::collections::HashMap::new();
+    for p in t.partitions() {
+        let (low, high) = tokio::task::block_in_place(|| {
+            consumer.fetch_watermarks(&topic, p.id(), Duration::from_secs(10))
+        })
+        .with_context(|| format!("reading the offsets of {topic}/{}", p.id()))?;
+        if high > low {
+            tpl.add_partition_offset(&topic, p.id(), Offset::Offset(low))?;
+            ends.insert(p.id(), high);
+        }
+    }
+    let mut out = Vec::new();
+    if ends.is_empty() {
+        return Ok(out);
+    }
+    consumer
+        .assign(&tpl)
+        .with_context(|| format!("assigning the partitions of {topic}"))?;
+    let mut idle = Duration::ZERO;
+    while !ends.is_empty() {
+        let Ok(msg) = tokio::time::timeout(Duration::from_secs(1), consumer.recv()).await else {
+            // A partition may end in offsets that are no messages.
+            if let Ok(positions) = consumer.position() {
+                for e in positions.elements() {
+                    if let Offset::Offset(at) = e.offset() {
+                        if ends.get(&e.partition()).is_some_and(|end| at >= *end) {
+                            ends.remove(&e.partition());
+                        }
+                    }
+                }
+            }
+            idle += Duration::from_secs(1);
+            if !ends.is_empty() && idle >= Duration::from_secs(30) {
+                anyhow::bail!(
+                    "no message from {topic} for 30 s while {} partition(s) are not read to their end",
+                    ends.len()
+                );
+            }
+            continue;
+        };
+        let msg = msg.with_context(|| format!("reading {topic}"))?;
+        let Some(end) = ends.get(&msg.partition()).copied() else {
+            continue;
+        };
+        if msg.offset() < end {
+            out.push(StoredLetter::from_message(&msg));
+        }
+        if msg.offset() + 1 >= end {
+            ends.remove(&msg.partition());
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rdkafka::message::OwnedMessage;
+    use rdkafka::Timestamp;
+
+    #[test]
+    fn a_dead_letter_is_read_back_with_its_origin_and_bytes() {
+        let headers = OwnedHeaders::new()
+            .insert(Header {
+                key: HEADER_ERROR,
+                value: Some("public.t: column c (varchar(3)): too long"),
+            })
+            .insert(Header {
+                key: HEADER_REASON,
+                value: Some("schema_mismatch"),
+            })
+            .insert(Header {
+                key: HEADER_TOPIC,
+                value: Some("us-east-1.cdc.public.t"),
+            })
+            .insert(Header {
+                key: HEADER_PARTITION,
+                value: Some("2"),
+            })
+            .insert(Header {
+                key: HEADER_OFFSET,
+                value: Some("41"),
+            })
+            .insert(Header {
+                key: HEADER_TABLE,
+                value: Some("public.t"),
+            });
+        let msg = OwnedMessage::new(
+            Some(b"{\"op\":\"c\"}".to_vec()),
+            Some(b"{\"id\":7}".to_vec()),
+            "regionsync.dlq.eu-west-1".into(),
+            Timestamp::CreateTime(1_700_000_000_000),
+            0,
+            5,
+            Some(headers),
+        );
+        let letter = StoredLetter::from_message(&msg).expect("a dead letter");
+        assert_eq!(letter.reason, "schema_mismatch");
+        assert_eq!(letter.table.as_deref(), Some("public.t"));
+        assert_eq!(
+            (letter.topic.as_str(), letter.partition, letter.offset),
+            ("us-east-1.cdc.public.t", 2, 41)
+        );
+        assert_eq!(letter.key.as_deref(), Some(&b"{\"id\":7}"[..]));
+        assert_eq!(letter.at_ms, Some(1_700_000_000_000));
+        assert_eq!((letter.dlq_partition, letter.dlq_offset), (0, 5));
+
+        let foreign = OwnedMessage::new(
+            None,
+            None,
+            "regionsync.dlq.eu-west-1".into(),
+            Timestamp::NotAvailable,
+            0,
+            6,
+            None,
+        );
+        let why = StoredLetter::from_message(&foreign).expect_err("not a dead letter");
+        assert!(why.contains("0/6") && why.contains(HEADER_REASON), "{why}");
     }
 }

@@ -11,7 +11,8 @@
 //! batch's effects and its position are stored together or not at all.
 //! If PostgreSQL refuses it, [`commit_in_order`] applies the steps again
 //! one by one in source order, to tell a refused change (dead-lettered)
-//! from a unique value another partition still holds (waited for).
+//! from a unique value another partition still holds or a parent row
+//! another topic has not brought yet (waited for).
 //! [`apply`] drives them, following the verdicts of `failure`.
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -405,7 +406,8 @@ async fn apply_on_layout<M: Message>(
     // What commits up to a held change applied already.
     let mut counts: HashMap<usize, Applied> = HashMap::new();
     loop {
-        if let Err(e) = send_to_dlq(worker, &mut rejected).await {
+        let table = route.table.map(|t| tables[t].name.as_str());
+        if let Err(e) = send_to_dlq(worker, table, &mut rejected).await {
             warn!(topic, partition, error = %format!("{e:#}"), retry_in = ?backoff.delay(), "dead letters not acknowledged; retrying");
             worker.hold(topic, partition, format!("{e:#}"));
             backoff.wait(retry::DLQ_UNAVAILABLE).await;
@@ -432,6 +434,7 @@ async fn apply_on_layout<M: Message>(
                     Ok(InOrder::HeldAt {
                         counts: c,
                         step,
+                        reason,
                         detail,
                     }) => {
                         if step > 0 {
@@ -449,14 +452,19 @@ async fn apply_on_layout<M: Message>(
                             ),
                             Step::Truncate { .. } => unreachable!("a held change is a row"),
                         };
-                        warn!(topic, partition, offset, table, key, error = %detail, retry_in = ?backoff.delay(),
-                        "a unique index refuses a change in source order: the changes before it are committed, the partition waits at it until the row holding the value has moved");
+                        if reason == retry::FOREIGN_KEY_WAIT {
+                            warn!(topic, partition, offset, table, key, reason, error = %detail, retry_in = ?backoff.delay(),
+                            "a foreign key refuses a change in source order: the changes before it are committed, the partition waits at it until the row it needs (applied from another topic or partition) is there");
+                        } else {
+                            warn!(topic, partition, offset, table, key, reason, error = %detail, retry_in = ?backoff.delay(),
+                            "a unique index refuses a change in source order: the changes before it are committed, the partition waits at it until the row holding the value has moved");
+                        }
                         worker.hold(
                             topic,
                             partition,
-                            format!("{table} key {key} at offset {offset}: {detail}"),
+                            format!("{reason}: {table} key {key} at offset {offset}: {detail}"),
                         );
-                        backoff.wait(retry::UNIQUE_WAIT).await;
+                        backoff.wait(reason).await;
                         order = Order::Collapsed;
                         continue;
                     }
@@ -512,7 +520,6 @@ async fn apply_on_layout<M: Message>(
         // order) a refusal of no single change's: a deferred unique index
         // at commit, the offset row. Never a loop without a backoff.
         let reason = match &e {
-            BatchError::Unique(_) => retry::UNIQUE_WAIT,
             BatchError::Data(_) => retry::POSTGRES_REFUSED,
             _ => e.retry_reason(),
         };
@@ -571,12 +578,14 @@ enum Order {
 enum InOrder {
     /// Every change applied, the batch's offset stored.
     Committed(HashMap<usize, Applied>),
-    /// A unique index refused step `step`: the steps before it are
-    /// committed with the offset of its message (nothing when it is the
-    /// first), it and the rest are not.
+    /// A unique index or a foreign key refused step `step` (`reason`, a
+    /// `retry` label): the steps before it are committed with the offset
+    /// of its message (nothing when it is the first), it and the rest are
+    /// not.
     HeldAt {
         counts: HashMap<usize, Applied>,
         step: usize,
+        reason: &'static str,
         detail: String,
     },
     /// These steps PostgreSQL refuses alone, after the changes before
@@ -641,7 +650,7 @@ impl<'r> Rules<'r> {
     /// seen by it (DESIGN.md §3, "Failover homing").
     async fn read<M>(
         client: &impl tokio_postgres::GenericClient,
-        worker: &Worker,
+        config: &Config,
         tables: &'r [TargetTable],
         steps: &[Step<'_, M>],
     ) -> Result<Rules<'r>, tokio_postgres::Error> {
@@ -653,8 +662,8 @@ impl<'r> Rules<'r> {
         } else {
             HomingOverrides::default()
         };
-        let late_before = (worker.config.late_changes == LateChanges::Skip).then(|| {
-            let grace_ms = worker.config.tombstone_grace.as_millis() as i64;
+        let late_before = (config.late_changes == LateChanges::Skip).then(|| {
+            let grace_ms = config.tombstone_grace.as_millis() as i64;
             Hlc::new(clock::now_ms() - grace_ms, 0)
         });
         Ok(Rules {
@@ -669,7 +678,7 @@ impl<'r> Rules<'r> {
 /// are recorded) and applied, in the caller's transaction.
 async fn apply_rows(
     client: &impl deadpool_postgres::GenericClient,
-    worker: &Worker,
+    config: &Config,
     source_region: &str,
     rules: &Rules<'_>,
     t: usize,
@@ -684,14 +693,14 @@ async fn apply_rows(
         table,
         finals,
         source_region,
-        &worker.config.region,
+        &config.region,
         rules.late_before,
         &rules.homing,
     )
     .await?;
     if checked.late > 0 {
         warn!(table = %table.name, count = checked.late,
-            tombstone_grace = ?worker.config.tombstone_grace,
+            tombstone_grace = ?config.tombstone_grace,
             "changes older than tombstone_grace for keys without a row were not applied (late_changes = skip)");
     }
     let mut applied = Applied {
@@ -731,7 +740,7 @@ async fn commit<M: Message>(
         .await
         .map_err(classify)?;
     let mut counts: HashMap<usize, Applied> = HashMap::new();
-    let rules = Rules::read(&*tx, worker, tables, steps)
+    let rules = Rules::read(&*tx, &worker.config, tables, steps)
         .await
         .map_err(classify)?;
     // Rows between truncates, per table.
@@ -745,7 +754,7 @@ async fn commit<M: Message>(
             Step::Row { table, fin, .. } => pending.entry(*table).or_default().push(fin),
             Step::Truncate { table, ts_ms } => {
                 for (t, finals) in pending.drain() {
-                    let a = apply_rows(&tx, worker, source_region, &rules, t, finals)
+                    let a = apply_rows(&tx, &worker.config, source_region, &rules, t, finals)
                         .await
                         .map_err(classify)?;
                     *counts.entry(t).or_default() += a;
@@ -767,15 +776,56 @@ async fn commit<M: Message>(
     Ok(counts)
 }
 
+/// One replayed change (`regionsync dlq replay`) in a transaction of its
+/// own, through the same conflict check and version guard as a batch, but
+/// without an offset: the partition's stored offset moved past it long
+/// ago and must stay where the worker left it. Applied twice, it changes
+/// nothing the second time (the guard finds the row as new as it).
+pub(crate) async fn apply_replayed<M: Message>(
+    pool: &deadpool_postgres::Pool,
+    config: &Config,
+    tables: &[TargetTable],
+    source_region: &str,
+    steps: &[Step<'_, M>],
+) -> Result<Applied, BatchError> {
+    let classify = failure::classify;
+    let mut client = pool
+        .get()
+        .await
+        .map_err(|e| BatchError::Transient(e.into()))?;
+    let tx = client.transaction().await.map_err(classify)?;
+    tx.batch_execute(apply::session::APPLY_TRANSACTION_SQL)
+        .await
+        .map_err(classify)?;
+    let rules = Rules::read(&*tx, config, tables, steps)
+        .await
+        .map_err(classify)?;
+    let mut total = Applied::default();
+    for step in steps {
+        total += match step {
+            Step::Row { table, fin, .. } => {
+                apply_rows(&tx, config, source_region, &rules, *table, vec![fin]).await
+            }
+            Step::Truncate { table, ts_ms } => {
+                apply::apply_truncate(&tx, &tables[*table], *ts_ms, source_region).await
+            }
+        }
+        .map_err(classify)?;
+    }
+    tx.commit().await.map_err(classify)?;
+    Ok(total)
+}
+
 /// The batch again, one change at a time in source order, each under a
 /// savepoint, in one transaction: the order the source committed them in,
 /// so a unique index the source satisfied is satisfied here too, as long
 /// as the other partitions have caught up. Truncates and the conflict
 /// log are applied the same way, so whatever PostgreSQL refuses is found.
 ///
-/// A change refused as data (class 22, 23 but 23505, the rest of 42) is
-/// set aside and the next one tried; then nothing is committed and the
-/// caller dead-letters them. A change a unique index refuses (23505)
+/// A change refused as data (class 22, 23 but the constraints between
+/// rows, the rest of 42) is set aside and the next one tried; then
+/// nothing is committed and the caller dead-letters them. A change a
+/// unique index or a foreign key refuses (23505, 23P01, 23503, 23001)
 /// stops the pass: the changes before it are committed with its offset.
 /// A value this region's column cannot hold is set aside the same way
 /// when its table's `on_schema_mismatch` is `dlq`, and held otherwise.
@@ -797,7 +847,7 @@ async fn commit_in_order<M: Message>(
     tx.batch_execute(apply::session::APPLY_TRANSACTION_SQL)
         .await
         .map_err(classify)?;
-    let rules = Rules::read(&*tx, worker, tables, steps)
+    let rules = Rules::read(&*tx, &worker.config, tables, steps)
         .await
         .map_err(classify)?;
     let mut counts: HashMap<usize, Applied> = HashMap::new();
@@ -808,7 +858,15 @@ async fn commit_in_order<M: Message>(
         let (table, result) = match step {
             Step::Row { table, fin, .. } => (
                 *table,
-                apply_rows(&sp, worker, source_region, &rules, *table, vec![fin]).await,
+                apply_rows(
+                    &sp,
+                    &worker.config,
+                    source_region,
+                    &rules,
+                    *table,
+                    vec![fin],
+                )
+                .await,
             ),
             Step::Truncate { table, ts_ms } => (
                 *table,
@@ -826,8 +884,8 @@ async fn commit_in_order<M: Message>(
                     return Err(classify(e));
                 };
                 let set_aside = match classify(e) {
-                    BatchError::Unique(e) => {
-                        held = Some((i, e));
+                    BatchError::Wait(reason, e) => {
+                        held = Some((i, reason, e));
                         break;
                     }
                     BatchError::Data(e) => e,
@@ -868,7 +926,7 @@ async fn commit_in_order<M: Message>(
         tx.rollback().await.map_err(classify)?;
         return Ok(InOrder::Refused(refused));
     }
-    let Some((step, error)) = held else {
+    let Some((step, reason, error)) = held else {
         offsets::store(&tx, &worker.group, topic, partition, next, newest_ts_ms)
             .await
             .map_err(classify)?;
@@ -899,6 +957,7 @@ async fn commit_in_order<M: Message>(
     Ok(InOrder::HeldAt {
         counts,
         step,
+        reason,
         detail,
     })
 }
@@ -907,6 +966,7 @@ async fn commit_in_order<M: Message>(
 /// the broker's acknowledgement (before the offset moves past them).
 async fn send_to_dlq<M: Message>(
     worker: &Worker,
+    table: Option<&str>,
     rejected: &mut [Rejected<'_, M>],
 ) -> anyhow::Result<()> {
     for r in rejected.iter_mut().filter(|r| !r.sent) {
@@ -921,6 +981,7 @@ async fn send_to_dlq<M: Message>(
                 payload: r.msg.payload(),
                 reason: r.fault.reason(),
                 error: &error,
+                table,
             })
             .await?;
         r.sent = true;

@@ -167,11 +167,14 @@ pub enum BatchError {
     /// PostgreSQL refused the data (a bad value, a constraint): find the
     /// rows it refuses, one by one.
     Data(tokio_postgres::Error),
-    /// A unique index refused a row (23505). The source satisfied it, so
-    /// the order of the writes is at fault, never the row: applied in
-    /// source order, and where that still fails (the value is held by a
-    /// row of another partition, not yet moved) waited out.
-    Unique(tokio_postgres::Error),
+    /// A constraint between rows refused a row: a unique index or an
+    /// exclusion constraint (23505, 23P01: `unique_wait`), a foreign key
+    /// (23503, 23001: `foreign_key_wait`). The source satisfied it, so the
+    /// order of the writes is at fault, never the row: applied in source
+    /// order, and where that still fails (the value is held, or the parent
+    /// row is missing, because a change of another partition or topic has
+    /// not been applied yet) waited out with the `retry` label.
+    Wait(&'static str, tokio_postgres::Error),
     /// The connection or server failed: retry the whole batch.
     Transient(anyhow::Error),
     /// PostgreSQL refused for a reason outside the data (a privilege, a
@@ -184,14 +187,14 @@ impl BatchError {
     /// The `retry` label of a failure that is waited out.
     pub fn retry_reason(&self) -> &'static str {
         match self {
-            BatchError::Held(reason, _) => reason,
+            BatchError::Held(reason, _) | BatchError::Wait(reason, _) => reason,
             _ => retry::POSTGRES_UNAVAILABLE,
         }
     }
 
     pub fn into_error(self) -> anyhow::Error {
         match self {
-            BatchError::Data(e) | BatchError::Unique(e) | BatchError::Held(_, e) => e.into(),
+            BatchError::Data(e) | BatchError::Wait(_, e) | BatchError::Held(_, e) => e.into(),
             BatchError::Transient(e) => e,
         }
     }
@@ -202,44 +205,70 @@ pub fn classify(e: tokio_postgres::Error) -> BatchError {
     let Some(code) = e.code().map(|c| c.code().to_owned()) else {
         return BatchError::Transient(e.into());
     };
-    match code.as_str() {
-        // A REVOKE, or a role set up without its grants: a GRANT fixes it.
-        "42501" => BatchError::Held(retry::POSTGRES_PERMISSION, e),
-        // Undefined table, column, object (type) or function: a migration
-        // in progress, or a table not yet created.
-        "42P01" | "42703" | "42704" | "42883" => BatchError::Held(retry::POSTGRES_SCHEMA, e),
-        // A value too long or out of range, a NULL where this region has
-        // NOT NULL: the source's column held it, so this region's schema
-        // is behind (`on_schema_mismatch` decides).
-        "22001" | "22003" | "23502" => BatchError::Held(retry::SCHEMA_MISMATCH, e),
-        "23505" => BatchError::Unique(e),
-        // Classes 22 (data exception), 23 (integrity constraint), the rest
-        // of 42 (e.g. a cast that does not fit): the row, not the server.
-        c if ["22", "23", "42"].iter().any(|class| c.starts_with(class)) => BatchError::Data(e),
-        _ => BatchError::Transient(e.into()),
+    match sort_sqlstate(&code) {
+        Sqlstate::Held(reason) => BatchError::Held(reason, e),
+        Sqlstate::Wait(reason) => BatchError::Wait(reason, e),
+        Sqlstate::Data => BatchError::Data(e),
+        Sqlstate::Transient => BatchError::Transient(e.into()),
     }
 }
 
-/// Whether PostgreSQL's error is a unique index refusing a row (23505).
-pub fn is_unique_violation(e: &tokio_postgres::Error) -> bool {
-    e.code() == Some(&tokio_postgres::error::SqlState::UNIQUE_VIOLATION)
+/// What a SQLSTATE is, for [`classify`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Sqlstate {
+    /// Outside the data: hold the batch, with this `retry` label.
+    Held(&'static str),
+    /// A constraint between rows the source satisfied: source order, then
+    /// a wait with this `retry` label.
+    Wait(&'static str),
+    /// The row's own fault: source order, then dead-lettered.
+    Data,
+    /// The connection or the server.
+    Transient,
+}
+
+/// The kind of a SQLSTATE (the one table of them).
+pub fn sort_sqlstate(code: &str) -> Sqlstate {
+    match code {
+        // A REVOKE, or a role set up without its grants: a GRANT fixes it.
+        "42501" => Sqlstate::Held(retry::POSTGRES_PERMISSION),
+        // Undefined table, column, object (type) or function: a migration
+        // in progress, or a table not yet created.
+        "42P01" | "42703" | "42704" | "42883" => Sqlstate::Held(retry::POSTGRES_SCHEMA),
+        // A value too long or out of range, a NULL where this region has
+        // NOT NULL, a CHECK only this region has: the source's row passed
+        // its own schema, and a CHECK reads only its row, so this region's
+        // schema differs (`on_schema_mismatch` decides).
+        "22001" | "22003" | "23502" | "23514" => Sqlstate::Held(retry::SCHEMA_MISMATCH),
+        // Constraints between rows the source satisfied: the other row
+        // (the value's holder, the parent) is a change not applied yet.
+        "23505" | "23P01" => Sqlstate::Wait(retry::UNIQUE_WAIT),
+        // A foreign key refuses only where its triggers fire on replicated
+        // writes (ENABLE ALWAYS): the apply role `replica` skips them.
+        "23503" | "23001" => Sqlstate::Wait(retry::FOREIGN_KEY_WAIT),
+        // Classes 22 (data exception), 23 (integrity constraint), the rest
+        // of 42 (e.g. a cast that does not fit): the row, not the server.
+        c if ["22", "23", "42"].iter().any(|class| c.starts_with(class)) => Sqlstate::Data,
+        _ => Sqlstate::Transient,
+    }
 }
 
 /// The verdict on a batch that failed in PostgreSQL when applied collapsed
-/// (one statement per table and kind): a data error or a unique index is
-/// first tried again in source order (where a refused change then
+/// (one statement per table and kind): a data error, a unique index or a
+/// foreign key is first tried again in source order (where a refused change then
 /// becomes a [`Fault::RefusedByPostgres`] with [`refused_verdict`]);
 /// anything else is retried.
 pub fn batch_verdict(e: &BatchError) -> Verdict {
     match e {
-        BatchError::Data(_) | BatchError::Unique(_) => Verdict::InSourceOrder,
+        BatchError::Data(_) | BatchError::Wait(..) => Verdict::InSourceOrder,
         BatchError::Transient(_) | BatchError::Held(..) => Verdict::Retry,
     }
 }
 
 /// The verdict on a change PostgreSQL refused alone, in source order after
 /// the changes before it: dead-lettered, or the worker stops with
-/// `on_error = stop`. (A unique index is never this: it is waited out.)
+/// `on_error = stop`. (A unique index or a foreign key is never this: it
+/// is waited out.)
 pub fn refused_verdict(on_error: OnError) -> Verdict {
     match on_error {
         OnError::Stop => Verdict::Stop,
@@ -530,6 +559,44 @@ mod tests {
         assert_eq!(message_verdict(&unknown, &c), Verdict::DeadLetter);
         assert_eq!(unknown.reason(), reason::UNKNOWN_SCHEMA);
         assert_eq!(message_verdict(&unreachable, &c), Verdict::Retry);
+    }
+
+    #[test]
+    fn constraints_the_source_satisfied_are_waits_or_schema_differences() {
+        // Between rows: another partition's change is not applied yet.
+        assert_eq!(sort_sqlstate("23505"), Sqlstate::Wait(retry::UNIQUE_WAIT));
+        assert_eq!(sort_sqlstate("23P01"), Sqlstate::Wait(retry::UNIQUE_WAIT));
+        assert_eq!(
+            sort_sqlstate("23503"),
+            Sqlstate::Wait(retry::FOREIGN_KEY_WAIT)
+        );
+        assert_eq!(
+            sort_sqlstate("23001"),
+            Sqlstate::Wait(retry::FOREIGN_KEY_WAIT)
+        );
+        // Within the row: this region's schema differs.
+        for code in ["23514", "23502", "22001", "22003"] {
+            assert_eq!(
+                sort_sqlstate(code),
+                Sqlstate::Held(retry::SCHEMA_MISMATCH),
+                "{code}"
+            );
+        }
+        // A value PostgreSQL cannot take at all: the row's fault.
+        assert_eq!(sort_sqlstate("22P02"), Sqlstate::Data);
+        assert_eq!(sort_sqlstate("42804"), Sqlstate::Data);
+        assert_eq!(
+            sort_sqlstate("42501"),
+            Sqlstate::Held(retry::POSTGRES_PERMISSION)
+        );
+        assert_eq!(sort_sqlstate("57P01"), Sqlstate::Transient);
+        for s in [
+            retry::UNIQUE_WAIT,
+            retry::FOREIGN_KEY_WAIT,
+            retry::SCHEMA_MISMATCH,
+        ] {
+            assert!(retry::ALL.contains(&s));
+        }
     }
 
     #[test]

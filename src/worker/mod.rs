@@ -486,7 +486,7 @@ pub async fn run(
 
 /// Reads configured table `t` from the catalog, with its
 /// `on_schema_mismatch` (the table's, else the global one).
-async fn load_table(
+pub(crate) async fn load_table(
     client: &impl tokio_postgres::GenericClient,
     config: &Config,
     t: usize,
