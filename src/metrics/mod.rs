@@ -118,6 +118,9 @@ pub mod reason {
     pub const NOT_JSON: &str = "not_json";
     /// Avro bytes that are not a datum of their writer schema.
     pub const BAD_AVRO: &str = "bad_avro";
+    /// An Avro datum beyond a bound of the reader: nested deeper than its
+    /// depth limit, or more items than its item-memory budget.
+    pub const AVRO_LIMIT: &str = "avro_limit";
     /// The writer schema could not be had from the registry.
     pub const REGISTRY: &str = "registry";
     /// Not a Debezium envelope (missing or wrong parts, unknown op).
@@ -144,12 +147,13 @@ pub mod reason {
     pub const CLOCK_AHEAD: &str = "clock_ahead";
 
     /// Every reason, for documentation checks.
-    pub const ALL: [&str; 14] = [
+    pub const ALL: [&str; 15] = [
         OVERSIZED,
         UNCONFIGURED_TABLE,
         NULL_KEY,
         NOT_JSON,
         BAD_AVRO,
+        AVRO_LIMIT,
         REGISTRY,
         BAD_ENVELOPE,
         BAD_VALUE,
