@@ -44,6 +44,11 @@ pub const CONFLICTS_TOTAL: &str = "regionsync_conflicts_total";
 pub const WRITES_BY_CLASS_TOTAL: &str = "regionsync_writes_by_class_total";
 /// Tombstones removed after `tombstone_grace`.
 pub const TOMBSTONES_COLLECTED_TOTAL: &str = "regionsync_tombstones_collected_total";
+/// Conflicts in `regionsync.conflicts` not resolved yet (kept however old,
+/// unlike resolved ones). Label: table.
+pub const CONFLICTS_UNRESOLVED: &str = "regionsync_conflicts_unresolved";
+/// Resolved conflicts deleted after `conflicts.retention`.
+pub const CONFLICTS_PRUNED_TOTAL: &str = "regionsync_conflicts_pruned_total";
 /// Changes whose HLC or source time is further in the future than
 /// `max_clock_skew`, dead-lettered or applied by `clock_ahead` (held ones
 /// count as retries). Label: source_region.
