@@ -2,11 +2,12 @@
 SHELL := /bin/bash
 STACK := deploy/local/stack.sh
 
-.PHONY: help demo test lint rules-test deny-install unit integration stack-up stack-down stack-status stack-install bench bench-decode bench-peers workers-up workers-down k8s-check k8s-rules k8s-runtime-check image-check
+.PHONY: help demo test fuzz lint rules-test deny-install unit integration stack-up stack-down stack-status stack-install bench bench-decode bench-peers workers-up workers-down k8s-check k8s-rules k8s-runtime-check image-check
 
 help:
 	@echo "make demo          local two-region stack replicating live, lag visible"
 	@echo "make test          the whole test suite (brings the stack up if needed)"
+	@echo "make fuzz         the decoders' fuzz targets, FUZZ_SECONDS (60) each"
 	@echo "make stack-up      start the local two-region stack (idempotent)"
 	@echo "make stack-down    stop it; data under target/stack/ is kept"
 	@echo "make stack-status  one line per service: state, address, pid, log"
@@ -82,6 +83,7 @@ bench-peers: stack-up
 test: stack-install lint
 	cargo test --lib --bins --test cli_route --test config_doc
 	cargo test -p regionsync-tools
+	$(MAKE) fuzz
 	bash deploy/k8s/check.sh
 	bash $(STACK) up
 	bash deploy/k8s/tools/runtime_check.sh
@@ -96,6 +98,13 @@ test: stack-install lint
 	cargo test --test failover -- --test-threads=1
 	cargo test --test verify --test rebuild -- --test-threads=1
 	cargo test --test stack_lifecycle
+
+# The JSON and Avro decoders' fuzz targets (cargo-fuzz, nightly; fuzz/
+# README.md), each for FUZZ_SECONDS from the seeds in fuzz/seeds/; installs
+# cargo-fuzz on first use. A crash fails it, its input in fuzz/artifacts/.
+FUZZ_SECONDS ?= 60
+fuzz:
+	bash fuzz/run.sh $(FUZZ_SECONDS)
 
 lint: rules-test deny-install
 	cargo fmt --all --check

@@ -89,6 +89,9 @@ CREATE TABLE IF NOT EXISTS regionsync.conflicts (
 );
 CREATE INDEX IF NOT EXISTS conflicts_pending
     ON regionsync.conflicts (id) WHERE resolved_at IS NULL;
+-- The worker deletes resolved conflicts after `conflicts.retention`.
+CREATE INDEX IF NOT EXISTS conflicts_resolved
+    ON regionsync.conflicts (resolved_at) WHERE resolved_at IS NOT NULL;
 
 -- Failover homing (DESIGN.md §3): while `region` is failed over, the rows
 -- homed there are homed in `acting_home`, for every write whose source commit

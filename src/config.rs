@@ -185,8 +185,37 @@ pub struct Config {
     /// Changes older than `tombstone_grace` for keys with no row here.
     #[serde(default)]
     pub late_changes: LateChanges,
+    /// The conflicts recorded in `regionsync.conflicts`.
+    #[serde(default)]
+    pub conflicts: ConflictsConfig,
     /// The replicated tables; only these are ever written.
     pub tables: Vec<TableConfig>,
+}
+
+/// How long a resolved conflict is kept in `regionsync.conflicts`.
+pub const DEFAULT_CONFLICTS_RETENTION: Duration = Duration::from_secs(30 * 24 * 3600);
+
+/// The recorded conflicts (`regionsync.conflicts`, DESIGN.md §4).
+#[derive(Clone, Debug, Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConflictsConfig {
+    /// A resolved conflict (settled by its policy or by an operator) is
+    /// deleted this long after its resolution, e.g. "30d". Unresolved ones
+    /// are kept until resolved, and counted.
+    #[serde(default = "default_conflicts_retention", with = "humantime_serde")]
+    pub retention: Duration,
+}
+
+fn default_conflicts_retention() -> Duration {
+    DEFAULT_CONFLICTS_RETENTION
+}
+
+impl Default for ConflictsConfig {
+    fn default() -> Self {
+        ConflictsConfig {
+            retention: DEFAULT_CONFLICTS_RETENTION,
+        }
+    }
 }
 
 fn default_tombstone_grace() -> Duration {
@@ -692,6 +721,7 @@ const TOP_LEVEL_KEYS: &[&str] = &[
     "clock_ahead",
     "tombstone_grace",
     "late_changes",
+    "conflicts",
     "tables",
 ];
 
@@ -1133,6 +1163,9 @@ impl Config {
         if self.tombstone_grace < Duration::from_secs(1) {
             p.push("tombstone_grace: must be at least 1s (e.g. \"7d\")".into());
         }
+        if self.conflicts.retention < Duration::from_secs(1) {
+            p.push("conflicts.retention: must be at least 1s (e.g. \"30d\")".into());
+        }
         if self.max_clock_skew.is_zero() {
             p.push("max_clock_skew: must be above zero (e.g. \"5s\")".into());
         }
@@ -1245,6 +1278,7 @@ mod tests {
         assert_eq!(c.max_clock_skew, Duration::from_secs(5));
         assert_eq!(c.tombstone_grace, Duration::from_secs(7 * 24 * 3600));
         assert_eq!(c.late_changes, LateChanges::Skip);
+        assert_eq!(c.conflicts.retention, Duration::from_secs(30 * 24 * 3600));
         let topics: Vec<String> = c.mirrored_topics().into_iter().map(|t| t.0).collect();
         assert_eq!(
             topics,

@@ -75,24 +75,40 @@ pub async fn run(
         metrics::serve(config.metrics.listen.parse()?, handle, readiness.clone()).await?;
     }
     let pool = apply::session::pool(&config)?;
-    let mut attempt = 1;
-    while let Err(why) = check_connections(&config, &pool).await {
-        readiness.starting(why.clone());
-        if attempt == START_ATTEMPTS {
-            anyhow::bail!("{why}");
+    // Every wait of start-up (connection attempts and their backoff, a
+    // running rebuild's lock, reading the tables, a frozen PostgreSQL)
+    // ends on a shutdown: a SIGTERM then stops the worker within its grace
+    // period whatever is down.
+    tokio::pin!(shutdown);
+    let start = async {
+        let mut attempt = 1;
+        while let Err(why) = check_connections(&config, &pool).await {
+            readiness.starting(why.clone());
+            if attempt == START_ATTEMPTS {
+                anyhow::bail!("{why}");
+            }
+            let wait = std::time::Duration::from_secs(1 << (attempt - 1));
+            tracing::warn!(error = %why, attempt, retry_in = ?wait, "start-up: connecting failed");
+            tokio::time::sleep(wait).await;
+            attempt += 1;
         }
-        let wait = std::time::Duration::from_secs(1 << (attempt - 1));
-        tracing::warn!(error = %why, attempt, retry_in = ?wait, "start-up: connecting failed");
-        tokio::time::sleep(wait).await;
-        attempt += 1;
-    }
-    // Held for the worker's life: a rebuild into the live tables refuses
-    // while it is held, and a worker waits for a running rebuild.
-    let _running = rebuild::lock::hold_as_worker(&config).await?;
-    let (worker, events) = worker::Worker::connect(config, pool).await?;
-    readiness.set(worker.clone());
-    // Rejected writes a crash left pending (conflict::reassert_rejected).
-    worker::reassert_rejected(&worker).await;
+        // Held for the worker's life: a rebuild into the live tables refuses
+        // while it is held, and a worker waits for a running rebuild.
+        let running = rebuild::lock::hold_as_worker(&config).await?;
+        let (worker, events) = worker::Worker::connect(config, pool).await?;
+        readiness.set(worker.clone());
+        // Rejected writes a crash left pending (conflict::reassert_rejected).
+        worker::reassert_rejected(&worker).await;
+        anyhow::Ok((running, worker, events))
+    };
+    let (_running, worker, events) = tokio::select! {
+        biased;
+        _ = &mut shutdown => {
+            tracing::info!("shut down during start-up");
+            return Ok(());
+        }
+        started = start => started?,
+    };
     worker::run(worker, events, shutdown).await
 }
 

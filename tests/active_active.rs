@@ -1040,3 +1040,106 @@ async fn setup_installs_the_triggers_and_checks_the_replica_identity() {
         .get(0);
     assert_eq!(triggers, 4, "installed once each");
 }
+
+/// `conflicts.retention`: the worker deletes the conflicts resolved longer
+/// ago than it, and only those; unresolved ones stay however old, counted
+/// in `regionsync_conflicts_unresolved`.
+#[tokio::test]
+async fn resolved_conflicts_are_pruned_after_the_retention_and_open_ones_are_kept_and_counted() {
+    let table = TestTable::create("retention").await;
+    let b = region_b();
+    let name = format!("public.{}", table.name);
+    let db = admin_db(&b).await;
+    // (key, resolution, detected, resolved) with a retention of 30 minutes.
+    let recorded = [
+        ("old-resolved", "remote_won", "2 hours", Some("2 hours")),
+        ("resolved-1h-ago", "kept_local", "3 days", Some("1 hour")),
+        (
+            "recently-resolved",
+            "remote_won",
+            "2 hours",
+            Some("1 minute"),
+        ),
+        ("old-open", "open", "3 days", None),
+        ("old-rejected-pending", "rejected", "3 days", None),
+    ];
+    for (key, resolution, detected, resolved) in recorded {
+        db.execute(
+            "INSERT INTO regionsync.conflicts
+                    (table_name, row_key, kind, policy, remote_hlc, remote_origin, resolution,
+                     detected_at, resolved_at)
+             VALUES ($1, $2, 'update_update', 'lww', 1, $3, $4,
+                     now() - $5::text::interval, now() - $6::text::interval)",
+            &[
+                &name,
+                &key,
+                &region_a().name,
+                &resolution,
+                &detected,
+                &resolved,
+            ],
+        )
+        .await
+        .expect("record a conflict");
+    }
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port();
+    let toml = format!(
+        "{}\n[metrics]\nlisten = \"127.0.0.1:{port}\"\n[conflicts]\nretention = \"30m\"\n",
+        worker_toml_for(&b, &table, "")
+    );
+    let (mut worker, log) = spawn_worker(&toml, &format!("{}-retention", table.name));
+    let keys = || async {
+        admin_db(&b)
+            .await
+            .query(
+                "SELECT row_key FROM regionsync.conflicts WHERE table_name = $1 ORDER BY row_key",
+                &[&name],
+            )
+            .await
+            .expect("select conflicts")
+            .iter()
+            .map(|r| r.get::<_, String>(0))
+            .collect::<Vec<_>>()
+    };
+    let metric = |text: &str, line_start: &str| {
+        text.lines()
+            .find(|l| l.starts_with(line_start))
+            .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+    };
+    let gauge = format!("regionsync_conflicts_unresolved{{table=\"{name}\"}}");
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let (left, text) = loop {
+        let text = match reqwest::get(format!("http://127.0.0.1:{port}/metrics")).await {
+            Ok(resp) => resp.text().await.unwrap_or_default(),
+            Err(_) => String::new(),
+        };
+        let left = keys().await;
+        if left.len() == 3 && metric(&text, &gauge).is_some() {
+            break (left, text);
+        }
+        if Instant::now() > deadline {
+            let _ = worker.kill();
+            let log = log.lock().unwrap();
+            panic!(
+                "not pruned in 90 s: {left:?} left; log:\n{}",
+                log[log.len().saturating_sub(20)..].join("\n")
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    let _ = worker.kill();
+    let _ = worker.wait();
+    assert_eq!(
+        left,
+        ["old-open", "old-rejected-pending", "recently-resolved"],
+        "only the conflicts resolved before the retention are deleted"
+    );
+    assert_eq!(metric(&text, &gauge), Some(2.0), "{gauge}");
+    assert!(
+        metric(&text, "regionsync_conflicts_pruned_total").is_some_and(|n| n >= 2.0),
+        "pruned counter"
+    );
+}

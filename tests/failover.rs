@@ -545,3 +545,74 @@ async fn outage_scenario(policy: &str) {
     worker_a.stop().await;
     worker_b.stop().await;
 }
+
+/// How long Kubernetes waits after SIGTERM before it kills the pod
+/// (deploy/k8s/base/deployment.yaml).
+const GRACE: Duration = Duration::from_secs(30);
+
+/// Sends SIGTERM to `child` and waits (up to `GRACE`) for it to exit;
+/// returns how long that took, or fails naming the log.
+fn terminate(
+    child: &mut std::process::Child,
+    log: &std::sync::Mutex<Vec<String>>,
+    what: &str,
+) -> Duration {
+    let asked = Instant::now();
+    run(Command::new("kill")
+        .arg("-TERM")
+        .arg(child.id().to_string()));
+    loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            assert!(status.success(), "{what}: the worker exited with {status}");
+            return asked.elapsed();
+        }
+        if asked.elapsed() > GRACE {
+            let _ = child.kill();
+            let log = log.lock().unwrap();
+            panic!(
+                "{what}: still running {GRACE:?} after SIGTERM; log:\n{}",
+                log[log.len().saturating_sub(20)..].join("\n")
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// A SIGTERM ends the worker within its grace period whatever is down:
+/// here B's PostgreSQL frozen (SIGSTOP), once while batches wait on it and
+/// once while the worker is starting.
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_stops_the_worker_within_its_grace_period_with_postgres_frozen() {
+    let table = TestTable::create("drain").await;
+    let topic = format!("cdc.public.{}", table.name);
+    let toml = worker_toml(&table, &topic, "");
+    let (mut child, log) = spawn_worker(&toml, &format!("{}-drain", table.name));
+    let _stop = scopeguard(child.id());
+    insert_users(&table, 1, 20).await;
+    table.wait_converged(Duration::from_secs(120)).await;
+
+    let mut frozen = postgres_b_processes();
+    frozen.extend(postgres_b_parent());
+    let thaw = Continue(frozen.clone());
+    let _ = Command::new("kill").arg("-STOP").args(&frozen).status();
+    // Changes arrive for a database that does not answer: their batch
+    // waits on it.
+    insert_users(&table, 21, 20).await;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let running = tokio::task::block_in_place(|| terminate(&mut child, &log, "running"));
+
+    // Started with the database already frozen.
+    let (mut child, log) = spawn_worker(&toml, &format!("{}-drain-start", table.name));
+    let _stop = scopeguard(child.id());
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let starting = tokio::task::block_in_place(|| terminate(&mut child, &log, "starting"));
+    drop(thaw);
+    eprintln!("exited {running:?} after SIGTERM while running, {starting:?} while starting");
+    assert!(running < Duration::from_secs(20), "running: {running:?}");
+    assert!(starting < Duration::from_secs(5), "starting: {starting:?}");
+    // Nothing lost: the changes held by the frozen database arrive.
+    let (mut child, log) = spawn_worker(&toml, &format!("{}-drain-after", table.name));
+    let _stop = scopeguard(child.id());
+    assert_eq!(table.wait_converged(Duration::from_secs(120)).await, 40);
+    tokio::task::block_in_place(|| terminate(&mut child, &log, "after"));
+}

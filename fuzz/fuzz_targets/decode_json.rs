@@ -6,15 +6,27 @@ use libfuzzer_sys::fuzz_target;
 use regionsync::decode::{decode_json, Decoded};
 
 const TYPES: &[&str] = &[
-    "bigint", "numeric(12,2)", "numeric", "date", "timestamp without time zone",
-    "timestamp with time zone", "bytea", "text[]", "jsonb", "uuid", "double precision",
+    "bigint",
+    "numeric(12,2)",
+    "numeric",
+    "date",
+    "timestamp without time zone",
+    "timestamp with time zone",
+    "bytea",
+    "text[]",
+    "jsonb",
+    "uuid",
+    "double precision",
 ];
 
 fuzz_target!(|data: &[u8]| {
-    // First byte splits the input into key and value.
-    let split = data.first().map_or(0, |b| *b as usize).min(data.len().saturating_sub(1));
-    let (key, value) = data.split_at(split);
-    if let Ok(Decoded::Change(change)) = decode_json(Some(key), Some(value)) {
+    // A 2-byte big-endian key length, the key, the value (empty: null), as
+    // decode_avro's input and the seeds (fuzz/seeds/decode_json/).
+    let [a, b, rest @ ..] = data else { return };
+    let split = usize::from(u16::from_be_bytes([*a, *b])).min(rest.len());
+    let (key, value) = rest.split_at(split);
+    let value = (!value.is_empty()).then_some(value);
+    if let Ok(Decoded::Change(change)) = decode_json(Some(key), value) {
         for row in [change.before, change.after].into_iter().flatten() {
             for typed in row.values() {
                 for t in TYPES {

@@ -20,13 +20,16 @@
 //! inside the batch's transaction, `resolve` the settling of what it
 //! recorded. It checks rows as `apply::prepare` rendered them, before
 //! `apply::write` writes them, so it reads the applier's table and row
-//! types.
+//! types. `retention` deletes resolved conflicts after
+//! `conflicts.retention` and counts the unresolved ones.
 
 mod check;
 mod resolve;
+mod retention;
 
 pub use check::{check, Checked};
 pub use resolve::{list, reassert_rejected, resolve, Keep, Listed, Resolved};
+pub use retention::{prune, unresolved};
 
 use crate::clock::Version;
 use crate::config::Policy;

@@ -1,19 +1,24 @@
 //! Avro messages in the Confluent wire format (magic byte 0, a 4-byte
 //! big-endian schema id, then the Avro datum): the writer schema comes from
-//! the source region's schema registry through schema_registry_converter,
-//! which fetches and caches it; the datum is read by `avro` (apache-avro
-//! for the schemas it does not read).
+//! the source region's schema registry through schema_registry_converter;
+//! the datum is read by `avro_reader`.
 //!
 //! Why not `AvroDecoder::decode_with_schema` for every message: it clones
 //! the schema's resolved names (a map keyed by strings) and its name on
 //! every call, a visible share of the worker's CPU in a profile of an Avro
 //! replay. Here each schema id gets one reader, built once and shared.
+//!
+//! The readers are kept in one cache per source region, bounded by the
+//! size of their schemas ([`READER_CACHE_BYTES`]), least recently used
+//! first out: a schema id is whatever a message says, so a cache that kept
+//! every id ever seen would grow with every bad message. The registry
+//! client keeps nothing (a fresh client cache per lookup), so an evicted
+//! schema is asked for again, and a failed lookup is never kept.
 
-use std::io::Cursor;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use apache_avro::reader::datum::GenericDatumReader;
 use apache_avro::types::Value;
 use apache_avro::Schema;
 use futures::future::BoxFuture;
@@ -23,16 +28,13 @@ use schema_registry_converter::async_impl::schema_registry::SrSettings;
 
 use anyhow::Context as _;
 
-use super::avro_reader::Plan;
+use super::avro_reader::{Plan, ReadError};
 use crate::config::Config;
 
-/// One datum reader per writer schema id.
-struct Reader {
-    schema: &'static Schema,
-    /// `None` where the schema has a kind `avro` does not read.
-    plan: Option<Plan>,
-    reader: GenericDatumReader<'static>,
-}
+/// How much schema text (canonical form) the readers of one source region
+/// may keep: thousands of Debezium schemas (2-10 KB each), a few per table
+/// and schema version.
+pub const READER_CACHE_BYTES: usize = 16 << 20;
 
 /// How much of a datum to build.
 #[derive(Clone, Copy)]
@@ -56,6 +58,10 @@ pub enum AvroError {
     /// The bytes are not a datum of their writer schema.
     #[error("{0}")]
     Datum(String),
+    /// The datum is beyond a bound of the reader (nesting depth, item
+    /// memory; `avro_reader`): bad data, whatever its schema says.
+    #[error("{0}")]
+    Limit(String),
 }
 
 /// Where writer schemas come from, by id: the source region's registry,
@@ -70,10 +76,10 @@ pub trait SchemaSource: Send + Sync {
 pub const REGISTRY_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A Confluent-compatible schema registry (Apicurio's `ccompat` API too),
-/// through schema_registry_converter. Only schemas it gave are kept (by
-/// [`AvroSource`]); a failed lookup is forgotten at once, so the next try
-/// asks again.
-pub struct ConfluentRegistry(AvroDecoder);
+/// through schema_registry_converter. It keeps nothing: each lookup gets a
+/// client cache of its own, dropped with it, and only schemas it gave are
+/// kept (by [`AvroSource`]'s bounded cache).
+pub struct ConfluentRegistry(SrSettings);
 
 impl ConfluentRegistry {
     pub fn new(url: &str) -> anyhow::Result<Self> {
@@ -81,7 +87,7 @@ impl ConfluentRegistry {
             .set_timeout(REGISTRY_TIMEOUT)
             .build()
             .map_err(|e| anyhow::anyhow!("schema registry client for {url}: {e}"))?;
-        Ok(ConfluentRegistry(AvroDecoder::new(settings)))
+        Ok(ConfluentRegistry(settings))
     }
 
     /// The registry at `url` with the configuration's credentials (basic
@@ -109,24 +115,23 @@ impl ConfluentRegistry {
         let settings = settings
             .build_with(client)
             .map_err(|e| anyhow::anyhow!("schema registry client for {url}: {e}"))?;
-        Ok(ConfluentRegistry(AvroDecoder::new(settings)))
+        Ok(ConfluentRegistry(settings))
     }
 }
 
 impl SchemaSource for ConfluentRegistry {
     fn schema(&self, id: u32) -> BoxFuture<'_, Result<Schema, AvroError>> {
         Box::pin(async move {
-            match self.0.get_schema(id).await {
+            // A decoder of its own (the settings, with their HTTP client,
+            // are shared): the client caches every id it resolves, and
+            // failures, for good; this one is dropped with its cache.
+            let client = AvroDecoder::new(self.0.clone());
+            match client.get_schema(id).await {
                 Ok(registered) => {
                     Ok(with_time_units(&registered.raw)
                         .unwrap_or_else(|| registered.parsed.clone()))
                 }
-                Err(e) => {
-                    // The client keeps non-retriable failures (a 404, but
-                    // also a 500 or 401) for good: drop them.
-                    self.0.remove_errors_from_cache();
-                    Err(registry_error(id, &e.to_string()))
-                }
+                Err(e) => Err(registry_error(id, &e.to_string())),
             }
         })
     }
@@ -218,17 +223,72 @@ impl SchemaSource for FixedSchemas {
     }
 }
 
+/// A reader in the cache: its size (what it costs the cache) and when it
+/// was last used (by [`Readers::clock`]).
+struct Cached {
+    plan: Arc<Plan>,
+    bytes: usize,
+    used: AtomicU64,
+}
+
+/// The readers of the schema ids seen lately, within `limit` bytes.
+struct Readers {
+    by_id: FxHashMap<u32, Cached>,
+    bytes: usize,
+    limit: usize,
+}
+
+impl Readers {
+    /// Keeps `plan` for `id` at the cost of `bytes`, dropping the least
+    /// recently used readers beyond the limit. A schema larger than the
+    /// whole cache is not kept (it is read once and asked for again).
+    fn insert(&mut self, id: u32, plan: Arc<Plan>, bytes: usize, now: u64) -> Arc<Plan> {
+        if let Some(kept) = self.by_id.get(&id) {
+            return kept.plan.clone();
+        }
+        if bytes > self.limit {
+            return plan;
+        }
+        while self.bytes + bytes > self.limit {
+            let Some(oldest) = self
+                .by_id
+                .iter()
+                .min_by_key(|(_, c)| c.used.load(Ordering::Relaxed))
+                .map(|(id, _)| *id)
+            else {
+                break;
+            };
+            if let Some(gone) = self.by_id.remove(&oldest) {
+                self.bytes -= gone.bytes;
+            }
+        }
+        self.bytes += bytes;
+        let used = AtomicU64::new(now);
+        self.by_id.insert(
+            id,
+            Cached {
+                plan: plan.clone(),
+                bytes,
+                used,
+            },
+        );
+        plan
+    }
+}
+
 /// The Avro side of one source region: its schemas and the readers of the
-/// schema ids seen so far.
+/// schema ids seen lately.
 pub struct AvroSource {
     registry: Box<dyn SchemaSource>,
-    readers: RwLock<FxHashMap<u32, Arc<Reader>>>,
+    readers: RwLock<Readers>,
+    /// Ticks once per lookup: the cache's notion of recent.
+    clock: AtomicU64,
 }
 
 /// A decoded Avro datum with the schema it was written with.
 pub struct Datum {
     pub value: Value,
-    pub schema: &'static Schema,
+    pub schema: Arc<Schema>,
 }
 
 impl AvroSource {
@@ -247,10 +307,26 @@ impl AvroSource {
     }
 
     pub fn with_schemas(schemas: impl SchemaSource + 'static) -> Self {
+        Self::with_cache_limit(schemas, READER_CACHE_BYTES)
+    }
+
+    /// With readers kept up to `limit` bytes of schema text.
+    pub fn with_cache_limit(schemas: impl SchemaSource + 'static, limit: usize) -> Self {
         AvroSource {
             registry: Box::new(schemas),
-            readers: RwLock::new(FxHashMap::default()),
+            readers: RwLock::new(Readers {
+                by_id: FxHashMap::default(),
+                bytes: 0,
+                limit,
+            }),
+            clock: AtomicU64::new(0),
         }
+    }
+
+    /// How many readers are kept, and their schemas' size.
+    pub fn cached(&self) -> (usize, usize) {
+        let readers = self.readers.read().expect("readers lock");
+        (readers.by_id.len(), readers.bytes)
     }
 
     /// Decodes one key or value whole; `None` for a null (a tombstone's
@@ -274,47 +350,37 @@ impl AvroSource {
             return Ok(None);
         };
         let (id, datum) = split_wire_format(bytes).map_err(AvroError::Datum)?;
-        let reader = self.reader(id).await?;
-        let value = match (&reader.plan, part) {
-            (Some(plan), Part::Whole) => plan.read(datum),
-            (Some(plan), Part::Envelope) => plan.read_envelope(datum),
-            (None, _) => reader
-                .reader
-                .read_value(&mut Cursor::new(datum))
-                .map_err(|e| e.to_string()),
+        let plan = self.reader(id).await?;
+        let value = match part {
+            Part::Whole => plan.read(datum),
+            Part::Envelope => plan.read_envelope(datum),
         }
-        .map_err(|e| {
-            AvroError::Datum(format!("the datum does not match writer schema {id}: {e}"))
+        .map_err(|e| match e {
+            ReadError::Limit(e) => AvroError::Limit(format!("schema id {id}: {e}")),
+            ReadError::Datum(e) => {
+                AvroError::Datum(format!("the datum does not match writer schema {id}: {e}"))
+            }
         })?;
         Ok(Some(Datum {
             value,
-            schema: reader.schema,
+            schema: plan.schema().clone(),
         }))
     }
 
-    async fn reader(&self, id: u32) -> Result<Arc<Reader>, AvroError> {
-        if let Some(r) = self.readers.read().expect("readers lock").get(&id) {
-            return Ok(r.clone());
+    async fn reader(&self, id: u32) -> Result<Arc<Plan>, AvroError> {
+        let now = self.clock.fetch_add(1, Ordering::Relaxed);
+        if let Some(r) = self.readers.read().expect("readers lock").by_id.get(&id) {
+            r.used.store(now, Ordering::Relaxed);
+            return Ok(r.plan.clone());
         }
-        let registered = self.registry.schema(id).await?;
-        // Kept for the process's life, like the registry client's own
-        // cache: one per schema id ever seen, a handful per table.
-        let schema: &'static Schema = Box::leak(Box::new(registered));
-        let reader = GenericDatumReader::builder(schema)
-            .build()
-            .map_err(|e| AvroError::Datum(format!("schema id {id} cannot be read: {e}")))?;
-        let reader = Arc::new(Reader {
-            schema,
-            plan: Plan::new(schema),
-            reader,
-        });
+        let schema = self.registry.schema(id).await?;
+        let bytes = schema.canonical_form().len();
+        let plan = Arc::new(Plan::new(Arc::new(schema)));
         Ok(self
             .readers
             .write()
             .expect("readers lock")
-            .entry(id)
-            .or_insert(reader)
-            .clone())
+            .insert(id, plan, bytes, now))
     }
 }
 
@@ -440,10 +506,7 @@ mod tests {
             source.decode(Some(&bytes)).await,
             Err(AvroError::UnknownSchema(_))
         ));
-        assert!(
-            source.readers.read().unwrap().is_empty(),
-            "no reader kept for a failure"
-        );
+        assert!(source.cached().0 == 0, "no reader kept for a failure");
     }
 
     #[test]
@@ -459,5 +522,111 @@ mod tests {
         assert!(split_wire_format(&[1, 0, 0, 0, 1, 2])
             .unwrap_err()
             .contains("magic"));
+    }
+
+    /// A registry of `n` distinct schemas (ids 1..=n) that counts lookups.
+    struct Counting(FixedSchemas, Arc<std::sync::atomic::AtomicUsize>);
+
+    impl SchemaSource for Counting {
+        fn schema(&self, id: u32) -> BoxFuture<'_, Result<Schema, AvroError>> {
+            self.1.fetch_add(1, Ordering::Relaxed);
+            self.0.schema(id)
+        }
+    }
+
+    fn counting(n: u32) -> (Counting, Arc<std::sync::atomic::AtomicUsize>) {
+        let schemas = (1..=n)
+            .map(|id| {
+                let text = format!(r#"{{"type": "record", "name": "R{id}", "fields": [{{"name": "x", "type": "long"}}]}}"#);
+                (id, Schema::parse_str(&text).unwrap())
+            })
+            .collect();
+        let asked = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        (Counting(FixedSchemas(schemas), asked.clone()), asked)
+    }
+
+    fn message(id: u32) -> Vec<u8> {
+        let mut bytes = vec![0];
+        bytes.extend(id.to_be_bytes());
+        bytes.push(2); // x = 1
+        bytes
+    }
+
+    #[tokio::test]
+    async fn readers_of_arbitrary_schema_ids_are_kept_within_the_cache_bound() {
+        let one = Schema::parse_str(
+            r#"{"type": "record", "name": "R1000", "fields": [{"name": "x", "type": "long"}]}"#,
+        )
+        .unwrap()
+        .canonical_form()
+        .len();
+        // Room for 10 schemas; 1,000 ids are seen.
+        let (registry, asked) = counting(1000);
+        let source = AvroSource::with_cache_limit(registry, 10 * one);
+        for id in 1..=1000 {
+            let datum = source.decode(Some(&message(id))).await.unwrap().unwrap();
+            assert_eq!(
+                datum.value,
+                Value::Record(vec![("x".into(), Value::Long(1))])
+            );
+        }
+        let (kept, bytes) = source.cached();
+        assert!(
+            kept <= 10 && bytes <= 10 * one,
+            "{kept} readers, {bytes} bytes"
+        );
+        // A schema in use stays (least recently used out), an evicted one
+        // is asked for again.
+        assert_eq!(asked.load(Ordering::Relaxed), 1000);
+        for _ in 0..3 {
+            for id in [7, 1000] {
+                source.decode(Some(&message(id))).await.unwrap();
+            }
+        }
+        assert_eq!(
+            asked.load(Ordering::Relaxed),
+            1001,
+            "7 asked for once again, 1000 kept"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_recursive_schema_with_a_uuid_is_bounded_too() {
+        // A uuid once made apache-avro read the whole datum, recursing once
+        // per level with no limit: now it reads only the uuid itself.
+        let schema = Schema::parse_str(
+            r#"{"type": "record", "name": "Node", "fields": [
+                {"name": "id", "type": {"type": "string", "logicalType": "uuid"}},
+                {"name": "next", "type": ["null", "Node"]}]}"#,
+        )
+        .unwrap();
+        let source = AvroSource::with_schemas(FixedSchemas([(3, schema)].into_iter().collect()));
+        let uuid = "0b7c1a36-5f8e-4c0e-9d4e-2f3a1b6c7d8e";
+        let node = |last: bool| {
+            let mut bytes = vec![uuid.len() as u8 * 2];
+            bytes.extend(uuid.as_bytes());
+            bytes.push(if last { 0 } else { 2 });
+            bytes
+        };
+        let mut shallow = vec![0, 0, 0, 0, 3];
+        shallow.extend(node(false));
+        shallow.extend(node(true));
+        let read = source.decode(Some(&shallow)).await.unwrap().unwrap();
+        assert!(matches!(read.value, Value::Record(_)));
+        let mut deep = vec![0, 0, 0, 0, 3];
+        for _ in 0..50_000 {
+            deep.extend(node(false));
+        }
+        deep.extend(node(true));
+        match source.decode_envelope(Some(&deep)).await {
+            Err(AvroError::Limit(e)) => {
+                assert!(
+                    e.contains("schema id 3") && e.contains("depth limit"),
+                    "{e}"
+                )
+            }
+            Err(other) => panic!("{other}"),
+            Ok(_) => panic!("read"),
+        }
     }
 }

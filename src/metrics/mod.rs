@@ -44,6 +44,11 @@ pub const CONFLICTS_TOTAL: &str = "regionsync_conflicts_total";
 pub const WRITES_BY_CLASS_TOTAL: &str = "regionsync_writes_by_class_total";
 /// Tombstones removed after `tombstone_grace`.
 pub const TOMBSTONES_COLLECTED_TOTAL: &str = "regionsync_tombstones_collected_total";
+/// Conflicts in `regionsync.conflicts` not resolved yet (kept however old,
+/// unlike resolved ones). Label: table.
+pub const CONFLICTS_UNRESOLVED: &str = "regionsync_conflicts_unresolved";
+/// Resolved conflicts deleted after `conflicts.retention`.
+pub const CONFLICTS_PRUNED_TOTAL: &str = "regionsync_conflicts_pruned_total";
 /// Changes whose HLC or source time is further in the future than
 /// `max_clock_skew`, dead-lettered or applied by `clock_ahead` (held ones
 /// count as retries). Label: source_region.
@@ -118,6 +123,9 @@ pub mod reason {
     pub const NOT_JSON: &str = "not_json";
     /// Avro bytes that are not a datum of their writer schema.
     pub const BAD_AVRO: &str = "bad_avro";
+    /// An Avro datum beyond a bound of the reader: nested deeper than its
+    /// depth limit, or more items than its item-memory budget.
+    pub const AVRO_LIMIT: &str = "avro_limit";
     /// The writer schema could not be had from the registry.
     pub const REGISTRY: &str = "registry";
     /// Not a Debezium envelope (missing or wrong parts, unknown op).
@@ -144,12 +152,13 @@ pub mod reason {
     pub const CLOCK_AHEAD: &str = "clock_ahead";
 
     /// Every reason, for documentation checks.
-    pub const ALL: [&str; 14] = [
+    pub const ALL: [&str; 15] = [
         OVERSIZED,
         UNCONFIGURED_TABLE,
         NULL_KEY,
         NOT_JSON,
         BAD_AVRO,
+        AVRO_LIMIT,
         REGISTRY,
         BAD_ENVELOPE,
         BAD_VALUE,

@@ -1,7 +1,7 @@
 //! What the worker does beside applying batches, for as long as it runs:
 //! the lag reporter (gauges every second, readiness every five), the
-//! tombstone collector, and re-asserting the local rows of rejected
-//! cross-region writes.
+//! tombstone collector, the retention of resolved conflicts, and
+//! re-asserting the local rows of rejected cross-region writes.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -58,6 +58,45 @@ pub(super) async fn collect_tombstones(worker: Arc<Worker>) {
             }
             Err(e) => {
                 warn!(error = %format!("{e:#}"), "collecting tombstones failed; retried later")
+            }
+        }
+    }
+}
+
+/// Deletes the conflicts resolved longer than `conflicts.retention` ago and
+/// sets the gauge of unresolved ones (0 for a configured table without
+/// any), every minute (or every tenth of the retention, if shorter).
+/// Failures are retried next time.
+pub(super) async fn maintain_conflicts(worker: Arc<Worker>) {
+    let retention = worker.config.conflicts.retention;
+    let every = (retention / 10).clamp(Duration::from_secs(1), Duration::from_secs(60));
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let maintain = async {
+            let client = worker.pool.get().await?;
+            let pruned = conflict::prune(&**client, retention).await?;
+            anyhow::Ok((pruned, conflict::unresolved(&**client).await?))
+        };
+        match maintain.await {
+            Ok((pruned, unresolved)) => {
+                if pruned > 0 {
+                    metrics::counter!(m::CONFLICTS_PRUNED_TOTAL).increment(pruned);
+                    info!(pruned, conflicts_retention = ?retention, "resolved conflicts pruned");
+                }
+                let mut counts: HashMap<String, i64> = worker
+                    .tables()
+                    .iter()
+                    .map(|t| (t.name.clone(), 0))
+                    .collect();
+                counts.extend(unresolved);
+                for (table, n) in counts {
+                    metrics::gauge!(m::CONFLICTS_UNRESOLVED, "table" => table).set(n as f64);
+                }
+            }
+            Err(e) => {
+                warn!(error = %format!("{e:#}"), "pruning resolved conflicts failed; retried later")
             }
         }
     }

@@ -289,10 +289,11 @@ impl Planner<'_> {
                 error,
             })?;
         match (key, value) {
-            (Some(key), value) => {
-                decode::decode_avro(key.value, key.schema, value.map(|v| (v.value, v.schema)))
+            (Some(key), Some(v)) => {
+                decode::decode_avro(key.value, &key.schema, Some((v.value, &*v.schema)))
             }
-            (None, Some(v)) => decode::decode_avro_keyless(v.value, v.schema),
+            (Some(key), None) => decode::decode_avro(key.value, &key.schema, None),
+            (None, Some(v)) => decode::decode_avro_keyless(v.value, &v.schema),
             (None, None) => Err(DecodeError::MissingKey),
         }
         .map_err(Fault::Decode)

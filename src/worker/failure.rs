@@ -81,6 +81,10 @@ impl Fault {
                 ..
             } => reason::BAD_AVRO,
             Fault::Avro {
+                error: AvroError::Limit(_),
+                ..
+            } => reason::AVRO_LIMIT,
+            Fault::Avro {
                 error: AvroError::UnknownSchema(_),
                 ..
             } => reason::UNKNOWN_SCHEMA,
@@ -489,8 +493,17 @@ mod tests {
             part: "value",
             error: AvroError::Datum("the datum ends".into()),
         };
+        let limit = Fault::Avro {
+            part: "value",
+            error: AvroError::Limit("values nested deeper than 64 levels".into()),
+        };
         assert_eq!(registry.reason(), reason::REGISTRY);
         assert_eq!(datum.reason(), reason::BAD_AVRO);
+        // A datum beyond the reader's bounds is the data's fault.
+        assert_eq!(limit.reason(), reason::AVRO_LIMIT);
+        let config = config("");
+        assert_eq!(message_verdict(&limit, &config), Verdict::DeadLetter);
+        assert_eq!(limit.retry_reason(&config), None);
         assert_eq!(
             Fault::Decode(DecodeError::Avro("x".into())).reason(),
             reason::BAD_AVRO
@@ -504,6 +517,10 @@ mod tests {
             Fault::Decode(DecodeError::MissingKey),
             Fault::Decode(DecodeError::Json("x".into())),
             Fault::NoRegistry("r".into()),
+            Fault::Avro {
+                part: "value",
+                error: AvroError::Limit("l".into()),
+            },
             Fault::UnconfiguredTable {
                 source_table: "a.b".into(),
                 topic: "t".into(),

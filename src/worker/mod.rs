@@ -19,7 +19,7 @@
 //! | `partition` | one partition's task: batching, duplicates, the batch retry loop |
 //! | `batch` | a batch's plan (pure) and its transaction |
 //! | `failure` | the one error decision: retry, dead-letter or stop; the backoff |
-//! | `background` | the lag reporter, the tombstone collector, re-asserting rejected writes |
+//! | `background` | the lag reporter, the tombstone collector, the conflicts' retention, re-asserting rejected writes |
 
 mod background;
 pub(crate) mod batch;
@@ -358,6 +358,7 @@ pub async fn run(
     info!(group = %worker.group, topics = ?topics, "consuming");
     let reporter = tokio::spawn(background::report_lag(worker.clone()));
     let collector = tokio::spawn(background::collect_tombstones(worker.clone()));
+    let conflicts = tokio::spawn(background::maintain_conflicts(worker.clone()));
     let mut tasks: HashMap<(String, i32), PartitionTask> = HashMap::new();
     // One queue per partition for the consumer's life: dropping a split
     // queue detaches librdkafka's wake-up from it, which would leave a new
@@ -481,6 +482,7 @@ pub async fn run(
     }
     reporter.abort();
     collector.abort();
+    conflicts.abort();
     result
 }
 

@@ -73,7 +73,12 @@ async fn decode_all(
                     .await
                     .expect("avro value");
                 let key = key.expect("a key");
-                decode::decode_avro(key.value, key.schema, value.map(|v| (v.value, v.schema)))
+                match value {
+                    Some(v) => {
+                        decode::decode_avro(key.value, &key.schema, Some((v.value, &*v.schema)))
+                    }
+                    None => decode::decode_avro(key.value, &key.schema, None),
+                }
             }
         };
         match decoded {
