@@ -365,6 +365,12 @@ pg_down() {
   [ -n "$p" ] || return 0
   if kill -0 "$p" 2>/dev/null; then
     log "stopping $name (pid $p)"
+    # Its runuser parent stops itself when the postmaster is stopped (a
+    # test's SIGSTOP) and, if its SIGCONT came first, stays stopped: it
+    # would never reap the postmaster, left a zombie after pg_ctl stop.
+    local parent
+    parent=$(ps -o ppid= -p "$p" 2>/dev/null | tr -d ' ')
+    if [ -n "$parent" ] && [ "$parent" != 1 ]; then kill -CONT "$parent" 2>/dev/null || true; fi
     as_postgres "$PG_BIN/pg_ctl" -D "$STATE/$name" -m fast -w -t 60 stop >/dev/null 2>&1 ||
       stop_pid "$name" 30
   fi
