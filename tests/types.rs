@@ -316,7 +316,7 @@ const REFUSED: &[(i64, &str, &str, &str, &str, &str)] = &[
     (
         39,
         "c_real_narrow",
-        "0.1",
+        "3.141592653589793",
         "real",
         "schema_mismatch",
         "has no exact real (float4) form",

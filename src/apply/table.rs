@@ -302,10 +302,19 @@ impl Fit {
                 Ok(v) if v.is_finite() && (v as f32).is_infinite() => Err(format!(
                     "the value {text} is beyond real's (float4's) range"
                 )),
-                Ok(v) if v.is_finite() && f64::from(v as f32) != v => Err(format!(
-                    "the value {text} has no exact real (float4) form (it would be rounded to {})",
-                    f64::from(v as f32)
-                )),
+                // Exact as a float4 widened (Debezium's float32), or the
+                // float4 whose shortest text is this number's (schemaless
+                // JSON's 0.1, or a double 0.1: PostgreSQL shows the float4
+                // as 0.1 too, and to_jsonb of both rows is equal).
+                Ok(v) if v.is_finite()
+                    && f64::from(v as f32) != v
+                    && (v as f32).to_string().parse::<f64>() != Ok(v) =>
+                {
+                    Err(format!(
+                        "the value {text} has no exact real (float4) form (it would be rounded to {})",
+                        v as f32
+                    ))
+                }
                 _ => Ok(()),
             },
         }
@@ -1071,10 +1080,20 @@ mod tests {
             // A float4 value widened to a double, as Debezium's float32.
             "0.10000000149011612",
             "340282346638528860000000000000000000000",
+            // The float4 0.1's own text (schemaless JSON), or a double
+            // whose float4 PostgreSQL shows as the same number.
+            "0.1",
+            "3.1415927",
         ] {
             assert!(real.check(fits).is_ok(), "{fits}");
         }
-        for rounded in ["0.1", "16777217", "1e308", "3.141592653589793"] {
+        for rounded in [
+            "16777217",
+            "1e308",
+            "3.141592653589793",
+            "0.123456789",
+            "1e-46",
+        ] {
             assert!(real.check(rounded).is_err(), "{rounded}");
         }
         assert_eq!(Fit::of("double precision"), Fit::Any);
