@@ -196,7 +196,9 @@ pub struct Replayed {
     /// Dead letters read (after the filter).
     pub letters: u64,
     /// What the changes did: `applied` written, `stale` found a row or
-    /// tombstone as new or newer (already applied), conflicts, held, late.
+    /// tombstone as new or newer (already applied), conflicts, held, and
+    /// `late` not written (older than `tombstone_grace` for a key with no
+    /// row, under `late_changes = "skip"`: the command fails on them).
     pub applied: Applied,
     /// Changes not for this region (routing: an echo, residency, a
     /// tombstone).
@@ -307,11 +309,12 @@ pub async fn run_replay(config: &Config, filter: &Filter) -> anyhow::Result<()> 
     }
     let a = &done.applied;
     println!(
-        "replayed {} dead letter(s) from {}: {} written, {} already applied or older than the row (version guard), {} not for this region, {} still refused{}",
+        "replayed {} dead letter(s) from {}: {} written, {} already applied or older than the row (version guard), {} late (not written), {} not for this region, {} still refused{}",
         done.letters,
         config.dlq_topic(),
         a.applied,
-        a.stale + a.late,
+        a.stale,
+        a.late,
         done.skipped,
         done.refused.len(),
         if a.conflicts + a.held > 0 {
@@ -323,6 +326,16 @@ pub async fn run_replay(config: &Config, filter: &Filter) -> anyhow::Result<()> 
             String::new()
         }
     );
+    if a.late > 0 {
+        // Not written, and not already here: saying "done" would lose them
+        // silently (a dead letter is usually an insert with no row here).
+        anyhow::bail!(
+            "{} dead letter(s) not written: older than tombstone_grace for a key with no row here, \
+             which late_changes = \"skip\" does not apply (a deleted row could come back). If no \
+             such delete happened, replay them with REGIONSYNC_LATE_CHANGES=apply",
+            a.late
+        );
+    }
     if !done.refused.is_empty() {
         anyhow::bail!(
             "{} dead letter(s) still refused: fix the cause and run `dlq replay` again (what applied stays applied)",
