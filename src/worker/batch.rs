@@ -470,8 +470,14 @@ async fn apply_on_layout<M: Message>(
                         continue;
                     }
                     Ok(InOrder::Refused(refused)) => {
-                        if failure::refused_verdict(worker.config.on_error) == Verdict::Stop {
-                            let (i, fault) = &refused[0];
+                        // A schema refusal is dead-lettered by its table's
+                        // on_schema_mismatch = "dlq", whatever on_error says.
+                        let stops_at = refused
+                            .iter()
+                            .find(|(_, f)| !matches!(f, Fault::SchemaRefused { .. }));
+                        if let (Some((i, fault)), Verdict::Stop) =
+                            (stops_at, failure::refused_verdict(worker.config.on_error))
+                        {
                             let offset = match &steps[*i] {
                                 Step::Row { msg, .. } => msg.offset(),
                                 Step::Truncate { .. } => -1,
@@ -884,17 +890,17 @@ async fn commit_in_order<M: Message>(
                 let Step::Row { fin, .. } = step else {
                     return Err(classify(e));
                 };
-                let set_aside = match classify(e) {
+                let (set_aside, schema) = match classify(e) {
                     BatchError::Wait(reason, e) => {
                         held = Some((i, reason, e));
                         break;
                     }
-                    BatchError::Data(e) => e,
+                    BatchError::Data(e) => (e, false),
                     BatchError::Held(reason, e)
                         if reason == retry::SCHEMA_MISMATCH
                             && tables[table].on_schema_mismatch == OnSchemaMismatch::Dlq =>
                     {
-                        e
+                        (e, true)
                     }
                     other => return Err(other),
                 };
@@ -913,11 +919,13 @@ async fn commit_in_order<M: Message>(
                         detail = format!("column {column} ({pg_type}): {detail}");
                     }
                 }
+                let table = tables[table].name.clone();
                 refused.push((
                     i,
-                    Fault::RefusedByPostgres {
-                        table: tables[table].name.clone(),
-                        detail,
+                    if schema {
+                        Fault::SchemaRefused { table, detail }
+                    } else {
+                        Fault::RefusedByPostgres { table, detail }
                     },
                 ));
             }

@@ -50,6 +50,11 @@ pub enum Fault {
     /// PostgreSQL refused the row alone, in a savepoint.
     #[error("{table}: {detail}")]
     RefusedByPostgres { table: String, detail: String },
+    /// PostgreSQL refused the row alone because this region's schema is
+    /// not the source's (a CHECK, NOT NULL or limit only this region has),
+    /// set aside under `on_schema_mismatch = "dlq"`.
+    #[error("{table}: {detail} (a schema difference: this region's column or constraint is not the source's)")]
+    SchemaRefused { table: String, detail: String },
     /// A change or truncate dated further ahead of the local clock than
     /// `max_clock_skew` (`what`: its HLC or its source commit time).
     #[error("{what} is {ahead:?} ahead of this worker's clock, beyond max_clock_skew ({limit:?})")]
@@ -94,6 +99,7 @@ impl Fault {
             Fault::Row(RowError::Shape { .. }) => reason::BAD_SHAPE,
             Fault::Row(RowError::Schema { .. }) => reason::SCHEMA_MISMATCH,
             Fault::RefusedByPostgres { .. } => reason::REJECTED_BY_POSTGRES,
+            Fault::SchemaRefused { .. } => reason::SCHEMA_MISMATCH,
             Fault::ClockAhead { .. } => reason::CLOCK_AHEAD,
         }
     }
@@ -536,6 +542,10 @@ mod tests {
                 policy: OnSchemaMismatch::Dlq,
             }),
             Fault::RefusedByPostgres {
+                table: "t".into(),
+                detail: "d".into(),
+            },
+            Fault::SchemaRefused {
                 table: "t".into(),
                 detail: "d".into(),
             },
