@@ -248,6 +248,8 @@ pub async fn read_all(config: &Config) -> anyhow::Result<Vec<Result<StoredLetter
             continue;
         };
         let msg = msg.with_context(|| format!("reading {topic}"))?;
+        // 30 s without a message, not 30 s of gaps over a long read.
+        idle = Duration::ZERO;
         let Some(end) = ends.get(&msg.partition()).copied() else {
             continue;
         };
