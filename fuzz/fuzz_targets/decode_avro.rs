@@ -14,7 +14,7 @@ use std::sync::LazyLock;
 
 use futures::executor::block_on;
 use libfuzzer_sys::fuzz_target;
-use regionsync::decode::registry::{AvroSource, FixedSchemas};
+use regionsync::decode::registry::{self, AvroSource, FixedSchemas};
 use regionsync::decode::{decode_avro, decode_avro_keyless, Decoded};
 
 const TYPES: &[&str] = &[
@@ -78,10 +78,11 @@ static SOURCE: LazyLock<AvroSource> = LazyLock::new(|| {
         .iter()
         .enumerate()
         .map(|(i, text)| {
-            (
-                i as u32 + 1,
-                apache_avro::Schema::parse_str(text).expect("a schema"),
-            )
+            // As the worker reads a registered schema: Debezium's time
+            // units marked as Avro logical types.
+            let schema = registry::with_time_units(text)
+                .unwrap_or_else(|| apache_avro::Schema::parse_str(text).expect("a schema"));
+            (i as u32 + 1, schema)
         })
         .collect();
     AvroSource::with_schemas(FixedSchemas(schemas))
