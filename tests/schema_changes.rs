@@ -440,15 +440,7 @@ async fn a_table_added_to_replication_is_picked_up_on_a_rolling_restart() {
                 &format!("port = {}", region.pg_port),
             );
         let config = regionsync::config::Config::from_toml(&admin).expect("config");
-        let report = regionsync::ops::setup::setup(&config)
-            .await
-            .expect("regionsync setup");
-        assert!(
-            report.problems.is_empty(),
-            "setup in {}: {:?}",
-            region.name,
-            report.problems
-        );
+        setup_clean(&config, &region.name).await;
     }
     // Written while the running worker does not know the table.
     insert_users(&new, 1, 30).await;

@@ -804,15 +804,7 @@ async fn names_with_capitals_spaces_and_quotes_replicate(prefix: &str, topic_pre
     for region in [region_a(), region_b()] {
         let config = regionsync::config::Config::from_toml(&toml_for(&region, "postgres"))
             .expect("valid setup config");
-        let report = regionsync::ops::setup::setup(&config)
-            .await
-            .expect("regionsync setup");
-        assert!(
-            report.problems.is_empty(),
-            "setup in {}: {:?}",
-            region.name,
-            report.problems
-        );
+        setup_clean(&config, &region.name).await;
     }
     let worker = Worker::start(
         regionsync::config::Config::from_toml(&toml_for(&b, "regionsync"))

@@ -292,3 +292,16 @@ pub fn spawn_worker(toml: &str, name: &str) -> (Child, Arc<Mutex<Vec<String>>>) 
     });
     (child, lines)
 }
+
+/// `regionsync setup` with `config` (an owner's), asserting it reports no
+/// problem in `region`.
+pub async fn setup_clean(config: &Config, region: &str) {
+    let report = regionsync::ops::setup::setup(config)
+        .await
+        .expect("regionsync setup");
+    assert!(
+        report.problems.is_empty(),
+        "setup in {region}: {:?}",
+        report.problems
+    );
+}
