@@ -79,11 +79,13 @@ bench-peers: stack-up
 # The whole suite: installs what the stack needs (a no-op once done), formatting,
 # lints and the Prometheus rule tests, unit tests, then the integration tests
 # against the running stack (started here if it is not up), and last the
-# stack lifecycle test, which restarts and rebuilds the stack and so runs alone.
+# stack lifecycle test, which restarts and rebuilds the stack and so runs alone;
+# then the fuzz targets, whose build (nightly, fuzz/target/) runs in the
+# background at low priority from before the stack starts.
 test: stack-install lint
 	cargo test --lib --bins --test cli_route --test config_doc
 	cargo test -p regionsync-tools
-	$(MAKE) fuzz
+	bash fuzz/run.sh --build-background $$PPID
 	bash deploy/k8s/check.sh
 	bash $(STACK) up
 	bash deploy/k8s/tools/runtime_check.sh
@@ -98,6 +100,7 @@ test: stack-install lint
 	cargo test --test failover -- --test-threads=1
 	cargo test --test verify --test rebuild -- --test-threads=1
 	cargo test --test stack_lifecycle
+	bash fuzz/run.sh --wait $(FUZZ_SECONDS)
 
 # The JSON and Avro decoders' fuzz targets (cargo-fuzz, nightly; fuzz/
 # README.md), each for FUZZ_SECONDS from the seeds in fuzz/seeds/; installs

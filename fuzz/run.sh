@@ -6,17 +6,90 @@
 # taking over 2 GB fails the run; libFuzzer writes it to
 # fuzz/artifacts/<target>/ — fix the cause and keep the input as a unit
 # test (fuzz/README.md).
-#   fuzz/run.sh [SECONDS_PER_TARGET]   (default 60)
+#
+#   fuzz/run.sh [SECONDS_PER_TARGET]     build (if needed) and run (default 60 s)
+#   fuzz/run.sh --build-background PID   start the build in the background,
+#                                        at low priority, for as long as
+#                                        process PID (make) lives
+#   fuzz/run.sh --wait [SECONDS]         wait for that build, then run
+#
+# make test uses the last two: the fuzz build (nightly, its own target
+# dir, ~13 min from cold) then overlaps the stack tests, which mostly wait
+# on the stack, instead of adding to the suite's time.
 set -euo pipefail
+self="$(cd "$(dirname "$0")" && pwd)/$(basename "$0")"
 cd "$(dirname "$0")"
-seconds="${1:-60}"
-command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked
+log=target/background-build.log
+status=target/background-build.status
+
 # Without sanitizers: the code fuzzed is safe Rust; libFuzzer still catches
 # panics, aborts, stack overflows, hangs and runaway memory. With debug
 # assertions: an arithmetic overflow is a crash.
-for target in decode_json decode_avro; do
-  mkdir -p "corpus/$target"
-  cargo +nightly fuzz run "$target" --sanitizer none --debug-assertions \
-    "corpus/$target" "seeds/$target" -- \
-    -max_total_time="$seconds" -timeout=10 -rss_limit_mb=2048 -print_final_stats=1
-done
+flags=(--sanitizer none --debug-assertions)
+targets=(decode_json decode_avro)
+
+build() {
+  command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked
+  for target in "${targets[@]}"; do
+    cargo +nightly fuzz build "$target" "${flags[@]}"
+  done
+}
+
+run() {
+  local seconds="$1"
+  for target in "${targets[@]}"; do
+    mkdir -p "corpus/$target"
+    cargo +nightly fuzz run "$target" "${flags[@]}" \
+      "corpus/$target" "seeds/$target" -- \
+      -max_total_time="$seconds" -timeout=10 -rss_limit_mb=2048 -print_final_stats=1
+  done
+}
+
+case "${1:-}" in
+  --build-background)
+    owner="${2:?--build-background needs the pid of the process it serves}"
+    mkdir -p target
+    rm -f "$status"
+    echo "fuzz: building the fuzz targets in the background (log: fuzz/$log)"
+    (
+      # Its own process group, so that the owner's exit ends all of it.
+      set +e
+      setsid nice -n 19 bash "$self" --build-only >"$log" 2>&1 &
+      builder=$!
+      while kill -0 "$builder" 2>/dev/null; do
+        if ! kill -0 "$owner" 2>/dev/null; then
+          kill -TERM -- "-$builder" 2>/dev/null
+          echo "owner $owner ended: build stopped" >>"$log"
+          wait "$builder"
+          echo 143 >"$status"
+          exit 0
+        fi
+        sleep 5
+      done
+      wait "$builder"
+      echo $? >"$status"
+    ) </dev/null >/dev/null 2>&1 &
+    ;;
+  --build-only)
+    build
+    ;;
+  --wait)
+    seconds="${2:-60}"
+    if [ -e "$log" ]; then
+      while [ ! -s "$status" ]; do sleep 5; done
+      rc=$(cat "$status")
+      if [ "$rc" != 0 ]; then
+        echo "fuzz: the background build failed (exit $rc); its log, fuzz/$log:" >&2
+        tail -n 60 "$log" >&2
+        exit 1
+      fi
+      echo "fuzz: background build done ($(grep -c '^ *Compiling' "$log") crates compiled)"
+    fi
+    build
+    run "$seconds"
+    ;;
+  *)
+    build
+    run "${1:-60}"
+    ;;
+esac
