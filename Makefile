@@ -2,12 +2,13 @@
 SHELL := /bin/bash
 STACK := deploy/local/stack.sh
 
-.PHONY: help demo test fuzz lint rules-test deny-install unit integration stack-up stack-down stack-status stack-install bench bench-decode bench-peers workers-up workers-down k8s-check k8s-rules k8s-runtime-check image-check
+.PHONY: help demo test test-long fuzz lint rules-test deny-install unit integration stack-up stack-down stack-status stack-install bench bench-decode bench-peers workers-up workers-down k8s-check k8s-rules k8s-runtime-check image-check
 
 help:
 	@echo "make demo          local two-region stack replicating live, lag visible"
 	@echo "make test          the whole test suite (brings the stack up if needed)"
-	@echo "make fuzz         the decoders' fuzz targets, FUZZ_SECONDS (60) each"
+	@echo "make test-long     the long variants of the scenario suites (after make test's set-up)"
+	@echo "make fuzz          the decoders' fuzz targets, FUZZ_SECONDS (60) each"
 	@echo "make stack-up      start the local two-region stack (idempotent)"
 	@echo "make stack-down    stop it; data under target/stack/ is kept"
 	@echo "make stack-status  one line per service: state, address, pid, log"
@@ -101,6 +102,11 @@ test: stack-install lint
 	cargo test --test verify --test rebuild -- --test-threads=1
 	cargo test --test stack_lifecycle
 	bash fuzz/run.sh --wait $(FUZZ_SECONDS)
+
+# The long variants of scenario suites whose short variant is in make test
+# (REGIONSYNC_LONG_TESTS=1): the lag alert watched through every stall.
+test-long: stack-up
+	REGIONSYNC_LONG_TESTS=1 cargo test --test lag -- --test-threads=1
 
 # The JSON and Avro decoders' fuzz targets (cargo-fuzz, nightly; fuzz/
 # README.md), each for FUZZ_SECONDS from the seeds in fuzz/seeds/; installs

@@ -4,9 +4,12 @@
 //!
 //! - Idle: with no user writes for 60 s, heartbeats keep lag below 10 s.
 //! - Stalls: MirrorMaker 2 stopped, then A's Debezium connector stopped, then
-//!   B's PostgreSQL frozen (SIGSTOP): each time lag rises past 30 s, the page
-//!   alert goes pending then firing in Prometheus, and after recovery lag
-//!   falls below 5 s and the alert resolves.
+//!   B's PostgreSQL frozen (SIGSTOP): each time lag rises past 30 s and
+//!   after recovery falls below 5 s. Through the first stall the page alert
+//!   goes pending then firing in Prometheus and resolves after recovery;
+//!   through all three with `REGIONSYNC_LONG_TESTS=1` (`make test-long`).
+//!   The rule is the same expression for every stall, and each stall
+//!   costs its alert's `for: 1m` and more, so `make test` watches it once.
 //!
 //! It stops services of the shared stack, so `make test` runs it alone.
 
@@ -141,6 +144,12 @@ async fn alert_state() -> Option<String> {
                 && a["labels"]["source_region"] == region_a().name.as_str()
         })
         .map(|a| a["state"].as_str().unwrap_or_default().to_string())
+}
+
+/// Whether the long variant runs (`make test-long`): the alert watched
+/// through every stall, not only the first.
+fn long_variant() -> bool {
+    std::env::var_os("REGIONSYNC_LONG_TESTS").is_some_and(|v| v == "1")
 }
 
 /// Waits until the alert has been seen pending and then firing.
@@ -328,7 +337,9 @@ async fn lag_rises_and_pages_through_each_stall_then_recovers() {
     worker
         .wait_lag(stall, Duration::from_secs(90), |l| l > 30.0)
         .await;
-    alert_goes_pending_then_firing(stall).await;
+    if long_variant() {
+        alert_goes_pending_then_firing(stall).await;
+    }
     tokio::task::block_in_place(|| drop(resume));
     worker
         .wait_lag(
@@ -365,7 +376,9 @@ async fn lag_rises_and_pages_through_each_stall_then_recovers() {
         "{stall}: /readyz {ready:?}"
     );
     assert_eq!(worker.get("/healthz").await.map(|r| r.0), Some(200));
-    alert_goes_pending_then_firing(stall).await;
+    if long_variant() {
+        alert_goes_pending_then_firing(stall).await;
+    }
     drop(thaw);
     worker
         .wait_lag(&format!("{stall}, thawed"), Duration::from_secs(120), |l| {
