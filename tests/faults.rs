@@ -976,8 +976,7 @@ async fn a_retention_gap_stops_its_partitions_and_skips_nothing() {
     )
     .await;
     // Nothing moves on, not even with changes after the gap: a stopped
-    // partition stays where it was. (The gauge is read once: the test
-    // recorder drains gauges on each read.)
+    // partition stays where it was.
     insert_users(&table, 61, 10).await;
     let deadline = Instant::now() + Duration::from_secs(60);
     let later = loop {
@@ -1021,6 +1020,7 @@ async fn a_retention_gap_stops_its_partitions_and_skips_nothing() {
             );
         }
     }
+    assert_eq!(stopped(), gapped.len(), "still stopped");
     assert_eq!(dead_lettered(), dead_before, "nothing dead-lettered");
     eprintln!(
         "retention gap: 20 changes written and deleted before they were applied, 0 dead-lettered, 0 arrived; partitions {gapped:?} stopped (stored {stored:?}, first offsets now {highs:?}); of 10 later changes {on_running} applied (on partitions not stopped)"
