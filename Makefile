@@ -94,7 +94,7 @@ test: stack-install lint
 	cargo test --test secure
 	cargo test --test outages
 	cargo test --test faults -- --test-threads=1
-	cargo test --test dlq
+	cargo test --test dlq -- --test-threads=1
 	cargo test --test active_active
 	cargo test --test schema_changes -- --test-threads=6
 	cargo test --test lag -- --test-threads=1

@@ -698,3 +698,432 @@ async fn a_panicking_partition_task_is_reported_and_restarted_from_its_offset() 
     assert_eq!(dead_lettered(), dead_before, "nothing dead-lettered");
     worker.stop().await;
 }
+
+/// The value of the first series of `/metrics` text whose line starts with
+/// `series` (a name and, optionally, labels up to some point); 0 if none.
+fn scraped(text: &str, series: &str) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(series))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// `/metrics` (or another path) of a spawned worker; empty if it does not
+/// answer yet.
+async fn http_text(port: u16, path: &str) -> (u16, String) {
+    match reqwest::get(format!("http://127.0.0.1:{port}{path}")).await {
+        Ok(resp) => (
+            resp.status().as_u16(),
+            resp.text().await.unwrap_or_default(),
+        ),
+        Err(_) => (0, String::new()),
+    }
+}
+
+/// Two rows exchange their unique values directly in one source
+/// transaction, which only a DEFERRABLE constraint allows, and they are on
+/// two partitions. No order of single-partition commits can apply that in
+/// a region whose index is checked per statement (nor per transaction: a
+/// DEFERRABLE target index is checked at each partition's commit, which
+/// holds only half of the exchange). Both partitions are held and
+/// reported (retries, a log naming table and keys, `/readyz`; the
+/// RegionsyncPartitionHeld alert after 3 min), nothing is dead-lettered,
+/// and the runbook's way out (drop B's unique index, let the partitions
+/// catch up, create it again) converges.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_deferrable_exchange_across_partitions_is_held_and_reported_never_dead_lettered() {
+    let table = TestTable::create("defer").await;
+    let name = &table.name;
+    app_db(&region_a())
+        .await
+        .batch_execute(&format!(
+            "ALTER TABLE public.{name} ADD CONSTRAINT {name}_email UNIQUE (email) DEFERRABLE INITIALLY DEFERRED"
+        ))
+        .await
+        .expect("deferrable unique constraint in A");
+    let b = app_db(&region_b()).await;
+    b.batch_execute(&format!(
+        "CREATE UNIQUE INDEX {name}_email ON public.{name} (email)"
+    ))
+    .await
+    .expect("unique index in B");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port();
+    let toml = worker_toml(
+        &table,
+        &format!("cdc.public.{name}"),
+        "unready_after = \"3s\"",
+    )
+    .replace(
+        "[kafka]",
+        &format!("[metrics]\nlisten = \"127.0.0.1:{port}\"\n[kafka]"),
+    );
+    let (mut worker, log) = spawn_worker(&toml, name);
+    insert_users(&table, 1, 20).await;
+    let ids: Vec<i64> = (1..=20).collect();
+    let partition = partitions_of(&table, &ids).await;
+    assert_eq!(table.wait_converged(Duration::from_secs(60)).await, 20);
+    let (x, y) = ids
+        .iter()
+        .flat_map(|x| ids.iter().map(move |y| (*x, *y)))
+        .find(|(x, y)| partition[x] != partition[y])
+        .expect("two ids on different partitions");
+
+    // The exchange, direct: only the deferred check lets A commit it.
+    app_db(&region_a())
+        .await
+        .batch_execute(&format!(
+            "BEGIN;
+             UPDATE {name} SET email = 'g{y}@example.com' WHERE id = {x};
+             UPDATE {name} SET email = 'g{x}@example.com' WHERE id = {y};
+             COMMIT;"
+        ))
+        .await
+        .expect("the exchange in A");
+
+    let unique_waits =
+        |text: &str| scraped(text, "regionsync_retries_total{reason=\"unique_wait\"");
+    let logged = |key: i64| {
+        log.lock().unwrap().iter().any(|l| {
+            l.contains("a unique index refuses a change")
+                && l.contains(&format!("public.{name}"))
+                && (l.contains(&format!("key=\"{key}\"")) || l.contains(&format!("key={key} ")))
+        })
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let (text, ready) = loop {
+        let (_, text) = http_text(port, "/metrics").await;
+        let (status, ready) = http_text(port, "/readyz").await;
+        if unique_waits(&text) >= 6.0 && logged(x) && logged(y) && status == 503 {
+            break (text, ready);
+        }
+        if Instant::now() > deadline {
+            let _ = worker.kill();
+            let log = log.lock().unwrap();
+            panic!(
+                "both partitions not held and reported within 60 s ({} unique waits, /readyz {status});\nlog:\n{}",
+                unique_waits(&text),
+                log[log.len().saturating_sub(30)..].join("\n")
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    assert!(
+        ready.contains("unique_wait") && ready.contains(&format!("public.{name}")),
+        "/readyz names the cause and the table: {ready}"
+    );
+    assert_eq!(
+        scraped(&text, "regionsync_dlq_messages_total"),
+        0.0,
+        "nothing dead-lettered"
+    );
+    let emails =
+        |rows: Vec<tokio_postgres::Row>| -> Vec<String> { rows.iter().map(|r| r.get(0)).collect() };
+    let select = format!("SELECT email FROM public.{name} WHERE id IN ({x}, {y}) ORDER BY id");
+    assert_eq!(
+        emails(b.query(&select, &[]).await.expect("select")),
+        [
+            format!("g{}@example.com", x.min(y)),
+            format!("g{}@example.com", x.max(y))
+        ],
+        "B keeps the values from before the exchange: neither half is applied"
+    );
+
+    // The runbook's way out: B's index goes, the partitions catch up, the
+    // index comes back (the exchange is complete, so it builds).
+    let started = Instant::now();
+    b.batch_execute(&format!("DROP INDEX public.{name}_email"))
+        .await
+        .expect("drop B's unique index");
+    assert_eq!(table.wait_converged(Duration::from_secs(60)).await, 20);
+    let recovered = started.elapsed();
+    b.batch_execute(&format!(
+        "CREATE UNIQUE INDEX {name}_email ON public.{name} (email)"
+    ))
+    .await
+    .expect("B's unique index again");
+    let (_, text) = http_text(port, "/metrics").await;
+    assert_eq!(
+        scraped(&text, "regionsync_dlq_messages_total"),
+        0.0,
+        "still nothing dead-lettered"
+    );
+    eprintln!(
+        "deferrable exchange across partitions {} and {}: 2 changes written, 0 dead-lettered, {} unique waits, 2 arrived {recovered:?} after B's index was dropped",
+        partition[&x],
+        partition[&y],
+        unique_waits(&text)
+    );
+    let _ = worker.kill();
+    let _ = worker.wait();
+}
+
+/// Changes the worker never applied are deleted from a mirrored topic
+/// (what retention does to a worker stopped for longer than the topic's
+/// `retention.ms`): every partition whose stored offset is now below the
+/// partition's first offset is stopped, named, counted, and nothing after
+/// the gap is applied as if the gap were not there.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_retention_gap_stops_its_partitions_and_skips_nothing() {
+    use rdkafka::admin::{AdminClient, AdminOptions, AlterConfig, ResourceSpecifier};
+    use rdkafka::client::DefaultClientContext;
+
+    let table = TestTable::create("gap").await;
+    let topic = format!("cdc.public.{}", table.name);
+    let mirrored_topic = mirrored(&region_a(), &topic);
+    let group = format!("test-{}", table.name);
+    let dead_before = dead_lettered();
+    let worker = Worker::start(worker_config(&table, &topic));
+    // Enough rows that every partition has an applied change, and so a
+    // stored offset.
+    insert_users(&table, 1, 40).await;
+    assert_eq!(table.wait_converged(Duration::from_secs(60)).await, 40);
+    worker.stop().await;
+    let stored: std::collections::HashMap<i32, i64> = admin_db(&region_b())
+        .await
+        .query(
+            "SELECT partition, next_offset FROM regionsync.offsets
+              WHERE consumer_group = $1 AND topic = $2",
+            &[&group, &mirrored_topic],
+        )
+        .await
+        .expect("stored offsets")
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert_eq!(stored.len(), 4, "an offset stored for each of 4 partitions");
+
+    // 20 more changes reach B's Kafka while no worker runs...
+    insert_users(&table, 41, 20).await;
+    let applied: i64 = stored.values().sum();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let highs = loop {
+        let highs = ends(&region_b(), &mirrored_topic, 4);
+        if highs.iter().sum::<i64>() >= applied + 20 {
+            break highs;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "20 new changes mirrored within 60 s"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    // ... and are deleted before it comes back (the mirrored topics are
+    // compacted, where Kafka deletes no records: deletion allowed first).
+    let admin: AdminClient<DefaultClientContext> = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", &region_b().kafka)
+        .create()
+        .expect("admin client");
+    let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
+    admin
+        .alter_configs(
+            &[AlterConfig::new(ResourceSpecifier::Topic(&mirrored_topic))
+                .set("cleanup.policy", "compact,delete")],
+            &options,
+        )
+        .await
+        .expect("alter configs")
+        .into_iter()
+        .for_each(|r| {
+            r.expect("cleanup.policy compact,delete");
+        });
+    let mut upto = rdkafka::TopicPartitionList::new();
+    for (p, high) in highs.iter().enumerate() {
+        upto.add_partition_offset(&mirrored_topic, p as i32, rdkafka::Offset::Offset(*high))
+            .expect("partition offset");
+    }
+    // The new policy reaches the partitions' logs a moment later.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let deleted = admin
+            .delete_records(&upto, &options)
+            .await
+            .expect("delete records");
+        let refused: Vec<String> = deleted
+            .elements()
+            .iter()
+            .filter(|e| e.error().is_err())
+            .map(|e| format!("{e:?}"))
+            .collect();
+        if refused.is_empty() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "records deleted within 30 s: {refused:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let gapped: Vec<i32> = (0..4).filter(|p| stored[p] < highs[*p as usize]).collect();
+    assert!(!gapped.is_empty(), "some partition lost unapplied changes");
+
+    let worker = Worker::start(worker_config(&table, &topic));
+    let stopped = || {
+        counters().gauge(
+            "regionsync_partition_stopped",
+            &[
+                ("topic", mirrored_topic.as_str()),
+                ("reason", "retention_gap"),
+            ],
+        ) as usize
+    };
+    wait_for(
+        "every partition with a gap stopped",
+        Duration::from_secs(60),
+        || stopped() == gapped.len(),
+    )
+    .await;
+    // Nothing moves on, not even with changes after the gap: a stopped
+    // partition stays where it was.
+    insert_users(&table, 61, 10).await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let later = loop {
+        let later = ends(&region_b(), &mirrored_topic, 4);
+        if later.iter().sum::<i64>() >= highs.iter().sum::<i64>() + 10 {
+            break later;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "10 later changes mirrored within 60 s"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    let on_running: i64 = (0..4)
+        .filter(|p| !gapped.contains(p))
+        .map(|p| later[p as usize] - highs[p as usize])
+        .sum();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        rows_in_b(&table).await as i64,
+        40 + on_running,
+        "nothing after the gap applied on a stopped partition"
+    );
+    let after: Vec<(i32, i64)> = admin_db(&region_b())
+        .await
+        .query(
+            "SELECT partition, next_offset FROM regionsync.offsets
+              WHERE consumer_group = $1 AND topic = $2 ORDER BY partition",
+            &[&group, &mirrored_topic],
+        )
+        .await
+        .expect("stored offsets")
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    for (p, next) in after {
+        if gapped.contains(&p) {
+            assert_eq!(
+                next, stored[&p],
+                "stopped partition {p}'s stored offset did not move"
+            );
+        }
+    }
+    assert_eq!(stopped(), gapped.len(), "still stopped");
+    assert_eq!(dead_lettered(), dead_before, "nothing dead-lettered");
+    eprintln!(
+        "retention gap: 20 changes written and deleted before they were applied, 0 dead-lettered, 0 arrived; partitions {gapped:?} stopped (stored {stored:?}, first offsets now {highs:?}); of 10 later changes {on_running} applied (on partitions not stopped)"
+    );
+    worker.stop().await;
+}
+
+/// A CHECK constraint only B has refuses some rows (the source's rows
+/// passed the source's checks, so this region's schema differs): with the
+/// table's `on_schema_mismatch = "dlq"` exactly those rows are
+/// dead-lettered, reason `schema_mismatch`, naming table and constraint,
+/// even under `on_error = "stop"`; every other row arrives.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_row_only_this_regions_check_refuses_is_dead_lettered_as_a_schema_mismatch() {
+    let table = TestTable::create("check").await;
+    let name = &table.name;
+    app_db(&region_b())
+        .await
+        .batch_execute(&format!(
+            "ALTER TABLE public.{name} ADD CONSTRAINT {name}_young CHECK (age < 100)"
+        ))
+        .await
+        .expect("a CHECK only B has");
+    let topic = format!("cdc.public.{name}");
+    let toml = worker_toml(&table, &topic, "")
+        .replace("[kafka]", "on_error = \"stop\"\n[kafka]")
+        .replace(
+            "key = [\"id\"]",
+            "key = [\"id\"]\non_schema_mismatch = \"dlq\"",
+        );
+    let refused_before = counters().total(
+        "regionsync_dlq_messages_total",
+        &[("reason", "schema_mismatch")],
+    );
+    let dead_before = dead_lettered();
+    let worker = Worker::start(regionsync::config::Config::from_toml(&toml).expect("config"));
+    app_db(&region_a())
+        .await
+        .execute(
+            &format!(
+                "INSERT INTO {name} (id, email, age)
+                 SELECT g, 'g' || g || '@example.com', CASE WHEN g IN (3, 7) THEN 150 ELSE 30 END
+                   FROM generate_series(1, 10) g"
+            ),
+            &[],
+        )
+        .await
+        .expect("insert in A");
+    wait_for("two dead letters", Duration::from_secs(60), || {
+        counters().total(
+            "regionsync_dlq_messages_total",
+            &[("reason", "schema_mismatch")],
+        ) >= refused_before + 2
+    })
+    .await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while rows_in_b(&table).await < 8 {
+        assert!(Instant::now() < deadline, "8 rows in B within 60 s");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let ids: Vec<i64> = app_db(&region_b())
+        .await
+        .query(&format!("SELECT id FROM {name} ORDER BY id"), &[])
+        .await
+        .expect("ids in B")
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(ids, [1, 2, 4, 5, 6, 8, 9, 10], "all but the refused rows");
+    assert_eq!(dead_lettered(), dead_before + 2, "exactly the refused rows");
+
+    let dlq_topic = format!("regionsync.dlq.test-{name}");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let letters = tokio::task::block_in_place(|| {
+        TopicReader::open(&region_b(), &dlq_topic, deadline).collect(
+            deadline,
+            |_| true,
+            |found| found.len() >= 2,
+        )
+    });
+    assert_eq!(letters.len(), 2, "two dead letters on {dlq_topic}");
+    for letter in &letters {
+        let h = headers(letter);
+        assert_eq!(
+            h.get("regionsync.reason").map(String::as_str),
+            Some("schema_mismatch"),
+            "{h:?}"
+        );
+        let error = h.get("regionsync.error").cloned().unwrap_or_default();
+        assert!(
+            error.contains(&format!("public.{name}")) && error.contains(&format!("{name}_young")),
+            "the error names the table and the constraint: {error}"
+        );
+    }
+    // on_error = "stop" did not stop it: later rows still arrive.
+    insert_users(&table, 11, 2).await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while rows_in_b(&table).await < 10 {
+        assert!(Instant::now() < deadline, "later rows arrive");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    eprintln!(
+        "CHECK only in B: 10 written, 2 dead-lettered (schema_mismatch), 8 arrived, then 2 more"
+    );
+    worker.stop().await;
+}

@@ -58,7 +58,9 @@ pub struct Listed {
     pub reason: String,
     /// The target table (the header, else the config's table of its topic).
     pub table: Option<String>,
-    /// The original key, readable: a JSON key's fields, an Avro key in hex.
+    /// The original key, readable: a JSON key's fields; an Avro key decoded
+    /// through its region's schema registry, as the worker does (in hex
+    /// only if the registry cannot give its schema).
     pub key: String,
     pub topic: String,
     pub partition: i32,
@@ -93,6 +95,37 @@ pub fn key_text(key: Option<&[u8]>) -> String {
     }
 }
 
+/// [`key_text`], with an Avro key decoded through `avro` (its source
+/// region's registry) into its fields as JSON; hex, saying why, if the
+/// registry cannot give its schema.
+async fn readable_key(key: Option<&[u8]>, avro: Option<&AvroSource>) -> String {
+    let (Some(bytes), Some(avro)) = (key, avro) else {
+        return key_text(key);
+    };
+    if bytes.first() != Some(&0) {
+        return key_text(key);
+    }
+    match avro.decode(Some(bytes)).await {
+        Ok(Some(datum)) => match serde_json::Value::try_from(datum.value) {
+            Ok(v) => v.to_string(),
+            Err(e) => format!("{} (not shown as JSON: {e})", key_text(key)),
+        },
+        Ok(None) => key_text(key),
+        Err(e) => format!("{} (schema registry: {e})", key_text(key)),
+    }
+}
+
+/// A decoder per source region that has a schema registry.
+fn decoders(config: &Config) -> anyhow::Result<HashMap<String, Arc<AvroSource>>> {
+    let mut decoders = HashMap::new();
+    for region in config.source_regions() {
+        if let Some(url) = config.registry_for(&region) {
+            decoders.insert(region, Arc::new(AvroSource::with_settings(url, config)?));
+        }
+    }
+    Ok(decoders)
+}
+
 /// Where a mirrored topic's changes go: source region and table index.
 fn routes(config: &Config) -> HashMap<String, (String, Option<usize>)> {
     config
@@ -112,6 +145,7 @@ fn table_name(config: &Config, t: usize) -> String {
 /// dead letters are reported on standard error and left out.
 pub async fn read(config: &Config, filter: &Filter) -> anyhow::Result<Vec<(StoredLetter, Listed)>> {
     let routes = routes(config);
+    let decoders = decoders(config)?;
     let mut out = Vec::new();
     for letter in dlq::read_all(config).await? {
         let letter = match letter {
@@ -140,7 +174,14 @@ pub async fn read(config: &Config, filter: &Filter) -> anyhow::Result<Vec<(Store
         let listed = Listed {
             reason: letter.reason.clone(),
             table,
-            key: key_text(letter.key.as_deref()),
+            key: readable_key(
+                letter.key.as_deref(),
+                routes
+                    .get(&letter.topic)
+                    .and_then(|(region, _)| decoders.get(region))
+                    .map(|a| &**a),
+            )
+            .await,
             topic: letter.topic.clone(),
             partition: letter.partition,
             offset: letter.offset,
@@ -226,12 +267,7 @@ pub async fn replay(config: &Config, filter: &Filter) -> anyhow::Result<Replayed
         tables
     };
     let routes = routes(config);
-    let mut decoders: HashMap<String, Arc<AvroSource>> = HashMap::new();
-    for region in config.source_regions() {
-        if let Some(url) = config.registry_for(&region) {
-            decoders.insert(region, Arc::new(AvroSource::with_settings(url, config)?));
-        }
-    }
+    let decoders = decoders(config)?;
     let bars = Bars::new();
     let progress = bars.add("dlq replay", Some(letters.len() as u64), "dead letters");
     let mut done = Replayed {

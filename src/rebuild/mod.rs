@@ -42,6 +42,7 @@ use crate::config::Config;
 use crate::decode::registry::AvroSource;
 use crate::offsets;
 use crate::worker::batch::{Plan, Planner, Step};
+use crate::worker::failure::{self, Sqlstate, Verdict};
 
 /// A topic that holds rows of a rebuilt table.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -354,9 +355,9 @@ pub async fn replay(
             };
             let plan = planner.plan(topic, messages, crate::clock::now_ms()).await;
             for r in &plan.rejected {
-                if let Some(reason) = r.fault.retry_reason(config) {
+                if let Some(why) = stops_rebuild(&r.fault, config) {
                     anyhow::bail!(
-                        "{topic}/{partition} at offset {}: {} ({reason}); run the rebuild again once it is fixed: it resumes",
+                        "{topic}/{partition} at offset {}: {} ({why}); run the rebuild again once it is fixed: it resumes",
                         r.msg.offset(),
                         r.fault
                     );
@@ -374,7 +375,9 @@ pub async fn replay(
                 feed.source_region.as_str(),
             ));
         }
-        let applied = commit(pool, &group, tables, &plans).await?;
+        let applied = commit(pool, &group, tables, &plans)
+            .await
+            .map_err(refusal_explained)?;
         done.applied += applied;
         for (topic, partition, next, count, plan, _) in &plans {
             done.messages += *count as u64;
@@ -417,6 +420,58 @@ type Planned<'a> = (
     Plan<'a, BorrowedMessage<'a>>,
     &'a str,
 );
+
+/// Why a change the rebuild cannot use stops it, by the worker's verdict
+/// (worker/failure.rs): what the worker waits out (a registry fault,
+/// `on_schema_mismatch = "hold"`) or stops at (`on_schema_mismatch` or
+/// `on_error` = `"stop"`) stops the rebuild too; `None` for what the
+/// worker dead-letters, which the rebuild skips.
+fn stops_rebuild(fault: &failure::Fault, config: &Config) -> Option<String> {
+    match failure::message_verdict(fault, config) {
+        Verdict::DeadLetter => None,
+        Verdict::Retry => Some(format!(
+            "{}: the worker holds its partition here",
+            fault.retry_reason(config).unwrap_or_default()
+        )),
+        _ => Some(format!(
+            "{}: the worker stops here (on_schema_mismatch or on_error = \"stop\")",
+            fault.reason()
+        )),
+    }
+}
+
+/// A batch PostgreSQL refused, said the way the worker would: a rebuild
+/// commits several partitions at once and cannot set one change aside, so
+/// it stops at any refusal (a schema difference whatever
+/// `on_schema_mismatch` says, a missing grant, a constraint), and resumes
+/// when run again once the cause is fixed.
+fn refusal_explained(e: anyhow::Error) -> anyhow::Error {
+    let Some(code) = e
+        .chain()
+        .find_map(|c| c.downcast_ref::<tokio_postgres::Error>())
+        .and_then(|pg| pg.code())
+        .map(|c| c.code().to_owned())
+    else {
+        return e;
+    };
+    let why = match failure::sort_sqlstate(&code) {
+        Sqlstate::Held(reason) if reason == crate::metrics::retry::SCHEMA_MISMATCH => {
+            "a schema difference between the source region and this one (on_schema_mismatch): \
+             the rebuild dead-letters nothing, whatever on_schema_mismatch says; migrate this \
+             region's table (docs/SCHEMA-CHANGES.md)"
+        }
+        Sqlstate::Held(_) => "this region's setup (a grant, a table, a column): fix it",
+        Sqlstate::Wait(_) => {
+            "a unique index or foreign key between rows of different partitions or tables: \
+             the worker would wait at it; see RUNBOOK.md (RegionsyncPartitionHeld)"
+        }
+        Sqlstate::Data => "a change PostgreSQL cannot take (the worker dead-letters it)",
+        Sqlstate::Transient => return e,
+    };
+    e.context(format!(
+        "PostgreSQL refused a batch of the rebuild ({why}); run the rebuild again once it is fixed: it resumes"
+    ))
+}
 
 /// One transaction: each partition's changes (collapsed per key within
 /// the partition) under the version guard, then its offset.
@@ -483,6 +538,32 @@ mod tests {
             ]
         );
         assert_eq!(group(&config), "regionsync-eu-west-1-rebuild");
+    }
+
+    #[test]
+    fn a_change_stops_the_rebuild_where_the_worker_would_not_dead_letter_it() {
+        use crate::apply::RowError;
+        use crate::config::OnSchemaMismatch;
+        let schema = |policy| {
+            failure::Fault::Row(RowError::Schema {
+                table: "public.users".into(),
+                problem: "source column c is not in this region's table".into(),
+                policy,
+            })
+        };
+        let config = crate::worker::test_config("");
+        let held = stops_rebuild(&schema(OnSchemaMismatch::Hold), &config).unwrap();
+        assert!(held.contains("schema_mismatch"), "{held}");
+        let stopped = stops_rebuild(&schema(OnSchemaMismatch::Stop), &config).unwrap();
+        assert!(stopped.contains("on_schema_mismatch"), "{stopped}");
+        assert_eq!(stops_rebuild(&schema(OnSchemaMismatch::Dlq), &config), None);
+        // The message's own faults follow on_error.
+        let oversized = failure::Fault::Oversized { size: 2, limit: 1 };
+        assert_eq!(stops_rebuild(&oversized, &config), None);
+        let stop = crate::worker::test_config("on_error = \"stop\"");
+        assert!(stops_rebuild(&oversized, &stop).is_some());
+        // A table's dlq wins over on_error = stop, as in the worker.
+        assert_eq!(stops_rebuild(&schema(OnSchemaMismatch::Dlq), &stop), None);
     }
 
     #[test]

@@ -534,7 +534,7 @@ async fn apply_on_layout<M: Message>(
         let detail = e
             .downcast_ref::<tokio_postgres::Error>()
             .and_then(|e| e.as_db_error())
-            .map_or_else(|| format!("{e:#}"), |d| d.message().to_owned());
+            .map_or_else(|| format!("{e:#}"), failure::db_error_text);
         warn!(topic, partition, reason, error = %detail, retry_in = ?backoff.delay(), "batch failed; retrying");
         worker.hold(topic, partition, format!("PostgreSQL: {detail}"));
         backoff.wait(reason).await;

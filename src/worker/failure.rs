@@ -210,6 +210,20 @@ impl BatchError {
     }
 }
 
+/// A PostgreSQL error as the operator needs it: its message, with its
+/// SQLSTATE, detail and hint (which name the other table of a foreign key,
+/// and what to do), for a batch held by it.
+pub fn db_error_text(d: &tokio_postgres::error::DbError) -> String {
+    let mut text = format!("{} (SQLSTATE {})", d.message(), d.code().code());
+    if let Some(detail) = d.detail() {
+        text.push_str(&format!("; {detail}"));
+    }
+    if let Some(hint) = d.hint() {
+        text.push_str(&format!("; hint: {hint}"));
+    }
+    text
+}
+
 /// Sorts a PostgreSQL error into [`BatchError`] by its SQLSTATE.
 pub fn classify(e: tokio_postgres::Error) -> BatchError {
     let Some(code) = e.code().map(|c| c.code().to_owned()) else {
@@ -245,6 +259,11 @@ pub fn sort_sqlstate(code: &str) -> Sqlstate {
         // Undefined table, column, object (type) or function: a migration
         // in progress, or a table not yet created.
         "42P01" | "42703" | "42704" | "42883" => Sqlstate::Held(retry::POSTGRES_SCHEMA),
+        // Feature not supported (class 0A), e.g. a TRUNCATE of a table
+        // another table's foreign key references: this region's setup
+        // differs (the error's detail and hint, logged, name the tables),
+        // never a passing outage nor the row's fault.
+        c if c.starts_with("0A") => Sqlstate::Held(retry::POSTGRES_SCHEMA),
         // A value too long or out of range, a NULL where this region has
         // NOT NULL, a CHECK only this region has: the source's row passed
         // its own schema, and a CHECK reads only its row, so this region's
@@ -617,6 +636,11 @@ mod tests {
             Sqlstate::Held(retry::POSTGRES_PERMISSION)
         );
         assert_eq!(sort_sqlstate("57P01"), Sqlstate::Transient);
+        // A truncate of a table a foreign key references: the setup's.
+        assert_eq!(
+            sort_sqlstate("0A000"),
+            Sqlstate::Held(retry::POSTGRES_SCHEMA)
+        );
         for s in [
             retry::UNIQUE_WAIT,
             retry::FOREIGN_KEY_WAIT,

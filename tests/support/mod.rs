@@ -11,8 +11,10 @@ pub mod stack_env;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use metrics_util::registry::{AtomicStorage, Registry};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Message, OwnedMessage};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
@@ -253,91 +255,101 @@ pub fn repo_root() -> std::path::PathBuf {
     std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
-/// Counters (and gauges) recorded by in-process workers. Installed once per
-/// test binary; a snapshot drains the recorder's counters, so totals
-/// accumulate here and every test reads its own labels (tests use their own
-/// tables).
+/// Counters (and gauges) recorded by in-process workers, read where they
+/// are kept: a counter's total since the test binary started, a gauge's
+/// last value. (metrics-util's debugging recorder drains both on each
+/// read, so a gauge read twice read 0 the second time.) Installed once
+/// per test binary; tests use their own tables and labels.
 pub struct Counters {
-    snapshotter: metrics_util::debugging::Snapshotter,
-    totals: std::sync::Mutex<HashMap<String, u64>>,
-    gauges: std::sync::Mutex<HashMap<String, f64>>,
+    registry: Arc<Registry<metrics::Key, AtomicStorage>>,
+}
+
+/// The recorder behind [`Counters`]: atomic storage, nothing drained.
+struct TestRecorder(Arc<Registry<metrics::Key, AtomicStorage>>);
+
+impl metrics::Recorder for TestRecorder {
+    fn describe_counter(
+        &self,
+        _: metrics::KeyName,
+        _: Option<metrics::Unit>,
+        _: metrics::SharedString,
+    ) {
+    }
+    fn describe_gauge(
+        &self,
+        _: metrics::KeyName,
+        _: Option<metrics::Unit>,
+        _: metrics::SharedString,
+    ) {
+    }
+    fn describe_histogram(
+        &self,
+        _: metrics::KeyName,
+        _: Option<metrics::Unit>,
+        _: metrics::SharedString,
+    ) {
+    }
+
+    fn register_counter(&self, key: &metrics::Key, _: &metrics::Metadata<'_>) -> metrics::Counter {
+        self.0
+            .get_or_create_counter(key, |c| metrics::Counter::from_arc(c.clone()))
+    }
+
+    fn register_gauge(&self, key: &metrics::Key, _: &metrics::Metadata<'_>) -> metrics::Gauge {
+        self.0
+            .get_or_create_gauge(key, |g| metrics::Gauge::from_arc(g.clone()))
+    }
+
+    fn register_histogram(
+        &self,
+        key: &metrics::Key,
+        _: &metrics::Metadata<'_>,
+    ) -> metrics::Histogram {
+        self.0
+            .get_or_create_histogram(key, |h| metrics::Histogram::from_arc(h.clone()))
+    }
 }
 
 pub fn counters() -> &'static Counters {
     static COUNTERS: std::sync::OnceLock<Counters> = std::sync::OnceLock::new();
     COUNTERS.get_or_init(|| {
-        let recorder = metrics_util::debugging::DebuggingRecorder::new();
-        let snapshotter = recorder.snapshotter();
-        recorder
-            .install()
+        let registry = Arc::new(Registry::atomic());
+        metrics::set_global_recorder(TestRecorder(registry.clone()))
             .expect("no other metrics recorder in tests");
-        Counters {
-            snapshotter,
-            totals: std::sync::Mutex::new(HashMap::new()),
-            gauges: std::sync::Mutex::new(HashMap::new()),
-        }
+        Counters { registry }
     })
 }
 
-/// `name{label=value,…}`, labels sorted.
-fn series_id(key: &metrics::Key) -> String {
-    let mut l: Vec<String> = key
-        .labels()
-        .map(|l| format!("{}={}", l.key(), l.value()))
-        .collect();
-    l.sort();
-    format!("{}{{{}}}", key.name(), l.join(","))
-}
-
-/// The series of `map` named `name` whose labels include `labels`.
-fn matching<'m, V>(
-    map: &'m HashMap<String, V>,
-    name: &str,
-    labels: &[(&str, &str)],
-) -> impl Iterator<Item = &'m V> {
-    let wanted: Vec<String> = labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
-    let prefix = format!("{name}{{");
-    map.iter()
-        .filter(move |(id, _)| {
-            id.starts_with(&prefix)
-                && wanted
-                    .iter()
-                    .all(|w| id[prefix.len()..id.len() - 1].split(',').any(|l| l == w))
-        })
-        .map(|(_, v)| v)
+/// Whether `key` is `name` with (at least) `labels`.
+fn matches(key: &metrics::Key, name: &str, labels: &[(&str, &str)]) -> bool {
+    key.name() == name
+        && labels
+            .iter()
+            .all(|(k, v)| key.labels().any(|l| l.key() == *k && l.value() == *v))
 }
 
 impl Counters {
-    /// Takes what the recorder holds now into the totals and gauges.
-    fn absorb(&self) {
-        let mut totals = self.totals.lock().expect("counters lock");
-        let mut gauges = self.gauges.lock().expect("gauges lock");
-        for (key, _, _, value) in self.snapshotter.snapshot().into_vec() {
-            match value {
-                metrics_util::debugging::DebugValue::Counter(n) => {
-                    *totals.entry(series_id(key.key())).or_default() += n;
-                }
-                metrics_util::debugging::DebugValue::Gauge(v) => {
-                    gauges.insert(series_id(key.key()), v.into_inner());
-                }
-                _ => {}
-            }
-        }
-    }
-
     /// The total of counter `name` over every label set that includes `labels`.
     pub fn total(&self, name: &str, labels: &[(&str, &str)]) -> u64 {
-        self.absorb();
-        let totals = self.totals.lock().expect("counters lock");
-        matching(&totals, name, labels).sum()
+        let mut total = 0;
+        self.registry.visit_counters(|key, c| {
+            if matches(key, name, labels) {
+                total += c.load(std::sync::atomic::Ordering::Acquire);
+            }
+        });
+        total
     }
 
     /// The sum of the last values of gauge `name` over every label set that
     /// includes `labels`.
     pub fn gauge(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
-        self.absorb();
-        let gauges = self.gauges.lock().expect("gauges lock");
-        matching(&gauges, name, labels).sum()
+        let mut sum = 0.0;
+        self.registry.visit_gauges(|key, g| {
+            if matches(key, name, labels) {
+                sum += f64::from_bits(g.load(std::sync::atomic::Ordering::Acquire));
+            }
+        });
+        sum
     }
 }
 
