@@ -79,6 +79,11 @@ pub struct Change {
     pub origin: Option<String>,
     /// `source.snapshot` is set (anything but "false").
     pub snapshot: bool,
+    /// The values' types came with the message (JSON with `schemas.enable`,
+    /// Avro): each value's kind is its source column's Connect type, so a
+    /// kind this region's column cannot come from is a schema difference
+    /// (`apply::prepare`). Schemaless JSON carries only the JSON kinds.
+    pub typed: bool,
 }
 
 /// The outcome of decoding one message.

@@ -74,6 +74,101 @@ pub async fn run(
         let handle = metrics::install()?;
         metrics::serve(config.metrics.listen.parse()?, handle, readiness.clone()).await?;
     }
+    pipeline(config, &readiness, shutdown).await
+}
+
+/// [`run`] that also reloads its configuration: each message on `reloads`
+/// (SIGHUP in `regionsync run`) reads `path` again. A file that does not
+/// validate, or names a table this region's database cannot give the
+/// worker, is refused: the error is logged, counted
+/// (`regionsync_config_reloads_total{result="error"}`) and the running
+/// pipeline goes on untouched. A good one restarts the pipeline in this
+/// process: the partitions finish and commit their in-flight batches as on
+/// SIGTERM, then everything (tables, consumer, pools) starts again from the
+/// new file and the offsets stored in PostgreSQL, so nothing is lost or
+/// applied twice. The metrics endpoint stays up throughout (a new
+/// `metrics.listen` needs a restart).
+pub async fn run_reloading(
+    path: std::path::PathBuf,
+    config: config::Config,
+    shutdown: impl Future<Output = ()>,
+    mut reloads: tokio::sync::mpsc::UnboundedReceiver<()>,
+) -> anyhow::Result<()> {
+    let readiness = metrics::Readiness::default();
+    let handle = metrics::install()?;
+    metrics::serve(config.metrics.listen.parse()?, handle, readiness.clone()).await?;
+    tokio::pin!(shutdown);
+    let mut config = config;
+    loop {
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let running = pipeline(config.clone(), &readiness, async move {
+            let _ = stopped.await;
+        });
+        tokio::pin!(running);
+        let next = loop {
+            tokio::select! {
+                biased;
+                result = &mut running => return result,
+                _ = &mut shutdown => {
+                    let _ = stop.send(());
+                    return running.await;
+                }
+                Some(()) = reloads.recv() => match reload(&path, &config).await {
+                    Ok(next) => break next,
+                    Err(why) => {
+                        tracing::error!(config = %path.display(), error = %why,
+                            "configuration reload refused; the running configuration is kept");
+                        ::metrics::counter!(metrics::CONFIG_RELOADS_TOTAL, "result" => "error")
+                            .increment(1);
+                    }
+                },
+            }
+        };
+        tracing::info!(config = %path.display(),
+            "configuration reloaded: draining the in-flight batches, then starting again on it");
+        let _ = stop.send(());
+        running.await?;
+        readiness.restarting("reloading the configuration");
+        ::metrics::counter!(metrics::CONFIG_RELOADS_TOTAL, "result" => "ok").increment(1);
+        config = next;
+    }
+}
+
+/// The configuration at `path` if the pipeline can start on it: it
+/// validates, and each configured table is readable in this region's
+/// database as the worker reads it at start (so a table not created yet
+/// refuses the reload instead of stopping the worker).
+async fn reload(
+    path: &std::path::Path,
+    running: &config::Config,
+) -> Result<config::Config, String> {
+    let next = config::Config::load(path).map_err(|e| e.to_string())?;
+    if next.metrics.listen != running.metrics.listen {
+        tracing::warn!(
+            running = %running.metrics.listen, file = %next.metrics.listen,
+            "metrics.listen changed: the endpoint stays where it is until a restart"
+        );
+    }
+    let pool = apply::session::pool(&next).map_err(|e| format!("{e:#}"))?;
+    let client = pool
+        .get()
+        .await
+        .map_err(|e| apply::tls::explain_pool(&e, &next.postgres))?;
+    for t in 0..next.tables.len() {
+        worker::load_table(&**client, &next, t)
+            .await
+            .map_err(|e| e.to_string())?;
+    }
+    Ok(next)
+}
+
+/// One run of the worker on `config`, until `shutdown` resolves: connects,
+/// checks the target tables and consumes.
+async fn pipeline(
+    config: config::Config,
+    readiness: &metrics::Readiness,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
     let pool = apply::session::pool(&config)?;
     // Every wait of start-up (connection attempts and their backoff, a
     // running rebuild's lock, reading the tables, a frozen PostgreSQL)

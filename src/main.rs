@@ -51,7 +51,8 @@ struct Cli {
 
 #[derive(clap::Subcommand, Debug)]
 enum Command {
-    /// Run the worker until SIGTERM or Ctrl-C.
+    /// Run the worker until SIGTERM or Ctrl-C; SIGHUP reloads the
+    /// configuration file (docs/CONFIG.md, "Reloading").
     Run,
     /// Validate the configuration and name every bad field; exits non-zero
     /// if any.
@@ -404,7 +405,9 @@ fn main() -> ExitCode {
                 Ok(())
             }
             Command::Setup => ops::setup::run(&config).await,
-            Command::Run => regionsync::run(config, shutdown_signal(), true).await,
+            Command::Run => {
+                regionsync::run_reloading(cli.config, config, shutdown_signal(), hangups()).await
+            }
             Command::Status { interval, .. } => {
                 ops::status::run(&worker_url(&config), seconds(interval)?).await
             }
@@ -500,6 +503,30 @@ fn block_on(command: impl std::future::Future<Output = anyhow::Result<()>>) -> E
 fn seconds(s: f64) -> anyhow::Result<std::time::Duration> {
     std::time::Duration::try_from_secs_f64(s)
         .map_err(|_| anyhow::anyhow!("--interval {s}: not a number of seconds >= 0"))
+}
+
+/// One message per SIGHUP: reload the configuration
+/// (`regionsync::run_reloading`). Listening replaces SIGHUP's default,
+/// which would end the process.
+fn hangups() -> tokio::sync::mpsc::UnboundedReceiver<()> {
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    #[cfg(unix)]
+    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+        Ok(mut hup) => {
+            tokio::spawn(async move {
+                while hup.recv().await.is_some() {
+                    tracing::info!("SIGHUP: reloading the configuration");
+                    if tx.send(()).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+        Err(e) => tracing::warn!(error = %e, "cannot listen for SIGHUP: no configuration reload"),
+    }
+    #[cfg(not(unix))]
+    drop(tx);
+    rx
 }
 
 /// Resolves on SIGTERM or Ctrl-C.

@@ -422,6 +422,7 @@ mod tests {
             lsn: None,
             origin: origin.map(Into::into),
             snapshot: false,
+            typed: true,
         }
     }
 

@@ -226,6 +226,64 @@ impl PgType {
         }
     }
 
+    /// Whether a value whose type a schema gave (`Change::typed`) cannot
+    /// have come from a column of this type: Debezium carries each
+    /// PostgreSQL type as one Connect type (int2/int4/int8 as integers,
+    /// boolean as a boolean, dates and times as integers or ISO texts …),
+    /// so a value of another kind means the source region's column is of
+    /// another type: a schema difference, not bad data. Only kinds no
+    /// setting of Debezium's (`decimal.handling.mode`,
+    /// `time.precision.mode`, Avro's loss of semantic names) gives this
+    /// type are named here; NULL fits every column.
+    pub fn cannot_come_from(&self, value: &Typed) -> bool {
+        use Field as F;
+        let not_scalar = |f: &Field| matches!(f, F::Bytes(_) | F::Json(_) | F::Array(_));
+        match (&self.kind, &value.field) {
+            (_, F::Null | F::Unavailable) => false,
+            (PgKind::Int, f) => {
+                not_scalar(f)
+                    || matches!(
+                        f,
+                        F::String(_) | F::Bool(_) | F::Float(_) | F::Decimal { .. }
+                    )
+            }
+            (PgKind::Bool, f) => {
+                not_scalar(f)
+                    || matches!(
+                        f,
+                        F::String(_) | F::Int(_) | F::Float(_) | F::Decimal { .. }
+                    )
+            }
+            (PgKind::Float, f) => {
+                not_scalar(f) || matches!(f, F::String(_) | F::Bool(_) | F::Decimal { .. })
+            }
+            // `decimal.handling.mode` string and double give texts and
+            // floats.
+            (PgKind::Numeric { .. }, f) => not_scalar(f) || matches!(f, F::Bool(_)),
+            (
+                PgKind::Date
+                | PgKind::Timestamp { .. }
+                | PgKind::TimestampTz
+                | PgKind::Time { .. }
+                | PgKind::TimeTz { .. },
+                F::String(s),
+            ) => value.semantic.is_none() && !iso_temporal(s),
+            (
+                PgKind::Date
+                | PgKind::Timestamp { .. }
+                | PgKind::TimestampTz
+                | PgKind::Time { .. }
+                | PgKind::TimeTz { .. },
+                f,
+            ) => not_scalar(f) || matches!(f, F::Bool(_) | F::Float(_) | F::Decimal { .. }),
+            (PgKind::Uuid, f) => {
+                not_scalar(f)
+                    || matches!(f, F::Bool(_) | F::Int(_) | F::Float(_) | F::Decimal { .. })
+            }
+            _ => false,
+        }
+    }
+
     /// Why Debezium's PostgreSQL connector leaves a column of this type
     /// out of its change events, if it does: such a column is absent from
     /// every event, and a row that has it cannot be written exactly.
@@ -235,6 +293,23 @@ impl PgType {
             _ => None,
         }
     }
+}
+
+/// A date, time or timestamp as Debezium writes one as text (the ISO
+/// forms of `ZonedTimestamp`, `ZonedTime`, Avro without its semantic name,
+/// `infinity`): a signed year of four or more digits and a dash, or
+/// `HH:MM`.
+fn iso_temporal(s: &str) -> bool {
+    if matches!(s, "infinity" | "-infinity") {
+        return true;
+    }
+    let b = s.as_bytes();
+    let digits = |from: usize| b[from..].iter().take_while(|c| c.is_ascii_digit()).count();
+    let unsigned = usize::from(matches!(b.first(), Some(b'+' | b'-')));
+    let year = digits(unsigned);
+    let date = year >= 4 && b.get(unsigned + year) == Some(&b'-');
+    let time = digits(0) == 2 && b.get(2) == Some(&b':');
+    date || time
 }
 
 // Measured on the local stack (Debezium 3.6.1): the column is missing from
@@ -957,6 +1032,80 @@ mod tests {
         }
         .to_pg_text(pg_type)
         .map(|t| t.expect("not NULL"))
+    }
+
+    #[test]
+    fn a_kind_no_column_of_the_type_gives_is_a_schema_difference() {
+        let typed = |field: Field, semantic: Option<&str>| Typed {
+            field,
+            semantic: semantic.map(|s| Cow::Owned(s.to_owned())),
+        };
+        let differs = |pg_type: &str, value: &Typed| PgType::parse(pg_type).cannot_come_from(value);
+        let text = |s: &str| typed(Field::String(s.into()), None);
+        // A text column's value where this region has an integer, boolean,
+        // double or date.
+        for pg_type in [
+            "integer",
+            "bigint",
+            "smallint",
+            "boolean",
+            "double precision",
+            "real",
+        ] {
+            assert!(differs(pg_type, &text("42")), "{pg_type}");
+        }
+        assert!(differs("date", &text("abc")));
+        assert!(differs(
+            "timestamp without time zone",
+            &text("next tuesday")
+        ));
+        assert!(differs("time(2) without time zone", &text("noon")));
+        // An integer or a number where this region has a boolean or a uuid,
+        // a boolean where it has a number, a numeric where it has an integer.
+        assert!(differs("boolean", &typed(Field::Int(1), None)));
+        assert!(differs("uuid", &typed(Field::Int(1), None)));
+        assert!(differs("numeric(12,2)", &typed(Field::Bool(true), None)));
+        let decimal = typed(
+            Field::Decimal {
+                unscaled: vec![1],
+                scale: 0,
+            },
+            Some(DECIMAL),
+        );
+        assert!(differs("integer", &decimal));
+        assert!(differs("double precision", &decimal));
+        // What Debezium gives each type, in every mode it has: never a
+        // schema difference.
+        for (pg_type, value) in [
+            ("integer", typed(Field::Int(5), None)),
+            ("boolean", typed(Field::Bool(true), None)),
+            ("double precision", typed(Field::Float(1.5), None)),
+            ("real", typed(Field::Float(f64::NAN), None)),
+            ("numeric(12,2)", decimal.clone()),
+            ("numeric", text("12.50")),
+            ("numeric", typed(Field::Float(12.5), None)),
+            ("date", typed(Field::Int(19000), Some(DATE))),
+            ("date", typed(Field::Int(19000), None)),
+            ("date", text("2024-02-29")),
+            ("date", text("+10000-01-01")),
+            ("timestamp with time zone", text("2024-02-29T11:14:15.654Z")),
+            ("timestamp with time zone", text("-0043-03-15T12:00:00Z")),
+            ("timestamp with time zone", text("infinity")),
+            ("time with time zone", text("10:00:00Z")),
+            (
+                "timestamp without time zone",
+                typed(Field::Int(1), Some(MICRO_TIMESTAMP)),
+            ),
+            ("uuid", text("a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11")),
+            ("text", typed(Field::Int(5), None)),
+            ("text", typed(Field::Bool(false), None)),
+            ("money", decimal.clone()),
+            ("integer", typed(Field::Null, None)),
+            ("date", typed(Field::Unavailable, None)),
+            ("integer[]", text("{1,2}")),
+        ] {
+            assert!(!differs(pg_type, &value), "{pg_type} from {value:?}");
+        }
     }
 
     #[test]

@@ -231,6 +231,26 @@ fn does_not_fit(table: &TargetTable, idx: usize, why: &str) -> RowError {
     }
 }
 
+/// A value of a kind this region's column cannot come from (`carried`:
+/// the source's type as the change carries it): the column's type was
+/// changed in one region and not in the other.
+fn type_differs(table: &TargetTable, idx: usize, carried: &str) -> RowError {
+    let (column, pg_type) = &table.columns[idx];
+    RowError::Schema {
+        table: table.name.clone(),
+        problem: format!(
+            "column {column} is {pg_type} here, but the source region sends {carried} values: \
+             the column's type differs between the regions (changed in one region only?). \
+             Give it the same type in both: here, ALTER TABLE {ident} ALTER COLUMN {col} TYPE \
+             <the source region's type> USING {col}::<that type>; or change it back in the \
+             source region. Or set on_schema_mismatch = \"dlq\" to set such changes aside",
+            ident = table.ident,
+            col = quote_ident(column),
+        ),
+        policy: table.on_schema_mismatch,
+    }
+}
+
 /// Source columns this region's table does not have and never had: added
 /// upstream first, or renamed there.
 fn new_column(
@@ -313,7 +333,17 @@ fn key_text(values: &[Option<String>]) -> String {
 
 /// Renders one source row image into target columns. Takes the image: its
 /// texts become the statement's without a copy where they need no change.
-fn render(table: &TargetTable, row: Row, before: Option<&Row>) -> Result<PreparedRow, RowError> {
+///
+/// `typed_by_schema`: the values' kinds are their source columns' types
+/// ([`Change::typed`]): a kind this region's column cannot come from is a
+/// schema difference, found here with its column (before PostgreSQL
+/// refuses it as if it were bad data).
+fn render(
+    table: &TargetTable,
+    row: Row,
+    before: Option<&Row>,
+    typed_by_schema: bool,
+) -> Result<PreparedRow, RowError> {
     let hlc = int_of(&row, "hlc")
         .ok_or_else(|| named_row_error(table, "hlc", "missing or not an integer"))?;
     let origin = str_of(&row, "origin_region")
@@ -333,6 +363,9 @@ fn render(table: &TargetTable, row: Row, before: Option<&Row>) -> Result<Prepare
             continue;
         };
         let ty = &table.pg_types[idx];
+        if typed_by_schema && ty.cannot_come_from(&typed) {
+            return Err(type_differs(table, idx, &describe(&typed)));
+        }
         let text = if typed.field == Field::Unavailable {
             // With REPLICA IDENTITY FULL the before image has the value.
             match before.and_then(|b| b.get(&source_col)) {
@@ -417,7 +450,7 @@ pub fn prepare(
                 table: table.name.clone(),
                 problem: format!("{:?} without an after image", change.op),
             })?;
-            let mut row = render(table, after, change.before.as_ref())?;
+            let mut row = render(table, after, change.before.as_ref(), change.typed)?;
             row.snapshot = change.op == Op::Read;
             row.committed_ms = change.source_ts_ms;
             Ok(Final::Upsert(row))
@@ -569,6 +602,7 @@ mod tests {
             lsn: None,
             origin: None,
             snapshot: false,
+            typed: false,
         }
     }
 
@@ -781,6 +815,41 @@ mod tests {
         let before = row(7, "a@x", Field::Null, 1);
         t.ignored.clear();
         assert!(prepare(&t, change(Op::Delete, 7, Some(before), None), "us-east-1").is_ok());
+    }
+
+    #[test]
+    fn a_column_retyped_in_one_region_is_a_schema_mismatch_naming_both_types() {
+        let retyped = TargetTable::for_tests(
+            "public.users",
+            &[
+                ("id", "bigint"),
+                ("email", "integer"),
+                ("bio", "text"),
+                ("hlc", "bigint"),
+                ("origin_region", "text"),
+            ],
+        );
+        let mut r = row(7, "a@xyz", Field::Null, 1);
+        r.remove("dropped_in_target");
+        let mut c = change(Op::Create, 7, None, Some(r));
+        c.typed = true;
+        let err = prepare(&retyped, c.clone(), "us-east-1").unwrap_err();
+        let text = err.to_string();
+        assert!(
+            text.starts_with(
+                "public.users: column email is integer here, but the source region sends string values"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("ALTER TABLE \"public\".\"users\" ALTER COLUMN \"email\" TYPE"),
+            "{text}"
+        );
+        assert_eq!(err.reason(), "schema_mismatch");
+        // Schemaless JSON: the kind says nothing of the source's column,
+        // and PostgreSQL judges the value.
+        c.typed = false;
+        assert!(prepare(&retyped, c, "us-east-1").is_ok());
     }
 
     #[test]

@@ -285,6 +285,7 @@ pub(super) fn avro_envelope<'a>(
             _ => None,
         },
         snapshot,
+        typed: true,
     })
 }
 

@@ -118,6 +118,8 @@ pub(super) struct Envelope {
     pub(super) lsn: Option<i64>,
     pub(super) origin: Option<String>,
     pub(super) snapshot: bool,
+    /// Whether a schema gave the values' types ([`Change::typed`]).
+    pub(super) typed: bool,
 }
 
 impl Envelope {
@@ -154,6 +156,7 @@ impl Envelope {
             lsn: self.lsn,
             origin: self.origin,
             snapshot: self.snapshot,
+            typed: self.typed,
         }))
     }
 }

@@ -460,6 +460,7 @@ pub(super) fn json_envelope(
         lsn,
         origin,
         snapshot,
+        typed: schema.is_some(),
     })
 }
 

@@ -82,6 +82,11 @@ pub const REHOMED: &str = "regionsync_rehomed";
 /// since the last failover.
 pub const LAST_FAILOVER_TIMESTAMP: &str = "regionsync_last_failover_timestamp_seconds";
 
+/// Configuration reloads asked for by SIGHUP. Label: `result` (`ok`: the
+/// pipeline restarted on the new file; `error`: the file was refused and the
+/// old configuration kept running).
+pub const CONFIG_RELOADS_TOTAL: &str = "regionsync_config_reloads_total";
+
 /// Outcome label values.
 pub mod outcome {
     pub const APPLIED: &str = "applied";

@@ -2,7 +2,7 @@
 //! Prometheus recorder behind `/metrics`.
 
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::extract::State;
@@ -50,13 +50,13 @@ pub struct Readiness(Arc<ReadinessInner>);
 
 #[derive(Default)]
 struct ReadinessInner {
-    check: OnceLock<Arc<dyn ReadyCheck>>,
+    check: Mutex<Option<Arc<dyn ReadyCheck>>>,
     starting: Mutex<Option<String>>,
 }
 
 impl Readiness {
     pub fn set(&self, check: Arc<dyn ReadyCheck>) {
-        let _ = self.0.check.set(check);
+        *self.0.check.lock().expect("readiness lock") = Some(check);
     }
 
     /// What start-up is waiting for, until [`Readiness::set`].
@@ -64,8 +64,17 @@ impl Readiness {
         *self.0.starting.lock().expect("readiness lock") = Some(why.into());
     }
 
+    /// The pipeline stops to start again (a configuration reload): not
+    /// ready until it is [`Readiness::set`] again, and the old worker is
+    /// let go.
+    pub fn restarting(&self, why: impl Into<String>) {
+        *self.0.check.lock().expect("readiness lock") = None;
+        self.starting(why);
+    }
+
     pub async fn check(&self) -> Result<(), String> {
-        match self.0.check.get() {
+        let check = self.0.check.lock().expect("readiness lock").clone();
+        match check {
             Some(c) => c.check().await,
             None => Err(match &*self.0.starting.lock().expect("readiness lock") {
                 Some(why) => format!("starting: {why}"),

@@ -499,6 +499,17 @@ async fn apply_on_layout<M: Message>(
                 }
             }
         };
+        // A value refused for its column's type: the column may have been
+        // retyped here since the layout was read. Read again, the batch
+        // is planned anew, and the change's own types are checked against
+        // the column's (apply::prepare) before any value is called bad.
+        if e.is_type_refusal() {
+            if let Some(t) = route.table {
+                if refresh_layout(worker, tables, t).await {
+                    return Ok(None);
+                }
+            }
+        }
         // A schema difference PostgreSQL found (a value this region's
         // column cannot hold): the table's `on_schema_mismatch` decides.
         let on_schema_mismatch = route

@@ -224,6 +224,23 @@ pub fn db_error_text(d: &tokio_postgres::error::DbError) -> String {
     text
 }
 
+/// SQLSTATEs of a value refused for its column's type: text the type
+/// cannot read (22P02), a date or time it cannot read (22007, 22008), an
+/// expression of another type than the column's (42804, 42846: the
+/// statement was built on a layout read before the column was retyped).
+/// Most often the column's type was changed here: the table's layout is
+/// read again, and the batch planned anew on it, before any value is
+/// judged bad data (docs/SCHEMA-CHANGES.md).
+pub const TYPE_REFUSALS: &[&str] = &["22P02", "22007", "22008", "42804", "42846"];
+
+impl BatchError {
+    /// PostgreSQL refused a value for its column's type ([`TYPE_REFUSALS`]).
+    pub fn is_type_refusal(&self) -> bool {
+        matches!(self, BatchError::Data(e)
+            if e.code().is_some_and(|c| TYPE_REFUSALS.contains(&c.code())))
+    }
+}
+
 /// Sorts a PostgreSQL error into [`BatchError`] by its SQLSTATE.
 pub fn classify(e: tokio_postgres::Error) -> BatchError {
     let Some(code) = e.code().map(|c| c.code().to_owned()) else {
@@ -628,9 +645,14 @@ mod tests {
                 "{code}"
             );
         }
-        // A value PostgreSQL cannot take at all: the row's fault.
+        // A value PostgreSQL cannot take at all: the row's fault, once the
+        // layout read again shows the column's type unchanged (type
+        // refusals read it again first).
         assert_eq!(sort_sqlstate("22P02"), Sqlstate::Data);
         assert_eq!(sort_sqlstate("42804"), Sqlstate::Data);
+        for code in TYPE_REFUSALS {
+            assert_eq!(sort_sqlstate(code), Sqlstate::Data, "{code}");
+        }
         assert_eq!(
             sort_sqlstate("42501"),
             Sqlstate::Held(retry::POSTGRES_PERMISSION)

@@ -463,10 +463,21 @@ pub async fn run(
     // Let the partition tasks finish their in-flight batches (bounded).
     let handles: Vec<JoinHandle<anyhow::Result<()>>> =
         tasks.into_values().map(|(_, h)| h).collect();
+    let aborts: Vec<tokio::task::AbortHandle> = handles.iter().map(|h| h.abort_handle()).collect();
     let drained =
         tokio::time::timeout(Duration::from_secs(8), futures::future::join_all(handles)).await;
     if drained.is_err() {
         warn!("in-flight batches did not finish within 8 s; abandoning them (their offsets were not stored)");
+        // Ended, not left running: a pipeline started again in this
+        // process (a configuration reload) must be the only one applying
+        // these partitions. An abandoned transaction commits with its
+        // offset or not at all, as after a crash.
+        for a in &aborts {
+            a.abort();
+        }
+        while aborts.iter().any(|a| !a.is_finished()) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
     worker.consumer.unsubscribe();
     // Stopped partitions are no longer this worker's.
@@ -528,15 +539,15 @@ async fn supervise(
 ) -> anyhow::Result<()> {
     let (topic, partition) = key.clone();
     loop {
-        let task = tokio::spawn(partition::run(
+        let task = AbortOnDrop(tokio::spawn(partition::run(
             worker.clone(),
             key.clone(),
             stored,
             queue.clone(),
             stop.clone(),
             failed.clone(),
-        ));
-        let panic = match task.await {
+        )));
+        let panic = match task.join().await {
             Ok(result) => return result,
             Err(e) if e.is_panic() => e.into_panic(),
             Err(_) => return Ok(()),
@@ -576,6 +587,22 @@ async fn supervise(
             ));
             return Ok(());
         }
+    }
+}
+
+/// A partition task that ends with its supervisor: aborting [`supervise`]
+/// aborts the task it runs.
+struct AbortOnDrop(JoinHandle<anyhow::Result<()>>);
+
+impl AbortOnDrop {
+    async fn join(mut self) -> Result<anyhow::Result<()>, tokio::task::JoinError> {
+        (&mut self.0).await
+    }
+}
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 
