@@ -503,6 +503,8 @@ async fn region_failure(policy: &str, phases: Phases) -> Figures {
     worker_a.kill();
     let out = tokio::task::block_in_place(|| stack_script(&["region-kill", &a.name]));
     assert!(out.status.success(), "region-kill: {}", text(&out));
+    // Writes A answered until its PostgreSQL died are A's too.
+    let killed_at = Instant::now();
     eprintln!("{policy}: {} killed", a.name);
 
     // Failover (runbook steps 3 and 4), then the users follow the route.
@@ -526,7 +528,7 @@ async fn region_failure(policy: &str, phases: Phases) -> Figures {
         .lock()
         .unwrap()
         .iter()
-        .filter(|w| w.at <= failed_at && w.region == a.name)
+        .filter(|w| w.at <= killed_at && w.region == a.name)
         .cloned()
         .collect();
     let unmirrored: Vec<&Write> = before_failure
@@ -537,7 +539,7 @@ async fn region_failure(policy: &str, phases: Phases) -> Figures {
     let rpo_unknown = unmirrored.len() - rpo.len();
     let rpo_seconds = rpo
         .iter()
-        .map(|w| failed_at.duration_since(w.at).as_secs_f64())
+        .map(|w| failed_at.saturating_duration_since(w.at).as_secs_f64())
         .fold(0.0, f64::max);
     eprintln!(
         "{policy}: RPO {} acknowledged changes not mirrored at the failure, {rpo_seconds:.2} s (and {rpo_unknown} sent, unacknowledged)",

@@ -717,19 +717,22 @@ cmd_region_up() {
   known_region "$region"
   check_ports
   mkdir -p "$LOGS" "$PIDS"
-  local t0=$SECONDS
-  pg_up "$region"
+  local t0=$SECONDS limit=600
   # After a SIGKILL Kafka recovers every partition's log first, and on a
-  # busy machine each JVM takes minutes to start: hence the longer limits
-  # than `up`'s, and Connect and MirrorMaker 2 (which needs only the two
-  # brokers) started together.
-  kafka_up "$region"
-  wait_for "kafka-$region" 300 kafka_ready "$(kafka_port "$region")"
-  connect_up "$region"
-  mm2_up
-  wait_for "connect-$region" 300 connect_ready "$(connect_port "$region")"
+  # busy machine each JVM takes minutes to start (Kafka once took over
+  # 300 s): hence the longer limits than `up`'s, and Connect and
+  # MirrorMaker 2 (which needs only the two brokers) started together. A
+  # service still starting from an earlier region-up that gave up is
+  # waited for, not started a second time on the same data and port.
+  if alive "postgres-$region"; then wait_for "postgres-$region" $limit pg_ready "$(pg_port "$region")"; fi
+  pg_up "$region"
+  if ! alive "kafka-$region"; then kafka_up "$region"; fi
+  wait_for "kafka-$region" $limit kafka_ready "$(kafka_port "$region")"
+  if ! alive "connect-$region"; then connect_up "$region"; fi
+  if ! alive mirrormaker2; then mm2_up; fi
+  wait_for "connect-$region" $limit connect_ready "$(connect_port "$region")"
   connectors_up "$region"
-  wait_for mirrormaker2 300 mm2_ready
+  wait_for mirrormaker2 $limit mm2_ready
   log "$region is up ($((SECONDS - t0))s)"
 }
 
