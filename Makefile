@@ -2,12 +2,13 @@
 SHELL := /bin/bash
 STACK := deploy/local/stack.sh
 
-.PHONY: help demo test test-long fuzz lint rules-test deny-install unit integration stack-up stack-down stack-status stack-install bench bench-decode bench-peers workers-up workers-down k8s-check k8s-rules k8s-runtime-check image-check
+.PHONY: help demo test test-long test-failover fuzz lint rules-test deny-install unit integration stack-up stack-down stack-status stack-install bench bench-decode bench-peers workers-up workers-down k8s-check k8s-rules k8s-runtime-check image-check
 
 help:
 	@echo "make demo          local two-region stack replicating live, lag visible"
 	@echo "make test          the whole test suite (brings the stack up if needed)"
 	@echo "make test-long     the long variants of the scenario suites (after make test's set-up)"
+	@echo "make test-failover a whole-region failure and failback under every policy (RTO, RPO)"
 	@echo "make fuzz          the decoders' fuzz targets, FUZZ_SECONDS (60) each"
 	@echo "make stack-up      start the local two-region stack (idempotent)"
 	@echo "make stack-down    stop it; data under target/stack/ is kept"
@@ -99,14 +100,26 @@ test: stack-install lint
 	cargo test --test schema_changes -- --test-threads=6
 	cargo test --test lag -- --test-threads=1
 	cargo test --test failover -- --test-threads=1
+	cargo test --test region_failure -- --test-threads=1 --nocapture
 	cargo test --test verify --test rebuild -- --test-threads=1
 	cargo test --test stack_lifecycle
 	bash fuzz/run.sh --wait $(FUZZ_SECONDS)
 
 # The long variants of scenario suites whose short variant is in make test
-# (REGIONSYNC_LONG_TESTS=1): the lag alert watched through every stall.
+# (REGIONSYNC_LONG_TESTS=1): the lag alert watched through every stall,
+# then the whole-region failure under every policy (test-failover).
 test-long: stack-up
 	REGIONSYNC_LONG_TESTS=1 cargo test --test lag -- --test-threads=1
+	$(MAKE) test-failover
+
+# A whole-region failure (tests/region_failure.rs): us-east-1's PostgreSQL,
+# Kafka, Connect and MirrorMaker 2 killed at once while both regions' users
+# write, failed over to eu-west-1 and back with the commands, under each
+# policy (lww, reject, manual) with longer write phases than make test's
+# short variant. Prints RTO and RPO per policy (docs/BENCHMARKS.md). It
+# kills part of the stack, so nothing else may use the stack meanwhile.
+test-failover: stack-up
+	cargo test --test region_failure -- --ignored --test-threads=1 --nocapture
 
 # The JSON and Avro decoders' fuzz targets (cargo-fuzz, nightly; fuzz/
 # README.md), each for FUZZ_SECONDS from the seeds in fuzz/seeds/; installs

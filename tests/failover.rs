@@ -18,7 +18,7 @@
 mod support;
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use support::kit::*;
@@ -29,36 +29,6 @@ fn metrics_b() -> String {
         "{}:{}",
         stack_env::HOST,
         stack_env::WORKER_METRICS_PORT_B.get()
-    )
-}
-
-/// Writes `toml` as a config file named `name`.
-fn config_file(name: &str, toml: &str) -> PathBuf {
-    let dir = repo_root().join("target/test-configs");
-    std::fs::create_dir_all(&dir).expect("config dir");
-    let path = dir.join(format!("{name}.toml"));
-    std::fs::write(&path, toml).expect("write config");
-    path
-}
-
-fn regionsync(config: &Path, args: &[&str]) -> Output {
-    tokio::task::block_in_place(|| {
-        Command::new(env!("CARGO_BIN_EXE_regionsync"))
-            .arg("--config")
-            .arg(config)
-            .args(args)
-            .env("RUST_LOG", "warn")
-            .output()
-            .expect("run regionsync")
-    })
-}
-
-fn text(out: &Output) -> String {
-    format!(
-        "exit {:?}\nstdout: {}\nstderr: {}",
-        out.status.code(),
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
     )
 }
 

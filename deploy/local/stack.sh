@@ -15,6 +15,14 @@
 #                 (deploy/local/regionsync-<region>.toml) against the running
 #                 stack; a running worker is left alone (idempotent)
 #   workers-down  stop the workers, by pid
+#   region-kill R region R's PostgreSQL (postmaster and every backend), Kafka,
+#                 Connect and MirrorMaker 2 killed at once with SIGKILL: a
+#                 whole-region failure (tests/region_failure.rs). Data is kept.
+#                 MirrorMaker 2 is one process for both directions here, so
+#                 both flows stop, as when it runs in the failed region.
+#   region-up R   start region R's PostgreSQL, Kafka, Connect (its Debezium
+#                 connectors RUNNING again) and MirrorMaker 2, each behind its
+#                 readiness check; a running one is left alone
 #
 # Secured endpoints beside the plain ones: a local CA (target/stack/tls/ca.pem,
 # made with openssl on the first `up`) signs a server certificate for localhost
@@ -576,7 +584,14 @@ mm2_ready() {
   # Ready once its connectors run: the flows' offset-sync and heartbeat topics exist.
   kcat -b "127.0.0.1:$KAFKA_PORT_B" -L -J 2>/dev/null | grep -q "\"$REGION_A.heartbeats\"\|\"heartbeats\"" &&
     kcat -b "127.0.0.1:$KAFKA_PORT_A" -L -J 2>/dev/null | grep -q "\"$REGION_B.heartbeats\"\|\"heartbeats\"" &&
-    grep -q "Kafka MirrorMaker started" "$LOGS/mirrormaker2.log"
+    mm2_started_since_spawn
+}
+
+# The log is appended to across restarts: only a "started" line after the
+# newest spawn marker counts.
+mm2_started_since_spawn() {
+  awk '/^\[stack\] spawned mirrormaker2/ { ok = 0 } /Kafka MirrorMaker started/ { ok = 1 } END { exit !ok }' \
+    "$LOGS/mirrormaker2.log"
 }
 
 mm2_up() {
@@ -586,6 +601,8 @@ mm2_up() {
   REGION_A="$REGION_A" REGION_B="$REGION_B" KAFKA_A="127.0.0.1:$KAFKA_PORT_A" \
     KAFKA_B="127.0.0.1:$KAFKA_PORT_B" REPLICATION_FACTOR=1 \
     render "$ROOT/connectors/mirrormaker2.properties" >"$STATE/$name/mm2.properties"
+  mkdir -p "$LOGS"
+  echo "[stack] spawned mirrormaker2 $(date -u +%FT%TZ)" >>"$LOGS/$name.log"
   spawn "$name" java -Xmx384m "${JAVA_SMALL[@]}" -cp "$DIST/lib/*" \
     org.apache.kafka.connect.mirror.MirrorMaker "$STATE/$name/mm2.properties"
 }
@@ -660,6 +677,63 @@ cmd_workers_up() {
 cmd_workers_down() {
   local region
   for region in "${REGIONS[@]}"; do stop_pid "regionsync-$region" 15; done
+}
+
+# --- a whole-region failure and the region's return -------------------------------
+known_region() {
+  [ "${1:-}" = "$REGION_A" ] || [ "${1:-}" = "$REGION_B" ] ||
+    die "unknown region '${1:-}': $REGION_A or $REGION_B"
+}
+
+cmd_region_kill() {
+  local region=$1 name p pids=()
+  known_region "$region"
+  p=$(pid_of "postgres-$region")
+  if [ -n "$p" ] && kill -0 "$p" 2>/dev/null; then
+    # The postmaster and its backends together, as a crash of the machine
+    # would: a backend left behind would keep the shared memory and stop
+    # the next start.
+    # shellcheck disable=SC2207
+    pids+=("$p" $(pgrep -P "$p" || true))
+  fi
+  for name in "kafka-$region" "connect-$region" mirrormaker2; do
+    p=$(pid_of "$name")
+    if [ -n "$p" ] && kill -0 "$p" 2>/dev/null; then pids+=("$p"); fi
+  done
+  [ ${#pids[@]} -gt 0 ] || { log "nothing of $region is running"; return 0; }
+  log "killing $region (SIGKILL): ${pids[*]}"
+  kill -KILL "${pids[@]}" 2>/dev/null || true
+  local deadline=$((SECONDS + 30))
+  for p in "${pids[@]}"; do
+    while kill -0 "$p" 2>/dev/null && [ "$(ps -o stat= -p "$p" | cut -c1)" != Z ]; do
+      [ $SECONDS -lt $deadline ] || die "pid $p survived SIGKILL for 30 s"
+      sleep 0.2
+    done
+  done
+}
+
+cmd_region_up() {
+  local region=$1
+  known_region "$region"
+  check_ports
+  mkdir -p "$LOGS" "$PIDS"
+  local t0=$SECONDS limit=600
+  # After a SIGKILL Kafka recovers every partition's log first, and on a
+  # busy machine each JVM takes minutes to start (Kafka once took over
+  # 300 s): hence the longer limits than `up`'s, and Connect and
+  # MirrorMaker 2 (which needs only the two brokers) started together. A
+  # service still starting from an earlier region-up that gave up is
+  # waited for, not started a second time on the same data and port.
+  if alive "postgres-$region"; then wait_for "postgres-$region" $limit pg_ready "$(pg_port "$region")"; fi
+  pg_up "$region"
+  if ! alive "kafka-$region"; then kafka_up "$region"; fi
+  wait_for "kafka-$region" $limit kafka_ready "$(kafka_port "$region")"
+  if ! alive "connect-$region"; then connect_up "$region"; fi
+  if ! alive mirrormaker2; then mm2_up; fi
+  wait_for "connect-$region" $limit connect_ready "$(connect_port "$region")"
+  connectors_up "$region"
+  wait_for mirrormaker2 $limit mm2_ready
+  log "$region is up ($((SECONDS - t0))s)"
 }
 
 # --- commands --------------------------------------------------------------------
@@ -751,5 +825,7 @@ case "${1:-}" in
   status) cmd_status ;;
   workers-up) cmd_workers_up ;;
   workers-down) cmd_workers_down ;;
-  *) echo "usage: $0 install|up|down|status|workers-up|workers-down" >&2; exit 2 ;;
+  region-kill) cmd_region_kill "${2:-}" ;;
+  region-up) cmd_region_up "${2:-}" ;;
+  *) echo "usage: $0 install|up|down|status|workers-up|workers-down|region-kill REGION|region-up REGION" >&2; exit 2 ;;
 esac

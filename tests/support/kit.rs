@@ -3,7 +3,8 @@
 #![allow(dead_code)]
 
 use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -304,4 +305,36 @@ pub async fn setup_clean(config: &Config, region: &str) {
         "setup in {region}: {:?}",
         report.problems
     );
+}
+
+/// Writes `toml` as a config file named `name` (target/test-configs/).
+pub fn config_file(name: &str, toml: &str) -> PathBuf {
+    let dir = repo_root().join("target/test-configs");
+    std::fs::create_dir_all(&dir).expect("config dir");
+    let path = dir.join(format!("{name}.toml"));
+    std::fs::write(&path, toml).expect("write config");
+    path
+}
+
+/// Runs the regionsync binary with `config` and `args` to its end.
+pub fn regionsync(config: &Path, args: &[&str]) -> Output {
+    tokio::task::block_in_place(|| {
+        Command::new(env!("CARGO_BIN_EXE_regionsync"))
+            .arg("--config")
+            .arg(config)
+            .args(args)
+            .env("RUST_LOG", "warn")
+            .output()
+            .expect("run regionsync")
+    })
+}
+
+/// A command's exit code and output, for assertion messages.
+pub fn text(out: &Output) -> String {
+    format!(
+        "exit {:?}\nstdout: {}\nstderr: {}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
 }
