@@ -451,6 +451,10 @@ share.coordinator.state.topic.min.isr=1
 group.initial.rebalance.delay.ms=0
 log.cleaner.dedupe.buffer.size=8388608
 log.retention.hours=-1
+# After a SIGKILL (make test's whole-region failure) the broker checks
+# every partition's log before it serves: hundreds of test topics, one
+# thread each by default.
+num.recovery.threads.per.data.dir=4
 EOF
   if [ ! -f "$dir/data/meta.properties" ]; then
     local cluster_id
