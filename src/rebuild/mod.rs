@@ -302,8 +302,22 @@ pub async fn replay(
         .context("assigning the partitions to replay")?;
     let max_rows = config.apply.batch_max_rows.max(1);
     let mut chunk = bulk::Chunk::default();
-    // Messages per topic in the chunk, told once it is committed.
+    // Messages per topic in the chunk being read, and in the one being
+    // written: told once it is committed.
     let mut unreported: HashMap<String, u64> = HashMap::new();
+    let mut written: HashMap<String, u64> = HashMap::new();
+    let report = |counts: &mut HashMap<String, u64>| {
+        for (topic, n) in counts.drain() {
+            on_progress(&topic, n);
+            metrics::counter!(crate::metrics::REBUILD_MESSAGES_TOTAL, "topic" => topic)
+                .increment(n);
+        }
+    };
+    // A chunk is written (by PostgreSQL) while the next one is read and
+    // decoded (here): on a small box those are the two cores' work. One
+    // write at a time, so chunks commit in order.
+    let shared: Arc<Vec<TargetTable>> = Arc::new(tables.to_vec());
+    let mut writing: Option<tokio::task::JoinHandle<anyhow::Result<Applied>>> = None;
     while !ends.is_empty() {
         let mut batch: Vec<BorrowedMessage<'_>> = Vec::new();
         let mut idle = Duration::ZERO;
@@ -389,23 +403,27 @@ pub async fn replay(
             }
         }
         if chunk.changes >= chunk_changes || chunk.messages >= chunk_changes || ends.is_empty() {
-            done.messages += chunk.messages as u64;
-            done.applied += commit(pool, &group, tables, std::mem::take(&mut chunk)).await?;
-            for (topic, n) in unreported.drain() {
-                on_progress(&topic, n);
-                metrics::counter!(crate::metrics::REBUILD_MESSAGES_TOTAL, "topic" => topic)
-                    .increment(n);
+            if let Some(w) = writing.take() {
+                done.applied += w.await.context("writing a chunk")??;
+                report(&mut written);
             }
+            done.messages += chunk.messages as u64;
+            written = std::mem::take(&mut unreported);
+            let chunk = std::mem::take(&mut chunk);
+            let (pool, group, tables) = (pool.clone(), group.clone(), shared.clone());
+            writing = Some(tokio::spawn(async move {
+                commit(&pool, &group, &tables, chunk).await
+            }));
         }
+    }
+    if let Some(w) = writing.take() {
+        done.applied += w.await.context("writing a chunk")??;
+        report(&mut written);
     }
     if !chunk.is_empty() {
         done.messages += chunk.messages as u64;
         done.applied += commit(pool, &group, tables, chunk).await?;
-        for (topic, n) in unreported.drain() {
-            on_progress(&topic, n);
-            metrics::counter!(crate::metrics::REBUILD_MESSAGES_TOTAL, "topic" => topic)
-                .increment(n);
-        }
+        report(&mut unreported);
     }
     Ok(done)
 }

@@ -107,7 +107,7 @@ async fn main() {
     let columns: Vec<String> = a
         .query(
             "SELECT quote_ident(attname) FROM pg_attribute
-              WHERE attrelid = $1::regclass AND attnum > 0 AND NOT attisdropped ORDER BY attnum",
+              WHERE attrelid = $1::text::regclass AND attnum > 0 AND NOT attisdropped ORDER BY attnum",
             &[&format!("public.{table}")],
         )
         .await
