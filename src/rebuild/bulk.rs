@@ -21,6 +21,12 @@
 //!   WHERE` newer, under the same tombstone and truncate guards and the same
 //!   casts as the worker's upsert. Rows with unsent (TOAST) columns and
 //!   tables with CRDT counters take the worker's statements.
+//! - A table with CRDT counters keeps the newest version per key *and
+//!   partition* instead: the newest version of one region's feed need not
+//!   hold another region's increments, which only the worker's upsert
+//!   merges in. Those versions are written in rounds of distinct keys
+//!   (one statement cannot upsert a key twice), in any order: the merge
+//!   and the guards do not depend on it.
 //!
 //! Killed at any point, a rebuild resumes from the offsets of its last
 //! committed chunk; what it reads again is applied again harmlessly.
@@ -58,11 +64,17 @@ fn newer(a: (i64, &str), b: (i64, &str)) -> bool {
 
 impl Chunk {
     /// A change's final state for table `table`: kept if newer than what
-    /// the chunk holds for its key.
-    pub fn add(&mut self, table: usize, fin: Final) {
+    /// the chunk holds for its key. `partition`: for a table with CRDT
+    /// counters, the partition it was read from (a version is kept per
+    /// key and partition, see the module docs); `None` for the others.
+    pub fn add(&mut self, table: usize, fin: Final, partition: Option<(&str, i32)>) {
         self.changes += 1;
         let rows = self.rows.entry(table).or_default();
-        match rows.get_mut(fin.key_text()) {
+        let slot: Cow<'_, str> = match partition {
+            None => Cow::Borrowed(fin.key_text()),
+            Some((topic, p)) => Cow::Owned(format!("{}\u{0}{topic}\u{0}{p}", fin.key_text())),
+        };
+        match rows.get_mut(slot.as_ref()) {
             Some(held) => {
                 if newer(fin.version(), held.version()) {
                     let mut fin = fin;
@@ -71,7 +83,7 @@ impl Chunk {
                 }
             }
             None => {
-                rows.insert(fin.key_text().to_owned(), fin);
+                rows.insert(slot.into_owned(), fin);
             }
         }
     }
@@ -132,22 +144,42 @@ pub async fn flush(
         let (deletes, odd): (Vec<_>, Vec<_>) = others
             .into_iter()
             .partition(|f| matches!(&**f, Final::Delete(_)));
-        total += apply::apply_finals(tx, table, &deletes)
-            .await
-            .with_context(|| format!("deleting from {}", table.name))?;
+        for round in distinct_key_rounds(deletes) {
+            total += apply::apply_finals(tx, table, &round)
+                .await
+                .with_context(|| format!("deleting from {}", table.name))?;
+        }
         if !whole.is_empty() {
             total += copy_upserts(tx, table, &whole)
                 .await
                 .with_context(|| format!("loading {} with COPY", table.name))?;
         }
-        total += apply::apply_finals(tx, table, &odd)
-            .await
-            .with_context(|| format!("writing {}", table.name))?;
+        for round in distinct_key_rounds(odd) {
+            total += apply::apply_finals(tx, table, &round)
+                .await
+                .with_context(|| format!("writing {}", table.name))?;
+        }
     }
     for ((topic, partition), (next, ts)) in &chunk.offsets {
         offsets::store(tx, group, topic, *partition, *next, *ts).await?;
     }
     Ok(total)
+}
+
+/// `finals` in rounds where each key occurs once: the n-th version of a
+/// key goes to the n-th round. One round for a table without counters.
+fn distinct_key_rounds(finals: Vec<Cow<'_, Final>>) -> Vec<Vec<Cow<'_, Final>>> {
+    let mut rounds: Vec<Vec<Cow<'_, Final>>> = Vec::new();
+    let mut seen: HashMap<String, usize> = HashMap::new();
+    for fin in finals {
+        let n = seen.entry(fin.key_text().to_owned()).or_insert(0);
+        if rounds.len() <= *n {
+            rounds.push(Vec::new());
+        }
+        rounds[*n].push(fin);
+        *n += 1;
+    }
+    rounds
 }
 
 /// An upsert whose unsent (TOAST) columns the replaced version `older`
@@ -297,15 +329,15 @@ mod tests {
     fn the_newest_version_per_key_wins_whatever_the_order_read() {
         let mut c = Chunk::default();
         // Key 1: a newer delete read before an older upsert (another feed).
-        c.add(0, delete("1", 20, "us-east-1"));
-        c.add(0, upsert("1", 10, "eu-west-1"));
+        c.add(0, delete("1", 20, "us-east-1"), None);
+        c.add(0, upsert("1", 10, "eu-west-1"), None);
         // Key 2: same hlc, the origin decides bytewise.
-        c.add(0, upsert("2", 5, "eu-west-1"));
-        c.add(0, upsert("2", 5, "us-east-1"));
-        c.add(0, upsert("2", 5, "ap-south-1"));
+        c.add(0, upsert("2", 5, "eu-west-1"), None);
+        c.add(0, upsert("2", 5, "us-east-1"), None);
+        c.add(0, upsert("2", 5, "ap-south-1"), None);
         // Key 3: an upsert newer than a delete.
-        c.add(0, delete("3", 1, "us-east-1"));
-        c.add(0, upsert("3", 2, "us-east-1"));
+        c.add(0, delete("3", 1, "us-east-1"), None);
+        c.add(0, upsert("3", 2, "us-east-1"), None);
         assert_eq!(c.changes, 7);
         assert_eq!(c.keys(), 3);
         let rows = &c.rows[&0];
@@ -321,18 +353,48 @@ mod tests {
             unreachable!()
         };
         whole.values.push((1, Some("big".into())));
-        c.add(0, Final::Upsert(whole));
+        c.add(0, Final::Upsert(whole), None);
         let Final::Upsert(mut partial) = upsert("1", 2, "a") else {
             unreachable!()
         };
         partial.unavailable = vec![1];
-        c.add(0, Final::Upsert(partial));
+        c.add(0, Final::Upsert(partial), None);
         let Final::Upsert(kept) = &c.rows[&0]["1"] else {
             panic!("an upsert")
         };
         assert_eq!(kept.hlc, 2);
         assert!(kept.unavailable.is_empty());
         assert_eq!(kept.values[1], (1, Some("big".into())));
+    }
+
+    #[test]
+    fn a_counter_table_keeps_a_version_per_partition_written_in_rounds() {
+        let mut c = Chunk::default();
+        // Region Y's older increment and region X's newer row, from two
+        // feeds: X's row need not hold Y's component, so both are kept.
+        c.add(0, upsert("1", 10, "y"), Some(("y.cdc.t", 0)));
+        c.add(0, upsert("1", 20, "x"), Some(("x.cdc.t", 0)));
+        // Within one partition the newest still replaces the older.
+        c.add(0, upsert("1", 5, "y"), Some(("y.cdc.t", 0)));
+        c.add(0, upsert("2", 1, "x"), Some(("x.cdc.t", 0)));
+        assert_eq!(c.keys(), 3);
+        let finals: Vec<Cow<'_, Final>> = c.rows[&0].values().map(Cow::Borrowed).collect();
+        let rounds = distinct_key_rounds(finals);
+        assert_eq!(rounds.len(), 2, "key 1 twice: two rounds");
+        for round in &rounds {
+            let mut keys: Vec<&str> = round.iter().map(|f| f.key_text()).collect();
+            keys.sort_unstable();
+            keys.dedup();
+            assert_eq!(keys.len(), round.len(), "a key once per round");
+        }
+        let mut versions: Vec<(i64, String)> = rounds
+            .iter()
+            .flatten()
+            .filter(|f| f.key_text() == "1")
+            .map(|f| (f.version().0, f.version().1.to_owned()))
+            .collect();
+        versions.sort();
+        assert_eq!(versions, [(10, "y".to_owned()), (20, "x".to_owned())]);
     }
 
     #[test]

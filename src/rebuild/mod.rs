@@ -388,7 +388,11 @@ pub async fn replay(
             chunk.read_to(topic, *partition, next, plan.newest_ts_ms);
             for step in plan.steps {
                 match step {
-                    Step::Row { table, fin, .. } => chunk.add(table, fin),
+                    Step::Row { table, fin, .. } => {
+                        let per_partition = (!tables[table].counters.is_empty())
+                            .then_some((topic.as_str(), *partition));
+                        chunk.add(table, fin, per_partition)
+                    }
                     Step::Truncate { table, ts_ms } => {
                         chunk.truncate(table, ts_ms, &feed.source_region)
                     }
