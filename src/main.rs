@@ -185,8 +185,9 @@ enum Command {
     /// own (consumer group <group>-rebuild), so it resumes after a kill and
     /// does nothing once finished. Into the live tables, which it empties
     /// first: the worker must be stopped (it holds an advisory lock the
-    /// rebuild checks). Refuses topics that no longer hold the whole
-    /// history.
+    /// rebuild checks). Loads in bulk: each chunk of changes collapsed to
+    /// the newest version per key and COPYed. Refuses topics that no
+    /// longer hold the whole history.
     ///
     /// Example: regionsync --config eu-west-1.toml rebuild --table public.users
     /// then:    regionsync --config eu-west-1.toml verify --against "host=pg.us-east-1 …"
@@ -203,6 +204,11 @@ enum Command {
         /// way.
         #[arg(long)]
         restart: bool,
+        /// Changes collapsed (newest version per key) into one bulk load
+        /// and one transaction with its offsets: larger is faster and
+        /// holds more in memory (about 1 KB per distinct key).
+        #[arg(long, default_value_t = 50_000)]
+        chunk: usize,
     },
 }
 
@@ -452,6 +458,7 @@ fn main() -> ExitCode {
                 tables,
                 shadow,
                 restart,
+                chunk,
             } => {
                 // Progress on a terminal or in the log; the rebuild's
                 // metrics on the worker's endpoint, which is free while the
@@ -460,7 +467,7 @@ fn main() -> ExitCode {
                     Ok(()) => {}
                     Err(e) => tracing::warn!(error = %e, "rebuild metrics not served"),
                 }
-                ops::rebuild::run(&config, &tables, shadow, restart).await
+                ops::rebuild::run(&config, &tables, shadow, restart, chunk).await
             }
         }
     })

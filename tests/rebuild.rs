@@ -194,7 +194,8 @@ async fn a_rebuild_killed_three_times_resumes_and_ends_equal() {
     let config_b = config_file(&region_b(), &table, "kill", "batch_max_rows = 300");
     let mut seen = 0;
     for kill in 1..=3 {
-        let mut child = regionsync(&config_b, &["rebuild"])
+        // Small chunks too: a commit every 2,000 changes.
+        let mut child = regionsync(&config_b, &["rebuild", "--chunk", "2000"])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()

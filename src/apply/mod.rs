@@ -39,4 +39,5 @@ mod write;
 
 pub use prepare::{collapse, prepare, Final, PreparedDelete, PreparedRow, RowError};
 pub use table::{quote_ident, Fit, TableError, TargetTable, UnknownColumn};
+pub(crate) use write::guarded_insert_sql;
 pub use write::{apply_finals, apply_truncate, refused_column, Applied};

@@ -149,100 +149,18 @@ async fn upsert(
         }
         keys.push(&r.key_text);
     }
-    let names: Vec<String> = cols
-        .iter()
-        .map(|i| quote_ident(&table.columns[*i].0))
-        .collect();
-    let casts: Vec<String> = cols
-        .iter()
-        .map(|i| {
-            format!(
-                "b.{}::{}",
-                quote_ident(&table.columns[*i].0),
-                table.cast_types[*i]
-            )
-        })
-        .collect();
     let unnest: Vec<String> = (1..=cols.len()).map(|n| format!("${n}::text[]")).collect();
+    let names = column_names(table, &cols);
     let key_param = cols.len() + 1;
-    let table_param = cols.len() + 2;
-    // Unsent (TOAST) columns keep the stored value: they are not in the
-    // statement at all. An insert of such a row could not know the value, so
-    // those rows only update.
-    let guard = "(t.hlc, t.origin_region COLLATE \"C\") < (EXCLUDED.hlc, EXCLUDED.origin_region COLLATE \"C\")";
-    // OFFSET 0 keeps this a probe of the tombstone index per row. Without
-    // it PostgreSQL may plan an anti-join that hashes all of the table's
-    // tombstones every batch, and did while a table's tombstones grew from
-    // none (stale statistics): PostgreSQL's CPU per 1M changes doubled.
-    // A table has at most one truncate mark (keyed by the table's name), so
-    // that test is a scalar subquery, read once per statement; as a NOT
-    // EXISTS it was planned as an anti-join probing the mark's index per row.
-    let tombstone_guard = format!(
-        "NOT EXISTS (SELECT 1 FROM regionsync.tombstones ts
-                      WHERE ts.table_name = ${table_param} AND ts.row_key = b.\"__key\"
-                        AND (ts.hlc, ts.origin_region COLLATE \"C\")
-                            >= (b.hlc::bigint, b.origin_region COLLATE \"C\")
-                     OFFSET 0)
-         AND coalesce(b.hlc::bigint >= (SELECT tr.hlc FROM regionsync.truncations tr
-                                         WHERE tr.table_name = ${table_param}), true)"
+    let from = format!(
+        "unnest({}, ${key_param}::text[]) AS b({}, \"__key\")",
+        unnest.join(", "),
+        names.join(", ")
     );
-    let counters: Vec<(usize, usize)> = table
-        .counters
-        .iter()
-        .copied()
-        .filter(|(c, p)| cols.contains(c) && cols.contains(p))
-        .collect();
     let sql = if unavailable.is_empty() {
-        // CRDT counters merge whatever the row's version; the other columns
-        // follow the version guard, which then decides per column.
-        let (set, when) = if counters.is_empty() {
-            (
-                table.set_non_key(cols.iter().copied(), |c, _| format!("EXCLUDED.{c}")),
-                guard.to_string(),
-            )
-        } else {
-            let set = table.set_non_key(cols.iter().copied(), |c, i| {
-                table.counter_set(i).unwrap_or_else(|| {
-                    format!("CASE WHEN {guard} THEN EXCLUDED.{c} ELSE t.{c} END")
-                })
-            });
-            let changed: Vec<String> = counters
-                .iter()
-                .map(|(_, p)| {
-                    let merged = table.counter_set(*p).expect("a companion column");
-                    format!(
-                        "{merged} IS DISTINCT FROM t.{}",
-                        quote_ident(&table.columns[*p].0)
-                    )
-                })
-                .collect();
-            (set, format!("{guard} OR {}", changed.join(" OR ")))
-        };
-        format!(
-            "INSERT INTO {ident} AS t ({names})
-             SELECT {casts} FROM unnest({unnest}, ${key_param}::text[]) AS b({names}, \"__key\")
-              WHERE {tombstone_guard}
-             ON CONFLICT ({keys}) DO UPDATE SET {set} WHERE {when}",
-            ident = table.ident,
-            names = names.join(", "),
-            casts = casts.join(", "),
-            unnest = unnest.join(", "),
-            keys = table.key_idents(),
-        )
+        guarded_insert_sql(table, &cols, &from, cols.len() + 2)
     } else {
-        let set = table.set_non_key(cols.iter().copied(), |c, i| {
-            format!("b.{c}::{}", table.cast_types[i])
-        });
-        format!(
-            "UPDATE {ident} AS t SET {set}
-               FROM unnest({unnest}, ${key_param}::text[]) AS b({names}, \"__key\")
-              WHERE {key_match} AND {tombstone_guard}
-                AND (t.hlc, t.origin_region COLLATE \"C\") < (b.hlc::bigint, b.origin_region COLLATE \"C\")",
-            ident = table.ident,
-            unnest = unnest.join(", "),
-            names = names.join(", "),
-            key_match = table.key_match("b"),
-        )
+        guarded_update_sql(table, &cols, &from, cols.len() + 2)
     };
     let mut params: Vec<&(dyn ToSql + Sync)> =
         arrays.iter().map(|a| a as &(dyn ToSql + Sync)).collect();
@@ -255,6 +173,125 @@ async fn upsert(
         stale: n_rows - n.min(n_rows),
         ..Applied::default()
     })
+}
+
+fn column_names(table: &TargetTable, cols: &[usize]) -> Vec<String> {
+    cols.iter()
+        .map(|i| quote_ident(&table.columns[*i].0))
+        .collect()
+}
+
+/// The tombstone and truncate-mark guards of an incoming text-valued row
+/// `b` (with its key text in `b."__key"`); `$table_param` is the table's
+/// name.
+fn tombstone_guard(table_param: usize) -> String {
+    // OFFSET 0 keeps this a probe of the tombstone index per row. Without
+    // it PostgreSQL may plan an anti-join that hashes all of the table's
+    // tombstones every batch, and did while a table's tombstones grew from
+    // none (stale statistics): PostgreSQL's CPU per 1M changes doubled.
+    // A table has at most one truncate mark (keyed by the table's name), so
+    // that test is a scalar subquery, read once per statement; as a NOT
+    // EXISTS it was planned as an anti-join probing the mark's index per row.
+    format!(
+        "NOT EXISTS (SELECT 1 FROM regionsync.tombstones ts
+                      WHERE ts.table_name = ${table_param} AND ts.row_key = b.\"__key\"
+                        AND (ts.hlc, ts.origin_region COLLATE \"C\")
+                            >= (b.hlc::bigint, b.origin_region COLLATE \"C\")
+                     OFFSET 0)
+         AND coalesce(b.hlc::bigint >= (SELECT tr.hlc FROM regionsync.truncations tr
+                                         WHERE tr.table_name = ${table_param}), true)"
+    )
+}
+
+const GUARD: &str =
+    "(t.hlc, t.origin_region COLLATE \"C\") < (EXCLUDED.hlc, EXCLUDED.origin_region COLLATE \"C\")";
+
+/// The guarded upsert of whole rows (every column in `cols`, positions in
+/// `table.columns`) read from `from`, a row source aliased `b` whose
+/// columns are the quoted column names as text plus `"__key"`; `$table_param`
+/// is the table's name. The worker's batches read `unnest` of arrays, a
+/// rebuild's chunks a staging table filled by COPY.
+pub(crate) fn guarded_insert_sql(
+    table: &TargetTable,
+    cols: &[usize],
+    from: &str,
+    table_param: usize,
+) -> String {
+    let names = column_names(table, cols);
+    let casts: Vec<String> = cols
+        .iter()
+        .map(|i| {
+            format!(
+                "b.{}::{}",
+                quote_ident(&table.columns[*i].0),
+                table.cast_types[*i]
+            )
+        })
+        .collect();
+    let counters: Vec<(usize, usize)> = table
+        .counters
+        .iter()
+        .copied()
+        .filter(|(c, p)| cols.contains(c) && cols.contains(p))
+        .collect();
+    // CRDT counters merge whatever the row's version; the other columns
+    // follow the version guard, which then decides per column.
+    let (set, when) = if counters.is_empty() {
+        (
+            table.set_non_key(cols.iter().copied(), |c, _| format!("EXCLUDED.{c}")),
+            GUARD.to_string(),
+        )
+    } else {
+        let set = table.set_non_key(cols.iter().copied(), |c, i| {
+            table
+                .counter_set(i)
+                .unwrap_or_else(|| format!("CASE WHEN {GUARD} THEN EXCLUDED.{c} ELSE t.{c} END"))
+        });
+        let changed: Vec<String> = counters
+            .iter()
+            .map(|(_, p)| {
+                let merged = table.counter_set(*p).expect("a companion column");
+                format!(
+                    "{merged} IS DISTINCT FROM t.{}",
+                    quote_ident(&table.columns[*p].0)
+                )
+            })
+            .collect();
+        (set, format!("{GUARD} OR {}", changed.join(" OR ")))
+    };
+    format!(
+        "INSERT INTO {ident} AS t ({names})
+         SELECT {casts} FROM {from}
+          WHERE {tombstone_guard}
+         ON CONFLICT ({keys}) DO UPDATE SET {set} WHERE {when}",
+        ident = table.ident,
+        names = names.join(", "),
+        casts = casts.join(", "),
+        tombstone_guard = tombstone_guard(table_param),
+        keys = table.key_idents(),
+    )
+}
+
+/// The guarded update of rows some of whose columns were not sent
+/// (unchanged TOAST): they keep the stored value, so such rows only update.
+fn guarded_update_sql(
+    table: &TargetTable,
+    cols: &[usize],
+    from: &str,
+    table_param: usize,
+) -> String {
+    let set = table.set_non_key(cols.iter().copied(), |c, i| {
+        format!("b.{c}::{}", table.cast_types[i])
+    });
+    format!(
+        "UPDATE {ident} AS t SET {set}
+           FROM {from}
+          WHERE {key_match} AND {tombstone_guard}
+            AND (t.hlc, t.origin_region COLLATE \"C\") < (b.hlc::bigint, b.origin_region COLLATE \"C\")",
+        ident = table.ident,
+        key_match = table.key_match("b"),
+        tombstone_guard = tombstone_guard(table_param),
+    )
 }
 
 async fn delete(

@@ -28,6 +28,7 @@ pub async fn run(
     tables: &[String],
     shadow: bool,
     restart: bool,
+    chunk_changes: usize,
 ) -> anyhow::Result<()> {
     if shadow {
         anyhow::bail!(
@@ -183,7 +184,16 @@ pub async fn run(
                 .set(total.saturating_sub(p.done()) as f64);
         }
     };
-    let replayed = rebuild::replay(config, &pool, &loaded, &feeds, spans, &on_progress).await?;
+    let replayed = rebuild::replay(
+        config,
+        &pool,
+        &loaded,
+        &feeds,
+        spans,
+        chunk_changes.max(1),
+        &on_progress,
+    )
+    .await?;
     for (p, _) in progress.values() {
         p.finish();
     }

@@ -17,14 +17,15 @@
 //! - Each partition is replayed up to its end as the run found it; the
 //!   worker applies what comes later (again, harmlessly: the guard).
 //! - Order between partitions and topics does not matter: every write is
-//!   "keep the newest version" (DESIGN.md §4). Within one batch the
-//!   changes of one partition are collapsed per key and applied
-//!   partition by partition.
+//!   "keep the newest version" (DESIGN.md §4). So the changes of many
+//!   batches and of every partition are collapsed to the newest version
+//!   per key and loaded in bulk, with COPY ([`bulk`]).
 //! - No conflicts are recorded and no write is held: a replay into an
 //!   empty table has no concurrent writes to detect, and the versions the
 //!   policies kept are in the topics as newer writes.
 //! - [`history_problem`] says when a topic cannot rebuild a table.
 
+pub mod bulk;
 pub mod lock;
 
 use std::collections::HashMap;
@@ -37,11 +38,10 @@ use rdkafka::message::{BorrowedMessage, Message};
 use rdkafka::{Offset, TopicPartitionList};
 use tracing::{info, warn};
 
-use crate::apply::{self, session, Applied, TargetTable};
+use crate::apply::{session, Applied, TargetTable};
 use crate::config::Config;
 use crate::decode::registry::AvroSource;
-use crate::offsets;
-use crate::worker::batch::{Plan, Planner, Step};
+use crate::worker::batch::{Planner, Step};
 use crate::worker::failure::{self, Sqlstate, Verdict};
 
 /// A topic that holds rows of a rebuilt table.
@@ -258,15 +258,18 @@ pub struct Replayed {
 /// Something told about each partition's progress: (topic, messages).
 pub type OnProgress<'a> = dyn Fn(&str, u64) + Send + Sync + 'a;
 
-/// Replays `spans` of `feeds` into `tables` (the config's, loaded), in
-/// batches of `apply.batch_max_rows` messages, each committed with its
-/// partitions' offsets under the rebuild's group.
+/// Replays `spans` of `feeds` into `tables` (the config's, loaded): read
+/// and planned in batches of `apply.batch_max_rows` messages, collapsed
+/// into chunks of about `chunk_changes` changes, each loaded in bulk and
+/// committed with its partitions' offsets under the rebuild's group
+/// ([`bulk`]).
 pub async fn replay(
     config: &Config,
     pool: &deadpool_postgres::Pool,
     tables: &[TargetTable],
     feeds: &[Feed],
     spans: Vec<Span>,
+    chunk_changes: usize,
     on_progress: &OnProgress<'_>,
 ) -> anyhow::Result<Replayed> {
     let group = group(config);
@@ -299,6 +302,23 @@ pub async fn replay(
         .assign(&tpl)
         .context("assigning the partitions to replay")?;
     let max_rows = config.apply.batch_max_rows.max(1);
+    let mut chunk = bulk::Chunk::default();
+    // Messages per topic in the chunk being read, and in the one being
+    // written: told once it is committed.
+    let mut unreported: HashMap<String, u64> = HashMap::new();
+    let mut written: HashMap<String, u64> = HashMap::new();
+    let report = |counts: &mut HashMap<String, u64>| {
+        for (topic, n) in counts.drain() {
+            on_progress(&topic, n);
+            metrics::counter!(crate::metrics::REBUILD_MESSAGES_TOTAL, "topic" => topic)
+                .increment(n);
+        }
+    };
+    // A chunk is written (by PostgreSQL) while the next one is read and
+    // decoded (here): on a small box those are the two cores' work. One
+    // write at a time, so chunks commit in order.
+    let shared: Arc<Vec<TargetTable>> = Arc::new(tables.to_vec());
+    let mut writing: Option<tokio::task::JoinHandle<anyhow::Result<Applied>>> = None;
     while !ends.is_empty() {
         let mut batch: Vec<BorrowedMessage<'_>> = Vec::new();
         let mut idle = Duration::ZERO;
@@ -340,7 +360,6 @@ pub async fn replay(
                 _ => {}
             }
         }
-        let mut plans = Vec::new();
         for ((topic, partition), messages) in &by_partition {
             let feed = feed_of
                 .get(topic.as_str())
@@ -365,38 +384,63 @@ pub async fn replay(
                 warn!(topic = %topic, partition, offset = r.msg.offset(), reason = r.fault.reason(),
                     error = %r.fault, "a change that cannot be applied is skipped (the worker dead-lettered it)");
             }
-            let next = messages.last().map_or(0, |m| m.offset() + 1);
-            plans.push((
-                topic.clone(),
-                *partition,
-                next,
-                messages.len(),
-                plan,
-                feed.source_region.as_str(),
-            ));
-        }
-        let applied = commit(pool, &group, tables, &plans)
-            .await
-            .map_err(refusal_explained)?;
-        done.applied += applied;
-        for (topic, partition, next, count, plan, _) in &plans {
-            done.messages += *count as u64;
             done.refused += plan.rejected.len() as u64;
-            on_progress(topic, *count as u64);
-            metrics::counter!(crate::metrics::REBUILD_MESSAGES_TOTAL, "topic" => topic.clone())
-                .increment(*count as u64);
+            let next = messages.last().map_or(0, |m| m.offset() + 1);
+            chunk.read_to(topic, *partition, next, plan.newest_ts_ms);
+            for step in plan.steps {
+                match step {
+                    Step::Row { table, fin, .. } => {
+                        let per_partition = (!tables[table].counters.is_empty())
+                            .then_some((topic.as_str(), *partition));
+                        chunk.add(table, fin, per_partition)
+                    }
+                    Step::Truncate { table, ts_ms } => {
+                        chunk.truncate(table, ts_ms, &feed.source_region)
+                    }
+                }
+            }
+            chunk.messages += messages.len();
+            *unreported.entry(topic.clone()).or_default() += messages.len() as u64;
             let key = (topic.clone(), *partition);
-            if ends.get(&key).is_some_and(|end| next >= end) {
+            if ends.get(&key).is_some_and(|end| next >= *end) {
                 ends.remove(&key);
-                info!(topic = %topic, partition, "replayed to its end");
+                info!(topic = %topic, partition, "read to its end");
             }
         }
+        if chunk.changes >= chunk_changes || chunk.messages >= chunk_changes || ends.is_empty() {
+            if let Some(w) = writing.take() {
+                done.applied += w
+                    .await
+                    .context("writing a chunk")?
+                    .map_err(refusal_explained)?;
+                report(&mut written);
+            }
+            done.messages += chunk.messages as u64;
+            written = std::mem::take(&mut unreported);
+            let chunk = std::mem::take(&mut chunk);
+            let (pool, group, tables) = (pool.clone(), group.clone(), shared.clone());
+            writing = Some(tokio::spawn(async move {
+                commit(&pool, &group, &tables, chunk).await
+            }));
+        }
+    }
+    if let Some(w) = writing.take() {
+        done.applied += w
+            .await
+            .context("writing a chunk")?
+            .map_err(refusal_explained)?;
+        report(&mut written);
+    }
+    if !chunk.is_empty() {
+        done.messages += chunk.messages as u64;
+        done.applied += commit(pool, &group, tables, chunk)
+            .await
+            .map_err(refusal_explained)?;
+        report(&mut unreported);
     }
     Ok(done)
 }
 
-/// A partition's planned messages: topic, partition, next offset, count,
-/// plan, source region.
 /// Drops from `ends` the partitions whose fetch position reached their end.
 fn reached_by_position(consumer: &StreamConsumer, ends: &mut HashMap<(String, i32), i64>) {
     let Ok(positions) = consumer.position() else {
@@ -411,15 +455,6 @@ fn reached_by_position(consumer: &StreamConsumer, ends: &mut HashMap<(String, i3
         }
     }
 }
-
-type Planned<'a> = (
-    String,
-    i32,
-    i64,
-    usize,
-    Plan<'a, BorrowedMessage<'a>>,
-    &'a str,
-);
 
 /// Why a change the rebuild cannot use stops it, by the worker's verdict
 /// (worker/failure.rs): what the worker waits out (a registry fault,
@@ -473,41 +508,18 @@ fn refusal_explained(e: anyhow::Error) -> anyhow::Error {
     ))
 }
 
-/// One transaction: each partition's changes (collapsed per key within
-/// the partition) under the version guard, then its offset.
+/// One transaction: a chunk's collapsed changes loaded in bulk, then its
+/// partitions' offsets.
 async fn commit(
     pool: &deadpool_postgres::Pool,
     group: &str,
     tables: &[TargetTable],
-    plans: &[Planned<'_>],
+    chunk: bulk::Chunk,
 ) -> anyhow::Result<Applied> {
     let mut client = pool.get().await?;
     let tx = client.transaction().await?;
     tx.batch_execute(session::APPLY_TRANSACTION_SQL).await?;
-    let mut total = Applied::default();
-    for (topic, partition, next, _, plan, source_region) in plans {
-        let mut pending: HashMap<usize, Vec<&apply::Final>> = HashMap::new();
-        for step in &plan.steps {
-            match step {
-                Step::Row { table, fin, .. } => pending.entry(*table).or_default().push(fin),
-                Step::Truncate { table, ts_ms } => {
-                    for (t, finals) in pending.drain() {
-                        let collapsed = apply::collapse(finals);
-                        total += apply::apply_finals(&tx, &tables[t], &collapsed).await?;
-                    }
-                    total +=
-                        apply::apply_truncate(&tx, &tables[*table], *ts_ms, source_region).await?;
-                }
-            }
-        }
-        for (t, finals) in pending.drain() {
-            let collapsed = apply::collapse(finals);
-            total += apply::apply_finals(&tx, &tables[t], &collapsed)
-                .await
-                .with_context(|| format!("applying {topic}/{partition} to {}", tables[t].name))?;
-        }
-        offsets::store(&tx, group, topic, *partition, *next, plan.newest_ts_ms).await?;
-    }
+    let total = bulk::flush(&tx, group, tables, chunk).await?;
     tx.commit().await?;
     Ok(total)
 }

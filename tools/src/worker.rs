@@ -38,37 +38,7 @@ impl Worker {
             .local_addr()
             .unwrap()
             .port();
-        let toml = format!(
-            r#"region = "{b}"
-regions = ["{a}", "{b}"]
-consumer_group = "{group}"
-# A replay into an empty copy (a rebuild): the cached topics may be older
-# than the tombstone grace.
-late_changes = "apply"
-[kafka]
-bootstrap_servers = "{kafka}"
-[schema_registry]
-url = "{registry}"
-[postgres]
-host = "{HOST}"
-port = {port}
-dbname = "app"
-user = "regionsync"
-pool_size = 2
-[metrics]
-listen = "{HOST}:{metrics_port}"
-[[tables]]
-topics = ["{source_topic}"]
-target = "bench.{copy}"
-key = ["id"]
-source_table = "public.{source_table}"
-"#,
-            a = region_a(),
-            b = region_b(),
-            kafka = kafka_b(),
-            registry = registry_ccompat_url(),
-            port = pg_port_b(),
-        );
+        let toml = worker_toml(source_topic, copy, source_table, &group, metrics_port);
         let path = root().join(format!("target/bench/{copy}.toml"));
         std::fs::create_dir_all(path.parent().unwrap()).unwrap();
         std::fs::write(&path, toml).unwrap();
@@ -175,6 +145,136 @@ pub async fn run_regionsync(
         p50,
         p99,
         batch_rows,
+        rss_mb,
+        cpu_sink,
+        cpu_pg,
+    }
+}
+
+/// The config of a region-B regionsync applying (or rebuilding)
+/// `<region A>.<source_topic>` into `bench.<copy>` under consumer group
+/// `group`.
+pub fn worker_toml(
+    source_topic: &str,
+    copy: &str,
+    source_table: &str,
+    group: &str,
+    metrics_port: u16,
+) -> String {
+    format!(
+        r#"region = "{b}"
+regions = ["{a}", "{b}"]
+consumer_group = "{group}"
+# A replay into an empty copy (a rebuild): the cached topics may be older
+# than the tombstone grace.
+late_changes = "apply"
+[kafka]
+bootstrap_servers = "{kafka}"
+[schema_registry]
+url = "{registry}"
+[postgres]
+host = "{HOST}"
+port = {port}
+dbname = "app"
+user = "regionsync"
+pool_size = 2
+[metrics]
+listen = "{HOST}:{metrics_port}"
+[[tables]]
+topics = ["{source_topic}"]
+target = "bench.{copy}"
+key = ["id"]
+source_table = "public.{source_table}"
+"#,
+        a = region_a(),
+        b = region_b(),
+        kafka = kafka_b(),
+        registry = registry_ccompat_url(),
+        port = pg_port_b(),
+    )
+}
+
+/// A free local port.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind(format!("{HOST}:0"))
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// One timed `regionsync rebuild` (the release binary) of `bench.<copy>`
+/// from `<region A>.<source_topic>` (and B's own topic of the table, if
+/// any), from process start to its exit; `n` changes make the rate.
+pub async fn run_rebuild(
+    b_admin: &Client,
+    source_topic: &str,
+    source_table: &str,
+    copy: &str,
+    n: u64,
+    chunk: u64,
+) -> RunResult {
+    fresh_copy(b_admin, copy).await;
+    let group = format!("bench-rebuild-{copy}-{}", std::process::id());
+    let toml = worker_toml(source_topic, copy, source_table, &group, free_port());
+    let path = root().join(format!("target/bench/{copy}-rebuild.toml"));
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    std::fs::write(&path, toml).unwrap();
+    let pg_before = postgres_b_cpu();
+    let started = Instant::now();
+    let child = Command::new(root().join("target/release/regionsync"))
+        .arg("--config")
+        .arg(&path)
+        .args(["rebuild", "--chunk", &chunk.to_string()])
+        .env("REGIONSYNC_POSTGRES__PASSWORD", regionsync_password())
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("start target/release/regionsync (cargo build --release first)");
+    let pid = child.id();
+    let sampler = crate::probe::RssSampler::start(pid);
+    // The CPU time of a child is readable only while it runs: sampled.
+    let cpu = std::sync::Arc::new(std::sync::Mutex::new(0.0));
+    let cpu_seen = cpu.clone();
+    let watch = std::thread::spawn(move || loop {
+        let c = cpu_seconds(pid);
+        if c > 0.0 {
+            *cpu_seen.lock().unwrap() = c;
+        }
+        if !std::path::Path::new(&format!("/proc/{pid}/stat")).exists() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    });
+    let out = tokio::task::spawn_blocking(move || child.wait_with_output())
+        .await
+        .unwrap()
+        .expect("rebuild");
+    let seconds = started.elapsed().as_secs_f64();
+    let cpu_pg = postgres_b_cpu() - pg_before;
+    let rss_mb = sampler.stop();
+    let _ = watch.join();
+    assert!(
+        out.status.success(),
+        "the rebuild failed: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let said = String::from_utf8_lossy(&out.stdout);
+    println!("  regionsync rebuild said: {}", said.trim());
+    b_admin
+        .execute(
+            "DELETE FROM regionsync.offsets WHERE consumer_group = $1",
+            &[&group],
+        )
+        .await
+        .expect("forget the rebuild's offsets");
+    let cpu_sink = *cpu.lock().unwrap();
+    RunResult {
+        rows_per_s: n as f64 / seconds,
+        seconds,
+        p50: 0.0,
+        p99: 0.0,
+        batch_rows: 0.0,
         rss_mb,
         cpu_sink,
         cpu_pg,

@@ -1,0 +1,414 @@
+//! The rebuild's bulk load: the changes of many batches, from every
+//! replayed partition, collapsed to the newest version per key and loaded
+//! with COPY.
+//!
+//! A rebuild writes into an emptied table: no stored version is newer than
+//! the topics' own, so the guard mostly has nothing to refuse. But the
+//! same key arrives from several feeds and partitions (this region's own
+//! topic and each other region's) and in several chunks, and COPY cannot
+//! upsert. So each [`Chunk`]:
+//! - keeps, per table and key, only the newest version among everything
+//!   it read (an upsert or a delete, by `(hlc, origin_region)` compared
+//!   bytewise, as the guard compares): within one chunk that is exactly
+//!   what applying each change under the guard would leave;
+//! - is written in one transaction with the offsets of every partition it
+//!   read ([`flush`]): truncates first (they only remove older rows and
+//!   mark the table), then deletes through the worker's guarded statement
+//!   (tombstones included, so a later chunk's older upsert stays out), then
+//!   the whole-row upserts COPYed (text format, the values as the worker
+//!   renders them) into a temporary staging table of text columns and
+//!   moved into the table by one `INSERT … SELECT … ON CONFLICT DO UPDATE
+//!   WHERE` newer, under the same tombstone and truncate guards and the same
+//!   casts as the worker's upsert. Rows with unsent (TOAST) columns and
+//!   tables with CRDT counters take the worker's statements.
+//! - A table with CRDT counters keeps the newest version per key *and
+//!   partition* instead: the newest version of one region's feed need not
+//!   hold another region's increments, which only the worker's upsert
+//!   merges in. Those versions are written in rounds of distinct keys
+//!   (one statement cannot upsert a key twice), in any order: the merge
+//!   and the guards do not depend on it.
+//!
+//! Killed at any point, a rebuild resumes from the offsets of its last
+//! committed chunk; what it reads again is applied again harmlessly.
+
+use std::borrow::Cow;
+use std::collections::HashMap;
+
+use deadpool_postgres::Transaction;
+use futures::SinkExt as _;
+use rustc_hash::FxHashMap;
+
+use crate::apply::{self, quote_ident, Applied, Final, PreparedRow, TargetTable};
+use crate::offsets;
+
+/// Changes read since the last flush, collapsed.
+#[derive(Default)]
+pub struct Chunk {
+    /// Per table index: key text → the newest final state read.
+    rows: FxHashMap<usize, FxHashMap<String, Final>>,
+    /// Truncates read: (table index, commit time ms, source region).
+    truncates: Vec<(usize, i64, String)>,
+    /// Per partition: the next offset and the newest commit time read.
+    offsets: HashMap<(String, i32), (i64, Option<i64>)>,
+    /// Messages read into the chunk.
+    pub messages: usize,
+    /// Changes read into the chunk, before collapsing.
+    pub changes: usize,
+}
+
+/// Whether `a` is a newer version than `b`: the guard's order
+/// (`(hlc, origin_region COLLATE "C")`; Rust compares strings bytewise).
+fn newer(a: (i64, &str), b: (i64, &str)) -> bool {
+    a > b
+}
+
+impl Chunk {
+    /// A change's final state for table `table`: kept if newer than what
+    /// the chunk holds for its key. `partition`: for a table with CRDT
+    /// counters, the partition it was read from (a version is kept per
+    /// key and partition, see the module docs); `None` for the others.
+    pub fn add(&mut self, table: usize, fin: Final, partition: Option<(&str, i32)>) {
+        self.changes += 1;
+        let rows = self.rows.entry(table).or_default();
+        let slot: Cow<'_, str> = match partition {
+            None => Cow::Borrowed(fin.key_text()),
+            Some((topic, p)) => Cow::Owned(format!("{}\u{0}{topic}\u{0}{p}", fin.key_text())),
+        };
+        match rows.get_mut(slot.as_ref()) {
+            Some(held) => {
+                if newer(fin.version(), held.version()) {
+                    let mut fin = fin;
+                    keep_unsent(&mut fin, held);
+                    *held = fin;
+                }
+            }
+            None => {
+                rows.insert(slot.into_owned(), fin);
+            }
+        }
+    }
+
+    pub fn truncate(&mut self, table: usize, ts_ms: i64, source_region: &str) {
+        self.changes += 1;
+        self.truncates
+            .push((table, ts_ms, source_region.to_owned()));
+    }
+
+    /// A partition's messages up to `next` (exclusive) are in the chunk.
+    pub fn read_to(&mut self, topic: &str, partition: i32, next: i64, newest_ts_ms: Option<i64>) {
+        let at = self
+            .offsets
+            .entry((topic.to_owned(), partition))
+            .or_insert((next, newest_ts_ms));
+        at.0 = at.0.max(next);
+        at.1 = at.1.max(newest_ts_ms);
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.offsets.is_empty()
+    }
+
+    /// Distinct keys held.
+    pub fn keys(&self) -> usize {
+        self.rows.values().map(|r| r.len()).sum()
+    }
+}
+
+/// Writes a chunk and its partitions' offsets under `group` in `tx`.
+pub async fn flush(
+    tx: &Transaction<'_>,
+    group: &str,
+    tables: &[TargetTable],
+    chunk: Chunk,
+) -> anyhow::Result<Applied> {
+    use anyhow::Context as _;
+    let mut total = Applied::default();
+    for (t, ts_ms, region) in &chunk.truncates {
+        total += apply::apply_truncate(tx, &tables[*t], *ts_ms, region).await?;
+    }
+    let mut by_table: Vec<(usize, FxHashMap<String, Final>)> = chunk.rows.into_iter().collect();
+    by_table.sort_by_key(|(t, _)| *t);
+    for (t, rows) in by_table {
+        let table = &tables[t];
+        let all: Vec<usize> = (0..table.columns.len()).collect();
+        let mut whole: Vec<&PreparedRow> = Vec::new();
+        let mut others: Vec<Cow<'_, Final>> = Vec::new();
+        for fin in rows.values() {
+            match fin {
+                Final::Upsert(r) if table.counters.is_empty() && is_whole(r, &all) => whole.push(r),
+                _ => others.push(Cow::Borrowed(fin)),
+            }
+        }
+        // Deletes first (as apply_finals orders them): a delete only frees
+        // unique values an upsert of another key may take.
+        let (deletes, odd): (Vec<_>, Vec<_>) = others
+            .into_iter()
+            .partition(|f| matches!(&**f, Final::Delete(_)));
+        for round in distinct_key_rounds(deletes) {
+            total += apply::apply_finals(tx, table, &round)
+                .await
+                .with_context(|| format!("deleting from {}", table.name))?;
+        }
+        if !whole.is_empty() {
+            total += copy_upserts(tx, table, &whole)
+                .await
+                .with_context(|| format!("loading {} with COPY", table.name))?;
+        }
+        for round in distinct_key_rounds(odd) {
+            total += apply::apply_finals(tx, table, &round)
+                .await
+                .with_context(|| format!("writing {}", table.name))?;
+        }
+    }
+    for ((topic, partition), (next, ts)) in &chunk.offsets {
+        offsets::store(tx, group, topic, *partition, *next, *ts).await?;
+    }
+    Ok(total)
+}
+
+/// `finals` in rounds where each key occurs once: the n-th version of a
+/// key goes to the n-th round. One round for a table without counters.
+fn distinct_key_rounds(finals: Vec<Cow<'_, Final>>) -> Vec<Vec<Cow<'_, Final>>> {
+    let mut rounds: Vec<Vec<Cow<'_, Final>>> = Vec::new();
+    let mut seen: HashMap<String, usize> = HashMap::new();
+    for fin in finals {
+        let n = seen.entry(fin.key_text().to_owned()).or_insert(0);
+        if rounds.len() <= *n {
+            rounds.push(Vec::new());
+        }
+        rounds[*n].push(fin);
+        *n += 1;
+    }
+    rounds
+}
+
+/// An upsert whose unsent (TOAST) columns the replaced version `older`
+/// of the same key carried: those values are kept, as the worker's update
+/// of the stored row would keep them.
+fn keep_unsent(fin: &mut Final, older: &Final) {
+    let (Final::Upsert(new), Final::Upsert(old)) = (fin, older) else {
+        return;
+    };
+    if new.unavailable.is_empty() {
+        return;
+    }
+    let mut still = Vec::new();
+    for col in std::mem::take(&mut new.unavailable) {
+        match old.values.iter().find(|(c, _)| *c == col) {
+            Some(v) => new.values.push(v.clone()),
+            None => still.push(col),
+        }
+    }
+    new.unavailable = still;
+    new.values.sort_by_key(|(c, _)| *c);
+}
+
+/// A row that carries every column of its table, in order, none unsent.
+fn is_whole(r: &PreparedRow, all: &[usize]) -> bool {
+    r.unavailable.is_empty()
+        && r.values.len() == all.len()
+        && r.values.iter().zip(all).all(|((c, _), i)| c == i)
+}
+
+/// Whole rows COPYed into a staging table of text columns, then moved
+/// into the table under the guards (`apply::guarded_insert_sql`).
+async fn copy_upserts(
+    tx: &Transaction<'_>,
+    table: &TargetTable,
+    rows: &[&PreparedRow],
+) -> anyhow::Result<Applied> {
+    let all: Vec<usize> = (0..table.columns.len()).collect();
+    let names: Vec<String> = table.columns.iter().map(|(n, _)| quote_ident(n)).collect();
+    // A temporary table per table layout and session, emptied at each
+    // commit; text columns, so the casts are the worker's, in SQL.
+    let stage = quote_ident(&format!(
+        "regionsync_rebuild_stage_{:016x}",
+        layout_hash(table)
+    ));
+    let columns: Vec<String> = names.iter().map(|n| format!("{n} text")).collect();
+    tx.batch_execute(&format!(
+        "CREATE TEMPORARY TABLE IF NOT EXISTS {stage} ({}, \"__key\" text) ON COMMIT DELETE ROWS",
+        columns.join(", ")
+    ))
+    .await?;
+    let sink = tx
+        .copy_in(&format!(
+            "COPY {stage} ({}, \"__key\") FROM STDIN",
+            names.join(", ")
+        ))
+        .await?;
+    futures::pin_mut!(sink);
+    let mut buf: Vec<u8> = Vec::with_capacity(1 << 20);
+    for r in rows {
+        for (_, value) in &r.values {
+            match value {
+                Some(text) => copy_text(&mut buf, text),
+                None => buf.extend_from_slice(b"\\N"),
+            }
+            buf.push(b'\t');
+        }
+        copy_text(&mut buf, &r.key_text);
+        buf.push(b'\n');
+        if buf.len() >= 1 << 20 {
+            let full = std::mem::replace(&mut buf, Vec::with_capacity(1 << 20));
+            sink.send(bytes::Bytes::from(full)).await?;
+        }
+    }
+    if !buf.is_empty() {
+        sink.send(bytes::Bytes::from(buf)).await?;
+    }
+    sink.finish().await?;
+    let sql = apply::guarded_insert_sql(table, &all, &format!("{stage} AS b"), 1);
+    let n = tx.execute(&sql, &[&table.name]).await?;
+    let n_rows = rows.len() as u64;
+    Ok(Applied {
+        applied: n,
+        stale: n_rows - n.min(n_rows),
+        ..Applied::default()
+    })
+}
+
+/// Names a staging table by the table's name and columns, so that a
+/// session keeps one per layout.
+fn layout_hash(table: &TargetTable) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = rustc_hash::FxHasher::default();
+    table.name.hash(&mut h);
+    table.columns.hash(&mut h);
+    h.finish()
+}
+
+/// `text` escaped for COPY's text format: backslash, and the delimiter,
+/// newline and carriage return, which would otherwise end the field or row.
+fn copy_text(buf: &mut Vec<u8>, text: &str) {
+    for b in text.bytes() {
+        match b {
+            b'\\' => buf.extend_from_slice(b"\\\\"),
+            b'\t' => buf.extend_from_slice(b"\\t"),
+            b'\n' => buf.extend_from_slice(b"\\n"),
+            b'\r' => buf.extend_from_slice(b"\\r"),
+            _ => buf.push(b),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::apply::PreparedDelete;
+
+    fn upsert(key: &str, hlc: i64, origin: &str) -> Final {
+        Final::Upsert(PreparedRow {
+            key_text: key.into(),
+            values: vec![(0, Some(key.into()))],
+            unavailable: vec![],
+            hlc,
+            origin: origin.into(),
+            replaced: None,
+            home: None,
+            pin: None,
+            snapshot: false,
+            committed_ms: 0,
+        })
+    }
+
+    fn delete(key: &str, hlc: i64, origin: &str) -> Final {
+        Final::Delete(PreparedDelete {
+            key_text: key.into(),
+            key_values: vec![Some(key.into())],
+            hlc,
+            origin: origin.into(),
+            replaced: None,
+            home: None,
+            pin: None,
+            committed_ms: 0,
+        })
+    }
+
+    #[test]
+    fn the_newest_version_per_key_wins_whatever_the_order_read() {
+        let mut c = Chunk::default();
+        // Key 1: a newer delete read before an older upsert (another feed).
+        c.add(0, delete("1", 20, "us-east-1"), None);
+        c.add(0, upsert("1", 10, "eu-west-1"), None);
+        // Key 2: same hlc, the origin decides bytewise.
+        c.add(0, upsert("2", 5, "eu-west-1"), None);
+        c.add(0, upsert("2", 5, "us-east-1"), None);
+        c.add(0, upsert("2", 5, "ap-south-1"), None);
+        // Key 3: an upsert newer than a delete.
+        c.add(0, delete("3", 1, "us-east-1"), None);
+        c.add(0, upsert("3", 2, "us-east-1"), None);
+        assert_eq!(c.changes, 7);
+        assert_eq!(c.keys(), 3);
+        let rows = &c.rows[&0];
+        assert!(matches!(rows["1"], Final::Delete(_)));
+        assert_eq!(rows["2"].version(), (5, "us-east-1"));
+        assert!(matches!(rows["3"], Final::Upsert(_)));
+    }
+
+    #[test]
+    fn an_unsent_column_keeps_the_older_versions_value() {
+        let mut c = Chunk::default();
+        let Final::Upsert(mut whole) = upsert("1", 1, "a") else {
+            unreachable!()
+        };
+        whole.values.push((1, Some("big".into())));
+        c.add(0, Final::Upsert(whole), None);
+        let Final::Upsert(mut partial) = upsert("1", 2, "a") else {
+            unreachable!()
+        };
+        partial.unavailable = vec![1];
+        c.add(0, Final::Upsert(partial), None);
+        let Final::Upsert(kept) = &c.rows[&0]["1"] else {
+            panic!("an upsert")
+        };
+        assert_eq!(kept.hlc, 2);
+        assert!(kept.unavailable.is_empty());
+        assert_eq!(kept.values[1], (1, Some("big".into())));
+    }
+
+    #[test]
+    fn a_counter_table_keeps_a_version_per_partition_written_in_rounds() {
+        let mut c = Chunk::default();
+        // Region Y's older increment and region X's newer row, from two
+        // feeds: X's row need not hold Y's component, so both are kept.
+        c.add(0, upsert("1", 10, "y"), Some(("y.cdc.t", 0)));
+        c.add(0, upsert("1", 20, "x"), Some(("x.cdc.t", 0)));
+        // Within one partition the newest still replaces the older.
+        c.add(0, upsert("1", 5, "y"), Some(("y.cdc.t", 0)));
+        c.add(0, upsert("2", 1, "x"), Some(("x.cdc.t", 0)));
+        assert_eq!(c.keys(), 3);
+        let finals: Vec<Cow<'_, Final>> = c.rows[&0].values().map(Cow::Borrowed).collect();
+        let rounds = distinct_key_rounds(finals);
+        assert_eq!(rounds.len(), 2, "key 1 twice: two rounds");
+        for round in &rounds {
+            let mut keys: Vec<&str> = round.iter().map(|f| f.key_text()).collect();
+            keys.sort_unstable();
+            keys.dedup();
+            assert_eq!(keys.len(), round.len(), "a key once per round");
+        }
+        let mut versions: Vec<(i64, String)> = rounds
+            .iter()
+            .flatten()
+            .filter(|f| f.key_text() == "1")
+            .map(|f| (f.version().0, f.version().1.to_owned()))
+            .collect();
+        versions.sort();
+        assert_eq!(versions, [(10, "y".to_owned()), (20, "x".to_owned())]);
+    }
+
+    #[test]
+    fn offsets_only_move_forward() {
+        let mut c = Chunk::default();
+        c.read_to("t", 0, 10, Some(5));
+        c.read_to("t", 0, 7, Some(3));
+        assert_eq!(c.offsets[&("t".to_string(), 0)], (10, Some(5)));
+    }
+
+    #[test]
+    fn copy_text_escapes_what_would_end_a_field() {
+        let mut buf = Vec::new();
+        copy_text(&mut buf, "a\tb\nc\\d\re");
+        assert_eq!(buf, b"a\\tb\\nc\\\\d\\re");
+    }
+}
