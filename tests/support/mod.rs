@@ -8,6 +8,7 @@
 pub mod kit;
 #[path = "../../deploy/local/stack_env.rs"]
 pub mod stack_env;
+pub mod wide;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicI64, Ordering};
