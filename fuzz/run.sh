@@ -21,6 +21,7 @@ self="$(cd "$(dirname "$0")" && pwd)/$(basename "$0")"
 cd "$(dirname "$0")"
 log=target/background-build.log
 status=target/background-build.status
+watcher=target/background-build.pid
 
 # Without sanitizers: the code fuzzed is safe Rust; libFuzzer still catches
 # panics, aborts, stack overflows, hangs and runaway memory. With debug
@@ -69,14 +70,24 @@ case "${1:-}" in
       wait "$builder"
       echo $? >"$status"
     ) </dev/null >/dev/null 2>&1 &
+    echo $! >"$watcher"
     ;;
   --build-only)
     build
     ;;
   --wait)
     seconds="${2:-60}"
-    if [ -e "$log" ]; then
-      while [ ! -s "$status" ]; do sleep 5; done
+    if [ -s "$watcher" ]; then
+      pid=$(cat "$watcher")
+      rm -f "$watcher"
+      while [ ! -s "$status" ]; do
+        if ! kill -0 "$pid" 2>/dev/null && [ ! -s "$status" ]; then
+          echo "fuzz: the background build's watcher ($pid) ended without a status; its log, fuzz/$log:" >&2
+          tail -n 60 "$log" >&2
+          exit 1
+        fi
+        sleep 5
+      done
       rc=$(cat "$status")
       if [ "$rc" != 0 ]; then
         echo "fuzz: the background build failed (exit $rc); its log, fuzz/$log:" >&2

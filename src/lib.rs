@@ -113,7 +113,20 @@ pub async fn run_reloading(
                     let _ = stop.send(());
                     return running.await;
                 }
-                Some(()) = reloads.recv() => match reload(&path, &config).await {
+                Some(()) = reloads.recv() => match tokio::select! {
+                    // The check connects to PostgreSQL and Kafka: a SIGTERM
+                    // or the pipeline's end meanwhile is still honoured.
+                    biased;
+                    result = &mut running => return result,
+                    _ = &mut shutdown => {
+                        let _ = stop.send(());
+                        return running.await;
+                    }
+                    checked = tokio::time::timeout(RELOAD_CHECK_TIMEOUT, reload(&path, &config)) =>
+                        checked.unwrap_or_else(|_| Err(format!(
+                            "checking the new configuration took over {RELOAD_CHECK_TIMEOUT:?}"
+                        ))),
+                } {
                     Ok(next) => break next,
                     Err(why) => {
                         tracing::error!(config = %path.display(), error = %why,
@@ -134,10 +147,15 @@ pub async fn run_reloading(
     }
 }
 
+/// How long a reload may take to check its new configuration.
+const RELOAD_CHECK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// The configuration at `path` if the pipeline can start on it: it
-/// validates, and each configured table is readable in this region's
-/// database as the worker reads it at start (so a table not created yet
-/// refuses the reload instead of stopping the worker).
+/// validates, PostgreSQL and Kafka accept its credentials and
+/// certificates ([`check_connections`]), and each configured table is
+/// readable in this region's database as the worker reads it at start (so
+/// a table not created yet refuses the reload instead of stopping the
+/// worker).
 async fn reload(
     path: &std::path::Path,
     running: &config::Config,
@@ -150,6 +168,7 @@ async fn reload(
         );
     }
     let pool = apply::session::pool(&next).map_err(|e| format!("{e:#}"))?;
+    check_connections(&next, &pool).await?;
     let client = pool
         .get()
         .await

@@ -80,6 +80,12 @@ impl Chunk {
                     let mut fin = fin;
                     keep_unsent(&mut fin, held);
                     *held = fin;
+                } else {
+                    // Feeds are read in any order: a newer version with
+                    // unsent (TOAST) columns may come first. It can only
+                    // update a stored row, so it takes those values from
+                    // the older version, which would have inserted it.
+                    keep_unsent(held, &fin);
                 }
             }
             None => {
@@ -395,6 +401,27 @@ mod tests {
             .collect();
         versions.sort();
         assert_eq!(versions, [(10, "y".to_owned()), (20, "x".to_owned())]);
+    }
+
+    #[test]
+    fn a_newer_version_read_first_takes_its_unsent_column_from_an_older_one() {
+        let mut c = Chunk::default();
+        let Final::Upsert(mut partial) = upsert("1", 2, "x") else {
+            unreachable!()
+        };
+        partial.unavailable = vec![1];
+        c.add(0, Final::Upsert(partial), None);
+        let Final::Upsert(mut whole) = upsert("1", 1, "y") else {
+            unreachable!()
+        };
+        whole.values.push((1, Some("big".into())));
+        c.add(0, Final::Upsert(whole), None);
+        let Final::Upsert(kept) = &c.rows[&0]["1"] else {
+            panic!("an upsert")
+        };
+        assert_eq!((kept.hlc, kept.origin.as_str()), (2, "x"));
+        assert!(kept.unavailable.is_empty(), "whole: it can insert the row");
+        assert_eq!(kept.values[1], (1, Some("big".into())));
     }
 
     #[test]

@@ -542,12 +542,18 @@ async fn apply_on_layout<M: Message>(
             _ => e.retry_reason(),
         };
         let e = e.into_error();
-        let detail = e
+        let db = e
             .downcast_ref::<tokio_postgres::Error>()
-            .and_then(|e| e.as_db_error())
-            .map_or_else(|| format!("{e:#}"), failure::db_error_text);
+            .and_then(|e| e.as_db_error());
+        let detail = db.map_or_else(|| format!("{e:#}"), failure::db_error_text);
         warn!(topic, partition, reason, error = %detail, retry_in = ?backoff.delay(), "batch failed; retrying");
-        worker.hold(topic, partition, format!("PostgreSQL: {detail}"));
+        // Not the detail: it quotes row values ("Key (email)=(…)"), and
+        // the hold is served by the unauthenticated /readyz.
+        let summary = db.map_or_else(
+            || format!("{e:#}"),
+            |d| format!("{} (SQLSTATE {})", d.message(), d.code().code()),
+        );
+        worker.hold(topic, partition, format!("PostgreSQL: {summary}"));
         backoff.wait(reason).await;
         order = Order::Collapsed;
         // A column or type changed here: read the layout again.

@@ -212,7 +212,8 @@ impl BatchError {
 
 /// A PostgreSQL error as the operator needs it: its message, with its
 /// SQLSTATE, detail and hint (which name the other table of a foreign key,
-/// and what to do), for a batch held by it.
+/// and what to do), for the log line of a batch held by it. The detail
+/// quotes row values: for the log, not for `/readyz`.
 pub fn db_error_text(d: &tokio_postgres::error::DbError) -> String {
     let mut text = format!("{} (SQLSTATE {})", d.message(), d.code().code());
     if let Some(detail) = d.detail() {

@@ -263,7 +263,8 @@ pub async fn run_rebuild(
     println!("  regionsync rebuild said: {}", said.trim());
     b_admin
         .execute(
-            "DELETE FROM regionsync.offsets WHERE consumer_group = $1",
+            // The rebuild's own group (rebuild::group), and the worker's.
+            "DELETE FROM regionsync.offsets WHERE consumer_group IN ($1, $1 || '-rebuild')",
             &[&group],
         )
         .await
