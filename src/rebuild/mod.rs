@@ -408,11 +408,8 @@ pub async fn replay(
             }
         }
         if chunk.changes >= chunk_changes || chunk.messages >= chunk_changes || ends.is_empty() {
-            if let Some(w) = writing.take() {
-                done.applied += w
-                    .await
-                    .context("writing a chunk")?
-                    .map_err(refusal_explained)?;
+            if let Some(applied) = written_chunk(&mut writing).await? {
+                done.applied += applied;
                 report(&mut written);
             }
             done.messages += chunk.messages as u64;
@@ -424,11 +421,8 @@ pub async fn replay(
             }));
         }
     }
-    if let Some(w) = writing.take() {
-        done.applied += w
-            .await
-            .context("writing a chunk")?
-            .map_err(refusal_explained)?;
+    if let Some(applied) = written_chunk(&mut writing).await? {
+        done.applied += applied;
         report(&mut written);
     }
     if !chunk.is_empty() {
@@ -439,6 +433,20 @@ pub async fn replay(
         report(&mut unreported);
     }
     Ok(done)
+}
+
+/// Waits for the chunk being written, if one is: what it applied.
+async fn written_chunk(
+    writing: &mut Option<tokio::task::JoinHandle<anyhow::Result<Applied>>>,
+) -> anyhow::Result<Option<Applied>> {
+    match writing.take() {
+        None => Ok(None),
+        Some(w) => Ok(Some(
+            w.await
+                .context("writing a chunk")?
+                .map_err(refusal_explained)?,
+        )),
+    }
 }
 
 /// Drops from `ends` the partitions whose fetch position reached their end.
