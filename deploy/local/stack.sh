@@ -67,7 +67,15 @@ metrics_port() { [ "$1" = "$REGION_A" ] && echo "$WORKER_METRICS_PORT_A" || echo
 
 # --- process helpers ----------------------------------------------------------
 pid_of() { cat "$PIDS/$1.pid" 2>/dev/null || true; }
-alive() { local p; p=$(pid_of "$1"); [ -n "$p" ] && kill -0 "$p" 2>/dev/null; }
+# A zombie (exited, not yet reaped by its parent) answers kill -0 but is
+# gone: its state letter in /proc is Z.
+alive() {
+  local p state
+  p=$(pid_of "$1")
+  [ -n "$p" ] && kill -0 "$p" 2>/dev/null || return 1
+  state=$(sed 's/^.*) //' "/proc/$p/stat" 2>/dev/null | cut -d' ' -f1)
+  [ "$state" != Z ]
+}
 port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 
 # Start a command detached from the caller (no inherited fds), record its pid.
