@@ -21,7 +21,7 @@ use rdkafka::Timestamp;
 
 use crate::apply::{session, Applied, TargetTable};
 use crate::config::Config;
-use crate::decode::registry::AvroSource;
+use crate::decode::registry::{AvroError, AvroSource};
 use crate::ops::progress::Bars;
 use crate::source::dlq::{self, StoredLetter};
 use crate::worker::batch::{self, Planner};
@@ -97,13 +97,22 @@ pub fn key_text(key: Option<&[u8]>) -> String {
 
 /// [`key_text`], with an Avro key decoded through `avro` (its source
 /// region's registry) into its fields as JSON; hex, saying why, if the
-/// registry cannot give its schema.
-async fn readable_key(key: Option<&[u8]>, avro: Option<&AvroSource>) -> String {
+/// registry cannot give its schema. A registry that could not be reached
+/// is put in `down` and not asked again: a listing of many letters while
+/// it is down would otherwise wait its timeout once per letter.
+async fn readable_key(
+    key: Option<&[u8]>,
+    avro: Option<&AvroSource>,
+    down: &mut Option<String>,
+) -> String {
     let (Some(bytes), Some(avro)) = (key, avro) else {
         return key_text(key);
     };
     if bytes.first() != Some(&0) {
         return key_text(key);
+    }
+    if let Some(why) = down {
+        return format!("{} (schema registry: {why})", key_text(key));
     }
     match avro.decode(Some(bytes)).await {
         Ok(Some(datum)) => match serde_json::Value::try_from(datum.value) {
@@ -111,6 +120,10 @@ async fn readable_key(key: Option<&[u8]>, avro: Option<&AvroSource>) -> String {
             Err(e) => format!("{} (not shown as JSON: {e})", key_text(key)),
         },
         Ok(None) => key_text(key),
+        Err(e @ AvroError::Registry(_)) => {
+            *down = Some(e.to_string());
+            format!("{} (schema registry: {e})", key_text(key))
+        }
         Err(e) => format!("{} (schema registry: {e})", key_text(key)),
     }
 }
@@ -146,6 +159,9 @@ fn table_name(config: &Config, t: usize) -> String {
 pub async fn read(config: &Config, filter: &Filter) -> anyhow::Result<Vec<(StoredLetter, Listed)>> {
     let routes = routes(config);
     let decoders = decoders(config)?;
+    // Per source region: why its registry could not be reached, once it
+    // could not.
+    let mut registry_down: HashMap<String, Option<String>> = HashMap::new();
     let mut out = Vec::new();
     for letter in dlq::read_all(config).await? {
         let letter = match letter {
@@ -171,17 +187,19 @@ pub async fn read(config: &Config, filter: &Filter) -> anyhow::Result<Vec<(Store
         if !keep {
             continue;
         }
+        let region = routes.get(&letter.topic).map(|(region, _)| region);
+        let key = readable_key(
+            letter.key.as_deref(),
+            region.and_then(|r| decoders.get(r)).map(|a| &**a),
+            registry_down
+                .entry(region.cloned().unwrap_or_default())
+                .or_default(),
+        )
+        .await;
         let listed = Listed {
             reason: letter.reason.clone(),
             table,
-            key: readable_key(
-                letter.key.as_deref(),
-                routes
-                    .get(&letter.topic)
-                    .and_then(|(region, _)| decoders.get(region))
-                    .map(|a| &**a),
-            )
-            .await,
+            key,
             topic: letter.topic.clone(),
             partition: letter.partition,
             offset: letter.offset,
