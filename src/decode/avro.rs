@@ -94,6 +94,18 @@ pub(super) fn record_field_schema<'a>(
     }
 }
 
+/// The `length` of a bit string field (`registry::BITS_LENGTH_ATTRIBUTE`).
+fn bits_length_of_field(schema: Option<&Schema>, name: &str) -> Option<u32> {
+    let Some(Schema::Record(record)) = schema else {
+        return None;
+    };
+    let field = record.fields.get(*record.lookup.get(name)?)?;
+    let length = field
+        .custom_attributes
+        .get(super::registry::BITS_LENGTH_ATTRIBUTE)?;
+    super::json::bits_length(Some(&serde_json::json!({ "length": length })))
+}
+
 pub(super) fn avro_kind(value: &AvroValue) -> &'static str {
     match value {
         AvroValue::Null => "null",
@@ -297,13 +309,25 @@ pub(super) fn avro_row<'a>(
     fields
         .into_iter()
         .map(|(name, value)| {
-            let typed = avro_typed(
+            let mut typed = avro_typed(
                 value,
                 record_field_schema(schema, &name),
                 names,
                 &name,
                 false,
             )?;
+            // A bit string's source width, which `registry` copied onto
+            // its field (apache-avro drops a primitive's attributes).
+            if matches!(typed.field, Field::Bytes(_)) {
+                if let Some(length) = bits_length_of_field(schema, &name) {
+                    if let Field::Bytes(bytes) = typed.field {
+                        typed = Typed {
+                            field: Field::Bits { bytes, length },
+                            semantic: Some(Cow::Borrowed(BITS)),
+                        };
+                    }
+                }
+            }
             Ok((name, typed))
         })
         .collect()
