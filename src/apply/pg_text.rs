@@ -417,7 +417,7 @@ fn is_own_rendering(s: &str, kind: &PgKind) -> bool {
 fn render(field: &Field, semantic: Option<&str>, ty: &PgType) -> Result<String, RenderError> {
     match (&ty.kind, field) {
         (PgKind::NotCarried(why), _) => return Err(render_error(*why)),
-        (PgKind::Array(element), _) => return render_array(field, element),
+        (PgKind::Array(element), _) => return render_array(field, semantic, element),
         (_, Field::Null | Field::Unavailable) => {}
         (PgKind::Bit { .. } | PgKind::VarBit { .. }, _) => {
             return render_bits(field, semantic, &ty.kind)
@@ -463,9 +463,15 @@ fn render(field: &Field, semantic: Option<&str>, ty: &PgType) -> Result<String, 
     }
 }
 
-fn render_array(field: &Field, element: &PgType) -> Result<String, RenderError> {
+/// `semantic`: the elements' semantic name (the decoders give an array its
+/// elements'), which says a time element's unit.
+fn render_array(
+    field: &Field,
+    semantic: Option<&str>,
+    element: &PgType,
+) -> Result<String, RenderError> {
     match field {
-        Field::Array(items) => array_literal(items, element),
+        Field::Array(items) => array_literal(items, semantic, element),
         // Already PostgreSQL's array text.
         Field::String(s) => Ok(s.clone()),
         Field::Json(Json::Array(items)) => {
@@ -477,7 +483,7 @@ fn render_array(field: &Field, element: &PgType) -> Result<String, RenderError> 
                     crate::decode::DecodeError::Column { problem, .. } => RenderError(problem),
                     other => RenderError(other.to_string()),
                 })?;
-            array_literal(&items, element)
+            array_literal(&items, None, element)
         }
         Field::Null | Field::Unavailable => render(field, None, element),
         _ => Err(render_error(
@@ -488,7 +494,11 @@ fn render_array(field: &Field, element: &PgType) -> Result<String, RenderError> 
 
 /// `{"a","b,c",NULL}`: every element quoted, so no element text needs
 /// PostgreSQL's rules for when quoting is required.
-fn array_literal(items: &[Field], element: &PgType) -> Result<String, RenderError> {
+fn array_literal(
+    items: &[Field],
+    semantic: Option<&str>,
+    element: &PgType,
+) -> Result<String, RenderError> {
     let mut out = String::from("{");
     for (i, item) in items.iter().enumerate() {
         if i > 0 {
@@ -496,9 +506,9 @@ fn array_literal(items: &[Field], element: &PgType) -> Result<String, RenderErro
         }
         match item {
             Field::Null => out.push_str("NULL"),
-            Field::Array(inner) => out.push_str(&array_literal(inner, element)?),
+            Field::Array(inner) => out.push_str(&array_literal(inner, semantic, element)?),
             item => {
-                let text = render(item, None, element)?;
+                let text = render(item, semantic, element)?;
                 out.push('"');
                 for c in text.chars() {
                     if c == '"' || c == '\\' {
@@ -1639,6 +1649,32 @@ mod tests {
             )
             .as_deref(),
             Ok(r#"{"infinity","-infinity"}"#)
+        );
+    }
+
+    #[test]
+    fn array_elements_are_read_in_their_own_unit() {
+        // 2024-02-29 13:14:15 in microseconds (a timestamp[] source's
+        // MicroTimestamp elements) into a timestamp(0)[] column: not read
+        // as milliseconds, as the column's precision alone would say.
+        let micros = Field::Array(vec![Field::Int(1_709_212_455_000_000), Field::Null]);
+        assert_eq!(
+            text(
+                micros.clone(),
+                Some(MICRO_TIMESTAMP),
+                "timestamp(0) without time zone[]"
+            )
+            .as_deref(),
+            Ok(r#"{"2024-02-29 13:14:15.000000",NULL}"#)
+        );
+        assert_eq!(
+            text(
+                Field::Array(vec![Field::Int(1_709_212_455_000)]),
+                Some(TIMESTAMP),
+                "timestamp without time zone[]"
+            )
+            .as_deref(),
+            Ok(r#"{"2024-02-29 13:14:15.000000"}"#)
         );
     }
 

@@ -990,7 +990,13 @@ mod tests {
         assert_eq!(items("{}"), some(&[]));
         assert_eq!(
             items(r#"{"a","b,c",NULL,"NULL","q\"uote\\"}"#),
-            some(&[Some("a"), Some("b,c"), None, Some("NULL"), Some("q\"uote\\")])
+            some(&[
+                Some("a"),
+                Some("b,c"),
+                None,
+                Some("NULL"),
+                Some("q\"uote\\")
+            ])
         );
         assert_eq!(
             items("{{1, 2},{3,NULL}}"),
@@ -1018,19 +1024,25 @@ mod tests {
         assert!(numeric.check(r#"{"1.23",NULL,"-999.9"}"#).is_ok());
         let err = numeric.check(r#"{"1.23","1.234"}"#).unwrap_err();
         assert!(
-            err.starts_with("an element of the array: the value 1.234 has 3 digits after the point"),
+            err.starts_with(
+                "an element of the array: the value 1.234 has 3 digits after the point"
+            ),
             "{err}"
         );
         assert!(numeric.check(r#"{{"1"},{"1000"}}"#).is_err());
         let ts = Fit::of("timestamp(0) without time zone[]");
-        assert!(ts.check(r#"{"2024-01-01 00:00:00.000000","infinity"}"#).is_ok());
+        assert!(ts
+            .check(r#"{"2024-01-01 00:00:00.000000","infinity"}"#)
+            .is_ok());
         assert!(ts.check(r#"{"2024-01-01 00:00:00.600000"}"#).is_err());
         assert!(Fit::of("time(2) without time zone[]")
             .check(r#"{"12:34:56.789000"}"#)
             .is_err());
         assert!(Fit::of("real[]").check(r#"{"1.5","0.1"}"#).is_ok());
         assert!(Fit::of("real[]").check(r#"{"3.141592653589793"}"#).is_err());
-        assert!(Fit::of("character varying(3)[]").check(r#"{"abcdef"}"#).is_err());
+        assert!(Fit::of("character varying(3)[]")
+            .check(r#"{"abcdef"}"#)
+            .is_err());
         assert!(Fit::of("character(2)[]").check(r#"{"ab  ","a"}"#).is_ok());
         assert!(Fit::of("character(2)[]").check(r#"{"abc"}"#).is_err());
         assert!(Fit::of("smallint[]").check("{70000}").is_err());

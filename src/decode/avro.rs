@@ -428,11 +428,24 @@ pub(super) fn avro_typed<'a>(
                     Some(Schema::Array(a)) => Some(a.items.as_ref()),
                     _ => None,
                 };
+                // The array's semantic name is its elements' (their unit:
+                // `json::schema_semantic`), which the first that has one
+                // says: apache-avro keeps none on the array of primitives.
+                let mut element_semantic = None;
                 let items = items
                     .into_iter()
-                    .map(|item| avro_typed(item, item_schema, names, column, true).map(|t| t.field))
-                    .collect::<Result<_, _>>()?;
-                (Field::Array(items), connect_name(schema))
+                    .map(|item| {
+                        let typed = avro_typed(item, item_schema, names, column, true)?;
+                        if element_semantic.is_none() {
+                            element_semantic = typed.semantic;
+                        }
+                        Ok(typed.field)
+                    })
+                    .collect::<Result<_, DecodeError>>()?;
+                (
+                    Field::Array(items),
+                    connect_name(schema).or(element_semantic),
+                )
             }
         }
         AvroValue::Record(ref fields) => {

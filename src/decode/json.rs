@@ -531,9 +531,21 @@ pub(super) fn quick_field(raw: &str, kind: ConnectKind) -> Option<Field> {
 }
 
 pub(super) fn json_typed(value: &Json, schema: &Json, column: &str) -> Result<Typed, DecodeError> {
-    let semantic = schema.get("name").and_then(Json::as_str).map(semantic_name);
+    let semantic = schema_semantic(schema);
     let field = json_with_schema(value, schema, semantic.as_deref(), column, false)?;
     Ok(Typed { field, semantic })
+}
+
+/// The semantic name of a field's Connect schema; for an array (which has
+/// none of its own) its elements': a `timestamp[]` element's unit is only
+/// in its `MicroTimestamp`, and guessing it from this region's element
+/// type would read microseconds as milliseconds in a `timestamp(0)[]`.
+pub(super) fn schema_semantic(schema: &Json) -> Option<Cow<'static, str>> {
+    let name = |s: &Json| s.get("name").and_then(Json::as_str).map(semantic_name);
+    name(schema).or_else(|| match schema.get("type").and_then(Json::as_str) {
+        Some("array") => schema.get("items").and_then(name),
+        _ => None,
+    })
 }
 
 /// Decodes `value` by its Connect schema. Inside arrays (`in_array`) the

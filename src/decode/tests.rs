@@ -1929,3 +1929,19 @@ fn the_quick_path_reads_values_as_the_general_way_does() {
     }
     assert_eq!(quick_field("1.5", ConnectKind::Int), None);
 }
+
+#[test]
+fn an_array_carries_its_elements_semantic_name() {
+    let schema = json!({"type": "array", "optional": true,
+        "items": {"type": "int64", "optional": true, "name": "io.debezium.time.MicroTimestamp"}});
+    assert_eq!(
+        super::json::schema_semantic(&schema).as_deref(),
+        Some(MICRO_TIMESTAMP)
+    );
+    let named = json!({"type": "int32", "name": "io.debezium.time.Date"});
+    assert_eq!(super::json::schema_semantic(&named).as_deref(), Some(DATE));
+    assert_eq!(
+        super::json::schema_semantic(&json!({"type": "array", "items": {"type": "string"}})),
+        None
+    );
+}
