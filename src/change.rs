@@ -33,6 +33,15 @@ pub enum Field {
     Float(f64),
     String(String),
     Bytes(Vec<u8>),
+    /// A bit string (`io.debezium.data.Bits`): its bits little-endian
+    /// (the string's last bit is bit 0 of the first byte), without
+    /// leading zero bytes, and the source column's `length` parameter:
+    /// `bit(n)`'s n (the value's length), `bit varying(n)`'s maximum n
+    /// (2147483647 unconstrained; the value's own length is not carried).
+    Bits {
+        bytes: Vec<u8>,
+        length: u32,
+    },
     /// A fixed-scale decimal: big-endian two's-complement unscaled value.
     Decimal {
         unscaled: Vec<u8>,
@@ -118,7 +127,8 @@ pub mod semantic {
     pub const ENUM: &str = "io.debezium.data.Enum";
     pub const DECIMAL: &str = "org.apache.kafka.connect.data.Decimal";
     pub const VARIABLE_SCALE_DECIMAL: &str = "io.debezium.data.VariableScaleDecimal";
-    /// `bit(n)`, `bit varying`: little-endian bytes, parameter `length`.
+    /// `bit(n)`, `bit varying`: little-endian bytes, parameter `length`
+    /// ([`super::Field::Bits`]).
     pub const BITS: &str = "io.debezium.data.Bits";
     /// `interval` with `interval.handling.mode=string`: ISO 8601 text.
     pub const INTERVAL: &str = "io.debezium.time.Interval";

@@ -79,8 +79,8 @@ static SOURCE: LazyLock<AvroSource> = LazyLock::new(|| {
         .enumerate()
         .map(|(i, text)| {
             // As the worker reads a registered schema: Debezium's time
-            // units marked as Avro logical types.
-            let schema = registry::with_time_units(text)
+            // units marked as Avro logical types, bit string lengths on their fields.
+            let schema = registry::with_debezium_marks(text)
                 .unwrap_or_else(|| apache_avro::Schema::parse_str(text).expect("a schema"));
             (i as u32 + 1, schema)
         })

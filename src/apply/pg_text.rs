@@ -240,6 +240,15 @@ impl PgType {
         let not_scalar = |f: &Field| matches!(f, F::Bytes(_) | F::Json(_) | F::Array(_));
         match (&self.kind, &value.field) {
             (_, F::Null | F::Unavailable) => false,
+            // A bit string carries its source column's width: a `bit(m)`
+            // column of another width, or a `bit varying(m)` narrower than
+            // it, is another type; so is a column that holds no bits.
+            (PgKind::Bit { length }, F::Bits { length: source, .. }) => length != source,
+            (PgKind::VarBit { max }, F::Bits { length: source, .. }) => {
+                max.is_some_and(|max| max < *source)
+            }
+            (PgKind::NotCarried(_), F::Bits { .. }) => false,
+            (_, F::Bits { .. }) => true,
             (PgKind::Int, f) => {
                 not_scalar(f)
                     || matches!(
@@ -408,9 +417,11 @@ fn is_own_rendering(s: &str, kind: &PgKind) -> bool {
 fn render(field: &Field, semantic: Option<&str>, ty: &PgType) -> Result<String, RenderError> {
     match (&ty.kind, field) {
         (PgKind::NotCarried(why), _) => return Err(render_error(*why)),
-        (PgKind::Array(element), _) => return render_array(field, element),
+        (PgKind::Array(element), _) => return render_array(field, semantic, element),
         (_, Field::Null | Field::Unavailable) => {}
-        (PgKind::Bit { .. } | PgKind::VarBit { .. }, _) => return render_bits(field, &ty.kind),
+        (PgKind::Bit { .. } | PgKind::VarBit { .. }, _) => {
+            return render_bits(field, semantic, &ty.kind)
+        }
         (PgKind::Point, Field::Json(point)) => return render_point(point),
         (PgKind::Hstore, Field::String(s)) => return render_hstore(s),
         (PgKind::Hstore, Field::Json(map)) => return hstore_text(map),
@@ -441,6 +452,10 @@ fn render(field: &Field, semantic: Option<&str>, ty: &PgType) -> Result<String, 
             }
             _ => decimal_text(unscaled, *scale),
         },
+        Field::Bits { .. } => Err(render_error(
+            "a bit string (io.debezium.data.Bits) cannot be written to a column \
+             that is not a bit string",
+        )),
         Field::Json(value) => Ok(value.to_string()),
         Field::Array(_) => Err(render_error(
             "an array value cannot be written to a column that is not an array",
@@ -448,9 +463,15 @@ fn render(field: &Field, semantic: Option<&str>, ty: &PgType) -> Result<String, 
     }
 }
 
-fn render_array(field: &Field, element: &PgType) -> Result<String, RenderError> {
+/// `semantic`: the elements' semantic name (the decoders give an array its
+/// elements'), which says a time element's unit.
+fn render_array(
+    field: &Field,
+    semantic: Option<&str>,
+    element: &PgType,
+) -> Result<String, RenderError> {
     match field {
-        Field::Array(items) => array_literal(items, element),
+        Field::Array(items) => array_literal(items, semantic, element),
         // Already PostgreSQL's array text.
         Field::String(s) => Ok(s.clone()),
         Field::Json(Json::Array(items)) => {
@@ -462,7 +483,7 @@ fn render_array(field: &Field, element: &PgType) -> Result<String, RenderError> 
                     crate::decode::DecodeError::Column { problem, .. } => RenderError(problem),
                     other => RenderError(other.to_string()),
                 })?;
-            array_literal(&items, element)
+            array_literal(&items, None, element)
         }
         Field::Null | Field::Unavailable => render(field, None, element),
         _ => Err(render_error(
@@ -473,7 +494,11 @@ fn render_array(field: &Field, element: &PgType) -> Result<String, RenderError> 
 
 /// `{"a","b,c",NULL}`: every element quoted, so no element text needs
 /// PostgreSQL's rules for when quoting is required.
-fn array_literal(items: &[Field], element: &PgType) -> Result<String, RenderError> {
+fn array_literal(
+    items: &[Field],
+    semantic: Option<&str>,
+    element: &PgType,
+) -> Result<String, RenderError> {
     let mut out = String::from("{");
     for (i, item) in items.iter().enumerate() {
         if i > 0 {
@@ -481,9 +506,9 @@ fn array_literal(items: &[Field], element: &PgType) -> Result<String, RenderErro
         }
         match item {
             Field::Null => out.push_str("NULL"),
-            Field::Array(inner) => out.push_str(&array_literal(inner, element)?),
+            Field::Array(inner) => out.push_str(&array_literal(inner, semantic, element)?),
             item => {
-                let text = render(item, None, element)?;
+                let text = render(item, semantic, element)?;
                 out.push('"');
                 for c in text.chars() {
                     if c == '"' || c == '\\' {
@@ -761,18 +786,32 @@ fn render_bytes(bytes: &[u8], ty: &PgType) -> Result<String, RenderError> {
 }
 
 /// A `bit(n)` or `bit varying(n)` value from Debezium's
-/// `io.debezium.data.Bits`: the bits little-endian (the string's last bit
-/// is bit 0 of the first byte), in as many bytes as the highest `1` bit
-/// needs: leading zeros are not carried (PostgresValueConverter.convertBits
-/// in debezium-connector-postgres 3.6.1). A boolean for a one-bit column.
-/// Schemaless JSON carries the bytes as base64.
+/// `io.debezium.data.Bits` ([`Field::Bits`]): the bits little-endian (the
+/// string's last bit is bit 0 of the first byte), in as many bytes as the
+/// highest `1` bit needs: leading zeros are not carried
+/// (PostgresValueConverter.convertBits in debezium-connector-postgres
+/// 3.6.1), and the source column's `length` parameter. A boolean for a
+/// one-bit column.
 ///
-/// `bit(n)` is exact: its length is the column's. `bit varying` is exact
-/// only when the highest `1` is at the column's maximum length, which then
-/// is the value's length; any other value could have had leading zeros
-/// (`101` and `0101` arrive alike) and is refused.
-fn render_bits(field: &Field, kind: &PgKind) -> Result<String, RenderError> {
-    let bytes = match field {
+/// The source's `length` is `bit(n)`'s n, or `bit varying(n)`'s maximum n
+/// (Debezium's PostgreSQL data type mapping). The same schema for both, so
+/// a value is read as `length` bits:
+/// - a `bit(m)` column takes it when m is `length` (a `bit(n)` value of
+///   another width would be padded or cut: refused);
+/// - a `bit varying(m)` column takes it only when the highest `1` is the
+///   `length`th bit, which then is the value's length, and m ≥ `length`;
+///   any other value could have had leading zeros (`101` and `0101`
+///   arrive alike from a `bit varying(8)`) and is refused.
+///
+/// Schemaless JSON carries the bytes alone, as base64, without the
+/// source's length: the column's width stands in for it (docs/TYPES.md).
+/// A typed `Bits` value without its `length` is refused.
+fn render_bits(
+    field: &Field,
+    semantic: Option<&str>,
+    kind: &PgKind,
+) -> Result<String, RenderError> {
+    let (bytes, source_length) = match field {
         Field::Bool(b) => {
             return match kind {
                 PgKind::Bit { length: 1 } | PgKind::VarBit { max: Some(1) } => {
@@ -783,12 +822,22 @@ fn render_bits(field: &Field, kind: &PgKind) -> Result<String, RenderError> {
                 )),
             };
         }
-        Field::Bytes(bytes) => Cow::Borrowed(bytes.as_slice()),
-        Field::String(s) => Cow::Owned(BASE64.decode(s).map_err(|e| {
-            render_error(format!(
-                "text for a bit string is not base64 of its bits: {e}"
+        Field::Bits { bytes, length } => (Cow::Borrowed(bytes.as_slice()), Some(*length)),
+        Field::Bytes(_) if semantic == Some(BITS) => {
+            return Err(render_error(
+                "a bit string (io.debezium.data.Bits) without its `length` parameter: \
+                 the source column's width is unknown, so it cannot be written exactly",
             ))
-        })?),
+        }
+        Field::Bytes(bytes) => (Cow::Borrowed(bytes.as_slice()), None),
+        Field::String(s) => (
+            Cow::Owned(BASE64.decode(s).map_err(|e| {
+                render_error(format!(
+                    "text for a bit string is not base64 of its bits: {e}"
+                ))
+            })?),
+            None,
+        ),
         other => {
             return Err(render_error(format!(
                 "{} is not a bit string (Debezium sends io.debezium.data.Bits bytes)",
@@ -803,21 +852,46 @@ fn render_bits(field: &Field, kind: &PgKind) -> Result<String, RenderError> {
         .rev()
         .find(|(_, b)| **b != 0)
         .map_or(0, |(i, b)| i as u64 * 8 + u64::from(8 - b.leading_zeros()));
-    let length = match *kind {
-        PgKind::Bit { length } if significant <= u64::from(length) => length,
-        PgKind::Bit { length } => {
+    if let Some(source) = source_length {
+        if significant > u64::from(source) {
+            return Err(render_error(format!(
+                "{significant} significant bits do not fit the source's length {source}"
+            )));
+        }
+    }
+    let length = match (kind, source_length) {
+        (&PgKind::Bit { length }, Some(source)) if source != length => {
+            return Err(render_error(format!(
+                "the source column's bit strings have {source} bits (Debezium's Bits \
+                 length {source}); a bit({length}) column cannot hold them exactly \
+                 (they would be padded or cut)"
+            )))
+        }
+        (&PgKind::Bit { length }, _) if significant <= u64::from(length) => length,
+        (&PgKind::Bit { length }, _) => {
             return Err(render_error(format!(
                 "{significant} significant bits do not fit bit({length})"
             )))
         }
-        PgKind::VarBit { max: Some(max) } if significant == u64::from(max) => max,
-        PgKind::VarBit { max } => {
+        // The value's length is known only when its first bit is a 1 at
+        // the source's maximum.
+        (&PgKind::VarBit { max }, Some(source)) if significant == u64::from(source) => match max {
+            Some(max) if max < source => {
+                return Err(render_error(format!(
+                    "a bit string of {source} bits does not fit bit varying({max})"
+                )))
+            }
+            _ => source,
+        },
+        (&PgKind::VarBit { max: Some(max) }, None) if significant == u64::from(max) => max,
+        (&PgKind::VarBit { max }, source) => {
+            let max = source.or(max);
             return Err(render_error(format!(
                 "Debezium carries a varying bit string without its leading zeros: \
                  {significant} significant bits{}, so its length is unknown and \
                  it cannot be written exactly",
                 max.map(|m| format!(" of at most {m}")).unwrap_or_default()
-            )))
+            )));
         }
         _ => return Err(render_error("not a bit string type")),
     };
@@ -902,6 +976,7 @@ fn field_kind(field: &Field) -> &'static str {
         Field::Float(_) => "a float",
         Field::String(_) => "a text",
         Field::Bytes(_) => "bytes",
+        Field::Bits { .. } => "a bit string",
         Field::Decimal { .. } => "a decimal",
         Field::Array(_) => "an array",
         Field::Json(_) => "a JSON value",
@@ -1285,21 +1360,32 @@ mod tests {
         );
     }
 
+    /// A `Bits` value of a source column of `length` bits.
+    fn bits_of(bytes: &[u8], length: u32, pg_type: &str) -> Result<String, RenderError> {
+        let field = Field::Bits {
+            bytes: bytes.to_vec(),
+            length,
+        };
+        text(field, Some(BITS), pg_type)
+    }
+
     #[test]
     fn bit_strings_are_rebuilt_little_endian() {
-        let bits =
-            |bytes: &[u8], pg_type: &str| text(Field::Bytes(bytes.to_vec()), Some(BITS), pg_type);
         // As measured on the stack: B'00000101' arrives as 0x05, B'10000000'
-        // as 0x80, B'00000000' as no bytes at all.
+        // as 0x80, B'00000000' as no bytes at all, each with length 8.
+        let bits = |bytes: &[u8], pg_type: &str| bits_of(bytes, 8, pg_type);
         assert_eq!(bits(&[0x05], "bit(8)").as_deref(), Ok("00000101"));
         assert_eq!(bits(&[0x80], "bit(8)").as_deref(), Ok("10000000"));
         assert_eq!(bits(&[], "bit(8)").as_deref(), Ok("00000000"));
         assert_eq!(
-            bits(&[0x01, 0x02], "bit(12)").as_deref(),
+            bits_of(&[0x01, 0x02], 12, "bit(12)").as_deref(),
             Ok("001000000001")
         );
-        assert_eq!(bits(&[0x05], "bit(3)").as_deref(), Ok("101"));
-        assert!(bits(&[0x05], "bit(2)").is_err(), "a 1 beyond the length");
+        assert_eq!(bits_of(&[0x05], 3, "bit(3)").as_deref(), Ok("101"));
+        assert!(
+            bits_of(&[0x05], 2, "bit(2)").is_err(),
+            "a 1 beyond the length"
+        );
         // bit(1) and bit varying(1) come as booleans.
         assert_eq!(text(Field::Bool(true), None, "bit(1)").as_deref(), Ok("1"));
         assert_eq!(text(Field::Bool(false), None, "bit").as_deref(), Ok("0"));
@@ -1308,21 +1394,24 @@ mod tests {
             Ok("1")
         );
         assert!(text(Field::Bool(true), None, "bit(8)").is_err());
-        // Schemaless JSON: base64.
+        // Schemaless JSON: base64, no length; the column's width stands in.
         assert_eq!(
             text(Field::String("gA==".into()), None, "bit(8)").as_deref(),
             Ok("10000000")
         );
-        // bit varying: exact only when the highest 1 is at the maximum length.
+        // bit varying: exact only when the highest 1 is at the source's
+        // maximum length, which is then the value's length.
         assert_eq!(bits(&[0x81], "bit varying(8)").as_deref(), Ok("10000001"));
-        assert_eq!(bits(&[0x05], "bit varying(3)").as_deref(), Ok("101"));
-        for (bytes, pg_type) in [
-            (&[0x05][..], "bit varying(8)"),
-            (&[0x05][..], "bit varying"),
-            (&[][..], "bit varying(8)"),
-            (&[0x81][..], "bit varying(4)"),
+        assert_eq!(bits_of(&[0x05], 3, "bit varying(3)").as_deref(), Ok("101"));
+        for (bytes, length, pg_type) in [
+            (&[0x05][..], 8, "bit varying(8)"),
+            (&[0x05][..], 2_147_483_647, "bit varying"),
+            (&[][..], 8, "bit varying(8)"),
+            // 0010000001 from a bit varying(10) is not 10000001.
+            (&[0x81][..], 10, "bit varying(8)"),
+            (&[0x81][..], 10, "bit varying"),
         ] {
-            let err = bits(bytes, pg_type).unwrap_err();
+            let err = bits_of(bytes, length, pg_type).unwrap_err();
             assert!(err.0.contains("leading zeros"), "{pg_type}: {err}");
             assert!(
                 !err.0.contains(pg_type),
@@ -1331,6 +1420,66 @@ mod tests {
         }
         // Arrays of bits are not carried this way.
         assert!(text(Field::Int(5), None, "bit(8)").is_err());
+    }
+
+    #[test]
+    fn bit_strings_keep_the_source_width_or_are_refused() {
+        // A bit(8) value into a column of another width: never padded nor
+        // cut (PostgreSQL's explicit cast would do either).
+        for pg_type in ["bit(12)", "bit(4)", "bit(7)", "bit"] {
+            let err = bits_of(&[0x05], 8, pg_type).unwrap_err();
+            assert!(
+                err.0.contains("have 8 bits") && err.0.contains("padded or cut"),
+                "{pg_type}: {err}"
+            );
+        }
+        // Zero bits too: B'00000000' is not B'0000'.
+        assert!(bits_of(&[], 8, "bit(4)").is_err());
+        // A bit varying(8) value whose length is known (its first bit is 1)
+        // fits any bit varying at least as wide; not a narrower one.
+        assert_eq!(
+            bits_of(&[0x81], 8, "bit varying(10)").as_deref(),
+            Ok("10000001")
+        );
+        assert_eq!(
+            bits_of(&[0x81], 8, "bit varying").as_deref(),
+            Ok("10000001")
+        );
+        let err = bits_of(&[0x81], 8, "bit varying(4)").unwrap_err();
+        assert!(err.0.contains("does not fit bit varying(4)"), "{err}");
+        // A 1 beyond the source's length is no value Debezium sends.
+        assert!(bits_of(&[0x81, 0x01], 8, "bit varying").is_err());
+        // Typed Bits without their length: the width is unknown.
+        let err = text(Field::Bytes(vec![0x05]), Some(BITS), "bit(8)").unwrap_err();
+        assert!(err.0.contains("without its `length`"), "{err}");
+        // Bits into a column that holds no bits.
+        for pg_type in ["text", "bytea", "integer"] {
+            assert!(bits_of(&[0x05], 8, pg_type).is_err(), "{pg_type}");
+        }
+    }
+
+    #[test]
+    fn a_bit_column_of_another_width_is_a_type_difference() {
+        let value = |length: u32| Typed {
+            field: Field::Bits {
+                bytes: vec![0x05],
+                length,
+            },
+            semantic: Some(Cow::Borrowed(BITS)),
+        };
+        let differs =
+            |pg_type: &str, length: u32| PgType::parse(pg_type).cannot_come_from(&value(length));
+        assert!(!differs("bit(8)", 8));
+        assert!(differs("bit(12)", 8));
+        assert!(differs("bit(4)", 8));
+        assert!(!differs("bit varying(8)", 8));
+        assert!(!differs("bit varying(12)", 8));
+        assert!(!differs("bit varying", 8));
+        assert!(differs("bit varying(4)", 8));
+        assert!(differs("text", 8));
+        assert!(differs("bytea", 8));
+        // bit(n)[] is refused as not carried, not as a type difference.
+        assert!(!differs("bit(8)[]", 8));
     }
 
     #[test]
@@ -1500,6 +1649,32 @@ mod tests {
             )
             .as_deref(),
             Ok(r#"{"infinity","-infinity"}"#)
+        );
+    }
+
+    #[test]
+    fn array_elements_are_read_in_their_own_unit() {
+        // 2024-02-29 13:14:15 in microseconds (a timestamp[] source's
+        // MicroTimestamp elements) into a timestamp(0)[] column: not read
+        // as milliseconds, as the column's precision alone would say.
+        let micros = Field::Array(vec![Field::Int(1_709_212_455_000_000), Field::Null]);
+        assert_eq!(
+            text(
+                micros.clone(),
+                Some(MICRO_TIMESTAMP),
+                "timestamp(0) without time zone[]"
+            )
+            .as_deref(),
+            Ok(r#"{"2024-02-29 13:14:15.000000",NULL}"#)
+        );
+        assert_eq!(
+            text(
+                Field::Array(vec![Field::Int(1_709_212_455_000)]),
+                Some(TIMESTAMP),
+                "timestamp without time zone[]"
+            )
+            .as_deref(),
+            Ok(r#"{"2024-02-29 13:14:15.000000"}"#)
         );
     }
 

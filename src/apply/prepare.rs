@@ -11,6 +11,7 @@ use rustc_hash::FxHashMap;
 
 use super::table::UnknownColumn;
 use super::{quote_ident, TargetTable};
+use crate::change::semantic::BITS;
 use crate::change::{Change, Field, Op, Row, Typed};
 use crate::config::OnSchemaMismatch;
 
@@ -195,6 +196,12 @@ fn named_row_error(table: &TargetTable, column: &str, problem: impl ToString) ->
 /// What a source value is, for a message about a column: its Debezium
 /// semantic type, or its kind.
 fn describe(typed: &Typed) -> String {
+    // Debezium gives `bit(n)` and `bit varying(n)` the same schema.
+    if let Field::Bits { length, .. } = typed.field {
+        return format!(
+            "{BITS} values of length {length} (bit({length}) or bit varying({length}))"
+        );
+    }
     if let Some(semantic) = &typed.semantic {
         return semantic.to_string();
     }
@@ -205,6 +212,7 @@ fn describe(typed: &Typed) -> String {
         Field::Float(_) => "floating point",
         Field::String(_) => "string",
         Field::Bytes(_) => "bytes",
+        Field::Bits { .. } => "bit string",
         Field::Decimal { .. } => "decimal",
         Field::Array(_) => "array",
         Field::Json(_) => "json",

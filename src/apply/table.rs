@@ -71,9 +71,14 @@ pub enum UnknownColumn {
 /// explicit cast or the assignment would cut or round instead of refusing
 /// (varchar(n), numeric(p,s), timestamp(p), interval fields, real) or a
 /// range narrower than the source's may be (smallint, integer).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Fit {
     Any,
+    /// An array of a type with a limit: every element must fit it. The
+    /// array is cast to the column's type as a whole, and PostgreSQL
+    /// rounds each element to it (`'{1.234}'::numeric(5,2)[]` is
+    /// `{1.23}`) as it rounds a scalar.
+    Array(Box<Fit>),
     /// `character varying(n)`, or `character(n)` (`padded`: trailing
     /// blanks do not count).
     Chars {
@@ -134,6 +139,13 @@ impl Fit {
     /// The limit of a type as `format_type` prints it.
     pub fn of(pg_type: &str) -> Fit {
         let t = pg_type.trim();
+        // `format_type` prints any array, of any dimensions, as `…[]`.
+        if let Some(element) = t.strip_suffix("[]") {
+            return match Fit::of(element) {
+                Fit::Any => Fit::Any,
+                element => Fit::Array(Box::new(element)),
+            };
+        }
         let number = |rest: &str| -> Vec<u32> {
             rest.trim_end_matches(')')
                 .split(',')
@@ -206,9 +218,21 @@ impl Fit {
     /// `Err(why)` if the column cannot hold `text` exactly. Text that is
     /// not a number where one is expected passes: PostgreSQL refuses it,
     /// as the data's fault.
-    pub fn check(self, text: &str) -> Result<(), String> {
-        match self {
+    pub fn check(&self, text: &str) -> Result<(), String> {
+        match *self {
             Fit::Any => Ok(()),
+            Fit::Array(ref element) => {
+                // Not an array literal: PostgreSQL refuses it, as the data's.
+                let Some(elements) = array_elements(text) else {
+                    return Ok(());
+                };
+                for item in elements.iter().flatten() {
+                    element
+                        .check(item)
+                        .map_err(|why| format!("an element of the array: {why}"))?;
+                }
+                Ok(())
+            }
             Fit::Chars { max, padded } => {
                 if text.len() <= max {
                     return Ok(());
@@ -319,6 +343,64 @@ impl Fit {
             },
         }
     }
+}
+
+/// The elements of a PostgreSQL array literal (`{"a","b,c",NULL}`,
+/// `{{1,2},{3,4}}`, `[0:1]={x,y}`), flattened, `None` for a NULL; `None`
+/// for text that is not such a literal. Quoted elements may hold anything
+/// with `\` escapes; unquoted ones are trimmed, and `NULL` unquoted is
+/// NULL. The delimiter is `,` (only `box`, which Debezium does not
+/// carry, uses another).
+pub fn array_elements(text: &str) -> Option<Vec<Option<String>>> {
+    let text = text.trim();
+    let body = if text.starts_with('[') {
+        &text[text.find('=')? + 1..]
+    } else {
+        text
+    };
+    let mut chars = body.trim_start().chars().peekable();
+    if chars.next()? != '{' {
+        return None;
+    }
+    let mut depth = 1usize;
+    let mut out = Vec::new();
+    while depth > 0 {
+        match chars.next()? {
+            '{' => depth += 1,
+            '}' => depth -= 1,
+            ',' => {}
+            c if c.is_whitespace() => {}
+            '"' => {
+                let mut item = String::new();
+                loop {
+                    match chars.next()? {
+                        '"' => break,
+                        '\\' => item.push(chars.next()?),
+                        c => item.push(c),
+                    }
+                }
+                out.push(Some(item));
+            }
+            first => {
+                let mut item = String::new();
+                let mut c = first;
+                loop {
+                    if c == '\\' {
+                        item.push(chars.next()?);
+                    } else {
+                        item.push(c);
+                    }
+                    match chars.peek() {
+                        Some(',' | '}') | None => break,
+                        Some(_) => c = chars.next()?,
+                    }
+                }
+                let item = item.trim();
+                out.push((!item.eq_ignore_ascii_case("NULL")).then(|| item.to_owned()));
+            }
+        }
+    }
+    chars.all(char::is_whitespace).then_some(out)
 }
 
 /// The fit of `interval…` after the word: a fields phrase (`year to
@@ -899,6 +981,74 @@ mod tests {
         assert_eq!(by.get("mail"), Some(&1));
         assert_eq!(by.get("gone"), None);
         assert_eq!(by.get("other"), None);
+    }
+
+    #[test]
+    fn array_literals_are_read_element_by_element() {
+        let items = |t: &str| array_elements(t);
+        let some = |v: &[Option<&str>]| Some(v.iter().map(|x| x.map(str::to_owned)).collect());
+        assert_eq!(items("{}"), some(&[]));
+        assert_eq!(
+            items(r#"{"a","b,c",NULL,"NULL","q\"uote\\"}"#),
+            some(&[
+                Some("a"),
+                Some("b,c"),
+                None,
+                Some("NULL"),
+                Some("q\"uote\\")
+            ])
+        );
+        assert_eq!(
+            items("{{1, 2},{3,NULL}}"),
+            some(&[Some("1"), Some("2"), Some("3"), None])
+        );
+        assert_eq!(items("[0:1]={x,y}"), some(&[Some("x"), Some("y")]));
+        assert_eq!(items(r#"{a\,b}"#), some(&[Some("a,b")]));
+        for bad in ["", "abc", "{", r#"{"a}"#, "{a}x", "[0:1]"] {
+            assert_eq!(items(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn array_elements_must_fit_the_element_type() {
+        // What PostgreSQL would round silently when the array is cast:
+        // '{1.234}'::numeric(5,2)[] is {1.23}.
+        let numeric = Fit::of("numeric(5,2)[]");
+        assert_eq!(
+            numeric,
+            Fit::Array(Box::new(Fit::Numeric {
+                precision: 5,
+                scale: 2
+            }))
+        );
+        assert!(numeric.check(r#"{"1.23",NULL,"-999.9"}"#).is_ok());
+        let err = numeric.check(r#"{"1.23","1.234"}"#).unwrap_err();
+        assert!(
+            err.starts_with(
+                "an element of the array: the value 1.234 has 3 digits after the point"
+            ),
+            "{err}"
+        );
+        assert!(numeric.check(r#"{{"1"},{"1000"}}"#).is_err());
+        let ts = Fit::of("timestamp(0) without time zone[]");
+        assert!(ts
+            .check(r#"{"2024-01-01 00:00:00.000000","infinity"}"#)
+            .is_ok());
+        assert!(ts.check(r#"{"2024-01-01 00:00:00.600000"}"#).is_err());
+        assert!(Fit::of("time(2) without time zone[]")
+            .check(r#"{"12:34:56.789000"}"#)
+            .is_err());
+        assert!(Fit::of("real[]").check(r#"{"1.5","0.1"}"#).is_ok());
+        assert!(Fit::of("real[]").check(r#"{"3.141592653589793"}"#).is_err());
+        assert!(Fit::of("character varying(3)[]")
+            .check(r#"{"abcdef"}"#)
+            .is_err());
+        assert!(Fit::of("character(2)[]").check(r#"{"ab  ","a"}"#).is_ok());
+        assert!(Fit::of("character(2)[]").check(r#"{"abc"}"#).is_err());
+        assert!(Fit::of("smallint[]").check("{70000}").is_err());
+        // Types without a limit, and arrays of them, check nothing.
+        assert_eq!(Fit::of("text[]"), Fit::Any);
+        assert_eq!(Fit::of("numeric[]"), Fit::Any);
     }
 
     #[test]

@@ -94,6 +94,18 @@ pub(super) fn record_field_schema<'a>(
     }
 }
 
+/// The `length` of a bit string field (`registry::BITS_LENGTH_ATTRIBUTE`).
+fn bits_length_of_field(schema: Option<&Schema>, name: &str) -> Option<u32> {
+    let Some(Schema::Record(record)) = schema else {
+        return None;
+    };
+    let field = record.fields.get(*record.lookup.get(name)?)?;
+    let length = field
+        .custom_attributes
+        .get(super::registry::BITS_LENGTH_ATTRIBUTE)?;
+    super::json::bits_length(Some(&serde_json::json!({ "length": length })))
+}
+
 pub(super) fn avro_kind(value: &AvroValue) -> &'static str {
     match value {
         AvroValue::Null => "null",
@@ -297,13 +309,25 @@ pub(super) fn avro_row<'a>(
     fields
         .into_iter()
         .map(|(name, value)| {
-            let typed = avro_typed(
+            let mut typed = avro_typed(
                 value,
                 record_field_schema(schema, &name),
                 names,
                 &name,
                 false,
             )?;
+            // A bit string's source width, which `registry` copied onto
+            // its field (apache-avro drops a primitive's attributes).
+            if matches!(typed.field, Field::Bytes(_)) {
+                if let Some(length) = bits_length_of_field(schema, &name) {
+                    if let Field::Bytes(bytes) = typed.field {
+                        typed = Typed {
+                            field: Field::Bits { bytes, length },
+                            semantic: Some(Cow::Borrowed(BITS)),
+                        };
+                    }
+                }
+            }
             Ok((name, typed))
         })
         .collect()
@@ -404,11 +428,24 @@ pub(super) fn avro_typed<'a>(
                     Some(Schema::Array(a)) => Some(a.items.as_ref()),
                     _ => None,
                 };
+                // The array's semantic name is its elements' (their unit:
+                // `json::schema_semantic`), which the first that has one
+                // says: apache-avro keeps none on the array of primitives.
+                let mut element_semantic = None;
                 let items = items
                     .into_iter()
-                    .map(|item| avro_typed(item, item_schema, names, column, true).map(|t| t.field))
-                    .collect::<Result<_, _>>()?;
-                (Field::Array(items), connect_name(schema))
+                    .map(|item| {
+                        let typed = avro_typed(item, item_schema, names, column, true)?;
+                        if element_semantic.is_none() {
+                            element_semantic = typed.semantic;
+                        }
+                        Ok(typed.field)
+                    })
+                    .collect::<Result<_, DecodeError>>()?;
+                (
+                    Field::Array(items),
+                    connect_name(schema).or(element_semantic),
+                )
             }
         }
         AvroValue::Record(ref fields) => {

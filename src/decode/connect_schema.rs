@@ -11,7 +11,6 @@ use std::rc::Rc;
 use rustc_hash::FxHashMap;
 use serde_json::Value as Json;
 
-use super::envelope::semantic_name;
 use super::json::parse_json;
 use super::DecodeError;
 
@@ -122,7 +121,7 @@ impl FieldIndex {
                 Some("string") => ConnectKind::String,
                 _ => ConnectKind::Other,
             };
-            let semantic = f.get("name").and_then(Json::as_str).map(semantic_name);
+            let semantic = super::json::schema_semantic(f);
             plans.push(FieldPlan { kind, semantic });
         }
         FieldIndex { positions, plans }

@@ -531,9 +531,21 @@ pub(super) fn quick_field(raw: &str, kind: ConnectKind) -> Option<Field> {
 }
 
 pub(super) fn json_typed(value: &Json, schema: &Json, column: &str) -> Result<Typed, DecodeError> {
-    let semantic = schema.get("name").and_then(Json::as_str).map(semantic_name);
+    let semantic = schema_semantic(schema);
     let field = json_with_schema(value, schema, semantic.as_deref(), column, false)?;
     Ok(Typed { field, semantic })
+}
+
+/// The semantic name of a field's Connect schema; for an array (which has
+/// none of its own) its elements': a `timestamp[]` element's unit is only
+/// in its `MicroTimestamp`, and guessing it from this region's element
+/// type would read microseconds as milliseconds in a `timestamp(0)[]`.
+pub(super) fn schema_semantic(schema: &Json) -> Option<Cow<'static, str>> {
+    let name = |s: &Json| s.get("name").and_then(Json::as_str).map(semantic_name);
+    name(schema).or_else(|| match schema.get("type").and_then(Json::as_str) {
+        Some("array") => schema.get("items").and_then(name),
+        _ => None,
+    })
 }
 
 /// Decodes `value` by its Connect schema. Inside arrays (`in_array`) the
@@ -576,6 +588,13 @@ pub(super) fn json_with_schema(
                 Field::Decimal {
                     unscaled: bytes,
                     scale: connect_decimal_scale(schema, column)?,
+                }
+            } else if semantic == Some(BITS) {
+                // Without its `length` the bits stay bytes, which the
+                // renderer refuses for a bit column (the width is unknown).
+                match bits_length(schema.get("parameters")) {
+                    Some(length) => Field::Bits { bytes, length },
+                    None => Field::Bytes(bytes),
                 }
             } else {
                 Field::Bytes(bytes)
@@ -692,6 +711,18 @@ pub(super) fn connect_decimal_scale(schema: &Json, column: &str) -> Result<u32, 
             "Decimal schema has no valid `parameters.scale` (a non-negative integer)",
         )
     })
+}
+
+/// The `length` parameter of Debezium's `io.debezium.data.Bits` schema (a
+/// string, by Connect's convention; a number is accepted too): the source
+/// column's `bit(n)` or `bit varying(n)` length. JSON keeps it in the
+/// schema's `parameters`, Avro in `connect.parameters`.
+pub(crate) fn bits_length(parameters: Option<&Json>) -> Option<u32> {
+    match parameters?.get("length")? {
+        Json::String(s) => s.parse().ok(),
+        Json::Number(n) => n.as_u64().and_then(|n| u32::try_from(n).ok()),
+        _ => None,
+    }
 }
 
 /// Debezium's VariableScaleDecimal struct `{scale: int32, value: bytes}`.

@@ -29,6 +29,7 @@ use schema_registry_converter::async_impl::schema_registry::SrSettings;
 use anyhow::Context as _;
 
 use super::avro_reader::{Plan, ReadError};
+use crate::change::semantic::BITS;
 use crate::config::Config;
 
 /// How much schema text (canonical form) the readers of one source region
@@ -127,15 +128,17 @@ impl SchemaSource for ConfluentRegistry {
             // failures, for good; this one is dropped with its cache.
             let client = AvroDecoder::new(self.0.clone());
             match client.get_schema(id).await {
-                Ok(registered) => {
-                    Ok(with_time_units(&registered.raw)
-                        .unwrap_or_else(|| registered.parsed.clone()))
-                }
+                Ok(registered) => Ok(with_debezium_marks(&registered.raw)
+                    .unwrap_or_else(|| registered.parsed.clone())),
                 Err(e) => Err(registry_error(id, &e.to_string())),
             }
         })
     }
 }
+
+/// The record field attribute [`with_debezium_marks`] gives a bit string
+/// field: the `length` of its `io.debezium.data.Bits` type.
+pub const BITS_LENGTH_ATTRIBUTE: &str = "regionsync.bits.length";
 
 /// The writer schema `raw` with Debezium's time types marked with the Avro
 /// logical type of their unit, parsed; `None` if there is nothing to mark
@@ -149,10 +152,36 @@ impl SchemaSource for ConfluentRegistry {
 /// source's across `timestamp(3)`/`timestamp(4)`: microseconds read as
 /// milliseconds are another instant. The logical types read the same
 /// bytes, and the decoder names them back (`avro::avro_typed`).
-pub fn with_time_units(raw: &str) -> Option<Schema> {
+///
+/// Likewise a bit string's `length` (`io.debezium.data.Bits`'s
+/// `connect.parameters`, the source column's width) is copied onto the
+/// record field that holds it, as [`BITS_LENGTH_ATTRIBUTE`]: apache-avro
+/// keeps a field's own attributes, and without the source's width a
+/// `bit(8)` value could be padded or cut to this region's `bit(n)`.
+pub fn with_debezium_marks(raw: &str) -> Option<Schema> {
+    /// The Bits length of a field's type, directly or in a union.
+    fn bits_length(ty: &serde_json::Value) -> Option<serde_json::Value> {
+        match ty {
+            serde_json::Value::Object(t) => {
+                if t.get("connect.name").and_then(|n| n.as_str()) != Some(BITS) {
+                    return None;
+                }
+                t.get("connect.parameters")?.get("length").cloned()
+            }
+            serde_json::Value::Array(branches) => branches.iter().find_map(bits_length),
+            _ => None,
+        }
+    }
     fn mark(value: &mut serde_json::Value, marked: &mut bool) {
         match value {
             serde_json::Value::Object(map) => {
+                // A record field (`name` and a `type` that is no type name).
+                if map.contains_key("name") {
+                    if let Some(length) = map.get("type").and_then(bits_length) {
+                        map.insert(BITS_LENGTH_ATTRIBUTE.into(), length);
+                        *marked = true;
+                    }
+                }
                 let unit = match (
                     map.get("type").and_then(|t| t.as_str()),
                     map.get("connect.name").and_then(|n| n.as_str()),
@@ -438,7 +467,7 @@ mod tests {
         use apache_avro::writer::datum::GenericDatumWriter;
 
         let registered = Schema::parse_str(DEBEZIUM_TIMES).unwrap();
-        let marked = with_time_units(DEBEZIUM_TIMES).expect("time fields to mark");
+        let marked = with_debezium_marks(DEBEZIUM_TIMES).expect("time fields to mark");
         let mut record = Record::new(&registered).unwrap();
         let union = |v: Value| Value::Union(1, Box::new(v));
         record.put("d", union(Value::Int(19_782)));
@@ -489,7 +518,27 @@ mod tests {
         );
         assert_eq!(text("n", "bigint"), "7");
         // Nothing to mark: read as registered.
-        assert!(with_time_units(r#"{"type": "long"}"#).is_none());
+        assert!(with_debezium_marks(r#"{"type": "long"}"#).is_none());
+    }
+
+    #[test]
+    fn a_bit_string_field_keeps_its_source_length() {
+        // As Debezium's Avro converter registers a bit(12) column.
+        let raw = r#"{"type": "record", "name": "Value", "fields": [
+            {"name": "b", "type": ["null", {"type": "bytes", "connect.version": 1,
+                "connect.parameters": {"length": "12"}, "connect.name": "io.debezium.data.Bits"}],
+             "default": null},
+            {"name": "raw", "type": ["null", "bytes"], "default": null}]}"#;
+        let Schema::Record(record) = with_debezium_marks(raw).expect("a bits field to mark") else {
+            panic!("a record")
+        };
+        let attribute = |i: usize| {
+            record.fields[i]
+                .custom_attributes
+                .get(BITS_LENGTH_ATTRIBUTE)
+        };
+        assert_eq!(attribute(0), Some(&serde_json::json!("12")));
+        assert_eq!(attribute(1), None, "plain bytes are no bit string");
     }
 
     #[tokio::test]

@@ -1635,6 +1635,24 @@ fn json_special_values_decode_and_render_exactly_or_are_refused() {
     let row = c.after.expect("after");
     assert_eq!(row["iv"].semantic.as_deref(), Some(INTERVAL));
     assert_eq!(row["b8"].semantic.as_deref(), Some(BITS));
+    // The source column's width travels with the bits.
+    assert_eq!(
+        row["b8"].field,
+        Field::Bits {
+            bytes: vec![0x80],
+            length: 8
+        }
+    );
+    assert_eq!(
+        row["vbu"].field,
+        Field::Bits {
+            bytes: vec![],
+            length: 2_147_483_647
+        }
+    );
+    // Another width here is refused, never padded: bit(8)'s 10000000 is
+    // not bit(12)'s 000010000000.
+    assert!(row["b8"].to_pg_text("bit(12)").is_err());
     assert_eq!(row["p"].semantic.as_deref(), Some(POINT));
     for (column, pg_type, _, expected) in PROBE {
         let got = row[*column].to_pg_text(pg_type);
@@ -1651,8 +1669,9 @@ fn json_special_values_decode_and_render_exactly_or_are_refused() {
 #[test]
 fn avro_special_values_decode_and_render_exactly_or_are_refused() {
     // The shapes Debezium's Avro converter gives these columns: primitives
-    // lose their connect.name, the Point record keeps it.
-    let schema = Schema::parse(&json!({"type": "record", "name": "Value", "namespace": "cdc.avro.public.probe",
+    // lose their connect.name, the Point record keeps it; read as the
+    // worker reads a registered schema (a Bits length marked on its field).
+    let schema = crate::decode::registry::with_debezium_marks(&json!({"type": "record", "name": "Value", "namespace": "cdc.avro.public.probe",
         "fields": [
             {"name": "d", "type": ["null", {"type": "int", "connect.name": "io.debezium.time.Date"}]},
             {"name": "ts", "type": ["null", {"type": "long", "connect.name": "io.debezium.time.MicroTimestamp"}]},
@@ -1660,13 +1679,14 @@ fn avro_special_values_decode_and_render_exactly_or_are_refused() {
             {"name": "iv", "type": ["null", {"type": "string", "connect.name": "io.debezium.time.Interval"}]},
             {"name": "b8", "type": ["null", {"type": "bytes", "connect.name": "io.debezium.data.Bits",
                                               "connect.parameters": {"length": "8"}}]},
-            {"name": "vb", "type": ["null", "bytes"]},
+            {"name": "vb", "type": ["null", {"type": "bytes", "connect.name": "io.debezium.data.Bits",
+                                              "connect.parameters": {"length": "8"}}]},
             {"name": "p", "type": ["null", {"type": "record", "name": "Point",
                 "namespace": "io.debezium.data.geometry", "connect.name": "io.debezium.data.geometry.Point",
                 "fields": [{"name": "x", "type": "double"}, {"name": "y", "type": "double"},
                            {"name": "wkb", "type": ["null", "bytes"]}, {"name": "srid", "type": ["null", "int"]}]}]}
-        ]}))
-    .unwrap();
+        ]}).to_string())
+    .expect("a schema with marks");
     let point = |x: f64, y: f64| {
         some(record(vec![
             ("x", AvroValue::Double(x)),
@@ -1746,6 +1766,28 @@ fn avro_special_values_decode_and_render_exactly_or_are_refused() {
         point(-0.0, 1.5),
     ));
     assert_eq!(refused[4], ok("00000000"));
+    // The width came through Avro too: bit(8)'s bits into a bit(4) column
+    // are refused, not cut.
+    let AvroValue::Record(fields) = row(0, 0, 0, "P0Y", &[0x05], &[0x81], point(0.0, 0.0)) else {
+        panic!("a record")
+    };
+    let decoded = avro_row(
+        fields,
+        Some(&schema),
+        &Names {
+            root: Some(&schema),
+        },
+    )
+    .unwrap();
+    assert_eq!(
+        decoded["b8"].field,
+        Field::Bits {
+            bytes: vec![0x05],
+            length: 8
+        }
+    );
+    assert_eq!(decoded["b8"].semantic.as_deref(), Some(BITS));
+    assert!(decoded["b8"].to_pg_text("bit(4)").is_err());
     assert!(
         refused[5].is_err(),
         "bit varying without its length: {:?}",
@@ -1886,4 +1928,20 @@ fn the_quick_path_reads_values_as_the_general_way_does() {
         );
     }
     assert_eq!(quick_field("1.5", ConnectKind::Int), None);
+}
+
+#[test]
+fn an_array_carries_its_elements_semantic_name() {
+    let schema = json!({"type": "array", "optional": true,
+        "items": {"type": "int64", "optional": true, "name": "io.debezium.time.MicroTimestamp"}});
+    assert_eq!(
+        super::json::schema_semantic(&schema).as_deref(),
+        Some(MICRO_TIMESTAMP)
+    );
+    let named = json!({"type": "int32", "name": "io.debezium.time.Date"});
+    assert_eq!(super::json::schema_semantic(&named).as_deref(), Some(DATE));
+    assert_eq!(
+        super::json::schema_semantic(&json!({"type": "array", "items": {"type": "string"}})),
+        None
+    );
 }

@@ -37,7 +37,9 @@ pub const COLUMNS: &str = "
     c_char_arr char(3)[], c_narrow varchar(20),
     c_ts_narrow timestamp, c_tstz_narrow timestamptz, c_time_narrow time,
     c_timetz_narrow timetz, c_interval_narrow interval, c_ym_narrow interval,
-    c_real_narrow double precision";
+    c_real_narrow double precision,
+    c_bit_wide bit(8), c_varbit_wide bit varying(8), c_num_arr_narrow numeric(8,3)[],
+    c_ts_arr_narrow timestamp[], c_varchar_arr_narrow varchar(10)[], c_char_arr_narrow char(5)[]";
 
 /// Columns whose type in B keeps less than A's (set after both tables are
 /// created): PostgreSQL would round or drop what B's type does not keep
@@ -51,7 +53,23 @@ pub const NARROWER_IN_B: &[(&str, &str)] = &[
     ("c_interval_narrow", "interval day to second(0)"),
     ("c_ym_narrow", "interval year to month"),
     ("c_real_narrow", "real"),
+    // Bit strings of another width: padded or cut by an explicit cast.
+    ("c_bit_wide", "bit(12)"),
+    ("c_varbit_wide", "bit varying(4)"),
+    // Arrays whose elements B's element type keeps less of: PostgreSQL
+    // rounds each element when the array is cast (varchar and char
+    // elements it refuses; regionsync finds them first).
+    ("c_num_arr_narrow", "numeric(8,2)[]"),
+    ("c_ts_arr_narrow", "timestamp(0)[]"),
+    ("c_varchar_arr_narrow", "varchar(3)[]"),
+    ("c_char_arr_narrow", "char(2)[]"),
 ];
+
+/// A row whose array elements B's narrower element types hold exactly: it
+/// arrives, equal (id, then the values of [`NARROW_ARRAY_COLUMNS`]).
+pub const NARROW_ARRAY_COLUMNS: &str = "c_ts_arr_narrow, c_varchar_arr_narrow";
+pub const NARROW_ARRAY_FITS: &[(i64, &str)] =
+    &[(49, "'{\"2024-02-29 13:14:15\",NULL}', '{abc,NULL,\"\"}'")];
 
 /// Rows whose values B's narrower columns hold exactly: they arrive, equal
 /// (id, then the values of the columns from `c_ts_narrow` on). The doubles
@@ -299,6 +317,59 @@ pub const REFUSED: &[(i64, &str, &str, &str, &str, &str)] = &[
         "real",
         "schema_mismatch",
         "has no exact real (float4) form",
+    ),
+    // A bit(8) value is no bit(12) value: never padded (Debezium's Bits
+    // length says the source's width, in JSON and in Avro).
+    (
+        43,
+        "c_bit_wide",
+        "B'00000101'",
+        "bit(12)",
+        "schema_mismatch",
+        "io.debezium.data.Bits values of length 8",
+    ),
+    (
+        44,
+        "c_varbit_wide",
+        "B'10000001'",
+        "bit varying(4)",
+        "schema_mismatch",
+        "io.debezium.data.Bits values of length 8",
+    ),
+    // An array element B's element type would round, or cut.
+    (
+        45,
+        "c_num_arr_narrow",
+        "'{1.25,1.234}'",
+        "numeric(8,2)[]",
+        "schema_mismatch",
+        "an element of the array: the value 1.234 has 3 digits after the point, \
+         the column keeps 2 (it would be rounded)",
+    ),
+    (
+        46,
+        "c_ts_arr_narrow",
+        "'{\"2024-02-29 13:14:15\",\"2024-02-29 13:14:15.5\"}'",
+        "timestamp(0) without time zone[]",
+        "schema_mismatch",
+        "an element of the array: the value 2024-02-29 13:14:15.500000 has 1 fractional \
+         digits of a second, the column keeps 0 (it would be rounded)",
+    ),
+    (
+        47,
+        "c_varchar_arr_narrow",
+        "'{abc,abcdef}'",
+        "character varying(3)[]",
+        "schema_mismatch",
+        "an element of the array: a value of 6 characters does not fit",
+    ),
+    (
+        48,
+        "c_char_arr_narrow",
+        "'{abc}'",
+        "character(2)[]",
+        "schema_mismatch",
+        "an element of the array: a value of 3 characters does not fit",
     ),
 ];
 
