@@ -533,7 +533,15 @@ fn render_int(i: i64, semantic: Option<&str>, ty: &PgType) -> Result<String, Ren
         PgKind::Date => {
             let days = match semantic {
                 Some(TIMESTAMP | MICRO_TIMESTAMP | NANO_TIMESTAMP | CONNECT_TIMESTAMP) => {
-                    instant_micros(i, semantic, None).div_euclid(MICROS_PER_DAY)
+                    // A date holds no time of day: a timestamp with one
+                    // would lose it.
+                    let micros = instant_micros(i, semantic, None);
+                    if micros.rem_euclid(MICROS_PER_DAY) != 0 {
+                        return Err(render_error(
+                            "a timestamp with a time of day cannot be written to a date                              column exactly (the time would be lost)",
+                        ));
+                    }
+                    micros.div_euclid(MICROS_PER_DAY)
                 }
                 _ => i,
             };
@@ -1367,6 +1375,26 @@ mod tests {
             length,
         };
         text(field, Some(BITS), pg_type)
+    }
+
+    #[test]
+    fn a_timestamp_reaches_a_date_column_only_without_a_time_of_day() {
+        // 2024-02-29 00:00:00 and 13:14:15, in microseconds.
+        let midnight = 1_709_164_800_000_000;
+        assert_eq!(
+            text(Field::Int(midnight), Some(MICRO_TIMESTAMP), "date").as_deref(),
+            Ok("2024-02-29")
+        );
+        let err = text(
+            Field::Int(midnight + 47_655_000_000),
+            Some(MICRO_TIMESTAMP),
+            "date",
+        )
+        .unwrap_err();
+        assert!(err.0.contains("time of day"), "{err:?}");
+        // The same element of an array.
+        let array = Field::Array(vec![Field::Int(midnight + 1)]);
+        assert!(text(array, Some(MICRO_TIMESTAMP), "date[]").is_err());
     }
 
     #[test]

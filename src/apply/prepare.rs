@@ -198,12 +198,19 @@ fn named_row_error(table: &TargetTable, column: &str, problem: impl ToString) ->
 fn describe(typed: &Typed) -> String {
     // Debezium gives `bit(n)` and `bit varying(n)` the same schema.
     if let Field::Bits { length, .. } = typed.field {
-        return format!(
-            "{BITS} values of length {length} (bit({length}) or bit varying({length}))"
-        );
+        // Unconstrained `bit varying` has Debezium's largest length.
+        return if length == i32::MAX as u32 {
+            format!("{BITS} (bit varying)")
+        } else {
+            format!("{BITS} values of length {length} (bit({length}) or bit varying({length}))")
+        };
     }
     if let Some(semantic) = &typed.semantic {
-        return semantic.to_string();
+        // An array carries its elements' semantic name.
+        return match typed.field {
+            Field::Array(_) => format!("arrays of {semantic}"),
+            _ => semantic.to_string(),
+        };
     }
     match &typed.field {
         Field::Null => "null",
