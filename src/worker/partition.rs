@@ -2,12 +2,10 @@
 //! bytes or linger time, drops what was applied already, hands each batch
 //! to `batch` and moves the partition's position when it committed.
 
-use std::sync::Arc;
-use std::time::Duration;
-
 use rdkafka::consumer::{CommitMode, Consumer};
 use rdkafka::message::Message;
 use rdkafka::{Offset, TopicPartitionList};
+use std::sync::Arc;
 use tokio::sync::{mpsc, watch};
 use tracing::error;
 
@@ -41,33 +39,20 @@ fn panic_if_asked<M: Message>(topic: &str, messages: &[M]) {
 }
 
 /// One partition: batches, applies, stores offsets, until told to stop
-/// (its stop sender dropped on revocation or shutdown). `stored` is the
-/// next offset to apply as stored in PostgreSQL (`None`: nothing yet). A
-/// failure that stops the worker is sent on `failed`.
+/// (its stop sender dropped on revocation or shutdown). `next` is the
+/// next offset to apply: the one stored in PostgreSQL, or (nothing stored
+/// yet) the partition's first offset, checked against the topic at
+/// assignment. A failure that stops the worker is sent on `failed`.
 pub(super) async fn run(
     worker: Arc<Worker>,
     (topic, partition): (String, i32),
-    stored: Option<i64>,
+    mut next: i64,
     queue: Arc<Queue>,
     mut stop: watch::Receiver<()>,
     failed: mpsc::UnboundedSender<anyhow::Error>,
 ) -> anyhow::Result<()> {
     let Some(route) = worker.routes.get(&topic).cloned() else {
         return Ok(());
-    };
-    let mut next = match stored {
-        Some(n) => n,
-        // No stored offset: the consumer starts at the earliest one.
-        None => {
-            let (consumer, t) = (worker.consumer.clone(), topic.clone());
-            tokio::task::spawn_blocking(move || {
-                consumer.fetch_watermarks(&t, partition, Duration::from_secs(5))
-            })
-            .await
-            .ok()
-            .and_then(Result::ok)
-            .map_or(0, |(low, _)| low)
-        }
     };
     let set_position = |next: i64| {
         worker
