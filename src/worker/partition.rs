@@ -7,7 +7,7 @@ use rdkafka::message::Message;
 use rdkafka::{Offset, TopicPartitionList};
 use std::sync::Arc;
 use tokio::sync::{mpsc, watch};
-use tracing::error;
+use tracing::{error, info};
 
 use super::{batch, Worker};
 use crate::metrics::{self as m, outcome};
@@ -96,13 +96,19 @@ pub(super) async fn run(
             continue;
         }
         panic_if_asked(&topic, &messages);
-        match batch::apply(&worker, &route, &topic, partition, &messages).await {
+        match batch::apply(&worker, &route, &topic, partition, &messages, &stop).await {
             Ok(new_next) => {
                 next = new_next;
                 set_position(next);
                 let mut tpl = TopicPartitionList::new();
                 let _ = tpl.add_partition_offset(&topic, partition, Offset::Offset(next));
                 let _ = worker.consumer.commit(&tpl, CommitMode::Async);
+            }
+            // Told to stop while held: the next owner (or this worker,
+            // reloaded) starts again from the stored offset.
+            Err(e) if e.is::<batch::Abandoned>() => {
+                info!(topic = %topic, partition, "the held batch was given up: the partition is stopping");
+                return Ok(());
             }
             Err(e) => {
                 error!(topic = %topic, partition, error = %format!("{e:#}"), "stopping");
