@@ -257,6 +257,11 @@ pub struct KafkaConfig {
     /// certificates, OAUTHBEARER…); it wins over the typed keys above.
     #[serde(default)]
     pub properties: BTreeMap<String, String>,
+    /// Start a partition that has no stored offset even when retention
+    /// has deleted the beginning of its topic (the changes there are then
+    /// missing here); by default such a partition is stopped.
+    #[serde(default)]
+    pub accept_missing_history: bool,
 }
 
 /// Whether a pass-through librdkafka property holds a secret (its value is
@@ -297,6 +302,7 @@ impl fmt::Debug for KafkaConfig {
             .field("sasl_password_file", &self.sasl_password_file)
             .field("ssl_ca_location", &self.ssl_ca_location)
             .field("properties", &properties)
+            .field("accept_missing_history", &self.accept_missing_history)
             .finish()
     }
 }

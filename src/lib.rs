@@ -113,7 +113,12 @@ pub async fn run_reloading(
                     let _ = stop.send(());
                     return running.await;
                 }
-                Some(()) = reloads.recv() => match tokio::select! {
+                Some(()) = reloads.recv() => match {
+                    // SIGHUPs sent before the file is read again are all
+                    // answered by this one reading: one drain, not one per
+                    // signal.
+                    while reloads.try_recv().is_ok() {}
+                    tokio::select! {
                     // The check connects to PostgreSQL and Kafka: a SIGTERM
                     // or the pipeline's end meanwhile is still honoured.
                     biased;
@@ -126,6 +131,7 @@ pub async fn run_reloading(
                         checked.unwrap_or_else(|_| Err(format!(
                             "checking the new configuration took over {RELOAD_CHECK_TIMEOUT:?}"
                         ))),
+                    }
                 } {
                     Ok(next) => break next,
                     Err(why) => {

@@ -114,6 +114,32 @@ pub fn resume_problem(
     }
 }
 
+/// Why a partition with no stored offset cannot start from the first
+/// offset its topic holds, `low`; `None` when it can. A topic begins at 0:
+/// above it, retention (a topic whose `cleanup.policy` deletes records,
+/// `deletes`) deleted messages this region never applied. A compacted
+/// topic keeps every key's last change, so its first offset says nothing
+/// of a gap; `accept` is the operator's explicit `kafka.accept_missing_history`.
+pub fn start_problem(
+    topic: &str,
+    partition: i32,
+    low: i64,
+    deletes: bool,
+    accept: bool,
+) -> Option<(&'static str, String)> {
+    (low > 0 && deletes && !accept).then(|| {
+        (
+            "retention_gap",
+            format!(
+                "{topic}/{partition}: no stored offset (nothing applied here, so the first offset \
+                 needed is 0), but the partition's first offset is {low}: retention deleted {low} \
+                 messages never applied here. The partition is stopped (RUNBOOK.md, \
+                 RegionsyncPartitionStopped; kafka.accept_missing_history starts it anyway)"
+            ),
+        )
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -133,6 +159,27 @@ mod tests {
                 && why.contains(" 7 ")
                 && why.contains("(50)")
                 && why.contains("43 messages")
+        );
+    }
+
+    #[test]
+    fn a_partition_without_a_stored_offset_is_checked_on_delete_policy_topics_only() {
+        assert_eq!(start_problem("t", 0, 0, true, false), None, "a fresh topic");
+        assert_eq!(
+            start_problem("t", 0, 9, false, false),
+            None,
+            "compacted: the first offset is no gap signal"
+        );
+        assert_eq!(start_problem("t", 0, 9, true, true), None, "opted in");
+        let (kind, why) = start_problem("us-east-1.cdc.t", 3, 25, true, false).unwrap();
+        assert_eq!(kind, "retention_gap");
+        assert!(
+            why.contains("us-east-1.cdc.t/3")
+                && why.contains("no stored offset")
+                && why.contains("first offset is 25")
+                && why.contains("25 messages")
+                && why.contains("kafka.accept_missing_history"),
+            "{why}"
         );
     }
 }

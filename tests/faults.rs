@@ -860,6 +860,319 @@ async fn a_deferrable_exchange_across_partitions_is_held_and_reported_never_dead
     let _ = worker.wait();
 }
 
+/// Deletes the records of each partition `p` of B's `mirrored_topic`
+/// below `upto[p]`, as retention would. The mirrored topics are
+/// compacted, where Kafka deletes no records: deletion is allowed first
+/// (`cleanup.policy = "compact,delete"`).
+async fn delete_records_below(mirrored_topic: &str, upto: &[i64]) {
+    use rdkafka::admin::{AdminClient, AdminOptions, AlterConfig, ResourceSpecifier};
+    use rdkafka::client::DefaultClientContext;
+    let admin: AdminClient<DefaultClientContext> = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", &region_b().kafka)
+        .create()
+        .expect("admin client");
+    let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
+    admin
+        .alter_configs(
+            &[AlterConfig::new(ResourceSpecifier::Topic(mirrored_topic))
+                .set("cleanup.policy", "compact,delete")],
+            &options,
+        )
+        .await
+        .expect("alter configs")
+        .into_iter()
+        .for_each(|r| {
+            r.expect("cleanup.policy compact,delete");
+        });
+    let mut tpl = rdkafka::TopicPartitionList::new();
+    for (p, high) in upto.iter().enumerate() {
+        tpl.add_partition_offset(mirrored_topic, p as i32, rdkafka::Offset::Offset(*high))
+            .expect("partition offset");
+    }
+    // The new policy reaches the partitions' logs a moment later.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let deleted = admin
+            .delete_records(&tpl, &options)
+            .await
+            .expect("delete records");
+        let refused: Vec<String> = deleted
+            .elements()
+            .iter()
+            .filter(|e| e.error().is_err())
+            .map(|e| format!("{e:?}"))
+            .collect();
+        if refused.is_empty() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "records deleted within 30 s: {refused:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// Waits until B's `mirrored_topic` (4 partitions) holds at least `n`
+/// messages in all; its partitions' ends.
+async fn mirrored_ends(mirrored_topic: &str, n: i64) -> Vec<i64> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let highs = ends(&region_b(), mirrored_topic, 4);
+        if highs.iter().sum::<i64>() >= n {
+            return highs;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{n} changes mirrored within 60 s"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// Retention deleted the beginning of a mirrored topic before this region
+/// ever applied it (a worker deployed, or a consumer group renamed, after
+/// the topic's `retention.ms`): a partition with no stored offset whose
+/// first offset is above 0 is stopped like a stored offset below it,
+/// naming topic, partition and both offsets. Only
+/// `kafka.accept_missing_history` starts it, from the first offset held.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_partition_never_applied_whose_beginning_was_deleted_is_stopped() {
+    let table = TestTable::create("firstgap").await;
+    let topic = format!("cdc.public.{}", table.name);
+    let mirrored_topic = mirrored(&region_a(), &topic);
+    let dead_before = dead_lettered();
+    insert_users(&table, 1, 20).await;
+    let highs = mirrored_ends(&mirrored_topic, 20).await;
+    delete_records_below(&mirrored_topic, &highs).await;
+    let gapped: Vec<i32> = (0..4).filter(|p| highs[*p as usize] > 0).collect();
+    assert!(!gapped.is_empty(), "some partition lost its beginning");
+
+    let stopped = || {
+        counters().gauge(
+            "regionsync_partition_stopped",
+            &[
+                ("topic", mirrored_topic.as_str()),
+                ("reason", "retention_gap"),
+            ],
+        ) as usize
+    };
+    let worker = Worker::start(worker_config(&table, &topic));
+    wait_for(
+        "every partition whose beginning was deleted stopped",
+        Duration::from_secs(60),
+        || stopped() == gapped.len(),
+    )
+    .await;
+    // Later changes are not applied on a stopped partition either.
+    insert_users(&table, 21, 10).await;
+    let later = mirrored_ends(&mirrored_topic, highs.iter().sum::<i64>() + 10).await;
+    let on_running: i64 = (0..4)
+        .filter(|p| !gapped.contains(p))
+        .map(|p| later[p as usize] - highs[p as usize])
+        .sum();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        rows_in_b(&table).await as i64,
+        on_running,
+        "nothing applied on a stopped partition"
+    );
+    assert_eq!(stopped(), gapped.len(), "still stopped");
+    worker.stop().await;
+    assert_eq!(stopped(), 0, "a stopped worker reports nothing");
+
+    // The operator accepts the loss explicitly: every partition starts
+    // from its first offset held, so the 10 later changes arrive and the
+    // 20 deleted ones never do.
+    let mut config = worker_config(&table, &topic);
+    config.kafka.accept_missing_history = true;
+    let worker = Worker::start(config);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while rows_in_b(&table).await < 10 {
+        assert!(Instant::now() < deadline, "the 10 later changes arrive");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(rows_in_b(&table).await, 10, "the deleted 20 never arrive");
+    assert_eq!(stopped(), 0, "nothing stopped once accepted");
+    assert_eq!(dead_lettered(), dead_before, "nothing dead-lettered");
+    eprintln!(
+        "no stored offset, beginning deleted: 20 written and deleted, 0 dead-lettered, partitions {gapped:?} stopped (first offsets {highs:?}); with accept_missing_history 10 later changes arrived"
+    );
+    worker.stop().await;
+}
+
+/// Kafka freezes (SIGSTOP) the moment a partition is assigned, before its
+/// stored offset is checked against the topic, and retention has deleted
+/// changes never applied: the partition is not resumed unchecked. The
+/// check is retried (`kafka_unavailable`), `/readyz` turns false, and once
+/// Kafka answers the gap is found and its partitions stopped, nothing
+/// skipped silently, nothing dead-lettered.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_kafka_freeze_at_assignment_holds_the_partition_until_its_offset_is_checked() {
+    let table = TestTable::create("wmfreeze").await;
+    let topic = format!("cdc.public.{}", table.name);
+    let mirrored_topic = mirrored(&region_a(), &topic);
+    let worker = Worker::start(worker_config(&table, &topic));
+    insert_users(&table, 1, 40).await;
+    assert_eq!(table.wait_converged(Duration::from_secs(60)).await, 40);
+    worker.stop().await;
+    // 20 changes are deleted before they were applied.
+    let applied = ends(&region_b(), &mirrored_topic, 4);
+    insert_users(&table, 41, 20).await;
+    let highs = mirrored_ends(&mirrored_topic, applied.iter().sum::<i64>() + 20).await;
+    delete_records_below(&mirrored_topic, &highs).await;
+    let gapped: Vec<i32> = (0..4)
+        .filter(|p| applied[*p as usize] < highs[*p as usize])
+        .collect();
+
+    let kafka = stack_pid(&format!("kafka-{}", region_b().name));
+    let _resume = Resume(kafka.clone());
+    let (dead_before, held_before) = (dead_lettered(), retries("kafka_unavailable"));
+    let to_freeze = kafka.clone();
+    *regionsync::worker::BEFORE_WATERMARKS.lock().unwrap() = Some(Box::new(move || {
+        let _ = Command::new("kill").arg("-STOP").arg(&to_freeze).status();
+    }));
+    let worker = Worker::start(worker_config_with(
+        &table,
+        &topic,
+        r#"unready_after = "3s""#,
+    ));
+    wait_for(
+        "retries of the check while Kafka is frozen",
+        Duration::from_secs(60),
+        || retries("kafka_unavailable") >= held_before + 2,
+    )
+    .await;
+    wait_for(
+        "/readyz false while the check waits",
+        Duration::from_secs(30),
+        || counters().gauge("regionsync_ready", &[]) == 0.0,
+    )
+    .await;
+    let waited = retries("kafka_unavailable") - held_before;
+    run(Command::new("kill").arg("-CONT").arg(&kafka));
+    let thawed = Instant::now();
+    let stopped = || {
+        counters().gauge(
+            "regionsync_partition_stopped",
+            &[
+                ("topic", mirrored_topic.as_str()),
+                ("reason", "retention_gap"),
+            ],
+        ) as usize
+    };
+    wait_for(
+        "the gap found once Kafka answers",
+        Duration::from_secs(90),
+        || stopped() == gapped.len(),
+    )
+    .await;
+    let found = thawed.elapsed();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(rows_in_b(&table).await, 40, "nothing after the gap applied");
+    assert_eq!(dead_lettered(), dead_before, "nothing dead-lettered");
+    eprintln!(
+        "Kafka frozen at assignment: {waited} retries of the check; after SIGCONT the gap on partitions {gapped:?} was found in {found:?} (20 written and deleted, 0 dead-lettered, 0 arrived)"
+    );
+    worker.stop().await;
+}
+
+/// B's table is renamed away while changes arrive (a migration half done):
+/// PostgreSQL answers 42P01 (undefined table), the partition holds and
+/// retries (`postgres_schema`), nothing is dead-lettered; renamed back,
+/// every row arrives.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_missing_table_holds_the_partition_and_costs_no_change() {
+    let table = TestTable::create("renamed").await;
+    let topic = format!("cdc.public.{}", table.name);
+    let worker = Worker::start(worker_config(&table, &topic));
+    insert_users(&table, 1, 5).await;
+    assert_eq!(table.wait_converged(Duration::from_secs(60)).await, 5);
+    let b = app_db(&region_b()).await;
+    let name = &table.name;
+    b.batch_execute(&format!("ALTER TABLE public.{name} RENAME TO {name}_away"))
+        .await
+        .expect("rename away");
+    let (dead_before, held_before) = (dead_lettered(), retries("postgres_schema"));
+    insert_users(&table, 6, 20).await;
+    wait_for(
+        "retries for the missing table",
+        Duration::from_secs(90),
+        || retries("postgres_schema") >= held_before + 3,
+    )
+    .await;
+    let kept: i64 = b
+        .query_one(&format!("SELECT count(*) FROM public.{name}_away"), &[])
+        .await
+        .expect("count")
+        .get(0);
+    assert_eq!(kept, 5, "nothing applied while the table is missing");
+    assert_eq!(dead_lettered(), dead_before, "nothing dead-lettered");
+    // A held batch does not hold up a drain (a SIGTERM, a reload): it is
+    // given up between two attempts, not waited for 8 s and aborted.
+    let stopping = Instant::now();
+    worker.stop().await;
+    let drained = stopping.elapsed();
+    assert!(
+        drained < Duration::from_secs(4),
+        "a held partition drains at once, not after 8 s: {drained:?}"
+    );
+    let worker = Worker::start(worker_config(&table, &topic));
+    b.batch_execute(&format!("ALTER TABLE public.{name}_away RENAME TO {name}"))
+        .await
+        .expect("rename back");
+    assert_eq!(
+        table.wait_converged(Duration::from_secs(60)).await,
+        25,
+        "every row arrives once the table is back"
+    );
+    assert_eq!(dead_lettered(), dead_before, "still nothing dead-lettered");
+    eprintln!(
+        "table renamed away: 20 written, 0 dead-lettered, 20 arrived after the rename back; the held worker stopped in {drained:?}"
+    );
+    worker.stop().await;
+}
+
+/// B's table has a rule only this region has (an audit `NOTIFY` on
+/// update): PostgreSQL refuses an upsert on a table with INSERT or UPDATE
+/// rules with 0A000 (feature not supported). This region's setup, not the
+/// row's fault: the partition holds and retries (`postgres_schema`),
+/// nothing is dead-lettered; the rule dropped, every row arrives.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_feature_this_regions_setup_lacks_holds_the_partition_and_costs_no_change() {
+    let table = TestTable::create("rule").await;
+    let topic = format!("cdc.public.{}", table.name);
+    let worker = Worker::start(worker_config(&table, &topic));
+    insert_users(&table, 1, 5).await;
+    assert_eq!(table.wait_converged(Duration::from_secs(60)).await, 5);
+    let b = app_db(&region_b()).await;
+    let name = &table.name;
+    b.batch_execute(&format!(
+        "CREATE RULE audit AS ON UPDATE TO public.{name} DO ALSO NOTIFY {name}_changed"
+    ))
+    .await
+    .expect("a rule");
+    let (dead_before, held_before) = (dead_lettered(), retries("postgres_schema"));
+    insert_users(&table, 6, 20).await;
+    wait_for("retries for the rule", Duration::from_secs(90), || {
+        retries("postgres_schema") >= held_before + 3
+    })
+    .await;
+    assert_eq!(rows_in_b(&table).await, 5, "nothing applied meanwhile");
+    assert_eq!(dead_lettered(), dead_before, "nothing dead-lettered");
+    b.batch_execute(&format!("DROP RULE audit ON public.{name}"))
+        .await
+        .expect("drop the rule");
+    assert_eq!(
+        table.wait_converged(Duration::from_secs(60)).await,
+        25,
+        "every row arrives once the rule is gone"
+    );
+    assert_eq!(dead_lettered(), dead_before, "still nothing dead-lettered");
+    worker.stop().await;
+}
+
 /// Changes the worker never applied are deleted from a mirrored topic
 /// (what retention does to a worker stopped for longer than the topic's
 /// `retention.ms`): every partition whose stored offset is now below the
@@ -867,9 +1180,6 @@ async fn a_deferrable_exchange_across_partitions_is_held_and_reported_never_dead
 /// the gap is applied as if the gap were not there.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_retention_gap_stops_its_partitions_and_skips_nothing() {
-    use rdkafka::admin::{AdminClient, AdminOptions, AlterConfig, ResourceSpecifier};
-    use rdkafka::client::DefaultClientContext;
-
     let table = TestTable::create("gap").await;
     let topic = format!("cdc.public.{}", table.name);
     let mirrored_topic = mirrored(&region_a(), &topic);
@@ -910,52 +1220,8 @@ async fn a_retention_gap_stops_its_partitions_and_skips_nothing() {
         );
         tokio::time::sleep(Duration::from_millis(250)).await;
     };
-    // ... and are deleted before it comes back (the mirrored topics are
-    // compacted, where Kafka deletes no records: deletion allowed first).
-    let admin: AdminClient<DefaultClientContext> = rdkafka::ClientConfig::new()
-        .set("bootstrap.servers", &region_b().kafka)
-        .create()
-        .expect("admin client");
-    let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
-    admin
-        .alter_configs(
-            &[AlterConfig::new(ResourceSpecifier::Topic(&mirrored_topic))
-                .set("cleanup.policy", "compact,delete")],
-            &options,
-        )
-        .await
-        .expect("alter configs")
-        .into_iter()
-        .for_each(|r| {
-            r.expect("cleanup.policy compact,delete");
-        });
-    let mut upto = rdkafka::TopicPartitionList::new();
-    for (p, high) in highs.iter().enumerate() {
-        upto.add_partition_offset(&mirrored_topic, p as i32, rdkafka::Offset::Offset(*high))
-            .expect("partition offset");
-    }
-    // The new policy reaches the partitions' logs a moment later.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let deleted = admin
-            .delete_records(&upto, &options)
-            .await
-            .expect("delete records");
-        let refused: Vec<String> = deleted
-            .elements()
-            .iter()
-            .filter(|e| e.error().is_err())
-            .map(|e| format!("{e:?}"))
-            .collect();
-        if refused.is_empty() {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "records deleted within 30 s: {refused:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
+    // ... and are deleted before it comes back.
+    delete_records_below(&mirrored_topic, &highs).await;
     let gapped: Vec<i32> = (0..4).filter(|p| stored[p] < highs[*p as usize]).collect();
     assert!(!gapped.is_empty(), "some partition lost unapplied changes");
 

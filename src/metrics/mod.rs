@@ -214,8 +214,12 @@ pub mod retry {
     /// A change or truncate dated beyond `max_clock_skew`, held until the
     /// local clock is within it (`clock_ahead = "hold"`).
     pub const CLOCK_AHEAD: &str = "clock_ahead";
+    /// Kafka did not answer the check of a newly assigned partition's
+    /// stored offset against the topic (its watermarks, its cleanup
+    /// policy): the partition is not resumed until it does.
+    pub const KAFKA_UNAVAILABLE: &str = "kafka_unavailable";
 
-    pub const ALL: [&str; 11] = [
+    pub const ALL: [&str; 12] = [
         REGISTRY,
         UNKNOWN_SCHEMA,
         POSTGRES_PERMISSION,
@@ -227,5 +231,6 @@ pub mod retry {
         FOREIGN_KEY_WAIT,
         POSTGRES_REFUSED,
         CLOCK_AHEAD,
+        KAFKA_UNAVAILABLE,
     ];
 }

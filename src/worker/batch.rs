@@ -18,6 +18,7 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use rdkafka::message::Message;
+use tokio::sync::watch;
 use tracing::{info, warn};
 
 use super::failure::{self, BatchError, Fault, Verdict};
@@ -306,23 +307,48 @@ impl Planner<'_> {
 /// Dead letters are produced (and acknowledged) before the transaction
 /// opens, so a slow Kafka never holds the batch's row locks; their offsets
 /// are stored by the commit that follows.
+///
+/// A partition told to stop (`stop`'s sender dropped: revoked, shutting
+/// down, reloading) while its batch is held gives the batch up between
+/// two attempts, with [`Abandoned`]: no statement in flight, nothing of it
+/// stored beyond what committed, so the drain does not wait out the hold.
 pub(super) async fn apply<M: Message>(
     worker: &Worker,
     route: &Route,
     topic: &str,
     partition: i32,
     messages: &[M],
+    stop: &watch::Receiver<()>,
 ) -> anyhow::Result<i64> {
     // Dead letters produced under an earlier layout: not produced again.
     let mut sent = Vec::new();
     loop {
         let tables = worker.tables();
         let batch = (topic, partition, messages);
-        if let Some(next) = apply_on_layout(worker, &tables, route, batch, &mut sent).await? {
+        if let Some(next) = apply_on_layout(worker, &tables, route, batch, &mut sent, stop).await? {
             return Ok(next);
         }
         // The table's layout changed under a schema fault: planned anew on
         // it (docs/SCHEMA-CHANGES.md).
+    }
+}
+
+/// A held batch given up because its partition was told to stop.
+#[derive(Debug, thiserror::Error)]
+#[error("the held batch was given up: the partition is stopping")]
+pub(super) struct Abandoned;
+
+/// Waits out `backoff`, or fails with [`Abandoned`] as soon as the
+/// partition is told to stop (its stop sender dropped).
+async fn wait_or_stop(
+    backoff: &mut failure::Backoff,
+    reason: &'static str,
+    stop: &watch::Receiver<()>,
+) -> anyhow::Result<()> {
+    let mut stop = stop.clone();
+    tokio::select! {
+        () = backoff.wait(reason) => Ok(()),
+        () = async { while stop.changed().await.is_ok() {} } => Err(Abandoned.into()),
     }
 }
 
@@ -345,6 +371,7 @@ async fn apply_on_layout<M: Message>(
     route: &Route,
     (topic, partition, messages): (&str, i32, &[M]),
     sent: &mut Vec<i64>,
+    stop: &watch::Receiver<()>,
 ) -> anyhow::Result<Option<i64>> {
     let next = messages.last().map(|m| m.offset() + 1).unwrap_or(0);
     let planner = Planner {
@@ -375,7 +402,7 @@ async fn apply_on_layout<M: Message>(
         warn!(topic, partition, offset, reason, error = %cause, retry_in = ?backoff.delay(),
             "holding the partition at a change until the fault is gone");
         worker.hold(topic, partition, cause);
-        backoff.wait(reason).await;
+        wait_or_stop(&mut backoff, reason, stop).await?;
         if reason == retry::SCHEMA_MISMATCH {
             if let Some(t) = route.table {
                 if refresh_layout(worker, tables, t).await {
@@ -387,10 +414,10 @@ async fn apply_on_layout<M: Message>(
     for r in &mut rejected {
         r.sent = sent.contains(&r.msg.offset());
     }
-    let stop = rejected
+    let stops = rejected
         .iter()
         .find(|r| failure::message_verdict(&r.fault, &worker.config) == Verdict::Stop);
-    if let Some(r) = stop {
+    if let Some(r) = stops {
         anyhow::bail!(
             "{} at {}/{}/{}: {} (on_error or on_schema_mismatch = stop)",
             r.fault.reason(),
@@ -411,7 +438,7 @@ async fn apply_on_layout<M: Message>(
         if let Err(e) = send_to_dlq(worker, table, &mut rejected).await {
             warn!(topic, partition, error = %format!("{e:#}"), retry_in = ?backoff.delay(), "dead letters not acknowledged; retrying");
             worker.hold(topic, partition, format!("{e:#}"));
-            backoff.wait(retry::DLQ_UNAVAILABLE).await;
+            wait_or_stop(&mut backoff, retry::DLQ_UNAVAILABLE, stop).await?;
             continue;
         }
         sent.extend(rejected.iter().map(|r| r.msg.offset()));
@@ -465,7 +492,7 @@ async fn apply_on_layout<M: Message>(
                             partition,
                             format!("{reason}: {table} key {key} at offset {offset}: {detail}"),
                         );
-                        backoff.wait(reason).await;
+                        wait_or_stop(&mut backoff, reason, stop).await?;
                         order = Order::Collapsed;
                         continue;
                     }
@@ -554,7 +581,7 @@ async fn apply_on_layout<M: Message>(
             |d| format!("{} (SQLSTATE {})", d.message(), d.code().code()),
         );
         worker.hold(topic, partition, format!("PostgreSQL: {summary}"));
-        backoff.wait(reason).await;
+        wait_or_stop(&mut backoff, reason, stop).await?;
         order = Order::Collapsed;
         // A column or type changed here: read the layout again.
         if [retry::POSTGRES_SCHEMA, retry::SCHEMA_MISMATCH].contains(&reason) {

@@ -282,6 +282,11 @@ pub fn sort_sqlstate(code: &str) -> Sqlstate {
         // differs (the error's detail and hint, logged, name the tables),
         // never a passing outage nor the row's fault.
         c if c.starts_with("0A") => Sqlstate::Held(retry::POSTGRES_SCHEMA),
+        // Object not in prerequisite state, exactly (not the rest of class
+        // 55: 55P03 is a lock timeout): this region's setup again, e.g. a
+        // DEFERRABLE key an upsert cannot take as its arbiter, or a table
+        // published for updates without a replica identity.
+        "55000" => Sqlstate::Held(retry::POSTGRES_SCHEMA),
         // A value too long or out of range, a NULL where this region has
         // NOT NULL, a CHECK only this region has: the source's row passed
         // its own schema, and a CHECK reads only its row, so this region's
@@ -664,6 +669,13 @@ mod tests {
             sort_sqlstate("0A000"),
             Sqlstate::Held(retry::POSTGRES_SCHEMA)
         );
+        // An upsert whose key is DEFERRABLE here: the setup's too; a lock
+        // timeout of the same class is not.
+        assert_eq!(
+            sort_sqlstate("55000"),
+            Sqlstate::Held(retry::POSTGRES_SCHEMA)
+        );
+        assert_eq!(sort_sqlstate("55P03"), Sqlstate::Transient);
         for s in [
             retry::UNIQUE_WAIT,
             retry::FOREIGN_KEY_WAIT,

@@ -388,18 +388,21 @@ pub async fn run(
                         // Resuming from an offset outside the topic would
                         // skip changes silently: such a partition stays
                         // paused, without a task, until an operator acts.
-                        let problem = match stored {
-                            Some(next) => outside_topic(&worker, topic, *partition, next).await,
-                            None => None,
+                        // Kafka not answering holds it paused too (never
+                        // resumed unchecked), a shutdown still ends it.
+                        let start = tokio::select! {
+                            biased;
+                            _ = &mut shutdown => break 'main Ok(()),
+                            s = checked_start(&worker, topic, *partition, stored) => s,
                         };
+                        let problem = start.as_ref().err().cloned();
                         if let Some((_, why)) = &problem {
-                            error!(topic = %topic, partition, stored = stored.unwrap_or_default(), "{why}");
+                            error!(topic = %topic, partition, stored = ?stored, "{why}");
                         }
-                        let stop_it = problem.is_some();
                         worker.set_stopped(topic, *partition, problem);
-                        if stop_it {
+                        let Ok(start) = start else {
                             continue;
-                        }
+                        };
                         positions.push((key.clone(), stored));
                         // Split each (still paused) partition off the main
                         // queue before it is resumed, so no message lands
@@ -419,7 +422,7 @@ pub async fn run(
                         };
                         let (stop, stopped) = watch::channel(());
                         let task = tokio::spawn(supervise(
-                            worker.clone(), key.clone(), stored, queue, stopped, failed_tx.clone(),
+                            worker.clone(), key.clone(), start, queue, stopped, failed_tx.clone(),
                         ));
                         tasks.insert(key, (stop, task));
                     }
@@ -532,7 +535,7 @@ async fn stored_offset(worker: &Worker, topic: &str, partition: i32) -> Option<i
 async fn supervise(
     worker: Arc<Worker>,
     key: (String, i32),
-    mut stored: Option<i64>,
+    mut next: i64,
     queue: Arc<Queue>,
     stop: watch::Receiver<()>,
     failed: mpsc::UnboundedSender<anyhow::Error>,
@@ -542,7 +545,7 @@ async fn supervise(
         let task = AbortOnDrop(tokio::spawn(partition::run(
             worker.clone(),
             key.clone(),
-            stored,
+            next,
             queue.clone(),
             stop.clone(),
             failed.clone(),
@@ -570,7 +573,9 @@ async fn supervise(
             return Ok(());
         }
         tokio::time::sleep(Duration::from_secs(1)).await;
-        stored = stored_offset(&worker, &topic, partition).await;
+        let stored = stored_offset(&worker, &topic, partition).await;
+        // Nothing stored yet: from where the assignment's check started it.
+        next = stored.unwrap_or(next);
         let (consumer, t) = (worker.consumer.clone(), topic.clone());
         let to = stored.map_or(rdkafka::Offset::Beginning, rdkafka::Offset::Offset);
         let sought = tokio::task::spawn_blocking(move || {
@@ -606,29 +611,134 @@ impl Drop for AbortOnDrop {
     }
 }
 
-/// Why `topic`/`partition` cannot resume at its stored offset `next`
-/// (`offsets::resume_problem`), asking Kafka for the partition's
-/// watermarks; `None` also when Kafka does not answer within 5 s (the
-/// consumer then resumes as before).
-async fn outside_topic(
+/// Where a newly assigned partition resumes (its stored offset, or with
+/// none its first offset), or why it cannot (`offsets::resume_problem`,
+/// `offsets::start_problem`): checked against Kafka, and asked again with
+/// the backoff (`regionsync_retries_total{reason="kafka_unavailable"}`,
+/// the partition held for `/readyz`) until Kafka answers.
+async fn checked_start(
     worker: &Worker,
     topic: &str,
     partition: i32,
-    next: i64,
-) -> Option<(&'static str, String)> {
+    stored: Option<i64>,
+) -> Result<i64, (&'static str, String)> {
+    let start = check_start(
+        topic,
+        partition,
+        stored,
+        worker.config.kafka.accept_missing_history,
+        || watermarks(worker, topic, partition),
+        || deletes_records(worker, topic),
+        |e| {
+            warn!(topic, partition, error = %format!("{e:#}"), "could not check the stored offset against the topic; the partition stays paused");
+            worker.hold(
+                topic,
+                partition,
+                format!("checking its stored offset against the topic: {e:#}"),
+            );
+        },
+    )
+    .await;
+    worker.release(topic, partition);
+    start
+}
+
+/// [`checked_start`]'s decision, with Kafka's answers given: the
+/// partition's (low, high) watermarks, and whether its topic's cleanup
+/// policy deletes records (asked only for a partition without a stored
+/// offset whose first offset is not 0). Any failure to answer is retried
+/// with the backoff after `on_fail`; nothing is decided unchecked.
+async fn check_start<W, WF, D, DF>(
+    topic: &str,
+    partition: i32,
+    stored: Option<i64>,
+    accept_missing_history: bool,
+    mut watermarks: W,
+    mut deletes_records: D,
+    mut on_fail: impl FnMut(&anyhow::Error),
+) -> Result<i64, (&'static str, String)>
+where
+    W: FnMut() -> WF,
+    WF: std::future::Future<Output = anyhow::Result<(i64, i64)>>,
+    D: FnMut() -> DF,
+    DF: std::future::Future<Output = anyhow::Result<bool>>,
+{
+    let mut backoff = failure::Backoff::default();
+    loop {
+        let answer = async {
+            let (low, high) = watermarks().await?;
+            Ok::<_, anyhow::Error>(match stored {
+                Some(next) => match offsets::resume_problem(topic, partition, next, (low, high)) {
+                    Some(problem) => Err(problem),
+                    None => Ok(next),
+                },
+                None if low == 0 || accept_missing_history => Ok(low),
+                None => {
+                    let deletes = deletes_records().await?;
+                    match offsets::start_problem(topic, partition, low, deletes, false) {
+                        Some(problem) => Err(problem),
+                        None => Ok(low),
+                    }
+                }
+            })
+        };
+        match answer.await {
+            Ok(start) => return start,
+            Err(e) => {
+                on_fail(&e);
+                backoff.wait(crate::metrics::retry::KAFKA_UNAVAILABLE).await;
+            }
+        }
+    }
+}
+
+/// A test hook: runs (once) when a partition's watermarks are first asked
+/// for, e.g. to freeze the broker at an assignment. Never set outside tests.
+#[doc(hidden)]
+#[allow(clippy::type_complexity)]
+pub static BEFORE_WATERMARKS: Mutex<Option<Box<dyn FnOnce() + Send>>> = Mutex::new(None);
+
+/// A partition's (low, high) watermarks, asked of Kafka (5 s at most).
+async fn watermarks(worker: &Worker, topic: &str, partition: i32) -> anyhow::Result<(i64, i64)> {
+    let hook = BEFORE_WATERMARKS.lock().expect("hook lock").take();
+    if let Some(hook) = hook {
+        tokio::task::spawn_blocking(hook).await?;
+    }
     let (consumer, t) = (worker.consumer.clone(), topic.to_owned());
-    let watermarks = tokio::task::spawn_blocking(move || {
+    let answer = tokio::task::spawn_blocking(move || {
         consumer.fetch_watermarks(&t, partition, Duration::from_secs(5))
     })
-    .await;
-    match watermarks {
-        Ok(Ok(w)) => offsets::resume_problem(topic, partition, next, w),
-        Ok(Err(e)) => {
-            warn!(topic, partition, error = %e, "could not check the stored offset against the topic");
-            None
-        }
-        Err(_) => None,
-    }
+    .await?;
+    answer.with_context(|| format!("reading the offsets of {topic}/{partition}"))
+}
+
+/// Whether `topic`'s `cleanup.policy` deletes records (`delete`, or
+/// `compact,delete`), asked of Kafka (5 s at most). Retention deletes
+/// the oldest records only under such a policy; compaction keeps every
+/// key's last change.
+async fn deletes_records(worker: &Worker, topic: &str) -> anyhow::Result<bool> {
+    use rdkafka::admin::{AdminClient, AdminOptions, ResourceSpecifier};
+    let admin: AdminClient<rdkafka::client::DefaultClientContext> =
+        source::kafka_config(&worker.config)?
+            .create()
+            .context("creating the Kafka admin client")?;
+    let described = admin
+        .describe_configs(
+            &[ResourceSpecifier::Topic(topic)],
+            &AdminOptions::new().request_timeout(Some(Duration::from_secs(5))),
+        )
+        .await
+        .with_context(|| format!("reading the configuration of topic {topic}"))?;
+    let resource = described
+        .into_iter()
+        .next()
+        .with_context(|| format!("no configuration returned for topic {topic}"))?
+        .map_err(|code| anyhow::anyhow!("reading the configuration of topic {topic}: {code}"))?;
+    let policy = resource
+        .get("cleanup.policy")
+        .and_then(|e| e.value.clone())
+        .unwrap_or_else(|| "delete".to_string());
+    Ok(policy.split(',').any(|p| p.trim() == "delete"))
 }
 
 /// A worker configuration for eu-west-1 replicating `public.users` from
@@ -655,4 +765,89 @@ pub(crate) fn test_config(extra: &str) -> Config {
         "#
     ))
     .expect("a valid config")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::cell::Cell;
+
+    /// Runs [`check_start`] with Kafka's answers scripted: the watermarks
+    /// fail `watermark_failures` times first, the cleanup policy
+    /// `policy_failures` times. Gives the decision, the failures reported
+    /// and how often the policy was asked.
+    async fn decide(
+        stored: Option<i64>,
+        accept: bool,
+        marks: (i64, i64),
+        deletes: bool,
+        watermark_failures: u32,
+        policy_failures: u32,
+    ) -> (Result<i64, (&'static str, String)>, u32, u32) {
+        let (marks_asked, policy_asked, failed) = (Cell::new(0), Cell::new(0), Cell::new(0));
+        let start = check_start(
+            "us-east-1.cdc.t",
+            1,
+            stored,
+            accept,
+            || {
+                marks_asked.set(marks_asked.get() + 1);
+                let fail = marks_asked.get() <= watermark_failures;
+                async move {
+                    if fail {
+                        anyhow::bail!("Local: Timed out")
+                    }
+                    Ok(marks)
+                }
+            },
+            || {
+                policy_asked.set(policy_asked.get() + 1);
+                let fail = policy_asked.get() <= policy_failures;
+                async move {
+                    if fail {
+                        anyhow::bail!("Local: Timed out")
+                    }
+                    Ok(deletes)
+                }
+            },
+            |_| failed.set(failed.get() + 1),
+        )
+        .await;
+        (start, failed.get(), policy_asked.get())
+    }
+
+    #[tokio::test]
+    async fn a_partition_is_never_resumed_before_kafka_answers_its_check() {
+        // Kafka times out twice: asked again until it answers, then the
+        // stored offset is checked as usual.
+        let (start, failed, _) = decide(Some(4), false, (0, 10), true, 2, 0).await;
+        assert_eq!((start, failed), (Ok(4), 2));
+        let (start, failed, _) = decide(Some(12), false, (0, 10), true, 1, 0).await;
+        assert_eq!(failed, 1);
+        assert_eq!(start.unwrap_err().0, "beyond_end");
+        let (start, _, _) = decide(Some(3), false, (7, 10), true, 0, 0).await;
+        assert_eq!(start.unwrap_err().0, "retention_gap");
+    }
+
+    #[tokio::test]
+    async fn a_partition_without_a_stored_offset_stops_at_a_retention_gap() {
+        // A fresh topic: from 0, the policy not even asked.
+        assert_eq!(decide(None, false, (0, 5), true, 0, 0).await, (Ok(0), 0, 0));
+        // Retention deleted its beginning: stopped, naming both offsets;
+        // the policy asked again after it timed out.
+        let (start, failed, asked) = decide(None, false, (25, 40), true, 0, 1).await;
+        let (kind, why) = start.unwrap_err();
+        assert_eq!((kind, failed, asked), ("retention_gap", 1, 2));
+        assert!(why.contains("us-east-1.cdc.t/1") && why.contains("first offset is 25"));
+        // Compacted: the first offset is no gap signal.
+        assert_eq!(
+            decide(None, false, (25, 40), false, 0, 0).await,
+            (Ok(25), 0, 1)
+        );
+        // The operator opted in: from the first offset held.
+        assert_eq!(
+            decide(None, true, (25, 40), true, 0, 0).await,
+            (Ok(25), 0, 0)
+        );
+    }
 }

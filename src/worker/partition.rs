@@ -2,14 +2,12 @@
 //! bytes or linger time, drops what was applied already, hands each batch
 //! to `batch` and moves the partition's position when it committed.
 
-use std::sync::Arc;
-use std::time::Duration;
-
 use rdkafka::consumer::{CommitMode, Consumer};
 use rdkafka::message::Message;
 use rdkafka::{Offset, TopicPartitionList};
+use std::sync::Arc;
 use tokio::sync::{mpsc, watch};
-use tracing::error;
+use tracing::{error, info};
 
 use super::{batch, Worker};
 use crate::metrics::{self as m, outcome};
@@ -41,33 +39,20 @@ fn panic_if_asked<M: Message>(topic: &str, messages: &[M]) {
 }
 
 /// One partition: batches, applies, stores offsets, until told to stop
-/// (its stop sender dropped on revocation or shutdown). `stored` is the
-/// next offset to apply as stored in PostgreSQL (`None`: nothing yet). A
-/// failure that stops the worker is sent on `failed`.
+/// (its stop sender dropped on revocation or shutdown). `next` is the
+/// next offset to apply: the one stored in PostgreSQL, or (nothing stored
+/// yet) the partition's first offset, checked against the topic at
+/// assignment. A failure that stops the worker is sent on `failed`.
 pub(super) async fn run(
     worker: Arc<Worker>,
     (topic, partition): (String, i32),
-    stored: Option<i64>,
+    mut next: i64,
     queue: Arc<Queue>,
     mut stop: watch::Receiver<()>,
     failed: mpsc::UnboundedSender<anyhow::Error>,
 ) -> anyhow::Result<()> {
     let Some(route) = worker.routes.get(&topic).cloned() else {
         return Ok(());
-    };
-    let mut next = match stored {
-        Some(n) => n,
-        // No stored offset: the consumer starts at the earliest one.
-        None => {
-            let (consumer, t) = (worker.consumer.clone(), topic.clone());
-            tokio::task::spawn_blocking(move || {
-                consumer.fetch_watermarks(&t, partition, Duration::from_secs(5))
-            })
-            .await
-            .ok()
-            .and_then(Result::ok)
-            .map_or(0, |(low, _)| low)
-        }
     };
     let set_position = |next: i64| {
         worker
@@ -111,13 +96,19 @@ pub(super) async fn run(
             continue;
         }
         panic_if_asked(&topic, &messages);
-        match batch::apply(&worker, &route, &topic, partition, &messages).await {
+        match batch::apply(&worker, &route, &topic, partition, &messages, &stop).await {
             Ok(new_next) => {
                 next = new_next;
                 set_position(next);
                 let mut tpl = TopicPartitionList::new();
                 let _ = tpl.add_partition_offset(&topic, partition, Offset::Offset(next));
                 let _ = worker.consumer.commit(&tpl, CommitMode::Async);
+            }
+            // Told to stop while held: the next owner (or this worker,
+            // reloaded) starts again from the stored offset.
+            Err(e) if e.is::<batch::Abandoned>() => {
+                info!(topic = %topic, partition, "the held batch was given up: the partition is stopping");
+                return Ok(());
             }
             Err(e) => {
                 error!(topic = %topic, partition, error = %format!("{e:#}"), "stopping");
