@@ -301,8 +301,10 @@ fn owner_config_file(table: &TestTable, suffix: &str, apply_extra: &str) -> Path
     path
 }
 
-/// Changes one of A's rows in B only: bypassing the triggers, keeping its
-/// version and origin, so B's capture carries it as an echo A ignores.
+/// Changes one of A's rows in B only, as a bad restore would: bypassing
+/// the triggers (its version and origin kept) and under a replication
+/// origin named like a worker's, so B's capture marks it as a relay, which
+/// A's worker and B's rebuild skip: it is in no change of the topics.
 /// (`write_both` made the rows whose id is a multiple of 7 B's: the next
 /// other id from `near`.)
 async fn corrupt_b(table: &TestTable, near: i64) {
@@ -310,8 +312,15 @@ async fn corrupt_b(table: &TestTable, near: i64) {
     admin_db(&region_b())
         .await
         .batch_execute(&format!(
-            "BEGIN; SET LOCAL session_replication_role = replica;
-             UPDATE {} SET display_name = 'corrupted in B' WHERE id = {id}; COMMIT",
+            "DO $$ BEGIN
+                 IF NOT EXISTS (SELECT 1 FROM pg_replication_origin WHERE roname = 'regionsync_test_corrupt') THEN
+                     PERFORM pg_replication_origin_create('regionsync_test_corrupt');
+                 END IF;
+             END $$;
+             SELECT pg_replication_origin_session_setup('regionsync_test_corrupt');
+             BEGIN; SET LOCAL session_replication_role = replica;
+             UPDATE {} SET display_name = 'corrupted in B' WHERE id = {id}; COMMIT;
+             SELECT pg_replication_origin_session_reset();",
             table.name
         ))
         .await
@@ -529,6 +538,15 @@ async fn a_shadow_rebuild_killed_mid_way_resumes_and_ends_equal() {
     table.wait_converged(Duration::from_secs(180)).await;
     let config_b = owner_config_file(&table, "shkill", "batch_max_rows = 300");
 
+    // The worker's role may not rename the table: refused, said so.
+    let worker_role = config_file(&region_b(), &table, "shkill-worker", "");
+    let out = output(&worker_role, &["rebuild", "--shadow"]);
+    assert!(!out.status.success(), "{}", text(&out));
+    assert!(
+        text(&out).contains("the rebuild's role regionsync is not a member of app"),
+        "{}",
+        text(&out)
+    );
     // What a rename would break is refused, named.
     let admin = admin_db(&region_b()).await;
     admin

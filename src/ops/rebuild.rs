@@ -419,6 +419,9 @@ struct Swapped {
     carried_deletes: u64,
 }
 
+/// How long the swap waits for the live tables' lock.
+const SWAP_LOCK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// How far before a shadow rebuild's start this region's own rows and
 /// deletes are carried from the live table at the swap: a write stamped
 /// (statement time) before the start may commit, and reach the capture
@@ -513,12 +516,20 @@ async fn swap_in(
     let waited = Instant::now();
     // Waits for the transactions writing the tables (the worker's batches
     // among them) to end; every later one waits for this transaction.
+    // Bounded: while it waits, every later reader queues behind it.
     tx.batch_execute(&format!(
-        "LOCK TABLE {} IN ACCESS EXCLUSIVE MODE",
+        "SET LOCAL lock_timeout = '{}ms'; LOCK TABLE {} IN ACCESS EXCLUSIVE MODE; SET LOCAL lock_timeout = 0",
+        SWAP_LOCK_TIMEOUT.as_millis(),
         live.join(", ")
     ))
     .await
-    .context("locking the live table(s) for the swap")?;
+    .with_context(|| {
+        format!(
+            "locking the live table(s) for the swap (waited at most {}s: a long transaction on them holds a lock); \
+             run the rebuild again: the shadow is kept and caught up again",
+            SWAP_LOCK_TIMEOUT.as_secs()
+        )
+    })?;
     // The worker's offsets of these topics, frozen: a batch of it that
     // wrote nothing to the tables cannot store past them meanwhile.
     let mirrored: Vec<String> = feeds

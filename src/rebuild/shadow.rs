@@ -77,6 +77,21 @@ pub async fn refusals(
         .with_context(|| format!("finding table {}", table.name))?
         .get(0);
     let mut out = Vec::new();
+    // The swap renames, re-owns and drops the table: its owner's rights.
+    let row = client
+        .query_one(
+            "SELECT current_user::text, pg_get_userbyid(relowner)::text, pg_has_role(current_user, relowner, 'MEMBER')
+               FROM pg_class WHERE oid = $1",
+            &[&oid],
+        )
+        .await?;
+    let (user, owner, member): (String, String, bool) = (row.get(0), row.get(1), row.get(2));
+    if !member {
+        out.push(format!(
+            "the rebuild's role {user} is not a member of {owner}, the table's owner: the swap renames, re-owns and drops the table; \
+             run --shadow with an owner-level role's config (as for `regionsync setup`)"
+        ));
+    }
     // Anything depending normally on the table or its row type: views and
     // rules (through pg_rewrite), foreign keys of other tables, functions
     // taking or returning its row type, … would follow the renamed old
