@@ -185,19 +185,25 @@ enum Command {
     /// own (consumer group <group>-rebuild), so it resumes after a kill and
     /// does nothing once finished. Into the live tables, which it empties
     /// first: the worker must be stopped (it holds an advisory lock the
-    /// rebuild checks). Loads in bulk: each chunk of changes collapsed to
-    /// the newest version per key and COPYed. Refuses topics that no
-    /// longer hold the whole history.
+    /// rebuild checks). With --shadow, into a shadow copy of each table
+    /// (schema regionsync) while the worker keeps applying, then swapped
+    /// in, in one transaction with the offsets, under a short ACCESS
+    /// EXCLUSIVE lock of the live table (needs an owner-level role).
+    /// Loads in bulk: each chunk of changes collapsed to the newest
+    /// version per key and COPYed. Refuses topics that no longer hold the
+    /// whole history.
     ///
     /// Example: regionsync --config eu-west-1.toml rebuild --table public.users
+    ///          regionsync --config eu-west-1-owner.toml rebuild --shadow --table public.users
     /// then:    regionsync --config eu-west-1.toml verify --against "host=pg.us-east-1 …"
     #[command(verbatim_doc_comment)]
     Rebuild {
         /// Only this table (schema.table, as in the config); repeatable.
         #[arg(long = "table")]
         tables: Vec<String>,
-        /// Build into shadow tables and swap them in while the worker runs
-        /// (not built yet: refused).
+        /// Build into shadow tables while the worker keeps running, then
+        /// swap them in (docs/RUNBOOK.md, "a region's copy is lost or
+        /// suspected wrong").
         #[arg(long)]
         shadow: bool,
         /// Start over even if a rebuild of the table finished or is under

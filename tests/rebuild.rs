@@ -289,3 +289,328 @@ async fn a_topic_without_its_whole_history_is_refused() {
     );
     assert!(said.contains("incremental snapshot"), "{said}");
 }
+
+/// A config for B's `rebuild --shadow`: B's worker config with an
+/// owner-level role (the swap renames, drops and re-owns the table).
+fn owner_config_file(table: &TestTable, suffix: &str, apply_extra: &str) -> PathBuf {
+    let path = config_file(&region_b(), table, suffix, apply_extra);
+    let toml = std::fs::read_to_string(&path)
+        .unwrap()
+        .replace("user = \"regionsync\"", "user = \"postgres\"");
+    std::fs::write(&path, toml).unwrap();
+    path
+}
+
+/// Changes one of A's rows in B only, as a bad restore would: bypassing
+/// the triggers (its version and origin kept) and under a replication
+/// origin named like a worker's, so B's capture marks it as a relay, which
+/// A's worker and B's rebuild skip: it is in no change of the topics.
+/// (`write_both` made the rows whose id is a multiple of 7 B's: the next
+/// other id from `near`.)
+async fn corrupt_b(table: &TestTable, near: i64) {
+    let id = (near..).find(|i| i % 7 != 0).unwrap();
+    admin_db(&region_b())
+        .await
+        .batch_execute(&format!(
+            "DO $$ BEGIN
+                 IF NOT EXISTS (SELECT 1 FROM pg_replication_origin WHERE roname = 'regionsync_test_corrupt') THEN
+                     PERFORM pg_replication_origin_create('regionsync_test_corrupt');
+                 END IF;
+             END $$;
+             SELECT pg_replication_origin_session_setup('regionsync_test_corrupt');
+             BEGIN; SET LOCAL session_replication_role = replica;
+             UPDATE {} SET display_name = 'corrupted in B' WHERE id = {id}; COMMIT;
+             SELECT pg_replication_origin_session_reset();",
+            table.name
+        ))
+        .await
+        .expect("corrupt B");
+}
+
+/// Adds 1 to `age` of `keys` in `region`, round robin, until `stop`;
+/// returns how many increments committed.
+fn increment_until(
+    region: Region,
+    table: String,
+    keys: Vec<i64>,
+    insert_from: Option<i64>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> tokio::task::JoinHandle<(i64, i64)> {
+    tokio::spawn(async move {
+        let db = app_db(&region).await;
+        let (mut increments, mut inserted) = (0i64, 0i64);
+        let mut i = 0;
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            let id = keys[i % keys.len()];
+            let n = db
+                .execute(
+                    &format!("UPDATE {table} SET age = age + 1 WHERE id = $1"),
+                    &[&id],
+                )
+                .await
+                .expect("increment");
+            assert_eq!(n, 1, "{table} key {id} in {}", region.name);
+            increments += 1;
+            if let Some(first) = insert_from {
+                if i % 5 == 0 {
+                    db.execute(
+                        &format!("INSERT INTO {table} (id, email) VALUES ($1, 'late@example.com')"),
+                        &[&(first + inserted)],
+                    )
+                    .await
+                    .expect("insert");
+                    inserted += 1;
+                }
+            }
+            i += 1;
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        (increments, inserted)
+    })
+}
+
+async fn age_sum(region: &Region, table: &TestTable, keys: &[i64]) -> i64 {
+    app_db(region)
+        .await
+        .query_one(
+            &format!(
+                "SELECT coalesce(sum(age), 0)::bigint FROM {} WHERE id = ANY($1)",
+                table.name
+            ),
+            &[&keys],
+        )
+        .await
+        .unwrap()
+        .get(0)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_shadow_rebuild_swaps_in_while_the_worker_applies_and_loses_nothing() {
+    use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+    use std::sync::Arc;
+    let table = TestTable::create("rebuild_shadow").await;
+    let (a, b) = (
+        start_worker(&region_a(), &table),
+        start_worker(&region_b(), &table),
+    );
+    let first = write_both(&table, 2_000).await;
+    // Counters: keys written in A only, and keys of B's own written in B
+    // only (so no conflicts), all starting at 0.
+    let a_keys: Vec<i64> = (first + 500..first + 520).collect();
+    let b_keys: Vec<i64> = (first + 10_000_100..first + 10_000_120).collect();
+    for (region, keys) in [(region_a(), &a_keys), (region_b(), &b_keys)] {
+        app_db(&region)
+            .await
+            .execute(
+                &format!("UPDATE {} SET age = 0 WHERE id = ANY($1)", table.name),
+                &[keys],
+            )
+            .await
+            .unwrap();
+    }
+    table.wait_converged(Duration::from_secs(120)).await;
+    corrupt_b(&table, first + 600).await;
+    let config_b = owner_config_file(&table, "shadow", "batch_max_rows = 300");
+    let (code, report) = verify(&config_b, &table);
+    assert_eq!(code, 1, "the corrupted row is seen: {report}");
+    let before = count(&region_b(), &table).await;
+
+    // Readers of B: never fewer rows than before (the writers only add).
+    let stop = Arc::new(AtomicBool::new(false));
+    let fewest = Arc::new(AtomicI64::new(i64::MAX));
+    let reader = {
+        let (stop, fewest, name) = (stop.clone(), fewest.clone(), table.name.clone());
+        tokio::spawn(async move {
+            let db = app_db(&region_b()).await;
+            let mut reads = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                let n: i64 = db
+                    .query_one(&format!("SELECT count(*) FROM {name}"), &[])
+                    .await
+                    .expect("a reader of B")
+                    .get(0);
+                fewest.fetch_min(n, Ordering::Relaxed);
+                reads += 1;
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            reads
+        })
+    };
+    let writer_a = increment_until(
+        region_a(),
+        table.name.clone(),
+        a_keys.clone(),
+        Some(first + 20_000_000),
+        stop.clone(),
+    );
+    let writer_b = increment_until(
+        region_b(),
+        table.name.clone(),
+        b_keys.clone(),
+        None,
+        stop.clone(),
+    );
+
+    let started = Instant::now();
+    let out = tokio::task::block_in_place(|| {
+        regionsync(&config_b, &["rebuild", "--shadow", "--chunk", "2000"]).output()
+    })
+    .expect("run rebuild --shadow");
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("swapped in"), "{}", text(&out));
+    eprintln!(
+        "rebuild --shadow took {:?}:\n{}",
+        started.elapsed(),
+        text(&out)
+    );
+    // The worker and both regions' writers go on after the swap.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    stop.store(true, Ordering::Relaxed);
+    let (a_increments, inserted) = writer_a.await.unwrap();
+    let (b_increments, _) = writer_b.await.unwrap();
+    let reads = reader.await.unwrap();
+    eprintln!("{a_increments} increments and {inserted} inserts in A, {b_increments} increments in B, {reads} reads of B");
+    assert!(a_increments > 50 && b_increments > 50 && inserted > 10);
+
+    table.wait_converged(Duration::from_secs(120)).await;
+    let (code, report) = verify(&config_b, &table);
+    assert_eq!(code, 0, "{report}");
+    for region in [region_a(), region_b()] {
+        assert_eq!(
+            age_sum(&region, &table, &a_keys).await,
+            a_increments,
+            "A's counter in {}",
+            region.name
+        );
+        assert_eq!(
+            age_sum(&region, &table, &b_keys).await,
+            b_increments,
+            "B's counter in {}",
+            region.name
+        );
+    }
+    let fewest = fewest.load(Ordering::Relaxed);
+    assert!(
+        fewest >= before,
+        "a reader of B saw {fewest} rows, fewer than the {before} before the rebuild"
+    );
+
+    // The swapped-in table is the live one in every way the pipeline
+    // needs: its triggers, replica identity and owner; nothing left over.
+    let admin = admin_db(&region_b()).await;
+    let row = admin
+        .query_one(
+            &format!(
+                "SELECT (SELECT count(*) FROM pg_trigger WHERE tgrelid = c.oid AND NOT tgisinternal),
+                        c.relreplident::text, pg_get_userbyid(c.relowner)::text,
+                        (SELECT count(*) FROM pg_class o WHERE o.relname LIKE 'regionsync_replaced_%'
+                            OR o.relname = 'shadow__public__{0}')
+                   FROM pg_class c WHERE c.oid = 'public.{0}'::regclass",
+                table.name
+            ),
+            &[],
+        )
+        .await
+        .unwrap();
+    let (triggers, identity, owner, left): (i64, String, String, i64) =
+        (row.get(0), row.get(1), row.get(2), row.get(3));
+    assert_eq!(
+        (triggers, identity.as_str(), owner.as_str(), left),
+        (3, "f", "app", 0)
+    );
+
+    // Done: a second run does nothing.
+    let out = output(&config_b, &["rebuild", "--shadow"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("nothing to do"), "{}", text(&out));
+    a.stop().await;
+    b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_shadow_rebuild_killed_mid_way_resumes_and_ends_equal() {
+    let table = TestTable::create("rebuild_shkill").await;
+    let (a, b) = (
+        start_worker(&region_a(), &table),
+        start_worker(&region_b(), &table),
+    );
+    let first = write_both(&table, 20_000).await;
+    table.wait_converged(Duration::from_secs(180)).await;
+    let config_b = owner_config_file(&table, "shkill", "batch_max_rows = 300");
+
+    // The worker's role may not rename the table: refused, said so.
+    let worker_role = config_file(&region_b(), &table, "shkill-worker", "");
+    let out = output(&worker_role, &["rebuild", "--shadow"]);
+    assert!(!out.status.success(), "{}", text(&out));
+    assert!(
+        text(&out).contains("the rebuild's role regionsync is not a member of app"),
+        "{}",
+        text(&out)
+    );
+    // What a rename would break is refused, named.
+    let admin = admin_db(&region_b()).await;
+    admin
+        .batch_execute(&format!(
+            "CREATE VIEW {0}_v AS SELECT id FROM {0}",
+            table.name
+        ))
+        .await
+        .unwrap();
+    let out = output(&config_b, &["rebuild", "--shadow"]);
+    assert!(!out.status.success(), "{}", text(&out));
+    assert!(
+        text(&out).contains(&format!("view {}_v depends on it", table.name)),
+        "{}",
+        text(&out)
+    );
+    admin
+        .batch_execute(&format!("DROP VIEW {}_v", table.name))
+        .await
+        .unwrap();
+
+    corrupt_b(&table, first + 700).await;
+    let shadow = format!("regionsync.shadow__public__{}", table.name);
+    let mut seen = 0;
+    for kill in 1..=2 {
+        let mut child = regionsync(&config_b, &["rebuild", "--shadow", "--chunk", "2000"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start rebuild --shadow");
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            let n: i64 = admin
+                .query_opt(&format!("SELECT count(*) FROM {shadow}"), &[])
+                .await
+                .ok()
+                .flatten()
+                .map_or(0, |r| r.get(0));
+            if n > seen + 500 {
+                seen = n;
+                break;
+            }
+            assert!(
+                Instant::now() < deadline && child.try_wait().unwrap().is_none(),
+                "kill {kill}: the shadow rebuild made no progress past {seen} rows (or ended first)"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        child.kill().expect("kill -9");
+        child.wait().unwrap();
+        eprintln!("killed the shadow rebuild at {seen} rows");
+        // The live table is untouched meanwhile, and A keeps writing.
+        write_mixed(&table, 100, 300, first as u64 + kill).await;
+    }
+    let out = output(&config_b, &["rebuild", "--shadow"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        text(&out).contains("swapped in"),
+        "it resumed: {}",
+        text(&out)
+    );
+    table.wait_converged(Duration::from_secs(120)).await;
+    let (code, report) = verify(&config_b, &table);
+    assert_eq!(code, 0, "{report}");
+    a.stop().await;
+    b.stop().await;
+}

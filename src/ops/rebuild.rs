@@ -1,13 +1,15 @@
-//! `regionsync rebuild [--table S.T]…`: this region's copy of tables
-//! replayed from the change topics (`crate::rebuild`), into the live
-//! tables with the worker stopped.
+//! `regionsync rebuild [--table S.T]… [--shadow]`: this region's copy of
+//! tables replayed from the change topics (`crate::rebuild`), into the
+//! live tables with the worker stopped, or (`--shadow`) into shadow
+//! tables while the worker runs, then swapped in (`rebuild::shadow`).
 //!
 //! Per table: a first run checks that every topic still holds the table's
 //! whole history (`rebuild::history_problem`), empties the table (with its
 //! tombstones, truncate mark and the rebuild's own offsets) under a
-//! replication origin, marks the rebuild as under way, and replays; a run
-//! after a kill resumes from the stored offsets; a run after a finished
-//! rebuild does nothing (`--restart` starts over).
+//! replication origin — or, with `--shadow`, creates the empty shadow —
+//! marks the rebuild as under way, and replays; a run after a kill resumes
+//! from the stored offsets; a run after a finished rebuild does nothing
+//! (`--restart` starts over).
 
 use std::collections::HashMap;
 use std::time::Instant;
@@ -20,7 +22,7 @@ use crate::config::Config;
 use crate::metrics as m;
 use crate::offsets;
 use crate::ops::progress::{Bars, Progress};
-use crate::rebuild::{self, lock, Span};
+use crate::rebuild::{self, lock, shadow, Feed, Span};
 
 /// The command.
 pub async fn run(
@@ -30,12 +32,6 @@ pub async fn run(
     restart: bool,
     chunk_changes: usize,
 ) -> anyhow::Result<()> {
-    if shadow {
-        anyhow::bail!(
-            "--shadow is not built yet; stop the worker and rebuild into the live tables, \
-             or follow docs/RUNBOOK.md (\"a region's copy is lost or suspected wrong\")"
-        );
-    }
     let names: Vec<String> = config
         .tables
         .iter()
@@ -57,7 +53,14 @@ pub async fn run(
     if chosen.is_empty() {
         chosen = (0..names.len()).collect();
     }
-    let _lock = lock::take_for_rebuild(config).await?;
+    let _single = lock::take_single_rebuild(config).await?;
+    // Into the live tables the worker must be stopped; a shadow rebuild
+    // runs beside it.
+    let _lock = if shadow {
+        None
+    } else {
+        Some(lock::take_for_rebuild(config).await?)
+    };
     // The apply pool: its sessions run under a replication origin, so what
     // the rebuild writes is a relay to the other regions, never an original.
     let pool = session::pool(config)?;
@@ -83,6 +86,7 @@ pub async fn run(
             .await
             .context("reading regionsync.offsets (is the schema current? `regionsync setup` updates it)")?
             .map(|r| r.get(0));
+        let shadow_started = shadow_start(&**client, &group, &names[t]).await?;
         match marker {
             Some(1) if !restart => {
                 println!(
@@ -90,7 +94,16 @@ pub async fn run(
                     names[t]
                 )
             }
-            Some(0) if !restart => resumed.push(t),
+            Some(0) if !restart => {
+                if shadow_started.is_some() != shadow {
+                    anyhow::bail!(
+                        "{}: a rebuild {} --shadow is under way; run it again the same way to finish it, or start over with --restart",
+                        names[t],
+                        if shadow { "without" } else { "with" }
+                    );
+                }
+                resumed.push(t)
+            }
             _ => fresh.push(t),
         }
     }
@@ -99,6 +112,27 @@ pub async fn run(
         return Ok(());
     }
     let feeds = rebuild::feeds(config, &pending);
+    if shadow {
+        let mut refused = Vec::new();
+        for &t in &pending {
+            for why in shadow::refusals(&**client, &loaded[t]).await? {
+                refused.push(format!("{}: {why}", names[t]));
+            }
+            if resumed.contains(&t) && !shadow::exists(&**client, &loaded[t]).await? {
+                refused.push(format!(
+                    "{}: its shadow table {} is gone; start over with --restart",
+                    names[t],
+                    shadow::shadow_ident(&loaded[t])
+                ));
+            }
+        }
+        if !refused.is_empty() {
+            anyhow::bail!(
+                "--shadow cannot rebuild by swapping in a renamed copy here:\n  {}\nremove or recreate these around the rebuild, or stop the worker and rebuild without --shadow",
+                refused.join("\n  ")
+            );
+        }
+    }
 
     // Can the topics rebuild the tables?
     let consumer = rebuild::consumer(config)?;
@@ -137,9 +171,27 @@ pub async fn run(
             .filter(|f| f.table == t)
             .map(|f| f.topic.clone())
             .collect();
-        empty(&pool, &loaded[t], &group, &topics).await?;
-        info!(table = %names[t], "emptied; replaying");
+        if shadow {
+            start_shadow(&pool, &loaded[t], &group, &topics).await?;
+            info!(table = %names[t], shadow = %shadow::shadow_ident(&loaded[t]), "shadow created; replaying into it");
+        } else {
+            empty(&pool, &loaded[t], &group, &topics).await?;
+            info!(table = %names[t], "emptied; replaying");
+        }
     }
+    // What the replay writes: the shadows of the rebuilt tables, or the
+    // tables themselves.
+    let targets: Vec<TargetTable> = loaded
+        .iter()
+        .enumerate()
+        .map(|(i, t)| {
+            if shadow && pending.contains(&i) {
+                shadow::as_shadow(t)
+            } else {
+                t.clone()
+            }
+        })
+        .collect();
 
     let bars = Bars::new();
     let mut progress: HashMap<String, (Progress, u64)> = HashMap::new();
@@ -187,7 +239,7 @@ pub async fn run(
     let replayed = rebuild::replay(
         config,
         &pool,
-        &loaded,
+        &targets,
         &feeds,
         spans,
         chunk_changes.max(1),
@@ -198,6 +250,35 @@ pub async fn run(
         p.finish();
     }
 
+    if shadow {
+        let swapped = swap_in(
+            config,
+            &pool,
+            (&loaded, &targets),
+            &feeds,
+            &pending,
+            chunk_changes.max(1),
+        )
+        .await?;
+        let secs = started.elapsed().as_secs_f64();
+        let tables: Vec<&str> = pending.iter().map(|t| names[*t].as_str()).collect();
+        println!(
+            "rebuilt {} beside the live table(s) and swapped in: {} changes replayed from {} topic(s) in {secs:.1}s ({:.0}/s), \
+             {} more caught up to the worker's offsets, {} rows and {} deletes of this region carried over from the live table(s); \
+             {} written, {} older than the stored version, {} refused (the worker dead-lettered them)",
+            tables.join(", "),
+            replayed.messages,
+            found.len(),
+            replayed.messages as f64 / secs.max(0.001),
+            swapped.caught_up,
+            swapped.carried_rows,
+            swapped.carried_deletes,
+            replayed.applied.applied + swapped.applied.applied,
+            replayed.applied.stale + swapped.applied.stale,
+            replayed.refused + swapped.refused,
+        );
+        return Ok(());
+    }
     let client = pool.get().await?;
     for &t in &pending {
         client
@@ -262,6 +343,12 @@ async fn empty(
         &[&group, &topics],
     )
     .await?;
+    // Not a shadow rebuild (any earlier one's start row goes).
+    tx.execute(
+        "DELETE FROM regionsync.offsets WHERE consumer_group = $1 AND topic = $2 AND partition = -2",
+        &[&group, &rebuild::marker_topic(&table.name)],
+    )
+    .await?;
     tx.execute(
         "INSERT INTO regionsync.offsets (consumer_group, topic, partition, next_offset)
          VALUES ($1, $2, -1, 0)
@@ -271,4 +358,243 @@ async fn empty(
     .await?;
     tx.commit().await?;
     Ok(())
+}
+
+/// When a shadow rebuild of `table` began (ms, the database's clock): its
+/// row beside the marker (partition -2); `None`: the rebuild under way (or
+/// done) is not a shadow one.
+async fn shadow_start(
+    client: &impl tokio_postgres::GenericClient,
+    group: &str,
+    table: &str,
+) -> anyhow::Result<Option<i64>> {
+    Ok(client
+        .query_opt(
+            "SELECT next_offset FROM regionsync.offsets WHERE consumer_group = $1 AND topic = $2 AND partition = -2",
+            &[&group, &rebuild::marker_topic(table)],
+        )
+        .await?
+        .map(|r| r.get(0)))
+}
+
+/// A fresh shadow rebuild of `table`, in one transaction: the empty
+/// shadow (a leftover one dropped), the rebuild's offsets of its topics
+/// forgotten, the marker set to under way, and the start time stored
+/// (partition -2). The live table and its tombstones are not touched.
+async fn start_shadow(
+    pool: &deadpool_postgres::Pool,
+    table: &TargetTable,
+    group: &str,
+    topics: &[String],
+) -> anyhow::Result<()> {
+    let mut client = pool.get().await?;
+    let tx = client.transaction().await?;
+    shadow::create(&tx, table).await?;
+    tx.execute(
+        "DELETE FROM regionsync.offsets WHERE consumer_group = $1 AND topic = ANY($2)",
+        &[&group, &topics],
+    )
+    .await?;
+    let marker = rebuild::marker_topic(&table.name);
+    tx.execute(
+        "INSERT INTO regionsync.offsets (consumer_group, topic, partition, next_offset)
+         VALUES ($1, $2, -1, 0), ($1, $2, -2, (extract(epoch FROM clock_timestamp()) * 1000)::bigint)
+         ON CONFLICT (consumer_group, topic, partition) DO UPDATE SET next_offset = EXCLUDED.next_offset, updated_at = now()",
+        &[&group, &marker],
+    )
+    .await?;
+    tx.commit().await?;
+    Ok(())
+}
+
+/// What the swap of a shadow rebuild did.
+#[derive(Default)]
+struct Swapped {
+    /// Messages replayed after the build, up to the worker's offsets.
+    caught_up: u64,
+    applied: crate::apply::Applied,
+    refused: u64,
+    /// This region's rows and deletes taken from the live table.
+    carried_rows: u64,
+    carried_deletes: u64,
+}
+
+/// How long the swap waits for the live tables' lock.
+const SWAP_LOCK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// How far before a shadow rebuild's start this region's own rows and
+/// deletes are carried from the live table at the swap: a write stamped
+/// (statement time) before the start may commit, and reach the capture
+/// connector, after the start.
+const CARRY_MARGIN_MS: i64 = 60_000;
+
+/// Per partition of `feeds`: from the rebuild's stored offset to where
+/// the shadow must be to stand for the live table: a mirrored topic's
+/// partition to the worker's stored offset (or the rebuild's, if the
+/// worker is behind it), this region's own topic to its end.
+async fn catch_up_spans(
+    client: &impl tokio_postgres::GenericClient,
+    consumer: &rdkafka::consumer::StreamConsumer,
+    config: &Config,
+    feeds: &[Feed],
+) -> anyhow::Result<Vec<Span>> {
+    let group = rebuild::group(config);
+    let worker = config.consumer_group();
+    let mut spans = Vec::new();
+    for f in feeds {
+        for (partition, high) in rebuild::partition_ends(consumer, &f.topic)? {
+            let next = offsets::load(client, &group, &f.topic, partition)
+                .await?
+                .unwrap_or(0);
+            let end = if f.own {
+                high
+            } else {
+                offsets::load(client, &worker, &f.topic, partition)
+                    .await?
+                    .unwrap_or(next)
+                    .max(next)
+            };
+            spans.push(Span {
+                topic: f.topic.clone(),
+                partition,
+                next,
+                end,
+            });
+        }
+    }
+    Ok(spans)
+}
+
+/// The end of a shadow rebuild: caught up to the worker, then in one
+/// transaction holding the live tables' ACCESS EXCLUSIVE locks (which
+/// stop the worker's and the application's writes to them, and their
+/// readers, for its length): the last catch-up, this region's writes not
+/// yet in its topic, the worker's offsets moved to the shadows' position
+/// where it was behind, the swap, and the markers set to done.
+async fn swap_in(
+    config: &Config,
+    pool: &deadpool_postgres::Pool,
+    (loaded, targets): (&[TargetTable], &[TargetTable]),
+    feeds: &[Feed],
+    pending: &[usize],
+    chunk_changes: usize,
+) -> anyhow::Result<Swapped> {
+    let group = rebuild::group(config);
+    let consumer = rebuild::consumer(config)?;
+    let mut done = Swapped::default();
+    // Outside the lock: up to the worker's offsets as they are now, so that
+    // under it only what the worker applied meanwhile is left.
+    let client = pool.get().await?;
+    let spans = catch_up_spans(&**client, &consumer, config, feeds).await?;
+    drop(client);
+    let first = rebuild::replay(
+        config,
+        pool,
+        targets,
+        feeds,
+        spans,
+        chunk_changes,
+        &|_, _| {},
+    )
+    .await?;
+    done.caught_up += first.messages;
+    done.applied += first.applied;
+    done.refused += first.refused;
+    let client = pool.get().await?;
+    for &t in pending {
+        client
+            .batch_execute(&format!("ANALYZE {}", targets[t].ident))
+            .await?;
+    }
+    drop(client);
+
+    let mut client = pool.get().await?;
+    let tx = client.transaction().await?;
+    tx.batch_execute(session::APPLY_TRANSACTION_SQL).await?;
+    let mut live: Vec<&str> = pending.iter().map(|t| loaded[*t].ident.as_str()).collect();
+    live.sort_unstable();
+    let waited = Instant::now();
+    // Waits for the transactions writing the tables (the worker's batches
+    // among them) to end; every later one waits for this transaction.
+    // Bounded: while it waits, every later reader queues behind it.
+    tx.batch_execute(&format!(
+        "SET LOCAL lock_timeout = '{}ms'; LOCK TABLE {} IN ACCESS EXCLUSIVE MODE; SET LOCAL lock_timeout = 0",
+        SWAP_LOCK_TIMEOUT.as_millis(),
+        live.join(", ")
+    ))
+    .await
+    .with_context(|| {
+        format!(
+            "locking the live table(s) for the swap (waited at most {}s: a long transaction on them holds a lock); \
+             run the rebuild again: the shadow is kept and caught up again",
+            SWAP_LOCK_TIMEOUT.as_secs()
+        )
+    })?;
+    // The worker's offsets of these topics, frozen: a batch of it that
+    // wrote nothing to the tables cannot store past them meanwhile.
+    let mirrored: Vec<String> = feeds
+        .iter()
+        .filter(|f| !f.own)
+        .map(|f| f.topic.clone())
+        .collect();
+    tx.query(
+        "SELECT 1 FROM regionsync.offsets WHERE consumer_group = $1 AND topic = ANY($2) FOR UPDATE",
+        &[&config.consumer_group(), &mirrored],
+    )
+    .await?;
+    let spans = catch_up_spans(&*tx, &consumer, config, feeds).await?;
+    let last = rebuild::replay_in(&tx, config, targets, feeds, spans.clone()).await?;
+    done.caught_up += last.messages;
+    done.applied += last.applied;
+    done.refused += last.refused;
+    // The worker continues from the shadows' position: its own where it was
+    // ahead of the rebuild (equal now), the rebuild's where it was behind.
+    for s in spans
+        .iter()
+        .filter(|s| mirrored.contains(&s.topic) && s.end > 0)
+    {
+        offsets::store(
+            &tx,
+            &config.consumer_group(),
+            &s.topic,
+            s.partition,
+            s.end,
+            None,
+        )
+        .await?;
+    }
+    for &t in pending {
+        let since_ms = shadow_start(&*tx, &group, &loaded[t].name)
+            .await?
+            .unwrap_or_default()
+            - CARRY_MARGIN_MS;
+        let (rows, deletes) =
+            shadow::carry_own_writes(&tx, &loaded[t], &config.region, since_ms << 16, since_ms)
+                .await?;
+        done.carried_rows += rows;
+        done.carried_deletes += deletes;
+    }
+    for &t in pending {
+        shadow::swap(&tx, &loaded[t]).await?;
+        tx.execute(
+            "UPDATE regionsync.offsets SET next_offset = 1, updated_at = now()
+              WHERE consumer_group = $1 AND topic = $2 AND partition = -1",
+            &[&group, &rebuild::marker_topic(&loaded[t].name)],
+        )
+        .await?;
+        tx.execute(
+            "DELETE FROM regionsync.offsets WHERE consumer_group = $1 AND topic = $2 AND partition = -2",
+            &[&group, &rebuild::marker_topic(&loaded[t].name)],
+        )
+        .await?;
+    }
+    tx.commit().await.context("committing the swap")?;
+    let held = waited.elapsed();
+    println!(
+        "swapped in {}: the live table(s) were locked for {} ms ({} changes caught up under the lock)",
+        live.join(", "),
+        held.as_millis(),
+        last.messages
+    );
+    Ok(done)
 }

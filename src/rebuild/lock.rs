@@ -3,7 +3,8 @@
 //! keyed by its consumer group, on a connection of its own for its whole
 //! life; `regionsync rebuild` (without `--shadow`) takes the same lock
 //! exclusively, so it refuses while a worker of the group runs, and a
-//! worker started during a rebuild waits until it is done.
+//! worker started during a rebuild waits until it is done. A second key
+//! keeps rebuilds of a group one at a time, whatever their mode.
 
 use std::time::Duration;
 
@@ -76,6 +77,31 @@ pub async fn take_for_rebuild(config: &Config) -> anyhow::Result<Held> {
             "a worker of consumer group {group} is running against this database (it holds the advisory lock \
              hashtextextended('regionsync worker {group}', 0)); a rebuild into the live tables needs it stopped: \
              stop the worker (or every replica of it), or rebuild with --shadow"
+        );
+    }
+    Ok(Held {
+        _client: client,
+        _pool: pool,
+    })
+}
+
+/// One rebuild of a group at a time, whatever its mode: a second one
+/// (`--shadow` or not) refuses while one runs, since both write the same
+/// offset rows and a shadow rebuild its shadow tables. `Err` says so.
+pub async fn take_single_rebuild(config: &Config) -> anyhow::Result<Held> {
+    let group = config.consumer_group();
+    let (pool, client) = connection(config).await?;
+    let got: bool = client
+        .query_one(
+            "SELECT pg_try_advisory_lock(hashtextextended('regionsync rebuild ' || $1, 0))",
+            &[&group],
+        )
+        .await?
+        .get(0);
+    if !got {
+        anyhow::bail!(
+            "another `regionsync rebuild` of consumer group {group} is running against this database; \
+             wait for it (or stop it: it resumes when run again)"
         );
     }
     Ok(Held {

@@ -27,6 +27,7 @@
 
 pub mod bulk;
 pub mod lock;
+pub mod shadow;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -209,6 +210,30 @@ pub async fn inspect(
     Ok(Some((retention, spans)))
 }
 
+/// A topic's partitions and their ends (next offsets), quickly (no
+/// retention read): for a shadow rebuild's catch-up. Empty: no topic.
+pub fn partition_ends(consumer: &StreamConsumer, topic: &str) -> anyhow::Result<Vec<(i32, i64)>> {
+    tokio::task::block_in_place(|| {
+        let metadata = consumer
+            .fetch_metadata(Some(topic), Duration::from_secs(10))
+            .with_context(|| format!("reading the metadata of topic {topic}"))?;
+        let Some(t) = metadata.topics().iter().find(|t| t.name() == topic) else {
+            return Ok(Vec::new());
+        };
+        if t.error().is_some() {
+            return Ok(Vec::new());
+        }
+        let mut out = Vec::new();
+        for p in t.partitions() {
+            let (_, high) = consumer
+                .fetch_watermarks(topic, p.id(), Duration::from_secs(10))
+                .with_context(|| format!("reading the offsets of {topic}/{}", p.id()))?;
+            out.push((p.id(), high));
+        }
+        Ok(out)
+    })
+}
+
 /// The timestamp of the message at `offset` of a partition (a reader of
 /// its own, not in any group).
 async fn first_timestamp(config: &Config, topic: &str, partition: i32, offset: i64) -> Option<i64> {
@@ -258,95 +283,104 @@ pub struct Replayed {
 /// Something told about each partition's progress: (topic, messages).
 pub type OnProgress<'a> = dyn Fn(&str, u64) + Send + Sync + 'a;
 
-/// Replays `spans` of `feeds` into `tables` (the config's, loaded): read
-/// and planned in batches of `apply.batch_max_rows` messages, collapsed
-/// into chunks of about `chunk_changes` changes, each loaded in bulk and
-/// committed with its partitions' offsets under the rebuild's group
-/// ([`bulk`]).
-pub async fn replay(
-    config: &Config,
-    pool: &deadpool_postgres::Pool,
-    tables: &[TargetTable],
-    feeds: &[Feed],
-    spans: Vec<Span>,
-    chunk_changes: usize,
-    on_progress: &OnProgress<'_>,
-) -> anyhow::Result<Replayed> {
-    let group = group(config);
-    let mut decoders: HashMap<String, Arc<AvroSource>> = HashMap::new();
-    for f in feeds {
-        if let Some(url) = config.registry_for(&f.source_region) {
-            if !decoders.contains_key(&f.source_region) {
-                decoders.insert(
-                    f.source_region.clone(),
-                    Arc::new(AvroSource::with_settings(url, config)?),
-                );
+/// What a replay reads from: the consumer assigned to the partitions
+/// still to read, each with the end it runs to, and what plans their
+/// messages.
+struct Reader<'a> {
+    config: &'a Config,
+    tables: &'a [TargetTable],
+    feed_of: HashMap<&'a str, &'a Feed>,
+    decoders: HashMap<String, Arc<AvroSource>>,
+    consumer: StreamConsumer,
+    ends: HashMap<(String, i32), i64>,
+}
+
+impl<'a> Reader<'a> {
+    /// `None`: every span is read already.
+    fn new(
+        config: &'a Config,
+        tables: &'a [TargetTable],
+        feeds: &'a [Feed],
+        spans: &[Span],
+    ) -> anyhow::Result<Option<Reader<'a>>> {
+        let mut decoders: HashMap<String, Arc<AvroSource>> = HashMap::new();
+        for f in feeds {
+            if let Some(url) = config.registry_for(&f.source_region) {
+                if !decoders.contains_key(&f.source_region) {
+                    decoders.insert(
+                        f.source_region.clone(),
+                        Arc::new(AvroSource::with_settings(url, config)?),
+                    );
+                }
             }
         }
-    }
-    let feed_of: HashMap<&str, &Feed> = feeds.iter().map(|f| (f.topic.as_str(), f)).collect();
-    let mut ends: HashMap<(String, i32), i64> = HashMap::new();
-    let mut tpl = TopicPartitionList::new();
-    for s in &spans {
-        if s.next < s.end {
-            tpl.add_partition_offset(&s.topic, s.partition, Offset::Offset(s.next))?;
-            ends.insert((s.topic.clone(), s.partition), s.end);
+        let feed_of: HashMap<&str, &Feed> = feeds.iter().map(|f| (f.topic.as_str(), f)).collect();
+        let mut ends: HashMap<(String, i32), i64> = HashMap::new();
+        let mut tpl = TopicPartitionList::new();
+        for s in spans {
+            if s.next < s.end {
+                tpl.add_partition_offset(&s.topic, s.partition, Offset::Offset(s.next))?;
+                ends.insert((s.topic.clone(), s.partition), s.end);
+            }
         }
-    }
-    let mut done = Replayed::default();
-    if ends.is_empty() {
-        return Ok(done);
-    }
-    let consumer = consumer(config)?;
-    consumer
-        .assign(&tpl)
-        .context("assigning the partitions to replay")?;
-    let max_rows = config.apply.batch_max_rows.max(1);
-    let mut chunk = bulk::Chunk::default();
-    // Messages per topic in the chunk being read, and in the one being
-    // written: told once it is committed.
-    let mut unreported: HashMap<String, u64> = HashMap::new();
-    let mut written: HashMap<String, u64> = HashMap::new();
-    let report = |counts: &mut HashMap<String, u64>| {
-        for (topic, n) in counts.drain() {
-            on_progress(&topic, n);
-            metrics::counter!(crate::metrics::REBUILD_MESSAGES_TOTAL, "topic" => topic)
-                .increment(n);
+        if ends.is_empty() {
+            return Ok(None);
         }
-    };
-    // A chunk is written (by PostgreSQL) while the next one is read and
-    // decoded (here): on a small box those are the two cores' work. One
-    // write at a time, so chunks commit in order.
-    let shared: Arc<Vec<TargetTable>> = Arc::new(tables.to_vec());
-    let mut writing: Option<tokio::task::JoinHandle<anyhow::Result<Applied>>> = None;
-    while !ends.is_empty() {
+        let consumer = consumer(config)?;
+        consumer
+            .assign(&tpl)
+            .context("assigning the partitions to replay")?;
+        Ok(Some(Reader {
+            config,
+            tables,
+            feed_of,
+            decoders,
+            consumer,
+            ends,
+        }))
+    }
+
+    fn done(&self) -> bool {
+        self.ends.is_empty()
+    }
+
+    /// Reads the next batch (up to `apply.batch_max_rows` messages) and
+    /// plans it into `chunk`; `unreported` counts its messages per topic.
+    async fn read_into(
+        &mut self,
+        chunk: &mut bulk::Chunk,
+        done: &mut Replayed,
+        unreported: &mut HashMap<String, u64>,
+    ) -> anyhow::Result<()> {
+        let (config, tables) = (self.config, self.tables);
+        let max_rows = config.apply.batch_max_rows.max(1);
         let mut batch: Vec<BorrowedMessage<'_>> = Vec::new();
         let mut idle = Duration::ZERO;
         let first = loop {
-            match tokio::time::timeout(Duration::from_secs(1), consumer.recv()).await {
+            match tokio::time::timeout(Duration::from_secs(1), self.consumer.recv()).await {
                 Ok(m) => break Some(m?),
                 Err(_) => {
                     // Nothing came: a partition may end in offsets that are
                     // no messages (transaction markers, compacted away).
-                    reached_by_position(&consumer, &mut ends);
-                    if ends.is_empty() {
+                    reached_by_position(&self.consumer, &mut self.ends);
+                    if self.ends.is_empty() {
                         break None;
                     }
                     idle += Duration::from_secs(1);
                     if idle >= Duration::from_secs(30) {
                         anyhow::bail!(
                             "no message from Kafka for 30 s while {} partition(s) are not replayed to their end",
-                            ends.len()
+                            self.ends.len()
                         );
                     }
                 }
             }
         };
-        let Some(first) = first else { break };
+        let Some(first) = first else { return Ok(()) };
         batch.push(first);
         let linger = tokio::time::Instant::now() + Duration::from_millis(50);
         while batch.len() < max_rows {
-            match tokio::time::timeout_at(linger, consumer.recv()).await {
+            match tokio::time::timeout_at(linger, self.consumer.recv()).await {
                 Ok(m) => batch.push(m?),
                 Err(_) => break,
             }
@@ -355,13 +389,14 @@ pub async fn replay(
         let mut by_partition: HashMap<(String, i32), Vec<BorrowedMessage<'_>>> = HashMap::new();
         for m in batch {
             let key = (m.topic().to_owned(), m.partition());
-            match ends.get(&key) {
+            match self.ends.get(&key) {
                 Some(end) if m.offset() < *end => by_partition.entry(key).or_default().push(m),
                 _ => {}
             }
         }
         for ((topic, partition), messages) in &by_partition {
-            let feed = feed_of
+            let feed = self
+                .feed_of
                 .get(topic.as_str())
                 .ok_or_else(|| anyhow::anyhow!("a message of {topic}, which is not replayed"))?;
             let planner = Planner {
@@ -369,7 +404,7 @@ pub async fn replay(
                 tables,
                 source_region: &feed.source_region,
                 table: Some(feed.table),
-                avro: decoders.get(&feed.source_region).map(|a| &**a),
+                avro: self.decoders.get(&feed.source_region).map(|a| &**a),
                 own_topic: feed.own,
             };
             let plan = planner.plan(topic, messages, crate::clock::now_ms()).await;
@@ -402,12 +437,56 @@ pub async fn replay(
             chunk.messages += messages.len();
             *unreported.entry(topic.clone()).or_default() += messages.len() as u64;
             let key = (topic.clone(), *partition);
-            if ends.get(&key).is_some_and(|end| next >= *end) {
-                ends.remove(&key);
+            if self.ends.get(&key).is_some_and(|end| next >= *end) {
+                self.ends.remove(&key);
                 info!(topic = %topic, partition, "read to its end");
             }
         }
-        if chunk.changes >= chunk_changes || chunk.messages >= chunk_changes || ends.is_empty() {
+        Ok(())
+    }
+}
+
+/// Replays `spans` of `feeds` into `tables` (the config's, loaded): read
+/// and planned in batches of `apply.batch_max_rows` messages, collapsed
+/// into chunks of about `chunk_changes` changes, each loaded in bulk and
+/// committed with its partitions' offsets under the rebuild's group
+/// ([`bulk`]).
+pub async fn replay(
+    config: &Config,
+    pool: &deadpool_postgres::Pool,
+    tables: &[TargetTable],
+    feeds: &[Feed],
+    spans: Vec<Span>,
+    chunk_changes: usize,
+    on_progress: &OnProgress<'_>,
+) -> anyhow::Result<Replayed> {
+    let group = group(config);
+    let mut done = Replayed::default();
+    let Some(mut reader) = Reader::new(config, tables, feeds, &spans)? else {
+        return Ok(done);
+    };
+    let mut chunk = bulk::Chunk::default();
+    // Messages per topic in the chunk being read, and in the one being
+    // written: told once it is committed.
+    let mut unreported: HashMap<String, u64> = HashMap::new();
+    let mut written: HashMap<String, u64> = HashMap::new();
+    let report = |counts: &mut HashMap<String, u64>| {
+        for (topic, n) in counts.drain() {
+            on_progress(&topic, n);
+            metrics::counter!(crate::metrics::REBUILD_MESSAGES_TOTAL, "topic" => topic)
+                .increment(n);
+        }
+    };
+    // A chunk is written (by PostgreSQL) while the next one is read and
+    // decoded (here): on a small box those are the two cores' work. One
+    // write at a time, so chunks commit in order.
+    let shared: Arc<Vec<TargetTable>> = Arc::new(tables.to_vec());
+    let mut writing: Option<tokio::task::JoinHandle<anyhow::Result<Applied>>> = None;
+    while !reader.done() {
+        reader
+            .read_into(&mut chunk, &mut done, &mut unreported)
+            .await?;
+        if chunk.changes >= chunk_changes || chunk.messages >= chunk_changes || reader.done() {
             if let Some(applied) = written_chunk(&mut writing).await? {
                 done.applied += applied;
                 report(&mut written);
@@ -432,6 +511,34 @@ pub async fn replay(
             .map_err(refusal_explained)?;
         report(&mut unreported);
     }
+    Ok(done)
+}
+
+/// Replays `spans` into `tables` inside the caller's transaction `tx`, as
+/// one chunk with its offsets (a shadow rebuild's last catch-up, under the
+/// lock that stops the worker's writes: a small gap).
+pub async fn replay_in(
+    tx: &deadpool_postgres::Transaction<'_>,
+    config: &Config,
+    tables: &[TargetTable],
+    feeds: &[Feed],
+    spans: Vec<Span>,
+) -> anyhow::Result<Replayed> {
+    let mut done = Replayed::default();
+    let Some(mut reader) = Reader::new(config, tables, feeds, &spans)? else {
+        return Ok(done);
+    };
+    let mut chunk = bulk::Chunk::default();
+    let mut unreported = HashMap::new();
+    while !reader.done() {
+        reader
+            .read_into(&mut chunk, &mut done, &mut unreported)
+            .await?;
+    }
+    done.messages += chunk.messages as u64;
+    done.applied += bulk::flush(tx, &group(config), tables, chunk)
+        .await
+        .map_err(refusal_explained)?;
     Ok(done)
 }
 
