@@ -5,6 +5,8 @@
 
 use std::collections::BTreeMap;
 
+use serde_json::value::RawValue;
+
 use crate::apply::{session, TargetTable};
 use crate::config::{Config, TableConfig};
 use crate::conflict::{self, Keep};
@@ -42,7 +44,7 @@ pub async fn list(
         listed.push((c, current));
     }
     if json {
-        let out: Vec<serde_json::Value> = listed
+        let out: Vec<JsonConflict<'_>> = listed
             .iter()
             .map(|(c, current)| to_json(c, current.as_ref()))
             .collect::<anyhow::Result<_>>()?;
@@ -82,45 +84,82 @@ fn table_config<'a>(config: &'a Config, name: &str) -> Option<&'a TableConfig> {
     })
 }
 
+/// One version in `conflicts list --json`; `row` as PostgreSQL printed it,
+/// every digit kept (`null`: a delete, or no row).
+#[derive(serde::Serialize)]
+struct JsonVersion<'a> {
+    hlc: i64,
+    origin_region: &'a str,
+    row: Option<Box<RawValue>>,
+}
+
+/// The row's version now (no `row`).
+#[derive(serde::Serialize)]
+struct JsonCurrent<'a> {
+    hlc: i64,
+    origin_region: &'a str,
+}
+
 /// One conflict of `conflicts list --json`. `current` is the row's version
 /// here now (`null`: no row), absent when the config does not replicate
 /// the table.
-fn to_json(
-    c: &conflict::Listed,
-    current: Option<&Option<(i64, String)>>,
-) -> anyhow::Result<serde_json::Value> {
-    let version = |hlc: i64, origin: &str, row: &Option<String>| -> anyhow::Result<_> {
-        // The row as PostgreSQL printed it, digits and all.
-        let row: Option<Box<serde_json::value::RawValue>> = row
+#[derive(serde::Serialize)]
+struct JsonConflict<'a> {
+    id: i64,
+    detected_at: &'a str,
+    table: &'a str,
+    key: &'a str,
+    kind: &'a str,
+    policy: &'a str,
+    resolution: &'a str,
+    resolved: bool,
+    local: Option<JsonVersion<'a>>,
+    remote: JsonVersion<'a>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    current: Option<Option<JsonCurrent<'a>>>,
+}
+
+fn to_json<'a>(
+    c: &'a conflict::Listed,
+    current: Option<&'a Option<(i64, String)>>,
+) -> anyhow::Result<JsonConflict<'a>> {
+    let raw = |row: &Option<String>| -> anyhow::Result<Option<Box<RawValue>>> {
+        Ok(row
             .as_ref()
-            .map(|r| serde_json::value::RawValue::from_string(r.clone()))
-            .transpose()?;
-        Ok(serde_json::json!({ "hlc": hlc, "origin_region": origin, "row": row }))
+            .map(|r| RawValue::from_string(r.clone()))
+            .transpose()?)
     };
     let local = match &c.local_version {
-        Some((hlc, origin)) => version(*hlc, origin, &c.local_row)?,
-        None => serde_json::Value::Null,
+        Some((hlc, origin)) => Some(JsonVersion {
+            hlc: *hlc,
+            origin_region: origin,
+            row: raw(&c.local_row)?,
+        }),
+        None => None,
     };
     let (remote_hlc, remote_origin) = &c.remote_version;
-    let mut out = serde_json::json!({
-        "id": c.id,
-        "detected_at": c.detected_at,
-        "table": c.table,
-        "key": c.key,
-        "kind": c.kind,
-        "policy": c.policy,
-        "resolution": c.resolution.trim_end_matches(" (pending)"),
-        "resolved": c.resolved,
-        "local": local,
-        "remote": version(*remote_hlc, remote_origin, &c.remote_row)?,
-    });
-    if let Some(current) = current {
-        out["current"] = match current {
-            Some((hlc, origin)) => serde_json::json!({ "hlc": hlc, "origin_region": origin }),
-            None => serde_json::Value::Null,
-        };
-    }
-    Ok(out)
+    Ok(JsonConflict {
+        id: c.id,
+        detected_at: &c.detected_at,
+        table: &c.table,
+        key: &c.key,
+        kind: &c.kind,
+        policy: &c.policy,
+        resolution: c.resolution.trim_end_matches(" (pending)"),
+        resolved: c.resolved,
+        local,
+        remote: JsonVersion {
+            hlc: *remote_hlc,
+            origin_region: remote_origin,
+            row: raw(&c.remote_row)?,
+        },
+        current: current.map(|now| {
+            now.as_ref().map(|(hlc, origin)| JsonCurrent {
+                hlc: *hlc,
+                origin_region: origin,
+            })
+        }),
+    })
 }
 
 /// Settles conflict `id` by keeping `keep`, and prints what was done.
@@ -144,4 +183,47 @@ pub async fn resolve(config: &Config, id: i64, keep: Keep) -> anyhow::Result<()>
     let done = conflict::resolve(&mut client, &table, id, keep, &config.region).await?;
     println!("conflict {id}: {done}");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn listed() -> conflict::Listed {
+        conflict::Listed {
+            id: 7,
+            detected_at: "2026-12-07T02:20:37Z".into(),
+            table: "public.users".into(),
+            key: "42".into(),
+            kind: "cross_region".into(),
+            policy: "manual".into(),
+            resolution: "open (pending)".into(),
+            local: String::new(),
+            remote: String::new(),
+            resolved: false,
+            local_version: Some((10, "us-east-1".into())),
+            local_row: Some(r#"{"id": 42, "n": 1.000000000000000000001}"#.into()),
+            remote_version: (12, "eu-west-1".into()),
+            remote_row: None,
+        }
+    }
+
+    #[test]
+    fn the_json_has_the_current_version_and_every_digit() {
+        let c = listed();
+        let now = Some((15, "us-east-1".to_string()));
+        let json = serde_json::to_string(&to_json(&c, Some(&now)).unwrap()).unwrap();
+        assert!(json.contains(r#""n": 1.000000000000000000001"#), "{json}");
+        let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+        assert_eq!(v["resolution"], "open");
+        assert_eq!(v["current"]["hlc"], 15);
+        assert_eq!(v["current"]["origin_region"], "us-east-1");
+        assert_eq!(v["remote"]["row"], serde_json::Value::Null);
+        assert_eq!(v["local"]["hlc"], 10);
+        // No row now: null; a table the config does not replicate: absent.
+        let v = serde_json::to_value(to_json(&c, Some(&None)).unwrap()).unwrap();
+        assert!(v.get("current").is_some_and(|c| c.is_null()), "{v}");
+        let v = serde_json::to_value(to_json(&c, None).unwrap()).unwrap();
+        assert!(v.get("current").is_none(), "{v}");
+    }
 }
