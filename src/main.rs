@@ -222,7 +222,8 @@ enum Command {
 enum ConflictsCommand {
     /// The newest conflicts first: id, when, table, key, kind, policy,
     /// resolution ("(pending)" until settled), then the local and the
-    /// remote version (region, hlc, row as JSON).
+    /// remote version (region, hlc, row as JSON) and the version the row
+    /// has here now (what settling compares with).
     List {
         /// Only this table (schema.table).
         #[arg(long)]
@@ -233,6 +234,10 @@ enum ConflictsCommand {
         open: bool,
         #[arg(long, default_value_t = 50)]
         limit: i64,
+        /// Print them as a JSON array (each with `local`, `remote` and
+        /// `current`, the row's version here now).
+        #[arg(long)]
+        json: bool,
     },
     /// Settle a conflict: write the kept version again in this region as a
     /// new local write, newer than both, which every region then applies.
@@ -423,9 +428,12 @@ fn main() -> ExitCode {
             Command::Status { interval, .. } => {
                 ops::status::run(&worker_url(&config), seconds(interval)?).await
             }
-            Command::Conflicts(ConflictsCommand::List { table, open, limit }) => {
-                ops::conflicts::list(&config, table.as_deref(), open, limit).await
-            }
+            Command::Conflicts(ConflictsCommand::List {
+                table,
+                open,
+                limit,
+                json,
+            }) => ops::conflicts::list(&config, table.as_deref(), open, limit, json).await,
             Command::Conflicts(ConflictsCommand::Resolve { id, keep }) => {
                 ops::conflicts::resolve(&config, id, keep).await
             }

@@ -224,7 +224,8 @@ impl HomingOverrides {
     /// applied now: how long before `source` was failed over it was
     /// committed, if it was (the next failover of `source` after it). Such
     /// a write was in the RPO window: committed, not mirrored when its
-    /// region failed. A replay of old changes counts again.
+    /// region failed. A change sent again is a candidate again:
+    /// `conflict::check` counts it once.
     pub fn rpo_span_ms(&self, source: &str, committed_ms: i64) -> Option<i64> {
         self.windows
             .iter()

@@ -4,6 +4,7 @@
 //! in one statement, and the changes to apply handed back.
 
 use std::borrow::Cow;
+use std::collections::HashSet;
 
 // The apply path's client (check, lookup, insert) is the pool's, whose
 // statements are prepared once per connection.
@@ -100,13 +101,13 @@ pub async fn check<'a>(
             }
         })
         .collect();
-    let (mut rpo, mut rpo_span_ms) = (0, 0);
-    for f in &finals {
-        if let Some(span) = homing.rpo_span_ms(source, f.committed_ms()) {
-            rpo += 1;
-            rpo_span_ms = rpo_span_ms.max(span);
-        }
-    }
+    // Candidates for the RPO window: committed before their region failed
+    // over. Counted below, once each: not a re-send of a version already
+    // here, nor one already recorded.
+    let rpo_spans: Vec<Option<i64>> = finals
+        .iter()
+        .map(|f| homing.rpo_span_ms(source, f.committed_ms()))
+        .collect();
     let mut class_counts = [0u64; 4];
     for c in &classes {
         class_counts[c.index()] += 1;
@@ -115,7 +116,15 @@ pub async fn check<'a>(
         .iter()
         .map(|f| matches!(&**f, Final::Upsert(r) if late_before.is_some_and(|l| Hlc(r.hlc) < l)))
         .collect();
-    let stored = lookup(client, table, &finals, &classes, &late, source, policy).await?;
+    let force: Vec<bool> = late
+        .iter()
+        .zip(&rpo_spans)
+        .map(|(late, rpo)| *late || rpo.is_some())
+        .collect();
+    let stored = lookup(client, table, &finals, &classes, &force, source, policy).await?;
+    let (mut rpo, mut rpo_span_ms) = (0, 0);
+    // RPO candidates recorded as conflicts: counted if the record is new.
+    let mut rpo_recorded: Vec<(String, i64, String, i64)> = Vec::new();
 
     let mut keep = Vec::with_capacity(finals.len());
     let mut records = Records::default();
@@ -126,6 +135,11 @@ pub async fn check<'a>(
             continue;
         }
         let Some(s) = stored.get(&i) else {
+            if let Some(span) = rpo_spans[i] {
+                // Nothing stored here for the key: not seen before.
+                rpo += 1;
+                rpo_span_ms = rpo_span_ms.max(span);
+            }
             keep.push(f);
             continue;
         };
@@ -145,6 +159,16 @@ pub async fn check<'a>(
             tombstone: s.tombstone.as_ref().map(v),
         };
         let d = decide(&case);
+        if let Some(span) = rpo_spans[i] {
+            if !resent(&case) {
+                if d.record.is_some() {
+                    rpo_recorded.push((f.key_text().to_string(), hlc, origin.to_string(), span));
+                } else {
+                    rpo += 1;
+                    rpo_span_ms = rpo_span_ms.max(span);
+                }
+            }
+        }
         if let Some((kind, resolution)) = d.record {
             records.push(table, &f, s, kind, resolution, policy);
         }
@@ -157,7 +181,14 @@ pub async fn check<'a>(
             }
         }
     }
-    let recorded = records.insert(client, table).await?;
+    let new_records = records.insert(client, table).await?;
+    let recorded = new_records.len() as u64;
+    for (key, hlc, origin, span) in rpo_recorded {
+        if new_records.contains(&(key, hlc, origin)) {
+            rpo += 1;
+            rpo_span_ms = rpo_span_ms.max(span);
+        }
+    }
     Ok(Checked {
         finals: keep,
         recorded,
@@ -170,16 +201,29 @@ pub async fn check<'a>(
     })
 }
 
+/// Whether a change is a re-send of a version this region already has:
+/// the stored row (or, with none, the tombstone) came from the change's
+/// own region and is not older than it. One region's versions of a key
+/// arrive in order, so an older one after it can only be sent again (a
+/// Debezium restart resends from its last flushed position).
+fn resent(c: &Case<'_>) -> bool {
+    c.row
+        .as_ref()
+        .or(c.tombstone.as_ref())
+        .is_some_and(|s| s.origin_region == c.source && *s >= c.incoming)
+}
+
 /// The stored row version (with the row as JSON) or tombstone of every
 /// change that could be concurrent or held: where the stored version came
 /// from another region than `source`, or the change is a cross-region
-/// write under a holding policy, or late. Keyed by the change's index.
+/// write under a holding policy, or `forced` (late, or in the RPO window).
+/// Keyed by the change's index.
 async fn lookup(
     client: &impl CachingClient,
     table: &TargetTable,
     finals: &[Cow<'_, Final>],
     classes: &[WriteClass],
-    late: &[bool],
+    forced: &[bool],
     source: &str,
     policy: Policy,
 ) -> Result<std::collections::HashMap<usize, Stored>, tokio_postgres::Error> {
@@ -187,12 +231,12 @@ async fn lookup(
     let mut key_arrays: Vec<Vec<Option<&str>>> = vec![Vec::with_capacity(finals.len()); nkeys];
     let mut key_texts = Vec::with_capacity(finals.len());
     let mut force = Vec::with_capacity(finals.len());
-    for ((f, class), late) in finals.iter().zip(classes).zip(late) {
+    for ((f, class), forced) in finals.iter().zip(classes).zip(forced) {
         for (slot, value) in key_values(table, f).into_iter().enumerate() {
             key_arrays[slot].push(value);
         }
         key_texts.push(f.key_text());
-        force.push(*late || (*class == WriteClass::CrossRegion && policy != Policy::Lww));
+        force.push(*forced || (*class == WriteClass::CrossRegion && policy != Policy::Lww));
     }
     let unnest: Vec<String> = (1..=nkeys).map(|n| format!("${n}::text[]")).collect();
     let (pk, pf, ps, pt) = (nkeys + 1, nkeys + 2, nkeys + 3, nkeys + 4);
@@ -303,17 +347,18 @@ impl Records {
     }
 
     /// Inserts the records; one already recorded (the same remote version of
-    /// the same key, e.g. on a replay) is not recorded twice.
+    /// the same key, e.g. on a replay) is not recorded twice. Returns the
+    /// (key, remote hlc, remote origin) of those recorded now.
     async fn insert(
         &self,
         client: &impl CachingClient,
         table: &TargetTable,
-    ) -> Result<u64, tokio_postgres::Error> {
+    ) -> Result<HashSet<(String, i64, String)>, tokio_postgres::Error> {
         if self.key.is_empty() {
-            return Ok(0);
+            return Ok(HashSet::new());
         }
-        client
-            .execute(
+        let rows = client
+            .query(
                 "INSERT INTO regionsync.conflicts
                         (table_name, row_key, kind, policy, local_hlc, local_origin, local_row,
                          remote_hlc, remote_origin, remote_row, resolution, resolved_at)
@@ -322,7 +367,8 @@ impl Records {
                    FROM unnest($2::text[], $3::text[], $4::text[], $5::bigint[], $6::text[], $7::text[],
                                $8::bigint[], $9::text[], $10::text[], $11::text[], $12::bool[])
                         AS u(key, kind, policy, lh, lo, lr, rh, ro, rr, res, settled)
-                 ON CONFLICT (table_name, row_key, remote_hlc, remote_origin) DO NOTHING",
+                 ON CONFLICT (table_name, row_key, remote_hlc, remote_origin) DO NOTHING
+                 RETURNING row_key, remote_hlc, remote_origin",
                 &[
                     &table.name,
                     &self.key,
@@ -338,7 +384,11 @@ impl Records {
                     &self.settled,
                 ],
             )
-            .await
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|r| (r.get(0), r.get(1), r.get(2)))
+            .collect())
     }
 }
 
@@ -358,6 +408,44 @@ fn row_json_value(pg_type: &str, text: Option<&str>) -> serde_json::Value {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn case<'a>(
+        incoming: (i64, &'a str),
+        row: Option<(i64, &'a str)>,
+        tombstone: Option<(i64, &'a str)>,
+    ) -> Case<'a> {
+        let ver = |(hlc, origin_region): (i64, &'a str)| Version {
+            hlc: Hlc(hlc),
+            origin_region,
+        };
+        Case {
+            class: WriteClass::Shared,
+            policy: Policy::Lww,
+            source: "us-east-1",
+            incoming: ver(incoming),
+            is_delete: false,
+            snapshot: false,
+            replaced: None,
+            row: row.map(ver),
+            tombstone: tombstone.map(ver),
+        }
+    }
+
+    #[test]
+    fn a_version_of_the_source_s_already_here_or_older_is_a_resend() {
+        const US: &str = "us-east-1";
+        const EU: &str = "eu-west-1";
+        // The very version, or an older one of the same region.
+        assert!(resent(&case((10, US), Some((10, US)), None)));
+        assert!(resent(&case((10, US), Some((12, US)), None)));
+        assert!(resent(&case((10, US), None, Some((11, US)))));
+        // New here: nothing stored, an older version, or another region's
+        // (an outage write it may race with).
+        assert!(!resent(&case((10, US), None, None)));
+        assert!(!resent(&case((10, US), Some((9, US)), None)));
+        assert!(!resent(&case((10, US), Some((12, EU)), None)));
+        assert!(!resent(&case((10, US), None, Some((11, EU)))));
+    }
 
     #[test]
     fn json_columns_are_kept_as_json_in_a_recorded_row() {

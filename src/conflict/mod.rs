@@ -28,7 +28,7 @@ mod resolve;
 mod retention;
 
 pub use check::{check, Checked};
-pub use resolve::{list, reassert_rejected, resolve, Keep, Listed, Resolved};
+pub use resolve::{current_version, list, reassert_rejected, resolve, Keep, Listed, Resolved};
 pub use retention::{prune, unresolved};
 
 use crate::clock::Version;

@@ -84,26 +84,8 @@ pub async fn resolve(
     if resolved {
         return Ok(Resolved::AlreadyResolved);
     }
-    let keys: Vec<String> = if table.key.len() == 1 {
-        vec![row_key.clone()]
-    } else {
-        serde_json::from_str(&row_key)
-            .with_context(|| format!("conflict {id}: row_key {row_key:?} is not a JSON array"))?
-    };
-    let key_where = table
-        .key
-        .iter()
-        .enumerate()
-        .map(|(n, i)| {
-            format!(
-                "t.{} = ${}::text::{}",
-                quote_ident(&table.columns[*i].0),
-                n + 1,
-                table.columns[*i].1
-            )
-        })
-        .collect::<Vec<_>>()
-        .join(" AND ");
+    let (key_where, keys) = key_condition(table, &row_key)
+        .with_context(|| format!("conflict {id}: row_key {row_key:?}"))?;
     let key_params: Vec<&(dyn ToSql + Sync)> =
         keys.iter().map(|k| k as &(dyn ToSql + Sync)).collect();
     let local_row = tx
@@ -210,6 +192,63 @@ pub async fn resolve(
     Ok(written)
 }
 
+/// The SQL condition on `t` selecting the row of `row_key` (as
+/// `regionsync.conflicts.row_key` spells it: the value as text, or a JSON
+/// array of texts for a composite key), with its parameters.
+fn key_condition(table: &TargetTable, row_key: &str) -> anyhow::Result<(String, Vec<String>)> {
+    let keys: Vec<String> = if table.key.len() == 1 {
+        vec![row_key.to_string()]
+    } else {
+        serde_json::from_str(row_key).context("not a JSON array")?
+    };
+    if keys.len() != table.key.len() {
+        bail!(
+            "{} key values where {} has {} key columns",
+            keys.len(),
+            table.name,
+            table.key.len()
+        );
+    }
+    let key_where = table
+        .key
+        .iter()
+        .enumerate()
+        .map(|(n, i)| {
+            format!(
+                "t.{} = ${}::text::{}",
+                quote_ident(&table.columns[*i].0),
+                n + 1,
+                table.columns[*i].1
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(" AND ");
+    Ok((key_where, keys))
+}
+
+/// The version of the row of `row_key` stored here now: `(hlc,
+/// origin_region)`, or `None` when there is no row. A conflict records the
+/// local version at its detection; the row may have moved on since, and
+/// settling a conflict means comparing with what is there now.
+pub async fn current_version(
+    client: &impl GenericClient,
+    table: &TargetTable,
+    row_key: &str,
+) -> anyhow::Result<Option<(i64, String)>> {
+    let (key_where, keys) = key_condition(table, row_key)?;
+    let params: Vec<&(dyn ToSql + Sync)> = keys.iter().map(|k| k as &(dyn ToSql + Sync)).collect();
+    let row = client
+        .query_opt(
+            &format!(
+                "SELECT t.hlc, t.origin_region FROM {} t WHERE {key_where}",
+                table.ident
+            ),
+            &params,
+        )
+        .await?;
+    Ok(row.map(|r| (r.get(0), r.get(1))))
+}
+
 /// JSON objects merged left to right (later keys win) by jsonb `||` in
 /// SQL, so that numbers keep every digit.
 async fn merge(
@@ -264,8 +303,20 @@ pub struct Listed {
     pub kind: String,
     pub policy: String,
     pub resolution: String,
+    /// The local version at detection, as text (region, hlc, row).
     pub local: String,
+    /// The remote version, as text (region, hlc, row or "(delete)").
     pub remote: String,
+    /// Settled (`resolved_at` set).
+    pub resolved: bool,
+    /// The local version at detection: (hlc, region), `None` if there was
+    /// none, and the row as JSON (`None`: deleted or none).
+    pub local_version: Option<(i64, String)>,
+    pub local_row: Option<String>,
+    /// The remote version: (hlc, region), and the row as JSON (`None`: a
+    /// delete).
+    pub remote_version: (i64, String),
+    pub remote_row: Option<String>,
 }
 
 /// The newest `limit` conflicts, optionally only the unresolved ones or
@@ -282,7 +333,9 @@ pub async fn list(
                     table_name, row_key, kind, policy,
                     resolution || CASE WHEN resolved_at IS NULL THEN ' (pending)' ELSE '' END,
                     coalesce(local_origin || ' ' || local_hlc || coalesce(' ' || local_row::text, ' (deleted)'), '(none)'),
-                    remote_origin || ' ' || remote_hlc || coalesce(' ' || remote_row::text, ' (delete)')
+                    remote_origin || ' ' || remote_hlc || coalesce(' ' || remote_row::text, ' (delete)'),
+                    resolved_at IS NOT NULL, local_hlc, local_origin, local_row::text,
+                    remote_hlc, remote_origin, remote_row::text
                FROM regionsync.conflicts
               WHERE ($1::text IS NULL OR table_name = $1)
                 AND (NOT $2 OR resolved_at IS NULL)
@@ -302,6 +355,13 @@ pub async fn list(
             resolution: r.get(6),
             local: r.get(7),
             remote: r.get(8),
+            resolved: r.get(9),
+            local_version: r
+                .get::<_, Option<i64>>(10)
+                .zip(r.get::<_, Option<String>>(11)),
+            local_row: r.get(12),
+            remote_version: (r.get(13), r.get(14)),
+            remote_row: r.get(15),
         })
         .collect())
 }

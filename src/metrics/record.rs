@@ -72,14 +72,26 @@ pub fn batch(
     metrics::histogram!(APPLY_BATCH_ROWS).record(batch_len as f64);
 }
 
+/// The longest RPO span seen from each source region by this process.
+static RPO_SPAN_MAX: std::sync::Mutex<Option<HashMap<String, f64>>> = std::sync::Mutex::new(None);
+
 /// The longest RPO span seen from `region` by this process, with `span`.
 fn rpo_span_max(region: &str, span: f64) -> f64 {
-    static MAX: std::sync::Mutex<Option<HashMap<String, f64>>> = std::sync::Mutex::new(None);
-    let mut max = MAX.lock().expect("rpo lock");
+    let mut max = RPO_SPAN_MAX.lock().expect("rpo lock");
     let slot = max
         .get_or_insert_with(HashMap::new)
         .entry(region.to_string())
         .or_insert(0.0);
     *slot = slot.max(span);
     *slot
+}
+
+/// Sets `regionsync_rpo_window_seconds` again for every source region with
+/// an RPO span: the exporter drops a gauge not set for a minute, and the
+/// RPO of a return must stay readable after its last change is applied.
+pub fn refresh_rpo_window() {
+    let max = RPO_SPAN_MAX.lock().expect("rpo lock");
+    for (region, span) in max.iter().flatten() {
+        metrics::gauge!(RPO_WINDOW_SECONDS, "source_region" => region.clone()).set(*span);
+    }
 }

@@ -154,6 +154,7 @@ pub(super) async fn report_lag(worker: Arc<Worker>) {
         }
         if n % 5 == 0 {
             report_homing(&worker).await;
+            crate::metrics::record::refresh_rpo_window();
             let ready = worker.check().await.is_ok();
             metrics::gauge!(m::READY).set(if ready { 1.0 } else { 0.0 });
         }
