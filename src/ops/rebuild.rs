@@ -422,12 +422,6 @@ struct Swapped {
 /// How long the swap waits for the live tables' lock.
 const SWAP_LOCK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
-/// How far before a shadow rebuild's start this region's own rows and
-/// deletes are carried from the live table at the swap: a write stamped
-/// (statement time) before the start may commit, and reach the capture
-/// connector, after the start.
-const CARRY_MARGIN_MS: i64 = 60_000;
-
 /// Per partition of `feeds`: from the rebuild's stored offset to where
 /// the shadow must be to stand for the live table: a mirrored topic's
 /// partition to the worker's stored offset (or the rebuild's, if the
@@ -564,13 +558,13 @@ async fn swap_in(
         .await?;
     }
     for &t in pending {
-        let since_ms = shadow_start(&*tx, &group, &loaded[t].name)
-            .await?
-            .unwrap_or_default()
-            - CARRY_MARGIN_MS;
+        // Every own row and delete, whenever stamped: the capture
+        // connector may be behind by any amount (paused, a slot lagging, a
+        // transaction open long before it committed), and the worker never
+        // reads this region's own topic. Only what is newer than the
+        // shadow's version is written.
         let (rows, deletes) =
-            shadow::carry_own_writes(&tx, &loaded[t], &config.region, since_ms << 16, since_ms)
-                .await?;
+            shadow::carry_own_writes(&tx, &loaded[t], &config.region, 0, 0).await?;
         done.carried_rows += rows;
         done.carried_deletes += deletes;
     }

@@ -189,9 +189,10 @@ pub async fn exists(client: &impl GenericClient, table: &TargetTable) -> anyhow:
 }
 
 /// Carries into the shadow what the live table holds that the topics did
-/// not yet: this region's own rows written since `since_hlc` whose version
-/// is newer than the shadow's, and the deletes since `since_ms` whose
-/// tombstones are newer than the shadow's rows. Under the swap's lock,
+/// not yet: this region's own rows stamped since `since_hlc` whose
+/// version is newer than the shadow's, and the deletes since `since_ms`
+/// whose tombstones are newer than the shadow's rows (the swap gives 0
+/// for both: all of them). Under the swap's lock,
 /// after the last catch-up: the application's writes the capture
 /// connector had not yet put into this region's topic. Returns (rows
 /// carried, rows deleted).
@@ -389,6 +390,7 @@ pub async fn swap(tx: &Transaction<'_>, table: &TargetTable) -> anyhow::Result<(
         let publication: String = r.get(0);
         ddl.push(format!("ALTER PUBLICATION {publication} ADD TABLE {shadow}"));
     }
+    let mut owned_by = Vec::new();
     // Sequences: a serial column's sequence belongs to the live table's
     // column (the shadow's default uses it too): given to the shadow's, or
     // the drop would take it. An identity column's sequence is the
@@ -409,11 +411,12 @@ pub async fn swap(tx: &Transaction<'_>, table: &TargetTable) -> anyhow::Result<(
             Option<String>,
         ) = (r.get(0), r.get(1), r.get(2), r.get(3));
         match (identity.as_str(), live_seq, shadow_seq) {
-            ("", Some(seq), _) => {
-                ddl.push(format!("ALTER SEQUENCE {seq} OWNED BY {shadow}.{column}"))
-            }
+            // Given once the shadow is in the live table's schema: a
+            // sequence can only belong to a table of its own schema.
+            ("", Some(seq), _) => owned_by.push((seq, column)),
             (_, Some(live_seq), Some(shadow_seq)) if !identity.is_empty() => ddl.push(format!(
-                "SELECT setval('{shadow_seq}', last_value, is_called) FROM {live_seq}"
+                "SELECT setval('{}', last_value, is_called) FROM {live_seq}",
+                shadow_seq.replace('\'', "''")
             )),
             _ => {}
         }
@@ -455,6 +458,11 @@ pub async fn swap(tx: &Transaction<'_>, table: &TargetTable) -> anyhow::Result<(
         "ALTER TABLE {q_schema}.{} RENAME TO {q_name}",
         quote_ident(&shadow_name)
     ));
+    for (seq, column) in owned_by {
+        ddl.push(format!(
+            "ALTER SEQUENCE {seq} OWNED BY {q_schema}.{q_name}.{column}"
+        ));
+    }
     ddl.push(format!("DROP TABLE {q_schema}.{}", quote_ident(&old)));
     for (name, def, constraint) in &live_indexes {
         let Some(at) = shadow_indexes.iter().position(|(_, d, _)| d == def) else {
