@@ -220,8 +220,14 @@ pub fn partition_ends(consumer: &StreamConsumer, topic: &str) -> anyhow::Result<
         let Some(t) = metadata.topics().iter().find(|t| t.name() == topic) else {
             return Ok(Vec::new());
         };
-        if t.error().is_some() {
-            return Ok(Vec::new());
+        // Only "no such topic" means no changes to catch up with; any other
+        // error would skip the catch-up of a topic that has them.
+        match t.error() {
+            None => {}
+            Some(rdkafka::types::RDKafkaRespErr::RD_KAFKA_RESP_ERR_UNKNOWN_TOPIC_OR_PART) => {
+                return Ok(Vec::new())
+            }
+            Some(e) => anyhow::bail!("reading the metadata of topic {topic}: {e:?}"),
         }
         let mut out = Vec::new();
         for p in t.partitions() {
