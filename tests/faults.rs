@@ -1393,3 +1393,47 @@ async fn a_row_only_this_regions_check_refuses_is_dead_lettered_as_a_schema_mism
     );
     worker.stop().await;
 }
+
+/// A statement stuck on a lock this region's application holds (a long
+/// migration, a forgotten open transaction): PostgreSQL cancels it after
+/// `postgres.statement_timeout` (57014), the batch is retried
+/// (`postgres_unavailable`) and nothing is dead-lettered; once the lock
+/// is released every row arrives.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_statement_stuck_on_a_lock_is_cancelled_and_retried_without_a_dead_letter() {
+    let table = TestTable::create("locked").await;
+    let topic = format!("cdc.public.{}", table.name);
+    let mut config = worker_config(&table, &topic);
+    config.postgres.statement_timeout = Duration::from_secs(1);
+    let worker = Worker::start(config);
+    insert_users(&table, 1, 5).await;
+    assert_eq!(table.wait_converged(Duration::from_secs(60)).await, 5);
+    let b = app_db(&region_b()).await;
+    let name = &table.name;
+    b.batch_execute(&format!(
+        "BEGIN; LOCK TABLE public.{name} IN ACCESS EXCLUSIVE MODE"
+    ))
+    .await
+    .expect("hold the table's lock");
+    let (dead_before, retried_before) = (dead_lettered(), retries("postgres_unavailable"));
+    insert_users(&table, 6, 20).await;
+    wait_for(
+        "retries of the statements cancelled on the lock",
+        Duration::from_secs(90),
+        || retries("postgres_unavailable") >= retried_before + 2,
+    )
+    .await;
+    assert_eq!(dead_lettered(), dead_before, "nothing dead-lettered");
+    b.batch_execute("ROLLBACK").await.expect("release the lock");
+    assert_eq!(
+        table.wait_converged(Duration::from_secs(60)).await,
+        25,
+        "every row arrives once the lock is released"
+    );
+    assert_eq!(dead_lettered(), dead_before, "still nothing dead-lettered");
+    eprintln!(
+        "table locked: 20 written, 0 dead-lettered, {} retries, 20 arrived after the release",
+        retries("postgres_unavailable") - retried_before
+    );
+    worker.stop().await;
+}
