@@ -442,10 +442,21 @@ fn version_of(v: &serde_json::Value) -> (i64, String) {
 /// a remote one, that conflict is resolved `--keep remote` first; every
 /// other open conflict of the key `--keep local`. Returns how many were
 /// resolved each way (local, remote).
-fn settle_open_conflicts(config: &Path, region: &str) -> (usize, usize) {
+fn settle_open_conflicts(config: &Path, region: &str, table: &str) -> (usize, usize) {
+    // The run's table only: other tests' tables share the stack's
+    // conflict log (and have no current version in this config).
     let out = regionsync(
         config,
-        &["conflicts", "list", "--open", "--json", "--limit", "100000"],
+        &[
+            "conflicts",
+            "list",
+            "--open",
+            "--json",
+            "--limit",
+            "100000",
+            "--table",
+            &format!("public.{table}"),
+        ],
     );
     assert!(out.status.success(), "conflicts list: {}", text(&out));
     let open: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout)
@@ -717,8 +728,8 @@ async fn region_failure(policy: &str, phases: Phases) -> Figures {
     wait_caught_up(&config_a, "A after the failback", Duration::from_secs(180)).await;
     wait_caught_up(&config_b, "B after the failback", Duration::from_secs(180)).await;
     let settled = [
-        settle_open_conflicts(&config_a, &a.name),
-        settle_open_conflicts(&config_b, &b.name),
+        settle_open_conflicts(&config_a, &a.name, &table.name),
+        settle_open_conflicts(&config_b, &b.name, &table.name),
     ];
     eprintln!(
         "{policy}: settled open conflicts (keep local, keep remote): {}: {:?}, {}: {:?}",
