@@ -37,19 +37,18 @@ fn regionsync(config: &std::path::Path, args: &[&str]) -> (bool, String) {
     )
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn a_dead_letter_is_listed_and_replayed_once_its_column_is_widened() {
-    let table = TestTable::create("dlq").await;
+/// A test table whose `email` column in B is too narrow for A's addresses,
+/// read from `topic` by a worker config that dead-letters a schema
+/// difference instead of holding its partition; the config, also written
+/// to a file for the CLI.
+async fn narrowed_in_b(
+    prefix: &str,
+    topic_prefix: &str,
+) -> (TestTable, regionsync::config::Config, std::path::PathBuf) {
+    let table = TestTable::create(prefix).await;
     let name = &table.name;
-    let b = app_db(&region_b()).await;
-    // B's email column cannot hold A's addresses; the table dead-letters a
-    // schema difference instead of holding its partition.
-    b.batch_execute(&format!(
-        "ALTER TABLE public.{name} ALTER COLUMN email TYPE varchar(3)"
-    ))
-    .await
-    .expect("narrow email in B");
-    let toml = worker_toml(&table, &format!("cdc.public.{name}"), "").replace(
+    set_email_width_in_b(&table, 3).await;
+    let toml = worker_toml(&table, &format!("{topic_prefix}.public.{name}"), "").replace(
         "key = [\"id\"]",
         "key = [\"id\"]\non_schema_mismatch = \"dlq\"",
     );
@@ -58,15 +57,39 @@ async fn a_dead_letter_is_listed_and_replayed_once_its_column_is_widened() {
     std::fs::create_dir_all(&dir).expect("config dir");
     let path = dir.join(format!("{name}.toml"));
     std::fs::write(&path, &toml).expect("write config");
+    (table, config, path)
+}
 
+async fn set_email_width_in_b(table: &TestTable, width: u32) {
+    app_db(&region_b())
+        .await
+        .batch_execute(&format!(
+            "ALTER TABLE public.{} ALTER COLUMN email TYPE varchar({width})",
+            table.name
+        ))
+        .await
+        .expect("retype email in B");
+}
+
+/// Waits until the process has dead-lettered `n` more than `before`.
+async fn wait_dead_letters(before: u64, n: u64) {
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while dead_lettered() < before + n {
+        assert!(Instant::now() < deadline, "{n} dead letters within 90 s");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_dead_letter_is_listed_and_replayed_once_its_column_is_widened() {
+    // B's email column cannot hold A's addresses; the table dead-letters a
+    // schema difference instead of holding its partition.
+    let (table, config, path) = narrowed_in_b("dlq", "cdc").await;
+    let name = &table.name;
     let before = dead_lettered();
     let worker = Worker::start(config.clone());
     insert_users(&table, 1, 5).await;
-    let deadline = Instant::now() + Duration::from_secs(90);
-    while dead_lettered() < before + 5 {
-        assert!(Instant::now() < deadline, "5 dead letters within 90 s");
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
+    wait_dead_letters(before, 5).await;
     assert!(table.rows(&region_b()).await.is_empty(), "nothing applied");
 
     // Listed, as JSON, with what replay needs.
@@ -106,11 +129,7 @@ async fn a_dead_letter_is_listed_and_replayed_once_its_column_is_widened() {
     assert_eq!(early.applied.applied, 0);
     assert!(table.rows(&region_b()).await.is_empty());
 
-    b.batch_execute(&format!(
-        "ALTER TABLE public.{name} ALTER COLUMN email TYPE varchar(64)"
-    ))
-    .await
-    .expect("widen email in B");
+    set_email_width_in_b(&table, 64).await;
     let started = Instant::now();
     let done = dlq::replay(&config, &mine).await.expect("replay");
     assert_eq!(done.letters, 5);
@@ -145,32 +164,11 @@ async fn a_dead_letter_is_listed_and_replayed_once_its_column_is_widened() {
 /// once the column is widened.
 #[tokio::test(flavor = "multi_thread")]
 async fn an_avro_dead_letter_is_listed_with_its_key_and_replayed() {
-    let table = TestTable::create("dlqavro").await;
-    let name = &table.name;
-    let b = app_db(&region_b()).await;
-    b.batch_execute(&format!(
-        "ALTER TABLE public.{name} ALTER COLUMN email TYPE varchar(3)"
-    ))
-    .await
-    .expect("narrow email in B");
-    let toml = worker_toml(&table, &format!("cdc.avro.public.{name}"), "").replace(
-        "key = [\"id\"]",
-        "key = [\"id\"]\non_schema_mismatch = \"dlq\"",
-    );
-    let config = regionsync::config::Config::from_toml(&toml).expect("valid test config");
-    let dir = repo_root().join("target/test-configs");
-    std::fs::create_dir_all(&dir).expect("config dir");
-    let path = dir.join(format!("{name}.toml"));
-    std::fs::write(&path, &toml).expect("write config");
-
+    let (table, config, path) = narrowed_in_b("dlqavro", "cdc.avro").await;
     let before = dead_lettered();
     let worker = Worker::start(config.clone());
     insert_users(&table, 1, 3).await;
-    let deadline = Instant::now() + Duration::from_secs(90);
-    while dead_lettered() < before + 3 {
-        assert!(Instant::now() < deadline, "3 dead letters within 90 s");
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
+    wait_dead_letters(before, 3).await;
     worker.stop().await;
 
     let (ok, out) = regionsync(&path, &["dlq", "list", "--json"]);
@@ -189,11 +187,7 @@ async fn an_avro_dead_letter_is_listed_with_its_key_and_replayed() {
     ids.sort();
     assert_eq!(ids, vec![1, 2, 3], "{out}");
 
-    b.batch_execute(&format!(
-        "ALTER TABLE public.{name} ALTER COLUMN email TYPE varchar(64)"
-    ))
-    .await
-    .expect("widen email in B");
+    set_email_width_in_b(&table, 64).await;
     let (ok, out) = regionsync(&path, &["dlq", "replay"]);
     assert!(ok, "the replay succeeds: {out}");
     assert!(out.contains(": 3 written"), "{out}");
