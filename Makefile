@@ -2,7 +2,7 @@
 SHELL := /bin/bash
 STACK := deploy/local/stack.sh
 
-.PHONY: help demo test test-long test-failover fuzz lint rules-test deny-install unit integration stack-up stack-down stack-status stack-install bench bench-decode bench-peers bench-rebuild types-peer workers-up workers-down k8s-check k8s-rules k8s-runtime-check image-check
+.PHONY: help demo test test-long test-failover fuzz lint rules-test deny-install unit integration stack-up stack-down stack-status stack-install bench bench-decode bench-peers bench-rebuild bench-verify types-peer workers-up workers-down k8s-check k8s-rules k8s-runtime-check image-check
 
 help:
 	@echo "make demo          local two-region stack replicating live, lag visible"
@@ -15,9 +15,10 @@ help:
 	@echo "make stack-status  one line per service: state, address, pid, log"
 	@echo "make workers-up    build regionsync (release) and start one worker per region"
 	@echo "make workers-down  stop the workers"
-	@echo "make bench         the apply benchmark, then bench-rebuild, bench-decode and bench-peers"
+	@echo "make bench         the apply benchmark, then bench-rebuild, bench-verify, bench-decode and bench-peers"
 	@echo "make bench-decode  decode + prepare CPU per change, from memory (after make bench)"
 	@echo "make bench-rebuild regionsync rebuild against PostgreSQL's COPY, the replay and the ceiling"
+	@echo "make bench-verify  regionsync verify on a 1M-row table in both regions against the naive to_jsonb comparison"
 	@echo "make bench-peers   regionsync against the Debezium JDBC sink, same events, same run"
 	@echo "make types-peer    what the Debezium JDBC sink writes for the wide type table (target/types-peer.md)"
 	@echo "make k8s-check     render deploy/k8s overlays into target/k8s/ and validate them (offline)"
@@ -59,15 +60,24 @@ bench-rebuild: stack-up
 	cargo build --release -p regionsync -p regionsync-tools --bin regionsync --bin bench-rebuild
 	./target/release/bench-rebuild $(BENCH_ARGS)
 
+# bench-verify (tools/src/bin/bench-verify; run by make bench): regionsync
+# verify of a table of N rows (default 1,000,000; VERIFY_ARGS="--rows N
+# --runs R") built alike in both regions, equal and with 10 keys changed,
+# against the naive comparison of every row's to_jsonb text, same run.
+bench-verify: stack-up
+	cargo build --release -p regionsync -p regionsync-tools --bin regionsync --bin bench-verify
+	./target/release/bench-verify $(VERIFY_ARGS)
+
 # The apply benchmark on real Debezium events (tools/src/bin/bench): N changes
 # (default 1,000,000; make bench BENCH_ARGS="--changes 200000 --runs 3"),
 # cached in the topics between runs; prints rows/s, batch commit latency,
 # peak RSS, CPU, and the rate as a fraction of the in-memory ceiling. Then
 # bench-decode and bench-peers on the same changes.
 bench: stack-up
-	cargo build --release -p regionsync -p regionsync-tools --bin regionsync --bin bench --bin bench-decode --bin bench-peers --bin bench-rebuild
+	cargo build --release -p regionsync -p regionsync-tools --bin regionsync --bin bench --bin bench-decode --bin bench-peers --bin bench-rebuild --bin bench-verify
 	./target/release/bench $(BENCH_ARGS)
 	./target/release/bench-rebuild $(BENCH_ARGS)
+	./target/release/bench-verify $(VERIFY_ARGS)
 	./target/release/bench-decode $(BENCH_ARGS)
 	./target/release/bench-peers $(BENCH_ARGS) $(PEERS_ARGS)
 

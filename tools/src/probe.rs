@@ -21,7 +21,12 @@ pub fn cpu_seconds(pid: u32) -> f64 {
 
 /// CPU seconds of region B's PostgreSQL: the postmaster and its backends.
 pub fn postgres_b_cpu() -> f64 {
-    let pid = stack_pid(&format!("postgres-{}", region_b()));
+    postgres_cpu(&region_b())
+}
+
+/// CPU seconds of `region`'s PostgreSQL: the postmaster and its backends.
+pub fn postgres_cpu(region: &str) -> f64 {
+    let pid = stack_pid(&format!("postgres-{region}"));
     let mut total = cpu_seconds(pid);
     if let Ok(entries) = std::fs::read_dir("/proc") {
         for e in entries.flatten() {
@@ -89,5 +94,38 @@ impl RssSampler {
         self.stop.store(true, Ordering::Relaxed);
         let _ = self.thread.join();
         self.peak_kb.load(Ordering::Relaxed) as f64 / 1024.0
+    }
+}
+
+/// Samples a child's CPU seconds every 50 ms until it exits: a process's
+/// CPU time is readable only while it runs (from /proc), so the last sample
+/// before its exit is what `cpu` returns.
+pub struct ChildCpu {
+    seen: Arc<std::sync::Mutex<f64>>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl ChildCpu {
+    pub fn start(pid: u32) -> ChildCpu {
+        let seen = Arc::new(std::sync::Mutex::new(0.0));
+        let s = seen.clone();
+        let thread = std::thread::spawn(move || loop {
+            let c = cpu_seconds(pid);
+            if c > 0.0 {
+                *s.lock().unwrap() = c;
+            }
+            if !std::path::Path::new(&format!("/proc/{pid}/stat")).exists() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        });
+        ChildCpu { seen, thread }
+    }
+
+    /// The CPU seconds last seen; call after the child was waited for.
+    pub fn cpu(self) -> f64 {
+        let _ = self.thread.join();
+        let c = *self.seen.lock().unwrap();
+        c
     }
 }

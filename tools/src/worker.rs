@@ -233,19 +233,7 @@ pub async fn run_rebuild(
         .expect("start target/release/regionsync (cargo build --release first)");
     let pid = child.id();
     let sampler = crate::probe::RssSampler::start(pid);
-    // The CPU time of a child is readable only while it runs: sampled.
-    let cpu = std::sync::Arc::new(std::sync::Mutex::new(0.0));
-    let cpu_seen = cpu.clone();
-    let watch = std::thread::spawn(move || loop {
-        let c = cpu_seconds(pid);
-        if c > 0.0 {
-            *cpu_seen.lock().unwrap() = c;
-        }
-        if !std::path::Path::new(&format!("/proc/{pid}/stat")).exists() {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    });
+    let cpu = crate::probe::ChildCpu::start(pid);
     let out = tokio::task::spawn_blocking(move || child.wait_with_output())
         .await
         .unwrap()
@@ -253,7 +241,7 @@ pub async fn run_rebuild(
     let seconds = started.elapsed().as_secs_f64();
     let cpu_pg = postgres_b_cpu() - pg_before;
     let rss_mb = sampler.stop();
-    let _ = watch.join();
+    let cpu_sink = cpu.cpu();
     assert!(
         out.status.success(),
         "the rebuild failed: {}",
@@ -269,7 +257,6 @@ pub async fn run_rebuild(
         )
         .await
         .expect("forget the rebuild's offsets");
-    let cpu_sink = *cpu.lock().unwrap();
     RunResult {
         rows_per_s: n as f64 / seconds,
         seconds,
