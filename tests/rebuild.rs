@@ -871,19 +871,68 @@ async fn a_shadow_rebuild_of_two_tables_keeps_sequences_and_comments_and_ends_eq
     assert!(before.1 >= 200, "B's own inserts took values: {before:?}");
     assert_eq!(before.2.as_deref(), Some("the users, rebuilt"));
 
-    let out = output(
-        &config_b,
-        &[
-            "rebuild",
-            "--shadow",
-            "--table",
-            &format!("public.{}", t1.name),
-            "--table",
-            &format!("public.{}", t2.name),
-        ],
+    let both = [
+        "rebuild".to_owned(),
+        "--shadow".to_owned(),
+        "--table".to_owned(),
+        format!("public.{}", t1.name),
+        "--table".to_owned(),
+        format!("public.{}", t2.name),
+    ];
+    let both: Vec<&str> = both.iter().map(String::as_str).collect();
+    let oids = || async {
+        admin_db(&region_b())
+            .await
+            .query_one(
+                "SELECT $1::text::regclass::oid::bigint, $2::text::regclass::oid::bigint",
+                &[&t1.name, &t2.name],
+            )
+            .await
+            .map(|r| (r.get::<_, i64>(0), r.get::<_, i64>(1)))
+            .unwrap()
+    };
+    let live = oids().await;
+
+    // A long transaction reading the second table: the swap cannot lock it
+    // within --swap-timeout; each attempt is rolled back whole and the
+    // rebuild fails saying so, nothing swapped, nothing left locked.
+    let mut holder = admin_db(&region_b()).await;
+    let reading = holder.transaction().await.unwrap();
+    reading
+        .batch_execute(&format!("LOCK TABLE {} IN ACCESS SHARE MODE", t2.name))
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let mut args = both.clone();
+    args.extend(["--swap-timeout", "2"]);
+    let out = output(&config_b, &args);
+    let said = text(&out);
+    eprintln!("a held swap failed after {:?}", started.elapsed());
+    assert_eq!(out.status.code(), Some(1), "{said}");
+    assert!(
+        said.contains(
+            "did not complete in 3 attempts, each rolled back whole: nothing was swapped"
+        ),
+        "{said}"
     );
+    assert!(said.contains("within --swap-timeout (2s)"), "{said}");
+    assert_eq!(oids().await, live, "nothing swapped");
+    let left: i64 = admin_db(&region_b())
+        .await
+        .query_one(
+            "SELECT count(*) FROM pg_locks WHERE relation = $1::text::regclass AND pid <> pg_backend_pid()",
+            &[&t1.name],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(left, 0, "no lock left on the first table");
+    reading.commit().await.unwrap();
+
+    let out = output(&config_b, &both);
     let said = text(&out);
     assert!(out.status.success(), "{said}");
+    assert_ne!(oids().await.0, live.0, "swapped");
     assert!(said.contains("swapped in"), "{said}");
     assert!(
         said.contains(&format!("public.{}", t1.name))

@@ -561,9 +561,11 @@ async fn swap_in(
                     .await?;
             }
         }
-        // The connection is not returned to the pool after a failure: a
-        // statement of it may still run (until statement_timeout).
         let mut client = pool.get().await?;
+        let pid: i32 = client
+            .query_one("SELECT pg_backend_pid()", &[])
+            .await?
+            .get(0);
         let attempted = tokio::time::timeout(
             deadline,
             swap_locked(
@@ -594,7 +596,23 @@ async fn swap_in(
                 deadline.as_secs_f64()
             ),
         };
-        let _ = deadpool_postgres::Object::take(client);
+        // Its session ended, not returned to the pool: a statement of it
+        // may still run, or wait for the lock (queuing every reader of the
+        // table behind it); ending the session rolls back and releases.
+        drop(deadpool_postgres::Object::take(client));
+        match pool.get().await {
+            Ok(other) => {
+                if let Err(end) = other
+                    .execute("SELECT pg_terminate_backend($1)", &[&pid])
+                    .await
+                {
+                    warn!(pid, error = %end, "ending the failed swap's session (it ends at its timeouts anyway)");
+                }
+            }
+            Err(end) => {
+                warn!(pid, error = %end, "ending the failed swap's session (it ends at its timeouts anyway)")
+            }
+        }
         if !swap_retryable(&e) {
             return Err(e.context(
                 "the swap failed and was rolled back: nothing was swapped, the live table(s) are as they were; \
