@@ -191,7 +191,11 @@ enum Command {
     /// EXCLUSIVE lock of the live table (needs an owner-level role).
     /// Loads in bulk: each chunk of changes collapsed to the newest
     /// version per key and COPYed. Refuses topics that no longer hold the
-    /// whole history.
+    /// whole history. Waits out what the worker waits out (an outage, a
+    /// grant); dead-letters what it dead-letters (a chunk PostgreSQL
+    /// refuses is bisected down to the refused rows) to its dead-letter
+    /// topic, once. Exit status: 0 rebuilt, 3 rebuilt with changes
+    /// dead-lettered (regionsync dlq list), 1 failed.
     ///
     /// Example: regionsync --config eu-west-1.toml rebuild --table public.users
     ///          regionsync --config eu-west-1-owner.toml rebuild --shadow --table public.users

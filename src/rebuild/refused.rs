@@ -312,7 +312,7 @@ impl Writer {
     pub async fn send(
         &self,
         place: Place<'_>,
-        message: Option<(Option<&[u8]>, Option<&[u8]>)>,
+        message: Option<KeyAndPayload<'_>>,
         fault: &Fault,
         table: Option<&str>,
     ) -> Result<bool, Failed> {
@@ -407,6 +407,9 @@ impl Writer {
         Ok(true)
     }
 }
+
+/// A message's key and payload bytes.
+pub type KeyAndPayload<'a> = (Option<&'a [u8]>, Option<&'a [u8]>);
 
 /// Where a message is.
 #[derive(Clone, Copy, Debug)]
