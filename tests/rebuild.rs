@@ -967,3 +967,51 @@ async fn a_shadow_rebuild_of_two_tables_keeps_sequences_and_comments_and_ends_eq
         w.stop().await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_missing_grant_is_waited_out_not_dead_lettered() {
+    let table = TestTable::create("rebuild_grant").await;
+    let (a, b) = (
+        start_worker(&region_a(), &table),
+        start_worker(&region_b(), &table),
+    );
+    insert_users(&table, fresh_key(), 500).await;
+    table.wait_converged(Duration::from_secs(120)).await;
+    b.stop().await;
+    a.stop().await;
+    lose_b(&table).await;
+    let admin = admin_db(&region_b()).await;
+    admin
+        .batch_execute(&format!(
+            "REVOKE INSERT, UPDATE ON public.{} FROM regionsync",
+            table.name
+        ))
+        .await
+        .unwrap();
+    let config_b = config_file(&region_b(), &table, "grant", "");
+    let child = regionsync(&config_b, &["rebuild"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start rebuild");
+    // PostgreSQL refuses every chunk: the rebuild waits, writes nothing,
+    // dead-letters nothing, and goes on once the grant is back.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(count(&region_b(), &table).await, 0);
+    admin
+        .batch_execute(&format!(
+            "GRANT INSERT, UPDATE ON public.{} TO regionsync",
+            table.name
+        ))
+        .await
+        .unwrap();
+    let out = tokio::task::block_in_place(|| child.wait_with_output()).expect("rebuild ends");
+    let said = text(&out);
+    assert!(out.status.success(), "{said}");
+    assert!(said.contains("written again after a wait"), "{said}");
+    assert!(said.contains("reason=\"postgres_permission\""), "{said}");
+    assert!(said.contains("none dead-lettered"), "{said}");
+    assert!(dlq_list(&config_b).is_empty());
+    let (code, report) = verify(&config_b, &table);
+    assert_eq!(code, 0, "{report}");
+}
