@@ -645,7 +645,7 @@ fn reached_by_position(consumer: &StreamConsumer, ends: &mut HashMap<(String, i3
 /// (worker/failure.rs): what the worker waits out (a registry fault,
 /// `on_schema_mismatch = "hold"`) or stops at (`on_schema_mismatch` or
 /// `on_error` = `"stop"`) stops the rebuild too; `None` for what the
-/// worker dead-letters, which the rebuild skips.
+/// worker dead-letters, which the rebuild dead-letters too.
 fn stops_rebuild(fault: &failure::Fault, config: &Config) -> Option<String> {
     match failure::message_verdict(fault, config) {
         Verdict::DeadLetter => None,
