@@ -191,7 +191,11 @@ enum Command {
     /// EXCLUSIVE lock of the live table (needs an owner-level role).
     /// Loads in bulk: each chunk of changes collapsed to the newest
     /// version per key and COPYed. Refuses topics that no longer hold the
-    /// whole history.
+    /// whole history. Waits out what the worker waits out (an outage, a
+    /// grant); dead-letters what it dead-letters (a chunk PostgreSQL
+    /// refuses is bisected down to the refused rows) to its dead-letter
+    /// topic, once. Exit status: 0 rebuilt, 3 rebuilt with changes
+    /// dead-lettered (regionsync dlq list), 1 failed.
     ///
     /// Example: regionsync --config eu-west-1.toml rebuild --table public.users
     ///          regionsync --config eu-west-1-owner.toml rebuild --shadow --table public.users
@@ -215,6 +219,11 @@ enum Command {
         /// holds more in memory (about 1 KB per distinct key).
         #[arg(long, default_value_t = 50_000)]
         chunk: usize,
+        /// With --shadow: the longest the swap may hold the live tables'
+        /// lock (seconds); past it the swap is rolled back whole and tried
+        /// again after a new catch-up (3 attempts).
+        #[arg(long, default_value_t = 60.0)]
+        swap_timeout: f64,
     },
 }
 
@@ -415,6 +424,58 @@ fn main() -> ExitCode {
             }
         };
     }
+    if let Command::Rebuild {
+        tables,
+        shadow,
+        restart,
+        chunk,
+        swap_timeout,
+    } = &cli.command
+    {
+        // Its own exit codes: 0 done, 1 failed, 3 done with rows
+        // PostgreSQL refused dead-lettered.
+        let outcome = std::time::Duration::try_from_secs_f64(*swap_timeout)
+            .map_err(|_| {
+                anyhow::anyhow!("--swap-timeout {swap_timeout}: not a number of seconds >= 0")
+            })
+            .and_then(|swap_timeout| {
+                tokio::runtime::Runtime::new()
+                    .map_err(|e| anyhow::anyhow!("starting the runtime: {e}"))
+                    .and_then(|rt| {
+                        rt.block_on(async {
+                            // Progress on a terminal or in the log; the
+                            // rebuild's metrics on the worker's endpoint, which
+                            // is free while the worker is stopped.
+                            if let Err(e) = metrics_endpoint(&config).await {
+                                tracing::warn!(error = %e, "rebuild metrics not served");
+                            }
+                            ops::rebuild::run(
+                                &config,
+                                tables,
+                                *shadow,
+                                *restart,
+                                *chunk,
+                                swap_timeout,
+                            )
+                            .await
+                        })
+                    })
+            });
+        return match outcome {
+            Ok(f) if f.dead_lettered > 0 => {
+                eprintln!(
+                    "regionsync: rebuild finished, with {} change(s) PostgreSQL refused dead-lettered (`regionsync dlq list`); exit status 3",
+                    f.dead_lettered
+                );
+                ExitCode::from(3)
+            }
+            Ok(_) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("regionsync: {e:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     block_on(async move {
         match cli.command {
             Command::CheckConfig => {
@@ -468,21 +529,7 @@ fn main() -> ExitCode {
                 unreachable!("handled above")
             }
             Command::Verify { .. } => unreachable!("handled with its own exit codes"),
-            Command::Rebuild {
-                tables,
-                shadow,
-                restart,
-                chunk,
-            } => {
-                // Progress on a terminal or in the log; the rebuild's
-                // metrics on the worker's endpoint, which is free while the
-                // worker is stopped.
-                match metrics_endpoint(&config).await {
-                    Ok(()) => {}
-                    Err(e) => tracing::warn!(error = %e, "rebuild metrics not served"),
-                }
-                ops::rebuild::run(&config, &tables, shadow, restart, chunk).await
-            }
+            Command::Rebuild { .. } => unreachable!("handled with its own exit codes"),
         }
     })
 }

@@ -17,11 +17,22 @@ use support::*;
 /// A worker config file for `region`, replicating the table from the
 /// other region's topic (`table_extra` into its `[[tables]]` entry).
 fn config_file(region: &Region, table: &TestTable, suffix: &str, apply_extra: &str) -> PathBuf {
+    config_file_with(region, table, suffix, apply_extra, "")
+}
+
+/// [`config_file`], with `table_extra` in the table's `[[tables]]` entry.
+fn config_file_with(
+    region: &Region,
+    table: &TestTable,
+    suffix: &str,
+    apply_extra: &str,
+    table_extra: &str,
+) -> PathBuf {
     let dir = repo_root().join("target/test-configs");
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join(format!("{}-{}-{suffix}.toml", table.name, region.name));
-    let toml =
-        worker_toml_for(region, table, "").replace("[apply]", &format!("[apply]\n{apply_extra}"));
+    let toml = worker_toml_for(region, table, table_extra)
+        .replace("[apply]", &format!("[apply]\n{apply_extra}"));
     std::fs::write(&path, toml).unwrap();
     path
 }
@@ -571,7 +582,7 @@ async fn a_shadow_rebuild_killed_mid_way_resumes_and_ends_equal() {
     corrupt_b(&table, first + 700).await;
     let shadow = format!("regionsync.shadow__public__{}", table.name);
     let mut seen = 0;
-    for kill in 1..=2 {
+    for kill in 1..=3 {
         let mut child = regionsync(&config_b, &["rebuild", "--shadow", "--chunk", "2000"])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -613,4 +624,394 @@ async fn a_shadow_rebuild_killed_mid_way_resumes_and_ends_equal() {
     assert_eq!(code, 0, "{report}");
     a.stop().await;
     b.stop().await;
+}
+
+/// The dead letters of the test's table in B, as `regionsync dlq list
+/// --json` shows them.
+fn dlq_list(config: &Path) -> Vec<serde_json::Value> {
+    let out = output(config, &["dlq", "list", "--json"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let said = String::from_utf8_lossy(&out.stdout).into_owned();
+    if said.trim().starts_with("no dead letters") {
+        return Vec::new();
+    }
+    let listed: serde_json::Value = serde_json::from_str(&said).expect("dlq list --json");
+    listed.as_array().expect("an array").clone()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_row_postgresql_refuses_is_dead_lettered_once_and_every_other_row_rebuilt() {
+    let table = TestTable::create("rebuild_refuse").await;
+    let (a, b) = (
+        start_worker(&region_a(), &table),
+        start_worker(&region_b(), &table),
+    );
+    let first = fresh_key();
+    insert_users(&table, first, 3_000).await;
+    // Two rows B's schema will refuse (below): a display_name its narrower
+    // column cannot hold (found by the worker's column checks, before
+    // PostgreSQL), and an age only its CHECK refuses (found by PostgreSQL:
+    // the chunk is refused, and bisected to the row).
+    let (long, negative) = (first + 1_234, first + 2_345);
+    let db = app_db(&region_a()).await;
+    db.execute(
+        &format!(
+            "UPDATE {} SET display_name = repeat('x', 40) WHERE id = $1",
+            table.name
+        ),
+        &[&long],
+    )
+    .await
+    .unwrap();
+    db.execute(
+        &format!("UPDATE {} SET age = -5 WHERE id = $1", table.name),
+        &[&negative],
+    )
+    .await
+    .unwrap();
+    table.wait_converged(Duration::from_secs(120)).await;
+    b.stop().await;
+    a.stop().await;
+    // B's copy is lost, and its schema narrowed (a migration only B ran).
+    lose_b(&table).await;
+    admin_db(&region_b())
+        .await
+        .batch_execute(&format!(
+            "ALTER TABLE {0} ALTER COLUMN display_name TYPE varchar(20);
+             ALTER TABLE {0} ADD CONSTRAINT age_not_negative CHECK (age >= 0)",
+            table.name
+        ))
+        .await
+        .expect("narrow B's schema");
+    // The worker's rule: with on_schema_mismatch = "dlq" such changes are
+    // dead-lettered (with "hold" the worker, and the rebuild, would wait).
+    let config_b = config_file_with(
+        &region_b(),
+        &table,
+        "refuse",
+        "",
+        "on_schema_mismatch = \"dlq\"",
+    );
+    assert!(dlq_list(&config_b).is_empty());
+
+    // Small chunks: the refused row's chunk is bisected, the others not.
+    let out = output(&config_b, &["rebuild", "--chunk", "1000"]);
+    let said = text(&out);
+    assert_eq!(out.status.code(), Some(3), "{said}");
+    assert!(
+        said.contains("2 dead-lettered (2 sent now, 0 in the dead-letter topic already"),
+        "{said}"
+    );
+    // Every other row as in A; each of the two keeps the version before
+    // the refused change if that was written in an earlier chunk (as
+    // under the worker), or is absent if it was collapsed into the refused
+    // row's chunk.
+    let (rows_a, rows_b) = (table.rows(&region_a()).await, table.rows(&region_b()).await);
+    let is_bad = |r: &String| {
+        [long, negative]
+            .iter()
+            .any(|id| r.contains(&format!("\"id\": {id},")))
+    };
+    let others = |rows: &[String]| {
+        rows.iter()
+            .filter(|r| !is_bad(r))
+            .cloned()
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(others(&rows_a), others(&rows_b));
+    assert_eq!(others(&rows_b).len(), 2_998);
+    let kept: Vec<(Option<String>, Option<i32>)> = app_db(&region_b())
+        .await
+        .query(
+            &format!(
+                "SELECT display_name::text, age FROM {} WHERE id = ANY($1) ORDER BY id",
+                table.name
+            ),
+            &[&vec![long, negative]],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert!(
+        kept.len() <= 2 && kept.iter().all(|k| *k == (None, None)),
+        "the versions before, or none: {kept:?}"
+    );
+
+    let mut letters = dlq_list(&config_b);
+    letters.sort_by_key(|l| {
+        l["error"]
+            .as_str()
+            .unwrap_or("")
+            .contains("age_not_negative")
+    });
+    assert_eq!(letters.len(), 2, "{letters:?}");
+    for (l, id) in letters.iter().zip([long, negative]) {
+        assert_eq!(l["reason"], "schema_mismatch", "{l}");
+        assert_eq!(l["table"], format!("public.{}", table.name), "{l}");
+        assert_eq!(
+            l["topic"],
+            format!("{}.cdc.public.{}", region_a().name, table.name),
+            "{l}"
+        );
+        assert!(l["offset"].as_i64().is_some(), "{l}");
+        let key: serde_json::Value =
+            serde_json::from_str(l["key"].as_str().expect("key")).expect("a JSON key");
+        assert_eq!(key["id"].as_i64(), Some(id), "{l}");
+        let error = l["error"].as_str().unwrap_or("");
+        assert!(error.contains(&format!("public.{}", table.name)), "{l}");
+    }
+    let said = letters[0]["error"].as_str().unwrap_or("");
+    assert!(
+        said.contains("column display_name (character varying(20))"),
+        "{said}"
+    );
+    let said = letters[1]["error"].as_str().unwrap_or("");
+    assert!(said.contains("age_not_negative"), "{said}");
+
+    // Rebuilt again from the start: the same rows are refused, but they
+    // are in the dead-letter topic already: not sent twice.
+    let out = output(&config_b, &["rebuild", "--restart", "--chunk", "1000"]);
+    let said = text(&out);
+    assert_eq!(out.status.code(), Some(3), "{said}");
+    assert!(
+        said.contains("2 dead-lettered (0 sent now, 2 in the dead-letter topic already"),
+        "{said}"
+    );
+    assert_eq!(dlq_list(&config_b).len(), 2);
+    assert_eq!(others(&table.rows(&region_b()).await), others(&rows_a));
+}
+
+/// A config for B naming `tables` (the first one's config, with a
+/// `[[tables]]` entry per other table), with an owner-level role.
+fn two_table_config(tables: [&TestTable; 2], suffix: &str) -> (PathBuf, String) {
+    let mut toml = worker_toml_for(&region_b(), tables[0], "");
+    for t in &tables[1..] {
+        toml.push_str(&format!(
+            "\n[[tables]]\ntopics = [\"cdc.public.{0}\"]\ntarget = \"public.{0}\"\nkey = [\"id\"]\n",
+            t.name
+        ));
+    }
+    let dir = repo_root().join("target/test-configs");
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join(format!("{}-{suffix}.toml", tables[0].name));
+    let owner = toml.replace("user = \"regionsync\"", "user = \"postgres\"");
+    std::fs::write(&path, &owner).unwrap();
+    (path, toml)
+}
+
+/// What the swap must keep of a table: its identity sequence's name and
+/// value, its comments and a statistics target.
+async fn decorations(
+    region: &Region,
+    table: &TestTable,
+) -> (String, i64, Option<String>, Option<String>, i32) {
+    let row = admin_db(region)
+        .await
+        .query_one(
+            &format!(
+                "SELECT pg_get_serial_sequence('public.{0}', 'seq_no'),
+                        (SELECT last_value FROM pg_sequences
+                          WHERE format('%I.%I', schemaname, sequencename) = pg_get_serial_sequence('public.{0}', 'seq_no')),
+                        obj_description('public.{0}'::regclass, 'pg_class'),
+                        col_description('public.{0}'::regclass,
+                            (SELECT attnum FROM pg_attribute WHERE attrelid = 'public.{0}'::regclass AND attname = 'email')::int),
+                        (SELECT attstattarget::int FROM pg_attribute WHERE attrelid = 'public.{0}'::regclass AND attname = 'email')",
+                table.name
+            ),
+            &[],
+        )
+        .await
+        .unwrap();
+    (row.get(0), row.get(1), row.get(2), row.get(3), row.get(4))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_shadow_rebuild_of_two_tables_keeps_sequences_and_comments_and_ends_equal() {
+    let (t1, t2) = (
+        TestTable::create("rebuild_sh2a").await,
+        TestTable::create("rebuild_sh2b").await,
+    );
+    // An identity column in the first table, in both regions.
+    for region in [region_a(), region_b()] {
+        app_db(&region)
+            .await
+            .batch_execute(&format!(
+                "ALTER TABLE {} ADD COLUMN seq_no bigint GENERATED BY DEFAULT AS IDENTITY",
+                t1.name
+            ))
+            .await
+            .unwrap();
+    }
+    let (config_b, worker_b) = two_table_config([&t1, &t2], "shadow2");
+    let workers = vec![
+        start_worker(&region_a(), &t1),
+        start_worker(&region_a(), &t2),
+        Worker::start(regionsync::config::Config::from_toml(&worker_b).expect("valid config")),
+    ];
+    write_both(&t1, 1_000).await;
+    write_both(&t2, 1_000).await;
+    t1.wait_converged(Duration::from_secs(120)).await;
+    t2.wait_converged(Duration::from_secs(120)).await;
+    // B's decorations of the first table: a comment on it and a column,
+    // and a statistics target. Its sequence moved on by B's inserts.
+    admin_db(&region_b())
+        .await
+        .batch_execute(&format!(
+            "COMMENT ON TABLE {0} IS 'the users, rebuilt';
+             COMMENT ON COLUMN {0}.email IS 'where to write';
+             ALTER TABLE {0} ALTER COLUMN email SET STATISTICS 321",
+            t1.name
+        ))
+        .await
+        .unwrap();
+    let before = decorations(&region_b(), &t1).await;
+    assert_eq!(before.0, format!("public.{}_seq_no_seq", t1.name));
+    assert!(before.1 >= 200, "B's own inserts took values: {before:?}");
+    assert_eq!(before.2.as_deref(), Some("the users, rebuilt"));
+
+    let both = [
+        "rebuild".to_owned(),
+        "--shadow".to_owned(),
+        "--table".to_owned(),
+        format!("public.{}", t1.name),
+        "--table".to_owned(),
+        format!("public.{}", t2.name),
+    ];
+    let both: Vec<&str> = both.iter().map(String::as_str).collect();
+    let oids = || async {
+        admin_db(&region_b())
+            .await
+            .query_one(
+                "SELECT $1::text::regclass::oid::bigint, $2::text::regclass::oid::bigint",
+                &[&t1.name, &t2.name],
+            )
+            .await
+            .map(|r| (r.get::<_, i64>(0), r.get::<_, i64>(1)))
+            .unwrap()
+    };
+    let live = oids().await;
+
+    // A long transaction reading the second table: the swap cannot lock it
+    // within --swap-timeout; each attempt is rolled back whole and the
+    // rebuild fails saying so, nothing swapped, nothing left locked.
+    let mut holder = admin_db(&region_b()).await;
+    let reading = holder.transaction().await.unwrap();
+    reading
+        .batch_execute(&format!("LOCK TABLE {} IN ACCESS SHARE MODE", t2.name))
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let mut args = both.clone();
+    args.extend(["--swap-timeout", "2"]);
+    let out = output(&config_b, &args);
+    let said = text(&out);
+    eprintln!("a held swap failed after {:?}", started.elapsed());
+    assert_eq!(out.status.code(), Some(1), "{said}");
+    assert!(
+        said.contains(
+            "did not complete in 3 attempts, each rolled back whole: nothing was swapped"
+        ),
+        "{said}"
+    );
+    assert!(said.contains("within --swap-timeout (2s)"), "{said}");
+    assert_eq!(oids().await, live, "nothing swapped");
+    let left: i64 = admin_db(&region_b())
+        .await
+        .query_one(
+            "SELECT count(*) FROM pg_locks WHERE relation = $1::text::regclass AND pid <> pg_backend_pid()",
+            &[&t1.name],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(left, 0, "no lock left on the first table");
+    reading.commit().await.unwrap();
+
+    let out = output(&config_b, &both);
+    let said = text(&out);
+    assert!(out.status.success(), "{said}");
+    assert_ne!(oids().await.0, live.0, "swapped");
+    assert!(said.contains("swapped in"), "{said}");
+    assert!(
+        said.contains(&format!("public.{}", t1.name))
+            && said.contains(&format!("public.{}", t2.name)),
+        "{said}"
+    );
+    assert_eq!(
+        decorations(&region_b(), &t1).await,
+        before,
+        "kept by the swap"
+    );
+    // The sequence goes on from where it was.
+    let next: i64 = app_db(&region_b())
+        .await
+        .query_one(
+            &format!(
+                "INSERT INTO {} (id, email) VALUES ($1, 'next@example.com') RETURNING seq_no",
+                t1.name
+            ),
+            &[&(fresh_key() + 30_000_000)],
+        )
+        .await
+        .expect("nextval after the swap")
+        .get(0);
+    assert_eq!(next, before.1 + 1);
+    t1.wait_converged(Duration::from_secs(60)).await;
+    for t in [&t1, &t2] {
+        let (code, report) = verify(&config_b, t);
+        assert_eq!(code, 0, "{report}");
+    }
+    for w in workers {
+        w.stop().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_missing_grant_is_waited_out_not_dead_lettered() {
+    let table = TestTable::create("rebuild_grant").await;
+    let (a, b) = (
+        start_worker(&region_a(), &table),
+        start_worker(&region_b(), &table),
+    );
+    insert_users(&table, fresh_key(), 500).await;
+    table.wait_converged(Duration::from_secs(120)).await;
+    b.stop().await;
+    a.stop().await;
+    lose_b(&table).await;
+    let admin = admin_db(&region_b()).await;
+    admin
+        .batch_execute(&format!(
+            "REVOKE INSERT, UPDATE ON public.{} FROM regionsync",
+            table.name
+        ))
+        .await
+        .unwrap();
+    let config_b = config_file(&region_b(), &table, "grant", "");
+    let child = regionsync(&config_b, &["rebuild"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start rebuild");
+    // PostgreSQL refuses every chunk: the rebuild waits, writes nothing,
+    // dead-letters nothing, and goes on once the grant is back.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(count(&region_b(), &table).await, 0);
+    admin
+        .batch_execute(&format!(
+            "GRANT INSERT, UPDATE ON public.{} TO regionsync",
+            table.name
+        ))
+        .await
+        .unwrap();
+    let out = tokio::task::block_in_place(|| child.wait_with_output()).expect("rebuild ends");
+    let said = text(&out);
+    assert!(out.status.success(), "{said}");
+    assert!(said.contains("written again after a wait"), "{said}");
+    assert!(said.contains("reason=\"postgres_permission\""), "{said}");
+    assert!(said.contains("none dead-lettered"), "{said}");
+    assert!(dlq_list(&config_b).is_empty());
+    let (code, report) = verify(&config_b, &table);
+    assert_eq!(code, 0, "{report}");
 }

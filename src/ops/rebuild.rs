@@ -12,7 +12,7 @@
 //! (`--restart` starts over).
 
 use std::collections::HashMap;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use tracing::{info, warn};
@@ -31,7 +31,8 @@ pub async fn run(
     shadow: bool,
     restart: bool,
     chunk_changes: usize,
-) -> anyhow::Result<()> {
+    swap_timeout: Duration,
+) -> anyhow::Result<Finished> {
     let names: Vec<String> = config
         .tables
         .iter()
@@ -109,7 +110,7 @@ pub async fn run(
     }
     let pending: Vec<usize> = fresh.iter().chain(&resumed).copied().collect();
     if pending.is_empty() {
-        return Ok(());
+        return Ok(Finished::default());
     }
     let feeds = rebuild::feeds(config, &pending);
     if shadow {
@@ -258,6 +259,7 @@ pub async fn run(
             &feeds,
             &pending,
             chunk_changes.max(1),
+            swap_timeout,
         )
         .await?;
         let secs = started.elapsed().as_secs_f64();
@@ -265,7 +267,7 @@ pub async fn run(
         println!(
             "rebuilt {} beside the live table(s) and swapped in: {} changes replayed from {} topic(s) in {secs:.1}s ({:.0}/s), \
              {} more caught up to the worker's offsets, {} rows and {} deletes of this region carried over from the live table(s); \
-             {} written, {} older than the stored version, {} refused (the worker dead-lettered them)",
+             {} written, {} older than the stored version, {} refused by the decoding or the column checks, {}",
             tables.join(", "),
             replayed.messages,
             found.len(),
@@ -276,8 +278,17 @@ pub async fn run(
             replayed.applied.applied + swapped.applied.applied,
             replayed.applied.stale + swapped.applied.stale,
             replayed.refused + swapped.refused,
+            refused_words(
+                replayed.dead_lettered + swapped.dead_lettered,
+                replayed.already_dead_lettered + swapped.already_dead_lettered
+            ),
         );
-        return Ok(());
+        return Ok(Finished {
+            dead_lettered: replayed.dead_lettered
+                + swapped.dead_lettered
+                + replayed.already_dead_lettered
+                + swapped.already_dead_lettered,
+        });
     }
     let client = pool.get().await?;
     for &t in &pending {
@@ -292,7 +303,7 @@ pub async fn run(
     let secs = started.elapsed().as_secs_f64();
     let tables: Vec<&str> = pending.iter().map(|t| names[*t].as_str()).collect();
     println!(
-        "rebuilt {}: {} changes replayed from {} topic(s) in {secs:.1}s ({:.0}/s); {} written, {} older than the stored version, {} refused (the worker dead-lettered them)",
+        "rebuilt {}: {} changes replayed from {} topic(s) in {secs:.1}s ({:.0}/s); {} written, {} older than the stored version, {} refused by the decoding or the column checks, {}",
         tables.join(", "),
         replayed.messages,
         found.len(),
@@ -300,8 +311,11 @@ pub async fn run(
         replayed.applied.applied,
         replayed.applied.stale,
         replayed.refused,
+        refused_words(replayed.dead_lettered, replayed.already_dead_lettered),
     );
-    Ok(())
+    Ok(Finished {
+        dead_lettered: replayed.dead_lettered + replayed.already_dead_lettered,
+    })
 }
 
 /// Empties a table for a fresh rebuild, in one transaction under a
@@ -414,13 +428,47 @@ struct Swapped {
     caught_up: u64,
     applied: crate::apply::Applied,
     refused: u64,
+    dead_lettered: u64,
+    already_dead_lettered: u64,
     /// This region's rows and deletes taken from the live table.
     carried_rows: u64,
     carried_deletes: u64,
 }
 
+impl Swapped {
+    fn add(&mut self, r: &rebuild::Replayed) {
+        self.applied += r.applied;
+        self.refused += r.refused;
+        self.dead_lettered += r.dead_lettered;
+        self.already_dead_lettered += r.already_dead_lettered;
+    }
+}
+
+/// How a rebuild that ran to its end went.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Finished {
+    /// Rows PostgreSQL refused for their data, dead-lettered (by this run,
+    /// or found in the dead-letter topic already): `regionsync dlq list`.
+    pub dead_lettered: u64,
+}
+
+/// The summary's words for the changes dead-lettered.
+fn refused_words(dead_lettered: u64, already: u64) -> String {
+    if dead_lettered + already == 0 {
+        return "none dead-lettered".to_owned();
+    }
+    format!(
+        "{} dead-lettered ({dead_lettered} sent now, {already} in the dead-letter topic already: \
+         see `regionsync dlq list`)",
+        dead_lettered + already
+    )
+}
+
 /// How long the swap waits for the live tables' lock.
-const SWAP_LOCK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+const SWAP_LOCK_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Attempts at the swap before the rebuild gives up (the shadow is kept).
+const SWAP_ATTEMPTS: u32 = 3;
 
 /// Per partition of `feeds`: from the rebuild's stored offset to where
 /// the shadow must be to stand for the live table: a mirrored topic's
@@ -465,6 +513,15 @@ async fn catch_up_spans(
 /// readers, for its length): the last catch-up, this region's writes not
 /// yet in its topic, the worker's offsets moved to the shadows' position
 /// where it was behind, the swap, and the markers set to done.
+///
+/// Bounded: the lock is waited for at most [`SWAP_LOCK_TIMEOUT`], and the
+/// transaction holding it lasts at most `deadline` (PostgreSQL's
+/// `statement_timeout` and `idle_in_transaction_session_timeout` as
+/// well as a timer here, so that a stuck Kafka read or a killed process
+/// cannot hold it longer). Past either, or at an outage, it is rolled
+/// back whole and tried again after a new catch-up outside the lock, up
+/// to [`SWAP_ATTEMPTS`] times; then the rebuild fails saying so, with
+/// nothing swapped and the shadow kept for the next run.
 async fn swap_in(
     config: &Config,
     pool: &deadpool_postgres::Pool,
@@ -472,38 +529,160 @@ async fn swap_in(
     feeds: &[Feed],
     pending: &[usize],
     chunk_changes: usize,
+    deadline: Duration,
 ) -> anyhow::Result<Swapped> {
-    let group = rebuild::group(config);
     let consumer = rebuild::consumer(config)?;
     let mut done = Swapped::default();
-    // Outside the lock: up to the worker's offsets as they are now, so that
-    // under it only what the worker applied meanwhile is left.
-    let client = pool.get().await?;
-    let spans = catch_up_spans(&**client, &consumer, config, feeds).await?;
-    drop(client);
-    let first = rebuild::replay(
-        config,
-        pool,
-        targets,
-        feeds,
-        spans,
-        chunk_changes,
-        &|_, _| {},
-    )
-    .await?;
-    done.caught_up += first.messages;
-    done.applied += first.applied;
-    done.refused += first.refused;
-    let client = pool.get().await?;
-    for &t in pending {
-        client
-            .batch_execute(&format!("ANALYZE {}", targets[t].ident))
-            .await?;
+    let mut backoff = crate::worker::failure::Backoff::default();
+    let mut failures = Vec::new();
+    for attempt in 1..=SWAP_ATTEMPTS {
+        // Outside the lock: up to the worker's offsets as they are now, so
+        // that under it only what the worker applied meanwhile is left.
+        let client = pool.get().await?;
+        let spans = catch_up_spans(&**client, &consumer, config, feeds).await?;
+        drop(client);
+        let first = rebuild::replay(
+            config,
+            pool,
+            targets,
+            feeds,
+            spans,
+            chunk_changes,
+            &|_, _| {},
+        )
+        .await?;
+        done.caught_up += first.messages;
+        done.add(&first);
+        if attempt == 1 {
+            let client = pool.get().await?;
+            for &t in pending {
+                client
+                    .batch_execute(&format!("ANALYZE {}", targets[t].ident))
+                    .await?;
+            }
+        }
+        let mut client = pool.get().await?;
+        let pid: i32 = client
+            .query_one("SELECT pg_backend_pid()", &[])
+            .await?
+            .get(0);
+        let attempted = tokio::time::timeout(
+            deadline,
+            swap_locked(
+                config,
+                &mut client,
+                (loaded, targets),
+                feeds,
+                pending,
+                (pool, &consumer),
+                deadline,
+            ),
+        )
+        .await;
+        let e = match attempted {
+            Ok(Ok(under)) => {
+                done.caught_up += under.caught_up;
+                done.applied += under.applied;
+                done.refused += under.refused;
+                done.dead_lettered += under.dead_lettered;
+                done.already_dead_lettered += under.already_dead_lettered;
+                done.carried_rows += under.carried_rows;
+                done.carried_deletes += under.carried_deletes;
+                return Ok(done);
+            }
+            Ok(Err(e)) => e,
+            Err(_) => anyhow::anyhow!(
+                "the swap did not finish within --swap-timeout ({}s) while holding the lock",
+                deadline.as_secs_f64()
+            ),
+        };
+        // Its session ended, not returned to the pool: a statement of it
+        // may still run, or wait for the lock (queuing every reader of the
+        // table behind it); ending the session rolls back and releases.
+        drop(deadpool_postgres::Object::take(client));
+        match pool.get().await {
+            Ok(other) => {
+                if let Err(end) = other
+                    .execute("SELECT pg_terminate_backend($1)", &[&pid])
+                    .await
+                {
+                    warn!(pid, error = %end, "ending the failed swap's session (it ends at its timeouts anyway)");
+                }
+            }
+            Err(end) => {
+                warn!(pid, error = %end, "ending the failed swap's session (it ends at its timeouts anyway)")
+            }
+        }
+        if !swap_retryable(&e) {
+            return Err(e.context(
+                "the swap failed and was rolled back: nothing was swapped, the live table(s) are as they were; \
+                 the shadow is kept, and `rebuild --shadow` run again resumes and swaps",
+            ));
+        }
+        warn!(attempt, of = SWAP_ATTEMPTS, error = %format!("{e:#}"), retry_in = ?backoff.delay(),
+            "the swap was rolled back (nothing swapped); catching up again and retrying");
+        failures.push(format!("attempt {attempt}: {e:#}"));
+        if attempt < SWAP_ATTEMPTS {
+            backoff
+                .wait(crate::metrics::retry::POSTGRES_UNAVAILABLE)
+                .await;
+        }
     }
-    drop(client);
+    anyhow::bail!(
+        "the swap of {} did not complete in {SWAP_ATTEMPTS} attempts, each rolled back whole: nothing was swapped, \
+         the live table(s) are as they were and the shadow is kept:\n  {}\n\
+         run `rebuild --shadow` again (it resumes and catches up) when fewer transactions hold the table(s), \
+         or with a longer --swap-timeout",
+        pending
+            .iter()
+            .map(|t| loaded[*t].name.as_str())
+            .collect::<Vec<_>>()
+            .join(", "),
+        failures.join("\n  ")
+    )
+}
 
-    let mut client = pool.get().await?;
-    let tx = client.transaction().await?;
+/// Whether a failed swap may succeed when tried again: a lock not got in
+/// time, a statement or the transaction cancelled by its timeouts, a
+/// deadlock or serialization failure, a lost connection, or an outage met
+/// by the last catch-up. Not the swap's own DDL refused, nor a change the
+/// rebuild stops at.
+fn swap_retryable(e: &anyhow::Error) -> bool {
+    if e.chain().any(|c| c.to_string() == rebuild::SWAP_RETRY)
+        || e.to_string().starts_with("the swap did not finish within")
+    {
+        return true;
+    }
+    match e
+        .chain()
+        .find_map(|c| c.downcast_ref::<tokio_postgres::Error>())
+    {
+        Some(pg) => match pg.code() {
+            None => true,
+            Some(code) => {
+                ["55P03", "57014", "40P01", "40001", "25P03", "57P01"].contains(&code.code())
+            }
+        },
+        None => e
+            .chain()
+            .any(|c| c.downcast_ref::<deadpool_postgres::PoolError>().is_some()),
+    }
+}
+
+/// One attempt at the swap, in one transaction on `client`, bounded by
+/// PostgreSQL's timeouts as `deadline`; committed only whole.
+async fn swap_locked(
+    config: &Config,
+    client: &mut deadpool_postgres::Object,
+    (loaded, targets): (&[TargetTable], &[TargetTable]),
+    feeds: &[Feed],
+    pending: &[usize],
+    (pool, consumer): (&deadpool_postgres::Pool, &rdkafka::consumer::StreamConsumer),
+    deadline: Duration,
+) -> anyhow::Result<Swapped> {
+    let group = rebuild::group(config);
+    let mut done = Swapped::default();
+    let mut tx = client.transaction().await?;
     tx.batch_execute(session::APPLY_TRANSACTION_SQL).await?;
     let mut live: Vec<&str> = pending.iter().map(|t| loaded[*t].ident.as_str()).collect();
     live.sort_unstable();
@@ -512,15 +691,17 @@ async fn swap_in(
     // among them) to end; every later one waits for this transaction.
     // Bounded: while it waits, every later reader queues behind it.
     tx.batch_execute(&format!(
-        "SET LOCAL lock_timeout = '{}ms'; LOCK TABLE {} IN ACCESS EXCLUSIVE MODE; SET LOCAL lock_timeout = 0",
+        "SET LOCAL lock_timeout = '{}ms'; LOCK TABLE {} IN ACCESS EXCLUSIVE MODE; SET LOCAL lock_timeout = 0;
+         SET LOCAL statement_timeout = '{}ms'; SET LOCAL idle_in_transaction_session_timeout = '{}ms'",
         SWAP_LOCK_TIMEOUT.as_millis(),
-        live.join(", ")
+        live.join(", "),
+        deadline.as_millis(),
+        deadline.as_millis()
     ))
     .await
     .with_context(|| {
         format!(
-            "locking the live table(s) for the swap (waited at most {}s: a long transaction on them holds a lock); \
-             run the rebuild again: the shadow is kept and caught up again",
+            "locking the live table(s) for the swap (waited at most {}s: a long transaction on them holds a lock)",
             SWAP_LOCK_TIMEOUT.as_secs()
         )
     })?;
@@ -536,11 +717,10 @@ async fn swap_in(
         &[&config.consumer_group(), &mirrored],
     )
     .await?;
-    let spans = catch_up_spans(&*tx, &consumer, config, feeds).await?;
-    let last = rebuild::replay_in(&tx, config, targets, feeds, spans.clone()).await?;
+    let spans = catch_up_spans(&*tx, consumer, config, feeds).await?;
+    let last = rebuild::replay_in(&mut tx, pool, config, targets, feeds, spans.clone()).await?;
     done.caught_up += last.messages;
-    done.applied += last.applied;
-    done.refused += last.refused;
+    done.add(&last);
     // The worker continues from the shadows' position: its own where it was
     // ahead of the rebuild (equal now), the rebuild's where it was behind.
     for s in spans

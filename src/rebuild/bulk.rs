@@ -41,11 +41,24 @@ use rustc_hash::FxHashMap;
 use crate::apply::{self, quote_ident, Applied, Final, PreparedRow, TargetTable};
 use crate::offsets;
 
+/// Where a kept version came from: its message's topic (an index into
+/// [`Chunk`]'s topics), partition and offset. Carried so that a row
+/// PostgreSQL refuses can be dead-lettered as its message.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct At {
+    pub topic: u32,
+    pub partition: i32,
+    pub offset: i64,
+}
+
 /// Changes read since the last flush, collapsed.
 #[derive(Default)]
 pub struct Chunk {
-    /// Per table index: key text → the newest final state read.
-    rows: FxHashMap<usize, FxHashMap<String, Final>>,
+    /// Per table index: key text → the newest final state read, and the
+    /// message it came from.
+    rows: FxHashMap<usize, FxHashMap<String, (Final, At)>>,
+    /// The topics [`At::topic`] indexes.
+    topics: Vec<String>,
     /// Truncates read: (table index, commit time ms, source region).
     truncates: Vec<(usize, i64, String)>,
     /// Per partition: the next offset and the newest commit time read.
@@ -67,7 +80,7 @@ impl Chunk {
     /// the chunk holds for its key. `partition`: for a table with CRDT
     /// counters, the partition it was read from (a version is kept per
     /// key and partition, see the module docs); `None` for the others.
-    pub fn add(&mut self, table: usize, fin: Final, partition: Option<(&str, i32)>) {
+    pub fn add(&mut self, table: usize, fin: Final, partition: Option<(&str, i32)>, at: At) {
         self.changes += 1;
         let rows = self.rows.entry(table).or_default();
         let slot: Cow<'_, str> = match partition {
@@ -75,11 +88,12 @@ impl Chunk {
             Some((topic, p)) => Cow::Owned(format!("{}\u{0}{topic}\u{0}{p}", fin.key_text())),
         };
         match rows.get_mut(slot.as_ref()) {
-            Some(held) => {
+            Some((held, held_at)) => {
                 if newer(fin.version(), held.version()) {
                     let mut fin = fin;
                     keep_unsent(&mut fin, held);
                     *held = fin;
+                    *held_at = at;
                 } else {
                     // Feeds are read in any order: a newer version with
                     // unsent (TOAST) columns may come first. It can only
@@ -89,9 +103,49 @@ impl Chunk {
                 }
             }
             None => {
-                rows.insert(slot.into_owned(), fin);
+                rows.insert(slot.into_owned(), (fin, at));
             }
         }
+    }
+
+    /// The index of `topic` for [`At::topic`] (a handful of topics: a scan).
+    pub fn topic_index(&mut self, topic: &str) -> u32 {
+        match self.topics.iter().position(|t| t == topic) {
+            Some(i) => i as u32,
+            None => {
+                self.topics.push(topic.to_owned());
+                (self.topics.len() - 1) as u32
+            }
+        }
+    }
+
+    /// The topic an [`At`] names.
+    pub fn topic(&self, at: At) -> &str {
+        &self.topics[at.topic as usize]
+    }
+
+    /// The truncates read: (table index, commit time ms, source region).
+    pub fn truncates(&self) -> &[(usize, i64, String)] {
+        &self.truncates
+    }
+
+    /// Per table index (ascending), its kept versions and their messages.
+    pub fn tables(&self) -> Vec<(usize, Vec<(&Final, At)>)> {
+        let mut out: Vec<(usize, Vec<(&Final, At)>)> = self
+            .rows
+            .iter()
+            .map(|(t, rows)| (*t, rows.values().map(|(f, at)| (f, *at)).collect()))
+            .collect();
+        out.sort_by_key(|(t, _)| *t);
+        out
+    }
+
+    /// Stores the offsets of every partition read, under `group`, in `tx`.
+    pub async fn store_offsets(&self, tx: &Transaction<'_>, group: &str) -> anyhow::Result<()> {
+        for ((topic, partition), (next, ts)) in &self.offsets {
+            offsets::store(tx, group, topic, *partition, *next, *ts).await?;
+        }
+        Ok(())
     }
 
     pub fn truncate(&mut self, table: usize, ts_ms: i64, source_region: &str) {
@@ -120,54 +174,66 @@ impl Chunk {
     }
 }
 
-/// Writes a chunk and its partitions' offsets under `group` in `tx`.
+/// Writes a chunk and its partitions' offsets under `group` in `tx`. The
+/// chunk is kept: refused, it is written again (a retry) or row by row
+/// (`rebuild::refused`).
 pub async fn flush(
     tx: &Transaction<'_>,
     group: &str,
     tables: &[TargetTable],
-    chunk: Chunk,
+    chunk: &Chunk,
 ) -> anyhow::Result<Applied> {
-    use anyhow::Context as _;
     let mut total = Applied::default();
     for (t, ts_ms, region) in &chunk.truncates {
         total += apply::apply_truncate(tx, &tables[*t], *ts_ms, region).await?;
     }
-    let mut by_table: Vec<(usize, FxHashMap<String, Final>)> = chunk.rows.into_iter().collect();
-    by_table.sort_by_key(|(t, _)| *t);
-    for (t, rows) in by_table {
+    for (t, rows) in chunk.tables() {
         let table = &tables[t];
-        let all: Vec<usize> = (0..table.columns.len()).collect();
-        let mut whole: Vec<&PreparedRow> = Vec::new();
-        let mut others: Vec<Cow<'_, Final>> = Vec::new();
-        for fin in rows.values() {
-            match fin {
-                Final::Upsert(r) if table.counters.is_empty() && is_whole(r, &all) => whole.push(r),
-                _ => others.push(Cow::Borrowed(fin)),
-            }
-        }
-        // Deletes first (as apply_finals orders them): a delete only frees
-        // unique values an upsert of another key may take.
-        let (deletes, odd): (Vec<_>, Vec<_>) = others
-            .into_iter()
-            .partition(|f| matches!(&**f, Final::Delete(_)));
-        for round in distinct_key_rounds(deletes) {
-            total += apply::apply_finals(tx, table, &round)
-                .await
-                .with_context(|| format!("deleting from {}", table.name))?;
-        }
-        if !whole.is_empty() {
-            total += copy_upserts(tx, table, &whole)
-                .await
-                .with_context(|| format!("loading {} with COPY", table.name))?;
-        }
-        for round in distinct_key_rounds(odd) {
-            total += apply::apply_finals(tx, table, &round)
-                .await
-                .with_context(|| format!("writing {}", table.name))?;
+        let finals: Vec<&Final> = rows.into_iter().map(|(f, _)| f).collect();
+        total += write_table(tx, table, &finals).await?;
+    }
+    chunk.store_offsets(tx, group).await?;
+    Ok(total)
+}
+
+/// Writes `finals` (at most one version per key, or per key and partition
+/// for a table with counters) of one table: deletes, then whole rows with
+/// COPY, then the rest with the worker's statements.
+pub async fn write_table(
+    tx: &Transaction<'_>,
+    table: &TargetTable,
+    finals: &[&Final],
+) -> anyhow::Result<Applied> {
+    use anyhow::Context as _;
+    let mut total = Applied::default();
+    let all: Vec<usize> = (0..table.columns.len()).collect();
+    let mut whole: Vec<&PreparedRow> = Vec::new();
+    let mut others: Vec<Cow<'_, Final>> = Vec::new();
+    for fin in finals {
+        match fin {
+            Final::Upsert(r) if table.counters.is_empty() && is_whole(r, &all) => whole.push(r),
+            _ => others.push(Cow::Borrowed(*fin)),
         }
     }
-    for ((topic, partition), (next, ts)) in &chunk.offsets {
-        offsets::store(tx, group, topic, *partition, *next, *ts).await?;
+    // Deletes first (as apply_finals orders them): a delete only frees
+    // unique values an upsert of another key may take.
+    let (deletes, odd): (Vec<_>, Vec<_>) = others
+        .into_iter()
+        .partition(|f| matches!(&**f, Final::Delete(_)));
+    for round in distinct_key_rounds(deletes) {
+        total += apply::apply_finals(tx, table, &round)
+            .await
+            .with_context(|| format!("deleting from {}", table.name))?;
+    }
+    if !whole.is_empty() {
+        total += copy_upserts(tx, table, &whole)
+            .await
+            .with_context(|| format!("loading {} with COPY", table.name))?;
+    }
+    for round in distinct_key_rounds(odd) {
+        total += apply::apply_finals(tx, table, &round)
+            .await
+            .with_context(|| format!("writing {}", table.name))?;
     }
     Ok(total)
 }
@@ -227,10 +293,7 @@ async fn copy_upserts(
     let names: Vec<String> = table.columns.iter().map(|(n, _)| quote_ident(n)).collect();
     // A temporary table per table layout and session, emptied at each
     // commit; text columns, so the casts are the worker's, in SQL.
-    let stage = quote_ident(&format!(
-        "regionsync_rebuild_stage_{:016x}",
-        layout_hash(table)
-    ));
+    let stage = quote_ident(&stage_name(table));
     let columns: Vec<String> = names.iter().map(|n| format!("{n} text")).collect();
     tx.batch_execute(&format!(
         "CREATE TEMPORARY TABLE IF NOT EXISTS {stage} ({}, \"__key\" text) ON COMMIT DELETE ROWS",
@@ -274,6 +337,31 @@ async fn copy_upserts(
     })
 }
 
+/// Empties `table`'s staging table in `tx`, if this session has one: its
+/// rows stay until the commit, and a second load of the table in the same
+/// transaction (the rows of a refused chunk written in parts) would move
+/// them again.
+pub async fn clear_stage(tx: &Transaction<'_>, table: &TargetTable) -> anyhow::Result<()> {
+    let stage = stage_name(table);
+    let exists: bool = tx
+        .query_one(
+            "SELECT to_regclass('pg_temp.' || $1::text) IS NOT NULL",
+            &[&stage],
+        )
+        .await?
+        .get(0);
+    if exists {
+        tx.batch_execute(&format!("TRUNCATE pg_temp.{}", quote_ident(&stage)))
+            .await?;
+    }
+    Ok(())
+}
+
+/// The staging table's name (unquoted) of `table`'s layout.
+fn stage_name(table: &TargetTable) -> String {
+    format!("regionsync_rebuild_stage_{:016x}", layout_hash(table))
+}
+
 /// Names a staging table by the table's name and columns, so that a
 /// session keeps one per layout.
 fn layout_hash(table: &TargetTable) -> u64 {
@@ -302,6 +390,12 @@ fn copy_text(buf: &mut Vec<u8>, text: &str) {
 mod tests {
     use super::*;
     use crate::apply::PreparedDelete;
+
+    const AT: At = At {
+        topic: 0,
+        partition: 0,
+        offset: 0,
+    };
 
     fn upsert(key: &str, hlc: i64, origin: &str) -> Final {
         Final::Upsert(PreparedRow {
@@ -335,21 +429,21 @@ mod tests {
     fn the_newest_version_per_key_wins_whatever_the_order_read() {
         let mut c = Chunk::default();
         // Key 1: a newer delete read before an older upsert (another feed).
-        c.add(0, delete("1", 20, "us-east-1"), None);
-        c.add(0, upsert("1", 10, "eu-west-1"), None);
+        c.add(0, delete("1", 20, "us-east-1"), None, AT);
+        c.add(0, upsert("1", 10, "eu-west-1"), None, AT);
         // Key 2: same hlc, the origin decides bytewise.
-        c.add(0, upsert("2", 5, "eu-west-1"), None);
-        c.add(0, upsert("2", 5, "us-east-1"), None);
-        c.add(0, upsert("2", 5, "ap-south-1"), None);
+        c.add(0, upsert("2", 5, "eu-west-1"), None, AT);
+        c.add(0, upsert("2", 5, "us-east-1"), None, AT);
+        c.add(0, upsert("2", 5, "ap-south-1"), None, AT);
         // Key 3: an upsert newer than a delete.
-        c.add(0, delete("3", 1, "us-east-1"), None);
-        c.add(0, upsert("3", 2, "us-east-1"), None);
+        c.add(0, delete("3", 1, "us-east-1"), None, AT);
+        c.add(0, upsert("3", 2, "us-east-1"), None, AT);
         assert_eq!(c.changes, 7);
         assert_eq!(c.keys(), 3);
         let rows = &c.rows[&0];
-        assert!(matches!(rows["1"], Final::Delete(_)));
-        assert_eq!(rows["2"].version(), (5, "us-east-1"));
-        assert!(matches!(rows["3"], Final::Upsert(_)));
+        assert!(matches!(rows["1"].0, Final::Delete(_)));
+        assert_eq!(rows["2"].0.version(), (5, "us-east-1"));
+        assert!(matches!(rows["3"].0, Final::Upsert(_)));
     }
 
     #[test]
@@ -359,13 +453,13 @@ mod tests {
             unreachable!()
         };
         whole.values.push((1, Some("big".into())));
-        c.add(0, Final::Upsert(whole), None);
+        c.add(0, Final::Upsert(whole), None, AT);
         let Final::Upsert(mut partial) = upsert("1", 2, "a") else {
             unreachable!()
         };
         partial.unavailable = vec![1];
-        c.add(0, Final::Upsert(partial), None);
-        let Final::Upsert(kept) = &c.rows[&0]["1"] else {
+        c.add(0, Final::Upsert(partial), None, AT);
+        let Final::Upsert(kept) = &c.rows[&0]["1"].0 else {
             panic!("an upsert")
         };
         assert_eq!(kept.hlc, 2);
@@ -378,13 +472,14 @@ mod tests {
         let mut c = Chunk::default();
         // Region Y's older increment and region X's newer row, from two
         // feeds: X's row need not hold Y's component, so both are kept.
-        c.add(0, upsert("1", 10, "y"), Some(("y.cdc.t", 0)));
-        c.add(0, upsert("1", 20, "x"), Some(("x.cdc.t", 0)));
+        c.add(0, upsert("1", 10, "y"), Some(("y.cdc.t", 0)), AT);
+        c.add(0, upsert("1", 20, "x"), Some(("x.cdc.t", 0)), AT);
         // Within one partition the newest still replaces the older.
-        c.add(0, upsert("1", 5, "y"), Some(("y.cdc.t", 0)));
-        c.add(0, upsert("2", 1, "x"), Some(("x.cdc.t", 0)));
+        c.add(0, upsert("1", 5, "y"), Some(("y.cdc.t", 0)), AT);
+        c.add(0, upsert("2", 1, "x"), Some(("x.cdc.t", 0)), AT);
         assert_eq!(c.keys(), 3);
-        let finals: Vec<Cow<'_, Final>> = c.rows[&0].values().map(Cow::Borrowed).collect();
+        let finals: Vec<Cow<'_, Final>> =
+            c.rows[&0].values().map(|(f, _)| Cow::Borrowed(f)).collect();
         let rounds = distinct_key_rounds(finals);
         assert_eq!(rounds.len(), 2, "key 1 twice: two rounds");
         for round in &rounds {
@@ -410,18 +505,36 @@ mod tests {
             unreachable!()
         };
         partial.unavailable = vec![1];
-        c.add(0, Final::Upsert(partial), None);
+        c.add(0, Final::Upsert(partial), None, AT);
         let Final::Upsert(mut whole) = upsert("1", 1, "y") else {
             unreachable!()
         };
         whole.values.push((1, Some("big".into())));
-        c.add(0, Final::Upsert(whole), None);
-        let Final::Upsert(kept) = &c.rows[&0]["1"] else {
+        c.add(0, Final::Upsert(whole), None, AT);
+        let Final::Upsert(kept) = &c.rows[&0]["1"].0 else {
             panic!("an upsert")
         };
         assert_eq!((kept.hlc, kept.origin.as_str()), (2, "x"));
         assert!(kept.unavailable.is_empty(), "whole: it can insert the row");
         assert_eq!(kept.values[1], (1, Some("big".into())));
+    }
+
+    #[test]
+    fn the_kept_version_keeps_its_messages_place() {
+        let mut c = Chunk::default();
+        let (x, y) = (c.topic_index("x.cdc.t"), c.topic_index("y.cdc.t"));
+        assert_eq!((x, y, c.topic_index("x.cdc.t")), (0, 1, 0));
+        let at = |topic, offset| At {
+            topic,
+            partition: 3,
+            offset,
+        };
+        c.add(0, upsert("1", 10, "x"), None, at(x, 7));
+        c.add(0, upsert("1", 20, "y"), None, at(y, 2));
+        c.add(0, upsert("1", 15, "x"), None, at(x, 9));
+        let (_, kept) = &c.rows[&0]["1"];
+        assert_eq!(*kept, at(y, 2), "the newest version's message");
+        assert_eq!(c.topic(*kept), "y.cdc.t");
     }
 
     #[test]

@@ -27,6 +27,7 @@
 
 pub mod bulk;
 pub mod lock;
+pub mod refused;
 pub mod shadow;
 
 use std::collections::HashMap;
@@ -39,11 +40,11 @@ use rdkafka::message::{BorrowedMessage, Message};
 use rdkafka::{Offset, TopicPartitionList};
 use tracing::{info, warn};
 
-use crate::apply::{session, Applied, TargetTable};
+use crate::apply::{Applied, TargetTable};
 use crate::config::Config;
 use crate::decode::registry::AvroSource;
 use crate::worker::batch::{Planner, Step};
-use crate::worker::failure::{self, Sqlstate, Verdict};
+use crate::worker::failure::{self, Verdict};
 
 /// A topic that holds rows of a rebuilt table.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -287,8 +288,22 @@ pub fn consumer(config: &Config) -> anyhow::Result<StreamConsumer> {
 pub struct Replayed {
     pub messages: u64,
     pub applied: Applied,
-    /// Messages that could not be used (the worker dead-lettered them).
+    /// Messages the worker's planning refused (decoding, a value that
+    /// cannot fit): dead-lettered.
     pub refused: u64,
+    /// Changes dead-lettered, those refused by the planning and those
+    /// PostgreSQL refused for their data: sent to the dead-letter topic by
+    /// this run ([`refused`]), and those found there already.
+    pub dead_lettered: u64,
+    pub already_dead_lettered: u64,
+}
+
+impl Replayed {
+    fn add(&mut self, c: refused::Committed) {
+        self.applied += c.applied;
+        self.dead_lettered += c.dead_lettered;
+        self.already_dead_lettered += c.already_dead_lettered;
+    }
 }
 
 /// Something told about each partition's progress: (topic, messages).
@@ -304,6 +319,8 @@ struct Reader<'a> {
     decoders: HashMap<String, Arc<AvroSource>>,
     consumer: StreamConsumer,
     ends: HashMap<(String, i32), i64>,
+    /// Dead-letters what the planning refuses.
+    writer: Arc<refused::Writer>,
 }
 
 impl<'a> Reader<'a> {
@@ -313,6 +330,7 @@ impl<'a> Reader<'a> {
         tables: &'a [TargetTable],
         feeds: &'a [Feed],
         spans: &[Span],
+        writer: Arc<refused::Writer>,
     ) -> anyhow::Result<Option<Reader<'a>>> {
         let mut decoders: HashMap<String, Arc<AvroSource>> = HashMap::new();
         for f in feeds {
@@ -348,6 +366,7 @@ impl<'a> Reader<'a> {
             decoders,
             consumer,
             ends,
+            writer,
         }))
     }
 
@@ -363,7 +382,7 @@ impl<'a> Reader<'a> {
         done: &mut Replayed,
         unreported: &mut HashMap<String, u64>,
     ) -> anyhow::Result<()> {
-        let (config, tables) = (self.config, self.tables);
+        let (config, tables, writer) = (self.config, self.tables, self.writer.clone());
         let max_rows = config.apply.batch_max_rows.max(1);
         let mut batch: Vec<BorrowedMessage<'_>> = Vec::new();
         let mut idle = Duration::ZERO;
@@ -428,17 +447,51 @@ impl<'a> Reader<'a> {
                     );
                 }
                 warn!(topic = %topic, partition, offset = r.msg.offset(), reason = r.fault.reason(),
-                    error = %r.fault, "a change that cannot be applied is skipped (the worker dead-lettered it)");
+                    error = %r.fault, "a change that cannot be applied is dead-lettered, as the worker does");
+                // Sent before the offsets past it are committed (with the
+                // chunk); a message the worker (or an earlier run) sent
+                // already is not sent again.
+                let place = refused::Place {
+                    topic,
+                    partition: *partition,
+                    offset: r.msg.offset(),
+                };
+                let table = Some(tables[feed.table].name.as_str());
+                let mut backoff = failure::Backoff::default();
+                loop {
+                    match writer
+                        .send(place, Some((r.msg.key(), r.msg.payload())), &r.fault, table)
+                        .await
+                    {
+                        Ok(true) => done.dead_lettered += 1,
+                        Ok(false) => done.already_dead_lettered += 1,
+                        Err(refused::Failed::Retry(reason, e)) => {
+                            warn!(reason, error = %format!("{e:#}"), retry_in = ?backoff.delay(), "dead-lettering a change failed; again");
+                            backoff.wait(reason).await;
+                            continue;
+                        }
+                        Err(refused::Failed::Stop(e)) => return Err(e),
+                    }
+                    break;
+                }
             }
             done.refused += plan.rejected.len() as u64;
             let next = messages.last().map_or(0, |m| m.offset() + 1);
             chunk.read_to(topic, *partition, next, plan.newest_ts_ms);
+            let topic_index = chunk.topic_index(topic);
             for step in plan.steps {
                 match step {
-                    Step::Row { table, fin, .. } => {
+                    Step::Row {
+                        table, fin, msg, ..
+                    } => {
                         let per_partition = (!tables[table].counters.is_empty())
                             .then_some((topic.as_str(), *partition));
-                        chunk.add(table, fin, per_partition)
+                        let at = bulk::At {
+                            topic: topic_index,
+                            partition: *partition,
+                            offset: msg.offset(),
+                        };
+                        chunk.add(table, fin, per_partition, at)
                     }
                     Step::Truncate { table, ts_ms } => {
                         chunk.truncate(table, ts_ms, &feed.source_region)
@@ -471,9 +524,9 @@ pub async fn replay(
     chunk_changes: usize,
     on_progress: &OnProgress<'_>,
 ) -> anyhow::Result<Replayed> {
-    let group = group(config);
     let mut done = Replayed::default();
-    let Some(mut reader) = Reader::new(config, tables, feeds, &spans)? else {
+    let writer = refused::Writer::new(config, pool.clone(), tables);
+    let Some(mut reader) = Reader::new(config, tables, feeds, &spans, writer.clone())? else {
         return Ok(done);
     };
     let mut chunk = bulk::Chunk::default();
@@ -491,35 +544,30 @@ pub async fn replay(
     // A chunk is written (by PostgreSQL) while the next one is read and
     // decoded (here): on a small box those are the two cores' work. One
     // write at a time, so chunks commit in order.
-    let shared: Arc<Vec<TargetTable>> = Arc::new(tables.to_vec());
-    let mut writing: Option<tokio::task::JoinHandle<anyhow::Result<Applied>>> = None;
+    let mut writing: Option<tokio::task::JoinHandle<anyhow::Result<refused::Committed>>> = None;
     while !reader.done() {
         reader
             .read_into(&mut chunk, &mut done, &mut unreported)
             .await?;
         if chunk.changes >= chunk_changes || chunk.messages >= chunk_changes || reader.done() {
-            if let Some(applied) = written_chunk(&mut writing).await? {
-                done.applied += applied;
+            if let Some(committed) = written_chunk(&mut writing).await? {
+                done.add(committed);
                 report(&mut written);
             }
             done.messages += chunk.messages as u64;
             written = std::mem::take(&mut unreported);
             let chunk = std::mem::take(&mut chunk);
-            let (pool, group, tables) = (pool.clone(), group.clone(), shared.clone());
-            writing = Some(tokio::spawn(async move {
-                commit(&pool, &group, &tables, chunk).await
-            }));
+            let writer = writer.clone();
+            writing = Some(tokio::spawn(async move { writer.commit(&chunk).await }));
         }
     }
-    if let Some(applied) = written_chunk(&mut writing).await? {
-        done.applied += applied;
+    if let Some(committed) = written_chunk(&mut writing).await? {
+        done.add(committed);
         report(&mut written);
     }
     if !chunk.is_empty() {
         done.messages += chunk.messages as u64;
-        done.applied += commit(pool, &group, tables, chunk)
-            .await
-            .map_err(refusal_explained)?;
+        done.add(writer.commit(&chunk).await?);
         report(&mut unreported);
     }
     Ok(done)
@@ -527,16 +575,20 @@ pub async fn replay(
 
 /// Replays `spans` into `tables` inside the caller's transaction `tx`, as
 /// one chunk with its offsets (a shadow rebuild's last catch-up, under the
-/// lock that stops the worker's writes: a small gap).
+/// lock that stops the worker's writes: a small gap). A refusal is handled
+/// as [`replay`]'s, except that what is waited out returns
+/// [`refused::Failed::Retry`] for the caller to retry.
 pub async fn replay_in(
-    tx: &deadpool_postgres::Transaction<'_>,
+    tx: &mut deadpool_postgres::Transaction<'_>,
+    pool: &deadpool_postgres::Pool,
     config: &Config,
     tables: &[TargetTable],
     feeds: &[Feed],
     spans: Vec<Span>,
 ) -> anyhow::Result<Replayed> {
     let mut done = Replayed::default();
-    let Some(mut reader) = Reader::new(config, tables, feeds, &spans)? else {
+    let writer = refused::Writer::new(config, pool.clone(), tables);
+    let Some(mut reader) = Reader::new(config, tables, feeds, &spans, writer.clone())? else {
         return Ok(done);
     };
     let mut chunk = bulk::Chunk::default();
@@ -547,25 +599,32 @@ pub async fn replay_in(
             .await?;
     }
     done.messages += chunk.messages as u64;
-    done.applied += bulk::flush(tx, &group(config), tables, chunk)
-        .await
-        .map_err(refusal_explained)?;
+    done.add(writer.flush_in(tx, &chunk).await.map_err(|f| {
+        let retried = matches!(f, refused::Failed::Retry(..));
+        let e = f.into_error();
+        if retried {
+            e.context(SWAP_RETRY)
+        } else {
+            e
+        }
+    })?);
     Ok(done)
 }
 
 /// Waits for the chunk being written, if one is: what it applied.
 async fn written_chunk(
-    writing: &mut Option<tokio::task::JoinHandle<anyhow::Result<Applied>>>,
-) -> anyhow::Result<Option<Applied>> {
+    writing: &mut Option<tokio::task::JoinHandle<anyhow::Result<refused::Committed>>>,
+) -> anyhow::Result<Option<refused::Committed>> {
     match writing.take() {
         None => Ok(None),
-        Some(w) => Ok(Some(
-            w.await
-                .context("writing a chunk")?
-                .map_err(refusal_explained)?,
-        )),
+        Some(w) => Ok(Some(w.await.context("writing a chunk")??)),
     }
 }
+
+/// The context of a shadow catch-up's failure that a new attempt may get
+/// past (an outage, a grant): the swap tries again.
+pub const SWAP_RETRY: &str =
+    "the last catch-up under the swap's lock met a failure the worker waits out";
 
 /// Drops from `ends` the partitions whose fetch position reached their end.
 fn reached_by_position(consumer: &StreamConsumer, ends: &mut HashMap<(String, i32), i64>) {
@@ -586,7 +645,7 @@ fn reached_by_position(consumer: &StreamConsumer, ends: &mut HashMap<(String, i3
 /// (worker/failure.rs): what the worker waits out (a registry fault,
 /// `on_schema_mismatch = "hold"`) or stops at (`on_schema_mismatch` or
 /// `on_error` = `"stop"`) stops the rebuild too; `None` for what the
-/// worker dead-letters, which the rebuild skips.
+/// worker dead-letters, which the rebuild dead-letters too.
 fn stops_rebuild(fault: &failure::Fault, config: &Config) -> Option<String> {
     match failure::message_verdict(fault, config) {
         Verdict::DeadLetter => None,
@@ -599,55 +658,6 @@ fn stops_rebuild(fault: &failure::Fault, config: &Config) -> Option<String> {
             fault.reason()
         )),
     }
-}
-
-/// A batch PostgreSQL refused, said the way the worker would: a rebuild
-/// commits several partitions at once and cannot set one change aside, so
-/// it stops at any refusal (a schema difference whatever
-/// `on_schema_mismatch` says, a missing grant, a constraint), and resumes
-/// when run again once the cause is fixed.
-fn refusal_explained(e: anyhow::Error) -> anyhow::Error {
-    let Some(code) = e
-        .chain()
-        .find_map(|c| c.downcast_ref::<tokio_postgres::Error>())
-        .and_then(|pg| pg.code())
-        .map(|c| c.code().to_owned())
-    else {
-        return e;
-    };
-    let why = match failure::sort_sqlstate(&code) {
-        Sqlstate::Held(reason) if reason == crate::metrics::retry::SCHEMA_MISMATCH => {
-            "a schema difference between the source region and this one (on_schema_mismatch): \
-             the rebuild dead-letters nothing, whatever on_schema_mismatch says; migrate this \
-             region's table (docs/SCHEMA-CHANGES.md)"
-        }
-        Sqlstate::Held(_) => "this region's setup (a grant, a table, a column): fix it",
-        Sqlstate::Wait(_) => {
-            "a unique index or foreign key between rows of different partitions or tables: \
-             the worker would wait at it; see RUNBOOK.md (RegionsyncPartitionHeld)"
-        }
-        Sqlstate::Data => "a change PostgreSQL cannot take (the worker dead-letters it)",
-        Sqlstate::Transient => return e,
-    };
-    e.context(format!(
-        "PostgreSQL refused a batch of the rebuild ({why}); run the rebuild again once it is fixed: it resumes"
-    ))
-}
-
-/// One transaction: a chunk's collapsed changes loaded in bulk, then its
-/// partitions' offsets.
-async fn commit(
-    pool: &deadpool_postgres::Pool,
-    group: &str,
-    tables: &[TargetTable],
-    chunk: bulk::Chunk,
-) -> anyhow::Result<Applied> {
-    let mut client = pool.get().await?;
-    let tx = client.transaction().await?;
-    tx.batch_execute(session::APPLY_TRANSACTION_SQL).await?;
-    let total = bulk::flush(&tx, group, tables, chunk).await?;
-    tx.commit().await?;
-    Ok(total)
 }
 
 #[cfg(test)]

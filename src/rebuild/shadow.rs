@@ -19,9 +19,11 @@
 //!   read) and its newer tombstones are carried over; then the live
 //!   table's decorations (owner, grants, triggers with their enable state,
 //!   replica identity, storage parameters, row security, explicit
-//!   publications, sequences) are given to the shadow, the live table is
-//!   renamed away and dropped, the shadow moved and renamed in, and its
-//!   indexes and constraints take the old names.
+//!   publications, sequences, comments, statistics targets) are given to
+//!   the shadow, the live table is renamed away and dropped, the shadow
+//!   moved and renamed in, and its indexes, constraints and identity
+//!   sequences take the old names. The shadow is made in the live
+//!   table's tablespace.
 
 use anyhow::Context as _;
 use deadpool_postgres::Transaction;
@@ -167,9 +169,20 @@ pub async fn refusals(
 /// A fresh shadow of `table`: dropped if one is left, created empty.
 pub async fn create(tx: &Transaction<'_>, table: &TargetTable) -> anyhow::Result<()> {
     let shadow = shadow_ident(table);
+    // In the live table's tablespace: moved at the swap, it would be
+    // rewritten under the lock.
+    let tablespace: Option<String> = tx
+        .query_one(
+            "SELECT (SELECT quote_ident(t.spcname) FROM pg_tablespace t WHERE t.oid = c.reltablespace)
+               FROM pg_class c WHERE c.oid = $1::text::regclass",
+            &[&table.ident],
+        )
+        .await?
+        .get(0);
+    let tablespace = tablespace.map_or(String::new(), |t| format!(" TABLESPACE {t}"));
     tx.batch_execute(&format!(
         "DROP TABLE IF EXISTS {shadow};
-         CREATE TABLE {shadow} (LIKE {} INCLUDING ALL)",
+         CREATE TABLE {shadow} (LIKE {} INCLUDING ALL){tablespace}",
         table.ident
     ))
     .await
@@ -377,6 +390,29 @@ pub async fn swap(tx: &Transaction<'_>, table: &TargetTable) -> anyhow::Result<(
     if force_rls {
         ddl.push(format!("ALTER TABLE {shadow} FORCE ROW LEVEL SECURITY"));
     }
+    // Comments (the table's: LIKE copies only the columns', and those as
+    // they were when the shadow was made) and statistics targets.
+    for r in tx
+        .query(
+            "SELECT format('COMMENT ON TABLE %s IS %L', $2::text, d.description)
+               FROM pg_description d
+              WHERE d.objoid = $1 AND d.classoid = 'pg_class'::regclass AND d.objsubid = 0
+             UNION ALL
+             SELECT format('COMMENT ON COLUMN %s.%I IS %L', $2::text, a.attname, d.description)
+               FROM pg_attribute a
+               LEFT JOIN pg_description d
+                 ON d.objoid = a.attrelid AND d.classoid = 'pg_class'::regclass AND d.objsubid = a.attnum
+              WHERE a.attrelid = $1 AND a.attnum > 0 AND NOT a.attisdropped
+             UNION ALL
+             SELECT format('ALTER TABLE %s ALTER COLUMN %I SET STATISTICS %s', $2::text, a.attname, a.attstattarget)
+               FROM pg_attribute a
+              WHERE a.attrelid = $1 AND a.attnum > 0 AND NOT a.attisdropped AND a.attstattarget >= 0",
+            &[&live_oid, &shadow],
+        )
+        .await?
+    {
+        ddl.push(r.get(0));
+    }
     // Publications that list the table itself (not FOR ALL TABLES or its
     // schema): the shadow listed too; the old one leaves them when dropped.
     for r in tx
@@ -391,33 +427,46 @@ pub async fn swap(tx: &Transaction<'_>, table: &TargetTable) -> anyhow::Result<(
         ddl.push(format!("ALTER PUBLICATION {publication} ADD TABLE {shadow}"));
     }
     let mut owned_by = Vec::new();
+    let mut renamed_sequences = Vec::new();
     // Sequences: a serial column's sequence belongs to the live table's
     // column (the shadow's default uses it too): given to the shadow's, or
     // the drop would take it. An identity column's sequence is the
-    // shadow's own: set to where the live one is.
+    // shadow's own: set to where the live one is, and given the live one's
+    // name once that is dropped (it moves with the shadow's schema).
     for r in tx
         .query(
             "SELECT quote_ident(a.attname), a.attidentity::text,
-                    pg_get_serial_sequence($2, a.attname), pg_get_serial_sequence($3, a.attname)
+                    pg_get_serial_sequence($2, a.attname), pg_get_serial_sequence($3, a.attname),
+                    (SELECT quote_ident(relname) FROM pg_class WHERE oid = pg_get_serial_sequence($2, a.attname)::regclass),
+                    (SELECT quote_ident(relname) FROM pg_class WHERE oid = pg_get_serial_sequence($3, a.attname)::regclass)
                FROM pg_attribute a WHERE a.attrelid = $1 AND a.attnum > 0 AND NOT a.attisdropped",
             &[&live_oid, &qualified, &shadow],
         )
         .await?
     {
-        let (column, identity, live_seq, shadow_seq): (
+        let (column, identity, live_seq, shadow_seq, live_name, shadow_seq_name): (
             String,
             String,
             Option<String>,
             Option<String>,
-        ) = (r.get(0), r.get(1), r.get(2), r.get(3));
+            Option<String>,
+            Option<String>,
+        ) = (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4), r.get(5));
         match (identity.as_str(), live_seq, shadow_seq) {
             // Given once the shadow is in the live table's schema: a
             // sequence can only belong to a table of its own schema.
             ("", Some(seq), _) => owned_by.push((seq, column)),
-            (_, Some(live_seq), Some(shadow_seq)) if !identity.is_empty() => ddl.push(format!(
-                "SELECT setval('{}', last_value, is_called) FROM {live_seq}",
-                shadow_seq.replace('\'', "''")
-            )),
+            (_, Some(live_seq), Some(shadow_seq)) if !identity.is_empty() => {
+                ddl.push(format!(
+                    "SELECT setval('{}', last_value, is_called) FROM {live_seq}",
+                    shadow_seq.replace('\'', "''")
+                ));
+                if let (Some(live_name), Some(shadow_seq_name)) = (live_name, shadow_seq_name) {
+                    if live_name != shadow_seq_name {
+                        renamed_sequences.push((shadow_seq_name, live_name));
+                    }
+                }
+            }
             _ => {}
         }
     }
@@ -464,6 +513,11 @@ pub async fn swap(tx: &Transaction<'_>, table: &TargetTable) -> anyhow::Result<(
         ));
     }
     ddl.push(format!("DROP TABLE {q_schema}.{}", quote_ident(&old)));
+    for (shadow_seq, live_seq) in renamed_sequences {
+        ddl.push(format!(
+            "ALTER SEQUENCE {q_schema}.{shadow_seq} RENAME TO {live_seq}"
+        ));
+    }
     for (name, def, constraint) in &live_indexes {
         let Some(at) = shadow_indexes.iter().position(|(_, d, _)| d == def) else {
             continue;
