@@ -1437,3 +1437,162 @@ async fn a_statement_stuck_on_a_lock_is_cancelled_and_retried_without_a_dead_let
     );
     worker.stop().await;
 }
+
+/// Kafka keeps refusing the check of one newly assigned partition (its
+/// offsets, as a missing ACL would): that partition stays paused and is
+/// retried (`kafka_unavailable`), while the other partitions of the same
+/// assignment start and apply; a drain (SIGTERM) ends its wait at once;
+/// once Kafka answers, its changes arrive. Nothing dead-lettered.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_partition_whose_check_kafka_refuses_holds_only_itself() {
+    let table = TestTable::create("refusedcheck").await;
+    let topic = format!("cdc.public.{}", table.name);
+    let mirrored_topic = mirrored(&region_a(), &topic);
+    let (dead_before, retried_before) = (dead_lettered(), retries("kafka_unavailable"));
+    insert_users(&table, 1, 40).await;
+    let ids: Vec<i64> = (1..=40).collect();
+    let partitions = partitions_of(&table, &ids).await;
+    let held = partitions[&1];
+    let elsewhere = ids.iter().filter(|id| partitions[id] != held).count();
+    assert!(elsewhere > 0, "the ids span several partitions");
+    *regionsync::worker::REFUSE_WATERMARKS_OF.lock().unwrap() =
+        Some((mirrored_topic.clone(), held));
+    let worker = Worker::start(worker_config(&table, &topic));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while rows_in_b(&table).await < elsewhere {
+        assert!(
+            Instant::now() < deadline,
+            "the other partitions apply while one check is refused"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    wait_for(
+        "retries of the refused check",
+        Duration::from_secs(30),
+        || retries("kafka_unavailable") >= retried_before + 2,
+    )
+    .await;
+    assert_eq!(
+        rows_in_b(&table).await,
+        elsewhere,
+        "nothing of the unchecked partition applied"
+    );
+    let stopping = Instant::now();
+    worker.stop().await;
+    let drained = stopping.elapsed();
+    assert!(
+        drained < Duration::from_secs(4),
+        "the check's wait ends with the drain: {drained:?}"
+    );
+    *regionsync::worker::REFUSE_WATERMARKS_OF.lock().unwrap() = None;
+    let worker = Worker::start(worker_config(&table, &topic));
+    assert_eq!(table.wait_converged(Duration::from_secs(60)).await, 40);
+    assert_eq!(dead_lettered(), dead_before, "nothing dead-lettered");
+    eprintln!(
+        "check refused on partition {held}: 40 written, {elsewhere} arrived meanwhile on the other partitions, {} retries, drained in {drained:?}, 40 after Kafka answered, 0 dead-lettered",
+        retries("kafka_unavailable") - retried_before
+    );
+    worker.stop().await;
+}
+
+/// Retention runs between a partition's check against the topic and its
+/// seek (a partition never applied, whose topic began at 0 when checked):
+/// the seek goes to the offset the check accepted, librdkafka finds it
+/// gone and starts at the first offset left, and the partition's task
+/// finds the gap with its first message and stops the partition, as the
+/// check would have. Seeking to "the beginning" instead would have
+/// applied the later changes past the gap silently.
+#[tokio::test(flavor = "multi_thread")]
+async fn retention_between_the_check_and_the_seek_stops_the_partition() {
+    let table = TestTable::create("seekgap").await;
+    let topic = format!("cdc.public.{}", table.name);
+    let mirrored_topic = mirrored(&region_a(), &topic);
+    let dead_before = dead_lettered();
+    insert_users(&table, 1, 20).await;
+    let ids: Vec<i64> = (1..=40).collect();
+    let highs = mirrored_ends(&mirrored_topic, 20).await;
+    // The first partition of the table's topic to pass its check has
+    // its records deleted before its seek.
+    let (reached_tx, reached_rx) = std::sync::mpsc::channel::<i32>();
+    let (deleted_tx, deleted_rx) = std::sync::mpsc::channel::<()>();
+    *regionsync::worker::BEFORE_SEEK.lock().unwrap() = Some((
+        mirrored_topic.clone(),
+        Box::new(move |partition| {
+            let _ = reached_tx.send(partition);
+            let _ = deleted_rx.recv_timeout(Duration::from_secs(60));
+        }),
+    ));
+    let worker = Worker::start(worker_config(&table, &topic));
+    let gapped = tokio::task::block_in_place(|| reached_rx.recv_timeout(Duration::from_secs(60)))
+        .expect("a partition reached its seek");
+    let upto: Vec<i64> = (0..4)
+        .map(|p| if p == gapped { highs[p as usize] } else { 0 })
+        .collect();
+    delete_records_below(&mirrored_topic, &upto).await;
+    deleted_tx.send(()).expect("release the seek");
+    // Later changes: the gapped partition's show the gap (were it left
+    // empty, its first message after the seek is one of them).
+    insert_users(&table, 21, 20).await;
+    let partitions = partitions_of(&table, &ids[20..]).await;
+    let stopped = || {
+        counters().gauge(
+            "regionsync_partition_stopped",
+            &[
+                ("topic", mirrored_topic.as_str()),
+                ("partition", gapped.to_string().as_str()),
+                ("reason", "retention_gap"),
+            ],
+        )
+    };
+    wait_for(
+        "the partition stopped at the gap after its seek",
+        Duration::from_secs(60),
+        || stopped() == 1.0,
+    )
+    .await;
+    let elsewhere: Vec<i64> = ids[20..]
+        .iter()
+        .copied()
+        .filter(|id| partitions[id] != gapped)
+        .collect();
+    let ids_in_b = || async {
+        app_db(&region_b())
+            .await
+            .query(&format!("SELECT id FROM public.{}", table.name), &[])
+            .await
+            .expect("ids in B")
+            .iter()
+            .map(|r| r.get::<_, i64>(0))
+            .collect::<std::collections::HashSet<i64>>()
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let in_b = ids_in_b().await;
+        if elsewhere.iter().all(|id| in_b.contains(id)) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the other partitions' later changes arrive"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let in_b = ids_in_b().await;
+    let past_gap: Vec<i64> = ids[20..]
+        .iter()
+        .copied()
+        .filter(|id| partitions[id] == gapped && in_b.contains(id))
+        .collect();
+    assert!(
+        past_gap.is_empty(),
+        "nothing applied past the gap: {past_gap:?}"
+    );
+    assert_eq!(dead_lettered(), dead_before, "nothing dead-lettered");
+    eprintln!(
+        "retention between check and seek on partition {gapped}: {} of its changes deleted unapplied, partition stopped, 0 applied past the gap, {} later changes on the other partitions arrived, 0 dead-lettered",
+        highs[gapped as usize],
+        elsewhere.len()
+    );
+    worker.stop().await;
+}
