@@ -1596,3 +1596,83 @@ async fn retention_between_the_check_and_the_seek_stops_the_partition() {
     );
     worker.stop().await;
 }
+
+/// A batch whose dead letter was produced before its transaction, and
+/// whose transaction is then refused (a revoked grant) and given up (the
+/// worker stopped while held) is tried again by the next worker of this
+/// process: the dead letter is not produced a second time. One poison
+/// message and 20 rows: exactly 1 dead letter, every row after the GRANT.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_batch_given_up_after_its_dead_letter_does_not_produce_it_again() {
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+    let table = TestTable::create("dlqonce").await;
+    let topic = format!("cdc.public.{}", table.name);
+    let mirrored_topic = mirrored(&region_a(), &topic);
+    let b = app_db(&region_b()).await;
+    b.batch_execute(&format!(
+        "REVOKE INSERT, UPDATE ON public.{} FROM regionsync",
+        table.name
+    ))
+    .await
+    .expect("revoke");
+    let producer: FutureProducer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", &region_b().kafka)
+        .create()
+        .expect("producer");
+    // The poison first on every partition, then the rows: each partition's
+    // first batch holds a dead letter and rows the grant refuses.
+    let dead_before = dead_lettered();
+    for p in 0..4 {
+        producer
+            .send(
+                FutureRecord::<'_, [u8], [u8]>::to(&mirrored_topic)
+                    .key(format!("{{\"id\":{}}}", 900_000 + p).as_bytes())
+                    .payload(b"not json at all")
+                    .partition(p),
+                Duration::from_secs(10),
+            )
+            .await
+            .unwrap_or_else(|(e, _)| panic!("produce the poison: {e}"));
+    }
+    insert_users(&table, 1, 20).await;
+    mirrored_ends(&mirrored_topic, 24).await;
+    let held_before = retries("postgres_permission");
+    let worker = Worker::start(worker_config(&table, &topic));
+    wait_for(
+        "retries for the missing grant",
+        Duration::from_secs(60),
+        || retries("postgres_permission") >= held_before + 4,
+    )
+    .await;
+    wait_for("the 4 dead letters", Duration::from_secs(30), || {
+        dead_lettered() >= dead_before + 4
+    })
+    .await;
+    // Given up while held, and tried again by a new worker.
+    worker.stop().await;
+    let held_before = retries("postgres_permission");
+    let worker = Worker::start(worker_config(&table, &topic));
+    wait_for(
+        "retries of the batches tried again",
+        Duration::from_secs(60),
+        || retries("postgres_permission") >= held_before + 4,
+    )
+    .await;
+    b.batch_execute(&format!(
+        "GRANT INSERT, UPDATE ON public.{} TO regionsync",
+        table.name
+    ))
+    .await
+    .expect("grant");
+    assert_eq!(table.wait_converged(Duration::from_secs(60)).await, 20);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(
+        dead_lettered() - dead_before,
+        4,
+        "each poison message dead-lettered exactly once"
+    );
+    eprintln!(
+        "dead letters before a refused transaction, batches given up and tried again: 4 poison + 20 rows written, 4 dead letters (not 8), 20 arrived after the GRANT"
+    );
+    worker.stop().await;
+}
