@@ -1676,3 +1676,68 @@ async fn a_batch_given_up_after_its_dead_letter_does_not_produce_it_again() {
     );
     worker.stop().await;
 }
+
+/// PostgreSQL refuses a batch at its commit, in a statement no change
+/// owns: a deferred constraint trigger of B's (enabled ALWAYS, so it fires
+/// for the apply sessions too) refuses every commit while a "blocker" row
+/// exists. The source satisfied its own constraints, so no change is at
+/// fault: the partition is held and retried (`postgres_refused`) with the
+/// backoff, never in a loop, nothing is dead-lettered, and every row
+/// arrives once the blocker is gone.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_commit_a_deferred_constraint_refuses_is_retried_never_dead_lettered() {
+    let table = TestTable::create("deferred").await;
+    let topic = format!("cdc.public.{}", table.name);
+    let name = &table.name;
+    let b = app_db(&region_b()).await;
+    b.batch_execute(&format!(
+        "CREATE TABLE public.{name}_blocker (x int PRIMARY KEY);
+         INSERT INTO public.{name}_blocker VALUES (1);
+         CREATE FUNCTION public.{name}_refuse() RETURNS trigger
+             LANGUAGE plpgsql SECURITY DEFINER AS $$
+             BEGIN
+                 IF EXISTS (SELECT 1 FROM public.{name}_blocker) THEN
+                     RAISE EXCEPTION 'refused at commit while a blocker exists'
+                         USING ERRCODE = '23000';
+                 END IF;
+                 RETURN NULL;
+             END $$;
+         CREATE CONSTRAINT TRIGGER {name}_at_commit AFTER INSERT OR UPDATE ON public.{name}
+             DEFERRABLE INITIALLY DEFERRED FOR EACH ROW
+             EXECUTE FUNCTION public.{name}_refuse();
+         ALTER TABLE public.{name} ENABLE ALWAYS TRIGGER {name}_at_commit;"
+    ))
+    .await
+    .expect("a deferred constraint trigger in B");
+    let (dead_before, refused_before) = (dead_lettered(), retries("postgres_refused"));
+    let worker = Worker::start(worker_config(&table, &topic));
+    insert_users(&table, 1, 20).await;
+    wait_for(
+        "retries of the refused commits",
+        Duration::from_secs(60),
+        || retries("postgres_refused") > refused_before,
+    )
+    .await;
+    let first = Instant::now();
+    let at_first = retries("postgres_refused");
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let in_10s = retries("postgres_refused") - at_first;
+    assert!(in_10s >= 1, "still retried");
+    // The backoff (0.2 s doubling to 5 s) allows some 6 per partition in
+    // 10 s; a loop without it would count thousands.
+    assert!(in_10s <= 4 * 8, "no hot loop: {in_10s} retries in 10 s");
+    assert_eq!(rows_in_b(&table).await, 0, "nothing committed");
+    assert_eq!(dead_lettered(), dead_before, "nothing dead-lettered");
+    b.batch_execute(&format!("DELETE FROM public.{name}_blocker"))
+        .await
+        .expect("remove the blocker");
+    let removed = Instant::now();
+    assert_eq!(table.wait_converged(Duration::from_secs(60)).await, 20);
+    let recovered = removed.elapsed();
+    assert_eq!(dead_lettered(), dead_before, "still nothing dead-lettered");
+    eprintln!(
+        "deferred constraint at commit: 20 written, 0 dead-lettered, {in_10s} retries in the 10 s after the first ({:?}), 20 arrived {recovered:?} after the blocker was removed",
+        first.elapsed()
+    );
+    worker.stop().await;
+}
