@@ -1741,3 +1741,120 @@ async fn a_commit_a_deferred_constraint_refuses_is_retried_never_dead_lettered()
     );
     worker.stop().await;
 }
+
+/// The dead-letter topic does not acknowledge: it refuses every dead
+/// letter (`max.message.bytes` = 100, MSG_SIZE_TOO_LARGE). (Asking for 2
+/// in-sync replicas of a one-replica topic does not do it: this Kafka
+/// acknowledges with min(min.insync.replicas, replication factor).) The
+/// partition is held at the poison message (`dlq_unavailable`), nothing
+/// after it is applied; once the topic accepts, the dead letter is there
+/// exactly once and everything after it arrives.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_dead_letter_topic_that_does_not_acknowledge_holds_the_partition() {
+    use rdkafka::admin::{AdminClient, AdminOptions, AlterConfig, NewTopic, ResourceSpecifier};
+    use rdkafka::client::DefaultClientContext;
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+    let table = TestTable::create("dlqdown").await;
+    let topic = format!("cdc.public.{}", table.name);
+    let mirrored_topic = mirrored(&region_a(), &topic);
+    let dlq_topic = format!("regionsync.dlq.{}", table.name);
+    let admin: AdminClient<DefaultClientContext> = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", &region_b().kafka)
+        .create()
+        .expect("admin client");
+    let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
+    admin
+        .create_topics(
+            &[
+                NewTopic::new(&dlq_topic, 1, rdkafka::admin::TopicReplication::Fixed(1))
+                    .set("max.message.bytes", "100"),
+            ],
+            &options,
+        )
+        .await
+        .expect("create the dead-letter topic")
+        .into_iter()
+        .for_each(|r| {
+            r.expect("the dead-letter topic created");
+        });
+    // The poison on partition 0, then rows on every partition.
+    let producer: FutureProducer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", &region_b().kafka)
+        .create()
+        .expect("producer");
+    producer
+        .send(
+            FutureRecord::<'_, [u8], [u8]>::to(&mirrored_topic)
+                .key(b"{\"schema\":null,\"payload\":{\"id\":900000}}")
+                .payload(b"not json at all")
+                .partition(0),
+            Duration::from_secs(10),
+        )
+        .await
+        .unwrap_or_else(|(e, _)| panic!("produce the poison: {e}"));
+    insert_users(&table, 1, 20).await;
+    let ids: Vec<i64> = (1..=20).collect();
+    let partitions = partitions_of(&table, &ids).await;
+    let after_poison = ids.iter().filter(|id| partitions[id] == 0).count();
+    let elsewhere = ids.len() - after_poison;
+    assert!(
+        after_poison > 0,
+        "some rows follow the poison on partition 0"
+    );
+
+    let mut config = worker_config(&table, &topic);
+    config.dlq_topic = Some(dlq_topic.clone());
+    config
+        .kafka
+        .properties
+        .insert("message.timeout.ms".into(), "3000".into());
+    let (dead_before, retried_before) = (dead_lettered(), retries("dlq_unavailable"));
+    let worker = Worker::start(config);
+    wait_for(
+        "retries of the unacknowledged dead letter",
+        Duration::from_secs(60),
+        || retries("dlq_unavailable") >= retried_before + 2,
+    )
+    .await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while rows_in_b(&table).await < elsewhere {
+        assert!(Instant::now() < deadline, "the other partitions apply");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    assert_eq!(
+        rows_in_b(&table).await,
+        elsewhere,
+        "nothing after the poison applied past it"
+    );
+    assert_eq!(dead_lettered(), dead_before, "nothing acknowledged yet");
+    admin
+        .alter_configs(
+            &[AlterConfig::new(ResourceSpecifier::Topic(&dlq_topic))
+                .set("max.message.bytes", "1048588")],
+            &options,
+        )
+        .await
+        .expect("alter configs")
+        .into_iter()
+        .for_each(|r| {
+            r.expect("max.message.bytes back");
+        });
+    let accepted = Instant::now();
+    assert_eq!(table.wait_converged(Duration::from_secs(60)).await, 20);
+    let recovered = accepted.elapsed();
+    assert_eq!(
+        dead_lettered() - dead_before,
+        1,
+        "one dead letter acknowledged"
+    );
+    assert_eq!(
+        ends(&region_b(), &dlq_topic, 1),
+        vec![1],
+        "the dead-letter topic holds it exactly once"
+    );
+    eprintln!(
+        "dead-letter topic not acknowledging: 1 poison + 20 written, {} retries, {elsewhere} arrived meanwhile, {after_poison} held behind the poison; 1 dead letter and all 20 rows {recovered:?} after the topic accepted",
+        retries("dlq_unavailable") - retried_before
+    );
+    worker.stop().await;
+}

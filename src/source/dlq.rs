@@ -55,8 +55,19 @@ pub struct DeadLetterProducer {
 
 impl DeadLetterProducer {
     pub fn new(config: &Config) -> anyhow::Result<Self> {
-        let producer: FutureProducer = super::kafka_config(config)?
-            .set("enable.idempotence", "true")
+        let mut settings = super::kafka_config(config)?;
+        settings.set("enable.idempotence", "true");
+        // How long one dead letter may wait for the broker's acknowledgement
+        // before the attempt fails and the partition's retry (and its
+        // `dlq_unavailable` count) shows it. librdkafka's default (300 s)
+        // kept a broker refusing every produce (NOT_ENOUGH_REPLICAS) from
+        // being seen for 5 minutes. `kafka.properties` may set another.
+        if !config.kafka.properties.contains_key("message.timeout.ms")
+            && !config.kafka.properties.contains_key("delivery.timeout.ms")
+        {
+            settings.set("message.timeout.ms", "30000");
+        }
+        let producer: FutureProducer = settings
             .create()
             .context("creating the dead-letter producer")?;
         Ok(DeadLetterProducer {
