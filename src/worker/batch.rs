@@ -497,7 +497,7 @@ async fn apply_on_layout<M: Message>(
             continue;
         }
         sent.extend(rejected.iter().map(|r| r.msg.offset()));
-        UNSTORED_DEAD_LETTERS.add((worker.group.as_str(), topic, partition), &sent);
+        UNSTORED_DEAD_LETTERS.add((worker.group.as_str(), topic, partition), sent);
         let at = (topic, partition, next, newest_ts_ms);
         let e = match order {
             Order::Collapsed => {
