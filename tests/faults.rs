@@ -1437,3 +1437,424 @@ async fn a_statement_stuck_on_a_lock_is_cancelled_and_retried_without_a_dead_let
     );
     worker.stop().await;
 }
+
+/// Kafka keeps refusing the check of one newly assigned partition (its
+/// offsets, as a missing ACL would): that partition stays paused and is
+/// retried (`kafka_unavailable`), while the other partitions of the same
+/// assignment start and apply; a drain (SIGTERM) ends its wait at once;
+/// once Kafka answers, its changes arrive. Nothing dead-lettered.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_partition_whose_check_kafka_refuses_holds_only_itself() {
+    let table = TestTable::create("refusedcheck").await;
+    let topic = format!("cdc.public.{}", table.name);
+    let mirrored_topic = mirrored(&region_a(), &topic);
+    let (dead_before, retried_before) = (dead_lettered(), retries("kafka_unavailable"));
+    insert_users(&table, 1, 40).await;
+    let ids: Vec<i64> = (1..=40).collect();
+    let partitions = partitions_of(&table, &ids).await;
+    let held = partitions[&1];
+    let elsewhere = ids.iter().filter(|id| partitions[id] != held).count();
+    assert!(elsewhere > 0, "the ids span several partitions");
+    *regionsync::worker::REFUSE_WATERMARKS_OF.lock().unwrap() =
+        Some((mirrored_topic.clone(), held));
+    let worker = Worker::start(worker_config(&table, &topic));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while rows_in_b(&table).await < elsewhere {
+        assert!(
+            Instant::now() < deadline,
+            "the other partitions apply while one check is refused"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    wait_for(
+        "retries of the refused check",
+        Duration::from_secs(30),
+        || retries("kafka_unavailable") >= retried_before + 2,
+    )
+    .await;
+    assert_eq!(
+        rows_in_b(&table).await,
+        elsewhere,
+        "nothing of the unchecked partition applied"
+    );
+    let stopping = Instant::now();
+    worker.stop().await;
+    let drained = stopping.elapsed();
+    assert!(
+        drained < Duration::from_secs(4),
+        "the check's wait ends with the drain: {drained:?}"
+    );
+    *regionsync::worker::REFUSE_WATERMARKS_OF.lock().unwrap() = None;
+    let worker = Worker::start(worker_config(&table, &topic));
+    assert_eq!(table.wait_converged(Duration::from_secs(60)).await, 40);
+    assert_eq!(dead_lettered(), dead_before, "nothing dead-lettered");
+    eprintln!(
+        "check refused on partition {held}: 40 written, {elsewhere} arrived meanwhile on the other partitions, {} retries, drained in {drained:?}, 40 after Kafka answered, 0 dead-lettered",
+        retries("kafka_unavailable") - retried_before
+    );
+    worker.stop().await;
+}
+
+/// Retention runs between a partition's check against the topic and its
+/// seek (a partition never applied, whose topic began at 0 when checked):
+/// the seek goes to the offset the check accepted, librdkafka finds it
+/// gone and starts at the first offset left, and the partition's task
+/// finds the gap with its first message and stops the partition, as the
+/// check would have. Seeking to "the beginning" instead would have
+/// applied the later changes past the gap silently.
+#[tokio::test(flavor = "multi_thread")]
+async fn retention_between_the_check_and_the_seek_stops_the_partition() {
+    let table = TestTable::create("seekgap").await;
+    let topic = format!("cdc.public.{}", table.name);
+    let mirrored_topic = mirrored(&region_a(), &topic);
+    let dead_before = dead_lettered();
+    insert_users(&table, 1, 20).await;
+    let ids: Vec<i64> = (1..=40).collect();
+    let highs = mirrored_ends(&mirrored_topic, 20).await;
+    // The first partition of the table's topic to pass its check has
+    // its records deleted before its seek.
+    let (reached_tx, reached_rx) = std::sync::mpsc::channel::<i32>();
+    let (deleted_tx, deleted_rx) = std::sync::mpsc::channel::<()>();
+    *regionsync::worker::BEFORE_SEEK.lock().unwrap() = Some((
+        mirrored_topic.clone(),
+        Box::new(move |partition| {
+            let _ = reached_tx.send(partition);
+            let _ = deleted_rx.recv_timeout(Duration::from_secs(60));
+        }),
+    ));
+    let worker = Worker::start(worker_config(&table, &topic));
+    let gapped = tokio::task::block_in_place(|| reached_rx.recv_timeout(Duration::from_secs(60)))
+        .expect("a partition reached its seek");
+    let upto: Vec<i64> = (0..4)
+        .map(|p| if p == gapped { highs[p as usize] } else { 0 })
+        .collect();
+    delete_records_below(&mirrored_topic, &upto).await;
+    deleted_tx.send(()).expect("release the seek");
+    // Later changes: the gapped partition's show the gap (were it left
+    // empty, its first message after the seek is one of them).
+    insert_users(&table, 21, 20).await;
+    let partitions = partitions_of(&table, &ids[20..]).await;
+    let stopped = || {
+        counters().gauge(
+            "regionsync_partition_stopped",
+            &[
+                ("topic", mirrored_topic.as_str()),
+                ("partition", gapped.to_string().as_str()),
+                ("reason", "retention_gap"),
+            ],
+        )
+    };
+    wait_for(
+        "the partition stopped at the gap after its seek",
+        Duration::from_secs(60),
+        || stopped() == 1.0,
+    )
+    .await;
+    let elsewhere: Vec<i64> = ids[20..]
+        .iter()
+        .copied()
+        .filter(|id| partitions[id] != gapped)
+        .collect();
+    let ids_in_b = || async {
+        app_db(&region_b())
+            .await
+            .query(&format!("SELECT id FROM public.{}", table.name), &[])
+            .await
+            .expect("ids in B")
+            .iter()
+            .map(|r| r.get::<_, i64>(0))
+            .collect::<std::collections::HashSet<i64>>()
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let in_b = ids_in_b().await;
+        if elsewhere.iter().all(|id| in_b.contains(id)) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the other partitions' later changes arrive"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let in_b = ids_in_b().await;
+    let past_gap: Vec<i64> = ids[20..]
+        .iter()
+        .copied()
+        .filter(|id| partitions[id] == gapped && in_b.contains(id))
+        .collect();
+    assert!(
+        past_gap.is_empty(),
+        "nothing applied past the gap: {past_gap:?}"
+    );
+    assert_eq!(dead_lettered(), dead_before, "nothing dead-lettered");
+    eprintln!(
+        "retention between check and seek on partition {gapped}: {} of its changes deleted unapplied, partition stopped, 0 applied past the gap, {} later changes on the other partitions arrived, 0 dead-lettered",
+        highs[gapped as usize],
+        elsewhere.len()
+    );
+    worker.stop().await;
+}
+
+/// A batch whose dead letter was produced before its transaction, and
+/// whose transaction is then refused (a revoked grant) and given up (the
+/// worker stopped while held) is tried again by the next worker of this
+/// process: the dead letter is not produced a second time. One poison
+/// message and 20 rows: exactly 1 dead letter, every row after the GRANT.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_batch_given_up_after_its_dead_letter_does_not_produce_it_again() {
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+    let table = TestTable::create("dlqonce").await;
+    let topic = format!("cdc.public.{}", table.name);
+    let mirrored_topic = mirrored(&region_a(), &topic);
+    let b = app_db(&region_b()).await;
+    b.batch_execute(&format!(
+        "REVOKE INSERT, UPDATE ON public.{} FROM regionsync",
+        table.name
+    ))
+    .await
+    .expect("revoke");
+    let producer: FutureProducer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", &region_b().kafka)
+        .create()
+        .expect("producer");
+    // The poison first on every partition, then the rows: each partition's
+    // first batch holds a dead letter and rows the grant refuses.
+    let dead_before = dead_lettered();
+    for p in 0..4 {
+        producer
+            .send(
+                FutureRecord::<'_, [u8], [u8]>::to(&mirrored_topic)
+                    .key(format!("{{\"id\":{}}}", 900_000 + p).as_bytes())
+                    .payload(b"not json at all")
+                    .partition(p),
+                Duration::from_secs(10),
+            )
+            .await
+            .unwrap_or_else(|(e, _)| panic!("produce the poison: {e}"));
+    }
+    insert_users(&table, 1, 20).await;
+    mirrored_ends(&mirrored_topic, 24).await;
+    let held_before = retries("postgres_permission");
+    let worker = Worker::start(worker_config(&table, &topic));
+    wait_for(
+        "retries for the missing grant",
+        Duration::from_secs(60),
+        || retries("postgres_permission") >= held_before + 4,
+    )
+    .await;
+    wait_for("the 4 dead letters", Duration::from_secs(30), || {
+        dead_lettered() >= dead_before + 4
+    })
+    .await;
+    // Given up while held, and tried again by a new worker.
+    worker.stop().await;
+    let held_before = retries("postgres_permission");
+    let worker = Worker::start(worker_config(&table, &topic));
+    wait_for(
+        "retries of the batches tried again",
+        Duration::from_secs(60),
+        || retries("postgres_permission") >= held_before + 4,
+    )
+    .await;
+    b.batch_execute(&format!(
+        "GRANT INSERT, UPDATE ON public.{} TO regionsync",
+        table.name
+    ))
+    .await
+    .expect("grant");
+    assert_eq!(table.wait_converged(Duration::from_secs(60)).await, 20);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(
+        dead_lettered() - dead_before,
+        4,
+        "each poison message dead-lettered exactly once"
+    );
+    eprintln!(
+        "dead letters before a refused transaction, batches given up and tried again: 4 poison + 20 rows written, 4 dead letters (not 8), 20 arrived after the GRANT"
+    );
+    worker.stop().await;
+}
+
+/// PostgreSQL refuses a batch at its commit, in a statement no change
+/// owns: a deferred constraint trigger of B's (enabled ALWAYS, so it fires
+/// for the apply sessions too) refuses every commit while a "blocker" row
+/// exists. The source satisfied its own constraints, so no change is at
+/// fault: the partition is held and retried (`postgres_refused`) with the
+/// backoff, never in a loop, nothing is dead-lettered, and every row
+/// arrives once the blocker is gone.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_commit_a_deferred_constraint_refuses_is_retried_never_dead_lettered() {
+    let table = TestTable::create("deferred").await;
+    let topic = format!("cdc.public.{}", table.name);
+    let name = &table.name;
+    let b = app_db(&region_b()).await;
+    b.batch_execute(&format!(
+        "CREATE TABLE public.{name}_blocker (x int PRIMARY KEY);
+         INSERT INTO public.{name}_blocker VALUES (1);
+         CREATE FUNCTION public.{name}_refuse() RETURNS trigger
+             LANGUAGE plpgsql SECURITY DEFINER AS $$
+             BEGIN
+                 IF EXISTS (SELECT 1 FROM public.{name}_blocker) THEN
+                     RAISE EXCEPTION 'refused at commit while a blocker exists'
+                         USING ERRCODE = '23000';
+                 END IF;
+                 RETURN NULL;
+             END $$;
+         CREATE CONSTRAINT TRIGGER {name}_at_commit AFTER INSERT OR UPDATE ON public.{name}
+             DEFERRABLE INITIALLY DEFERRED FOR EACH ROW
+             EXECUTE FUNCTION public.{name}_refuse();
+         ALTER TABLE public.{name} ENABLE ALWAYS TRIGGER {name}_at_commit;"
+    ))
+    .await
+    .expect("a deferred constraint trigger in B");
+    let (dead_before, refused_before) = (dead_lettered(), retries("postgres_refused"));
+    let worker = Worker::start(worker_config(&table, &topic));
+    insert_users(&table, 1, 20).await;
+    wait_for(
+        "retries of the refused commits",
+        Duration::from_secs(60),
+        || retries("postgres_refused") > refused_before,
+    )
+    .await;
+    let first = Instant::now();
+    let at_first = retries("postgres_refused");
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let in_10s = retries("postgres_refused") - at_first;
+    assert!(in_10s >= 1, "still retried");
+    // The backoff (0.2 s doubling to 5 s) allows some 6 per partition in
+    // 10 s; a loop without it would count thousands.
+    assert!(in_10s <= 4 * 8, "no hot loop: {in_10s} retries in 10 s");
+    assert_eq!(rows_in_b(&table).await, 0, "nothing committed");
+    assert_eq!(dead_lettered(), dead_before, "nothing dead-lettered");
+    b.batch_execute(&format!("DELETE FROM public.{name}_blocker"))
+        .await
+        .expect("remove the blocker");
+    let removed = Instant::now();
+    assert_eq!(table.wait_converged(Duration::from_secs(60)).await, 20);
+    let recovered = removed.elapsed();
+    assert_eq!(dead_lettered(), dead_before, "still nothing dead-lettered");
+    eprintln!(
+        "deferred constraint at commit: 20 written, 0 dead-lettered, {in_10s} retries in the 10 s after the first ({:?}), 20 arrived {recovered:?} after the blocker was removed",
+        first.elapsed()
+    );
+    worker.stop().await;
+}
+
+/// The dead-letter topic does not acknowledge: it refuses every dead
+/// letter (`max.message.bytes` = 100, MSG_SIZE_TOO_LARGE). (Asking for 2
+/// in-sync replicas of a one-replica topic does not do it: this Kafka
+/// acknowledges with min(min.insync.replicas, replication factor).) The
+/// partition is held at the poison message (`dlq_unavailable`), nothing
+/// after it is applied; once the topic accepts, the dead letter is there
+/// exactly once and everything after it arrives.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_dead_letter_topic_that_does_not_acknowledge_holds_the_partition() {
+    use rdkafka::admin::{AdminClient, AdminOptions, AlterConfig, NewTopic, ResourceSpecifier};
+    use rdkafka::client::DefaultClientContext;
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+    let table = TestTable::create("dlqdown").await;
+    let topic = format!("cdc.public.{}", table.name);
+    let mirrored_topic = mirrored(&region_a(), &topic);
+    let dlq_topic = format!("regionsync.dlq.{}", table.name);
+    let admin: AdminClient<DefaultClientContext> = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", &region_b().kafka)
+        .create()
+        .expect("admin client");
+    let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
+    admin
+        .create_topics(
+            &[
+                NewTopic::new(&dlq_topic, 1, rdkafka::admin::TopicReplication::Fixed(1))
+                    .set("max.message.bytes", "100"),
+            ],
+            &options,
+        )
+        .await
+        .expect("create the dead-letter topic")
+        .into_iter()
+        .for_each(|r| {
+            r.expect("the dead-letter topic created");
+        });
+    // The poison on partition 0, then rows on every partition.
+    let producer: FutureProducer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", &region_b().kafka)
+        .create()
+        .expect("producer");
+    producer
+        .send(
+            FutureRecord::<'_, [u8], [u8]>::to(&mirrored_topic)
+                .key(b"{\"schema\":null,\"payload\":{\"id\":900000}}")
+                .payload(b"not json at all")
+                .partition(0),
+            Duration::from_secs(10),
+        )
+        .await
+        .unwrap_or_else(|(e, _)| panic!("produce the poison: {e}"));
+    insert_users(&table, 1, 20).await;
+    let ids: Vec<i64> = (1..=20).collect();
+    let partitions = partitions_of(&table, &ids).await;
+    let after_poison = ids.iter().filter(|id| partitions[id] == 0).count();
+    let elsewhere = ids.len() - after_poison;
+    assert!(
+        after_poison > 0,
+        "some rows follow the poison on partition 0"
+    );
+
+    let mut config = worker_config(&table, &topic);
+    config.dlq_topic = Some(dlq_topic.clone());
+    config
+        .kafka
+        .properties
+        .insert("message.timeout.ms".into(), "3000".into());
+    let (dead_before, retried_before) = (dead_lettered(), retries("dlq_unavailable"));
+    let worker = Worker::start(config);
+    wait_for(
+        "retries of the unacknowledged dead letter",
+        Duration::from_secs(60),
+        || retries("dlq_unavailable") >= retried_before + 2,
+    )
+    .await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while rows_in_b(&table).await < elsewhere {
+        assert!(Instant::now() < deadline, "the other partitions apply");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    assert_eq!(
+        rows_in_b(&table).await,
+        elsewhere,
+        "nothing after the poison applied past it"
+    );
+    assert_eq!(dead_lettered(), dead_before, "nothing acknowledged yet");
+    admin
+        .alter_configs(
+            &[AlterConfig::new(ResourceSpecifier::Topic(&dlq_topic))
+                .set("max.message.bytes", "1048588")],
+            &options,
+        )
+        .await
+        .expect("alter configs")
+        .into_iter()
+        .for_each(|r| {
+            r.expect("max.message.bytes back");
+        });
+    let accepted = Instant::now();
+    assert_eq!(table.wait_converged(Duration::from_secs(60)).await, 20);
+    let recovered = accepted.elapsed();
+    assert_eq!(
+        dead_lettered() - dead_before,
+        1,
+        "one dead letter acknowledged"
+    );
+    assert_eq!(
+        ends(&region_b(), &dlq_topic, 1),
+        vec![1],
+        "the dead-letter topic holds it exactly once"
+    );
+    eprintln!(
+        "dead-letter topic not acknowledging: 1 poison + 20 written, {} retries, {elsewhere} arrived meanwhile, {after_poison} held behind the poison; 1 dead letter and all 20 rows {recovered:?} after the topic accepted",
+        retries("dlq_unavailable") - retried_before
+    );
+    worker.stop().await;
+}

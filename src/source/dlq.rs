@@ -55,8 +55,19 @@ pub struct DeadLetterProducer {
 
 impl DeadLetterProducer {
     pub fn new(config: &Config) -> anyhow::Result<Self> {
-        let producer: FutureProducer = super::kafka_config(config)?
-            .set("enable.idempotence", "true")
+        let mut settings = super::kafka_config(config)?;
+        settings.set("enable.idempotence", "true");
+        // How long one dead letter may wait for the broker's acknowledgement
+        // before the attempt fails and the partition's retry (and its
+        // `dlq_unavailable` count) shows it. librdkafka's default (300 s)
+        // kept a broker refusing every produce (NOT_ENOUGH_REPLICAS) from
+        // being seen for 5 minutes. `kafka.properties` may set another.
+        if !config.kafka.properties.contains_key("message.timeout.ms")
+            && !config.kafka.properties.contains_key("delivery.timeout.ms")
+        {
+            settings.set("message.timeout.ms", "30000");
+        }
+        let producer: FutureProducer = settings
             .create()
             .context("creating the dead-letter producer")?;
         Ok(DeadLetterProducer {
@@ -260,7 +271,22 @@ pub async fn read_all(config: &Config) -> anyhow::Result<Vec<Result<StoredLetter
             ends.remove(&msg.partition());
         }
     }
-    Ok(out)
+    Ok(one_per_change(out))
+}
+
+/// Keeps the first dead letter of each change (its original topic,
+/// partition and offset). A batch abandoned after its dead letters were
+/// produced (a crash, a rebalance to another worker) may produce them
+/// again on its next attempt; readers see one record per change.
+fn one_per_change(letters: Vec<Result<StoredLetter, String>>) -> Vec<Result<StoredLetter, String>> {
+    let mut seen = std::collections::HashSet::new();
+    letters
+        .into_iter()
+        .filter(|l| match l {
+            Ok(l) => seen.insert((l.topic.clone(), l.partition, l.offset)),
+            Err(_) => true,
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -327,5 +353,41 @@ mod tests {
         );
         let why = StoredLetter::from_message(&foreign).expect_err("not a dead letter");
         assert!(why.contains("0/6") && why.contains(HEADER_REASON), "{why}");
+    }
+
+    #[test]
+    fn a_change_dead_lettered_twice_is_read_back_once() {
+        let letter = |dlq_offset: i64, offset: i64| StoredLetter {
+            dlq_partition: 0,
+            dlq_offset,
+            at_ms: None,
+            reason: "not_json".into(),
+            error: String::new(),
+            table: None,
+            topic: "us-east-1.cdc.public.t".into(),
+            partition: 1,
+            offset,
+            key: None,
+            payload: None,
+        };
+        let read = vec![
+            Ok(letter(0, 7)),
+            Ok(letter(1, 9)),
+            Err("dead letter 0/2 has no header".into()),
+            // The same two changes, produced again by a retried batch.
+            Ok(letter(3, 7)),
+            Ok(letter(4, 9)),
+        ];
+        let kept: Vec<(i64, i64)> = one_per_change(read.clone())
+            .into_iter()
+            .filter_map(|l| l.ok())
+            .map(|l| (l.dlq_offset, l.offset))
+            .collect();
+        assert_eq!(kept, vec![(0, 7), (1, 9)]);
+        assert_eq!(
+            one_per_change(read).len(),
+            3,
+            "what is not a dead letter stays"
+        );
     }
 }

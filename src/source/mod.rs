@@ -347,33 +347,30 @@ pub async fn next_message<'q>(
     }
 }
 
-/// Seeks newly assigned (paused) partitions to the given offsets (`None`:
-/// the first offset still in the topic) and resumes them.
+/// Seeks a partition to `offset` (the worker's stored offset, or the first
+/// offset its check against the topic accepted; never Kafka's committed
+/// offset, which is only a copy) and, if `resume`, resumes it (a newly
+/// assigned partition is paused until then).
 pub fn seek_and_resume(
     consumer: &Kafka,
-    positions: &[((String, i32), Option<i64>)],
+    topic: &str,
+    partition: i32,
+    offset: i64,
+    resume: bool,
 ) -> anyhow::Result<()> {
+    info!(topic = %topic, partition, offset, "resuming at offset");
     let mut seek = TopicPartitionList::new();
-    let mut resume = TopicPartitionList::new();
-    for ((topic, partition), stored) in positions {
-        resume.add_partition(topic, *partition);
-        match stored {
-            Some(next) => {
-                info!(topic = %topic, partition, offset = next, "resuming at stored offset");
-                seek.add_partition_offset(topic, *partition, Offset::Offset(*next))?;
-            }
-            None => {
-                // Not from Kafka's committed offset, which is only a copy.
-                info!(topic = %topic, partition, "no stored offset; starting from the beginning");
-                seek.add_partition_offset(topic, *partition, Offset::Beginning)?;
-            }
-        }
+    seek.add_partition_offset(topic, partition, Offset::Offset(offset))?;
+    let sought = consumer
+        .seek_partitions(seek, Duration::from_secs(10))
+        .context("seeking to the stored offset")?;
+    for e in sought.elements() {
+        e.error().context("seeking to the stored offset")?;
     }
-    if seek.count() > 0 {
-        consumer
-            .seek_partitions(seek, Duration::from_secs(10))
-            .context("seeking to stored offsets")?;
+    if resume {
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition(topic, partition);
+        consumer.resume(&tpl).context("resuming the partition")?;
     }
-    consumer.resume(&resume).context("resuming partitions")?;
     Ok(())
 }

@@ -320,18 +320,73 @@ pub(super) async fn apply<M: Message>(
     messages: &[M],
     stop: &watch::Receiver<()>,
 ) -> anyhow::Result<i64> {
-    // Dead letters produced under an earlier layout: not produced again.
-    let mut sent = Vec::new();
+    // Dead letters produced by an earlier attempt at these changes (under
+    // an earlier layout, or a batch given up or whose task panicked): not
+    // produced again.
+    let at = (worker.group.as_str(), topic, partition);
+    let mut sent = UNSTORED_DEAD_LETTERS.produced(at);
     loop {
         let tables = worker.tables();
         let batch = (topic, partition, messages);
         if let Some(next) = apply_on_layout(worker, &tables, route, batch, &mut sent, stop).await? {
+            UNSTORED_DEAD_LETTERS.stored(at, next);
             return Ok(next);
         }
         // The table's layout changed under a schema fault: planned anew on
         // it (docs/SCHEMA-CHANGES.md).
     }
 }
+
+/// The offsets of dead letters produced (and acknowledged) whose batch has
+/// not stored its offset yet, per (consumer group, topic, partition). A
+/// batch's dead letters are produced before its transaction; if the batch
+/// is then given up (a revocation, a shutdown or reload while it is held),
+/// or its task panics, the next attempt at the same changes in this
+/// process finds them here and does not produce them again. Process-wide,
+/// not the worker's: a reload builds a new worker. (Another process, after
+/// a crash or a rebalance, may produce them again; `dlq list` shows one
+/// record per change.)
+#[derive(Default)]
+pub(crate) struct UnstoredDeadLetters(
+    std::sync::Mutex<HashMap<(String, String, i32), std::collections::BTreeSet<i64>>>,
+);
+
+type PartitionOf<'a> = (&'a str, &'a str, i32);
+
+impl UnstoredDeadLetters {
+    /// The offsets produced and not yet stored.
+    fn produced(&self, (group, topic, partition): PartitionOf<'_>) -> Vec<i64> {
+        let key = (group.to_owned(), topic.to_owned(), partition);
+        let map = self.0.lock().expect("dead letters lock");
+        map.get(&key)
+            .map(|s| s.iter().copied().collect())
+            .unwrap_or_default()
+    }
+
+    fn add(&self, (group, topic, partition): PartitionOf<'_>, offsets: &[i64]) {
+        if offsets.is_empty() {
+            return;
+        }
+        let key = (group.to_owned(), topic.to_owned(), partition);
+        let mut map = self.0.lock().expect("dead letters lock");
+        map.entry(key).or_default().extend(offsets.iter().copied());
+    }
+
+    /// The partition's offset `next` is stored: what is below it is done.
+    fn stored(&self, (group, topic, partition): PartitionOf<'_>, next: i64) {
+        let key = (group.to_owned(), topic.to_owned(), partition);
+        let mut map = self.0.lock().expect("dead letters lock");
+        if let Some(set) = map.get_mut(&key) {
+            *set = set.split_off(&next);
+            if set.is_empty() {
+                map.remove(&key);
+            }
+        }
+    }
+}
+
+static UNSTORED_DEAD_LETTERS: std::sync::LazyLock<UnstoredDeadLetters> =
+    std::sync::LazyLock::new(UnstoredDeadLetters::default);
 
 /// A held batch given up because its partition was told to stop.
 #[derive(Debug, thiserror::Error)]
@@ -442,6 +497,7 @@ async fn apply_on_layout<M: Message>(
             continue;
         }
         sent.extend(rejected.iter().map(|r| r.msg.offset()));
+        UNSTORED_DEAD_LETTERS.add((worker.group.as_str(), topic, partition), sent);
         let at = (topic, partition, next, newest_ts_ms);
         let e = match order {
             Order::Collapsed => {
@@ -1139,6 +1195,32 @@ mod tests {
             .collect();
         let rejected = plan.rejected.iter().map(|r| r.fault.reason()).collect();
         (steps, rejected, plan.skipped)
+    }
+
+    #[test]
+    fn a_dead_letter_produced_by_a_batch_given_up_is_not_produced_again() {
+        let memory = UnstoredDeadLetters::default();
+        let p = ("g", "us-east-1.cdc.public.users", 2);
+        // An attempt produced the dead letters of offsets 5 and 8, then
+        // was given up before its commit.
+        memory.add(p, &[5, 8]);
+        assert_eq!(
+            memory.produced(p),
+            vec![5, 8],
+            "the next attempt skips them"
+        );
+        assert!(memory
+            .produced(("g", "us-east-1.cdc.public.users", 3))
+            .is_empty());
+        assert!(memory
+            .produced(("other", "us-east-1.cdc.public.users", 2))
+            .is_empty());
+        // A held change at 7 committed what was before it: 8 still waits.
+        memory.stored(p, 7);
+        assert_eq!(memory.produced(p), vec![8]);
+        memory.stored(p, 9);
+        assert!(memory.produced(p).is_empty(), "forgotten once stored");
+        assert!(memory.0.lock().unwrap().is_empty());
     }
 
     #[tokio::test]

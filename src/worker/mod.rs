@@ -367,43 +367,20 @@ pub async fn run(
     let mut queues: HashMap<(String, i32), Arc<Queue>> = HashMap::new();
     let (failed_tx, mut failed_rx) = mpsc::unbounded_channel::<anyhow::Error>();
     tokio::pin!(shutdown);
-    let result = 'main: loop {
+    let result = loop {
         tokio::select! {
             biased;
             _ = &mut shutdown => break Ok(()),
             Some(err) = failed_rx.recv() => break Err(err),
             Some(ev) = events.recv() => match ev {
                 RebalanceEvent::Assigned(parts) => {
-                    let mut positions = Vec::with_capacity(parts.len());
+                    // Each partition reads its stored offset, has it
+                    // checked against the topic and is sought and resumed
+                    // in its own task (`supervise`): one partition whose
+                    // check Kafka keeps refusing never holds the others,
+                    // a revocation or this loop.
                     for (topic, partition) in &parts {
                         let key = (topic.clone(), *partition);
-                        // Read once: the seek and the task start from it.
-                        // Waits for PostgreSQL as long as it takes, but a
-                        // shutdown (SIGTERM) still ends it.
-                        let stored = tokio::select! {
-                            biased;
-                            _ = &mut shutdown => break 'main Ok(()),
-                            s = stored_offset(&worker, topic, *partition) => s,
-                        };
-                        // Resuming from an offset outside the topic would
-                        // skip changes silently: such a partition stays
-                        // paused, without a task, until an operator acts.
-                        // Kafka not answering holds it paused too (never
-                        // resumed unchecked), a shutdown still ends it.
-                        let start = tokio::select! {
-                            biased;
-                            _ = &mut shutdown => break 'main Ok(()),
-                            s = checked_start(&worker, topic, *partition, stored) => s,
-                        };
-                        let problem = start.as_ref().err().cloned();
-                        if let Some((_, why)) = &problem {
-                            error!(topic = %topic, partition, stored = ?stored, "{why}");
-                        }
-                        worker.set_stopped(topic, *partition, problem);
-                        let Ok(start) = start else {
-                            continue;
-                        };
-                        positions.push((key.clone(), stored));
                         // Split each (still paused) partition off the main
                         // queue before it is resumed, so no message lands
                         // there.
@@ -422,25 +399,9 @@ pub async fn run(
                         };
                         let (stop, stopped) = watch::channel(());
                         let task = tokio::spawn(supervise(
-                            worker.clone(), key.clone(), start, queue, stopped, failed_tx.clone(),
+                            worker.clone(), key.clone(), queue, stopped, failed_tx.clone(),
                         ));
                         tasks.insert(key, (stop, task));
-                    }
-                    // The seek blocks (up to 10 s): off the runtime, and a
-                    // shutdown meanwhile is still honoured.
-                    let consumer = worker.consumer.clone();
-                    let seek = tokio::task::spawn_blocking(move || {
-                        source::seek_and_resume(&consumer, &positions)
-                    });
-                    let sought = tokio::select! {
-                        biased;
-                        _ = &mut shutdown => break 'main Ok(()),
-                        r = seek => r,
-                    };
-                    match sought {
-                        Ok(Ok(())) => {}
-                        Ok(Err(e)) => break 'main Err(e),
-                        Err(e) => break 'main Err(anyhow::anyhow!("seeking to the stored offsets: {e}")),
                     }
                 }
                 RebalanceEvent::Revoked(parts) => {
@@ -527,20 +488,130 @@ async fn stored_offset(worker: &Worker, topic: &str, partition: i32) -> Option<i
     .await
 }
 
-/// Runs a partition's task and restarts it from its stored offset if it
-/// panics: the panic is logged, counted
-/// (`regionsync_partition_panics_total`) and makes `/readyz` false for
-/// `apply.unready_after`. The messages the dead task had taken from the
-/// queue are fetched again by seeking the partition to the stored offset.
+/// Runs `f` unless the partition is told to stop first (its stop sender
+/// dropped: revoked, shutting down, reloading): `None` then, at once.
+async fn unless_stopped<T>(
+    stop: &watch::Receiver<()>,
+    f: impl std::future::Future<Output = T>,
+) -> Option<T> {
+    let mut stop = stop.clone();
+    tokio::select! {
+        biased;
+        () = async { while stop.changed().await.is_ok() {} } => None,
+        v = f => Some(v),
+    }
+}
+
+/// Starts a newly assigned (paused) partition: reads its stored offset,
+/// checks it against the topic ([`checked_start`]), seeks the partition to
+/// the offset the check accepted and resumes it. `None` if the partition
+/// must not be resumed (stopped: outside the topic) or was told to stop
+/// meanwhile. Runs in the partition's own task, so
+/// a check Kafka keeps refusing waits for this partition only.
+async fn start_partition(
+    worker: &Worker,
+    (topic, partition): (&str, i32),
+    stop: &watch::Receiver<()>,
+) -> Option<i64> {
+    let checked = unless_stopped(stop, async {
+        let stored = stored_offset(worker, topic, partition).await;
+        (
+            stored,
+            checked_start(worker, topic, partition, stored).await,
+        )
+    })
+    .await;
+    let Some((stored, start)) = checked else {
+        // Its wait for Kafka ended by the stop: no longer held here.
+        worker.release(topic, partition);
+        return None;
+    };
+    // Resuming from an offset outside the topic would skip changes
+    // silently: such a partition stays paused, without a task, until an
+    // operator acts.
+    let problem = start.as_ref().err().cloned();
+    if let Some((_, why)) = &problem {
+        error!(topic = %topic, partition, stored = ?stored, "{why}");
+    }
+    worker.set_stopped(topic, partition, problem);
+    let start = start.ok()?;
+    let hook = {
+        let mut hook = BEFORE_SEEK.lock().expect("hook lock");
+        match hook.take() {
+            Some((t, h)) if t == topic => Some(h),
+            other => {
+                *hook = other;
+                None
+            }
+        }
+    };
+    if let Some(hook) = hook {
+        let _ = tokio::task::spawn_blocking(move || hook(partition)).await;
+    }
+    // To the offset the check accepted, never "the beginning": retention
+    // run since the check would move that, and skip changes silently. If
+    // that offset is gone by now, librdkafka starts from the first one
+    // left, and the partition's task finds the gap (`partition::run`).
+    // Asked again until librdkafka takes it (a partition whose fetcher
+    // is still starting refuses a seek with "Local: Erroneous state"):
+    // never resumed anywhere else.
+    let mut backoff = failure::Backoff::default();
+    loop {
+        match seek(worker, topic, partition, start, stop, true).await? {
+            Ok(()) => break,
+            Err(e) => {
+                warn!(topic, partition, offset = start, error = %format!("{e:#}"), "could not seek the partition; it stays paused");
+                worker.hold(
+                    topic,
+                    partition,
+                    format!("seeking to offset {start}: {e:#}"),
+                );
+                unless_stopped(stop, backoff.wait(crate::metrics::retry::KAFKA_UNAVAILABLE))
+                    .await?;
+            }
+        }
+    }
+    worker.release(topic, partition);
+    Some(start)
+}
+
+/// Seeks a partition to `offset` (and resumes it if `resume`), off the
+/// runtime (it blocks up to 10 s); `None` if told to stop meanwhile.
+async fn seek(
+    worker: &Worker,
+    topic: &str,
+    partition: i32,
+    offset: i64,
+    stop: &watch::Receiver<()>,
+    resume: bool,
+) -> Option<anyhow::Result<()>> {
+    let (consumer, t) = (worker.consumer.clone(), topic.to_owned());
+    let sought = tokio::task::spawn_blocking(move || {
+        source::seek_and_resume(&consumer, &t, partition, offset, resume)
+    });
+    match unless_stopped(stop, sought).await? {
+        Ok(r) => Some(r),
+        Err(e) => Some(Err(anyhow::anyhow!("seeking {topic}/{partition}: {e}"))),
+    }
+}
+
+/// Starts a newly assigned partition ([`start_partition`]), then runs its
+/// task and restarts it from its stored offset if it panics: the panic is
+/// logged, counted (`regionsync_partition_panics_total`) and makes
+/// `/readyz` false for `apply.unready_after`. The messages the dead task
+/// had taken from the queue are fetched again by seeking the partition to
+/// the stored offset.
 async fn supervise(
     worker: Arc<Worker>,
     key: (String, i32),
-    mut next: i64,
     queue: Arc<Queue>,
     stop: watch::Receiver<()>,
     failed: mpsc::UnboundedSender<anyhow::Error>,
 ) -> anyhow::Result<()> {
     let (topic, partition) = key.clone();
+    let Some(mut next) = start_partition(&worker, (&topic, partition), &stop).await else {
+        return Ok(());
+    };
     loop {
         let task = AbortOnDrop(tokio::spawn(partition::run(
             worker.clone(),
@@ -569,28 +640,26 @@ async fn supervise(
             .expect("panicked lock")
             .insert(key.clone(), (Instant::now(), why));
         // Revoked or shutting down meanwhile: nothing to restart.
-        if stop.has_changed().is_err() {
+        let restart = unless_stopped(&stop, async {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            stored_offset(&worker, &topic, partition).await
+        });
+        let Some(stored) = restart.await else {
             return Ok(());
-        }
-        tokio::time::sleep(Duration::from_secs(1)).await;
-        let stored = stored_offset(&worker, &topic, partition).await;
-        // Nothing stored yet: from where the assignment's check started it.
+        };
+        // Nothing stored yet: from the offset the assignment's check
+        // accepted, not "the beginning" (retention may have moved it).
         next = stored.unwrap_or(next);
-        let (consumer, t) = (worker.consumer.clone(), topic.clone());
-        let to = stored.map_or(rdkafka::Offset::Beginning, rdkafka::Offset::Offset);
-        let sought = tokio::task::spawn_blocking(move || {
-            consumer.seek(&t, partition, to, Duration::from_secs(10))
-        })
-        .await;
-        if let Err(e) = sought
-            .map_err(anyhow::Error::from)
-            .and_then(|r| r.map_err(anyhow::Error::from))
-        {
-            // The worker restarts from the stored offsets instead.
-            let _ = failed.send(anyhow::anyhow!(
-                "seeking {topic}/{partition} after its task panicked: {e}"
-            ));
-            return Ok(());
+        match seek(&worker, &topic, partition, next, &stop, false).await {
+            None => return Ok(()),
+            Some(Ok(())) => {}
+            Some(Err(e)) => {
+                // The worker restarts from the stored offsets instead.
+                let _ = failed.send(e.context(format!(
+                    "seeking {topic}/{partition} after its task panicked"
+                )));
+                return Ok(());
+            }
         }
     }
 }
@@ -698,11 +767,32 @@ where
 #[allow(clippy::type_complexity)]
 pub static BEFORE_WATERMARKS: Mutex<Option<Box<dyn FnOnce() + Send>>> = Mutex::new(None);
 
+/// A test hook: runs (once, given the partition) between the check of a
+/// partition of this topic against the topic and its seek, e.g. to run
+/// retention there. Never set outside tests.
+#[doc(hidden)]
+#[allow(clippy::type_complexity)]
+pub static BEFORE_SEEK: Mutex<Option<(String, Box<dyn FnOnce(i32) + Send>)>> = Mutex::new(None);
+
+/// A test hook: Kafka "refuses" the watermarks of this (topic, partition)
+/// for as long as it is set, as a missing ACL would. Never set outside
+/// tests.
+#[doc(hidden)]
+pub static REFUSE_WATERMARKS_OF: Mutex<Option<(String, i32)>> = Mutex::new(None);
+
 /// A partition's (low, high) watermarks, asked of Kafka (5 s at most).
 async fn watermarks(worker: &Worker, topic: &str, partition: i32) -> anyhow::Result<(i64, i64)> {
     let hook = BEFORE_WATERMARKS.lock().expect("hook lock").take();
     if let Some(hook) = hook {
         tokio::task::spawn_blocking(hook).await?;
+    }
+    let refused = REFUSE_WATERMARKS_OF
+        .lock()
+        .expect("hook lock")
+        .as_ref()
+        .is_some_and(|(t, p)| t == topic && *p == partition);
+    if refused {
+        anyhow::bail!("test hook: the offsets of {topic}/{partition} refused");
     }
     let (consumer, t) = (worker.consumer.clone(), topic.to_owned());
     let answer = tokio::task::spawn_blocking(move || {
@@ -827,6 +917,46 @@ mod tests {
         assert_eq!(start.unwrap_err().0, "beyond_end");
         let (start, _, _) = decide(Some(3), false, (7, 10), true, 0, 0).await;
         assert_eq!(start.unwrap_err().0, "retention_gap");
+    }
+
+    #[tokio::test]
+    async fn a_check_kafka_keeps_refusing_holds_its_partition_only_and_ends_with_its_stop() {
+        // Partition 0's check never succeeds (a missing ACL); partition 1's
+        // is answered. Each waits in its own task, as `supervise` does.
+        let check = |refused: bool| {
+            check_start(
+                "us-east-1.cdc.t",
+                i32::from(!refused),
+                Some(3),
+                false,
+                move || async move {
+                    if refused {
+                        anyhow::bail!("Broker: Topic authorization failed")
+                    }
+                    Ok((0, 10))
+                },
+                || async { Ok(true) },
+                |_| {},
+            )
+        };
+        let (stop0, stopped0) = watch::channel(());
+        let (_stop1, stopped1) = watch::channel(());
+        let refused = tokio::spawn(async move { unless_stopped(&stopped0, check(true)).await });
+        let answered = tokio::spawn(async move { unless_stopped(&stopped1, check(false)).await });
+        assert_eq!(
+            answered.await.unwrap(),
+            Some(Ok(3)),
+            "not held by the other"
+        );
+        // Still waiting after several rounds of backoff: never resumed
+        // unchecked.
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        assert!(!refused.is_finished(), "no start without Kafka's answer");
+        // A revocation (or SIGTERM's drain) drops the stop sender: the
+        // wait ends at once, without a start.
+        drop(stop0);
+        let ended = tokio::time::timeout(Duration::from_millis(100), refused).await;
+        assert_eq!(ended.expect("ended at once").unwrap(), None);
     }
 
     #[tokio::test]

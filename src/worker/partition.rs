@@ -66,6 +66,8 @@ pub(super) async fn run(
     // and the held partitions.
     let _forget = Forget(&worker, (topic.clone(), partition));
     let linger = worker.config.apply.linger();
+    // The offset the partition was sought to, until its first message.
+    let mut sought = Some(next);
     loop {
         let Some(first) = next_message(&queue, &mut stop).await else {
             return Ok(());
@@ -82,6 +84,26 @@ pub(super) async fn run(
                     None => break,
                 },
                 _ = tokio::time::sleep_until(deadline) => break,
+            }
+        }
+        // The first message after the seek is past the offset sought: the
+        // offset may be a gap of compaction, or retention deleted it since
+        // the check (librdkafka then starts at the first offset left). The
+        // latter stops the partition as the check would have.
+        if let Some(sought) = sought.take() {
+            if messages[0].offset() > sought {
+                let Some(gap) = gap_since_check(&worker, &topic, partition, sought, &stop).await
+                else {
+                    return Ok(());
+                };
+                if let Some(problem) = gap {
+                    error!(topic = %topic, partition, first = messages[0].offset(), sought, "{}", problem.1);
+                    worker.set_stopped(&topic, partition, Some(problem));
+                    let mut tpl = TopicPartitionList::new();
+                    tpl.add_partition(&topic, partition);
+                    let _ = worker.consumer.pause(&tpl);
+                    return Ok(());
+                }
             }
         }
         // Already applied (redelivered after a crash between the PostgreSQL
@@ -117,4 +139,31 @@ pub(super) async fn run(
             }
         }
     }
+}
+
+/// Whether the partition's first offset is above `sought` now (retention
+/// deleted messages never applied): the reason and message to stop it
+/// with. Kafka is asked until it answers (`None` from `?` if told to stop
+/// meanwhile: the task ends).
+async fn gap_since_check(
+    worker: &Worker,
+    topic: &str,
+    partition: i32,
+    sought: i64,
+    stop: &watch::Receiver<()>,
+) -> Option<Option<(&'static str, String)>> {
+    let checked = super::unless_stopped(stop, async {
+        super::check_start(
+            topic,
+            partition,
+            Some(sought),
+            false,
+            || super::watermarks(worker, topic, partition),
+            || async { Ok(true) },
+            |_| {},
+        )
+        .await
+    })
+    .await?;
+    Some(checked.err())
 }
