@@ -600,8 +600,9 @@ fn readyz(listen: &str) -> (bool, String) {
             .output()
             .expect("curl")
     });
-    let body = String::from_utf8_lossy(&out.stdout).to_string();
-    (body.trim_end().ends_with("200"), body)
+    let out = String::from_utf8_lossy(&out.stdout).to_string();
+    let (body, code) = out.trim_end().rsplit_once('\n').unwrap_or(("", &out));
+    (code == "200", body.to_string())
 }
 
 /// The homing fence (DESIGN.md §3, "The returning region learns the
