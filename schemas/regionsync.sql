@@ -112,12 +112,16 @@ CREATE TABLE IF NOT EXISTS regionsync.homing (
 
 -- One row per region, touched every few seconds by that region's Debezium
 -- (heartbeat.action.query) so that an idle pipeline still carries a fresh
--- source commit time to the other regions (DESIGN.md §5).
+-- source commit time to the other regions (DESIGN.md §5), and the newest
+-- homing epoch of this database (max(regionsync.homing.epoch), 0 without
+-- windows) for the other regions' homing fence (DESIGN.md §3).
 CREATE TABLE IF NOT EXISTS regionsync.heartbeat (
     region  text        PRIMARY KEY,
     beat_at timestamptz NOT NULL
 );
 ALTER TABLE regionsync.heartbeat REPLICA IDENTITY FULL;
+-- Added after the table's first release: existing deployments gain it here.
+ALTER TABLE regionsync.heartbeat ADD COLUMN IF NOT EXISTS homing_epoch bigint;
 
 -- HLC stamping of local writes (DESIGN.md §4): hlc = wall milliseconds << 16,
 -- and never below what the row (or its tombstone) had + 1, so a local write

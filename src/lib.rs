@@ -19,6 +19,7 @@
 //! | `decode`   | Debezium envelopes (JSON, Avro + registry) into changes     |
 //! | `route`    | where a change goes: table, relay, echo, residency, home    |
 //! | `homing`   | failover re-homing windows as stored in regionsync.homing   |
+//! | `fence`    | holding a source region until this database has its homing — pure |
 //! | `conflict` | concurrent writes detected, recorded, settled by policy     |
 //! | `apply`    | changes rendered and written to PostgreSQL under the guard  |
 //! | `offsets`  | partition offsets stored with each batch                    |
@@ -43,6 +44,7 @@ pub mod config;
 pub mod conflict;
 pub mod converge;
 pub mod decode;
+pub mod fence;
 pub mod homing;
 pub mod lag;
 pub mod metrics;

@@ -61,6 +61,26 @@ pub async fn store(
     Ok(())
 }
 
+/// The newest source commit time (ms) `group` has applied from one
+/// partition, as stored with its offset (None: nothing stored yet).
+pub async fn newest_source_time(
+    client: &impl deadpool_postgres::GenericClient,
+    group: &str,
+    topic: &str,
+    partition: i32,
+) -> Result<Option<i64>, tokio_postgres::Error> {
+    let statement = client
+        .prepare_cached(
+            "SELECT source_ts_ms FROM regionsync.offsets
+              WHERE consumer_group = $1 AND topic = $2 AND partition = $3",
+        )
+        .await?;
+    Ok(client
+        .query_opt(&statement, &[&group, &topic, &partition])
+        .await?
+        .and_then(|r| r.get(0)))
+}
+
 /// Per topic, the newest source commit time (ms) `group` has applied.
 pub async fn newest_source_times(
     client: &impl GenericClient,

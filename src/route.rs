@@ -223,9 +223,9 @@ impl HomingOverrides {
     /// For a write of region `source` committed at `committed_ms` and
     /// applied now: how long before `source` was failed over it was
     /// committed, if it was (the next failover of `source` after it). Such
-    /// a write was in the RPO window: committed, not mirrored when its
-    /// region failed. A change sent again is a candidate again:
-    /// `conflict::check` counts it once.
+    /// a write is a candidate for the RPO window: committed, not mirrored
+    /// when its region failed. A change sent again is a candidate again:
+    /// [`RpoCounter`] counts each once.
     pub fn rpo_span_ms(&self, source: &str, committed_ms: i64) -> Option<i64> {
         self.windows
             .iter()
@@ -387,12 +387,152 @@ pub fn resident_in(patterns: &[String], pin: Option<&str>, local: &str) -> bool 
     }
 }
 
+/// Counts the RPO-window changes of one partition of a source region's
+/// topic (DESIGN.md §3, `regionsync_rpo_changes_total`): changes committed
+/// before their region was failed over and applied here for the first
+/// time after it. Fed every change of a batch in partition order, the
+/// superseded ones included.
+///
+/// A partition carries a region's first copies in commit order (Debezium
+/// emits in commit order, Kafka and MirrorMaker 2 keep a partition's
+/// order); what arrives out of that order is a copy sent again (a restarted
+/// Debezium resends from its last flushed position, a restarted
+/// MirrorMaker 2 from its last committed offset). So a change whose commit
+/// time is older than one already applied from the partition — stored in
+/// `regionsync.offsets.source_ts_ms`, or earlier in the batch — is a copy
+/// of one this region has seen, and is not counted again. A change of the
+/// same millisecond as the newest is counted only if that version (key,
+/// HLC) was not seen in the batch; at the stored boundary, where the
+/// versions are not known, it is taken for a copy.
+#[derive(Debug, Default)]
+pub struct RpoCounter {
+    /// Newest commit time applied from the partition (stored or seen).
+    newest_ms: Option<i64>,
+    /// The versions (key, HLC) seen at `newest_ms` in this batch; `None`:
+    /// not known (the stored boundary), every version there is a copy.
+    at_newest: Option<Vec<(String, i64)>>,
+    /// RPO-window changes counted, and the longest span before the
+    /// failover (ms).
+    pub count: u64,
+    pub span_ms: i64,
+}
+
+impl RpoCounter {
+    /// Starts after `stored_newest_ms`, the partition's newest applied
+    /// commit time as stored (None: nothing applied yet).
+    pub fn after(stored_newest_ms: Option<i64>) -> RpoCounter {
+        RpoCounter {
+            newest_ms: stored_newest_ms,
+            at_newest: None,
+            count: 0,
+            span_ms: 0,
+        }
+    }
+
+    /// One change of `source`, in partition order: true if it is counted.
+    pub fn change(
+        &mut self,
+        homing: &HomingOverrides,
+        source: &str,
+        committed_ms: i64,
+        key: &str,
+        hlc: i64,
+    ) -> bool {
+        let first_copy = match self.newest_ms {
+            None => true,
+            Some(n) if committed_ms > n => true,
+            Some(n) if committed_ms == n => self
+                .at_newest
+                .as_ref()
+                .is_some_and(|seen| !seen.iter().any(|(k, h)| k == key && *h == hlc)),
+            Some(_) => false,
+        };
+        if self.newest_ms.is_none_or(|n| committed_ms > n) {
+            self.newest_ms = Some(committed_ms);
+            self.at_newest = Some(Vec::new());
+        }
+        if self.newest_ms == Some(committed_ms) {
+            if let Some(seen) = self.at_newest.as_mut() {
+                seen.push((key.to_owned(), hlc));
+            }
+        }
+        if !first_copy {
+            return false;
+        }
+        let Some(span) = homing.rpo_span_ms(source, committed_ms) else {
+            return false;
+        };
+        self.count += 1;
+        self.span_ms = self.span_ms.max(span);
+        true
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::change::Row;
     use crate::config::{TableConfig, SHARED};
     use proptest::prelude::*;
+
+    /// us-east-1 failed over to eu-west-1 at 10,000 ms.
+    fn failed_over_at_10s() -> HomingOverrides {
+        HomingOverrides {
+            windows: vec![HomingWindow {
+                region: "us-east-1".into(),
+                acting_home: "eu-west-1".into(),
+                from_ms: 10_000,
+                until_ms: Some(50_000),
+                epoch: 2,
+            }],
+        }
+    }
+
+    #[test]
+    fn rpo_changes_count_once_each_in_partition_order_and_resends_not_at_all() {
+        let homing = failed_over_at_10s();
+        const US: &str = "us-east-1";
+        // eu-west-1 applied the partition up to 7,000 ms before the failure.
+        let mut c = RpoCounter::after(Some(7_000));
+        // At return: Debezium's resend of what was mirrored before the
+        // failure (its last flushed position was at 5,000 ms), then the
+        // first copies never mirrored, then the resend of those.
+        for (ms, key, hlc) in [(5_000, "1", 50), (7_000, "2", 70)] {
+            assert!(!c.change(&homing, US, ms, key, hlc), "{ms}: a resend");
+        }
+        // Two RPO changes of key 3 (the first superseded in the batch), one
+        // of key 4 in the same millisecond.
+        assert!(c.change(&homing, US, 8_000, "3", 80));
+        assert!(c.change(&homing, US, 9_000, "3", 90));
+        assert!(c.change(&homing, US, 9_000, "4", 91));
+        // Debezium restarted again: the same versions once more.
+        for (ms, key, hlc) in [(8_000, "3", 80), (9_000, "3", 90), (9_000, "4", 91)] {
+            assert!(!c.change(&homing, US, ms, key, hlc), "{ms} {key}: a resend");
+        }
+        assert_eq!((c.count, c.span_ms), (3, 2_000));
+        // After the failover: not the RPO window (an outage write would
+        // not even come from us-east-1; after failback, us-east-1 at home).
+        assert!(!c.change(&homing, US, 60_000, "5", 600));
+        assert_eq!(c.count, 3);
+    }
+
+    #[test]
+    fn rpo_counting_starts_from_the_stored_boundary_and_needs_a_failover() {
+        let homing = failed_over_at_10s();
+        // The next batch: its counter starts after the previous batch's
+        // newest time as stored; a copy at the boundary is a resend.
+        let mut c = RpoCounter::after(Some(9_000));
+        assert!(!c.change(&homing, "us-east-1", 9_000, "4", 91));
+        assert!(c.change(&homing, "us-east-1", 9_500, "6", 95));
+        // Nothing stored yet: the first change counts.
+        let mut c = RpoCounter::after(None);
+        assert!(c.change(&homing, "us-east-1", 1_000, "7", 10));
+        // Another region, or no failover: never counted.
+        let mut c = RpoCounter::after(None);
+        assert!(!c.change(&homing, "ap-south-1", 1_000, "8", 10));
+        assert!(!c.change(&HomingOverrides::default(), "us-east-1", 1_000, "8", 11));
+        assert_eq!(c.count, 0);
+    }
 
     fn users_config() -> TableConfig {
         TableConfig {

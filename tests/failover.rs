@@ -586,3 +586,174 @@ async fn sigterm_stops_the_worker_within_its_grace_period_with_postgres_frozen()
     assert_eq!(table.wait_converged(Duration::from_secs(120)).await, 40);
     tokio::task::block_in_place(|| terminate(&mut child, &log, "after"));
 }
+
+/// `/readyz` of the worker listening on `listen`: (ready, body).
+fn readyz(listen: &str) -> (bool, String) {
+    let out = tokio::task::block_in_place(|| {
+        Command::new("curl")
+            .args([
+                "-sS",
+                "-w",
+                "\n%{http_code}",
+                &format!("http://{listen}/readyz"),
+            ])
+            .output()
+            .expect("curl")
+    });
+    let out = String::from_utf8_lossy(&out.stdout).to_string();
+    let (body, code) = out.trim_end().rsplit_once('\n').unwrap_or(("", &out));
+    (code == "200", body.to_string())
+}
+
+/// The homing fence (DESIGN.md §3, "The returning region learns the
+/// homing before it applies"): A is down (simulated: its worker stopped,
+/// the failover written into B only, as `rehome --to` does when A does not
+/// answer); A's users write in B. A's worker started before `rehome
+/// --back` holds B's partitions: not ready, naming the reason, and B's
+/// outage writes are not applied in A (under `reject` A would hold them and
+/// write its old rows again over them). After `rehome --back` it continues
+/// on its own: the outage writes end in both regions, A holds nothing.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_returning_worker_holds_until_rehome_back_has_taught_its_database() {
+    let listen = format!(
+        "{}:{}",
+        stack_env::HOST,
+        stack_env::WORKER_METRICS_PORT_A.get()
+    );
+    assert!(
+        std::net::TcpStream::connect(&listen).is_err(),
+        "{listen} is taken (stop `make workers-up` workers first)"
+    );
+    let table = TestTable::create("fence").await;
+    let extra = "affinity = \"id\"\npolicy = \"reject\"";
+    let quick = |toml: String| {
+        toml.replace(
+            "consumer_group =",
+            "max_clock_skew = \"1s\"\n        consumer_group =",
+        )
+    };
+    let toml_a = quick(worker_toml_for(&region_a(), &table, extra));
+    let toml_b = quick(worker_toml_for(&region_b(), &table, extra));
+    let a = config_file(&format!("{}-a", table.name), &toml_a);
+    let b = config_file(&format!("{}-b", table.name), &toml_b);
+    let (a_name, b_name) = (region_a().name, region_b().name);
+    let regions = [a_name.clone(), b_name.clone()];
+    let ids: Vec<i64> = (1..)
+        .filter(|i: &i64| regionsync::route::home_region(&i.to_string(), &regions) == a_name)
+        .take(3)
+        .collect();
+    for id in &ids {
+        insert_users(&table, *id, 1).await;
+    }
+    let worker_b = Worker::start(regionsync::config::Config::from_toml(&toml_b).unwrap());
+    table.wait_converged(Duration::from_secs(90)).await;
+
+    // A is down: the failover reaches B only.
+    let _forget = ForgetWindows(now_ms() - 1_000);
+    let out = regionsync(&b, &["rehome", "--region", &a_name, "--to", &b_name]);
+    assert!(out.status.success(), "{}", text(&out));
+    for id in &ids {
+        set_name(&region_b(), &table, *id, "outage-b").await;
+    }
+
+    // A's worker comes back before `rehome --back`.
+    let toml_a_served = toml_a.replace(
+        "[apply]",
+        &format!("[metrics]\n        listen = \"{listen}\"\n        [apply]"),
+    );
+    let (mut child, log) = spawn_worker(&toml_a_served, &format!("{}-a-run", table.name));
+    let _stop = scopeguard(child.id());
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let body = loop {
+        let (ready, body) = readyz(&listen);
+        if !ready && body.contains(&format!("homing epoch behind {b_name}: run rehome --back")) {
+            break body;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "A's worker did not say it is behind within 60 s: {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    eprintln!("A's worker before rehome --back: {}", body.trim());
+    // Held: a while later, still nothing of B's applied in A, nothing held
+    // or rejected there.
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    assert!(!readyz(&listen).0);
+    for id in &ids {
+        let in_a = name_of(&region_a(), &table, *id).await;
+        assert_eq!(
+            in_a.as_ref().map(|r| (r.0.clone(), r.1.as_str())),
+            Some((None, a_name.as_str())),
+            "row {id}: A applied an outage write before rehome --back"
+        );
+    }
+    let conflicts_in_a = || async {
+        admin_db(&region_a())
+            .await
+            .query_one(
+                "SELECT count(*) FROM regionsync.conflicts WHERE table_name = $1",
+                &[&format!("public.{}", table.name)],
+            )
+            .await
+            .unwrap()
+            .get::<_, i64>(0)
+    };
+    assert_eq!(conflicts_in_a().await, 0);
+
+    // `rehome --back` teaches A's database: A's worker continues alone.
+    let a_path = a.to_string_lossy().to_string();
+    let out = regionsync(
+        &b,
+        &[
+            "rehome",
+            "--region",
+            &a_name,
+            "--back",
+            "--peer-config",
+            &a_path,
+        ],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    for id in &ids {
+        wait_name(&table, *id, "outage-b", Duration::from_secs(60)).await;
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !readyz(&listen).0 {
+        assert!(
+            Instant::now() < deadline,
+            "A's worker not ready after rehome --back: {}",
+            readyz(&listen).1
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    table.wait_converged(Duration::from_secs(60)).await;
+    // Nothing overwritten: B's outage writes stand in both regions, A held
+    // and rejected none of them.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    for id in &ids {
+        for region in [region_a(), region_b()] {
+            let row = name_of(&region, &table, *id).await.unwrap();
+            assert_eq!(
+                (row.0.as_deref(), row.1.as_str()),
+                (Some("outage-b"), b_name.as_str()),
+                "row {id} in {}",
+                region.name
+            );
+        }
+    }
+    assert_eq!(conflicts_in_a().await, 0);
+    assert!(
+        log.lock()
+            .unwrap()
+            .iter()
+            .any(|l| l.contains("the homing fence released the partition")),
+        "A's worker log says nothing of the fence's release"
+    );
+    let _ = Command::new("kill")
+        .arg("-TERM")
+        .arg(child.id().to_string())
+        .status();
+    let _ = child.wait();
+    worker_b.stop().await;
+}

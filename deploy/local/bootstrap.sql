@@ -36,6 +36,8 @@ GRANT SELECT ON ALL TABLES IN SCHEMA public TO debezium;
 ALTER DEFAULT PRIVILEGES FOR ROLE app IN SCHEMA public GRANT SELECT ON TABLES TO debezium;
 ALTER DEFAULT PRIVILEGES FOR ROLE postgres IN SCHEMA public GRANT SELECT ON TABLES TO debezium;
 GRANT SELECT, INSERT, UPDATE ON regionsync.heartbeat TO debezium;
+-- Its heartbeat carries this database's newest homing epoch (the homing fence).
+GRANT SELECT ON regionsync.homing TO debezium;
 
 -- The regionsync worker: write the replicated tables and its own schema, and
 -- apply with session_replication_role = replica (PostgreSQL 15+ grant).

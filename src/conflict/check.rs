@@ -33,10 +33,6 @@ pub struct Checked<'a> {
     /// Upserts older than the tombstone grace for keys with no row here:
     /// not applied (their tombstone may be collected already).
     pub late: u64,
-    /// Changes of the RPO window (committed before their region failed
-    /// over, applied only now), and the longest span before the failover.
-    pub rpo: u64,
-    pub rpo_span_ms: i64,
 }
 
 struct Stored {
@@ -102,11 +98,12 @@ pub async fn check<'a>(
         })
         .collect();
     // Candidates for the RPO window: committed before their region failed
-    // over. Counted below, once each: not a re-send of a version already
-    // here, nor one already recorded.
-    let rpo_spans: Vec<Option<i64>> = finals
+    // over. Their stored version is always read, so that one racing with
+    // an outage write is recorded. (They are counted by the batch, in
+    // partition order: `route::RpoCounter`.)
+    let rpo: Vec<bool> = finals
         .iter()
-        .map(|f| homing.rpo_span_ms(source, f.committed_ms()))
+        .map(|f| homing.rpo_span_ms(source, f.committed_ms()).is_some())
         .collect();
     let mut class_counts = [0u64; 4];
     for c in &classes {
@@ -118,14 +115,10 @@ pub async fn check<'a>(
         .collect();
     let force: Vec<bool> = late
         .iter()
-        .zip(&rpo_spans)
-        .map(|(late, rpo)| *late || rpo.is_some())
+        .zip(&rpo)
+        .map(|(late, rpo)| *late || *rpo)
         .collect();
     let stored = lookup(client, table, &finals, &classes, &force, source, policy).await?;
-    let (mut rpo, mut rpo_span_ms) = (0, 0);
-    // RPO candidates recorded as conflicts: counted if the record is new.
-    let mut rpo_recorded: Vec<(String, i64, String, i64)> = Vec::new();
-
     let mut keep = Vec::with_capacity(finals.len());
     let mut records = Records::default();
     let (mut held, mut rejected, mut too_late) = (0, 0, 0);
@@ -135,11 +128,6 @@ pub async fn check<'a>(
             continue;
         }
         let Some(s) = stored.get(&i) else {
-            if let Some(span) = rpo_spans[i] {
-                // Nothing stored here for the key: not seen before.
-                rpo += 1;
-                rpo_span_ms = rpo_span_ms.max(span);
-            }
             keep.push(f);
             continue;
         };
@@ -159,16 +147,6 @@ pub async fn check<'a>(
             tombstone: s.tombstone.as_ref().map(v),
         };
         let d = decide(&case);
-        if let Some(span) = rpo_spans[i] {
-            if !resent(&case) {
-                if d.record.is_some() {
-                    rpo_recorded.push((f.key_text().to_string(), hlc, origin.to_string(), span));
-                } else {
-                    rpo += 1;
-                    rpo_span_ms = rpo_span_ms.max(span);
-                }
-            }
-        }
         if let Some((kind, resolution)) = d.record {
             records.push(table, &f, s, kind, resolution, policy);
         }
@@ -181,14 +159,7 @@ pub async fn check<'a>(
             }
         }
     }
-    let new_records = records.insert(client, table).await?;
-    let recorded = new_records.len() as u64;
-    for (key, hlc, origin, span) in rpo_recorded {
-        if new_records.contains(&(key, hlc, origin)) {
-            rpo += 1;
-            rpo_span_ms = rpo_span_ms.max(span);
-        }
-    }
+    let recorded = records.insert(client, table).await?.len() as u64;
     Ok(Checked {
         finals: keep,
         recorded,
@@ -196,21 +167,7 @@ pub async fn check<'a>(
         rejected,
         classes: class_counts,
         late: too_late,
-        rpo,
-        rpo_span_ms,
     })
-}
-
-/// Whether a change is a re-send of a version this region already has:
-/// the stored row (or, with none, the tombstone) came from the change's
-/// own region and is not older than it. One region's versions of a key
-/// arrive in order, so an older one after it can only be sent again (a
-/// Debezium restart resends from its last flushed position).
-fn resent(c: &Case<'_>) -> bool {
-    c.row
-        .as_ref()
-        .or(c.tombstone.as_ref())
-        .is_some_and(|s| s.origin_region == c.source && *s >= c.incoming)
 }
 
 /// The stored row version (with the row as JSON) or tombstone of every
@@ -408,44 +365,6 @@ fn row_json_value(pg_type: &str, text: Option<&str>) -> serde_json::Value {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn case<'a>(
-        incoming: (i64, &'a str),
-        row: Option<(i64, &'a str)>,
-        tombstone: Option<(i64, &'a str)>,
-    ) -> Case<'a> {
-        let ver = |(hlc, origin_region): (i64, &'a str)| Version {
-            hlc: Hlc(hlc),
-            origin_region,
-        };
-        Case {
-            class: WriteClass::Shared,
-            policy: Policy::Lww,
-            source: "us-east-1",
-            incoming: ver(incoming),
-            is_delete: false,
-            snapshot: false,
-            replaced: None,
-            row: row.map(ver),
-            tombstone: tombstone.map(ver),
-        }
-    }
-
-    #[test]
-    fn a_version_of_the_source_s_already_here_or_older_is_a_resend() {
-        const US: &str = "us-east-1";
-        const EU: &str = "eu-west-1";
-        // The very version, or an older one of the same region.
-        assert!(resent(&case((10, US), Some((10, US)), None)));
-        assert!(resent(&case((10, US), Some((12, US)), None)));
-        assert!(resent(&case((10, US), None, Some((11, US)))));
-        // New here: nothing stored, an older version, or another region's
-        // (an outage write it may race with).
-        assert!(!resent(&case((10, US), None, None)));
-        assert!(!resent(&case((10, US), Some((9, US)), None)));
-        assert!(!resent(&case((10, US), Some((12, EU)), None)));
-        assert!(!resent(&case((10, US), None, Some((11, EU)))));
-    }
 
     #[test]
     fn json_columns_are_kept_as_json_in_a_recorded_row() {

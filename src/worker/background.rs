@@ -115,6 +115,7 @@ pub(super) async fn maintain_conflicts(worker: Arc<Worker>) {
 pub(super) async fn report_lag(worker: Arc<Worker>) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut homing_unread = 0u32;
     for n in 0u64.. {
         tick.tick().await;
         if n % 3 == 0 {
@@ -153,7 +154,7 @@ pub(super) async fn report_lag(worker: Arc<Worker>) {
             }
         }
         if n % 5 == 0 {
-            report_homing(&worker).await;
+            report_homing(&worker, &mut homing_unread).await;
             crate::metrics::record::refresh_rpo_window();
             let ready = worker.check().await.is_ok();
             metrics::gauge!(m::READY).set(if ready { 1.0 } else { 0.0 });
@@ -162,8 +163,11 @@ pub(super) async fn report_lag(worker: Arc<Worker>) {
 }
 
 /// Sets the failover homing gauges from `regionsync.homing` (a failed read
-/// leaves them as they were).
-async fn report_homing(worker: &Worker) {
+/// leaves them as they were) and tells the homing fence. `unread` counts
+/// the reads in a row that failed: the first that succeeds after two or
+/// more (10 s without the database) re-arms the fence, as a failover may
+/// have been written everywhere but here meanwhile.
+async fn report_homing(worker: &Worker, unread: &mut u32) {
     let read = async {
         let client = worker.pool.get().await.map_err(|e| e.to_string())?;
         crate::homing::load(&**client)
@@ -171,8 +175,16 @@ async fn report_homing(worker: &Worker) {
             .map_err(|e| e.to_string())
     };
     let Ok(Ok(homing)) = tokio::time::timeout(Duration::from_millis(800), read).await else {
+        *unread += 1;
         return;
     };
+    if std::mem::take(unread) >= 2 {
+        info!("the database answers again: the homing fence holds every source region until a fresh heartbeat");
+        worker.fence.rearm(clock::now_ms());
+    }
+    worker
+        .fence
+        .database(homing.epoch(), super::failed_over(&homing));
     metrics::gauge!(m::HOMING_EPOCH).set(homing.epoch() as f64);
     for w in &homing.windows {
         let open = if w.until_ms.is_none() { 1.0 } else { 0.0 };

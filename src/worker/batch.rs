@@ -270,7 +270,7 @@ impl Planner<'_> {
     }
 
     /// Avro (Confluent wire format: magic byte 0) or JSON, by the first byte.
-    async fn decode<M: Message>(&self, msg: &M) -> Result<Decoded, Fault> {
+    pub(crate) async fn decode<M: Message>(&self, msg: &M) -> Result<Decoded, Fault> {
         let is_avro = |b: Option<&[u8]>| b.is_some_and(|b| b.first() == Some(&0));
         if !(is_avro(msg.key()) || is_avro(msg.payload())) {
             return decode::decode_json(msg.key(), msg.payload()).map_err(Fault::Decode);
@@ -817,8 +817,6 @@ async fn apply_rows(
         rejected: checked.rejected,
         classes: checked.classes,
         late: checked.late,
-        rpo: checked.rpo,
-        rpo_span_ms: checked.rpo_span_ms,
         ..Applied::default()
     };
     applied += apply::apply_finals(client, table, &checked.finals).await?;
@@ -875,12 +873,87 @@ async fn commit<M: Message>(
             }
         }
     }
+    add_rpo(
+        &mut counts,
+        count_rpo(
+            &tx,
+            worker,
+            (topic, partition),
+            source_region,
+            &rules,
+            steps,
+        )
+        .await
+        .map_err(classify)?,
+    );
     offsets::store(&tx, &worker.group, topic, partition, next, newest_ts_ms)
         .await
         .map_err(classify)?;
     tx.commit().await.map_err(classify)?;
     metrics::histogram!(m::APPLY_BATCH_SECONDS).record(started.elapsed().as_secs_f64());
     Ok(counts)
+}
+
+/// The RPO-window changes among `steps`, per table: (count, longest span
+/// in ms), counted once each in partition order ([`route::RpoCounter`]),
+/// after the partition's newest applied commit time as stored. Read in
+/// the batch's transaction, and only for a batch with candidates (a
+/// change committed before a failover of its region): nothing in the
+/// steady state.
+async fn count_rpo<M>(
+    client: &impl deadpool_postgres::GenericClient,
+    worker: &Worker,
+    (topic, partition): (&str, i32),
+    source_region: &str,
+    rules: &Rules<'_>,
+    steps: &[Step<'_, M>],
+) -> Result<HashMap<usize, (u64, i64)>, tokio_postgres::Error> {
+    let rows = || {
+        steps.iter().filter_map(|s| match s {
+            Step::Row { table, fin, .. } if rules.tables[*table].homing.is_some() => {
+                Some((*table, fin))
+            }
+            _ => None,
+        })
+    };
+    let mut out = HashMap::new();
+    if !rows().any(|(_, f)| {
+        rules
+            .homing
+            .rpo_span_ms(source_region, f.committed_ms())
+            .is_some()
+    }) {
+        return Ok(out);
+    }
+    let stored = offsets::newest_source_time(client, &worker.group, topic, partition).await?;
+    let mut counter = route::RpoCounter::after(stored);
+    for (t, f) in rows() {
+        let (hlc, _) = f.version();
+        if counter.change(
+            &rules.homing,
+            source_region,
+            f.committed_ms(),
+            f.key_text(),
+            hlc,
+        ) {
+            let span = rules
+                .homing
+                .rpo_span_ms(source_region, f.committed_ms())
+                .unwrap_or(0);
+            let slot: &mut (u64, i64) = out.entry(t).or_default();
+            slot.0 += 1;
+            slot.1 = slot.1.max(span);
+        }
+    }
+    Ok(out)
+}
+
+fn add_rpo(counts: &mut HashMap<usize, Applied>, rpo: HashMap<usize, (u64, i64)>) {
+    for (t, (n, span)) in rpo {
+        let a = counts.entry(t).or_default();
+        a.rpo += n;
+        a.rpo_span_ms = a.rpo_span_ms.max(span);
+    }
 }
 
 /// One replayed change (`regionsync dlq replay`) in a transaction of its
@@ -1036,6 +1109,19 @@ async fn commit_in_order<M: Message>(
         return Ok(InOrder::Refused(refused));
     }
     let Some((step, reason, error)) = held else {
+        add_rpo(
+            &mut counts,
+            count_rpo(
+                &tx,
+                worker,
+                (topic, partition),
+                source_region,
+                &rules,
+                steps,
+            )
+            .await
+            .map_err(classify)?,
+        );
         offsets::store(&tx, &worker.group, topic, partition, next, newest_ts_ms)
             .await
             .map_err(classify)?;
@@ -1057,6 +1143,19 @@ async fn commit_in_order<M: Message>(
             unreachable!("a held change is a row")
         };
         let prefix = prefix_ts(&steps[..step]);
+        add_rpo(
+            &mut counts,
+            count_rpo(
+                &tx,
+                worker,
+                (topic, partition),
+                source_region,
+                &rules,
+                &steps[..step],
+            )
+            .await
+            .map_err(classify)?,
+        );
         offsets::store(&tx, &worker.group, topic, partition, msg.offset(), prefix)
             .await
             .map_err(classify)?;

@@ -19,11 +19,13 @@
 //! | `partition` | one partition's task: batching, duplicates, the batch retry loop |
 //! | `batch` | a batch's plan (pure) and its transaction |
 //! | `failure` | the one error decision: retry, dead-letter or stop; the backoff |
+//! | `fence` | the homing fence's heartbeat reader (`crate::fence` decides) |
 //! | `background` | the lag reporter, the tombstone collector, the conflicts' retention, re-asserting rejected writes |
 
 mod background;
 pub(crate) mod batch;
 pub mod failure;
+mod fence;
 mod partition;
 
 use std::collections::HashMap;
@@ -41,6 +43,7 @@ use crate::apply::TargetTable;
 use crate::clock;
 use crate::config::Config;
 use crate::decode::registry::AvroSource;
+use crate::fence::Fence;
 use crate::lag::LagTracker;
 use crate::metrics::ReadyCheck;
 use crate::offsets;
@@ -77,6 +80,9 @@ pub struct Worker {
     consumer: Arc<Kafka>,
     /// Freshness per source region, for the lag gauges.
     pub lag: LagTracker,
+    /// Holds a source region's changes until this database has the
+    /// homing it wrote under (`fence`).
+    pub fence: Fence,
     /// Next offset to apply per owned partition, for the consumer-lag gauge.
     positions: Mutex<HashMap<PartitionKey, i64>>,
     /// When a batch last committed (ms): proof enough that PostgreSQL
@@ -234,6 +240,17 @@ impl Worker {
                 "reading regionsync.offsets (is the schema current? `regionsync setup` updates it)",
             )?;
         background::record_stored_times(&lag, &routes, stored);
+        // The fence starts closed: each source region is held until a
+        // heartbeat committed after this start clears it.
+        let homing = crate::homing::load(&**client).await.context(
+            "reading regionsync.homing (is the schema current? `regionsync setup` updates it)",
+        )?;
+        let fence = Fence::new(
+            config.source_regions(),
+            clock::now_ms(),
+            homing.epoch(),
+            failed_over(&homing),
+        );
         drop(client);
         let mut decoders = HashMap::new();
         for region in config.source_regions() {
@@ -253,6 +270,7 @@ impl Worker {
             consumer: Arc::new(consumer),
             config,
             lag,
+            fence,
             positions: Mutex::new(HashMap::new()),
             last_commit_ms: std::sync::atomic::AtomicI64::new(0),
             held: Mutex::new(HashMap::new()),
@@ -282,6 +300,9 @@ impl ReadyCheck for Worker {
                         None => "Kafka: no partitions assigned".to_string(),
                     },
                 );
+            }
+            if let Some(behind) = self.fence.behind() {
+                return Err(behind);
             }
             if let Some(held) = self.held_too_long() {
                 return Err(held);
@@ -359,6 +380,7 @@ pub async fn run(
     let reporter = tokio::spawn(background::report_lag(worker.clone()));
     let collector = tokio::spawn(background::collect_tombstones(worker.clone()));
     let conflicts = tokio::spawn(background::maintain_conflicts(worker.clone()));
+    let heartbeats = tokio::spawn(fence::read_heartbeats(worker.clone()));
     let mut tasks: HashMap<(String, i32), PartitionTask> = HashMap::new();
     // One queue per partition for the consumer's life: dropping a split
     // queue detaches librdkafka's wake-up from it, which would leave a new
@@ -458,7 +480,19 @@ pub async fn run(
     reporter.abort();
     collector.abort();
     conflicts.abort();
+    heartbeats.abort();
     result
+}
+
+/// The regions failed over in `homing` (an open window): the fence holds
+/// none of them.
+fn failed_over(homing: &crate::route::HomingOverrides) -> Vec<String> {
+    homing
+        .windows
+        .iter()
+        .filter(|w| w.until_ms.is_none())
+        .map(|w| w.region.clone())
+        .collect()
 }
 
 /// Reads configured table `t` from the catalog, with its

@@ -7,7 +7,7 @@ use rdkafka::message::Message;
 use rdkafka::{Offset, TopicPartitionList};
 use std::sync::Arc;
 use tokio::sync::{mpsc, watch};
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
 use super::{batch, Worker};
 use crate::metrics::{self as m, outcome};
@@ -35,6 +35,39 @@ fn panic_if_asked<M: Message>(topic: &str, messages: &[M]) {
         *hook = None;
         drop(hook);
         panic!("test hook: a panic in the partition task of {topic}");
+    }
+}
+
+/// Waits while the homing fence holds `source_region` (the partition
+/// marked held with the fence's reason, for `/readyz` after
+/// `apply.unready_after`); false when told to stop meanwhile. One lock in
+/// the steady state.
+async fn fence_open(
+    worker: &Worker,
+    source_region: &str,
+    topic: &str,
+    partition: i32,
+    stop: &mut watch::Receiver<()>,
+) -> bool {
+    let mut held = false;
+    loop {
+        let Some(why) = worker.fence.holds(source_region) else {
+            if held {
+                info!(topic, partition, "the homing fence released the partition");
+                worker.release(topic, partition);
+            }
+            return true;
+        };
+        if !held {
+            warn!(topic, partition, reason = %why, "the homing fence holds the partition");
+            held = true;
+        }
+        worker.hold(topic, partition, why);
+        tokio::select! {
+            biased;
+            _ = stop.changed() => return false,
+            _ = tokio::time::sleep(std::time::Duration::from_millis(250)) => {}
+        }
     }
 }
 
@@ -118,6 +151,14 @@ pub(super) async fn run(
             continue;
         }
         panic_if_asked(&topic, &messages);
+        // The homing fence: a source region's changes wait until this
+        // database has the homing they were written under. Heartbeats pass
+        // (they apply nothing, and feed the lag).
+        if route.table.is_some()
+            && !fence_open(&worker, &route.source_region, &topic, partition, &mut stop).await
+        {
+            return Ok(());
+        }
         match batch::apply(&worker, &route, &topic, partition, &messages, &stop).await {
             Ok(new_next) => {
                 next = new_next;
