@@ -21,6 +21,7 @@
 //! cargo run --release -p regionsync-tools --bin bench-verify [-- --rows N --runs R]
 //! ```
 
+use std::hash::Hasher as _;
 use std::process::{Command, Stdio};
 use std::time::Instant;
 
@@ -73,12 +74,15 @@ async fn ensure_table(c: &Client, table: &str, n: i64, region: &str) {
               SELECT {USER_VALUES}, timestamptz '2024-01-01 00:00:00+00' + make_interval(secs => g),
                      g << 16, '{a}'
                 FROM generate_series(1, {n}::bigint) g;
-         GRANT SELECT ON bench.{table} TO regionsync;
-         VACUUM ANALYZE bench.{table};",
+         GRANT SELECT ON bench.{table} TO regionsync;",
         a = region_a(),
     ))
     .await
-    .unwrap_or_else(|e| panic!("{region}: build bench.{table}: {e}"));
+    .unwrap_or_else(|e| panic!("{region}: build bench.{table}: {e:?}"));
+    // Outside the implicit transaction of a multi-statement query.
+    c.batch_execute(&format!("VACUUM ANALYZE bench.{table}"))
+        .await
+        .unwrap_or_else(|e| panic!("{region}: vacuum bench.{table}: {e:?}"));
     println!(
         "{region}: bench.{table} built with {n} rows in {:.1}s",
         started.elapsed().as_secs_f64()
@@ -144,40 +148,36 @@ fn run_verify(config: &std::path::Path, table: &str) -> Verified {
     }
 }
 
+/// A `COPY … TO STDOUT`'s output hashed as it arrives, and its size.
+async fn hashed(c: &Client, query: &str) -> (u64, u64) {
+    let stream = c.copy_out(query).await.expect("copy out");
+    futures::pin_mut!(stream);
+    let (mut hash, mut bytes) = (std::hash::DefaultHasher::new(), 0u64);
+    while let Some(part) = stream.next().await {
+        let part = part.expect("copy out");
+        bytes += part.len() as u64;
+        hash.write(&part);
+    }
+    (hash.finish(), bytes)
+}
+
 /// The naive comparison: every row's `to_jsonb` text from both regions at
-/// once, compared line by line; seconds and the bytes one side sent.
-async fn naive(a: &Client, b: &Client, table: &str) -> (f64, u64, bool) {
+/// once, each side's stream hashed as it arrives and the two compared;
+/// seconds, the bytes one side sent, whether equal, and the CPU seconds of
+/// PostgreSQL A and B.
+async fn naive(a: &Client, b: &Client, table: &str) -> (f64, u64, bool, f64, f64) {
     let query =
         format!("COPY (SELECT to_jsonb(t)::text FROM bench.{table} t ORDER BY id) TO STDOUT");
+    let (a0, b0) = (postgres_cpu(&region_a()), postgres_cpu(&region_b()));
     let started = Instant::now();
-    let (sa, sb) = tokio::join!(a.copy_out(&query), b.copy_out(&query));
-    let (sa, sb) = (sa.expect("copy out of A"), sb.expect("copy out of B"));
-    futures::pin_mut!(sa);
-    futures::pin_mut!(sb);
-    // Both streams are read at once; what one side has sent beyond the
-    // other waits in `pending` (never more than the two streams' skew).
-    let (mut pa, mut pb) = (Vec::<u8>::new(), Vec::<u8>::new());
-    let (mut bytes, mut equal, mut done_a, mut done_b) = (0u64, true, false, false);
-    while !(done_a && done_b) {
-        tokio::select! {
-            part = sa.next(), if !done_a => match part {
-                Some(p) => { let p = p.expect("copy out of A"); bytes += p.len() as u64; pa.extend_from_slice(&p) }
-                None => done_a = true,
-            },
-            part = sb.next(), if !done_b => match part {
-                Some(p) => pb.extend_from_slice(&p.expect("copy out of B")),
-                None => done_b = true,
-            },
-        }
-        let common = pa.len().min(pb.len());
-        if pa[..common] != pb[..common] {
-            equal = false;
-        }
-        pa.drain(..common);
-        pb.drain(..common);
-    }
-    equal &= pa.is_empty() && pb.is_empty();
-    (started.elapsed().as_secs_f64(), bytes, equal)
+    let ((ha, bytes_a), (hb, bytes_b)) = tokio::join!(hashed(a, &query), hashed(b, &query));
+    (
+        started.elapsed().as_secs_f64(),
+        bytes_a,
+        ha == hb && bytes_a == bytes_b,
+        postgres_cpu(&region_a()) - a0,
+        postgres_cpu(&region_b()) - b0,
+    )
 }
 
 #[tokio::main]
@@ -235,15 +235,16 @@ async fn main() {
         );
         rates.push(rate);
 
-        let (secs, bytes, equal) = naive(&a, &b, &table).await;
+        let (secs, bytes, equal, cpu_a, cpu_b) = naive(&a, &b, &table).await;
         assert!(
             equal,
             "run {run}: the naive comparison found the equal tables different"
         );
         println!(
-            "run {run}: naive to_jsonb comparison: {secs:.2}s = {:.0} rows/s per side, {} MB sent per side",
+            "run {run}: naive to_jsonb comparison: {secs:.2}s = {:.0} rows/s per side, {} MB sent per side; CPU PostgreSQL A {cpu_a:.1}s B {cpu_b:.1}s ({:.2} µs per row per side)",
             n as f64 / secs,
-            bytes / 1_000_000
+            bytes / 1_000_000,
+            (cpu_a + cpu_b) / 2.0 / n as f64 * 1e6
         );
         naive_rates.push(n as f64 / secs);
 
