@@ -22,9 +22,23 @@ use std::time::{Duration, Instant};
 use support::kit::*;
 use support::*;
 
-/// Region B's worker metrics port in the local stack: Prometheus scrapes it.
-const METRICS_B: &str = "127.0.0.1:29464";
-const PROMETHEUS: &str = "http://127.0.0.1:9090";
+/// Region B's worker metrics address in the local stack: Prometheus
+/// scrapes it.
+fn metrics_b() -> String {
+    format!(
+        "{}:{}",
+        stack_env::HOST,
+        stack_env::WORKER_METRICS_PORT_B.port()
+    )
+}
+
+fn prometheus_url() -> String {
+    format!(
+        "http://{}:{}",
+        stack_env::HOST,
+        stack_env::PROMETHEUS_PORT.port()
+    )
+}
 const ALERT: &str = "RegionsyncReplicationLagHigh";
 
 struct LagWorker {
@@ -38,19 +52,23 @@ impl LagWorker {
     /// own that nobody writes.
     async fn start(name: &str) -> LagWorker {
         assert!(
-            std::net::TcpStream::connect(METRICS_B).is_err(),
-            "{METRICS_B} is taken (stop `make workers-up` workers before the lag tests)"
+            std::net::TcpStream::connect(metrics_b()).is_err(),
+            "{} is taken (stop `make workers-up` workers before the lag tests)",
+            metrics_b()
         );
         let table = TestTable::create(name).await;
         let topic = format!("cdc.public.{}", table.name);
         let toml = worker_toml(&table, &topic, "").replace(
             "[apply]",
-            &format!("[metrics]\n        listen = \"{METRICS_B}\"\n        [apply]"),
+            &format!(
+                "[metrics]\n        listen = \"{}\"\n        [apply]",
+                metrics_b()
+            ),
         );
         let (child, log) = spawn_worker(&toml, &table.name);
         let worker = LagWorker {
             child,
-            base: format!("http://{METRICS_B}"),
+            base: format!("http://{}", metrics_b()),
             log,
         };
         let deadline = Instant::now() + Duration::from_secs(30);
@@ -122,7 +140,7 @@ impl Drop for LagWorker {
 
 async fn prometheus(path: &str) -> serde_json::Value {
     reqwest::Client::new()
-        .get(format!("{PROMETHEUS}{path}"))
+        .get(format!("{}{path}", prometheus_url()))
         .timeout(Duration::from_secs(5))
         .send()
         .await
