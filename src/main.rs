@@ -434,9 +434,13 @@ fn main() -> ExitCode {
     {
         // Its own exit codes: 0 done, 1 failed, 3 done with rows
         // PostgreSQL refused dead-lettered.
+        // Under a second, PostgreSQL's timeouts (whole milliseconds, 0 =
+        // none) would not bound the swap.
         let outcome = std::time::Duration::try_from_secs_f64(*swap_timeout)
-            .map_err(|_| {
-                anyhow::anyhow!("--swap-timeout {swap_timeout}: not a number of seconds >= 0")
+            .ok()
+            .filter(|t| t.as_secs() >= 1)
+            .ok_or_else(|| {
+                anyhow::anyhow!("--swap-timeout {swap_timeout}: not a number of seconds >= 1")
             })
             .and_then(|swap_timeout| {
                 tokio::runtime::Runtime::new()

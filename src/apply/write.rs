@@ -38,6 +38,9 @@ pub async fn refused_column(
             )
             .await;
         sp.rollback().await?;
+        // tokio-postgres keeps a savepoint rolled back to: released, so the
+        // probes do not nest a subtransaction per column.
+        tx.batch_execute("RELEASE SAVEPOINT value_cast").await?;
         match kept {
             Ok(row) if row.get::<_, Option<bool>>(0) == Some(false) => return Ok(Some(*idx)),
             Err(e) if e.code().is_some_and(|c| c.code().starts_with("22")) => {

@@ -603,7 +603,9 @@ async fn swap_in(
         match pool.get().await {
             Ok(other) => {
                 if let Err(end) = other
-                    .execute("SELECT pg_terminate_backend($1)", &[&pid])
+                    // Waits (up to 5 s) for the session to be gone, so that
+                    // whether its COMMIT happened can be read next.
+                    .execute("SELECT pg_terminate_backend($1, 5000)", &[&pid])
                     .await
                 {
                     warn!(pid, error = %end, "ending the failed swap's session (it ends at its timeouts anyway)");
@@ -611,6 +613,23 @@ async fn swap_in(
             }
             Err(end) => {
                 warn!(pid, error = %end, "ending the failed swap's session (it ends at its timeouts anyway)")
+            }
+        }
+        // The timer or a lost connection may have met the COMMIT itself,
+        // which the server then carried out: the swap deletes each
+        // table's shadow-start row in its transaction, so their absence
+        // says it committed (never catch up into shadows that are gone).
+        match swap_committed(pool, config, loaded, pending).await {
+            Ok(true) => {
+                warn!(error = %format!("{e:#}"), "the swap's session failed as it committed; the swap is done");
+                return Ok(done);
+            }
+            Ok(false) => {}
+            Err(unknown) => {
+                return Err(e.context(format!(
+                    "the swap failed and whether it committed cannot be read ({unknown:#}); \
+                     run `rebuild --shadow` again: it finds the swap done or resumes"
+                )))
             }
         }
         if !swap_retryable(&e) {
@@ -640,6 +659,27 @@ async fn swap_in(
             .join(", "),
         failures.join("\n  ")
     )
+}
+
+/// Whether the swap of `pending` committed: no table's shadow-start row
+/// is left (the swap's transaction deletes them).
+async fn swap_committed(
+    pool: &deadpool_postgres::Pool,
+    config: &Config,
+    loaded: &[TargetTable],
+    pending: &[usize],
+) -> anyhow::Result<bool> {
+    let client = pool.get().await?;
+    let group = rebuild::group(config);
+    for &t in pending {
+        if shadow_start(&**client, &group, &loaded[t].name)
+            .await?
+            .is_some()
+        {
+            return Ok(false);
+        }
+    }
+    Ok(true)
 }
 
 /// Whether a failed swap may succeed when tried again: a lock not got in

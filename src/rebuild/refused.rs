@@ -281,6 +281,9 @@ impl Writer {
         sp.rollback()
             .await
             .map_err(|e| Failed::Retry(retry::POSTGRES_UNAVAILABLE, e.into()))?;
+        tx.batch_execute("RELEASE SAVEPOINT rebuild_chunk")
+            .await
+            .map_err(|e| Failed::Retry(retry::POSTGRES_UNAVAILABLE, e.into()))?;
         match sort(&e, &self.policies(chunk)) {
             Next::Stop => Err(Failed::Stop(e)),
             Next::Retry(reason) => Err(Failed::Retry(reason, e)),
@@ -549,6 +552,11 @@ async fn write_part(
         Err(e) => e,
     };
     sp.rollback().await.map_err(|e| retry(e.into()))?;
+    // tokio-postgres rolls back to the savepoint but keeps it: released,
+    // so bisecting a chunk does not nest a subtransaction per refused part.
+    tx.batch_execute("RELEASE SAVEPOINT rebuild_part")
+        .await
+        .map_err(|e| retry(e.into()))?;
     let Some(pg) = pg_error(&e) else {
         return Err(match sort(&e, &[table.on_schema_mismatch]) {
             Next::Retry(reason) => Failed::Retry(reason, e),

@@ -1060,6 +1060,11 @@ async fn commit_in_order<M: Message>(
             }
             Err(e) => {
                 sp.rollback().await.map_err(classify)?;
+                // Kept by tokio-postgres after the rollback: released, so
+                // refused changes do not nest subtransactions.
+                tx.batch_execute("RELEASE SAVEPOINT change")
+                    .await
+                    .map_err(classify)?;
                 let Step::Row { fin, .. } = step else {
                     return Err(classify(e));
                 };
