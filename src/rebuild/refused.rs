@@ -570,6 +570,17 @@ async fn write_part(
         Sqlstate::Transient => return Err(retry(e)),
         Sqlstate::Wait(_) if part.len() > 1 => return Ok(Err(Refused::Part)),
         Sqlstate::Wait(_) => return Ok(Err(Refused::Wait)),
+        // A class-42 refusal of the rebuild's own COPY and staging
+        // statements is the statement's, whatever the row: bisecting would
+        // dead-letter every row of the table. Stopped instead.
+        Sqlstate::Data if code.starts_with("42") => {
+            return Err(Failed::Stop(e.context(format!(
+                "{}: PostgreSQL refuses the rebuild's statement ({code}), not a row's value: \
+                 nothing was dead-lettered; check the table's columns against the source's \
+                 (docs/SCHEMA-CHANGES.md) and run the rebuild again: it resumes",
+                table.name
+            ))))
+        }
         Sqlstate::Data => false,
         Sqlstate::Held(reason) if reason == retry::SCHEMA_MISMATCH => {
             match table.on_schema_mismatch {
