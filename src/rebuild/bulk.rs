@@ -136,12 +136,16 @@ pub async fn flush(
     by_table.sort_by_key(|(t, _)| *t);
     for (t, rows) in by_table {
         let table = &tables[t];
-        let all: Vec<usize> = (0..table.columns.len()).collect();
+        let mut seen = Vec::new();
         let mut whole: Vec<&PreparedRow> = Vec::new();
         let mut others: Vec<Cow<'_, Final>> = Vec::new();
         for fin in rows.values() {
             match fin {
-                Final::Upsert(r) if table.counters.is_empty() && is_whole(r, &all) => whole.push(r),
+                Final::Upsert(r)
+                    if table.counters.is_empty() && is_whole(r, table.columns.len(), &mut seen) =>
+                {
+                    whole.push(r)
+                }
                 _ => others.push(Cow::Borrowed(fin)),
             }
         }
@@ -209,11 +213,19 @@ fn keep_unsent(fin: &mut Final, older: &Final) {
     new.values.sort_by_key(|(c, _)| *c);
 }
 
-/// A row that carries every column of its table, in order, none unsent.
-fn is_whole(r: &PreparedRow, all: &[usize]) -> bool {
-    r.unavailable.is_empty()
-        && r.values.len() == all.len()
-        && r.values.iter().zip(all).all(|((c, _), i)| c == i)
+/// A row that carries each of its table's `columns` once, none unsent.
+/// Its values come in the source's column-name order (`apply::prepare`),
+/// not the table's: [`copy_upserts`] puts them in the table's. `seen`: a
+/// buffer reused between rows.
+fn is_whole(r: &PreparedRow, columns: usize, seen: &mut Vec<bool>) -> bool {
+    if !r.unavailable.is_empty() || r.values.len() != columns {
+        return false;
+    }
+    seen.clear();
+    seen.resize(columns, false);
+    r.values
+        .iter()
+        .all(|(c, _)| *c < columns && !std::mem::replace(&mut seen[*c], true))
 }
 
 /// Whole rows COPYed into a staging table of text columns, then moved
@@ -245,16 +257,9 @@ async fn copy_upserts(
         .await?;
     futures::pin_mut!(sink);
     let mut buf: Vec<u8> = Vec::with_capacity(1 << 20);
+    let mut ordered = Vec::new();
     for r in rows {
-        for (_, value) in &r.values {
-            match value {
-                Some(text) => copy_text(&mut buf, text),
-                None => buf.extend_from_slice(b"\\N"),
-            }
-            buf.push(b'\t');
-        }
-        copy_text(&mut buf, &r.key_text);
-        buf.push(b'\n');
+        copy_line(&mut buf, &mut ordered, r);
         if buf.len() >= 1 << 20 {
             let full = std::mem::replace(&mut buf, Vec::with_capacity(1 << 20));
             sink.send(bytes::Bytes::from(full)).await?;
@@ -272,6 +277,26 @@ async fn copy_upserts(
         stale: n_rows - n.min(n_rows),
         ..Applied::default()
     })
+}
+
+/// A whole row's line of COPY's text format: its values in the table's
+/// column order (each is there once: [`is_whole`]), then its key text.
+/// `ordered`: a buffer reused between rows.
+fn copy_line<'r>(buf: &mut Vec<u8>, ordered: &mut Vec<Option<&'r str>>, r: &'r PreparedRow) {
+    ordered.clear();
+    ordered.resize(r.values.len(), None);
+    for (c, value) in &r.values {
+        ordered[*c] = value.as_deref();
+    }
+    for value in ordered.iter() {
+        match value {
+            Some(text) => copy_text(buf, text),
+            None => buf.extend_from_slice(b"\\N"),
+        }
+        buf.push(b'\t');
+    }
+    copy_text(buf, &r.key_text);
+    buf.push(b'\n');
 }
 
 /// Names a staging table by the table's name and columns, so that a
@@ -430,6 +455,51 @@ mod tests {
         c.read_to("t", 0, 10, Some(5));
         c.read_to("t", 0, 7, Some(3));
         assert_eq!(c.offsets[&("t".to_string(), 0)], (10, Some(5)));
+    }
+
+    #[test]
+    fn a_whole_row_in_the_sources_column_order_is_copied_in_the_tables() {
+        let table = TargetTable::for_tests(
+            "public.users",
+            &[
+                ("id", "bigint"),
+                ("name", "text"),
+                ("hlc", "bigint"),
+                ("origin_region", "text"),
+            ],
+        );
+        let value = serde_json::json!({"op": "c", "before": null,
+            "after": {"id": 1, "name": "a\tb", "hlc": 65536, "origin_region": "us-east-1"},
+            "source": {"ts_ms": 1, "schema": "public", "table": "users"}});
+        let change = match crate::decode::decode_json(
+            Some(b"{\"id\": 1}"),
+            Some(value.to_string().as_bytes()),
+        ) {
+            Ok(crate::change::Decoded::Change(c)) => c,
+            other => panic!("{other:?}"),
+        };
+        let Final::Upsert(row) = apply::prepare(&table, change, "us-east-1").unwrap() else {
+            panic!("an upsert")
+        };
+        // Rendered in the source's column-name order, not the table's:
+        // whole all the same (this was once refused, so nothing was COPYed).
+        assert_ne!(row.values[0].0, 0);
+        let mut seen = Vec::new();
+        assert!(is_whole(&row, 4, &mut seen));
+        let (mut buf, mut ordered) = (Vec::new(), Vec::new());
+        copy_line(&mut buf, &mut ordered, &row);
+        assert_eq!(buf, b"1\ta\\tb\t65536\tus-east-1\t1\n");
+
+        // A column missing, unsent or twice is not whole.
+        let mut short = row.clone();
+        short.values.pop();
+        assert!(!is_whole(&short, 4, &mut seen));
+        let mut twice = row.clone();
+        twice.values[1].0 = twice.values[0].0;
+        assert!(!is_whole(&twice, 4, &mut seen));
+        let mut unsent = short;
+        unsent.unavailable.push(3);
+        assert!(!is_whole(&unsent, 4, &mut seen));
     }
 
     #[test]
