@@ -311,16 +311,24 @@ fn layout_hash(table: &TargetTable) -> u64 {
 
 /// `text` escaped for COPY's text format: backslash, and the delimiter,
 /// newline and carriage return, which would otherwise end the field or row.
+/// The runs between them are copied whole (byte by byte, this was 5 % of a
+/// rebuild's CPU).
 fn copy_text(buf: &mut Vec<u8>, text: &str) {
-    for b in text.bytes() {
-        match b {
-            b'\\' => buf.extend_from_slice(b"\\\\"),
-            b'\t' => buf.extend_from_slice(b"\\t"),
-            b'\n' => buf.extend_from_slice(b"\\n"),
-            b'\r' => buf.extend_from_slice(b"\\r"),
-            _ => buf.push(b),
-        }
+    let bytes = text.as_bytes();
+    let mut start = 0;
+    for (i, b) in bytes.iter().enumerate() {
+        let escaped: &[u8] = match b {
+            b'\\' => b"\\\\",
+            b'\t' => b"\\t",
+            b'\n' => b"\\n",
+            b'\r' => b"\\r",
+            _ => continue,
+        };
+        buf.extend_from_slice(&bytes[start..i]);
+        buf.extend_from_slice(escaped);
+        start = i + 1;
     }
+    buf.extend_from_slice(&bytes[start..]);
 }
 
 #[cfg(test)]
@@ -507,5 +515,11 @@ mod tests {
         let mut buf = Vec::new();
         copy_text(&mut buf, "a\tb\nc\\d\re");
         assert_eq!(buf, b"a\\tb\\nc\\\\d\\re");
+        buf.clear();
+        copy_text(&mut buf, "\\zoë\n");
+        assert_eq!(buf, "\\\\zoë\\n".as_bytes());
+        buf.clear();
+        copy_text(&mut buf, "plain");
+        assert_eq!(buf, b"plain");
     }
 }
