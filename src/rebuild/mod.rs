@@ -541,7 +541,7 @@ async fn plan_pieces<'m, M: Message + Sync>(
     tokio::task::block_in_place(|| {
         std::thread::scope(|s| {
             for _ in 1..threads {
-                s.spawn(&work);
+                s.spawn(work);
             }
             work();
         })
