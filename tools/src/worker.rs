@@ -207,7 +207,8 @@ pub fn free_port() -> u16 {
 /// from `<region A>.<source_topic>` (and B's own topic of the table, if
 /// any), from process start to its exit; `n` changes make the rate.
 /// `shadow`: `rebuild --shadow`, into a shadow table swapped in at the end
-/// (the copy is then owned by the rebuild's role, as the swap needs).
+/// (the copy is then owned by the rebuild's role, which may create in
+/// schema `bench`, as the swap needs).
 pub async fn run_rebuild(
     b_admin: &Client,
     source_topic: &str,
@@ -220,7 +221,10 @@ pub async fn run_rebuild(
     fresh_copy(b_admin, copy).await;
     if shadow {
         b_admin
-            .batch_execute(&format!("ALTER TABLE bench.{copy} OWNER TO regionsync"))
+            .batch_execute(&format!(
+                // The swap renames the old table and creates in its schema.
+                "ALTER TABLE bench.{copy} OWNER TO regionsync; GRANT CREATE ON SCHEMA bench TO regionsync"
+            ))
             .await
             .expect("give the copy to regionsync");
     }
