@@ -43,7 +43,7 @@ use tracing::{info, warn};
 use crate::apply::{Applied, TargetTable};
 use crate::config::Config;
 use crate::decode::registry::AvroSource;
-use crate::worker::batch::{Planner, Step};
+use crate::worker::batch::{Plan, Planner, Step};
 use crate::worker::failure::{self, Verdict};
 
 /// A topic that holds rows of a rebuilt table.
@@ -321,6 +321,8 @@ struct Reader<'a> {
     ends: HashMap<(String, i32), i64>,
     /// Dead-letters what the planning refuses.
     writer: Arc<refused::Writer>,
+    /// Threads that plan a batch's messages at once.
+    decoder_threads: usize,
 }
 
 impl<'a> Reader<'a> {
@@ -367,6 +369,7 @@ impl<'a> Reader<'a> {
             consumer,
             ends,
             writer,
+            decoder_threads: decoder_threads(),
         }))
     }
 
@@ -424,80 +427,109 @@ impl<'a> Reader<'a> {
                 _ => {}
             }
         }
-        for ((topic, partition), messages) in &by_partition {
+        // Planned (decoded, routed, prepared) in pieces on several threads:
+        // that is most of a rebuild's CPU. The pieces' plans are then taken
+        // in each partition's offset order, as one plan would have been.
+        let by_partition: Vec<((String, i32), Vec<BorrowedMessage<'_>>)> =
+            by_partition.into_iter().collect();
+        let mut planners = Vec::with_capacity(by_partition.len());
+        for ((topic, _), _) in &by_partition {
             let feed = self
                 .feed_of
                 .get(topic.as_str())
                 .ok_or_else(|| anyhow::anyhow!("a message of {topic}, which is not replayed"))?;
-            let planner = Planner {
+            planners.push(Planner {
                 config,
                 tables,
                 source_region: &feed.source_region,
                 table: Some(feed.table),
                 avro: self.decoders.get(&feed.source_region).map(|a| &**a),
                 own_topic: feed.own,
-            };
-            let plan = planner.plan(topic, messages, crate::clock::now_ms()).await;
-            for r in &plan.rejected {
-                if let Some(why) = stops_rebuild(&r.fault, config) {
-                    anyhow::bail!(
-                        "{topic}/{partition} at offset {}: {} ({why}); run the rebuild again once it is fixed: it resumes",
-                        r.msg.offset(),
-                        r.fault
-                    );
-                }
-                warn!(topic = %topic, partition, offset = r.msg.offset(), reason = r.fault.reason(),
-                    error = %r.fault, "a change that cannot be applied is dead-lettered, as the worker does");
-                // Sent before the offsets past it are committed (with the
-                // chunk); a message the worker (or an earlier run) sent
-                // already is not sent again.
-                let place = refused::Place {
+            });
+        }
+        let total: usize = by_partition.iter().map(|(_, m)| m.len()).sum();
+        let piece_len = pieces_of(total, self.decoder_threads);
+        let mut pieces = Vec::new();
+        for (i, ((topic, _), messages)) in by_partition.iter().enumerate() {
+            for piece in messages.chunks(piece_len) {
+                pieces.push(Piece {
+                    planner: &planners[i],
                     topic,
-                    partition: *partition,
-                    offset: r.msg.offset(),
-                };
-                let table = Some(tables[feed.table].name.as_str());
-                let mut backoff = failure::Backoff::default();
-                loop {
-                    match writer
-                        .send(place, Some((r.msg.key(), r.msg.payload())), &r.fault, table)
-                        .await
-                    {
-                        Ok(true) => done.dead_lettered += 1,
-                        Ok(false) => done.already_dead_lettered += 1,
-                        Err(refused::Failed::Retry(reason, e)) => {
-                            warn!(reason, error = %format!("{e:#}"), retry_in = ?backoff.delay(), "dead-lettering a change failed; again");
-                            backoff.wait(reason).await;
-                            continue;
+                    messages: piece,
+                    partition: i,
+                });
+            }
+        }
+        let mut plans = plan_pieces(&pieces, crate::clock::now_ms(), self.decoder_threads)
+            .await
+            .into_iter()
+            .zip(&pieces)
+            .peekable();
+        for (i, ((topic, partition), messages)) in by_partition.iter().enumerate() {
+            let feed = self.feed_of[topic.as_str()];
+            while let Some((plan, piece)) = plans.next_if(|(_, piece)| piece.partition == i) {
+                for r in &plan.rejected {
+                    if let Some(why) = stops_rebuild(&r.fault, config) {
+                        anyhow::bail!(
+                            "{topic}/{partition} at offset {}: {} ({why}); run the rebuild again once it is fixed: it resumes",
+                            r.msg.offset(),
+                            r.fault
+                        );
+                    }
+                    warn!(topic = %topic, partition, offset = r.msg.offset(), reason = r.fault.reason(),
+                        error = %r.fault, "a change that cannot be applied is dead-lettered, as the worker does");
+                    // Sent before the offsets past it are committed (with
+                    // the chunk); a message the worker (or an earlier run)
+                    // sent already is not sent again.
+                    let place = refused::Place {
+                        topic,
+                        partition: *partition,
+                        offset: r.msg.offset(),
+                    };
+                    let table = Some(tables[feed.table].name.as_str());
+                    let mut backoff = failure::Backoff::default();
+                    loop {
+                        match writer
+                            .send(place, Some((r.msg.key(), r.msg.payload())), &r.fault, table)
+                            .await
+                        {
+                            Ok(true) => done.dead_lettered += 1,
+                            Ok(false) => done.already_dead_lettered += 1,
+                            Err(refused::Failed::Retry(reason, e)) => {
+                                warn!(reason, error = %format!("{e:#}"), retry_in = ?backoff.delay(), "dead-lettering a change failed; again");
+                                backoff.wait(reason).await;
+                                continue;
+                            }
+                            Err(refused::Failed::Stop(e)) => return Err(e),
                         }
-                        Err(refused::Failed::Stop(e)) => return Err(e),
+                        break;
                     }
-                    break;
+                }
+                done.refused += plan.rejected.len() as u64;
+                let next = piece.messages.last().map_or(0, |m| m.offset() + 1);
+                chunk.read_to(topic, *partition, next, plan.newest_ts_ms);
+                let topic_index = chunk.topic_index(topic);
+                for step in plan.steps {
+                    match step {
+                        Step::Row {
+                            table, fin, msg, ..
+                        } => {
+                            let per_partition = (!tables[table].counters.is_empty())
+                                .then_some((topic.as_str(), *partition));
+                            let at = bulk::At {
+                                topic: topic_index,
+                                partition: *partition,
+                                offset: msg.offset(),
+                            };
+                            chunk.add(table, fin, per_partition, at)
+                        }
+                        Step::Truncate { table, ts_ms } => {
+                            chunk.truncate(table, ts_ms, &feed.source_region)
+                        }
+                    }
                 }
             }
-            done.refused += plan.rejected.len() as u64;
             let next = messages.last().map_or(0, |m| m.offset() + 1);
-            chunk.read_to(topic, *partition, next, plan.newest_ts_ms);
-            let topic_index = chunk.topic_index(topic);
-            for step in plan.steps {
-                match step {
-                    Step::Row {
-                        table, fin, msg, ..
-                    } => {
-                        let per_partition = (!tables[table].counters.is_empty())
-                            .then_some((topic.as_str(), *partition));
-                        let at = bulk::At {
-                            topic: topic_index,
-                            partition: *partition,
-                            offset: msg.offset(),
-                        };
-                        chunk.add(table, fin, per_partition, at)
-                    }
-                    Step::Truncate { table, ts_ms } => {
-                        chunk.truncate(table, ts_ms, &feed.source_region)
-                    }
-                }
-            }
             chunk.messages += messages.len();
             *unreported.entry(topic.clone()).or_default() += messages.len() as u64;
             let key = (topic.clone(), *partition);
@@ -508,6 +540,73 @@ impl<'a> Reader<'a> {
         }
         Ok(())
     }
+}
+
+/// Threads that decode a rebuild's batches: one per core.
+fn decoder_threads() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+/// Messages per piece of a batch of `total` planned on `threads` threads:
+/// a few pieces per thread, so that one slow piece does not leave the
+/// other threads idle, but not so small that handing them out costs.
+fn pieces_of(total: usize, threads: usize) -> usize {
+    (total / (threads * 4).max(1)).max(64)
+}
+
+/// A run of one partition's messages, planned as one.
+struct Piece<'p, 'm, M> {
+    planner: &'p Planner<'p>,
+    topic: &'p str,
+    messages: &'m [M],
+    /// Index of its partition in the batch.
+    partition: usize,
+}
+
+/// Plans `pieces` on up to `threads` threads (this one among them),
+/// returning their plans in the pieces' order. Each piece is planned as the
+/// worker plans a batch; only the registry lookups await, so each thread
+/// runs its pieces' futures to completion on the runtime's handle.
+async fn plan_pieces<'m, M: Message + Sync>(
+    pieces: &[Piece<'_, 'm, M>],
+    now_ms: i64,
+    threads: usize,
+) -> Vec<Plan<'m, M>> {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Mutex;
+    let handle = tokio::runtime::Handle::current();
+    let threads = threads.min(pieces.len());
+    if threads <= 1 || handle.runtime_flavor() == tokio::runtime::RuntimeFlavor::CurrentThread {
+        let mut plans = Vec::with_capacity(pieces.len());
+        for p in pieces {
+            plans.push(p.planner.plan(p.topic, p.messages, now_ms).await);
+        }
+        return plans;
+    }
+    let next = AtomicUsize::new(0);
+    let slots: Vec<Mutex<Option<Plan<'m, M>>>> = pieces.iter().map(|_| Mutex::new(None)).collect();
+    let work = || loop {
+        let i = next.fetch_add(1, Ordering::Relaxed);
+        let Some(p) = pieces.get(i) else { break };
+        let plan = handle.block_on(p.planner.plan(p.topic, p.messages, now_ms));
+        *slots[i].lock().expect("plan slot") = Some(plan);
+    };
+    tokio::task::block_in_place(|| {
+        std::thread::scope(|s| {
+            for _ in 1..threads {
+                s.spawn(work);
+            }
+            work();
+        })
+    });
+    slots
+        .into_iter()
+        .map(|s| {
+            s.into_inner()
+                .expect("plan slot")
+                .expect("every piece planned")
+        })
+        .collect()
 }
 
 /// Replays `spans` of `feeds` into `tables` (the config's, loaded): read
@@ -663,6 +762,89 @@ fn stops_rebuild(fault: &failure::Fault, config: &Config) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A schemaless JSON insert of `users` key `id`, or a message that is
+    /// not JSON at all.
+    fn json_message(offset: i64, id: i64) -> rdkafka::message::OwnedMessage {
+        let (key, value) = if id % 97 == 0 {
+            (format!("{{\"id\": {id}}}"), "{not json".to_owned())
+        } else {
+            let row = serde_json::json!({"id": id, "name": format!("n{id}"),
+                "hlc": (1_000_i64 + id) << 16, "origin_region": "us-east-1"});
+            let value = serde_json::json!({"op": "c", "before": null, "after": row,
+                "source": {"ts_ms": id, "schema": "public", "table": "users"}});
+            (format!("{{\"id\": {id}}}"), value.to_string())
+        };
+        rdkafka::message::OwnedMessage::new(
+            Some(value.into_bytes()),
+            Some(key.into_bytes()),
+            "us-east-1.cdc.public.users".into(),
+            rdkafka::Timestamp::NotAvailable,
+            0,
+            offset,
+            None,
+        )
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_batch_planned_in_pieces_on_threads_is_the_batch_planned_at_once() {
+        let config = crate::worker::test_config("");
+        let tables = vec![TargetTable::for_tests(
+            "public.users",
+            &[
+                ("id", "bigint"),
+                ("name", "text"),
+                ("hlc", "bigint"),
+                ("origin_region", "text"),
+            ],
+        )];
+        let planner = Planner {
+            config: &config,
+            tables: &tables,
+            source_region: "us-east-1",
+            table: Some(0),
+            avro: None,
+            own_topic: false,
+        };
+        let topic = "us-east-1.cdc.public.users";
+        // Keys repeat, so the order of the steps matters to the collapse.
+        let messages: Vec<_> = (0..1000).map(|i| json_message(i, i % 300)).collect();
+        let summary = |plans: Vec<Plan<'_, rdkafka::message::OwnedMessage>>| {
+            let mut steps = Vec::new();
+            let mut rejected = Vec::new();
+            for plan in plans {
+                for s in plan.steps {
+                    if let Step::Row { fin, msg, .. } = s {
+                        steps.push((msg.offset(), fin.key_text().to_owned(), fin.version().0));
+                    }
+                }
+                rejected.extend(plan.rejected.iter().map(|r| r.msg.offset()));
+            }
+            (steps, rejected)
+        };
+        let whole = summary(vec![planner.plan(topic, &messages, 0).await]);
+        let pieces: Vec<Piece<'_, '_, _>> = messages
+            .chunks(pieces_of(messages.len(), 3))
+            .map(|m| Piece {
+                planner: &planner,
+                topic,
+                messages: m,
+                partition: 0,
+            })
+            .collect();
+        assert!(pieces.len() >= 3, "{} pieces", pieces.len());
+        let pieced = summary(plan_pieces(&pieces, 0, 3).await);
+        assert_eq!(whole.0.len(), 1000 - 14, "every change but the 14 not JSON");
+        assert_eq!(whole.1.len(), 14);
+        assert_eq!(pieced, whole);
+    }
+
+    #[test]
+    fn pieces_share_a_batch_between_threads_but_not_below_64_messages() {
+        assert_eq!(pieces_of(1000, 2), 125);
+        assert_eq!(pieces_of(100, 2), 64);
+        assert_eq!(pieces_of(0, 1), 64);
+    }
 
     #[test]
     fn every_region_topic_and_the_own_one_feed_a_table() {

@@ -206,6 +206,9 @@ pub fn free_port() -> u16 {
 /// One timed `regionsync rebuild` (the release binary) of `bench.<copy>`
 /// from `<region A>.<source_topic>` (and B's own topic of the table, if
 /// any), from process start to its exit; `n` changes make the rate.
+/// `shadow`: `rebuild --shadow`, into a shadow table swapped in at the end
+/// (the copy is then owned by the rebuild's role, which may create in
+/// schema `bench`, as the swap needs).
 pub async fn run_rebuild(
     b_admin: &Client,
     source_topic: &str,
@@ -213,8 +216,18 @@ pub async fn run_rebuild(
     copy: &str,
     n: u64,
     chunk: u64,
+    shadow: bool,
 ) -> RunResult {
     fresh_copy(b_admin, copy).await;
+    if shadow {
+        b_admin
+            .batch_execute(&format!(
+                // The swap renames the old table and creates in its schema.
+                "ALTER TABLE bench.{copy} OWNER TO regionsync; GRANT CREATE ON SCHEMA bench TO regionsync"
+            ))
+            .await
+            .expect("give the copy to regionsync");
+    }
     let group = format!("bench-rebuild-{copy}-{}", std::process::id());
     let toml = worker_toml(source_topic, copy, source_table, &group, free_port());
     let path = root().join(format!("target/bench/{copy}-rebuild.toml"));
@@ -226,6 +239,7 @@ pub async fn run_rebuild(
         .arg("--config")
         .arg(&path)
         .args(["rebuild", "--chunk", &chunk.to_string()])
+        .args(shadow.then_some("--shadow"))
         .env("REGIONSYNC_POSTGRES__PASSWORD", regionsync_password())
         .env("RUST_LOG", "warn")
         .stdout(Stdio::piped())

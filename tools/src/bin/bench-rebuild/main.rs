@@ -11,7 +11,9 @@
 //! 2. `regionsync rebuild` (the release binary) of an empty copy from the
 //!    Avro topic, from process start to exit (history check, empty, replay,
 //!    marker); the copy must then equal A's table.
-//! 3. The worker's replay of the same topic into an empty copy (as
+//! 3. `regionsync rebuild --shadow` of the same (into a shadow table, then
+//!    swapped in), timed the same way; the copy must then equal A's table.
+//! 4. The worker's replay of the same topic into an empty copy (as
 //!    `make bench`), and the ceiling of its statements from memory (JSON).
 //!
 //! ```text
@@ -80,6 +82,14 @@ async fn pg_copy(b: &Client, copy: &str, data: &[u8], rows: u64) -> (f64, f64) {
     (rows as f64 / secs, cpu)
 }
 
+/// The box's load averages (1, 5, 15 min): the rates move with it on a
+/// shared machine, so each run says it.
+fn load() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default()
+}
+
 #[tokio::main]
 async fn main() {
     exit_if_help(USAGE);
@@ -143,7 +153,9 @@ async fn main() {
     let (mut copy_n, mut copy_r, mut rebuilds, mut replays, mut ceilings) =
         (vec![], vec![], vec![], vec![], vec![]);
     let mut rebuild_secs = vec![];
+    let mut shadows = vec![];
     for run in 0..runs {
+        println!("run {run}: load average {}", load());
         let (rate, cpu) = pg_copy(&b, "bench_pgcopy", &n_rows, n_copied).await;
         println!("run {run}: PostgreSQL COPY of {n_copied} rows: {rate:.0} rows/s, CPU PostgreSQL {cpu:.1}s");
         copy_n.push(rate);
@@ -152,7 +164,7 @@ async fn main() {
         copy_r.push(rate);
 
         let copy = format!("bench_rebuild_{run}");
-        let rb = run_rebuild(&b, &avro_topic, &table, &copy, n, chunk).await;
+        let rb = run_rebuild(&b, &avro_topic, &table, &copy, n, chunk, false).await;
         let got = checksum(&b, &format!("bench.{copy}")).await;
         assert_eq!(
             got, want,
@@ -160,11 +172,27 @@ async fn main() {
         );
         drop_copy(&b, &copy).await;
         println!(
-            "run {run}: regionsync rebuild: {:.0} changes/s ({:.2}s for {r} rows: {:.0} rows/s), peak RSS {:.0} MB, CPU regionsync {:.1}s PostgreSQL {:.1}s",
-            rb.rows_per_s, rb.seconds, r as f64 / rb.seconds, rb.rss_mb, rb.cpu_sink, rb.cpu_pg
+            "run {run}: regionsync rebuild: {:.0} changes/s ({:.2}s for {r} rows: {:.0} rows/s), peak RSS {:.0} MB, CPU regionsync {:.1}s PostgreSQL {:.1}s ({:.1} + {:.1} µs per change)",
+            rb.rows_per_s, rb.seconds, r as f64 / rb.seconds, rb.rss_mb, rb.cpu_sink, rb.cpu_pg,
+            rb.cpu_sink * 1e6 / n as f64, rb.cpu_pg * 1e6 / n as f64
         );
         rebuilds.push(rb.rows_per_s);
         rebuild_secs.push(rb.seconds);
+
+        let copy = format!("bench_shadow_{run}");
+        let sh = run_rebuild(&b, &avro_topic, &table, &copy, n, chunk, true).await;
+        let got = checksum(&b, &format!("bench.{copy}")).await;
+        assert_eq!(
+            got, want,
+            "shadow rebuild run {run}: the copy differs from A: failed, not timed"
+        );
+        drop_copy(&b, &copy).await;
+        println!(
+            "run {run}: regionsync rebuild --shadow: {:.0} changes/s ({:.2}s), peak RSS {:.0} MB, CPU regionsync {:.1}s PostgreSQL {:.1}s ({:.1} + {:.1} µs per change)",
+            sh.rows_per_s, sh.seconds, sh.rss_mb, sh.cpu_sink, sh.cpu_pg,
+            sh.cpu_sink * 1e6 / n as f64, sh.cpu_pg * 1e6 / n as f64
+        );
+        shadows.push(sh.rows_per_s);
 
         let copy = format!("bench_replay_{run}");
         let rp = run_regionsync(&b, &avro_topic, &table, &copy, &avro_ends, n).await;
@@ -179,6 +207,7 @@ async fn main() {
 
         let (c, _) = ceiling(&b, &input, n).await;
         println!("run {run}: ceiling (the worker's statements from memory): {c:.0} changes/s");
+        println!("run {run}: load average {} at its end", load());
         ceilings.push(c);
     }
     let list = |v: &[f64]| {
@@ -204,6 +233,12 @@ async fn main() {
         "  regionsync rebuild:               {rb:.0} changes/s ({}) = {:.2} of COPY's rate",
         list(&rebuilds),
         rb / cn
+    );
+    println!(
+        "  regionsync rebuild --shadow:      {:.0} changes/s ({}) = {:.2} of COPY's rate",
+        median(shadows.clone()),
+        list(&shadows),
+        median(shadows.clone()) / cn
     );
     println!(
         "  worker replay:                    {rp:.0} changes/s ({})",
