@@ -66,12 +66,21 @@ async fn stored_offsets(group: &str, topic: &str) -> HashMap<i32, i64> {
 /// The stored offsets once they stop moving: a COMMIT the killed process
 /// had already sent still completes on the server after the kill.
 async fn settled_offsets(group: &str, topic: &str) -> HashMap<i32, i64> {
+    // A COMMIT the killed worker had sent still completes in its backend,
+    // which on a loaded box (a WAL flush behind other stacks' writes) can
+    // take more than a second: unchanged for 5 s in a row.
     let mut last = stored_offsets(group, topic).await;
+    let mut unchanged = 0;
     loop {
         tokio::time::sleep(Duration::from_secs(1)).await;
         let now = stored_offsets(group, topic).await;
         if now == last {
-            return now;
+            unchanged += 1;
+            if unchanged == 5 {
+                return now;
+            }
+        } else {
+            unchanged = 0;
         }
         last = now;
     }

@@ -358,7 +358,7 @@ pub fn seek_and_resume(
     offset: i64,
     resume: bool,
 ) -> anyhow::Result<()> {
-    info!(topic = %topic, partition, offset, "resuming at offset");
+    debug!(topic = %topic, partition, offset, "seeking");
     let mut seek = TopicPartitionList::new();
     seek.add_partition_offset(topic, partition, Offset::Offset(offset))?;
     let sought = consumer

@@ -605,6 +605,12 @@ async fn start_partition(
             }
         }
     }
+    // The crash test reads where each partition resumed from this line.
+    if stored == Some(start) {
+        info!(topic = %topic, partition, offset = start, "resuming at stored offset");
+    } else {
+        info!(topic = %topic, partition, offset = start, "nothing stored: starting at the first offset the check accepted");
+    }
     worker.release(topic, partition);
     Some(start)
 }
