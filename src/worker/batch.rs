@@ -873,25 +873,47 @@ async fn commit<M: Message>(
             }
         }
     }
-    add_rpo(
+    finish(
+        tx,
+        worker,
+        source_region,
+        &rules,
+        (topic, partition, next, newest_ts_ms),
+        steps,
         &mut counts,
-        count_rpo(
-            &tx,
-            worker,
-            (topic, partition),
-            source_region,
-            &rules,
-            steps,
-        )
-        .await
-        .map_err(classify)?,
+        started,
+    )
+    .await?;
+    Ok(counts)
+}
+
+/// The end of every batch transaction that commits: the RPO-window changes
+/// among `steps` counted into `counts`, the partition's offset row moved to
+/// `next` (with the newest source commit time), the commit, and its time.
+#[allow(clippy::too_many_arguments)]
+async fn finish<M>(
+    tx: deadpool_postgres::Transaction<'_>,
+    worker: &Worker,
+    source_region: &str,
+    rules: &Rules<'_>,
+    (topic, partition, next, newest_ts_ms): At<'_>,
+    steps: &[Step<'_, M>],
+    counts: &mut HashMap<usize, Applied>,
+    started: Instant,
+) -> Result<(), BatchError> {
+    let classify = failure::classify;
+    add_rpo(
+        counts,
+        count_rpo(&tx, worker, (topic, partition), source_region, rules, steps)
+            .await
+            .map_err(classify)?,
     );
     offsets::store(&tx, &worker.group, topic, partition, next, newest_ts_ms)
         .await
         .map_err(classify)?;
     tx.commit().await.map_err(classify)?;
     metrics::histogram!(m::APPLY_BATCH_SECONDS).record(started.elapsed().as_secs_f64());
-    Ok(counts)
+    Ok(())
 }
 
 /// The RPO-window changes among `steps`, per table: (count, longest span
@@ -1114,24 +1136,17 @@ async fn commit_in_order<M: Message>(
         return Ok(InOrder::Refused(refused));
     }
     let Some((step, reason, error)) = held else {
-        add_rpo(
+        finish(
+            tx,
+            worker,
+            source_region,
+            &rules,
+            (topic, partition, next, newest_ts_ms),
+            steps,
             &mut counts,
-            count_rpo(
-                &tx,
-                worker,
-                (topic, partition),
-                source_region,
-                &rules,
-                steps,
-            )
-            .await
-            .map_err(classify)?,
-        );
-        offsets::store(&tx, &worker.group, topic, partition, next, newest_ts_ms)
-            .await
-            .map_err(classify)?;
-        tx.commit().await.map_err(classify)?;
-        metrics::histogram!(m::APPLY_BATCH_SECONDS).record(started.elapsed().as_secs_f64());
+            started,
+        )
+        .await?;
         return Ok(InOrder::Committed(counts));
     };
     let detail = error.as_db_error().map_or_else(
@@ -1147,25 +1162,18 @@ async fn commit_in_order<M: Message>(
         let Step::Row { msg, .. } = &steps[step] else {
             unreachable!("a held change is a row")
         };
-        let prefix = prefix_ts(&steps[..step]);
-        add_rpo(
+        // Commits the changes before the held one; the partition resumes at it.
+        finish(
+            tx,
+            worker,
+            source_region,
+            &rules,
+            (topic, partition, msg.offset(), prefix_ts(&steps[..step])),
+            &steps[..step],
             &mut counts,
-            count_rpo(
-                &tx,
-                worker,
-                (topic, partition),
-                source_region,
-                &rules,
-                &steps[..step],
-            )
-            .await
-            .map_err(classify)?,
-        );
-        offsets::store(&tx, &worker.group, topic, partition, msg.offset(), prefix)
-            .await
-            .map_err(classify)?;
-        tx.commit().await.map_err(classify)?;
-        metrics::histogram!(m::APPLY_BATCH_SECONDS).record(started.elapsed().as_secs_f64());
+            started,
+        )
+        .await?;
     }
     Ok(InOrder::HeldAt {
         counts,
