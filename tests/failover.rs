@@ -243,22 +243,9 @@ async fn rehome_moves_a_region_s_users_and_back_in_every_database() {
     };
     assert_eq!(route(&b), a_name);
     let _forget = ForgetWindows(now_ms() - 1_000);
-    let a_path = a.to_string_lossy().to_string();
 
     // Failover: A's users are homed in B, in both databases.
-    let out = regionsync(
-        &b,
-        &[
-            "rehome",
-            "--region",
-            &a_name,
-            "--to",
-            &b_name,
-            "--peer-config",
-            &a_path,
-        ],
-    );
-    assert!(out.status.success(), "{}", text(&out));
+    rehome_both(&b, &a_name, &["--to", &b_name], &a);
     {
         assert_eq!(route(&b), b_name);
         assert_eq!(route(&a), b_name);
@@ -284,18 +271,7 @@ async fn rehome_moves_a_region_s_users_and_back_in_every_database() {
         assert_eq!(route(&b), b_name);
 
         // Failback: A is home again everywhere.
-        let out = regionsync(
-            &b,
-            &[
-                "rehome",
-                "--region",
-                &a_name,
-                "--back",
-                "--peer-config",
-                &a_path,
-            ],
-        );
-        assert!(out.status.success(), "{}", text(&out));
+        rehome_both(&b, &a_name, &["--back"], &a);
         assert_eq!(route(&b), a_name);
         assert_eq!(route(&a), a_name);
         let (in_a, in_b) = (
@@ -305,6 +281,17 @@ async fn rehome_moves_a_region_s_users_and_back_in_every_database() {
         assert_eq!(in_a, in_b);
         assert!(in_b.iter().all(|w| !w.contains(" - ")), "{in_b:?}");
     }
+}
+
+/// `regionsync rehome --region <region> <target…>` through `config`, in
+/// both databases (`--peer-config peer`); it must succeed.
+fn rehome_both(config: &Path, region: &str, target: &[&str], peer: &Path) {
+    let peer = peer.to_string_lossy();
+    let mut args = vec!["rehome", "--region", region];
+    args.extend_from_slice(target);
+    args.extend(["--peer-config", &peer]);
+    let out = regionsync(config, &args);
+    assert!(out.status.success(), "{}", text(&out));
 }
 
 /// A region's display_name of row `id`, with its origin.
@@ -414,20 +401,7 @@ async fn outage_scenario(policy: &str) {
 
     // Failover: A's users are homed in B from now on.
     let _forget = ForgetWindows(now_ms() - 1_000);
-    let a_path = a.to_string_lossy().to_string();
-    let out = regionsync(
-        &b,
-        &[
-            "rehome",
-            "--region",
-            &a_name,
-            "--to",
-            &b_name,
-            "--peer-config",
-            &a_path,
-        ],
-    );
-    assert!(out.status.success(), "{}", text(&out));
+    rehome_both(&b, &a_name, &["--to", &b_name], &a);
     // RTO here: the mirror's stop to B taking A's users as their home,
     // without detection (the test knows); RPO: A's two changes not
     // mirrored, from the first one's commit to the failover.
@@ -496,18 +470,7 @@ async fn outage_scenario(policy: &str) {
     assert_eq!(held, 0, "A held outage writes");
 
     // Failback; A's users write at home again.
-    let out = regionsync(
-        &b,
-        &[
-            "rehome",
-            "--region",
-            &a_name,
-            "--back",
-            "--peer-config",
-            &a_path,
-        ],
-    );
-    assert!(out.status.success(), "{}", text(&out));
+    rehome_both(&b, &a_name, &["--back"], &a);
     set_name(&region_a(), &table, outage_only, "after-a").await;
     wait_name(&table, outage_only, "after-a", Duration::from_secs(60)).await;
     table.wait_converged(Duration::from_secs(60)).await;
@@ -702,19 +665,7 @@ async fn a_returning_worker_holds_until_rehome_back_has_taught_its_database() {
     assert_eq!(conflicts_in_a().await, 0);
 
     // `rehome --back` teaches A's database: A's worker continues alone.
-    let a_path = a.to_string_lossy().to_string();
-    let out = regionsync(
-        &b,
-        &[
-            "rehome",
-            "--region",
-            &a_name,
-            "--back",
-            "--peer-config",
-            &a_path,
-        ],
-    );
-    assert!(out.status.success(), "{}", text(&out));
+    rehome_both(&b, &a_name, &["--back"], &a);
     for id in &ids {
         wait_name(&table, *id, "outage-b", Duration::from_secs(60)).await;
     }
