@@ -27,6 +27,25 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Mutex;
 
+use crate::change::{Change, Field};
+
+/// The column of `regionsync.heartbeat` that carries the source database's
+/// newest homing epoch (the connectors' `heartbeat.action.query`).
+pub const EPOCH_COLUMN: &str = "homing_epoch";
+
+/// The homing epoch a decoded heartbeat carries, JSON or Avro: `None` when
+/// it has none (a heartbeat query that predates the column, or NULL).
+pub fn epoch_of(heartbeat: &Change) -> Option<i64> {
+    heartbeat
+        .after
+        .as_ref()
+        .and_then(|row| row.get(EPOCH_COLUMN))
+        .and_then(|v| match v.field {
+            Field::Int(e) => Some(e),
+            _ => None,
+        })
+}
+
 /// What the fence knows of one source region.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 struct Source {

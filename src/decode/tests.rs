@@ -1252,6 +1252,35 @@ fn avro_key() -> AvroValue {
     )
 }
 
+/// The homing fence reads the epoch from Avro heartbeats as from JSON
+/// ones (`regionsync.heartbeat.homing_epoch`, a nullable bigint).
+#[test]
+fn avro_heartbeat_carries_the_homing_epoch() {
+    let schema = avro_schema(include_str!(
+        "../../schemas/avro/regionsync.heartbeat-value.avsc"
+    ));
+    let key_schema = avro_schema(include_str!(
+        "../../schemas/avro/regionsync.heartbeat-key.avsc"
+    ));
+    let beat = |epoch: AvroValue| {
+        let row = record(vec![
+            ("region", s("us-east-1")),
+            ("beat_at", s("2026-12-07T08:00:00.123456Z")),
+            ("homing_epoch", epoch),
+        ]);
+        let value = round_trip(
+            avro_envelope_value("u", none(), some(row), "false"),
+            &schema,
+        );
+        let key = round_trip(record(vec![("region", s("us-east-1"))]), &key_schema);
+        change(decode_avro(key, &key_schema, Some((value, &schema))).unwrap())
+    };
+    let c = beat(some(AvroValue::Long(7)));
+    assert_eq!(c.source_ts_ms, 1795813071636);
+    assert_eq!(crate::fence::epoch_of(&c), Some(7));
+    assert_eq!(crate::fence::epoch_of(&beat(none())), None);
+}
+
 #[test]
 fn avro_primitive_types_lose_connect_name() {
     // apache-avro 0.22 keeps custom attributes only on records, enums,

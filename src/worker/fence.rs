@@ -18,12 +18,8 @@ use tracing::{info, warn};
 
 use super::batch::Planner;
 use super::Worker;
-use crate::change::{Decoded, Field};
+use crate::change::Decoded;
 use crate::source;
-
-/// The column of `regionsync.heartbeat` that carries the source database's
-/// newest homing epoch (the connectors' `heartbeat.action.query`).
-pub const EPOCH_COLUMN: &str = "homing_epoch";
 
 /// Reads the heartbeat topics for as long as the worker runs.
 pub(super) async fn read_heartbeats(worker: Arc<Worker>) {
@@ -138,14 +134,7 @@ async fn heartbeat<M: Message>(worker: &Worker, region: &str, msg: &M) {
             return;
         }
     };
-    let epoch = change
-        .after
-        .as_ref()
-        .and_then(|row| row.get(EPOCH_COLUMN))
-        .and_then(|v| match v.field {
-            Field::Int(e) => Some(e),
-            _ => None,
-        });
+    let epoch = crate::fence::epoch_of(&change);
     if !worker.fence.heartbeat(region, change.source_ts_ms, epoch) {
         return;
     }
