@@ -584,27 +584,13 @@ async fn start_partition(
     }
     // To the offset the check accepted, never "the beginning": retention
     // run since the check would move that, and skip changes silently. If
-    // that offset is gone by now, librdkafka starts from the first one
-    // left, and the partition's task finds the gap (`partition::run`).
+    // that offset is gone by now, librdkafka says so on the partition's
+    // queue (`auto.offset.reset = error`) and the partition's task stops
+    // it (`partition::run`).
     // Asked again until librdkafka takes it (a partition whose fetcher
     // is still starting refuses a seek with "Local: Erroneous state"):
     // never resumed anywhere else.
-    let mut backoff = failure::Backoff::default();
-    loop {
-        match seek(worker, topic, partition, start, stop, true).await? {
-            Ok(()) => break,
-            Err(e) => {
-                warn!(topic, partition, offset = start, error = %format!("{e:#}"), "could not seek the partition; it stays paused");
-                worker.hold(
-                    topic,
-                    partition,
-                    format!("seeking to offset {start}: {e:#}"),
-                );
-                unless_stopped(stop, backoff.wait(crate::metrics::retry::KAFKA_UNAVAILABLE))
-                    .await?;
-            }
-        }
-    }
+    seek_until_taken(worker, topic, partition, start, stop, true).await?;
     // The crash test reads where each partition resumed from this line.
     if stored == Some(start) {
         info!(topic = %topic, partition, offset = start, "resuming at stored offset");
@@ -613,6 +599,38 @@ async fn start_partition(
     }
     worker.release(topic, partition);
     Some(start)
+}
+
+/// Seeks a partition to `offset` (and resumes it if `resume`), asked
+/// again with the backoff (`kafka_unavailable`, the partition held) until
+/// librdkafka takes it; `None` if told to stop meanwhile.
+async fn seek_until_taken(
+    worker: &Worker,
+    topic: &str,
+    partition: i32,
+    offset: i64,
+    stop: &watch::Receiver<()>,
+    resume: bool,
+) -> Option<()> {
+    let mut backoff = failure::Backoff::default();
+    loop {
+        match seek(worker, topic, partition, offset, stop, resume).await? {
+            Ok(()) => {
+                worker.release(topic, partition);
+                return Some(());
+            }
+            Err(e) => {
+                warn!(topic, partition, offset, error = %format!("{e:#}"), "could not seek the partition; it stays where it is");
+                worker.hold(
+                    topic,
+                    partition,
+                    format!("seeking to offset {offset}: {e:#}"),
+                );
+                unless_stopped(stop, backoff.wait(crate::metrics::retry::KAFKA_UNAVAILABLE))
+                    .await?;
+            }
+        }
+    }
 }
 
 /// Seeks a partition to `offset` (and resumes it if `resume`), off the
