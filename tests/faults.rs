@@ -1597,6 +1597,399 @@ async fn retention_between_the_check_and_the_seek_stops_the_partition() {
     worker.stop().await;
 }
 
+/// Where each id's change is on B's mirrored topic: (partition, offset).
+async fn placed(table: &TestTable, ids: &[i64]) -> std::collections::HashMap<i64, (i32, i64)> {
+    let topic = mirrored(&region_a(), &format!("cdc.public.{}", table.name));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let wanted: std::collections::HashSet<i64> = ids.iter().copied().collect();
+    let found = tokio::task::block_in_place(|| {
+        TopicReader::open(&region_b(), &topic, deadline).collect(
+            deadline,
+            |m| {
+                json_payload(m.key())
+                    .is_some_and(|k| k["id"].as_i64().is_some_and(|id| wanted.contains(&id)))
+            },
+            |found| found.len() >= wanted.len(),
+        )
+    });
+    let map: std::collections::HashMap<i64, (i32, i64)> = found
+        .iter()
+        .filter_map(|m| {
+            Some((
+                json_payload(m.key())?["id"].as_i64()?,
+                (m.partition(), m.offset()),
+            ))
+        })
+        .collect();
+    assert_eq!(
+        map.len(),
+        wanted.len(),
+        "every id's change is on the mirrored topic"
+    );
+    map
+}
+
+/// The ids of the test's table in B.
+async fn ids_in_b(table: &TestTable) -> std::collections::HashSet<i64> {
+    app_db(&region_b())
+        .await
+        .query(&format!("SELECT id FROM public.{}", table.name), &[])
+        .await
+        .expect("ids in B")
+        .iter()
+        .map(|r| r.get::<_, i64>(0))
+        .collect()
+}
+
+/// Retention deletes changes a running worker has not fetched yet (it is
+/// behind: its batches wait on a lock in B, and its consumer fetches at
+/// most one record batch ahead). librdkafka finds the fetch position
+/// outside the partition; with `auto.offset.reset = error` that reaches
+/// the partition's task, which stops the partition as the check at
+/// assignment would (`retention_gap`, naming topic, partition, the stored
+/// offset and the first offset), instead of jumping to the first offset
+/// left (the gap skipped silently). The changes after the gap are not
+/// applied, nothing is dead-lettered, the other partitions apply all.
+#[tokio::test(flavor = "multi_thread")]
+async fn retention_past_a_running_workers_position_stops_the_partition() {
+    let table = TestTable::create("behind").await;
+    let name = &table.name;
+    let topic = format!("cdc.public.{name}");
+    let mirrored_topic = mirrored(&region_a(), &topic);
+    let group = format!("test-{name}");
+    let mut config = worker_config_with(&table, &topic, "batch_max_rows = 1");
+    config.postgres.statement_timeout = Duration::from_secs(1);
+    // One record batch in a partition's queue at most: the consumer does
+    // not prefetch past what the held batch is waiting to apply.
+    for (k, v) in [
+        ("queued.min.messages", "1"),
+        ("queued.max.messages.kbytes", "1"),
+        ("fetch.message.max.bytes", "1024"),
+    ] {
+        config.kafka.properties.insert(k.into(), v.into());
+    }
+    let dead_before = dead_lettered();
+    let worker = Worker::start(config);
+    insert_users(&table, 1, 8).await;
+    assert_eq!(table.wait_converged(Duration::from_secs(60)).await, 8);
+
+    let b = app_db(&region_b()).await;
+    b.batch_execute(&format!(
+        "BEGIN; LOCK TABLE public.{name} IN ACCESS EXCLUSIVE MODE"
+    ))
+    .await
+    .expect("hold the table's lock");
+    let retried_before = retries("postgres_unavailable");
+    insert_users(&table, 9, 40).await;
+    wait_for(
+        "the worker held at the lock",
+        Duration::from_secs(60),
+        || retries("postgres_unavailable") > retried_before,
+    )
+    .await;
+    // Every partition's queue holds what was fetched; these are not.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    insert_users(&table, 49, 40).await;
+    let before_gap: Vec<i64> = (1..=88).collect();
+    let place = placed(&table, &before_gap).await;
+    let highs = mirrored_ends(&mirrored_topic, 88).await;
+    // The partition with the most changes waiting loses them all.
+    let gapped = (0..4)
+        .max_by_key(|p| place.values().filter(|(q, _)| q == p).count())
+        .expect("a partition");
+    let upto: Vec<i64> = (0..4)
+        .map(|p| if p == gapped { highs[p as usize] } else { 0 })
+        .collect();
+    delete_records_below(&mirrored_topic, &upto).await;
+    // Changes after the gap: not one of the gapped partition's may apply.
+    insert_users(&table, 89, 20).await;
+    let after_gap: Vec<i64> = (89..=108).collect();
+    let place_after = placed(&table, &after_gap).await;
+    b.batch_execute("ROLLBACK").await.expect("release the lock");
+    let released = Instant::now();
+
+    let stopped = || {
+        counters().gauge(
+            "regionsync_partition_stopped",
+            &[
+                ("topic", mirrored_topic.as_str()),
+                ("partition", gapped.to_string().as_str()),
+                ("reason", "retention_gap"),
+            ],
+        )
+    };
+    wait_for(
+        "the partition stopped at the gap",
+        Duration::from_secs(60),
+        || stopped() == 1.0,
+    )
+    .await;
+    let stopped_after = released.elapsed();
+    let stored: i64 = admin_db(&region_b())
+        .await
+        .query_one(
+            "SELECT next_offset FROM regionsync.offsets
+              WHERE consumer_group = $1 AND topic = $2 AND partition = $3",
+            &[&group, &mirrored_topic, &gapped],
+        )
+        .await
+        .expect("the stopped partition's stored offset")
+        .get(0);
+    assert!(
+        stored < highs[gapped as usize],
+        "the worker was behind: stored {stored}, deleted below {}",
+        highs[gapped as usize]
+    );
+    // Every change of the other partitions, and the gapped partition's
+    // below its stored offset, and nothing else.
+    let expected: std::collections::HashSet<i64> = place
+        .iter()
+        .chain(place_after.iter())
+        .filter(|(_, (p, offset))| *p != gapped || *offset < stored)
+        .map(|(id, _)| *id)
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !expected.is_subset(&ids_in_b(&table).await) {
+        assert!(
+            Instant::now() < deadline,
+            "the other partitions' changes arrive"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        ids_in_b(&table).await,
+        expected,
+        "nothing of the gapped partition applied past its stored offset"
+    );
+    let stored_later: i64 = admin_db(&region_b())
+        .await
+        .query_one(
+            "SELECT next_offset FROM regionsync.offsets
+              WHERE consumer_group = $1 AND topic = $2 AND partition = $3",
+            &[&group, &mirrored_topic, &gapped],
+        )
+        .await
+        .expect("stored offset")
+        .get(0);
+    assert_eq!(
+        stored_later, stored,
+        "the stopped partition stays where it was"
+    );
+    assert_eq!(stopped(), 1.0, "still stopped");
+    assert_eq!(dead_lettered(), dead_before, "nothing dead-lettered");
+    let lost = highs[gapped as usize] - stored;
+    let later_there = place_after.values().filter(|(p, _)| *p == gapped).count();
+    eprintln!(
+        "retention behind a running worker: partition {gapped} stopped {stopped_after:?} after the release at stored offset {stored} (first offset now {}): {lost} changes deleted unfetched, 0 of its {later_there} later changes applied, {} changes arrived (all of the other partitions', the stopped one's below its offset), 0 dead-lettered",
+        highs[gapped as usize],
+        expected.len()
+    );
+    worker.stop().await;
+}
+
+/// An exclusion constraint (23P01) refuses a change even in source order:
+/// the value is still held by a row of another partition whose change has
+/// not landed (held here by a row lock in B). As a unique index: the
+/// partition waits at the change (`unique_wait`), nothing is
+/// dead-lettered, and it converges once the other partition applies.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_exclusion_constraint_the_source_satisfied_waits_and_costs_no_change() {
+    let table = TestTable::create("excl").await;
+    let name = &table.name;
+    for region in [region_a(), region_b()] {
+        app_db(&region)
+            .await
+            .batch_execute(&format!(
+                "ALTER TABLE public.{name} ADD CONSTRAINT {name}_email_excl
+                     EXCLUDE USING btree (email WITH =)"
+            ))
+            .await
+            .expect("exclusion constraint on email");
+    }
+    let topic = format!("cdc.public.{name}");
+    let mut config = worker_config(&table, &topic);
+    config.postgres.statement_timeout = Duration::from_secs(1);
+    let worker = Worker::start(config);
+    insert_users(&table, 1, 20).await;
+    let ids: Vec<i64> = (1..=20).collect();
+    let partition = partitions_of(&table, &ids).await;
+    assert_eq!(table.wait_converged(Duration::from_secs(60)).await, 20);
+    // x gives its email up to y, on another partition.
+    let (x, y) = ids
+        .iter()
+        .flat_map(|x| ids.iter().map(move |y| (*x, *y)))
+        .find(|(x, y)| partition[x] != partition[y])
+        .expect("two ids on two partitions");
+    // x's partition cannot apply in B until the lock is released.
+    let b = app_db(&region_b()).await;
+    b.batch_execute(&format!(
+        "BEGIN; SELECT 1 FROM public.{name} WHERE id = {x} FOR UPDATE"
+    ))
+    .await
+    .expect("lock x's row in B");
+    let (dead_before, waits_before) = (dead_lettered(), retries("unique_wait"));
+    app_db(&region_a())
+        .await
+        .batch_execute(&format!(
+            "BEGIN;
+             UPDATE {name} SET email = 'moved-{x}' WHERE id = {x};
+             UPDATE {name} SET email = 'g{x}@example.com' WHERE id = {y};
+             COMMIT;"
+        ))
+        .await
+        .expect("x's email to y in A");
+    wait_for(
+        "y's partition waits at the exclusion constraint",
+        Duration::from_secs(60),
+        || retries("unique_wait") > waits_before,
+    )
+    .await;
+    let y_email: String = app_db(&region_b())
+        .await
+        .query_one(
+            &format!("SELECT email FROM public.{name} WHERE id = {y}"),
+            &[],
+        )
+        .await
+        .expect("y in B")
+        .get(0);
+    assert_eq!(y_email, format!("g{y}@example.com"), "y not changed yet");
+    assert_eq!(dead_lettered(), dead_before, "nothing dead-lettered");
+    b.batch_execute("ROLLBACK").await.expect("release x's row");
+    let released = Instant::now();
+    assert_eq!(table.wait_converged(Duration::from_secs(60)).await, 20);
+    let converged = released.elapsed();
+    assert_eq!(dead_lettered(), dead_before, "still nothing dead-lettered");
+    eprintln!(
+        "exclusion constraint: 2 changes, {} waits (unique_wait), 0 dead-lettered, converged {converged:?} after the release",
+        retries("unique_wait") - waits_before
+    );
+    worker.stop().await;
+}
+
+/// Messages of a replicated table without its version columns, or
+/// without its key column, produced into the mirrored topic: each is
+/// dead-lettered `bad_shape`, the error naming the table and the column;
+/// the partition's stored offset moves past them and the next good
+/// change applies.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_row_without_its_version_columns_or_key_is_dead_lettered_bad_shape() {
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+    use serde_json::json;
+    let table = TestTable::create("shape").await;
+    let name = &table.name;
+    let topic = format!("cdc.public.{name}");
+    let mirrored_topic = mirrored(&region_a(), &topic);
+    let dead_before = dead_lettered();
+    let worker = Worker::start(worker_config(&table, &topic));
+    insert_users(&table, 1, 4).await;
+    assert_eq!(table.wait_converged(Duration::from_secs(60)).await, 4);
+
+    let event = |after: serde_json::Value| {
+        serde_json::to_vec(&json!({
+            "before": null,
+            "after": after,
+            "source": {"ts_ms": now_ms(), "schema": "public", "table": name, "lsn": 1, "snapshot": "false"},
+            "op": "c",
+            "ts_ms": now_ms()
+        }))
+        .expect("json")
+    };
+    let poison = [
+        (
+            900_001,
+            json!({"id": 900_001, "email": "s1@example.com", "status": "active",
+                   "created_at": "2024-01-01T00:00:00Z"}),
+            "the change has no version column hlc",
+        ),
+        (
+            900_002,
+            json!({"email": "s2@example.com", "status": "active",
+                   "created_at": "2024-01-01T00:00:00Z", "hlc": now_ms() << 16,
+                   "origin_region": "us-east-1"}),
+            "the change has no key column id",
+        ),
+    ];
+    let producer: FutureProducer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", &region_b().kafka)
+        .create()
+        .expect("producer");
+    let mut produced = Vec::new();
+    for (id, after, _) in &poison {
+        let key = serde_json::to_vec(&json!({ "id": id })).expect("key");
+        let value = event(after.clone());
+        let delivery = producer
+            .send(
+                FutureRecord::to(&mirrored_topic)
+                    .key(key.as_slice())
+                    .payload(value.as_slice())
+                    .partition(0),
+                Duration::from_secs(10),
+            )
+            .await
+            .unwrap_or_else(|(e, _)| panic!("produce {id}: {e}"));
+        produced.push(delivery.offset);
+    }
+    // The next good changes, after them.
+    insert_users(&table, 5, 8).await;
+    assert_eq!(table.wait_converged(Duration::from_secs(60)).await, 12);
+    let dlq = format!("regionsync.dlq.test-{name}");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let dead = tokio::task::block_in_place(|| {
+        TopicReader::open(&region_b(), &dlq, deadline).collect(
+            deadline,
+            |_| true,
+            |found| found.len() >= poison.len(),
+        )
+    });
+    assert_eq!(dead.len(), poison.len(), "one dead letter per message");
+    for ((_, _, problem), offset) in poison.iter().zip(&produced) {
+        let letter = dead
+            .iter()
+            .find(|m| headers(m).get("regionsync.offset") == Some(&offset.to_string()))
+            .unwrap_or_else(|| panic!("a dead letter of offset {offset}"));
+        let h = headers(letter);
+        assert_eq!(h["regionsync.reason"], "bad_shape");
+        assert_eq!(
+            h["regionsync.error"],
+            format!("public.{name}: {problem}"),
+            "the error names the table and the column"
+        );
+    }
+    let group = format!("test-{name}");
+    let last = *produced.iter().max().expect("offsets");
+    let stored = || async {
+        admin_db(&region_b())
+            .await
+            .query_one(
+                "SELECT next_offset FROM regionsync.offsets
+                  WHERE consumer_group = $1 AND topic = $2 AND partition = 0",
+                &[&group, &mirrored_topic],
+            )
+            .await
+            .map(|r| r.get::<_, i64>(0))
+            .unwrap_or(-1)
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while stored().await <= last {
+        assert!(
+            Instant::now() < deadline,
+            "the stored offset moves past the dead letters"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    wait_for("both dead letters counted", Duration::from_secs(30), || {
+        dead_lettered() == dead_before + 2
+    })
+    .await;
+    eprintln!(
+        "bad shape: 2 messages dead-lettered bad_shape (offsets {produced:?} of partition 0), stored offset now {}, 8 later changes arrived",
+        stored().await
+    );
+    worker.stop().await;
+}
+
 /// A batch whose dead letter was produced before its transaction, and
 /// whose transaction is then refused (a revoked grant) and given up (the
 /// worker stopped while held) is tried again by the next worker of this
