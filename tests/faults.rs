@@ -1438,6 +1438,148 @@ async fn a_statement_stuck_on_a_lock_is_cancelled_and_retried_without_a_dead_let
     worker.stop().await;
 }
 
+/// No pooled connection is free: the pool has one, and a batch holds it
+/// with a statement waiting on a lock the test holds (its
+/// `statement_timeout`, 60 s, is not reached). The other partitions'
+/// batches wait `pool_wait_timeout` (1 s) for it and are retried
+/// (`postgres_unavailable`), nothing is dead-lettered, and every row
+/// arrives once the lock is released.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_pool_without_a_free_connection_is_waited_out_without_a_dead_letter() {
+    let table = TestTable::create("poolwait").await;
+    let name = &table.name;
+    let topic = format!("cdc.public.{name}");
+    let mut config = worker_config(&table, &topic);
+    config.postgres.pool_size = 1;
+    config.postgres.pool_wait_timeout = Duration::from_secs(1);
+    config.postgres.statement_timeout = Duration::from_secs(60);
+    let worker = Worker::start(config);
+    insert_users(&table, 1, 8).await;
+    assert_eq!(table.wait_converged(Duration::from_secs(60)).await, 8);
+    let b = app_db(&region_b()).await;
+    b.batch_execute(&format!(
+        "BEGIN; LOCK TABLE public.{name} IN EXCLUSIVE MODE"
+    ))
+    .await
+    .expect("hold the table's lock (writes wait; the test's reads do not)");
+    let (dead_before, retried_before) = (dead_lettered(), retries("postgres_unavailable"));
+    let locked = Instant::now();
+    insert_users(&table, 9, 20).await;
+    wait_for(
+        "retries of batches that found no free connection",
+        Duration::from_secs(40),
+        || retries("postgres_unavailable") >= retried_before + 2,
+    )
+    .await;
+    // Well before the held statement's own timeout: these are pool waits.
+    assert!(
+        locked.elapsed() < Duration::from_secs(50),
+        "retried before any statement_timeout"
+    );
+    assert_eq!(rows_in_b(&table).await, 8, "nothing applied under the lock");
+    assert_eq!(dead_lettered(), dead_before, "nothing dead-lettered");
+    b.batch_execute("ROLLBACK").await.expect("release the lock");
+    let released = Instant::now();
+    assert_eq!(
+        table.wait_converged(Duration::from_secs(60)).await,
+        28,
+        "every row arrives once the connection is free"
+    );
+    assert_eq!(dead_lettered(), dead_before, "still nothing dead-lettered");
+    eprintln!(
+        "pool wait: 20 written, 0 dead-lettered, {} retries in {:?}, all arrived {:?} after the release",
+        retries("postgres_unavailable") - retried_before,
+        released - locked,
+        released.elapsed()
+    );
+    worker.stop().await;
+}
+
+/// Drops every packet to and from a TCP port (the connection neither
+/// answers nor is reset: half-open) for as long as it lives; the rules go
+/// when it is dropped, on a panic too.
+struct Blackhole(String);
+
+impl Blackhole {
+    fn port(port: u16) -> Blackhole {
+        let hole = Blackhole(port.to_string());
+        for rule in hole.rules() {
+            let status = Command::new("iptables")
+                .arg("-I")
+                .args(&rule)
+                .status()
+                .expect("iptables (the test needs it, as root)");
+            assert!(status.success(), "iptables -I {rule:?}: {status}");
+        }
+        hole
+    }
+
+    fn rules(&self) -> Vec<Vec<String>> {
+        ["--dport", "--sport"]
+            .iter()
+            .map(|dir| {
+                ["INPUT", "-p", "tcp", dir, &self.0, "-j", "DROP"]
+                    .iter()
+                    .map(|s| s.to_string())
+                    .collect()
+            })
+            .collect()
+    }
+}
+
+impl Drop for Blackhole {
+    fn drop(&mut self) {
+        for rule in self.rules() {
+            let _ = Command::new("iptables").arg("-D").args(&rule).status();
+        }
+    }
+}
+
+/// B's PostgreSQL stops answering without closing anything (every packet
+/// of its port dropped): the batch sent into the dead connection fails
+/// within `tcp_user_timeout` (2 s here) instead of stalling, new
+/// connections within `connect_timeout`, and is retried
+/// (`postgres_unavailable`); nothing is dead-lettered, every row arrives
+/// once packets pass again.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_half_open_postgres_connection_fails_the_batch_and_is_retried() {
+    let table = TestTable::create("halfopen").await;
+    let topic = format!("cdc.public.{}", table.name);
+    let mut config = worker_config(&table, &topic);
+    config.postgres.tcp_user_timeout = Duration::from_secs(2);
+    config.postgres.keepalives_idle = Duration::from_secs(2);
+    config.postgres.connect_timeout = Duration::from_secs(2);
+    let worker = Worker::start(config);
+    insert_users(&table, 1, 8).await;
+    assert_eq!(table.wait_converged(Duration::from_secs(60)).await, 8);
+    let (dead_before, retried_before) = (dead_lettered(), retries("postgres_unavailable"));
+    let hole = Blackhole::port(region_b().pg_port);
+    let cut = Instant::now();
+    insert_users(&table, 9, 20).await;
+    wait_for(
+        "retries of batches on the dead connection",
+        Duration::from_secs(60),
+        || retries("postgres_unavailable") >= retried_before + 2,
+    )
+    .await;
+    let first_retries = cut.elapsed();
+    assert_eq!(dead_lettered(), dead_before, "nothing dead-lettered");
+    drop(hole);
+    let healed = Instant::now();
+    assert_eq!(
+        table.wait_converged(Duration::from_secs(60)).await,
+        28,
+        "every row arrives once packets pass"
+    );
+    let recovery = healed.elapsed();
+    assert_eq!(dead_lettered(), dead_before, "still nothing dead-lettered");
+    eprintln!(
+        "half-open PostgreSQL: 20 written, 0 dead-lettered, 2 retries {first_retries:?} after the cut ({} in all), all arrived {recovery:?} after packets passed again",
+        retries("postgres_unavailable") - retried_before
+    );
+    worker.stop().await;
+}
+
 /// Kafka keeps refusing the check of one newly assigned partition (its
 /// offsets, as a missing ACL would): that partition stays paused and is
 /// retried (`kafka_unavailable`), while the other partitions of the same
