@@ -1580,6 +1580,48 @@ async fn a_half_open_postgres_connection_fails_the_batch_and_is_retried() {
     worker.stop().await;
 }
 
+/// A message that arrives outside its partition's own queue (a test hook
+/// starts one partition without its queue, so its messages reach the
+/// consumer's main queue) stops the worker, naming the partition, before
+/// anything of it is applied; a worker started again resumes from the
+/// stored offsets: every row arrives, nothing dead-lettered.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_message_outside_its_partition_queue_stops_the_worker_and_a_restart_resumes() {
+    let table = TestTable::create("mainq").await;
+    let topic = format!("cdc.public.{}", table.name);
+    let mirrored_topic = mirrored(&region_a(), &topic);
+    let dead_before = dead_lettered();
+    *regionsync::worker::NO_OWN_QUEUE_FOR.lock().unwrap() = Some((mirrored_topic.clone(), 0));
+    let worker = Worker::start(worker_config(&table, &topic));
+    insert_users(&table, 1, 40).await;
+    let err = worker
+        .ended(Duration::from_secs(60))
+        .await
+        .expect_err("the worker stops");
+    let text = format!("{err:#}");
+    assert!(
+        text.contains(&format!(
+            "a message of {mirrored_topic}/0 arrived outside its partition queue"
+        )),
+        "{text}"
+    );
+    assert!(
+        regionsync::worker::NO_OWN_QUEUE_FOR
+            .lock()
+            .unwrap()
+            .is_none(),
+        "the hook fired"
+    );
+    let worker = Worker::start(worker_config(&table, &topic));
+    assert_eq!(
+        table.wait_converged(Duration::from_secs(60)).await,
+        40,
+        "every row after the restart"
+    );
+    assert_eq!(dead_lettered(), dead_before, "nothing dead-lettered");
+    worker.stop().await;
+}
+
 /// Kafka keeps refusing the check of one newly assigned partition (its
 /// offsets, as a missing ACL would): that partition stays paused and is
 /// retried (`kafka_unavailable`), while the other partitions of the same

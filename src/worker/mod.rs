@@ -403,6 +403,9 @@ pub async fn run(
                     // a revocation or this loop.
                     for (topic, partition) in &parts {
                         let key = (topic.clone(), *partition);
+                        if started_without_its_queue(&worker, &key, &mut tasks) {
+                            continue;
+                        }
                         // Split each (still paused) partition off the main
                         // queue before it is resumed, so no message lands
                         // there.
@@ -831,6 +834,35 @@ pub static BEFORE_WATERMARKS: Mutex<Option<Box<dyn FnOnce() + Send>>> = Mutex::n
 #[doc(hidden)]
 #[allow(clippy::type_complexity)]
 pub static BEFORE_SEEK: Mutex<Option<(String, Box<dyn FnOnce(i32) + Send>)>> = Mutex::new(None);
+
+/// A test hook: this (topic, partition) is started (checked, sought and
+/// resumed) without a queue of its own, so that its messages reach the
+/// consumer's main queue, which must stop the worker. Never set outside
+/// tests.
+#[doc(hidden)]
+pub static NO_OWN_QUEUE_FOR: Mutex<Option<(String, i32)>> = Mutex::new(None);
+
+/// [`NO_OWN_QUEUE_FOR`]: starts `key` without its own queue (and no task)
+/// if the hook names it; true then.
+fn started_without_its_queue(
+    worker: &Arc<Worker>,
+    key: &(String, i32),
+    tasks: &mut HashMap<(String, i32), PartitionTask>,
+) -> bool {
+    let mut hook = NO_OWN_QUEUE_FOR.lock().expect("hook lock");
+    if hook.as_ref() != Some(key) {
+        return false;
+    }
+    *hook = None;
+    let (stop, stopped) = watch::channel(());
+    let (worker, k) = (worker.clone(), key.clone());
+    let task = tokio::spawn(async move {
+        start_partition(&worker, (&k.0, k.1), &stopped).await;
+        Ok(())
+    });
+    tasks.insert(key.clone(), (stop, task));
+    true
+}
 
 /// A test hook: Kafka "refuses" the watermarks of this (topic, partition)
 /// for as long as it is set, as a missing ACL would. Never set outside
