@@ -37,6 +37,64 @@ async fn rows_in_b(table: &TestTable) -> usize {
     table.rows(&region_b()).await.len()
 }
 
+/// What [`held_until_released`] saw.
+struct Held {
+    /// Retries of its reason from the first write to the release.
+    retries: u64,
+    /// From the first write until the retries asked for were seen.
+    held_for: Duration,
+    /// From the release until B equalled A.
+    recovered_in: Duration,
+}
+
+/// The frame of a partition held by a cause the test has put in place:
+/// writes `n` rows from id `first` (the `first - 1` before them applied
+/// already) and waits for `at_least` retries of `reason`; meanwhile
+/// nothing is dead-lettered and, where B can be read (a cut connection
+/// cannot), nothing of them applied. `release` removes the cause; then
+/// every row arrives, still with nothing dead-lettered.
+async fn held_until_released<R: std::future::Future<Output = ()>>(
+    table: &TestTable,
+    (first, n): (i64, i64),
+    (reason, at_least): (&str, u64),
+    b_readable: bool,
+    release: impl FnOnce() -> R,
+) -> Held {
+    let (dead_before, retried_before) = (dead_lettered(), retries(reason));
+    let writing = Instant::now();
+    insert_users(table, first, n).await;
+    wait_for(
+        &format!("{at_least} retries ({reason})"),
+        Duration::from_secs(90),
+        || retries(reason) >= retried_before + at_least,
+    )
+    .await;
+    let held_for = writing.elapsed();
+    if b_readable {
+        assert_eq!(
+            rows_in_b(table).await as i64,
+            first - 1,
+            "nothing applied while held ({reason})"
+        );
+    }
+    assert_eq!(dead_lettered(), dead_before, "nothing dead-lettered");
+    let retried = retries(reason) - retried_before;
+    release().await;
+    let released = Instant::now();
+    assert_eq!(
+        table.wait_converged(Duration::from_secs(60)).await as i64,
+        first - 1 + n,
+        "every row arrives once the cause is gone ({reason})"
+    );
+    let recovered_in = released.elapsed();
+    assert_eq!(dead_lettered(), dead_before, "still nothing dead-lettered");
+    Held {
+        retries: retried,
+        held_for,
+        recovered_in,
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_revoked_grant_holds_the_partition_and_costs_no_change() {
     let table = TestTable::create("revoke").await;
@@ -48,32 +106,21 @@ async fn a_revoked_grant_holds_the_partition_and_costs_no_change() {
     ))
     .await
     .expect("revoke");
-    let (dead_before, held_before) = (dead_lettered(), retries("postgres_permission"));
     let worker = Worker::start(worker_config(&table, &topic));
-    insert_users(&table, 1, 20).await;
-
-    wait_for(
-        "retries for the missing grant",
-        Duration::from_secs(90),
-        || retries("postgres_permission") >= held_before + 3,
-    )
-    .await;
-    assert_eq!(
-        rows_in_b(&table).await,
-        0,
-        "nothing applied without the grant"
-    );
-    assert_eq!(dead_lettered(), dead_before, "nothing dead-lettered");
-
-    b.batch_execute(&format!(
+    let grant = format!(
         "GRANT INSERT, UPDATE ON public.{} TO regionsync",
         table.name
-    ))
-    .await
-    .expect("grant");
-    let rows = table.wait_converged(Duration::from_secs(60)).await;
-    assert_eq!(rows, 20, "every row arrives after the GRANT");
-    assert_eq!(dead_lettered(), dead_before, "still nothing dead-lettered");
+    );
+    held_until_released(
+        &table,
+        (1, 20),
+        ("postgres_permission", 3),
+        true,
+        || async move {
+            b.batch_execute(&grant).await.expect("grant");
+        },
+    )
+    .await;
     worker.stop().await;
 }
 
@@ -1153,23 +1200,17 @@ async fn a_feature_this_regions_setup_lacks_holds_the_partition_and_costs_no_cha
     ))
     .await
     .expect("a rule");
-    let (dead_before, held_before) = (dead_lettered(), retries("postgres_schema"));
-    insert_users(&table, 6, 20).await;
-    wait_for("retries for the rule", Duration::from_secs(90), || {
-        retries("postgres_schema") >= held_before + 3
-    })
+    let drop_rule = format!("DROP RULE audit ON public.{name}");
+    held_until_released(
+        &table,
+        (6, 20),
+        ("postgres_schema", 3),
+        true,
+        || async move {
+            b.batch_execute(&drop_rule).await.expect("drop the rule");
+        },
+    )
     .await;
-    assert_eq!(rows_in_b(&table).await, 5, "nothing applied meanwhile");
-    assert_eq!(dead_lettered(), dead_before, "nothing dead-lettered");
-    b.batch_execute(&format!("DROP RULE audit ON public.{name}"))
-        .await
-        .expect("drop the rule");
-    assert_eq!(
-        table.wait_converged(Duration::from_secs(60)).await,
-        25,
-        "every row arrives once the rule is gone"
-    );
-    assert_eq!(dead_lettered(), dead_before, "still nothing dead-lettered");
     worker.stop().await;
 }
 
@@ -1409,31 +1450,25 @@ async fn a_statement_stuck_on_a_lock_is_cancelled_and_retried_without_a_dead_let
     insert_users(&table, 1, 5).await;
     assert_eq!(table.wait_converged(Duration::from_secs(60)).await, 5);
     let b = app_db(&region_b()).await;
-    let name = &table.name;
     b.batch_execute(&format!(
-        "BEGIN; LOCK TABLE public.{name} IN ACCESS EXCLUSIVE MODE"
+        "BEGIN; LOCK TABLE public.{} IN EXCLUSIVE MODE",
+        table.name
     ))
     .await
-    .expect("hold the table's lock");
-    let (dead_before, retried_before) = (dead_lettered(), retries("postgres_unavailable"));
-    insert_users(&table, 6, 20).await;
-    wait_for(
-        "retries of the statements cancelled on the lock",
-        Duration::from_secs(90),
-        || retries("postgres_unavailable") >= retried_before + 2,
+    .expect("hold the table's lock (writes wait; the test's reads do not)");
+    let held = held_until_released(
+        &table,
+        (6, 20),
+        ("postgres_unavailable", 2),
+        true,
+        || async move {
+            b.batch_execute("ROLLBACK").await.expect("release the lock");
+        },
     )
     .await;
-    assert_eq!(dead_lettered(), dead_before, "nothing dead-lettered");
-    b.batch_execute("ROLLBACK").await.expect("release the lock");
-    assert_eq!(
-        table.wait_converged(Duration::from_secs(60)).await,
-        25,
-        "every row arrives once the lock is released"
-    );
-    assert_eq!(dead_lettered(), dead_before, "still nothing dead-lettered");
     eprintln!(
-        "table locked: 20 written, 0 dead-lettered, {} retries, 20 arrived after the release",
-        retries("postgres_unavailable") - retried_before
+        "table locked: 20 written, 0 dead-lettered, {} retries, 20 arrived {:?} after the release",
+        held.retries, held.recovered_in
     );
     worker.stop().await;
 }
@@ -1447,8 +1482,7 @@ async fn a_statement_stuck_on_a_lock_is_cancelled_and_retried_without_a_dead_let
 #[tokio::test(flavor = "multi_thread")]
 async fn a_pool_without_a_free_connection_is_waited_out_without_a_dead_letter() {
     let table = TestTable::create("poolwait").await;
-    let name = &table.name;
-    let topic = format!("cdc.public.{name}");
+    let topic = format!("cdc.public.{}", table.name);
     let mut config = worker_config(&table, &topic);
     config.postgres.pool_size = 1;
     config.postgres.pool_wait_timeout = Duration::from_secs(1);
@@ -1458,39 +1492,30 @@ async fn a_pool_without_a_free_connection_is_waited_out_without_a_dead_letter() 
     assert_eq!(table.wait_converged(Duration::from_secs(60)).await, 8);
     let b = app_db(&region_b()).await;
     b.batch_execute(&format!(
-        "BEGIN; LOCK TABLE public.{name} IN EXCLUSIVE MODE"
+        "BEGIN; LOCK TABLE public.{} IN EXCLUSIVE MODE",
+        table.name
     ))
     .await
     .expect("hold the table's lock (writes wait; the test's reads do not)");
-    let (dead_before, retried_before) = (dead_lettered(), retries("postgres_unavailable"));
-    let locked = Instant::now();
-    insert_users(&table, 9, 20).await;
-    wait_for(
-        "retries of batches that found no free connection",
-        Duration::from_secs(40),
-        || retries("postgres_unavailable") >= retried_before + 2,
+    let held = held_until_released(
+        &table,
+        (9, 20),
+        ("postgres_unavailable", 2),
+        true,
+        || async move {
+            b.batch_execute("ROLLBACK").await.expect("release the lock");
+        },
     )
     .await;
     // Well before the held statement's own timeout: these are pool waits.
     assert!(
-        locked.elapsed() < Duration::from_secs(50),
-        "retried before any statement_timeout"
+        held.held_for < Duration::from_secs(50),
+        "retried before any statement_timeout: {:?}",
+        held.held_for
     );
-    assert_eq!(rows_in_b(&table).await, 8, "nothing applied under the lock");
-    assert_eq!(dead_lettered(), dead_before, "nothing dead-lettered");
-    b.batch_execute("ROLLBACK").await.expect("release the lock");
-    let released = Instant::now();
-    assert_eq!(
-        table.wait_converged(Duration::from_secs(60)).await,
-        28,
-        "every row arrives once the connection is free"
-    );
-    assert_eq!(dead_lettered(), dead_before, "still nothing dead-lettered");
     eprintln!(
         "pool wait: 20 written, 0 dead-lettered, {} retries in {:?}, all arrived {:?} after the release",
-        retries("postgres_unavailable") - retried_before,
-        released - locked,
-        released.elapsed()
+        held.retries, held.held_for, held.recovered_in
     );
     worker.stop().await;
 }
@@ -1552,30 +1577,21 @@ async fn a_half_open_postgres_connection_fails_the_batch_and_is_retried() {
     let worker = Worker::start(config);
     insert_users(&table, 1, 8).await;
     assert_eq!(table.wait_converged(Duration::from_secs(60)).await, 8);
-    let (dead_before, retried_before) = (dead_lettered(), retries("postgres_unavailable"));
     let hole = Blackhole::port(region_b().pg_port);
-    let cut = Instant::now();
-    insert_users(&table, 9, 20).await;
-    wait_for(
-        "retries of batches on the dead connection",
-        Duration::from_secs(60),
-        || retries("postgres_unavailable") >= retried_before + 2,
+    // B cannot be read while its packets are dropped.
+    let held = held_until_released(
+        &table,
+        (9, 20),
+        ("postgres_unavailable", 2),
+        false,
+        || async move {
+            drop(hole);
+        },
     )
     .await;
-    let first_retries = cut.elapsed();
-    assert_eq!(dead_lettered(), dead_before, "nothing dead-lettered");
-    drop(hole);
-    let healed = Instant::now();
-    assert_eq!(
-        table.wait_converged(Duration::from_secs(60)).await,
-        28,
-        "every row arrives once packets pass"
-    );
-    let recovery = healed.elapsed();
-    assert_eq!(dead_lettered(), dead_before, "still nothing dead-lettered");
     eprintln!(
-        "half-open PostgreSQL: 20 written, 0 dead-lettered, 2 retries {first_retries:?} after the cut ({} in all), all arrived {recovery:?} after packets passed again",
-        retries("postgres_unavailable") - retried_before
+        "half-open PostgreSQL: 20 written, 0 dead-lettered, 2 retries {:?} after the cut ({} in all), all arrived {:?} after packets passed again",
+        held.held_for, held.retries, held.recovered_in
     );
     worker.stop().await;
 }
