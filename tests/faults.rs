@@ -37,6 +37,64 @@ async fn rows_in_b(table: &TestTable) -> usize {
     table.rows(&region_b()).await.len()
 }
 
+/// What [`held_until_released`] saw.
+struct Held {
+    /// Retries of its reason from the first write to the release.
+    retries: u64,
+    /// From the first write until the retries asked for were seen.
+    held_for: Duration,
+    /// From the release until B equalled A.
+    recovered_in: Duration,
+}
+
+/// The frame of a partition held by a cause the test has put in place:
+/// writes `n` rows from id `first` (the `first - 1` before them applied
+/// already) and waits for `at_least` retries of `reason`; meanwhile
+/// nothing is dead-lettered and, where B can be read (a cut connection
+/// cannot), nothing of them applied. `release` removes the cause; then
+/// every row arrives, still with nothing dead-lettered.
+async fn held_until_released<R: std::future::Future<Output = ()>>(
+    table: &TestTable,
+    (first, n): (i64, i64),
+    (reason, at_least): (&str, u64),
+    b_readable: bool,
+    release: impl FnOnce() -> R,
+) -> Held {
+    let (dead_before, retried_before) = (dead_lettered(), retries(reason));
+    let writing = Instant::now();
+    insert_users(table, first, n).await;
+    wait_for(
+        &format!("{at_least} retries ({reason})"),
+        Duration::from_secs(90),
+        || retries(reason) >= retried_before + at_least,
+    )
+    .await;
+    let held_for = writing.elapsed();
+    if b_readable {
+        assert_eq!(
+            rows_in_b(table).await as i64,
+            first - 1,
+            "nothing applied while held ({reason})"
+        );
+    }
+    assert_eq!(dead_lettered(), dead_before, "nothing dead-lettered");
+    let retried = retries(reason) - retried_before;
+    release().await;
+    let released = Instant::now();
+    assert_eq!(
+        table.wait_converged(Duration::from_secs(60)).await as i64,
+        first - 1 + n,
+        "every row arrives once the cause is gone ({reason})"
+    );
+    let recovered_in = released.elapsed();
+    assert_eq!(dead_lettered(), dead_before, "still nothing dead-lettered");
+    Held {
+        retries: retried,
+        held_for,
+        recovered_in,
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_revoked_grant_holds_the_partition_and_costs_no_change() {
     let table = TestTable::create("revoke").await;
@@ -48,32 +106,21 @@ async fn a_revoked_grant_holds_the_partition_and_costs_no_change() {
     ))
     .await
     .expect("revoke");
-    let (dead_before, held_before) = (dead_lettered(), retries("postgres_permission"));
     let worker = Worker::start(worker_config(&table, &topic));
-    insert_users(&table, 1, 20).await;
-
-    wait_for(
-        "retries for the missing grant",
-        Duration::from_secs(90),
-        || retries("postgres_permission") >= held_before + 3,
-    )
-    .await;
-    assert_eq!(
-        rows_in_b(&table).await,
-        0,
-        "nothing applied without the grant"
-    );
-    assert_eq!(dead_lettered(), dead_before, "nothing dead-lettered");
-
-    b.batch_execute(&format!(
+    let grant = format!(
         "GRANT INSERT, UPDATE ON public.{} TO regionsync",
         table.name
-    ))
-    .await
-    .expect("grant");
-    let rows = table.wait_converged(Duration::from_secs(60)).await;
-    assert_eq!(rows, 20, "every row arrives after the GRANT");
-    assert_eq!(dead_lettered(), dead_before, "still nothing dead-lettered");
+    );
+    held_until_released(
+        &table,
+        (1, 20),
+        ("postgres_permission", 3),
+        true,
+        || async move {
+            b.batch_execute(&grant).await.expect("grant");
+        },
+    )
+    .await;
     worker.stop().await;
 }
 
@@ -1153,23 +1200,17 @@ async fn a_feature_this_regions_setup_lacks_holds_the_partition_and_costs_no_cha
     ))
     .await
     .expect("a rule");
-    let (dead_before, held_before) = (dead_lettered(), retries("postgres_schema"));
-    insert_users(&table, 6, 20).await;
-    wait_for("retries for the rule", Duration::from_secs(90), || {
-        retries("postgres_schema") >= held_before + 3
-    })
+    let drop_rule = format!("DROP RULE audit ON public.{name}");
+    held_until_released(
+        &table,
+        (6, 20),
+        ("postgres_schema", 3),
+        true,
+        || async move {
+            b.batch_execute(&drop_rule).await.expect("drop the rule");
+        },
+    )
     .await;
-    assert_eq!(rows_in_b(&table).await, 5, "nothing applied meanwhile");
-    assert_eq!(dead_lettered(), dead_before, "nothing dead-lettered");
-    b.batch_execute(&format!("DROP RULE audit ON public.{name}"))
-        .await
-        .expect("drop the rule");
-    assert_eq!(
-        table.wait_converged(Duration::from_secs(60)).await,
-        25,
-        "every row arrives once the rule is gone"
-    );
-    assert_eq!(dead_lettered(), dead_before, "still nothing dead-lettered");
     worker.stop().await;
 }
 
@@ -1409,32 +1450,191 @@ async fn a_statement_stuck_on_a_lock_is_cancelled_and_retried_without_a_dead_let
     insert_users(&table, 1, 5).await;
     assert_eq!(table.wait_converged(Duration::from_secs(60)).await, 5);
     let b = app_db(&region_b()).await;
-    let name = &table.name;
     b.batch_execute(&format!(
-        "BEGIN; LOCK TABLE public.{name} IN ACCESS EXCLUSIVE MODE"
+        "BEGIN; LOCK TABLE public.{} IN EXCLUSIVE MODE",
+        table.name
     ))
     .await
-    .expect("hold the table's lock");
-    let (dead_before, retried_before) = (dead_lettered(), retries("postgres_unavailable"));
-    insert_users(&table, 6, 20).await;
-    wait_for(
-        "retries of the statements cancelled on the lock",
-        Duration::from_secs(90),
-        || retries("postgres_unavailable") >= retried_before + 2,
+    .expect("hold the table's lock (writes wait; the test's reads do not)");
+    let held = held_until_released(
+        &table,
+        (6, 20),
+        ("postgres_unavailable", 2),
+        true,
+        || async move {
+            b.batch_execute("ROLLBACK").await.expect("release the lock");
+        },
     )
     .await;
-    assert_eq!(dead_lettered(), dead_before, "nothing dead-lettered");
-    b.batch_execute("ROLLBACK").await.expect("release the lock");
+    eprintln!(
+        "table locked: 20 written, 0 dead-lettered, {} retries, 20 arrived {:?} after the release",
+        held.retries, held.recovered_in
+    );
+    worker.stop().await;
+}
+
+/// No pooled connection is free: the pool has one, and a batch holds it
+/// with a statement waiting on a lock the test holds (its
+/// `statement_timeout`, 60 s, is not reached). The other partitions'
+/// batches wait `pool_wait_timeout` (1 s) for it and are retried
+/// (`postgres_unavailable`), nothing is dead-lettered, and every row
+/// arrives once the lock is released.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_pool_without_a_free_connection_is_waited_out_without_a_dead_letter() {
+    let table = TestTable::create("poolwait").await;
+    let topic = format!("cdc.public.{}", table.name);
+    let mut config = worker_config(&table, &topic);
+    config.postgres.pool_size = 1;
+    config.postgres.pool_wait_timeout = Duration::from_secs(1);
+    config.postgres.statement_timeout = Duration::from_secs(60);
+    let worker = Worker::start(config);
+    insert_users(&table, 1, 8).await;
+    assert_eq!(table.wait_converged(Duration::from_secs(60)).await, 8);
+    let b = app_db(&region_b()).await;
+    b.batch_execute(&format!(
+        "BEGIN; LOCK TABLE public.{} IN EXCLUSIVE MODE",
+        table.name
+    ))
+    .await
+    .expect("hold the table's lock (writes wait; the test's reads do not)");
+    let held = held_until_released(
+        &table,
+        (9, 20),
+        ("postgres_unavailable", 2),
+        true,
+        || async move {
+            b.batch_execute("ROLLBACK").await.expect("release the lock");
+        },
+    )
+    .await;
+    // Well before the held statement's own timeout: these are pool waits.
+    assert!(
+        held.held_for < Duration::from_secs(50),
+        "retried before any statement_timeout: {:?}",
+        held.held_for
+    );
+    eprintln!(
+        "pool wait: 20 written, 0 dead-lettered, {} retries in {:?}, all arrived {:?} after the release",
+        held.retries, held.held_for, held.recovered_in
+    );
+    worker.stop().await;
+}
+
+/// Drops every packet to and from a TCP port (the connection neither
+/// answers nor is reset: half-open) for as long as it lives; the rules go
+/// when it is dropped, on a panic too.
+struct Blackhole(String);
+
+impl Blackhole {
+    fn port(port: u16) -> Blackhole {
+        let hole = Blackhole(port.to_string());
+        for rule in hole.rules() {
+            let status = Command::new("iptables")
+                .arg("-I")
+                .args(&rule)
+                .status()
+                .expect("iptables (the test needs it, as root)");
+            assert!(status.success(), "iptables -I {rule:?}: {status}");
+        }
+        hole
+    }
+
+    fn rules(&self) -> Vec<Vec<String>> {
+        ["--dport", "--sport"]
+            .iter()
+            .map(|dir| {
+                ["INPUT", "-p", "tcp", dir, &self.0, "-j", "DROP"]
+                    .iter()
+                    .map(|s| s.to_string())
+                    .collect()
+            })
+            .collect()
+    }
+}
+
+impl Drop for Blackhole {
+    fn drop(&mut self) {
+        for rule in self.rules() {
+            let _ = Command::new("iptables").arg("-D").args(&rule).status();
+        }
+    }
+}
+
+/// B's PostgreSQL stops answering without closing anything (every packet
+/// of its port dropped): the batch sent into the dead connection fails
+/// within `tcp_user_timeout` (2 s here) instead of stalling, new
+/// connections within `connect_timeout`, and is retried
+/// (`postgres_unavailable`); nothing is dead-lettered, every row arrives
+/// once packets pass again.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_half_open_postgres_connection_fails_the_batch_and_is_retried() {
+    let table = TestTable::create("halfopen").await;
+    let topic = format!("cdc.public.{}", table.name);
+    let mut config = worker_config(&table, &topic);
+    config.postgres.tcp_user_timeout = Duration::from_secs(2);
+    config.postgres.keepalives_idle = Duration::from_secs(2);
+    config.postgres.connect_timeout = Duration::from_secs(2);
+    let worker = Worker::start(config);
+    insert_users(&table, 1, 8).await;
+    assert_eq!(table.wait_converged(Duration::from_secs(60)).await, 8);
+    let hole = Blackhole::port(region_b().pg_port);
+    // B cannot be read while its packets are dropped.
+    let held = held_until_released(
+        &table,
+        (9, 20),
+        ("postgres_unavailable", 2),
+        false,
+        || async move {
+            drop(hole);
+        },
+    )
+    .await;
+    eprintln!(
+        "half-open PostgreSQL: 20 written, 0 dead-lettered, 2 retries {:?} after the cut ({} in all), all arrived {:?} after packets passed again",
+        held.held_for, held.retries, held.recovered_in
+    );
+    worker.stop().await;
+}
+
+/// A message that arrives outside its partition's own queue (a test hook
+/// starts one partition without its queue, so its messages reach the
+/// consumer's main queue) stops the worker, naming the partition, before
+/// anything of it is applied; a worker started again resumes from the
+/// stored offsets: every row arrives, nothing dead-lettered.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_message_outside_its_partition_queue_stops_the_worker_and_a_restart_resumes() {
+    let table = TestTable::create("mainq").await;
+    let topic = format!("cdc.public.{}", table.name);
+    let mirrored_topic = mirrored(&region_a(), &topic);
+    let dead_before = dead_lettered();
+    *regionsync::worker::NO_OWN_QUEUE_FOR.lock().unwrap() = Some((mirrored_topic.clone(), 0));
+    let worker = Worker::start(worker_config(&table, &topic));
+    insert_users(&table, 1, 40).await;
+    let err = worker
+        .ended(Duration::from_secs(60))
+        .await
+        .expect_err("the worker stops");
+    let text = format!("{err:#}");
+    assert!(
+        text.contains(&format!(
+            "a message of {mirrored_topic}/0 arrived outside its partition queue"
+        )),
+        "{text}"
+    );
+    assert!(
+        regionsync::worker::NO_OWN_QUEUE_FOR
+            .lock()
+            .unwrap()
+            .is_none(),
+        "the hook fired"
+    );
+    let worker = Worker::start(worker_config(&table, &topic));
     assert_eq!(
         table.wait_converged(Duration::from_secs(60)).await,
-        25,
-        "every row arrives once the lock is released"
+        40,
+        "every row after the restart"
     );
-    assert_eq!(dead_lettered(), dead_before, "still nothing dead-lettered");
-    eprintln!(
-        "table locked: 20 written, 0 dead-lettered, {} retries, 20 arrived after the release",
-        retries("postgres_unavailable") - retried_before
-    );
+    assert_eq!(dead_lettered(), dead_before, "nothing dead-lettered");
     worker.stop().await;
 }
 
@@ -1593,6 +1793,399 @@ async fn retention_between_the_check_and_the_seek_stops_the_partition() {
         "retention between check and seek on partition {gapped}: {} of its changes deleted unapplied, partition stopped, 0 applied past the gap, {} later changes on the other partitions arrived, 0 dead-lettered",
         highs[gapped as usize],
         elsewhere.len()
+    );
+    worker.stop().await;
+}
+
+/// Where each id's change is on B's mirrored topic: (partition, offset).
+async fn placed(table: &TestTable, ids: &[i64]) -> std::collections::HashMap<i64, (i32, i64)> {
+    let topic = mirrored(&region_a(), &format!("cdc.public.{}", table.name));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let wanted: std::collections::HashSet<i64> = ids.iter().copied().collect();
+    let found = tokio::task::block_in_place(|| {
+        TopicReader::open(&region_b(), &topic, deadline).collect(
+            deadline,
+            |m| {
+                json_payload(m.key())
+                    .is_some_and(|k| k["id"].as_i64().is_some_and(|id| wanted.contains(&id)))
+            },
+            |found| found.len() >= wanted.len(),
+        )
+    });
+    let map: std::collections::HashMap<i64, (i32, i64)> = found
+        .iter()
+        .filter_map(|m| {
+            Some((
+                json_payload(m.key())?["id"].as_i64()?,
+                (m.partition(), m.offset()),
+            ))
+        })
+        .collect();
+    assert_eq!(
+        map.len(),
+        wanted.len(),
+        "every id's change is on the mirrored topic"
+    );
+    map
+}
+
+/// The ids of the test's table in B.
+async fn ids_in_b(table: &TestTable) -> std::collections::HashSet<i64> {
+    app_db(&region_b())
+        .await
+        .query(&format!("SELECT id FROM public.{}", table.name), &[])
+        .await
+        .expect("ids in B")
+        .iter()
+        .map(|r| r.get::<_, i64>(0))
+        .collect()
+}
+
+/// Retention deletes changes a running worker has not fetched yet (it is
+/// behind: its batches wait on a lock in B, and its consumer fetches at
+/// most one record batch ahead). librdkafka finds the fetch position
+/// outside the partition; with `auto.offset.reset = error` that reaches
+/// the partition's task, which stops the partition as the check at
+/// assignment would (`retention_gap`, naming topic, partition, the stored
+/// offset and the first offset), instead of jumping to the first offset
+/// left (the gap skipped silently). The changes after the gap are not
+/// applied, nothing is dead-lettered, the other partitions apply all.
+#[tokio::test(flavor = "multi_thread")]
+async fn retention_past_a_running_workers_position_stops_the_partition() {
+    let table = TestTable::create("behind").await;
+    let name = &table.name;
+    let topic = format!("cdc.public.{name}");
+    let mirrored_topic = mirrored(&region_a(), &topic);
+    let group = format!("test-{name}");
+    let mut config = worker_config_with(&table, &topic, "batch_max_rows = 1");
+    config.postgres.statement_timeout = Duration::from_secs(1);
+    // One record batch in a partition's queue at most: the consumer does
+    // not prefetch past what the held batch is waiting to apply.
+    for (k, v) in [
+        ("queued.min.messages", "1"),
+        ("queued.max.messages.kbytes", "1"),
+        ("fetch.message.max.bytes", "1024"),
+    ] {
+        config.kafka.properties.insert(k.into(), v.into());
+    }
+    let dead_before = dead_lettered();
+    let worker = Worker::start(config);
+    insert_users(&table, 1, 8).await;
+    assert_eq!(table.wait_converged(Duration::from_secs(60)).await, 8);
+
+    let b = app_db(&region_b()).await;
+    b.batch_execute(&format!(
+        "BEGIN; LOCK TABLE public.{name} IN ACCESS EXCLUSIVE MODE"
+    ))
+    .await
+    .expect("hold the table's lock");
+    let retried_before = retries("postgres_unavailable");
+    insert_users(&table, 9, 40).await;
+    wait_for(
+        "the worker held at the lock",
+        Duration::from_secs(60),
+        || retries("postgres_unavailable") > retried_before,
+    )
+    .await;
+    // Every partition's queue holds what was fetched; these are not.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    insert_users(&table, 49, 40).await;
+    let before_gap: Vec<i64> = (1..=88).collect();
+    let place = placed(&table, &before_gap).await;
+    let highs = mirrored_ends(&mirrored_topic, 88).await;
+    // The partition with the most changes waiting loses them all.
+    let gapped = (0..4)
+        .max_by_key(|p| place.values().filter(|(q, _)| q == p).count())
+        .expect("a partition");
+    let upto: Vec<i64> = (0..4)
+        .map(|p| if p == gapped { highs[p as usize] } else { 0 })
+        .collect();
+    delete_records_below(&mirrored_topic, &upto).await;
+    // Changes after the gap: not one of the gapped partition's may apply.
+    insert_users(&table, 89, 20).await;
+    let after_gap: Vec<i64> = (89..=108).collect();
+    let place_after = placed(&table, &after_gap).await;
+    b.batch_execute("ROLLBACK").await.expect("release the lock");
+    let released = Instant::now();
+
+    let stopped = || {
+        counters().gauge(
+            "regionsync_partition_stopped",
+            &[
+                ("topic", mirrored_topic.as_str()),
+                ("partition", gapped.to_string().as_str()),
+                ("reason", "retention_gap"),
+            ],
+        )
+    };
+    wait_for(
+        "the partition stopped at the gap",
+        Duration::from_secs(60),
+        || stopped() == 1.0,
+    )
+    .await;
+    let stopped_after = released.elapsed();
+    let stored: i64 = admin_db(&region_b())
+        .await
+        .query_one(
+            "SELECT next_offset FROM regionsync.offsets
+              WHERE consumer_group = $1 AND topic = $2 AND partition = $3",
+            &[&group, &mirrored_topic, &gapped],
+        )
+        .await
+        .expect("the stopped partition's stored offset")
+        .get(0);
+    assert!(
+        stored < highs[gapped as usize],
+        "the worker was behind: stored {stored}, deleted below {}",
+        highs[gapped as usize]
+    );
+    // Every change of the other partitions, and the gapped partition's
+    // below its stored offset, and nothing else.
+    let expected: std::collections::HashSet<i64> = place
+        .iter()
+        .chain(place_after.iter())
+        .filter(|(_, (p, offset))| *p != gapped || *offset < stored)
+        .map(|(id, _)| *id)
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !expected.is_subset(&ids_in_b(&table).await) {
+        assert!(
+            Instant::now() < deadline,
+            "the other partitions' changes arrive"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        ids_in_b(&table).await,
+        expected,
+        "nothing of the gapped partition applied past its stored offset"
+    );
+    let stored_later: i64 = admin_db(&region_b())
+        .await
+        .query_one(
+            "SELECT next_offset FROM regionsync.offsets
+              WHERE consumer_group = $1 AND topic = $2 AND partition = $3",
+            &[&group, &mirrored_topic, &gapped],
+        )
+        .await
+        .expect("stored offset")
+        .get(0);
+    assert_eq!(
+        stored_later, stored,
+        "the stopped partition stays where it was"
+    );
+    assert_eq!(stopped(), 1.0, "still stopped");
+    assert_eq!(dead_lettered(), dead_before, "nothing dead-lettered");
+    let lost = highs[gapped as usize] - stored;
+    let later_there = place_after.values().filter(|(p, _)| *p == gapped).count();
+    eprintln!(
+        "retention behind a running worker: partition {gapped} stopped {stopped_after:?} after the release at stored offset {stored} (first offset now {}): {lost} changes deleted unfetched, 0 of its {later_there} later changes applied, {} changes arrived (all of the other partitions', the stopped one's below its offset), 0 dead-lettered",
+        highs[gapped as usize],
+        expected.len()
+    );
+    worker.stop().await;
+}
+
+/// An exclusion constraint (23P01) refuses a change even in source order:
+/// the value is still held by a row of another partition whose change has
+/// not landed (held here by a row lock in B). As a unique index: the
+/// partition waits at the change (`unique_wait`), nothing is
+/// dead-lettered, and it converges once the other partition applies.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_exclusion_constraint_the_source_satisfied_waits_and_costs_no_change() {
+    let table = TestTable::create("excl").await;
+    let name = &table.name;
+    for region in [region_a(), region_b()] {
+        app_db(&region)
+            .await
+            .batch_execute(&format!(
+                "ALTER TABLE public.{name} ADD CONSTRAINT {name}_email_excl
+                     EXCLUDE USING btree (email WITH =)"
+            ))
+            .await
+            .expect("exclusion constraint on email");
+    }
+    let topic = format!("cdc.public.{name}");
+    let mut config = worker_config(&table, &topic);
+    config.postgres.statement_timeout = Duration::from_secs(1);
+    let worker = Worker::start(config);
+    insert_users(&table, 1, 20).await;
+    let ids: Vec<i64> = (1..=20).collect();
+    let partition = partitions_of(&table, &ids).await;
+    assert_eq!(table.wait_converged(Duration::from_secs(60)).await, 20);
+    // x gives its email up to y, on another partition.
+    let (x, y) = ids
+        .iter()
+        .flat_map(|x| ids.iter().map(move |y| (*x, *y)))
+        .find(|(x, y)| partition[x] != partition[y])
+        .expect("two ids on two partitions");
+    // x's partition cannot apply in B until the lock is released.
+    let b = app_db(&region_b()).await;
+    b.batch_execute(&format!(
+        "BEGIN; SELECT 1 FROM public.{name} WHERE id = {x} FOR UPDATE"
+    ))
+    .await
+    .expect("lock x's row in B");
+    let (dead_before, waits_before) = (dead_lettered(), retries("unique_wait"));
+    app_db(&region_a())
+        .await
+        .batch_execute(&format!(
+            "BEGIN;
+             UPDATE {name} SET email = 'moved-{x}' WHERE id = {x};
+             UPDATE {name} SET email = 'g{x}@example.com' WHERE id = {y};
+             COMMIT;"
+        ))
+        .await
+        .expect("x's email to y in A");
+    wait_for(
+        "y's partition waits at the exclusion constraint",
+        Duration::from_secs(60),
+        || retries("unique_wait") > waits_before,
+    )
+    .await;
+    let y_email: String = app_db(&region_b())
+        .await
+        .query_one(
+            &format!("SELECT email FROM public.{name} WHERE id = {y}"),
+            &[],
+        )
+        .await
+        .expect("y in B")
+        .get(0);
+    assert_eq!(y_email, format!("g{y}@example.com"), "y not changed yet");
+    assert_eq!(dead_lettered(), dead_before, "nothing dead-lettered");
+    b.batch_execute("ROLLBACK").await.expect("release x's row");
+    let released = Instant::now();
+    assert_eq!(table.wait_converged(Duration::from_secs(60)).await, 20);
+    let converged = released.elapsed();
+    assert_eq!(dead_lettered(), dead_before, "still nothing dead-lettered");
+    eprintln!(
+        "exclusion constraint: 2 changes, {} waits (unique_wait), 0 dead-lettered, converged {converged:?} after the release",
+        retries("unique_wait") - waits_before
+    );
+    worker.stop().await;
+}
+
+/// Messages of a replicated table without its version columns, or
+/// without its key column, produced into the mirrored topic: each is
+/// dead-lettered `bad_shape`, the error naming the table and the column;
+/// the partition's stored offset moves past them and the next good
+/// change applies.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_row_without_its_version_columns_or_key_is_dead_lettered_bad_shape() {
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+    use serde_json::json;
+    let table = TestTable::create("shape").await;
+    let name = &table.name;
+    let topic = format!("cdc.public.{name}");
+    let mirrored_topic = mirrored(&region_a(), &topic);
+    let dead_before = dead_lettered();
+    let worker = Worker::start(worker_config(&table, &topic));
+    insert_users(&table, 1, 4).await;
+    assert_eq!(table.wait_converged(Duration::from_secs(60)).await, 4);
+
+    let event = |after: serde_json::Value| {
+        serde_json::to_vec(&json!({
+            "before": null,
+            "after": after,
+            "source": {"ts_ms": now_ms(), "schema": "public", "table": name, "lsn": 1, "snapshot": "false"},
+            "op": "c",
+            "ts_ms": now_ms()
+        }))
+        .expect("json")
+    };
+    let poison = [
+        (
+            900_001,
+            json!({"id": 900_001, "email": "s1@example.com", "status": "active",
+                   "created_at": "2024-01-01T00:00:00Z"}),
+            "the change has no version column hlc",
+        ),
+        (
+            900_002,
+            json!({"email": "s2@example.com", "status": "active",
+                   "created_at": "2024-01-01T00:00:00Z", "hlc": now_ms() << 16,
+                   "origin_region": "us-east-1"}),
+            "the change has no key column id",
+        ),
+    ];
+    let producer: FutureProducer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", &region_b().kafka)
+        .create()
+        .expect("producer");
+    let mut produced = Vec::new();
+    for (id, after, _) in &poison {
+        let key = serde_json::to_vec(&json!({ "id": id })).expect("key");
+        let value = event(after.clone());
+        let delivery = producer
+            .send(
+                FutureRecord::to(&mirrored_topic)
+                    .key(key.as_slice())
+                    .payload(value.as_slice())
+                    .partition(0),
+                Duration::from_secs(10),
+            )
+            .await
+            .unwrap_or_else(|(e, _)| panic!("produce {id}: {e}"));
+        produced.push(delivery.offset);
+    }
+    // The next good changes, after them.
+    insert_users(&table, 5, 8).await;
+    assert_eq!(table.wait_converged(Duration::from_secs(60)).await, 12);
+    let dlq = format!("regionsync.dlq.test-{name}");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let dead = tokio::task::block_in_place(|| {
+        TopicReader::open(&region_b(), &dlq, deadline).collect(
+            deadline,
+            |_| true,
+            |found| found.len() >= poison.len(),
+        )
+    });
+    assert_eq!(dead.len(), poison.len(), "one dead letter per message");
+    for ((_, _, problem), offset) in poison.iter().zip(&produced) {
+        let letter = dead
+            .iter()
+            .find(|m| headers(m).get("regionsync.offset") == Some(&offset.to_string()))
+            .unwrap_or_else(|| panic!("a dead letter of offset {offset}"));
+        let h = headers(letter);
+        assert_eq!(h["regionsync.reason"], "bad_shape");
+        assert_eq!(
+            h["regionsync.error"],
+            format!("public.{name}: {problem}"),
+            "the error names the table and the column"
+        );
+    }
+    let group = format!("test-{name}");
+    let last = *produced.iter().max().expect("offsets");
+    let stored = || async {
+        admin_db(&region_b())
+            .await
+            .query_one(
+                "SELECT next_offset FROM regionsync.offsets
+                  WHERE consumer_group = $1 AND topic = $2 AND partition = 0",
+                &[&group, &mirrored_topic],
+            )
+            .await
+            .map(|r| r.get::<_, i64>(0))
+            .unwrap_or(-1)
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while stored().await <= last {
+        assert!(
+            Instant::now() < deadline,
+            "the stored offset moves past the dead letters"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    wait_for("both dead letters counted", Duration::from_secs(30), || {
+        dead_lettered() == dead_before + 2
+    })
+    .await;
+    eprintln!(
+        "bad shape: 2 messages dead-lettered bad_shape (offsets {produced:?} of partition 0), stored offset now {}, 8 later changes arrived",
+        stored().await
     );
     worker.stop().await;
 }

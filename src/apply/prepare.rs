@@ -193,6 +193,15 @@ fn named_row_error(table: &TargetTable, column: &str, problem: impl ToString) ->
     }
 }
 
+/// A version or key column the change does not carry at all: the row is
+/// not of the table's shape, whatever its values (`bad_shape`).
+fn absent(table: &TargetTable, column: &str, what: &str) -> RowError {
+    RowError::Shape {
+        table: table.name.clone(),
+        problem: format!("the change has no {what} column {column}"),
+    }
+}
+
 /// What a source value is, for a message about a column: its Debezium
 /// semantic type, or its kind.
 fn describe(typed: &Typed) -> String {
@@ -359,10 +368,15 @@ fn render(
     before: Option<&Row>,
     typed_by_schema: bool,
 ) -> Result<PreparedRow, RowError> {
-    let hlc = int_of(&row, "hlc")
-        .ok_or_else(|| named_row_error(table, "hlc", "missing or not an integer"))?;
+    let hlc = int_of(&row, "hlc").ok_or_else(|| match row.contains_key("hlc") {
+        true => named_row_error(table, "hlc", "not an integer"),
+        false => absent(table, "hlc", "version"),
+    })?;
     let origin = str_of(&row, "origin_region")
-        .ok_or_else(|| named_row_error(table, "origin_region", "missing or not text"))?
+        .ok_or_else(|| match row.contains_key("origin_region") {
+            true => named_row_error(table, "origin_region", "not text"),
+            false => absent(table, "origin_region", "version"),
+        })?
         .to_string();
     let mut values = Vec::with_capacity(row.len());
     let mut unavailable = Vec::new();
@@ -447,7 +461,10 @@ fn key_values(
                 .and_then(|(_, v)| v.clone());
             match v {
                 Some(v) => Ok(Some(v)),
-                None => Err(row_error(table, *k, "key column is missing or null")),
+                None if values.iter().any(|(i, _)| i == k) => {
+                    Err(row_error(table, *k, "key column is null"))
+                }
+                None => Err(absent(table, &table.columns[*k].0, "key")),
             }
         })
         .collect()
@@ -790,6 +807,35 @@ mod tests {
         }
         assert!(!text.contains("column :"), "{text}");
         assert_eq!(err.reason(), "bad_value");
+    }
+
+    #[test]
+    fn a_row_without_its_version_columns_or_key_is_bad_shape_naming_the_table() {
+        for (column, what) in [
+            ("hlc", "version"),
+            ("origin_region", "version"),
+            ("id", "key"),
+        ] {
+            let mut r = row(7, "a@x", Field::Null, 1);
+            r.remove(column);
+            let err =
+                prepare(&table(), change(Op::Create, 7, None, Some(r)), "us-east-1").unwrap_err();
+            assert_eq!(err.reason(), "bad_shape", "{err}");
+            assert_eq!(
+                err.to_string(),
+                format!("public.users: the change has no {what} column {column}")
+            );
+        }
+        // Present but not of its kind: a value its column cannot hold.
+        let mut r = row(7, "a@x", Field::Null, 1);
+        r.insert("hlc".into(), t(Field::String("forty".into())));
+        let err = prepare(&table(), change(Op::Create, 7, None, Some(r)), "us-east-1").unwrap_err();
+        assert_eq!(err.reason(), "bad_value", "{err}");
+        let mut r = row(7, "a@x", Field::Null, 1);
+        r.insert("id".into(), t(Field::Null));
+        let err = prepare(&table(), change(Op::Create, 7, None, Some(r)), "us-east-1").unwrap_err();
+        assert_eq!(err.reason(), "bad_value", "{err}");
+        assert!(err.to_string().contains("key column is null"), "{err}");
     }
 
     #[test]

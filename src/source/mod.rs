@@ -23,10 +23,13 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
 use rdkafka::consumer::stream_consumer::StreamPartitionQueue;
-use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance, StreamConsumer};
-use rdkafka::error::KafkaError;
+use rdkafka::consumer::{
+    BaseConsumer, Consumer, ConsumerContext, Rebalance, RebalanceProtocol, StreamConsumer,
+};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::BorrowedMessage;
 use rdkafka::producer::{BaseProducer, Producer};
+use rdkafka::types::RDKafkaRespErr;
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use tokio::sync::{mpsc, watch};
 use tracing::{debug, error, info, warn};
@@ -153,6 +156,58 @@ impl ClientContext for RebalanceForwarder {
 }
 
 impl ConsumerContext for RebalanceForwarder {
+    /// rdkafka's default rebalance, but a newly assigned partition starts
+    /// at "the beginning" rather than at the group's committed offset (a
+    /// copy, never the position) or `auto.offset.reset`: under "error",
+    /// a partition the group never committed would raise AUTO_OFFSET_RESET
+    /// at once and stop fetching, and then refuse the worker's seek. It is
+    /// paused before anything is fetched ([`Self::post_rebalance`]) and
+    /// sought to its checked offset by the worker.
+    fn rebalance(
+        &self,
+        consumer: &BaseConsumer<Self>,
+        err: RDKafkaRespErr,
+        tpl: &mut TopicPartitionList,
+    ) {
+        let cooperative = matches!(
+            consumer.rebalance_protocol(),
+            RebalanceProtocol::Cooperative
+        );
+        match err {
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
+                if let Err(e) = tpl.set_all_offsets(Offset::Beginning) {
+                    warn!(error = %e, "could not set the start of newly assigned partitions");
+                }
+                let assigned = if cooperative {
+                    consumer.incremental_assign(tpl)
+                } else {
+                    consumer.assign(tpl)
+                };
+                if let Err(e) = assigned {
+                    error!(error = %e, "assigning partitions failed");
+                }
+                self.post_rebalance(consumer, &Rebalance::Assign(tpl));
+            }
+            _ => {
+                if err == RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS {
+                    self.pre_rebalance(consumer, &Rebalance::Revoke(tpl));
+                } else {
+                    let code: RDKafkaErrorCode = err.into();
+                    error!(error = %code, "rebalancing");
+                    self.pre_rebalance(consumer, &Rebalance::Error(KafkaError::Rebalance(code)));
+                }
+                let unassigned = if cooperative {
+                    consumer.incremental_unassign(tpl)
+                } else {
+                    consumer.unassign()
+                };
+                if let Err(e) = unassigned {
+                    error!(error = %e, "unassigning partitions failed");
+                }
+            }
+        }
+    }
+
     fn pre_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let Rebalance::Revoke(tpl) = rebalance {
             let _ = self.events.send(RebalanceEvent::Revoked(partitions(tpl)));
@@ -277,7 +332,14 @@ pub fn consumer(
         .set("group.id", group)
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")
-        .set("auto.offset.reset", "earliest")
+        // Never a silent jump: every position is sought explicitly (the
+        // stored offset, or the first offset the check accepted), so the
+        // only resets are a position outside the partition (retention
+        // deleted changes not fetched yet, the topic re-created) and the
+        // group's missing committed offset at assignment. librdkafka then
+        // stops fetching the partition and puts AUTO_OFFSET_RESET on its
+        // queue ([`Next::OutOfRange`]); "earliest" would skip the gap.
+        .set("auto.offset.reset", "error")
         .set("partition.assignment.strategy", "cooperative-sticky")
         .set("topic.metadata.refresh.interval.ms", "5000")
         .set_if_absent("session.timeout.ms", "10000")
@@ -327,20 +389,44 @@ impl SetIfAbsent for ClientConfig {
     }
 }
 
-/// The partition's next message, or `None` once told to stop. Borrowed from
-/// librdkafka's fetch buffer, not copied: a batch holds its messages until
-/// it is applied.
+/// What a partition's queue gave.
+pub enum Next<'q> {
+    Message(BorrowedMessage<'q>),
+    /// librdkafka found the partition's fetch position outside the
+    /// partition (`auto.offset.reset = error`: it stopped fetching it).
+    /// Also raised for the group's missing committed offset at assignment,
+    /// before the worker's own seek: the task checks its position against
+    /// the topic to tell the two apart.
+    OutOfRange(String),
+}
+
+/// Whether an error from a partition's queue says its fetch position was
+/// outside the partition (librdkafka's AUTO_OFFSET_RESET under
+/// `auto.offset.reset = error`).
+pub fn is_out_of_range(error: &KafkaError) -> bool {
+    matches!(
+        error,
+        KafkaError::MessageConsumption(RDKafkaErrorCode::AutoOffsetReset)
+            | KafkaError::MessageConsumptionFatal(RDKafkaErrorCode::AutoOffsetReset)
+    )
+}
+
+/// The partition's next message (or the news that its fetch position is
+/// outside it), or `None` once told to stop. Borrowed from librdkafka's
+/// fetch buffer, not copied: a batch holds its messages until it is
+/// applied.
 pub async fn next_message<'q>(
     queue: &'q Queue,
     stop: &mut watch::Receiver<()>,
-) -> Option<BorrowedMessage<'q>> {
+) -> Option<Next<'q>> {
     loop {
         tokio::select! {
             biased;
             // Err: the sender is gone, i.e. the partition was revoked.
             _ = stop.changed() => return None,
             m = queue.recv() => match m {
-                Ok(m) => return Some(m),
+                Ok(m) => return Some(Next::Message(m)),
+                Err(e) if is_out_of_range(&e) => return Some(Next::OutOfRange(e.to_string())),
                 Err(e) => warn!(error = %e, "kafka"),
             },
         }
@@ -373,4 +459,27 @@ pub fn seek_and_resume(
         consumer.resume(&tpl).context("resuming the partition")?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_auto_offset_reset_says_the_position_is_outside_the_partition() {
+        for e in [
+            KafkaError::MessageConsumption(RDKafkaErrorCode::AutoOffsetReset),
+            KafkaError::MessageConsumptionFatal(RDKafkaErrorCode::AutoOffsetReset),
+        ] {
+            assert!(is_out_of_range(&e), "{e}");
+        }
+        for e in [
+            KafkaError::MessageConsumption(RDKafkaErrorCode::OffsetOutOfRange),
+            KafkaError::MessageConsumption(RDKafkaErrorCode::BrokerTransportFailure),
+            KafkaError::PartitionEOF(3),
+            KafkaError::Rebalance(RDKafkaErrorCode::AutoOffsetReset),
+        ] {
+            assert!(!is_out_of_range(&e), "{e}");
+        }
+    }
 }

@@ -70,6 +70,11 @@ fn heartbeat_consumer(worker: &Worker) -> anyhow::Result<StreamConsumer> {
         .set("group.id", format!("{}-homing-fence", worker.group))
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")
+        // It wants the newest heartbeat only (assigned at the last one):
+        // a position retention deleted while it lagged goes to the end.
+        // Not the worker consumer's "error", which `kafka.properties`
+        // might otherwise set here too.
+        .set("auto.offset.reset", "latest")
         .create()
         .context("creating the homing fence's heartbeat consumer")
 }

@@ -403,6 +403,9 @@ pub async fn run(
                     // a revocation or this loop.
                     for (topic, partition) in &parts {
                         let key = (topic.clone(), *partition);
+                        if started_without_its_queue(&worker, &key, &mut tasks) {
+                            continue;
+                        }
                         // Split each (still paused) partition off the main
                         // queue before it is resumed, so no message lands
                         // there.
@@ -584,27 +587,13 @@ async fn start_partition(
     }
     // To the offset the check accepted, never "the beginning": retention
     // run since the check would move that, and skip changes silently. If
-    // that offset is gone by now, librdkafka starts from the first one
-    // left, and the partition's task finds the gap (`partition::run`).
+    // that offset is gone by now, librdkafka says so on the partition's
+    // queue (`auto.offset.reset = error`) and the partition's task stops
+    // it (`partition::run`).
     // Asked again until librdkafka takes it (a partition whose fetcher
     // is still starting refuses a seek with "Local: Erroneous state"):
     // never resumed anywhere else.
-    let mut backoff = failure::Backoff::default();
-    loop {
-        match seek(worker, topic, partition, start, stop, true).await? {
-            Ok(()) => break,
-            Err(e) => {
-                warn!(topic, partition, offset = start, error = %format!("{e:#}"), "could not seek the partition; it stays paused");
-                worker.hold(
-                    topic,
-                    partition,
-                    format!("seeking to offset {start}: {e:#}"),
-                );
-                unless_stopped(stop, backoff.wait(crate::metrics::retry::KAFKA_UNAVAILABLE))
-                    .await?;
-            }
-        }
-    }
+    seek_until_taken(worker, topic, partition, start, stop, true).await?;
     // The crash test reads where each partition resumed from this line.
     if stored == Some(start) {
         info!(topic = %topic, partition, offset = start, "resuming at stored offset");
@@ -613,6 +602,38 @@ async fn start_partition(
     }
     worker.release(topic, partition);
     Some(start)
+}
+
+/// Seeks a partition to `offset` (and resumes it if `resume`), asked
+/// again with the backoff (`kafka_unavailable`, the partition held) until
+/// librdkafka takes it; `None` if told to stop meanwhile.
+async fn seek_until_taken(
+    worker: &Worker,
+    topic: &str,
+    partition: i32,
+    offset: i64,
+    stop: &watch::Receiver<()>,
+    resume: bool,
+) -> Option<()> {
+    let mut backoff = failure::Backoff::default();
+    loop {
+        match seek(worker, topic, partition, offset, stop, resume).await? {
+            Ok(()) => {
+                worker.release(topic, partition);
+                return Some(());
+            }
+            Err(e) => {
+                warn!(topic, partition, offset, error = %format!("{e:#}"), "could not seek the partition; it stays where it is");
+                worker.hold(
+                    topic,
+                    partition,
+                    format!("seeking to offset {offset}: {e:#}"),
+                );
+                unless_stopped(stop, backoff.wait(crate::metrics::retry::KAFKA_UNAVAILABLE))
+                    .await?;
+            }
+        }
+    }
 }
 
 /// Seeks a partition to `offset` (and resumes it if `resume`), off the
@@ -813,6 +834,35 @@ pub static BEFORE_WATERMARKS: Mutex<Option<Box<dyn FnOnce() + Send>>> = Mutex::n
 #[doc(hidden)]
 #[allow(clippy::type_complexity)]
 pub static BEFORE_SEEK: Mutex<Option<(String, Box<dyn FnOnce(i32) + Send>)>> = Mutex::new(None);
+
+/// A test hook: this (topic, partition) is started (checked, sought and
+/// resumed) without a queue of its own, so that its messages reach the
+/// consumer's main queue, which must stop the worker. Never set outside
+/// tests.
+#[doc(hidden)]
+pub static NO_OWN_QUEUE_FOR: Mutex<Option<(String, i32)>> = Mutex::new(None);
+
+/// [`NO_OWN_QUEUE_FOR`]: starts `key` without its own queue (and no task)
+/// if the hook names it; true then.
+fn started_without_its_queue(
+    worker: &Arc<Worker>,
+    key: &(String, i32),
+    tasks: &mut HashMap<(String, i32), PartitionTask>,
+) -> bool {
+    let mut hook = NO_OWN_QUEUE_FOR.lock().expect("hook lock");
+    if hook.as_ref() != Some(key) {
+        return false;
+    }
+    *hook = None;
+    let (stop, stopped) = watch::channel(());
+    let (worker, k) = (worker.clone(), key.clone());
+    let task = tokio::spawn(async move {
+        start_partition(&worker, (&k.0, k.1), &stopped).await;
+        Ok(())
+    });
+    tasks.insert(key.clone(), (stop, task));
+    true
+}
 
 /// A test hook: Kafka "refuses" the watermarks of this (topic, partition)
 /// for as long as it is set, as a missing ACL would. Never set outside

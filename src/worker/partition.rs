@@ -11,7 +11,7 @@ use tracing::{error, info, warn};
 
 use super::{batch, Worker};
 use crate::metrics::{self as m, outcome};
-use crate::source::{next_message, Queue};
+use crate::source::{next_message, Next, Queue};
 
 /// Removes a partition's position when its task ends.
 struct Forget<'a>(&'a Worker, (String, i32));
@@ -101,9 +101,23 @@ pub(super) async fn run(
     let linger = worker.config.apply.linger();
     // The offset the partition was sought to, until its first message.
     let mut sought = Some(next);
+    // librdkafka's word that the fetch position is outside the partition,
+    // seen after the messages fetched before it (which are applied first).
+    let mut out_of_range: Option<String> = None;
     loop {
-        let Some(first) = next_message(&queue, &mut stop).await else {
-            return Ok(());
+        if let Some(why) = out_of_range.take() {
+            if !position_still_inside(&worker, (&topic, partition), next, &why, &stop).await {
+                return Ok(());
+            }
+            sought = Some(next);
+        }
+        let first = match next_message(&queue, &mut stop).await {
+            None => return Ok(()),
+            Some(Next::Message(m)) => m,
+            Some(Next::OutOfRange(why)) => {
+                out_of_range = Some(why);
+                continue;
+            }
         };
         let deadline = tokio::time::Instant::now() + linger;
         let mut bytes = first.payload().map_or(0, |p| p.len());
@@ -113,7 +127,8 @@ pub(super) async fn run(
         {
             tokio::select! {
                 m = next_message(&queue, &mut stop) => match m {
-                    Some(m) => { bytes += m.payload().map_or(0, |p| p.len()); messages.push(m); }
+                    Some(Next::Message(m)) => { bytes += m.payload().map_or(0, |p| p.len()); messages.push(m); }
+                    Some(Next::OutOfRange(why)) => { out_of_range = Some(why); break; }
                     None => break,
                 },
                 _ = tokio::time::sleep_until(deadline) => break,
@@ -121,8 +136,9 @@ pub(super) async fn run(
         }
         // The first message after the seek is past the offset sought: the
         // offset may be a gap of compaction, or retention deleted it since
-        // the check (librdkafka then starts at the first offset left). The
-        // latter stops the partition as the check would have.
+        // the check (which librdkafka reports as out of range, above; this
+        // is a second guard, should a broker answer with a later offset).
+        // The latter stops the partition as the check would have.
         if let Some(sought) = sought.take() {
             if messages[0].offset() > sought {
                 let Some(gap) = gap_since_check(&worker, &topic, partition, sought, &stop).await
@@ -180,6 +196,41 @@ pub(super) async fn run(
             }
         }
     }
+}
+
+/// librdkafka said the partition's fetch position is outside it (and
+/// stopped fetching it): `next`, the offset to apply next (every message
+/// before the news was taken), is checked against the topic as at
+/// assignment. Below the first offset (retention deleted changes this
+/// worker had not fetched yet, while it was running behind) or above the
+/// end (the topic re-created), the partition is stopped as the check at
+/// assignment would have stopped it: same message, metric and alert, and
+/// nothing past the gap applied. Inside (the group's missing committed
+/// offset at assignment, reported after the worker's own seek), the
+/// partition is sought to `next` again and goes on. False when the task
+/// must end (stopped, or told to stop meanwhile).
+async fn position_still_inside(
+    worker: &Worker,
+    (topic, partition): (&str, i32),
+    next: i64,
+    why: &str,
+    stop: &watch::Receiver<()>,
+) -> bool {
+    let Some(gap) = gap_since_check(worker, topic, partition, next, stop).await else {
+        return false;
+    };
+    if let Some(problem) = gap {
+        error!(topic = %topic, partition, stored = next, librdkafka = %why, "{}", problem.1);
+        worker.set_stopped(topic, partition, Some(problem));
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition(topic, partition);
+        let _ = worker.consumer.pause(&tpl);
+        return false;
+    }
+    info!(topic = %topic, partition, offset = next, librdkafka = %why, "the partition's position is inside it: seeking it again");
+    super::seek_until_taken(worker, topic, partition, next, stop, false)
+        .await
+        .is_some()
 }
 
 /// Whether the partition's first offset is above `sought` now (retention

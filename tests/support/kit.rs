@@ -179,6 +179,15 @@ impl Worker {
         }
     }
 
+    /// Waits (up to `within`) for the worker to end by itself, and gives
+    /// its result (it is not told to stop).
+    pub async fn ended(mut self, within: Duration) -> anyhow::Result<()> {
+        tokio::time::timeout(within, &mut self.task)
+            .await
+            .expect("the worker ended by itself in time")
+            .expect("the worker task did not panic")
+    }
+
     pub async fn stop(mut self) {
         if let Some(s) = self.stop.take() {
             let _ = s.send(());
