@@ -149,6 +149,8 @@ install_debian() {
   command -v kcat >/dev/null || missing+=(kcat)
   command -v curl >/dev/null || missing+=(curl)
   command -v openssl >/dev/null || missing+=(openssl)
+  # tests/faults.rs cuts a PostgreSQL connection half-open with a DROP rule.
+  command -v iptables >/dev/null || missing+=(iptables)
   if [ ${#missing[@]} -gt 0 ]; then
     log "installing Debian packages: ${missing[*]}"
     # The packages' own services must not start: this script runs its own.
