@@ -484,10 +484,12 @@ async fn catch_up_spans(
     let worker = config.consumer_group();
     let mut spans = Vec::new();
     for f in feeds {
-        for (partition, high) in rebuild::partition_ends(consumer, &f.topic)? {
+        for (partition, low, high) in rebuild::partition_ends(consumer, &f.topic)? {
+            // Nothing stored: from the first offset, as the build started.
+            // A stored offset below it is a gap the reader stops at.
             let next = offsets::load(client, &group, &f.topic, partition)
                 .await?
-                .unwrap_or(0);
+                .unwrap_or(low);
             let end = if f.own {
                 high
             } else {

@@ -211,9 +211,13 @@ pub async fn inspect(
     Ok(Some((retention, spans)))
 }
 
-/// A topic's partitions and their ends (next offsets), quickly (no
-/// retention read): for a shadow rebuild's catch-up. Empty: no topic.
-pub fn partition_ends(consumer: &StreamConsumer, topic: &str) -> anyhow::Result<Vec<(i32, i64)>> {
+/// A topic's partitions with their first offsets and ends (next offsets),
+/// quickly (no retention read): for a shadow rebuild's catch-up. Empty: no
+/// topic.
+pub fn partition_ends(
+    consumer: &StreamConsumer,
+    topic: &str,
+) -> anyhow::Result<Vec<(i32, i64, i64)>> {
     tokio::task::block_in_place(|| {
         let metadata = consumer
             .fetch_metadata(Some(topic), Duration::from_secs(10))
@@ -232,10 +236,10 @@ pub fn partition_ends(consumer: &StreamConsumer, topic: &str) -> anyhow::Result<
         }
         let mut out = Vec::new();
         for p in t.partitions() {
-            let (_, high) = consumer
+            let (low, high) = consumer
                 .fetch_watermarks(topic, p.id(), Duration::from_secs(10))
                 .with_context(|| format!("reading the offsets of {topic}/{}", p.id()))?;
-            out.push((p.id(), high));
+            out.push((p.id(), low, high));
         }
         Ok(out)
     })
@@ -268,7 +272,11 @@ pub fn consumer(config: &Config) -> anyhow::Result<StreamConsumer> {
         .set("group.id", group(config))
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")
-        .set("auto.offset.reset", "earliest")
+        // Every partition is assigned at an explicit offset (0, or the
+        // stored one, checked against the topic's history at start). A
+        // position retention deletes while the rebuild reads behind it is
+        // an error ([`received`]), never a silent jump past the gap.
+        .set("auto.offset.reset", "error")
         // As the worker's (source::consumer): 2 MiB per partition queue;
         // 16 MiB took a debug rebuild of 8 partitions to 350 MB RSS.
         .set("queued.max.messages.kbytes", "2048")
@@ -281,6 +289,25 @@ pub fn consumer(config: &Config) -> anyhow::Result<StreamConsumer> {
         .set("fetch.queue.backoff.ms", "10")
         .create()
         .context("creating the rebuild's Kafka consumer")
+}
+
+/// A message from the rebuild's consumer, or why the rebuild cannot go
+/// on: a fetch position outside its partition means retention deleted
+/// changes the rebuild had not read yet (librdkafka stops fetching the
+/// partition under `auto.offset.reset = error`), so the topics no longer
+/// hold the history this rebuild needs.
+fn received<M>(m: rdkafka::error::KafkaResult<M>) -> anyhow::Result<M> {
+    m.map_err(|e| {
+        if crate::source::is_out_of_range(&e) {
+            anyhow::anyhow!(
+                "retention deleted changes of a replayed topic before this rebuild read them ({e}): \
+                 the topics no longer hold the whole history; rebuild from a re-snapshot instead \
+                 (docs/RUNBOOK.md, \"When the topics cannot rebuild the table\")"
+            )
+        } else {
+            anyhow::Error::from(e).context("reading the replayed topics")
+        }
+    })
 }
 
 /// What a replay did.
@@ -391,7 +418,7 @@ impl<'a> Reader<'a> {
         let mut idle = Duration::ZERO;
         let first = loop {
             match tokio::time::timeout(Duration::from_secs(1), self.consumer.recv()).await {
-                Ok(m) => break Some(m?),
+                Ok(m) => break Some(received(m)?),
                 Err(_) => {
                     // Nothing came: a partition may end in offsets that are
                     // no messages (transaction markers, compacted away).
@@ -414,7 +441,7 @@ impl<'a> Reader<'a> {
         let linger = tokio::time::Instant::now() + Duration::from_millis(50);
         while batch.len() < max_rows {
             match tokio::time::timeout_at(linger, self.consumer.recv()).await {
-                Ok(m) => batch.push(m?),
+                Ok(m) => batch.push(received(m)?),
                 Err(_) => break,
             }
         }
@@ -894,6 +921,28 @@ mod tests {
         assert!(stops_rebuild(&oversized, &stop).is_some());
         // A table's dlq wins over on_error = stop, as in the worker.
         assert_eq!(stops_rebuild(&schema(OnSchemaMismatch::Dlq), &stop), None);
+    }
+
+    #[test]
+    fn a_position_retention_deleted_stops_the_rebuild_naming_why() {
+        use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+        let gone = received::<()>(Err(KafkaError::MessageConsumption(
+            RDKafkaErrorCode::AutoOffsetReset,
+        )))
+        .unwrap_err()
+        .to_string();
+        assert!(
+            gone.starts_with(
+                "retention deleted changes of a replayed topic before this rebuild read them"
+            ),
+            "{gone}"
+        );
+        let other = received::<()>(Err(KafkaError::MessageConsumption(
+            RDKafkaErrorCode::BrokerTransportFailure,
+        )))
+        .unwrap_err();
+        assert_eq!(other.to_string(), "reading the replayed topics");
+        assert_eq!(received(Ok(7)).unwrap(), 7);
     }
 
     #[test]
