@@ -5,7 +5,8 @@
 //! What it promises:
 //! - Several changes of one key in a batch collapse to the last one, so the
 //!   batch's net effect per key is that of the last change (update → delete →
-//!   update ends with the row present).
+//!   update ends with the row present). The worker applies the versions
+//!   before an update that keeps stored (unsent TOAST) columns first.
 //! - An upsert lands only where its `(hlc, origin_region)` is newer than the
 //!   stored row's and than the key's tombstone; a delete only removes an
 //!   older row, and leaves a tombstone. Region names compare bytewise.

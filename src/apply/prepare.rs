@@ -136,6 +136,12 @@ impl Final {
             Final::Delete(d) => d.replaced.as_ref(),
         }
     }
+    /// An upsert that keeps some stored columns (unsent TOAST values):
+    /// what it leaves depends on the row stored before it, so it cannot be
+    /// collapsed with an earlier version of its key ([`collapse`]).
+    pub fn keeps_stored_columns(&self) -> bool {
+        matches!(self, Final::Upsert(r) if !r.unavailable.is_empty())
+    }
     fn set_replaced(&mut self, replaced: Option<(i64, String)>) {
         match self {
             Final::Upsert(r) => r.replaced = replaced,

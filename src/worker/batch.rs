@@ -14,7 +14,7 @@
 //! from a unique value another partition still holds or a parent row
 //! another topic has not brought yet (waited for).
 //! [`apply`] drives them, following the verdicts of `failure`.
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use rdkafka::message::Message;
@@ -848,16 +848,38 @@ async fn commit<M: Message>(
     let rules = Rules::read(&*tx, &worker.config, tables, steps)
         .await
         .map_err(classify)?;
-    // Rows between truncates, per table.
+    // Rows between truncates, per table, and their keys.
     let mut pending: HashMap<usize, Vec<&Final>> = HashMap::new();
+    let mut pending_keys: HashMap<usize, HashSet<&str>> = HashMap::new();
     let end = Step::Truncate {
         table: usize::MAX,
         ts_ms: 0,
     };
     for step in steps.iter().chain(std::iter::once(&end)) {
         match step {
-            Step::Row { table, fin, .. } => pending.entry(*table).or_default().push(fin),
+            Step::Row { table, fin, .. } => {
+                // An update that keeps a stored (unsent TOAST) value keeps
+                // what the earlier versions of its key leave stored here,
+                // if they apply: they are applied first, as one change at a
+                // time would be. Collapsed, the update alone would find no
+                // row after an insert, or keep a value the batch replaced.
+                let keys = pending_keys.entry(*table).or_default();
+                if fin.keeps_stored_columns() && keys.contains(fin.key_text()) {
+                    keys.clear();
+                    let finals = pending.remove(table).unwrap_or_default();
+                    let a = apply_rows(&tx, &worker.config, source_region, &rules, *table, finals)
+                        .await
+                        .map_err(classify)?;
+                    *counts.entry(*table).or_default() += a;
+                }
+                pending_keys
+                    .entry(*table)
+                    .or_default()
+                    .insert(fin.key_text());
+                pending.entry(*table).or_default().push(fin);
+            }
             Step::Truncate { table, ts_ms } => {
+                pending_keys.clear();
                 for (t, finals) in pending.drain() {
                     let a = apply_rows(&tx, &worker.config, source_region, &rules, t, finals)
                         .await
