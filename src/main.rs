@@ -468,7 +468,7 @@ fn main() -> ExitCode {
         return match outcome {
             Ok(f) if f.dead_lettered > 0 => {
                 eprintln!(
-                    "regionsync: rebuild finished, with {} change(s) PostgreSQL refused dead-lettered (`regionsync dlq list`); exit status 3",
+                    "regionsync: rebuild finished, with {} change(s) dead-lettered by this rebuild (`regionsync dlq list`); exit status 3",
                     f.dead_lettered
                 );
                 ExitCode::from(3)
