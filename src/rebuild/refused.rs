@@ -638,19 +638,32 @@ impl Writer {
                     .map_err(|e| unavailable(e.into()))?;
                 reader.assign(&tpl).map_err(|e| unavailable(e.into()))?;
                 let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+                // A later offset of its partition: the message may be gone
+                // (compacted since it was read), or that is one left from an
+                // earlier fetch; only the deadline tells.
+                let mut past = None;
                 let msg = loop {
-                    let msg = tokio::time::timeout_at(deadline, reader.recv())
-                        .await
-                        .map_err(|_| {
-                            unavailable(anyhow::anyhow!(
+                    let Ok(msg) = tokio::time::timeout_at(deadline, reader.recv()).await else {
+                        return Err(match past {
+                            Some(next) => Failed::Stop(anyhow::anyhow!(
+                                "{topic}/{partition} offset {offset}, fetched again to dead-letter it, is no longer in the topic \
+                                 (the next message there is at offset {next}: compacted since it was read); \
+                                 run the rebuild again: it resumes and reads the newer version of its key"
+                            )),
+                            None => unavailable(anyhow::anyhow!(
                                 "fetching {topic}/{partition} offset {offset} again to dead-letter it: not received in 30 s"
-                            ))
-                        })?
-                        .map_err(|e| unavailable(e.into()))?;
+                            )),
+                        });
+                    };
+                    let msg = msg.map_err(|e| unavailable(e.into()))?;
                     match refetched(&msg, place, key_hash) {
                         Refetched::It => break msg,
                         // Left from an earlier fetch of another place.
                         Refetched::Elsewhere => continue,
+                        Refetched::Gone => {
+                            past = Some(msg.offset());
+                            continue;
+                        }
                         Refetched::OtherKey => {
                             return Err(Failed::Stop(anyhow::anyhow!(
                                 "{topic}/{partition} offset {offset}, fetched again to dead-letter it, is not the message the rebuild read \
@@ -739,8 +752,11 @@ pub enum Body<'a> {
 #[derive(Debug, PartialEq, Eq)]
 enum Refetched {
     It,
-    /// Another topic, partition or offset.
+    /// Another topic or partition, or an earlier offset.
     Elsewhere,
+    /// Its partition, past its offset: the message may be gone
+    /// (compacted), or this one is left from an earlier fetch.
+    Gone,
     /// The place asked for, but another key: not the message read.
     OtherKey,
 }
@@ -748,9 +764,11 @@ enum Refetched {
 fn refetched<M: Message>(msg: &M, place: Place<'_>, key_hash: u64) -> Refetched {
     if msg.topic() != place.topic
         || msg.partition() != place.partition
-        || msg.offset() != place.offset
+        || msg.offset() < place.offset
     {
         Refetched::Elsewhere
+    } else if msg.offset() > place.offset {
+        Refetched::Gone
     } else if bulk::key_hash(msg.key()) != key_hash {
         Refetched::OtherKey
     } else {
@@ -1035,8 +1053,13 @@ mod tests {
             Refetched::Elsewhere
         );
         assert_eq!(
-            at("us-east-1.cdc.public.users", 2, 41, b"{\"id\": 7}"),
+            at("us-east-1.cdc.public.users", 2, 39, b"{\"id\": 7}"),
             Refetched::Elsewhere
+        );
+        // Past it: it was compacted away since it was read.
+        assert_eq!(
+            at("us-east-1.cdc.public.users", 2, 41, b"{\"id\": 7}"),
+            Refetched::Gone
         );
         // Its place, another key: the topic was rewritten.
         assert_eq!(
