@@ -572,7 +572,8 @@ impl Writer {
     /// from Kafka by its place and checked to be it) to the dead-letter
     /// topic, unless it is there already; `true` if sent. `note`, if any,
     /// follows the fault in the letter's error. A letter sent is counted
-    /// for the rebuild of `table` ([`count_sent`]), whatever run sends it.
+    /// for the rebuild of `table` (in a row of its own, [`SENT_PARTITION`]),
+    /// whatever run sends it.
     pub async fn send(
         &self,
         place: Place<'_>,
