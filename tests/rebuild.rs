@@ -770,6 +770,29 @@ async fn a_row_postgresql_refuses_is_dead_lettered_once_and_every_other_row_rebu
     let said = letters[1]["error"].as_str().unwrap_or("");
     assert!(said.contains("age_not_negative"), "{said}");
 
+    // As if that run had been killed after sending them and run again: the
+    // rebuild marked under way again, its offsets forgotten. It resumes,
+    // finds the letters in the topic (not sent twice), and they are still
+    // this rebuild's: exit status 3.
+    admin_db(&region_b())
+        .await
+        .batch_execute(&format!(
+            "UPDATE regionsync.offsets SET next_offset = 0
+              WHERE consumer_group LIKE '%{t}-rebuild' AND topic = 'rebuild:public.{t}' AND partition = -1;
+             DELETE FROM regionsync.offsets
+              WHERE consumer_group LIKE '%{t}-rebuild' AND partition >= 0",
+            t = table.name
+        ))
+        .await
+        .unwrap();
+    let out = output(&config_b, &["rebuild", "--chunk", "1000"]);
+    let said = text(&out);
+    assert_eq!(out.status.code(), Some(3), "{said}");
+    assert!(
+        said.contains("2 dead-lettered (0 sent now, 2 in the dead-letter topic already"),
+        "{said}"
+    );
+
     // Rebuilt again from the start: the same rows are refused, but they
     // are in the dead-letter topic already: not sent twice, and not this
     // rebuild's dead letters (exit status 0, the summary names them).
