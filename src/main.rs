@@ -195,7 +195,8 @@ enum Command {
     /// grant); dead-letters what it dead-letters (a chunk PostgreSQL
     /// refuses is bisected down to the refused rows) to its dead-letter
     /// topic, once. Exit status: 0 rebuilt, 3 rebuilt with changes
-    /// dead-lettered (regionsync dlq list), 1 failed.
+    /// dead-lettered by this rebuild (regionsync dlq list; not those in
+    /// the dead-letter topic already), 1 failed.
     ///
     /// Example: regionsync --config eu-west-1.toml rebuild --table public.users
     ///          regionsync --config eu-west-1-owner.toml rebuild --shadow --table public.users
@@ -432,8 +433,8 @@ fn main() -> ExitCode {
         swap_timeout,
     } = &cli.command
     {
-        // Its own exit codes: 0 done, 1 failed, 3 done with rows
-        // PostgreSQL refused dead-lettered.
+        // Its own exit codes: 0 done, 1 failed, 3 done with changes this
+        // rebuild dead-lettered.
         // Under a second, PostgreSQL's timeouts (whole milliseconds, 0 =
         // none) would not bound the swap.
         let outcome = std::time::Duration::try_from_secs_f64(*swap_timeout)
@@ -468,7 +469,7 @@ fn main() -> ExitCode {
         return match outcome {
             Ok(f) if f.dead_lettered > 0 => {
                 eprintln!(
-                    "regionsync: rebuild finished, with {} change(s) PostgreSQL refused dead-lettered (`regionsync dlq list`); exit status 3",
+                    "regionsync: rebuild finished, with {} change(s) dead-lettered by this rebuild (`regionsync dlq list`); exit status 3",
                     f.dead_lettered
                 );
                 ExitCode::from(3)

@@ -112,6 +112,7 @@ pub async fn run(
     if pending.is_empty() {
         return Ok(Finished::default());
     }
+    let pending_names: Vec<String> = pending.iter().map(|t| names[*t].clone()).collect();
     let feeds = rebuild::feeds(config, &pending);
     if shadow {
         let mut refused = Vec::new();
@@ -284,10 +285,7 @@ pub async fn run(
             ),
         );
         return Ok(Finished {
-            dead_lettered: replayed.dead_lettered
-                + swapped.dead_lettered
-                + replayed.already_dead_lettered
-                + swapped.already_dead_lettered,
+            dead_lettered: sent_by_rebuild(&pool, &group, &pending_names).await?,
         });
     }
     let client = pool.get().await?;
@@ -314,8 +312,33 @@ pub async fn run(
         refused_words(replayed.dead_lettered, replayed.already_dead_lettered),
     );
     Ok(Finished {
-        dead_lettered: replayed.dead_lettered + replayed.already_dead_lettered,
+        dead_lettered: sent_by_rebuild(&pool, &group, &pending_names).await?,
     })
+}
+
+/// The dead letters the rebuild of `tables` sent, over all its runs since
+/// its fresh start (a run killed after sending them, and resumed, finds
+/// them in the topic and does not send them again): counted as they are
+/// sent (`rebuild::refused::SENT_PARTITION`). Not those the worker or an
+/// earlier rebuild sent, which a replay of the whole history meets again.
+async fn sent_by_rebuild(
+    pool: &deadpool_postgres::Pool,
+    group: &str,
+    tables: &[String],
+) -> anyhow::Result<u64> {
+    let markers: Vec<String> = tables.iter().map(|t| rebuild::marker_topic(t)).collect();
+    let sent: i64 = pool
+        .get()
+        .await?
+        .query_one(
+            "SELECT coalesce(sum(next_offset), 0)::bigint FROM regionsync.offsets
+              WHERE consumer_group = $1 AND topic = ANY($2) AND partition = $3",
+            &[&group, &markers, &rebuild::refused::SENT_PARTITION],
+        )
+        .await
+        .context("reading the count of the rebuild's dead letters")?
+        .get(0);
+    Ok(sent.max(0) as u64)
 }
 
 /// Empties a table for a fresh rebuild, in one transaction under a
@@ -357,10 +380,11 @@ async fn empty(
         &[&group, &topics],
     )
     .await?;
-    // Not a shadow rebuild (any earlier one's start row goes).
+    // Not a shadow rebuild (any earlier one's start row goes), and no
+    // dead letter sent by it yet.
     tx.execute(
-        "DELETE FROM regionsync.offsets WHERE consumer_group = $1 AND topic = $2 AND partition = -2",
-        &[&group, &rebuild::marker_topic(&table.name)],
+        "DELETE FROM regionsync.offsets WHERE consumer_group = $1 AND topic = $2 AND partition IN (-2, $3)",
+        &[&group, &rebuild::marker_topic(&table.name), &rebuild::refused::SENT_PARTITION],
     )
     .await?;
     tx.execute(
@@ -410,6 +434,12 @@ async fn start_shadow(
     )
     .await?;
     let marker = rebuild::marker_topic(&table.name);
+    // No dead letter sent by this rebuild yet.
+    tx.execute(
+        "DELETE FROM regionsync.offsets WHERE consumer_group = $1 AND topic = $2 AND partition = $3",
+        &[&group, &marker, &rebuild::refused::SENT_PARTITION],
+    )
+    .await?;
     tx.execute(
         "INSERT INTO regionsync.offsets (consumer_group, topic, partition, next_offset)
          VALUES ($1, $2, -1, 0), ($1, $2, -2, (extract(epoch FROM clock_timestamp()) * 1000)::bigint)
@@ -447,8 +477,9 @@ impl Swapped {
 /// How a rebuild that ran to its end went.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Finished {
-    /// Rows PostgreSQL refused for their data, dead-lettered (by this run,
-    /// or found in the dead-letter topic already): `regionsync dlq list`.
+    /// Changes this rebuild dead-lettered (over its runs since its fresh
+    /// start; not those found in the dead-letter topic already, sent by
+    /// the worker or an earlier rebuild): `regionsync dlq list`.
     pub dead_lettered: u64,
 }
 
@@ -537,6 +568,22 @@ async fn swap_in(
     let mut done = Swapped::default();
     let mut backoff = crate::worker::failure::Backoff::default();
     let mut failures = Vec::new();
+    // What the dead-letter topic holds is read now, not under the lock:
+    // the whole topic may be large, and a refusal under the lock needs it.
+    // (A letter the worker sends meanwhile may then be sent once more by
+    // the catch-up under the lock: readers keep one per change.)
+    let writer = rebuild::refused::Writer::new(config, pool.clone(), targets);
+    loop {
+        match writer.load_dead_letters().await {
+            Ok(()) => break,
+            Err(rebuild::refused::Failed::Retry(reason, e)) => {
+                warn!(reason, error = %format!("{e:#}"), retry_in = ?backoff.delay(),
+                    "reading the dead-letter topic before the swap failed; again");
+                backoff.wait(reason).await;
+            }
+            Err(rebuild::refused::Failed::Stop(e)) => return Err(e),
+        }
+    }
     for attempt in 1..=SWAP_ATTEMPTS {
         // Outside the lock: up to the worker's offsets as they are now, so
         // that under it only what the worker applied meanwhile is left.
@@ -576,7 +623,7 @@ async fn swap_in(
                 (loaded, targets),
                 feeds,
                 pending,
-                (pool, &consumer),
+                (&writer, &consumer),
                 deadline,
             ),
         )
@@ -719,7 +766,10 @@ async fn swap_locked(
     (loaded, targets): (&[TargetTable], &[TargetTable]),
     feeds: &[Feed],
     pending: &[usize],
-    (pool, consumer): (&deadpool_postgres::Pool, &rdkafka::consumer::StreamConsumer),
+    (writer, consumer): (
+        &std::sync::Arc<rebuild::refused::Writer>,
+        &rdkafka::consumer::StreamConsumer,
+    ),
     deadline: Duration,
 ) -> anyhow::Result<Swapped> {
     let group = rebuild::group(config);
@@ -760,7 +810,7 @@ async fn swap_locked(
     )
     .await?;
     let spans = catch_up_spans(&*tx, consumer, config, feeds).await?;
-    let last = rebuild::replay_in(&mut tx, pool, config, targets, feeds, spans.clone()).await?;
+    let last = rebuild::replay_in(&mut tx, writer, config, targets, feeds, spans.clone()).await?;
     done.caught_up += last.messages;
     done.add(&last);
     // The worker continues from the shadows' position: its own where it was

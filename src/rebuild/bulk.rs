@@ -42,14 +42,28 @@ use crate::apply::{self, quote_ident, Applied, Final, PreparedRow, TargetTable};
 use crate::offsets;
 
 /// Where a kept version came from: its message's topic (an index into
-/// [`Chunk`]'s topics), partition and offset. Carried so that a row
-/// PostgreSQL refuses can be dead-lettered as its message.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// [`Chunk`]'s topics), partition and offset, and a hash of its key bytes
+/// ([`key_hash`]). Carried so that a row PostgreSQL refuses can be
+/// dead-lettered as its message, fetched again and checked to be it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct At {
     pub topic: u32,
     pub partition: i32,
     pub offset: i64,
+    pub key: u64,
 }
+
+/// The hash of a message's key bytes that [`At::key`] holds.
+pub fn key_hash(key: Option<&[u8]>) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = rustc_hash::FxHasher::default();
+    key.hash(&mut h);
+    h.finish()
+}
+
+/// An earlier message a kept version took unsent (TOAST) column values
+/// from, with its version (hlc, origin region).
+pub type Source = (At, i64, String);
 
 /// Changes read since the last flush, collapsed.
 #[derive(Default)]
@@ -59,6 +73,11 @@ pub struct Chunk {
     rows: FxHashMap<usize, FxHashMap<String, (Final, At)>>,
     /// The topics [`At::topic`] indexes.
     topics: Vec<String>,
+    /// Per kept version (its message) whose unsent (TOAST) columns were
+    /// filled from older versions of its key: those versions' messages,
+    /// oldest first. Its row is those messages' image together: a refused
+    /// row is dead-lettered as all of them (`rebuild::refused`).
+    merged: FxHashMap<At, Vec<Source>>,
     /// Truncates read: (table index, commit time ms, source region).
     truncates: Vec<(usize, i64, String)>,
     /// Per partition: the next offset and the newest commit time read.
@@ -91,7 +110,13 @@ impl Chunk {
             Some((held, held_at)) => {
                 if newer(fin.version(), held.version()) {
                     let mut fin = fin;
-                    keep_unsent(&mut fin, held);
+                    let older = self.merged.remove(held_at);
+                    if keep_unsent(&mut fin, held) {
+                        let mut sources = older.unwrap_or_default();
+                        let (hlc, origin) = held.version();
+                        sources.push((*held_at, hlc, origin.to_owned()));
+                        self.merged.insert(at, sources);
+                    }
                     *held = fin;
                     *held_at = at;
                 } else {
@@ -99,7 +124,12 @@ impl Chunk {
                     // unsent (TOAST) columns may come first. It can only
                     // update a stored row, so it takes those values from
                     // the older version, which would have inserted it.
-                    keep_unsent(held, &fin);
+                    if keep_unsent(held, &fin) {
+                        let (hlc, origin) = fin.version();
+                        let sources = self.merged.entry(*held_at).or_default();
+                        sources.push((at, hlc, origin.to_owned()));
+                        sources.sort_by(|a, b| (a.1, &a.2).cmp(&(b.1, &b.2)));
+                    }
                 }
             }
             None => {
@@ -117,6 +147,12 @@ impl Chunk {
                 (self.topics.len() - 1) as u32
             }
         }
+    }
+
+    /// The older messages whose values the version kept from `at` took
+    /// for its unsent (TOAST) columns, oldest first; empty for most.
+    pub fn merged_from(&self, at: At) -> &[Source] {
+        self.merged.get(&at).map_or(&[], Vec::as_slice)
     }
 
     /// The topic an [`At`] names.
@@ -166,6 +202,13 @@ impl Chunk {
 
     pub fn is_empty(&self) -> bool {
         self.offsets.is_empty()
+    }
+
+    /// Per partition read: (topic, partition, the next offset).
+    pub fn positions(&self) -> impl Iterator<Item = (&str, i32, i64)> {
+        self.offsets
+            .iter()
+            .map(|((topic, partition), (next, _))| (topic.as_str(), *partition, *next))
     }
 
     /// Distinct keys held.
@@ -260,14 +303,15 @@ fn distinct_key_rounds(finals: Vec<Cow<'_, Final>>) -> Vec<Vec<Cow<'_, Final>>> 
 
 /// An upsert whose unsent (TOAST) columns the replaced version `older`
 /// of the same key carried: those values are kept, as the worker's update
-/// of the stored row would keep them.
-fn keep_unsent(fin: &mut Final, older: &Final) {
+/// of the stored row would keep them. Whether any was taken.
+fn keep_unsent(fin: &mut Final, older: &Final) -> bool {
     let (Final::Upsert(new), Final::Upsert(old)) = (fin, older) else {
-        return;
+        return false;
     };
     if new.unavailable.is_empty() {
-        return;
+        return false;
     }
+    let before = new.unavailable.len();
     let mut still = Vec::new();
     for col in std::mem::take(&mut new.unavailable) {
         match old.values.iter().find(|(c, _)| *c == col) {
@@ -275,8 +319,10 @@ fn keep_unsent(fin: &mut Final, older: &Final) {
             None => still.push(col),
         }
     }
+    let took = still.len() < before;
     new.unavailable = still;
     new.values.sort_by_key(|(c, _)| *c);
+    took
 }
 
 /// A row that carries each of its table's `columns` once, none unsent.
@@ -428,6 +474,7 @@ mod tests {
         topic: 0,
         partition: 0,
         offset: 0,
+        key: 0,
     };
 
     fn upsert(key: &str, hlc: i64, origin: &str) -> Final {
@@ -561,6 +608,7 @@ mod tests {
             topic,
             partition: 3,
             offset,
+            key: 0,
         };
         c.add(0, upsert("1", 10, "x"), None, at(x, 7));
         c.add(0, upsert("1", 20, "y"), None, at(y, 2));
@@ -568,6 +616,64 @@ mod tests {
         let (_, kept) = &c.rows[&0]["1"];
         assert_eq!(*kept, at(y, 2), "the newest version's message");
         assert_eq!(c.topic(*kept), "y.cdc.t");
+    }
+
+    #[test]
+    fn a_version_filled_from_older_ones_names_their_messages_oldest_first() {
+        let at = |offset| At {
+            topic: 0,
+            partition: 0,
+            offset,
+            key: 0,
+        };
+        let partial = |hlc| {
+            let Final::Upsert(mut r) = upsert("1", hlc, "x") else {
+                unreachable!()
+            };
+            r.unavailable = vec![1];
+            Final::Upsert(r)
+        };
+        let Final::Upsert(mut whole) = upsert("1", 1, "x") else {
+            unreachable!()
+        };
+        whole.values.push((1, Some("big".into())));
+        let mut c = Chunk::default();
+        // Read out of order: the newest first, then the whole row, then one
+        // between them; each partial one takes the big value.
+        c.add(0, partial(3), None, at(30));
+        c.add(0, Final::Upsert(whole.clone()), None, at(10));
+        c.add(0, partial(2), None, at(20));
+        let (_, kept) = &c.rows[&0]["1"];
+        assert_eq!(*kept, at(30));
+        let sources: Vec<(i64, i64)> = c
+            .merged_from(*kept)
+            .iter()
+            .map(|(a, hlc, _)| (a.offset, *hlc))
+            .collect();
+        assert_eq!(sources, [(10, 1)], "the message the value came from");
+        // In order: the whole row, then a partial one, then the next.
+        let mut c = Chunk::default();
+        c.add(0, Final::Upsert(whole.clone()), None, at(10));
+        c.add(0, partial(2), None, at(20));
+        c.add(0, partial(3), None, at(30));
+        let (_, kept) = &c.rows[&0]["1"];
+        let sources: Vec<i64> = c
+            .merged_from(*kept)
+            .iter()
+            .map(|(a, ..)| a.offset)
+            .collect();
+        assert_eq!(sources, [10, 20]);
+        // A whole newer version stands alone.
+        let Final::Upsert(mut newest) = upsert("1", 4, "x") else {
+            unreachable!()
+        };
+        newest.values.push((1, Some("other".into())));
+        c.add(0, Final::Upsert(newest), None, at(40));
+        assert!(c.merged_from(at(40)).is_empty());
+        assert!(
+            c.merged_from(at(30)).is_empty(),
+            "forgotten with its version"
+        );
     }
 
     #[test]

@@ -517,7 +517,13 @@ impl<'a> Reader<'a> {
                     let mut backoff = failure::Backoff::default();
                     loop {
                         match writer
-                            .send(place, Some((r.msg.key(), r.msg.payload())), &r.fault, table)
+                            .send(
+                                place,
+                                refused::Body::Bytes((r.msg.key(), r.msg.payload())),
+                                &r.fault,
+                                table,
+                                None,
+                            )
                             .await
                         {
                             Ok(true) => done.dead_lettered += 1,
@@ -547,6 +553,7 @@ impl<'a> Reader<'a> {
                                 topic: topic_index,
                                 partition: *partition,
                                 offset: msg.offset(),
+                                key: bulk::key_hash(msg.key()),
                             };
                             chunk.add(table, fin, per_partition, at)
                         }
@@ -696,6 +703,11 @@ pub async fn replay(
         done.add(writer.commit(&chunk).await?);
         report(&mut unreported);
     }
+    // Every partition is replayed to its end: nothing releases a row that
+    // still waits (its partition's stored offset stayed at it).
+    if let Some(w) = writer.still_waiting() {
+        return Err(w.stops(tables));
+    }
     Ok(done)
 }
 
@@ -703,17 +715,19 @@ pub async fn replay(
 /// one chunk with its offsets (a shadow rebuild's last catch-up, under the
 /// lock that stops the worker's writes: a small gap). A refusal is handled
 /// as [`replay`]'s, except that what is waited out returns
-/// [`refused::Failed::Retry`] for the caller to retry.
+/// [`refused::Failed::Retry`] for the caller to retry. `writer`: made for
+/// `tables` before the lock was taken, with the dead-letter topic read
+/// ([`refused::Writer::load_dead_letters`]): not read under the lock.
 pub async fn replay_in(
     tx: &mut deadpool_postgres::Transaction<'_>,
-    pool: &deadpool_postgres::Pool,
+    writer: &Arc<refused::Writer>,
     config: &Config,
     tables: &[TargetTable],
     feeds: &[Feed],
     spans: Vec<Span>,
 ) -> anyhow::Result<Replayed> {
     let mut done = Replayed::default();
-    let writer = refused::Writer::new(config, pool.clone(), tables);
+    let writer = writer.clone();
     let Some(mut reader) = Reader::new(config, tables, feeds, &spans, writer.clone())? else {
         return Ok(done);
     };

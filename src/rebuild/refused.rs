@@ -19,10 +19,15 @@
 //!   dead-lettered the same way, by [`Writer::send`], before the offsets
 //!   past it are committed;
 //! - a unique index or foreign key between rows of different keys, still
-//!   refused after the other rows are written: the rebuild stops, saying
-//!   so (it resumes when run again).
+//!   refused after the other rows are written: the source satisfied it, so
+//!   the other row (the value's holder, the parent) is a change of a later
+//!   chunk; as the worker waits, the row waits ([`Waiting`]): it is written
+//!   again in each next chunk's transaction until it goes in, and its
+//!   partition's stored offset stays at it meanwhile, so a kill loses
+//!   nothing. Still refused when every partition is replayed to its end,
+//!   the rebuild stops, naming it (it resumes from it when run again).
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -35,10 +40,10 @@ use tracing::{info, warn};
 
 use super::bulk::{self, At, Chunk};
 use crate::apply::{self, session, Applied, Final, TargetTable};
-use crate::config::{Config, OnError, OnSchemaMismatch};
+use crate::config::{Config, OnSchemaMismatch};
 use crate::metrics::retry;
 use crate::source::dlq::{self, DeadLetter, DeadLetterProducer};
-use crate::worker::failure::{self, Backoff, Fault, Sqlstate};
+use crate::worker::failure::{self, Backoff, BatchError, Fault, Sqlstate};
 
 /// Why a write failed, sorted.
 #[derive(Debug)]
@@ -65,6 +70,13 @@ pub struct Committed {
     pub dead_lettered: u64,
     /// Of those refused, already in the dead-letter topic (not sent again).
     pub already_dead_lettered: u64,
+}
+
+/// Why a chunk's bulk write failed: PostgreSQL refused the write (sorted
+/// by [`sort`]), or carrying the waiting rows over failed, sorted already.
+enum Bulk {
+    Write(anyhow::Error),
+    Other(Failed),
 }
 
 /// How a failed write goes on.
@@ -111,6 +123,22 @@ fn sort(e: &anyhow::Error, policies: &[OnSchemaMismatch]) -> Next {
     }
 }
 
+/// A COMMIT PostgreSQL refused (a deferred constraint checked at the
+/// end), by the worker's one decision (`failure::classify`, as the
+/// worker's own commits): a constraint between rows the source satisfied
+/// (`unique_wait`, `foreign_key_wait`), a grant, the server: waited out
+/// with its label; the data (a deferred trigger's refusal): the rebuild
+/// stops, as nothing of the chunk can be told apart at COMMIT.
+fn commit_refused(e: tokio_postgres::Error) -> Failed {
+    match failure::classify(e) {
+        BatchError::Data(e) => Failed::Stop(anyhow::Error::from(e).context(
+            "PostgreSQL refused a chunk of the rebuild at COMMIT (a deferred constraint or trigger): \
+             no row of it can be set aside there; fix the cause and run the rebuild again: it resumes",
+        )),
+        other => Failed::Retry(other.retry_reason(), other.into_error()),
+    }
+}
+
 /// What to tell the operator about a wait, by its label.
 fn wait_advice(reason: &str) -> &'static str {
     match reason {
@@ -121,6 +149,10 @@ fn wait_advice(reason: &str) -> &'static str {
         r if r == retry::POSTGRES_PERMISSION => "a missing grant: GRANT it (regionsync setup)",
         r if r == retry::POSTGRES_SCHEMA => "a table, column or type missing here: fix this region's setup",
         r if r == retry::DLQ_UNAVAILABLE => "the dead-letter topic cannot be read or written",
+        r if r == retry::UNIQUE_WAIT || r == retry::FOREIGN_KEY_WAIT => {
+            "a unique index or foreign key between rows, checked at COMMIT (deferred): the source satisfied it, \
+             so the other row is a change not written yet; it is waited out, as the worker waits"
+        }
         _ => "PostgreSQL is unavailable",
     }
 }
@@ -133,6 +165,44 @@ pub struct Writer {
     pub group: String,
     pub tables: Arc<Vec<TargetTable>>,
     letters: tokio::sync::Mutex<Letters>,
+    /// Rows waiting for a later chunk, and where the chunks committed.
+    carried: std::sync::Mutex<Carried>,
+}
+
+/// A row a unique index or foreign key refuses after the rest of its
+/// chunk was written: waiting for a change of a later chunk.
+#[derive(Clone)]
+pub struct Waiting {
+    table: usize,
+    fin: Final,
+    topic: String,
+    at: At,
+}
+
+impl Waiting {
+    /// Why the rebuild stops at a row still waiting at the end.
+    pub fn stops(&self, tables: &[TargetTable]) -> anyhow::Error {
+        anyhow::anyhow!(
+            "{} key {} (from {}/{} at offset {}): a unique index or foreign key refuses it, and no change of the replayed \
+             topics released the other row (the value's holder, or the parent); the worker would wait at it. The rebuild's \
+             offset of that partition stays before it: see RUNBOOK.md (RegionsyncPartitionHeld) for the other row, fix it, \
+             and run the rebuild again: it resumes there",
+            tables[self.table].name,
+            self.fin.key_text(),
+            self.topic,
+            self.at.partition,
+            self.at.offset
+        )
+    }
+}
+
+/// What carries over from one chunk's commit to the next.
+#[derive(Default)]
+struct Carried {
+    /// Rows still waiting ([`Waiting`]), their partitions' offsets held.
+    waiting: Vec<Waiting>,
+    /// Per partition, where the committed chunks read to.
+    positions: HashMap<(String, i32), i64>,
 }
 
 /// The dead-letter topic, opened when first needed.
@@ -158,6 +228,7 @@ impl Writer {
             group: super::group(config),
             tables: Arc::new(tables.to_vec()),
             letters: tokio::sync::Mutex::new(Letters::default()),
+            carried: std::sync::Mutex::new(Carried::default()),
         })
     }
 
@@ -177,13 +248,9 @@ impl Writer {
         let mut backoff = Backoff::default();
         loop {
             let failed = match self.commit_bulk(chunk).await {
-                Ok(applied) => {
-                    return Ok(Committed {
-                        applied,
-                        ..Committed::default()
-                    })
-                }
-                Err(e) => match sort(&e, &self.policies(chunk)) {
+                Ok(done) => return Ok(done),
+                Err(Bulk::Other(f)) => f,
+                Err(Bulk::Write(e)) => match sort(&e, &self.policies(chunk)) {
                     Next::Stop => return Err(e),
                     Next::Retry(reason) => Failed::Retry(reason, e),
                     Next::Isolate => {
@@ -207,13 +274,144 @@ impl Writer {
         }
     }
 
-    async fn commit_bulk(&self, chunk: &Chunk) -> anyhow::Result<Applied> {
-        let mut client = self.pool.get().await?;
-        let tx = client.transaction().await?;
-        tx.batch_execute(session::APPLY_TRANSACTION_SQL).await?;
-        let total = bulk::flush(&tx, &self.group, &self.tables, chunk).await?;
-        tx.commit().await?;
-        Ok(total)
+    async fn commit_bulk(&self, chunk: &Chunk) -> Result<Committed, Bulk> {
+        let write = |e: anyhow::Error| Bulk::Write(e);
+        let mut client = self.pool.get().await.map_err(|e| write(e.into()))?;
+        let mut tx = client.transaction().await.map_err(|e| write(e.into()))?;
+        tx.batch_execute(session::APPLY_TRANSACTION_SQL)
+            .await
+            .map_err(|e| write(e.into()))?;
+        let applied = bulk::flush(&tx, &self.group, &self.tables, chunk)
+            .await
+            .map_err(write)?;
+        let (mut done, still) = self
+            .retry_waiting(&mut tx, chunk, Vec::new())
+            .await
+            .map_err(Bulk::Other)?;
+        tx.commit().await.map_err(|e| write(e.into()))?;
+        self.settle(chunk, still);
+        done.applied += applied;
+        Ok(done)
+    }
+
+    /// The rows still waiting after the last commit, if any.
+    pub fn still_waiting(&self) -> Option<Waiting> {
+        let carried = self.carried.lock().expect("carried rows");
+        carried.waiting.first().cloned()
+    }
+
+    /// After `chunk` committed with `still` waiting: what the next chunk
+    /// carries.
+    fn settle(&self, chunk: &Chunk, still: Vec<Waiting>) {
+        let mut carried = self.carried.lock().expect("carried rows");
+        for (topic, partition, next) in chunk.positions() {
+            let at = carried
+                .positions
+                .entry((topic.to_owned(), partition))
+                .or_insert(next);
+            *at = (*at).max(next);
+        }
+        carried.waiting = still;
+    }
+
+    /// In `tx`, after `chunk`'s rows and offsets: the rows that waited for
+    /// a later chunk written again, each in a savepoint; those still
+    /// waiting (with `fresh`, this chunk's own) returned, their partitions'
+    /// stored offsets held at them, and the offsets of partitions no row
+    /// waits in any more stored where the chunks read to.
+    async fn retry_waiting(
+        &self,
+        tx: &mut Transaction<'_>,
+        chunk: &Chunk,
+        fresh: Vec<Waiting>,
+    ) -> Result<(Committed, Vec<Waiting>), Failed> {
+        let retry = |e: anyhow::Error| Failed::Retry(retry::POSTGRES_UNAVAILABLE, e);
+        let (earlier, positions) = {
+            let carried = self.carried.lock().expect("carried rows");
+            (carried.waiting.clone(), carried.positions.clone())
+        };
+        if earlier.is_empty() && fresh.is_empty() {
+            return Ok((Committed::default(), fresh));
+        }
+        let mut done = Committed::default();
+        let mut still = fresh;
+        for w in &earlier {
+            let table = &self.tables[w.table];
+            match write_part(tx, table, &[(&w.fin, w.at)]).await? {
+                Ok(a) => done.applied += a,
+                Err(Refused::Wait | Refused::Part) => still.push(w.clone()),
+                Err(Refused::Row(fault)) => {
+                    set_aside(
+                        &self.config,
+                        table,
+                        &w.topic,
+                        (w.table, &w.fin, w.at),
+                        &fault,
+                    )?;
+                    let place = Place {
+                        topic: &w.topic,
+                        partition: w.at.partition,
+                        offset: w.at.offset,
+                    };
+                    let name = Some(table.name.as_str());
+                    if self
+                        .send(place, Body::Refetch(w.at.key), &fault, name, None)
+                        .await?
+                    {
+                        done.dead_lettered += 1;
+                    } else {
+                        done.already_dead_lettered += 1;
+                    }
+                }
+            }
+        }
+        let mut held: HashMap<(&str, i32), i64> = HashMap::new();
+        for w in &still {
+            let at = held
+                .entry((w.topic.as_str(), w.at.partition))
+                .or_insert(w.at.offset);
+            *at = (*at).min(w.at.offset);
+        }
+        // Released partitions: where the chunks read to (only forward).
+        for w in &earlier {
+            let key = (w.topic.as_str(), w.at.partition);
+            if held.contains_key(&key) {
+                continue;
+            }
+            let read = positions
+                .get(&(w.topic.clone(), w.at.partition))
+                .copied()
+                .into_iter()
+                .chain(
+                    chunk
+                        .positions()
+                        .filter(|(t, p, _)| (*t, *p) == key)
+                        .map(|(.., next)| next),
+                )
+                .max();
+            if let Some(next) = read {
+                crate::offsets::store(&*tx, &self.group, &w.topic, w.at.partition, next, None)
+                    .await
+                    .map_err(|e| retry(e.into()))?;
+            }
+        }
+        // Held: not past the first waiting row (the chunk stored past it).
+        for ((topic, partition), offset) in &held {
+            tx.execute(
+                "UPDATE regionsync.offsets SET next_offset = LEAST(next_offset, $4)
+                  WHERE consumer_group = $1 AND topic = $2 AND partition = $3",
+                &[&self.group, topic, partition, offset],
+            )
+            .await
+            .map_err(|e| retry(e.into()))?;
+        }
+        if !still.is_empty() {
+            info!(
+                rows = still.len(),
+                "rows a unique index or foreign key refuses wait for a later chunk of the rebuild"
+            );
+        }
+        Ok((done, still))
     }
 
     async fn commit_isolating(&self, chunk: &Chunk) -> Result<Committed, Failed> {
@@ -223,35 +421,48 @@ impl Writer {
         tx.batch_execute(session::APPLY_TRANSACTION_SQL)
             .await
             .map_err(|e| retry(e.into()))?;
-        let done = self.isolate_in(&mut tx, chunk).await?;
-        tx.commit().await.map_err(|e| retry(e.into()))?;
+        let (mut done, fresh) = self.isolate_in(&mut tx, chunk).await?;
+        let (more, still) = self.retry_waiting(&mut tx, chunk, fresh).await?;
+        tx.commit().await.map_err(commit_refused)?;
+        self.settle(chunk, still);
+        done.applied += more.applied;
+        done.dead_lettered += more.dead_lettered;
+        done.already_dead_lettered += more.already_dead_lettered;
         Ok(done)
     }
 
     /// Writes `chunk` and its offsets in `tx` (the caller commits), the
-    /// refused rows found in savepoints and dead-lettered.
-    pub async fn isolate_in(
+    /// refused rows found in savepoints and dead-lettered; returns the rows
+    /// that wait for a later chunk.
+    async fn isolate_in(
         &self,
         tx: &mut Transaction<'_>,
         chunk: &Chunk,
-    ) -> Result<Committed, Failed> {
-        let (applied, refused) = isolate(tx, &self.config, &self.tables, chunk).await?;
+    ) -> Result<(Committed, Vec<Waiting>), Failed> {
+        let (applied, refused, waiting) = isolate(tx, &self.config, &self.tables, chunk).await?;
         let mut done = Committed {
             applied,
             ..Committed::default()
         };
         for (t, at, fault) in &refused {
-            if self.dead_letter(chunk, *t, *at, fault).await? {
-                done.dead_lettered += 1;
-            } else {
-                done.already_dead_lettered += 1;
-            }
+            let (sent, already) = self.dead_letter(chunk, *t, *at, fault).await?;
+            done.dead_lettered += sent;
+            done.already_dead_lettered += already;
         }
         chunk
             .store_offsets(tx, &self.group)
             .await
             .map_err(|e| Failed::Retry(retry::POSTGRES_UNAVAILABLE, e))?;
-        Ok(done)
+        let waiting = waiting
+            .into_iter()
+            .map(|(table, fin, at)| Waiting {
+                table,
+                fin: fin.clone(),
+                topic: chunk.topic(at).to_owned(),
+                at,
+            })
+            .collect();
+        Ok((done, waiting))
     }
 
     /// Writes `chunk` and its offsets in the caller's `tx`, in a savepoint;
@@ -287,37 +498,89 @@ impl Writer {
         match sort(&e, &self.policies(chunk)) {
             Next::Stop => Err(Failed::Stop(e)),
             Next::Retry(reason) => Err(Failed::Retry(reason, e)),
-            Next::Isolate => self.isolate_in(tx, chunk).await,
+            Next::Isolate => {
+                // Under the swap's lock every partition is read to its
+                // end: a row still waiting waits for nothing to come.
+                let (done, waiting) = self.isolate_in(tx, chunk).await?;
+                match waiting.first() {
+                    Some(w) => Err(Failed::Stop(w.stops(&self.tables))),
+                    None => Ok(done),
+                }
+            }
         }
     }
 
-    /// Sends the message of a refused row to the dead-letter topic, unless
-    /// it is there already; `true` if sent.
+    /// Sends what a replay of a refused row needs to the dead-letter topic,
+    /// each message unless it is there already: its message, and first
+    /// (oldest first) the older messages its unsent (TOAST) columns were
+    /// filled from, for its row is their image together (`dlq replay`
+    /// applies them in that order, each under the version guard). Returns
+    /// (sent, found there already).
     async fn dead_letter(
         &self,
         chunk: &Chunk,
         table: usize,
         at: At,
         fault: &Fault,
-    ) -> Result<bool, Failed> {
-        let place = Place {
+    ) -> Result<(u64, u64), Failed> {
+        let name = Some(self.tables[table].name.as_str());
+        let (mut sent, mut already) = (0, 0);
+        let mut count = |was_sent: bool| {
+            if was_sent {
+                sent += 1
+            } else {
+                already += 1
+            }
+        };
+        let refused = Place {
             topic: chunk.topic(at),
             partition: at.partition,
             offset: at.offset,
         };
-        self.send(place, None, fault, Some(&self.tables[table].name))
-            .await
+        let note = format!(
+            "an earlier version of the refused change's row, at {}/{} offset {}, which takes its unchanged (TOAST) column values from it: \
+             replay them together",
+            refused.topic, refused.partition, refused.offset
+        );
+        for (source, ..) in chunk.merged_from(at) {
+            let place = Place {
+                topic: chunk.topic(*source),
+                partition: source.partition,
+                offset: source.offset,
+            };
+            count(
+                self.send(place, Body::Refetch(source.key), fault, name, Some(&note))
+                    .await?,
+            );
+        }
+        count(
+            self.send(refused, Body::Refetch(at.key), fault, name, None)
+                .await?,
+        );
+        Ok((sent, already))
     }
 
-    /// Sends a message the rebuild cannot use (`key`, `payload`: its bytes;
-    /// `None`: fetched again from Kafka by its offset) to the dead-letter
-    /// topic, unless it is there already; `true` if sent.
+    /// Reads which messages the dead-letter topic holds, if not read yet:
+    /// before the swap's lock is taken, so that a refusal under it reads
+    /// only what was dead-lettered since ([`Writer::send`]).
+    pub async fn load_dead_letters(&self) -> Result<(), Failed> {
+        let mut letters = self.letters.lock().await;
+        letters.load(&self.config).await
+    }
+
+    /// Sends a message the rebuild cannot use (its bytes, or fetched again
+    /// from Kafka by its place and checked to be it) to the dead-letter
+    /// topic, unless it is there already; `true` if sent. `note`, if any,
+    /// follows the fault in the letter's error. A letter sent is counted
+    /// for the rebuild of `table` (in a row of its own, [`SENT_PARTITION`]),
+    /// whatever run sends it.
     pub async fn send(
         &self,
         place: Place<'_>,
-        message: Option<KeyAndPayload<'_>>,
+        message: Body<'_>,
         fault: &Fault,
         table: Option<&str>,
+        note: Option<&str>,
     ) -> Result<bool, Failed> {
         let unavailable = |e: anyhow::Error| Failed::Retry(retry::DLQ_UNAVAILABLE, e);
         let Place {
@@ -326,18 +589,7 @@ impl Writer {
             offset,
         } = place;
         let mut letters = self.letters.lock().await;
-        if letters.sent.is_none() {
-            let mut sent = HashSet::new();
-            for letter in dlq::read_all(&self.config)
-                .await
-                .map_err(unavailable)?
-                .into_iter()
-                .flatten()
-            {
-                sent.insert((letter.topic, letter.partition, letter.offset));
-            }
-            letters.sent = Some(sent);
-        }
+        letters.load(&self.config).await?;
         let key = (topic.to_owned(), partition, offset);
         if letters.sent.as_ref().is_some_and(|s| s.contains(&key)) {
             info!(topic, partition, offset, error = %fault,
@@ -347,7 +599,10 @@ impl Writer {
         if letters.producer.is_none() {
             letters.producer = Some(DeadLetterProducer::new(&self.config).map_err(unavailable)?);
         }
-        let error = fault.to_string();
+        let error = match note {
+            Some(note) => format!("{fault} ({note})"),
+            None => fault.to_string(),
+        };
         let letter = |key, payload| DeadLetter {
             topic,
             partition,
@@ -359,14 +614,14 @@ impl Writer {
             table,
         };
         match message {
-            Some((key, payload)) => {
+            Body::Bytes((key, payload)) => {
                 let producer = letters.producer.as_ref().expect("opened above");
                 producer
                     .send(&letter(key, payload))
                     .await
                     .map_err(unavailable)?;
             }
-            None => {
+            Body::Refetch(key_hash) => {
                 if letters.reader.is_none() {
                     let reader: StreamConsumer = crate::source::kafka_config(&self.config)
                         .map_err(unavailable)?
@@ -383,20 +638,42 @@ impl Writer {
                 tpl.add_partition_offset(topic, partition, Offset::Offset(offset))
                     .map_err(|e| unavailable(e.into()))?;
                 reader.assign(&tpl).map_err(|e| unavailable(e.into()))?;
-                let msg = tokio::time::timeout(Duration::from_secs(30), reader.recv())
-                    .await
-                    .map_err(|_| {
-                        unavailable(anyhow::anyhow!(
-                            "fetching {topic}/{partition} offset {offset} again to dead-letter it: nothing in 30 s"
-                        ))
-                    })?
-                    .map_err(|e| unavailable(e.into()))?;
-                if msg.offset() != offset {
-                    return Err(unavailable(anyhow::anyhow!(
-                        "fetching {topic}/{partition} offset {offset} again to dead-letter it: got offset {}",
-                        msg.offset()
-                    )));
-                }
+                let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+                // A later offset of its partition: the message may be gone
+                // (compacted since it was read), or that is one left from an
+                // earlier fetch; only the deadline tells.
+                let mut past = None;
+                let msg = loop {
+                    let Ok(msg) = tokio::time::timeout_at(deadline, reader.recv()).await else {
+                        return Err(match past {
+                            Some(next) => Failed::Stop(anyhow::anyhow!(
+                                "{topic}/{partition} offset {offset}, fetched again to dead-letter it, is no longer in the topic \
+                                 (the next message there is at offset {next}: compacted since it was read); \
+                                 run the rebuild again: it resumes and reads the newer version of its key"
+                            )),
+                            None => unavailable(anyhow::anyhow!(
+                                "fetching {topic}/{partition} offset {offset} again to dead-letter it: not received in 30 s"
+                            )),
+                        });
+                    };
+                    let msg = msg.map_err(|e| unavailable(e.into()))?;
+                    match refetched(&msg, place, key_hash) {
+                        Refetched::It => break msg,
+                        // Left from an earlier fetch of another place.
+                        Refetched::Elsewhere => continue,
+                        Refetched::Gone => {
+                            past = Some(msg.offset());
+                            continue;
+                        }
+                        Refetched::OtherKey => {
+                            return Err(Failed::Stop(anyhow::anyhow!(
+                                "{topic}/{partition} offset {offset}, fetched again to dead-letter it, is not the message the rebuild read \
+                                 (its key differs): the topic was deleted and created again, or rewritten, during the rebuild; \
+                                 start it over with --restart"
+                            )))
+                        }
+                    }
+                };
                 let producer = letters.producer.as_ref().expect("opened above");
                 producer
                     .send(&letter(msg.key(), msg.payload()))
@@ -407,7 +684,96 @@ impl Writer {
         if let Some(sent) = letters.sent.as_mut() {
             sent.insert(key);
         }
+        drop(letters);
+        if let Some(table) = table {
+            failure::with_retry("counting a dead letter of the rebuild", || {
+                count_sent(&self.pool, &self.group, table)
+            })
+            .await;
+        }
         Ok(true)
+    }
+}
+
+impl Letters {
+    /// Reads which messages the dead-letter topic holds, once.
+    async fn load(&mut self, config: &Config) -> Result<(), Failed> {
+        if self.sent.is_some() {
+            return Ok(());
+        }
+        let mut sent = HashSet::new();
+        for letter in dlq::read_all(config)
+            .await
+            .map_err(|e| Failed::Retry(retry::DLQ_UNAVAILABLE, e))?
+            .into_iter()
+            .flatten()
+        {
+            sent.insert((letter.topic, letter.partition, letter.offset));
+        }
+        self.sent = Some(sent);
+        Ok(())
+    }
+}
+
+/// The row (partition -3 beside the rebuild's marker) that counts the
+/// dead letters a rebuild of a table sent, over all its runs: a fresh
+/// start removes it; its end reads it (`ops::rebuild`, exit status 3).
+pub const SENT_PARTITION: i32 = -3;
+
+/// Counts one dead letter sent by the rebuild of `table`, at once (not
+/// with the chunk: the letter is sent whether or not its chunk commits,
+/// and a later run finds it in the topic and does not send it again).
+async fn count_sent(
+    pool: &deadpool_postgres::Pool,
+    group: &str,
+    table: &str,
+) -> anyhow::Result<()> {
+    let client = pool.get().await?;
+    client
+        .execute(
+            "INSERT INTO regionsync.offsets AS o (consumer_group, topic, partition, next_offset)
+             VALUES ($1, $2, $3, 1)
+             ON CONFLICT (consumer_group, topic, partition) DO UPDATE SET next_offset = o.next_offset + 1, updated_at = now()",
+            &[&group, &super::marker_topic(table), &SENT_PARTITION],
+        )
+        .await?;
+    Ok(())
+}
+
+/// What a dead letter is made of.
+pub enum Body<'a> {
+    /// The message's key and payload.
+    Bytes(KeyAndPayload<'a>),
+    /// Fetched again from Kafka by its place; its key bytes must hash to
+    /// this ([`bulk::key_hash`]).
+    Refetch(u64),
+}
+
+/// What a message fetched again is.
+#[derive(Debug, PartialEq, Eq)]
+enum Refetched {
+    It,
+    /// Another topic or partition, or an earlier offset.
+    Elsewhere,
+    /// Its partition, past its offset: the message may be gone
+    /// (compacted), or this one is left from an earlier fetch.
+    Gone,
+    /// The place asked for, but another key: not the message read.
+    OtherKey,
+}
+
+fn refetched<M: Message>(msg: &M, place: Place<'_>, key_hash: u64) -> Refetched {
+    if msg.topic() != place.topic
+        || msg.partition() != place.partition
+        || msg.offset() < place.offset
+    {
+        Refetched::Elsewhere
+    } else if msg.offset() > place.offset {
+        Refetched::Gone
+    } else if bulk::key_hash(msg.key()) != key_hash {
+        Refetched::OtherKey
+    } else {
+        Refetched::It
     }
 }
 
@@ -429,12 +795,20 @@ type Part<'s, 'c> = &'s [(&'c Final, At)];
 /// then its other rows bisected in savepoints until the parts PostgreSQL
 /// refuses are single rows: those are returned with their faults (table
 /// index, message, fault); the rest is written.
-async fn isolate(
+#[allow(clippy::type_complexity)]
+async fn isolate<'c>(
     tx: &mut Transaction<'_>,
     config: &Config,
     tables: &[TargetTable],
-    chunk: &Chunk,
-) -> Result<(Applied, Vec<(usize, At, Fault)>), Failed> {
+    chunk: &'c Chunk,
+) -> Result<
+    (
+        Applied,
+        Vec<(usize, At, Fault)>,
+        Vec<(usize, &'c Final, At)>,
+    ),
+    Failed,
+> {
     let mut applied = Applied::default();
     for (t, ts_ms, region) in chunk.truncates() {
         applied += apply::apply_truncate(&*tx, &tables[*t], *ts_ms, region)
@@ -472,21 +846,7 @@ async fn isolate(
                     Err(Refused::Wait) => waiting.push((*t, part[0].0, part[0].1)),
                     Err(Refused::Row(fault)) => {
                         let (fin, at) = part[0];
-                        let schema = matches!(fault, Fault::SchemaRefused { .. });
-                        if !schema && config.on_error == OnError::Stop {
-                            return Err(Failed::Stop(anyhow::anyhow!(
-                                "{} key {} (from {}/{} at offset {}): {fault} (on_error = stop); \
-                                 run the rebuild again once it is fixed: it resumes",
-                                table.name,
-                                fin.key_text(),
-                                chunk.topic(at),
-                                at.partition,
-                                at.offset
-                            )));
-                        }
-                        warn!(table = %table.name, key = fin.key_text(), topic = chunk.topic(at), partition = at.partition,
-                            offset = at.offset, reason = fault.reason(), error = %fault,
-                            "PostgreSQL refuses a change of the rebuild: it is dead-lettered");
+                        set_aside(config, table, chunk.topic(at), (*t, fin, at), &fault)?;
                         refused.push((*t, at, fault));
                     }
                 }
@@ -494,27 +854,50 @@ async fn isolate(
         }
     }
     // A unique index or foreign key may wait for another row of the chunk
-    // written meanwhile: once more, row by row.
+    // written meanwhile: once more, row by row; still refused, the other
+    // row is a change of a later chunk: the row waits for it.
+    let mut still = Vec::new();
     for (t, fin, at) in waiting {
         let table = &tables[t];
         match write_part(tx, table, &[(fin, at)]).await? {
             Ok(a) => applied += a,
-            Err(Refused::Row(fault)) => refused.push((t, at, fault)),
-            Err(Refused::Wait | Refused::Part) => {
-                return Err(Failed::Stop(anyhow::anyhow!(
-                    "{} key {} (from {}/{} at offset {}): a unique index or foreign key refuses it, held by a row of \
-                     another partition or table the rebuild has not replayed yet; the worker would wait at it; \
-                     run the rebuild again (it resumes), and see RUNBOOK.md (RegionsyncPartitionHeld) if it stops here again",
-                    table.name,
-                    fin.key_text(),
-                    chunk.topic(at),
-                    at.partition,
-                    at.offset
-                )))
+            Err(Refused::Row(fault)) => {
+                set_aside(config, table, chunk.topic(at), (t, fin, at), &fault)?;
+                refused.push((t, at, fault));
             }
+            Err(Refused::Wait | Refused::Part) => still.push((t, fin, at)),
         }
     }
-    Ok((applied, refused))
+    Ok((applied, refused, still))
+}
+
+/// A row PostgreSQL refused alone for its data, by the worker's verdict
+/// (`failure::refused_verdict`; a schema difference reaches here only
+/// under `on_schema_mismatch = "dlq"`): set aside to be dead-lettered, or
+/// the rebuild stops under `on_error = "stop"`.
+fn set_aside(
+    config: &Config,
+    table: &TargetTable,
+    topic: &str,
+    (_, fin, at): (usize, &Final, At),
+    fault: &Fault,
+) -> Result<(), Failed> {
+    let schema = matches!(fault, Fault::SchemaRefused { .. });
+    if !schema && failure::refused_verdict(config.on_error) == failure::Verdict::Stop {
+        return Err(Failed::Stop(anyhow::anyhow!(
+            "{} key {} (from {}/{} at offset {}): {fault} (on_error = stop); \
+             run the rebuild again once it is fixed: it resumes",
+            table.name,
+            fin.key_text(),
+            topic,
+            at.partition,
+            at.offset
+        )));
+    }
+    warn!(table = %table.name, key = fin.key_text(), topic, partition = at.partition,
+        offset = at.offset, reason = fault.reason(), error = %fault,
+        "PostgreSQL refuses a change of the rebuild: it is dead-lettered");
+    Ok(())
 }
 
 /// Why PostgreSQL refused a part.
@@ -626,4 +1009,64 @@ async fn write_part(
             detail,
         }
     })))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rdkafka::message::OwnedMessage;
+
+    fn message(topic: &str, partition: i32, offset: i64, key: &[u8]) -> OwnedMessage {
+        OwnedMessage::new(
+            Some(b"{}".to_vec()),
+            Some(key.to_vec()),
+            topic.into(),
+            rdkafka::Timestamp::NotAvailable,
+            partition,
+            offset,
+            None,
+        )
+    }
+
+    #[test]
+    fn a_message_fetched_again_is_it_only_at_its_place_with_its_key() {
+        let place = Place {
+            topic: "us-east-1.cdc.public.users",
+            partition: 2,
+            offset: 40,
+        };
+        let key = bulk::key_hash(Some(b"{\"id\": 7}"));
+        let at = |topic, partition, offset, k: &[u8]| {
+            refetched(&message(topic, partition, offset, k), place, key)
+        };
+        assert_eq!(
+            at("us-east-1.cdc.public.users", 2, 40, b"{\"id\": 7}"),
+            Refetched::It
+        );
+        // The same offset of another topic or partition (left from an
+        // earlier fetch) is skipped, not taken for it.
+        assert_eq!(
+            at("cdc.public.users", 2, 40, b"{\"id\": 7}"),
+            Refetched::Elsewhere
+        );
+        assert_eq!(
+            at("us-east-1.cdc.public.users", 1, 40, b"{\"id\": 7}"),
+            Refetched::Elsewhere
+        );
+        assert_eq!(
+            at("us-east-1.cdc.public.users", 2, 39, b"{\"id\": 7}"),
+            Refetched::Elsewhere
+        );
+        // Past it: it was compacted away since it was read.
+        assert_eq!(
+            at("us-east-1.cdc.public.users", 2, 41, b"{\"id\": 7}"),
+            Refetched::Gone
+        );
+        // Its place, another key: the topic was rewritten.
+        assert_eq!(
+            at("us-east-1.cdc.public.users", 2, 40, b"{\"id\": 8}"),
+            Refetched::OtherKey
+        );
+        assert_ne!(bulk::key_hash(None), bulk::key_hash(Some(b"")));
+    }
 }
