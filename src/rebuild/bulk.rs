@@ -67,6 +67,64 @@ pub struct Chunk {
     pub messages: usize,
     /// Changes read into the chunk, before collapsing.
     pub changes: usize,
+    /// Versions held (after collapsing): the rows the flush writes.
+    pub held: usize,
+    /// The held versions' estimated memory ([`held_bytes`]).
+    pub bytes: usize,
+}
+
+/// When a chunk is written: on what it holds (the rows the flush writes
+/// and their memory), not on what it read, since only the newest version
+/// per key is written; and on the messages read, which is what a rebuild
+/// killed before the commit reads again.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Limits {
+    /// Versions held (distinct keys, after collapsing).
+    pub rows: usize,
+    /// Estimated bytes of the held versions ([`held_bytes`]).
+    pub bytes: usize,
+    /// Messages read since the last commit.
+    pub messages: usize,
+}
+
+impl Limits {
+    /// Whether `chunk` is to be written now.
+    pub fn reached(&self, chunk: &Chunk) -> bool {
+        chunk.held >= self.rows || chunk.bytes >= self.bytes || chunk.messages >= self.messages
+    }
+}
+
+/// Roughly what a held version costs in memory: its map slot's key, the
+/// version itself and its strings, the map's own overhead per entry. An
+/// estimate (allocators round up), for [`Limits::bytes`] to bound memory
+/// whatever the number of keys.
+pub fn held_bytes(slot_len: usize, fin: &Final) -> usize {
+    const ENTRY: usize = std::mem::size_of::<(String, (Final, At))>() + 16;
+    let strings = |s: &str| s.len();
+    let opt = |s: &Option<String>| s.as_deref().map_or(0, strings);
+    ENTRY
+        + slot_len
+        + match fin {
+            Final::Upsert(r) => {
+                r.key_text.len()
+                    + r.origin.len()
+                    + opt(&r.home)
+                    + opt(&r.pin)
+                    + r.replaced.as_ref().map_or(0, |(_, o)| o.len())
+                    + r.values.len() * std::mem::size_of::<(usize, Option<String>)>()
+                    + r.values.iter().map(|(_, v)| opt(v)).sum::<usize>()
+                    + r.unavailable.len() * std::mem::size_of::<usize>()
+            }
+            Final::Delete(d) => {
+                d.key_text.len()
+                    + d.origin.len()
+                    + opt(&d.home)
+                    + opt(&d.pin)
+                    + d.replaced.as_ref().map_or(0, |(_, o)| o.len())
+                    + d.key_values.len() * std::mem::size_of::<Option<String>>()
+                    + d.key_values.iter().map(opt).sum::<usize>()
+            }
+        }
 }
 
 /// Whether `a` is a newer version than `b`: the guard's order
@@ -87,8 +145,10 @@ impl Chunk {
             None => Cow::Borrowed(fin.key_text()),
             Some((topic, p)) => Cow::Owned(format!("{}\u{0}{topic}\u{0}{p}", fin.key_text())),
         };
+        let slot_len = slot.len();
         match rows.get_mut(slot.as_ref()) {
             Some((held, held_at)) => {
+                let before = held_bytes(slot_len, held);
                 if newer(fin.version(), held.version()) {
                     let mut fin = fin;
                     keep_unsent(&mut fin, held);
@@ -101,8 +161,11 @@ impl Chunk {
                     // the older version, which would have inserted it.
                     keep_unsent(held, &fin);
                 }
+                self.bytes = self.bytes - before + held_bytes(slot_len, held);
             }
             None => {
+                self.held += 1;
+                self.bytes += held_bytes(slot_len, &fin);
                 rows.insert(slot.into_owned(), (fin, at));
             }
         }
@@ -150,6 +213,7 @@ impl Chunk {
 
     pub fn truncate(&mut self, table: usize, ts_ms: i64, source_region: &str) {
         self.changes += 1;
+        self.bytes += std::mem::size_of::<(usize, i64, String)>() + source_region.len();
         self.truncates
             .push((table, ts_ms, source_region.to_owned()));
     }
@@ -568,6 +632,70 @@ mod tests {
         let (_, kept) = &c.rows[&0]["1"];
         assert_eq!(*kept, at(y, 2), "the newest version's message");
         assert_eq!(c.topic(*kept), "y.cdc.t");
+    }
+
+    #[test]
+    fn a_chunk_is_full_on_the_versions_it_holds_not_on_what_it_read() {
+        let limits = Limits {
+            rows: 3,
+            bytes: usize::MAX,
+            messages: 1000,
+        };
+        let mut c = Chunk::default();
+        // The same three keys read again and again: still three rows to
+        // write, however many changes were read (the bench's topic: ten
+        // changes per key).
+        for round in 0..100 {
+            for key in ["1", "2"] {
+                c.add(0, upsert(key, round, "x"), None, AT);
+                c.messages += 1;
+            }
+        }
+        assert_eq!((c.changes, c.held), (200, 2));
+        assert!(!limits.reached(&c));
+        c.add(0, delete("3", 1, "x"), None, AT);
+        assert_eq!(c.held, 3);
+        assert!(limits.reached(&c), "three versions held");
+        // An insert-only topic (every key once): a row per change.
+        let mut c = Chunk::default();
+        for key in 0..3 {
+            c.add(0, upsert(&key.to_string(), 1, "x"), None, AT);
+        }
+        assert!(limits.reached(&c));
+        // What a kill makes re-read is bounded too.
+        let mut c = Chunk::default();
+        c.messages = 1000;
+        assert!(limits.reached(&c));
+    }
+
+    #[test]
+    fn a_chunks_bytes_follow_the_versions_it_holds() {
+        let mut c = Chunk::default();
+        c.add(0, upsert("1", 1, "x"), None, AT);
+        let one = c.bytes;
+        assert_eq!(one, held_bytes(1, &c.rows[&0]["1"].0));
+        assert!(one > std::mem::size_of::<Final>(), "{one}");
+        // Replaced by a newer version of the same size: the same bytes.
+        c.add(0, upsert("1", 2, "x"), None, AT);
+        assert_eq!(c.bytes, one);
+        // A larger value counts its length.
+        let Final::Upsert(mut big) = upsert("1", 3, "x") else {
+            unreachable!()
+        };
+        big.values[0].1 = Some("x".repeat(10_000));
+        c.add(0, Final::Upsert(big), None, AT);
+        assert_eq!(c.bytes, one + 9_999, "the value grew from 1 byte to 10,000");
+        // An older one read later changes nothing.
+        let before = c.bytes;
+        c.add(0, upsert("1", 0, "x"), None, AT);
+        assert_eq!(c.bytes, before);
+        let limits = Limits {
+            rows: usize::MAX,
+            bytes: 10_000,
+            messages: usize::MAX,
+        };
+        assert!(limits.reached(&c), "one large row fills 10,000 bytes");
+        assert_eq!(c.held, 1);
     }
 
     #[test]

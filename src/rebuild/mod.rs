@@ -611,16 +611,16 @@ async fn plan_pieces<'m, M: Message + Sync>(
 
 /// Replays `spans` of `feeds` into `tables` (the config's, loaded): read
 /// and planned in batches of `apply.batch_max_rows` messages, collapsed
-/// into chunks of about `chunk_changes` changes, each loaded in bulk and
-/// committed with its partitions' offsets under the rebuild's group
-/// ([`bulk`]).
+/// into chunks that are written once they hold `limits` (rows, bytes) or
+/// have read its messages, each loaded in bulk and committed with its
+/// partitions' offsets under the rebuild's group ([`bulk`]).
 pub async fn replay(
     config: &Config,
     pool: &deadpool_postgres::Pool,
     tables: &[TargetTable],
     feeds: &[Feed],
     spans: Vec<Span>,
-    chunk_changes: usize,
+    limits: bulk::Limits,
     on_progress: &OnProgress<'_>,
 ) -> anyhow::Result<Replayed> {
     let mut done = Replayed::default();
@@ -648,7 +648,9 @@ pub async fn replay(
         reader
             .read_into(&mut chunk, &mut done, &mut unreported)
             .await?;
-        if chunk.changes >= chunk_changes || chunk.messages >= chunk_changes || reader.done() {
+        // Written on what the chunk holds, not on what it read: the
+        // versions it collapsed away cost nothing to write.
+        if limits.reached(&chunk) || reader.done() {
             if let Some(committed) = written_chunk(&mut writing).await? {
                 done.add(committed);
                 report(&mut written);
