@@ -54,9 +54,10 @@ pub struct At {
 /// Changes read since the last flush, collapsed.
 #[derive(Default)]
 pub struct Chunk {
-    /// Per table index: key text → the newest final state read, and the
-    /// message it came from.
-    rows: FxHashMap<usize, FxHashMap<String, (Final, At)>>,
+    /// Per table index: key text → the newest final state read, the
+    /// message it came from, and its [`held_bytes`] (kept, so that a
+    /// replaced version's size is not measured again).
+    rows: FxHashMap<usize, FxHashMap<String, (Final, At, usize)>>,
     /// The topics [`At::topic`] indexes.
     topics: Vec<String>,
     /// Truncates read: (table index, commit time ms, source region).
@@ -147,26 +148,31 @@ impl Chunk {
         };
         let slot_len = slot.len();
         match rows.get_mut(slot.as_ref()) {
-            Some((held, held_at)) => {
-                let before = held_bytes(slot_len, held);
+            Some((held, held_at, held_size)) => {
                 if newer(fin.version(), held.version()) {
                     let mut fin = fin;
                     keep_unsent(&mut fin, held);
                     *held = fin;
                     *held_at = at;
-                } else {
+                } else if matches!(&*held, Final::Upsert(r) if !r.unavailable.is_empty()) {
                     // Feeds are read in any order: a newer version with
                     // unsent (TOAST) columns may come first. It can only
                     // update a stored row, so it takes those values from
                     // the older version, which would have inserted it.
                     keep_unsent(held, &fin);
+                } else {
+                    // An older version: nothing held changes.
+                    return;
                 }
-                self.bytes = self.bytes - before + held_bytes(slot_len, held);
+                let size = held_bytes(slot_len, held);
+                self.bytes = self.bytes - *held_size + size;
+                *held_size = size;
             }
             None => {
                 self.held += 1;
-                self.bytes += held_bytes(slot_len, &fin);
-                rows.insert(slot.into_owned(), (fin, at));
+                let size = held_bytes(slot_len, &fin);
+                self.bytes += size;
+                rows.insert(slot.into_owned(), (fin, at, size));
             }
         }
     }
@@ -197,7 +203,7 @@ impl Chunk {
         let mut out: Vec<(usize, Vec<(&Final, At)>)> = self
             .rows
             .iter()
-            .map(|(t, rows)| (*t, rows.values().map(|(f, at)| (f, *at)).collect()))
+            .map(|(t, rows)| (*t, rows.values().map(|(f, at, _)| (f, *at)).collect()))
             .collect();
         out.sort_by_key(|(t, _)| *t);
         out
@@ -575,8 +581,10 @@ mod tests {
         c.add(0, upsert("1", 5, "y"), Some(("y.cdc.t", 0)), AT);
         c.add(0, upsert("2", 1, "x"), Some(("x.cdc.t", 0)), AT);
         assert_eq!(c.keys(), 3);
-        let finals: Vec<Cow<'_, Final>> =
-            c.rows[&0].values().map(|(f, _)| Cow::Borrowed(f)).collect();
+        let finals: Vec<Cow<'_, Final>> = c.rows[&0]
+            .values()
+            .map(|(f, _, _)| Cow::Borrowed(f))
+            .collect();
         let rounds = distinct_key_rounds(finals);
         assert_eq!(rounds.len(), 2, "key 1 twice: two rounds");
         for round in &rounds {
@@ -629,7 +637,7 @@ mod tests {
         c.add(0, upsert("1", 10, "x"), None, at(x, 7));
         c.add(0, upsert("1", 20, "y"), None, at(y, 2));
         c.add(0, upsert("1", 15, "x"), None, at(x, 9));
-        let (_, kept) = &c.rows[&0]["1"];
+        let (_, kept, _) = &c.rows[&0]["1"];
         assert_eq!(*kept, at(y, 2), "the newest version's message");
         assert_eq!(c.topic(*kept), "y.cdc.t");
     }

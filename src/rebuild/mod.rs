@@ -419,19 +419,32 @@ impl<'a> Reader<'a> {
             }
         }
         // Per partition, in offset order; past its end is the worker's.
-        let mut by_partition: HashMap<(String, i32), Vec<BorrowedMessage<'_>>> = HashMap::new();
+        // Found by a scan of the batch's few partitions: a map keyed by
+        // (topic, partition) would allocate the topic's name per message.
+        let mut groups: Vec<((String, i32), Option<i64>, Vec<BorrowedMessage<'_>>)> = Vec::new();
         for m in batch {
-            let key = (m.topic().to_owned(), m.partition());
-            match self.ends.get(&key) {
-                Some(end) if m.offset() < *end => by_partition.entry(key).or_default().push(m),
-                _ => {}
+            let found = groups
+                .iter()
+                .position(|((t, p), _, _)| *p == m.partition() && t == m.topic());
+            let i = found.unwrap_or_else(|| {
+                let key = (m.topic().to_owned(), m.partition());
+                let end = self.ends.get(&key).copied();
+                groups.push((key, end, Vec::new()));
+                groups.len() - 1
+            });
+            let (_, end, messages) = &mut groups[i];
+            if end.is_some_and(|end| m.offset() < end) {
+                messages.push(m);
             }
         }
         // Planned (decoded, routed, prepared) in pieces on several threads:
         // that is most of a rebuild's CPU. The pieces' plans are then taken
         // in each partition's offset order, as one plan would have been.
-        let by_partition: Vec<((String, i32), Vec<BorrowedMessage<'_>>)> =
-            by_partition.into_iter().collect();
+        let by_partition: Vec<((String, i32), Vec<BorrowedMessage<'_>>)> = groups
+            .into_iter()
+            .filter(|(_, _, messages)| !messages.is_empty())
+            .map(|(key, _, messages)| (key, messages))
+            .collect();
         let mut planners = Vec::with_capacity(by_partition.len());
         for ((topic, _), _) in &by_partition {
             let feed = self
