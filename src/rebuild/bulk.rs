@@ -671,8 +671,10 @@ mod tests {
         }
         assert!(limits.reached(&c));
         // What a kill makes re-read is bounded too.
-        let mut c = Chunk::default();
-        c.messages = 1000;
+        let c = Chunk {
+            messages: 1000,
+            ..Chunk::default()
+        };
         assert!(limits.reached(&c));
     }
 

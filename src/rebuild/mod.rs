@@ -421,7 +421,7 @@ impl<'a> Reader<'a> {
         // Per partition, in offset order; past its end is the worker's.
         // Found by a scan of the batch's few partitions: a map keyed by
         // (topic, partition) would allocate the topic's name per message.
-        let mut groups: Vec<((String, i32), Option<i64>, Vec<BorrowedMessage<'_>>)> = Vec::new();
+        let mut groups: Vec<PartitionMessages<'_>> = Vec::new();
         for m in batch {
             let found = groups
                 .iter()
@@ -554,6 +554,11 @@ impl<'a> Reader<'a> {
         Ok(())
     }
 }
+
+/// A batch's messages of one partition: its (topic, partition), the end it
+/// is replayed to (`None`: read to it already), and its messages before
+/// that end.
+type PartitionMessages<'m> = ((String, i32), Option<i64>, Vec<BorrowedMessage<'m>>);
 
 /// Threads that decode a rebuild's batches: one per core.
 fn decoder_threads() -> usize {
