@@ -89,9 +89,18 @@ pub struct Limits {
 }
 
 impl Limits {
-    /// Whether `chunk` is to be written now.
+    /// Whether `chunk` is to be written now. Also, at a quarter of `rows`,
+    /// a chunk that collapsed less than a tenth of the changes it read (an
+    /// insert-only topic: every key once): growing it would save no row,
+    /// and a chunk written earlier is written while the next is read
+    /// instead of after all reading.
     pub fn reached(&self, chunk: &Chunk) -> bool {
-        chunk.held >= self.rows || chunk.bytes >= self.bytes || chunk.messages >= self.messages
+        let not_collapsing =
+            chunk.held >= (self.rows / 4).max(1) && chunk.held * 10 >= chunk.changes * 9;
+        chunk.held >= self.rows
+            || chunk.bytes >= self.bytes
+            || chunk.messages >= self.messages
+            || not_collapsing
     }
 }
 
@@ -664,12 +673,24 @@ mod tests {
         c.add(0, delete("3", 1, "x"), None, AT);
         assert_eq!(c.held, 3);
         assert!(limits.reached(&c), "three versions held");
-        // An insert-only topic (every key once): a row per change.
+        // An insert-only topic (every key once): a row per change, written
+        // from a quarter of the limit on (nothing collapses).
+        let limits = Limits { rows: 8, ..limits };
         let mut c = Chunk::default();
-        for key in 0..3 {
+        for key in 0..2 {
             c.add(0, upsert(&key.to_string(), 1, "x"), None, AT);
         }
-        assert!(limits.reached(&c));
+        assert!(limits.reached(&c), "2 of 2 changes held: not collapsing");
+        let mut c = Chunk::default();
+        for round in 0..2 {
+            for key in 0..3 {
+                c.add(0, upsert(&key.to_string(), round, "x"), None, AT);
+            }
+        }
+        assert!(
+            !limits.reached(&c),
+            "3 of 6 changes held: collapsing, below 8"
+        );
         // What a kill makes re-read is bounded too.
         let c = Chunk {
             messages: 1000,
