@@ -55,7 +55,8 @@ demo:
 # bench-rebuild (tools/src/bin/bench-rebuild; run by make bench after bench,
 # on its topics): `regionsync rebuild` against PostgreSQL's own COPY into an
 # empty table of the same shape, the worker's replay and the ceiling, side
-# by side; BENCH_ARGS as for bench, plus --chunk C.
+# by side; BENCH_ARGS as for bench, plus the rebuild's --chunk-rows N,
+# --chunk-mb M, --chunk C (its own defaults when absent).
 bench-rebuild: stack-up
 	cargo build --release -p regionsync -p regionsync-tools --bin regionsync --bin bench-rebuild
 	./target/release/bench-rebuild $(BENCH_ARGS)

@@ -215,10 +215,23 @@ enum Command {
         /// way.
         #[arg(long)]
         restart: bool,
-        /// Changes collapsed (newest version per key) into one bulk load
-        /// and one transaction with its offsets: larger is faster and
-        /// holds more in memory (about 1 KB per distinct key).
-        #[arg(long, default_value_t = 50_000)]
+        /// A chunk (changes collapsed to the newest version per key, one
+        /// bulk load and one transaction with its offsets) is written once
+        /// it holds this many versions (rows to write): larger writes
+        /// fewer rows when keys repeat, and holds more in memory. A chunk
+        /// that collapses almost nothing (an insert-only topic) is written
+        /// from a quarter of this on.
+        #[arg(long, default_value_t = 200_000)]
+        chunk_rows: usize,
+        /// ... or once its versions take about this many MB of memory
+        /// (twice that while one chunk is written and the next read),
+        /// whatever the number of keys.
+        #[arg(long, default_value_t = 256)]
+        chunk_mb: usize,
+        /// ... or once it has read this many messages since the last
+        /// commit: what a rebuild killed before its next commit reads
+        /// again.
+        #[arg(long, default_value_t = 2_000_000)]
         chunk: usize,
         /// With --shadow: the longest the swap may hold the live tables'
         /// lock (seconds); past it the swap is rolled back whole and tried
@@ -429,6 +442,8 @@ fn main() -> ExitCode {
         tables,
         shadow,
         restart,
+        chunk_rows,
+        chunk_mb,
         chunk,
         swap_timeout,
     } = &cli.command
@@ -459,7 +474,11 @@ fn main() -> ExitCode {
                                 tables,
                                 *shadow,
                                 *restart,
-                                *chunk,
+                                regionsync::rebuild::bulk::Limits {
+                                    rows: (*chunk_rows).max(1),
+                                    bytes: chunk_mb.saturating_mul(1 << 20).max(1),
+                                    messages: (*chunk).max(1),
+                                },
                                 swap_timeout,
                             )
                             .await

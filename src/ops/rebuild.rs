@@ -30,7 +30,7 @@ pub async fn run(
     tables: &[String],
     shadow: bool,
     restart: bool,
-    chunk_changes: usize,
+    limits: rebuild::bulk::Limits,
     swap_timeout: Duration,
 ) -> anyhow::Result<Finished> {
     let names: Vec<String> = config
@@ -238,16 +238,8 @@ pub async fn run(
                 .set(total.saturating_sub(p.done()) as f64);
         }
     };
-    let replayed = rebuild::replay(
-        config,
-        &pool,
-        &targets,
-        &feeds,
-        spans,
-        chunk_changes.max(1),
-        &on_progress,
-    )
-    .await?;
+    let replayed =
+        rebuild::replay(config, &pool, &targets, &feeds, spans, limits, &on_progress).await?;
     for (p, _) in progress.values() {
         p.finish();
     }
@@ -259,7 +251,7 @@ pub async fn run(
             (&loaded, &targets),
             &feeds,
             &pending,
-            chunk_changes.max(1),
+            limits,
             swap_timeout,
         )
         .await?;
@@ -561,7 +553,7 @@ async fn swap_in(
     (loaded, targets): (&[TargetTable], &[TargetTable]),
     feeds: &[Feed],
     pending: &[usize],
-    chunk_changes: usize,
+    limits: rebuild::bulk::Limits,
     deadline: Duration,
 ) -> anyhow::Result<Swapped> {
     let consumer = rebuild::consumer(config)?;
@@ -590,16 +582,8 @@ async fn swap_in(
         let client = pool.get().await?;
         let spans = catch_up_spans(&**client, &consumer, config, feeds).await?;
         drop(client);
-        let first = rebuild::replay(
-            config,
-            pool,
-            targets,
-            feeds,
-            spans,
-            chunk_changes,
-            &|_, _| {},
-        )
-        .await?;
+        let first =
+            rebuild::replay(config, pool, targets, feeds, spans, limits, &|_, _| {}).await?;
         done.caught_up += first.messages;
         done.add(&first);
         if attempt == 1 {

@@ -68,9 +68,10 @@ pub type Source = (At, i64, String);
 /// Changes read since the last flush, collapsed.
 #[derive(Default)]
 pub struct Chunk {
-    /// Per table index: key text → the newest final state read, and the
-    /// message it came from.
-    rows: FxHashMap<usize, FxHashMap<String, (Final, At)>>,
+    /// Per table index: key text → the newest final state read, the
+    /// message it came from, and its [`held_bytes`] (kept, so that a
+    /// replaced version's size is not measured again).
+    rows: FxHashMap<usize, FxHashMap<String, (Final, At, usize)>>,
     /// The topics [`At::topic`] indexes.
     topics: Vec<String>,
     /// Per kept version (its message) whose unsent (TOAST) columns were
@@ -86,6 +87,73 @@ pub struct Chunk {
     pub messages: usize,
     /// Changes read into the chunk, before collapsing.
     pub changes: usize,
+    /// Versions held (after collapsing): the rows the flush writes.
+    pub held: usize,
+    /// The held versions' estimated memory ([`held_bytes`]).
+    pub bytes: usize,
+}
+
+/// When a chunk is written: on what it holds (the rows the flush writes
+/// and their memory), not on what it read, since only the newest version
+/// per key is written; and on the messages read, which is what a rebuild
+/// killed before the commit reads again.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Limits {
+    /// Versions held (distinct keys, after collapsing).
+    pub rows: usize,
+    /// Estimated bytes of the held versions ([`held_bytes`]).
+    pub bytes: usize,
+    /// Messages read since the last commit.
+    pub messages: usize,
+}
+
+impl Limits {
+    /// Whether `chunk` is to be written now. Also, at a quarter of `rows`,
+    /// a chunk that collapsed less than a tenth of the changes it read (an
+    /// insert-only topic: every key once): growing it would save no row,
+    /// and a chunk written earlier is written while the next is read
+    /// instead of after all reading.
+    pub fn reached(&self, chunk: &Chunk) -> bool {
+        let not_collapsing =
+            chunk.held >= (self.rows / 4).max(1) && chunk.held * 10 >= chunk.changes * 9;
+        chunk.held >= self.rows
+            || chunk.bytes >= self.bytes
+            || chunk.messages >= self.messages
+            || not_collapsing
+    }
+}
+
+/// Roughly what a held version costs in memory: its map slot's key, the
+/// version itself and its strings, the map's own overhead per entry. An
+/// estimate (allocators round up), for [`Limits::bytes`] to bound memory
+/// whatever the number of keys.
+pub fn held_bytes(slot_len: usize, fin: &Final) -> usize {
+    const ENTRY: usize = std::mem::size_of::<(String, (Final, At))>() + 16;
+    let strings = |s: &str| s.len();
+    let opt = |s: &Option<String>| s.as_deref().map_or(0, strings);
+    ENTRY
+        + slot_len
+        + match fin {
+            Final::Upsert(r) => {
+                r.key_text.len()
+                    + r.origin.len()
+                    + opt(&r.home)
+                    + opt(&r.pin)
+                    + r.replaced.as_ref().map_or(0, |(_, o)| o.len())
+                    + r.values.len() * std::mem::size_of::<(usize, Option<String>)>()
+                    + r.values.iter().map(|(_, v)| opt(v)).sum::<usize>()
+                    + r.unavailable.len() * std::mem::size_of::<usize>()
+            }
+            Final::Delete(d) => {
+                d.key_text.len()
+                    + d.origin.len()
+                    + opt(&d.home)
+                    + opt(&d.pin)
+                    + d.replaced.as_ref().map_or(0, |(_, o)| o.len())
+                    + d.key_values.len() * std::mem::size_of::<Option<String>>()
+                    + d.key_values.iter().map(opt).sum::<usize>()
+            }
+        }
 }
 
 /// Whether `a` is a newer version than `b`: the guard's order
@@ -106,8 +174,9 @@ impl Chunk {
             None => Cow::Borrowed(fin.key_text()),
             Some((topic, p)) => Cow::Owned(format!("{}\u{0}{topic}\u{0}{p}", fin.key_text())),
         };
+        let slot_len = slot.len();
         match rows.get_mut(slot.as_ref()) {
-            Some((held, held_at)) => {
+            Some((held, held_at, held_size)) => {
                 if newer(fin.version(), held.version()) {
                     let mut fin = fin;
                     let older = self.merged.remove(held_at);
@@ -119,7 +188,7 @@ impl Chunk {
                     }
                     *held = fin;
                     *held_at = at;
-                } else {
+                } else if matches!(&*held, Final::Upsert(r) if !r.unavailable.is_empty()) {
                     // Feeds are read in any order: a newer version with
                     // unsent (TOAST) columns may come first. It can only
                     // update a stored row, so it takes those values from
@@ -130,10 +199,19 @@ impl Chunk {
                         sources.push((at, hlc, origin.to_owned()));
                         sources.sort_by(|a, b| (a.1, &a.2).cmp(&(b.1, &b.2)));
                     }
+                } else {
+                    // An older version: nothing held changes.
+                    return;
                 }
+                let size = held_bytes(slot_len, held);
+                self.bytes = self.bytes - *held_size + size;
+                *held_size = size;
             }
             None => {
-                rows.insert(slot.into_owned(), (fin, at));
+                self.held += 1;
+                let size = held_bytes(slot_len, &fin);
+                self.bytes += size;
+                rows.insert(slot.into_owned(), (fin, at, size));
             }
         }
     }
@@ -170,7 +248,7 @@ impl Chunk {
         let mut out: Vec<(usize, Vec<(&Final, At)>)> = self
             .rows
             .iter()
-            .map(|(t, rows)| (*t, rows.values().map(|(f, at)| (f, *at)).collect()))
+            .map(|(t, rows)| (*t, rows.values().map(|(f, at, _)| (f, *at)).collect()))
             .collect();
         out.sort_by_key(|(t, _)| *t);
         out
@@ -186,6 +264,7 @@ impl Chunk {
 
     pub fn truncate(&mut self, table: usize, ts_ms: i64, source_region: &str) {
         self.changes += 1;
+        self.bytes += std::mem::size_of::<(usize, i64, String)>() + source_region.len();
         self.truncates
             .push((table, ts_ms, source_region.to_owned()));
     }
@@ -558,8 +637,10 @@ mod tests {
         c.add(0, upsert("1", 5, "y"), Some(("y.cdc.t", 0)), AT);
         c.add(0, upsert("2", 1, "x"), Some(("x.cdc.t", 0)), AT);
         assert_eq!(c.keys(), 3);
-        let finals: Vec<Cow<'_, Final>> =
-            c.rows[&0].values().map(|(f, _)| Cow::Borrowed(f)).collect();
+        let finals: Vec<Cow<'_, Final>> = c.rows[&0]
+            .values()
+            .map(|(f, _, _)| Cow::Borrowed(f))
+            .collect();
         let rounds = distinct_key_rounds(finals);
         assert_eq!(rounds.len(), 2, "key 1 twice: two rounds");
         for round in &rounds {
@@ -613,7 +694,7 @@ mod tests {
         c.add(0, upsert("1", 10, "x"), None, at(x, 7));
         c.add(0, upsert("1", 20, "y"), None, at(y, 2));
         c.add(0, upsert("1", 15, "x"), None, at(x, 9));
-        let (_, kept) = &c.rows[&0]["1"];
+        let (_, kept, _) = &c.rows[&0]["1"];
         assert_eq!(*kept, at(y, 2), "the newest version's message");
         assert_eq!(c.topic(*kept), "y.cdc.t");
     }
@@ -643,7 +724,7 @@ mod tests {
         c.add(0, partial(3), None, at(30));
         c.add(0, Final::Upsert(whole.clone()), None, at(10));
         c.add(0, partial(2), None, at(20));
-        let (_, kept) = &c.rows[&0]["1"];
+        let (_, kept, _) = &c.rows[&0]["1"];
         assert_eq!(*kept, at(30));
         let sources: Vec<(i64, i64)> = c
             .merged_from(*kept)
@@ -656,7 +737,7 @@ mod tests {
         c.add(0, Final::Upsert(whole.clone()), None, at(10));
         c.add(0, partial(2), None, at(20));
         c.add(0, partial(3), None, at(30));
-        let (_, kept) = &c.rows[&0]["1"];
+        let (_, kept, _) = &c.rows[&0]["1"];
         let sources: Vec<i64> = c
             .merged_from(*kept)
             .iter()
@@ -674,6 +755,84 @@ mod tests {
             c.merged_from(at(30)).is_empty(),
             "forgotten with its version"
         );
+    }
+
+    #[test]
+    fn a_chunk_is_full_on_the_versions_it_holds_not_on_what_it_read() {
+        let limits = Limits {
+            rows: 3,
+            bytes: usize::MAX,
+            messages: 1000,
+        };
+        let mut c = Chunk::default();
+        // The same three keys read again and again: still three rows to
+        // write, however many changes were read (the bench's topic: ten
+        // changes per key).
+        for round in 0..100 {
+            for key in ["1", "2"] {
+                c.add(0, upsert(key, round, "x"), None, AT);
+                c.messages += 1;
+            }
+        }
+        assert_eq!((c.changes, c.held), (200, 2));
+        assert!(!limits.reached(&c));
+        c.add(0, delete("3", 1, "x"), None, AT);
+        assert_eq!(c.held, 3);
+        assert!(limits.reached(&c), "three versions held");
+        // An insert-only topic (every key once): a row per change, written
+        // from a quarter of the limit on (nothing collapses).
+        let limits = Limits { rows: 8, ..limits };
+        let mut c = Chunk::default();
+        for key in 0..2 {
+            c.add(0, upsert(&key.to_string(), 1, "x"), None, AT);
+        }
+        assert!(limits.reached(&c), "2 of 2 changes held: not collapsing");
+        let mut c = Chunk::default();
+        for round in 0..2 {
+            for key in 0..3 {
+                c.add(0, upsert(&key.to_string(), round, "x"), None, AT);
+            }
+        }
+        assert!(
+            !limits.reached(&c),
+            "3 of 6 changes held: collapsing, below 8"
+        );
+        // What a kill makes re-read is bounded too.
+        let c = Chunk {
+            messages: 1000,
+            ..Chunk::default()
+        };
+        assert!(limits.reached(&c));
+    }
+
+    #[test]
+    fn a_chunks_bytes_follow_the_versions_it_holds() {
+        let mut c = Chunk::default();
+        c.add(0, upsert("1", 1, "x"), None, AT);
+        let one = c.bytes;
+        assert_eq!(one, held_bytes(1, &c.rows[&0]["1"].0));
+        assert!(one > std::mem::size_of::<Final>(), "{one}");
+        // Replaced by a newer version of the same size: the same bytes.
+        c.add(0, upsert("1", 2, "x"), None, AT);
+        assert_eq!(c.bytes, one);
+        // A larger value counts its length.
+        let Final::Upsert(mut big) = upsert("1", 3, "x") else {
+            unreachable!()
+        };
+        big.values[0].1 = Some("x".repeat(10_000));
+        c.add(0, Final::Upsert(big), None, AT);
+        assert_eq!(c.bytes, one + 9_999, "the value grew from 1 byte to 10,000");
+        // An older one read later changes nothing.
+        let before = c.bytes;
+        c.add(0, upsert("1", 0, "x"), None, AT);
+        assert_eq!(c.bytes, before);
+        let limits = Limits {
+            rows: usize::MAX,
+            bytes: 10_000,
+            messages: usize::MAX,
+        };
+        assert!(limits.reached(&c), "one large row fills 10,000 bytes");
+        assert_eq!(c.held, 1);
     }
 
     #[test]

@@ -446,19 +446,32 @@ impl<'a> Reader<'a> {
             }
         }
         // Per partition, in offset order; past its end is the worker's.
-        let mut by_partition: HashMap<(String, i32), Vec<BorrowedMessage<'_>>> = HashMap::new();
+        // Found by a scan of the batch's few partitions: a map keyed by
+        // (topic, partition) would allocate the topic's name per message.
+        let mut groups: Vec<PartitionMessages<'_>> = Vec::new();
         for m in batch {
-            let key = (m.topic().to_owned(), m.partition());
-            match self.ends.get(&key) {
-                Some(end) if m.offset() < *end => by_partition.entry(key).or_default().push(m),
-                _ => {}
+            let found = groups
+                .iter()
+                .position(|((t, p), _, _)| *p == m.partition() && t == m.topic());
+            let i = found.unwrap_or_else(|| {
+                let key = (m.topic().to_owned(), m.partition());
+                let end = self.ends.get(&key).copied();
+                groups.push((key, end, Vec::new()));
+                groups.len() - 1
+            });
+            let (_, end, messages) = &mut groups[i];
+            if end.is_some_and(|end| m.offset() < end) {
+                messages.push(m);
             }
         }
         // Planned (decoded, routed, prepared) in pieces on several threads:
         // that is most of a rebuild's CPU. The pieces' plans are then taken
         // in each partition's offset order, as one plan would have been.
-        let by_partition: Vec<((String, i32), Vec<BorrowedMessage<'_>>)> =
-            by_partition.into_iter().collect();
+        let by_partition: Vec<((String, i32), Vec<BorrowedMessage<'_>>)> = groups
+            .into_iter()
+            .filter(|(_, _, messages)| !messages.is_empty())
+            .map(|(key, _, messages)| (key, messages))
+            .collect();
         let mut planners = Vec::with_capacity(by_partition.len());
         for ((topic, _), _) in &by_partition {
             let feed = self
@@ -576,6 +589,11 @@ impl<'a> Reader<'a> {
     }
 }
 
+/// A batch's messages of one partition: its (topic, partition), the end it
+/// is replayed to (`None`: read to it already), and its messages before
+/// that end.
+type PartitionMessages<'m> = ((String, i32), Option<i64>, Vec<BorrowedMessage<'m>>);
+
 /// Threads that decode a rebuild's batches: one per core.
 fn decoder_threads() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
@@ -645,16 +663,16 @@ async fn plan_pieces<'m, M: Message + Sync>(
 
 /// Replays `spans` of `feeds` into `tables` (the config's, loaded): read
 /// and planned in batches of `apply.batch_max_rows` messages, collapsed
-/// into chunks of about `chunk_changes` changes, each loaded in bulk and
-/// committed with its partitions' offsets under the rebuild's group
-/// ([`bulk`]).
+/// into chunks that are written once they hold `limits` (rows, bytes) or
+/// have read its messages, each loaded in bulk and committed with its
+/// partitions' offsets under the rebuild's group ([`bulk`]).
 pub async fn replay(
     config: &Config,
     pool: &deadpool_postgres::Pool,
     tables: &[TargetTable],
     feeds: &[Feed],
     spans: Vec<Span>,
-    chunk_changes: usize,
+    limits: bulk::Limits,
     on_progress: &OnProgress<'_>,
 ) -> anyhow::Result<Replayed> {
     let mut done = Replayed::default();
@@ -682,7 +700,9 @@ pub async fn replay(
         reader
             .read_into(&mut chunk, &mut done, &mut unreported)
             .await?;
-        if chunk.changes >= chunk_changes || chunk.messages >= chunk_changes || reader.done() {
+        // Written on what the chunk holds, not on what it read: the
+        // versions it collapsed away cost nothing to write.
+        if limits.reached(&chunk) || reader.done() {
             if let Some(committed) = written_chunk(&mut writing).await? {
                 done.add(committed);
                 report(&mut written);

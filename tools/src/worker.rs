@@ -208,14 +208,15 @@ pub fn free_port() -> u16 {
 /// any), from process start to its exit; `n` changes make the rate.
 /// `shadow`: `rebuild --shadow`, into a shadow table swapped in at the end
 /// (the copy is then owned by the rebuild's role, which may create in
-/// schema `bench`, as the swap needs).
+/// schema `bench`, as the swap needs). `options`: more of the rebuild's
+/// options (`--chunk-rows N`, …), passed as they are.
 pub async fn run_rebuild(
     b_admin: &Client,
     source_topic: &str,
     source_table: &str,
     copy: &str,
     n: u64,
-    chunk: u64,
+    options: &[String],
     shadow: bool,
 ) -> RunResult {
     fresh_copy(b_admin, copy).await;
@@ -238,7 +239,8 @@ pub async fn run_rebuild(
     let child = Command::new(root().join("target/release/regionsync"))
         .arg("--config")
         .arg(&path)
-        .args(["rebuild", "--chunk", &chunk.to_string()])
+        .arg("rebuild")
+        .args(options)
         .args(shadow.then_some("--shadow"))
         .env("REGIONSYNC_POSTGRES__PASSWORD", regionsync_password())
         .env("RUST_LOG", "warn")

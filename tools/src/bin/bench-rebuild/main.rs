@@ -17,7 +17,8 @@
 //!    `make bench`), and the ceiling of its statements from memory (JSON).
 //!
 //! ```text
-//! cargo run --release -p regionsync-tools --bin bench-rebuild [-- --changes N --runs R --chunk C]
+//! cargo run --release -p regionsync-tools --bin bench-rebuild [-- --changes N --runs R]
+//!     [--chunk-rows N --chunk-mb M --chunk C: passed to `regionsync rebuild`; its defaults if absent]
 //! ```
 
 #[path = "../bench/ceiling.rs"]
@@ -40,8 +41,58 @@ use tokio_postgres::Client;
 
 use crate::ceiling::{ceiling, ceiling_input};
 
-const USAGE: &str = "usage: bench-rebuild [--changes N (default 1000000)] [--runs R (default 3)] [--chunk C (default 50000)]
-regionsync rebuild's rate against PostgreSQL's COPY, the worker's replay and the ceiling (the local stack must be up; uses bench's topics).";
+const USAGE: &str = "usage: bench-rebuild [--changes N (default 1000000)] [--runs R (default 3)] [--chunk-rows N] [--chunk-mb M] [--chunk C]
+regionsync rebuild's rate against PostgreSQL's COPY, the worker's replay and the ceiling (the local stack must be up; uses bench's topics).
+--chunk-rows, --chunk-mb, --chunk: passed to regionsync rebuild (its own defaults when absent: regionsync rebuild --help).";
+
+/// The rebuild's chunk options given on the command line, passed on as
+/// they are.
+fn rebuild_options() -> Vec<String> {
+    let args: Vec<String> = std::env::args().collect();
+    let mut out = Vec::new();
+    for name in ["--chunk-rows", "--chunk-mb", "--chunk"] {
+        if let Some(i) = args.iter().position(|a| a == name) {
+            let value = args.get(i + 1).unwrap_or_else(|| {
+                eprintln!("{name}: a value is missing\n{USAGE}");
+                std::process::exit(2)
+            });
+            out.extend([name.to_string(), value.clone()]);
+        }
+    }
+    out
+}
+
+/// One timed rebuild (plain or `--shadow`) of an empty copy, checked equal
+/// to A's table (`want`) and printed: its rate and what it cost.
+#[allow(clippy::too_many_arguments)]
+async fn timed_rebuild(
+    b: &Client,
+    (avro_topic, table, want): (&str, &str, &str),
+    run: u64,
+    n: u64,
+    r: u64,
+    options: &[String],
+    shadow: bool,
+) -> regionsync_tools::worker::RunResult {
+    let (what, copy) = if shadow {
+        ("regionsync rebuild --shadow", format!("bench_shadow_{run}"))
+    } else {
+        ("regionsync rebuild", format!("bench_rebuild_{run}"))
+    };
+    let rb = run_rebuild(b, avro_topic, table, &copy, n, options, shadow).await;
+    let got = checksum(b, &format!("bench.{copy}")).await;
+    assert_eq!(
+        got, want,
+        "{what} run {run}: the copy differs from A: failed, not timed"
+    );
+    drop_copy(b, &copy).await;
+    println!(
+        "run {run}: {what}: {:.0} changes/s ({:.2}s for {r} rows: {:.0} rows/s), peak RSS {:.0} MB, CPU regionsync {:.1}s PostgreSQL {:.1}s ({:.1} + {:.1} µs per change)",
+        rb.rows_per_s, rb.seconds, r as f64 / rb.seconds, rb.rss_mb, rb.cpu_sink, rb.cpu_pg,
+        rb.cpu_sink * 1e6 / n as f64, rb.cpu_pg * 1e6 / n as f64
+    );
+    rb
+}
 
 /// `COPY (query) TO STDOUT` of A, in memory.
 async fn copy_out(a: &Client, query: &str) -> (Vec<u8>, u64) {
@@ -95,7 +146,7 @@ async fn main() {
     exit_if_help(USAGE);
     let n = arg("--changes", 1_000_000);
     let runs = arg("--runs", 3);
-    let chunk = arg("--chunk", 50_000);
+    let options = rebuild_options();
     let a = connect(pg_port_a(), "postgres", "").await;
     let b = connect(pg_port_b(), "postgres", "").await;
     ensure_source(&a, n).await;
@@ -111,6 +162,14 @@ async fn main() {
     println!(
         "avro: {messages} messages ({n} changes) on {} in B's Kafka",
         mirrored(&avro_topic)
+    );
+    println!(
+        "regionsync rebuild options: {}",
+        if options.is_empty() {
+            "its defaults".to_string()
+        } else {
+            options.join(" ")
+        }
     );
 
     // The COPY input: A's table (R rows), and N rows of the same shape.
@@ -163,35 +222,11 @@ async fn main() {
         println!("run {run}: PostgreSQL COPY of A's {r} rows: {rate:.0} rows/s ({:.2}s), CPU PostgreSQL {cpu:.1}s", r as f64 / rate);
         copy_r.push(rate);
 
-        let copy = format!("bench_rebuild_{run}");
-        let rb = run_rebuild(&b, &avro_topic, &table, &copy, n, chunk, false).await;
-        let got = checksum(&b, &format!("bench.{copy}")).await;
-        assert_eq!(
-            got, want,
-            "rebuild run {run}: the copy differs from A: failed, not timed"
-        );
-        drop_copy(&b, &copy).await;
-        println!(
-            "run {run}: regionsync rebuild: {:.0} changes/s ({:.2}s for {r} rows: {:.0} rows/s), peak RSS {:.0} MB, CPU regionsync {:.1}s PostgreSQL {:.1}s ({:.1} + {:.1} µs per change)",
-            rb.rows_per_s, rb.seconds, r as f64 / rb.seconds, rb.rss_mb, rb.cpu_sink, rb.cpu_pg,
-            rb.cpu_sink * 1e6 / n as f64, rb.cpu_pg * 1e6 / n as f64
-        );
+        let source = (avro_topic.as_str(), table.as_str(), want.as_str());
+        let rb = timed_rebuild(&b, source, run, n, r, &options, false).await;
         rebuilds.push(rb.rows_per_s);
         rebuild_secs.push(rb.seconds);
-
-        let copy = format!("bench_shadow_{run}");
-        let sh = run_rebuild(&b, &avro_topic, &table, &copy, n, chunk, true).await;
-        let got = checksum(&b, &format!("bench.{copy}")).await;
-        assert_eq!(
-            got, want,
-            "shadow rebuild run {run}: the copy differs from A: failed, not timed"
-        );
-        drop_copy(&b, &copy).await;
-        println!(
-            "run {run}: regionsync rebuild --shadow: {:.0} changes/s ({:.2}s), peak RSS {:.0} MB, CPU regionsync {:.1}s PostgreSQL {:.1}s ({:.1} + {:.1} µs per change)",
-            sh.rows_per_s, sh.seconds, sh.rss_mb, sh.cpu_sink, sh.cpu_pg,
-            sh.cpu_sink * 1e6 / n as f64, sh.cpu_pg * 1e6 / n as f64
-        );
+        let sh = timed_rebuild(&b, source, run, n, r, &options, true).await;
         shadows.push(sh.rows_per_s);
 
         let copy = format!("bench_replay_{run}");
