@@ -1449,13 +1449,7 @@ async fn a_statement_stuck_on_a_lock_is_cancelled_and_retried_without_a_dead_let
     let worker = Worker::start(config);
     insert_users(&table, 1, 5).await;
     assert_eq!(table.wait_converged(Duration::from_secs(60)).await, 5);
-    let b = app_db(&region_b()).await;
-    b.batch_execute(&format!(
-        "BEGIN; LOCK TABLE public.{} IN EXCLUSIVE MODE",
-        table.name
-    ))
-    .await
-    .expect("hold the table's lock (writes wait; the test's reads do not)");
+    let b = lock_in_b(&table).await;
     let held = held_until_released(
         &table,
         (6, 20),
@@ -1471,6 +1465,20 @@ async fn a_statement_stuck_on_a_lock_is_cancelled_and_retried_without_a_dead_let
         held.retries, held.recovered_in
     );
     worker.stop().await;
+}
+
+/// A connection to B holding `table`'s lock in an open transaction
+/// (EXCLUSIVE: the worker's writes wait, the test's reads do not); its
+/// `ROLLBACK` releases it.
+async fn lock_in_b(table: &TestTable) -> tokio_postgres::Client {
+    let b = app_db(&region_b()).await;
+    b.batch_execute(&format!(
+        "BEGIN; LOCK TABLE public.{} IN EXCLUSIVE MODE",
+        table.name
+    ))
+    .await
+    .expect("hold the table's lock (writes wait; the test's reads do not)");
+    b
 }
 
 /// No pooled connection is free: the pool has one, and a batch holds it
@@ -1490,13 +1498,7 @@ async fn a_pool_without_a_free_connection_is_waited_out_without_a_dead_letter() 
     let worker = Worker::start(config);
     insert_users(&table, 1, 8).await;
     assert_eq!(table.wait_converged(Duration::from_secs(60)).await, 8);
-    let b = app_db(&region_b()).await;
-    b.batch_execute(&format!(
-        "BEGIN; LOCK TABLE public.{} IN EXCLUSIVE MODE",
-        table.name
-    ))
-    .await
-    .expect("hold the table's lock (writes wait; the test's reads do not)");
+    let b = lock_in_b(&table).await;
     let held = held_until_released(
         &table,
         (9, 20),

@@ -600,7 +600,6 @@ async fn start_partition(
     } else {
         info!(topic = %topic, partition, offset = start, "nothing stored: starting at the first offset the check accepted");
     }
-    worker.release(topic, partition);
     Some(start)
 }
 
