@@ -872,10 +872,7 @@ async fn commit<M: Message>(
                         .map_err(classify)?;
                     *counts.entry(*table).or_default() += a;
                 }
-                pending_keys
-                    .entry(*table)
-                    .or_default()
-                    .insert(fin.key_text());
+                keys.insert(fin.key_text());
                 pending.entry(*table).or_default().push(fin);
             }
             Step::Truncate { table, ts_ms } => {
