@@ -23,7 +23,7 @@ use support::kit::*;
 use support::*;
 
 fn tls_dir() -> PathBuf {
-    repo_root().join("target/stack/tls")
+    stack_dir().join("tls")
 }
 
 fn ca() -> String {

@@ -1,7 +1,8 @@
 //! The stack's own life cycle: `make stack-down` stops every process it
 //! started, `make stack-up` brings an existing stack back with its data, and
-//! removing target/stack builds a new one. It restarts the whole stack, so
-//! `make test` runs it alone, after every other integration test.
+//! removing target/stack (`STACK_DIR`) builds a new one. It restarts the
+//! whole stack, so `make test` runs it last in its second lane
+//! (tests/lane2.sh), on that lane's own stack.
 
 mod support;
 
@@ -31,7 +32,7 @@ fn make(target: &str) {
 }
 
 fn recorded_pids() -> Vec<u32> {
-    let dir = repo_root().join("target/stack/pids");
+    let dir = stack_dir().join("pids");
     let Ok(entries) = std::fs::read_dir(&dir) else {
         return vec![];
     };
@@ -171,7 +172,7 @@ async fn stack_restarts_with_its_data_and_rebuilds_from_nothing() {
 
     // Down, remove the state, up: a brand-new stack that still replicates.
     stack_down_leaves_nothing();
-    std::fs::remove_dir_all(repo_root().join("target/stack")).expect("rm -rf target/stack");
+    std::fs::remove_dir_all(stack_dir()).expect("rm -rf the stack's directory");
     make("stack-up");
     assert!(
         !user_exists(before_restart).await,

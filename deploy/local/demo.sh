@@ -13,11 +13,12 @@ set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 HERE="$ROOT/deploy/local"
 STACK="$HERE/stack.sh"
-PIDS="$ROOT/target/stack/pids"
-LOGS="$ROOT/target/stack/logs"
 
 # shellcheck source=deploy/local/env.sh
 source "$HERE/env.sh"
+case "$STACK_DIR" in /*) STATE="$STACK_DIR" ;; *) STATE="$ROOT/$STACK_DIR" ;; esac
+PIDS="$STATE/pids"
+LOGS="$STATE/logs"
 # The demo reads the same addresses and the app role's password.
 export REGION_A REGION_B PG_PORT_A PG_PORT_B WORKER_METRICS_PORT_A WORKER_METRICS_PORT_B APP_PASSWORD
 

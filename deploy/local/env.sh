@@ -19,6 +19,10 @@
 : "${WORKER_METRICS_PORT_A:=19464}"
 : "${WORKER_METRICS_PORT_B:=29464}"
 : "${TOPIC_PARTITIONS:=4}"
+# Where the stack keeps its data, logs and pids: relative to the checkout, or
+# absolute. make test runs a second stack beside the first in its own
+# directory, on its own ports (see the Makefile's LANE2).
+: "${STACK_DIR:=target/stack}"
 # Local loopback stack only; real deployments take secrets from their own store.
 : "${APP_PASSWORD:=app-local}"
 : "${DEBEZIUM_PASSWORD:=debezium-local}"

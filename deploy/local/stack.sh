@@ -30,19 +30,23 @@
 # regionsync_cert logs in with a client certificate only); Kafka B has a second
 # listener, SASL_SSL with SCRAM-SHA-512, on KAFKA_SASL_PORT_B.
 #
-# Runtime state (data, logs, pids) lives in target/stack/ ; downloaded JVM
+# Runtime state (data, logs, pids) lives in target/stack/ (STACK_DIR); downloaded JVM
 # artifacts in target/dist/ (Maven also caches them in ~/.m2).
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 HERE="$ROOT/deploy/local"
-STATE="$ROOT/target/stack"
-DIST="$ROOT/target/dist"
-LOGS="$STATE/logs"
-PIDS="$STATE/pids"
 
 # shellcheck source=deploy/local/env.sh
 source "$HERE/env.sh"
+
+case "$STACK_DIR" in
+  /*) STATE="$STACK_DIR" ;;
+  *) STATE="$ROOT/$STACK_DIR" ;;
+esac
+DIST="$ROOT/target/dist"
+LOGS="$STATE/logs"
+PIDS="$STATE/pids"
 
 REGIONS=("$REGION_A" "$REGION_B")
 JAVA_SMALL=(-Xms64m -XX:+UseSerialGC -Djava.awt.headless=true

@@ -109,6 +109,12 @@ pub const TOPIC_PARTITIONS: Var = Var {
     name: "TOPIC_PARTITIONS",
     default: "4",
 };
+/// Where the stack keeps its data, logs and pids: relative to the checkout,
+/// or absolute ([`state_dir`]).
+pub const STACK_DIR: Var = Var {
+    name: "STACK_DIR",
+    default: "target/stack",
+};
 /// Local loopback stack only; real deployments take secrets from their own
 /// store.
 pub const APP_PASSWORD: Var = Var {
@@ -125,7 +131,7 @@ pub const REGIONSYNC_PASSWORD: Var = Var {
 };
 
 /// Every variable of env.sh, in its order.
-pub const ALL: [Var; 19] = [
+pub const ALL: [Var; 20] = [
     REGION_A,
     REGION_B,
     PG_PORT_A,
@@ -142,7 +148,13 @@ pub const ALL: [Var; 19] = [
     WORKER_METRICS_PORT_A,
     WORKER_METRICS_PORT_B,
     TOPIC_PARTITIONS,
+    STACK_DIR,
     APP_PASSWORD,
     DEBEZIUM_PASSWORD,
     REGIONSYNC_PASSWORD,
 ];
+
+/// The stack's state directory (`STACK_DIR`) of the checkout at `root`.
+pub fn state_dir(root: &std::path::Path) -> std::path::PathBuf {
+    root.join(STACK_DIR.get())
+}

@@ -354,9 +354,14 @@ impl Counters {
     }
 }
 
-/// The pid the stack recorded for `service` (target/stack/pids/).
+/// The stack's state directory: target/stack/, or `STACK_DIR`.
+pub fn stack_dir() -> std::path::PathBuf {
+    stack_env::state_dir(&repo_root())
+}
+
+/// The pid the stack recorded for `service` (`stack_dir()/pids/`).
 pub fn stack_pid(service: &str) -> String {
-    std::fs::read_to_string(repo_root().join(format!("target/stack/pids/{service}.pid")))
+    std::fs::read_to_string(stack_dir().join(format!("pids/{service}.pid")))
         .unwrap_or_else(|e| panic!("pid of {service}: {e}"))
         .trim()
         .to_string()

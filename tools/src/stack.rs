@@ -91,7 +91,7 @@ pub fn regionsync_password() -> String {
 
 /// The pid recorded by `stack.sh` for one of the stack's services.
 pub fn stack_pid(service: &str) -> u32 {
-    std::fs::read_to_string(root().join(format!("target/stack/pids/{service}.pid")))
+    std::fs::read_to_string(env::state_dir(&root()).join(format!("pids/{service}.pid")))
         .ok()
         .and_then(|s| s.trim().parse().ok())
         .unwrap_or_else(|| panic!("no pid for {service}: is the stack up (make stack-up)?"))
