@@ -2,7 +2,7 @@
 SHELL := /bin/bash
 STACK := deploy/local/stack.sh
 
-.PHONY: help demo test test-long test-failover fuzz lint rules-test deny-install unit integration stack-up stack-down stack-status stack-install bench bench-decode bench-peers bench-rebuild bench-verify types-peer workers-up workers-down k8s-check k8s-rules k8s-runtime-check image-check
+.PHONY: help demo test test-long test-failover fuzz fuzz-build-background lint rules-test deny-install unit integration stack-up stack-down stack-status stack-install bench bench-decode bench-peers bench-rebuild bench-verify types-peer workers-up workers-down k8s-check k8s-rules k8s-runtime-check image-check
 
 help:
 	@echo "make demo          local two-region stack replicating live, lag visible"
@@ -111,16 +111,20 @@ types-peer: stack-up
 
 # The whole suite: installs what the stack needs (a no-op once done), formatting,
 # lints and the Prometheus rule tests, unit tests, then the integration tests
-# against the running stack (started here if it is not up), and last the
-# stack lifecycle test, which restarts and rebuilds the stack and so runs alone;
-# then the fuzz targets, whose build (nightly, fuzz/target/) runs in the
-# background at low priority from before the stack starts.
-test: stack-install lint
+# in two lanes: suites that stop, kill or restart the stack's services
+# (lag, failover, region_failure, stack_lifecycle) run in the
+# background on a second stack of their own (tests/lane2.sh: target/
+# stack-lane2, other ports; its output is printed when it ends), the others
+# here on the default stack (started if it is not up). Then the fuzz
+# targets, whose build (nightly, fuzz/target/) runs in the background at low
+# priority from the start.
+test: fuzz-build-background stack-install lint
 	cargo test --lib --bins --test cli_route --test config_doc
 	cargo test -p regionsync-tools
-	bash fuzz/run.sh --build-background $$PPID
+	cargo test --no-run
 	bash deploy/k8s/check.sh
 	bash $(STACK) up
+	bash tests/lane2.sh start $$PPID
 	bash deploy/k8s/tools/runtime_check.sh
 	cargo test --test stack --test pipeline --test crash --test types
 	cargo test --test secure
@@ -129,12 +133,9 @@ test: stack-install lint
 	cargo test --test dlq -- --test-threads=1
 	cargo test --test active_active
 	cargo test --test schema_changes -- --test-threads=6
-	cargo test --test lag -- --test-threads=1
-	cargo test --test failover -- --test-threads=1
-	cargo test --test region_failure -- --test-threads=1 --nocapture
 	cargo test --test verify --test rebuild -- --test-threads=1
-	cargo test --test stack_lifecycle
 	bash fuzz/run.sh --wait $(FUZZ_SECONDS)
+	bash tests/lane2.sh wait
 
 # The long variants of scenario suites whose short variant is in make test
 # (REGIONSYNC_LONG_TESTS=1): the lag alert watched through every stall,
@@ -158,6 +159,11 @@ test-failover: stack-up
 FUZZ_SECONDS ?= 60
 fuzz:
 	bash fuzz/run.sh $(FUZZ_SECONDS)
+
+# make test's first step: the fuzz build in the background at low priority,
+# for as long as make runs; make test's last steps wait for it.
+fuzz-build-background:
+	bash fuzz/run.sh --build-background $$PPID
 
 lint: rules-test deny-install
 	cargo fmt --all --check

@@ -3,8 +3,8 @@
 //! row another partition has not brought yet. Each holds the partition (or
 //! is capped) and costs no change: nothing is dead-lettered, everything
 //! arrives once the cause is gone. The registry test freezes a service of
-//! the shared stack, so `make test` runs this file alone, one test at a
-//! time.
+//! the stack, so `make test` runs no other suite on its stack meanwhile,
+//! and this file one test at a time.
 
 mod support;
 

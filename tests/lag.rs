@@ -11,7 +11,8 @@
 //!   The rule is the same expression for every stall, and each stall
 //!   costs its alert's `for: 1m` and more, so `make test` watches it once.
 //!
-//! It stops services of the shared stack, so `make test` runs it alone.
+//! It stops services of the stack, so `make test` runs it in its second
+//! lane (tests/lane2.sh), on a stack of its own, one test at a time.
 
 mod support;
 

@@ -1,7 +1,7 @@
 //! Outages in region B while the worker applies a stream: PostgreSQL B
 //! stopped for 20 s, then Kafka B restarted. The worker recovers by itself
 //! (reconnecting with backoff) and B converges to A. It stops services of
-//! the shared stack, so `make test` runs it alone.
+//! the stack, so `make test` runs no other suite on its stack meanwhile.
 
 mod support;
 
@@ -30,7 +30,7 @@ async fn the_worker_rides_out_postgres_and_kafka_outages_in_its_region() {
         tokio::spawn(async move { write_mixed(&TestTable { name }, 20_000, 2_000, 0xabcdef).await })
     };
     tokio::time::sleep(Duration::from_secs(3)).await;
-    let data = repo_root().join(format!("target/stack/postgres-{}", b.name));
+    let data = stack_dir().join(format!("postgres-{}", b.name));
     run(Command::new("runuser")
         .args(["-u", "postgres", "--"])
         .arg("/usr/lib/postgresql/15/bin/pg_ctl")
