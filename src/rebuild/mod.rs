@@ -373,18 +373,10 @@ struct Part<'c> {
 
 /// The batches in flight ([`Planning::advance`]): the one received last,
 /// planned next, and the one planned last, merged next.
+#[derive(Default)]
 struct Pipeline<'c> {
     received: Option<Received<'c>>,
     planned: Option<(Received<'c>, Vec<Digest>)>,
-}
-
-impl Default for Pipeline<'_> {
-    fn default() -> Self {
-        Pipeline {
-            received: None,
-            planned: None,
-        }
-    }
 }
 
 /// A piece's plan without its borrows of the messages: what merging it
