@@ -190,9 +190,7 @@ enum Command {
     /// in, in one transaction with the offsets, under a short ACCESS
     /// EXCLUSIVE lock of the live table (needs an owner-level role).
     /// Loads in bulk: each chunk of changes collapsed to the newest
-    /// version per key and COPYed (its deletes and upserts over two
-    /// connections at once when postgres.pool_size allows, the offsets
-    /// committed last). Refuses topics that no longer hold the
+    /// version per key and COPYed. Refuses topics that no longer hold the
     /// whole history. Waits out what the worker waits out (an outage, a
     /// grant); dead-letters what it dead-letters (a chunk PostgreSQL
     /// refuses is bisected down to the refused rows) to its dead-letter
@@ -218,7 +216,7 @@ enum Command {
         #[arg(long)]
         restart: bool,
         /// A chunk (changes collapsed to the newest version per key, one
-        /// bulk load committed with its offsets) is written once
+        /// bulk load and one transaction with its offsets) is written once
         /// it holds this many versions (rows to write): larger writes
         /// fewer rows when keys repeat, and holds more in memory. A chunk
         /// that collapses almost nothing (an insert-only topic) is written

@@ -290,33 +290,6 @@ impl Chunk {
             .map(|((topic, partition), (next, _))| (topic.as_str(), *partition, *next))
     }
 
-    /// Whether the chunk may be written over two connections at once, its
-    /// deletes in one transaction (committed first) and its upserts in the
-    /// other (committed with the offsets after it): each has at least
-    /// [`SPLIT_MIN`] versions, no truncate (it removes rows of any key) and
-    /// no table with CRDT counters (one key's delete and upsert can both be
-    /// held, from two partitions). Then the two never touch a key in
-    /// common, so the deletes' transaction never waits for the upserts'
-    /// (which may wait for it: a unique value a delete frees).
-    pub fn splits(&self, tables: &[TargetTable]) -> bool {
-        if !self.truncates.is_empty() {
-            return false;
-        }
-        let (mut deletes, mut upserts) = (0, 0);
-        for (t, rows) in &self.rows {
-            if !tables[*t].counters.is_empty() {
-                return false;
-            }
-            for (fin, ..) in rows.values() {
-                match fin {
-                    Final::Delete(_) => deletes += 1,
-                    Final::Upsert(_) => upserts += 1,
-                }
-            }
-        }
-        deletes >= SPLIT_MIN && upserts >= SPLIT_MIN
-    }
-
     /// Distinct keys held.
     pub fn keys(&self) -> usize {
         self.rows.values().map(|r| r.len()).sum()
@@ -332,62 +305,18 @@ pub async fn flush(
     tables: &[TargetTable],
     chunk: &Chunk,
 ) -> anyhow::Result<Applied> {
-    let total = write(tx, tables, chunk, Kinds::All).await?;
-    chunk.store_offsets(tx, group).await?;
-    Ok(total)
-}
-
-/// Which of a chunk's versions a write takes: all of them, or, for a
-/// chunk written over two connections at once ([`Chunk::splits`]), its
-/// deletes or the rest.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Kinds {
-    All,
-    Deletes,
-    Upserts,
-}
-
-impl Kinds {
-    fn takes(self, fin: &Final) -> bool {
-        match self {
-            Kinds::All => true,
-            Kinds::Deletes => matches!(fin, Final::Delete(_)),
-            Kinds::Upserts => matches!(fin, Final::Upsert(_)),
-        }
-    }
-}
-
-/// Writes the versions of `kinds` of a chunk in `tx` (the truncates with
-/// [`Kinds::All`] only), without its offsets.
-pub async fn write(
-    tx: &Transaction<'_>,
-    tables: &[TargetTable],
-    chunk: &Chunk,
-    kinds: Kinds,
-) -> anyhow::Result<Applied> {
     let mut total = Applied::default();
-    if kinds == Kinds::All {
-        for (t, ts_ms, region) in &chunk.truncates {
-            total += apply::apply_truncate(tx, &tables[*t], *ts_ms, region).await?;
-        }
+    for (t, ts_ms, region) in &chunk.truncates {
+        total += apply::apply_truncate(tx, &tables[*t], *ts_ms, region).await?;
     }
     for (t, rows) in chunk.tables() {
         let table = &tables[t];
-        let finals: Vec<&Final> = rows
-            .into_iter()
-            .map(|(f, _)| f)
-            .filter(|f| kinds.takes(f))
-            .collect();
-        if !finals.is_empty() {
-            total += write_table(tx, table, &finals).await?;
-        }
+        let finals: Vec<&Final> = rows.into_iter().map(|(f, _)| f).collect();
+        total += write_table(tx, table, &finals).await?;
     }
+    chunk.store_offsets(tx, group).await?;
     Ok(total)
 }
-
-/// Fewer deletes or upserts than this in a chunk: not worth a second
-/// connection.
-pub const SPLIT_MIN: usize = 32;
 
 /// Writes `finals` (at most one version per key, or per key and partition
 /// for a table with counters) of one table: deletes, then whole rows with
@@ -904,45 +833,6 @@ mod tests {
         };
         assert!(limits.reached(&c), "one large row fills 10,000 bytes");
         assert_eq!(c.held, 1);
-    }
-
-    #[test]
-    fn a_chunk_splits_into_deletes_and_upserts_only_when_no_key_is_in_both() {
-        let plain = TargetTable::for_tests("public.t", &[("id", "bigint")]);
-        let tables = [plain];
-        let filled = |deletes: usize, upserts: usize| {
-            let mut c = Chunk::default();
-            for k in 0..deletes {
-                c.add(0, delete(&format!("d{k}"), 1, "x"), None, AT);
-            }
-            for k in 0..upserts {
-                c.add(0, upsert(&format!("u{k}"), 1, "x"), None, AT);
-            }
-            c
-        };
-        assert!(filled(SPLIT_MIN, SPLIT_MIN).splits(&tables));
-        assert!(
-            !filled(SPLIT_MIN - 1, 10 * SPLIT_MIN).splits(&tables),
-            "too few deletes"
-        );
-        assert!(
-            !filled(10 * SPLIT_MIN, SPLIT_MIN - 1).splits(&tables),
-            "too few upserts"
-        );
-        let mut truncated = filled(SPLIT_MIN, SPLIT_MIN);
-        truncated.truncate(0, 1, "x");
-        assert!(
-            !truncated.splits(&tables),
-            "a truncate removes any key's row"
-        );
-        let mut counted = TargetTable::for_tests("public.t", &[("id", "bigint")]);
-        counted.counters = vec![(0, 0)];
-        assert!(!filled(SPLIT_MIN, SPLIT_MIN).splits(&[counted]), "counters");
-        // Each kind takes its versions, and together they take all.
-        let (d, u) = (delete("1", 1, "x"), upsert("2", 1, "x"));
-        assert!(Kinds::Deletes.takes(&d) && !Kinds::Deletes.takes(&u));
-        assert!(Kinds::Upserts.takes(&u) && !Kinds::Upserts.takes(&d));
-        assert!(Kinds::All.takes(&d) && Kinds::All.takes(&u));
     }
 
     #[test]

@@ -277,9 +277,6 @@ impl Writer {
     async fn commit_bulk(&self, chunk: &Chunk) -> Result<Committed, Bulk> {
         let write = |e: anyhow::Error| Bulk::Write(e);
         let mut client = self.pool.get().await.map_err(|e| write(e.into()))?;
-        if let Some(second) = self.second_connection(chunk).await {
-            return self.commit_split(client, second, chunk).await;
-        }
         let mut tx = client.transaction().await.map_err(|e| write(e.into()))?;
         tx.batch_execute(session::APPLY_TRANSACTION_SQL)
             .await
@@ -295,60 +292,6 @@ impl Writer {
         self.settle(chunk, still);
         done.applied += applied;
         Ok(done)
-    }
-
-    /// A second connection to write `chunk` over, if it splits
-    /// ([`Chunk::splits`]), no row waits from an earlier chunk, and the
-    /// pool has one free now (never waited for: the pool may have one).
-    async fn second_connection(&self, chunk: &Chunk) -> Option<deadpool_postgres::Object> {
-        if !chunk.splits(&self.tables) || self.still_waiting().is_some() {
-            return None;
-        }
-        match tokio::time::timeout(Duration::from_millis(100), self.pool.get()).await {
-            Ok(Ok(client)) => Some(client),
-            _ => None,
-        }
-    }
-
-    /// `chunk` written over two connections at once, so that PostgreSQL
-    /// works on two cores: its deletes (and their tombstones) in one
-    /// transaction, committed on its own, and its upserts in the other,
-    /// which stores the chunk's offsets and commits only once the deletes
-    /// did. Killed between the two commits, the rebuild reads the chunk
-    /// again and writes the deletes again, harmlessly (the guard). A
-    /// failure of either is the chunk's ([`Writer::commit`] sorts it and
-    /// writes it whole again, or finds the refused rows); the upserts'
-    /// transaction may wait for the deletes' (a unique value a delete
-    /// frees), never the other way ([`Chunk::splits`]).
-    async fn commit_split(
-        &self,
-        mut upserts: deadpool_postgres::Object,
-        mut deletes: deadpool_postgres::Object,
-        chunk: &Chunk,
-    ) -> Result<Committed, Bulk> {
-        let write = |e: anyhow::Error| Bulk::Write(e);
-        let tx = upserts.transaction().await.map_err(|e| write(e.into()))?;
-        tx.batch_execute(session::APPLY_TRANSACTION_SQL)
-            .await
-            .map_err(|e| write(e.into()))?;
-        let deleted = async {
-            let tx = deletes.transaction().await?;
-            tx.batch_execute(session::APPLY_TRANSACTION_SQL).await?;
-            let applied = bulk::write(&tx, &self.tables, chunk, bulk::Kinds::Deletes).await?;
-            tx.commit().await?;
-            anyhow::Ok(applied)
-        };
-        let upserted = bulk::write(&tx, &self.tables, chunk, bulk::Kinds::Upserts);
-        let (deleted, upserted) = tokio::join!(deleted, upserted);
-        let mut applied = deleted.map_err(write)?;
-        applied += upserted.map_err(write)?;
-        chunk.store_offsets(&tx, &self.group).await.map_err(write)?;
-        tx.commit().await.map_err(|e| write(e.into()))?;
-        self.settle(chunk, Vec::new());
-        Ok(Committed {
-            applied,
-            ..Committed::default()
-        })
     }
 
     /// The rows still waiting after the last commit, if any.
