@@ -40,7 +40,7 @@ use rdkafka::message::{BorrowedMessage, Message};
 use rdkafka::{Offset, TopicPartitionList};
 use tracing::{info, warn};
 
-use crate::apply::{Applied, Final, TargetTable};
+use crate::apply::{Applied, TargetTable};
 use crate::config::Config;
 use crate::decode::registry::AvroSource;
 use crate::worker::batch::{Plan, Planner, Step};
@@ -337,107 +337,19 @@ impl Replayed {
 pub type OnProgress<'a> = dyn Fn(&str, u64) + Send + Sync + 'a;
 
 /// What a replay reads from: the consumer assigned to the partitions
-/// still to read, and what plans and merges their messages.
+/// still to read, each with the end it runs to, and what plans their
+/// messages.
 struct Reader<'a> {
-    consumer: StreamConsumer,
-    planning: Planning<'a>,
-}
-
-/// What plans a replay's messages and merges them into its chunks: the
-/// partitions not received to their end yet, each with that end, the
-/// planners' configuration, and what dead-letters the planning's refusals.
-struct Planning<'a> {
     config: &'a Config,
     tables: &'a [TargetTable],
     feed_of: HashMap<&'a str, &'a Feed>,
     decoders: HashMap<String, Arc<AvroSource>>,
+    consumer: StreamConsumer,
     ends: HashMap<(String, i32), i64>,
     /// Dead-letters what the planning refuses.
     writer: Arc<refused::Writer>,
     /// Threads that plan a batch's messages at once.
     decoder_threads: usize,
-}
-
-/// A batch received: per partition (in the order first met), its messages
-/// before the end it is replayed to, in offset order.
-struct Received<'c> {
-    parts: Vec<Part<'c>>,
-}
-
-/// One partition's messages of a [`Received`] batch.
-struct Part<'c> {
-    topic: String,
-    partition: i32,
-    messages: Vec<BorrowedMessage<'c>>,
-}
-
-/// The batches in flight ([`Planning::advance`]): the one received last,
-/// planned next, and the one planned last, merged next.
-#[derive(Default)]
-struct Pipeline<'c> {
-    received: Option<Received<'c>>,
-    planned: Option<(Received<'c>, Vec<Digest>)>,
-}
-
-/// A piece's plan without its borrows of the messages: what merging it
-/// into a chunk takes (the messages stay in their [`Received`] batch).
-struct Digest {
-    /// Index of its partition in the batch ([`Received::parts`]).
-    part: usize,
-    /// The offset after the piece's last message.
-    next: i64,
-    newest_ts_ms: Option<i64>,
-    steps: Vec<Digested>,
-    /// Messages the planning refused: their offset, and why.
-    rejected: Vec<(i64, failure::Fault)>,
-}
-
-/// A planned step: a row's final state with its message's offset and key
-/// hash ([`bulk::key_hash`]), or a truncate.
-// As `Step`: rows are nearly every step, boxing them costs an allocation
-// per change.
-#[allow(clippy::large_enum_variant)]
-enum Digested {
-    Row {
-        table: usize,
-        fin: Final,
-        offset: i64,
-        key: u64,
-    },
-    Truncate {
-        table: usize,
-        ts_ms: i64,
-    },
-}
-
-/// `plan` (of a piece of partition `part` ending before `next`) as a
-/// [`Digest`].
-fn digest<M: Message>(plan: Plan<'_, M>, part: usize, next: i64) -> Digest {
-    Digest {
-        part,
-        next,
-        newest_ts_ms: plan.newest_ts_ms,
-        steps: plan
-            .steps
-            .into_iter()
-            .map(|s| match s {
-                Step::Row {
-                    table, fin, msg, ..
-                } => Digested::Row {
-                    table,
-                    fin,
-                    offset: msg.offset(),
-                    key: bulk::key_hash(msg.key()),
-                },
-                Step::Truncate { table, ts_ms } => Digested::Truncate { table, ts_ms },
-            })
-            .collect(),
-        rejected: plan
-            .rejected
-            .into_iter()
-            .map(|r| (r.msg.offset(), r.fault))
-            .collect(),
-    }
 }
 
 impl<'a> Reader<'a> {
@@ -477,325 +389,210 @@ impl<'a> Reader<'a> {
             .assign(&tpl)
             .context("assigning the partitions to replay")?;
         Ok(Some(Reader {
-            consumer,
-            planning: Planning {
-                config,
-                tables,
-                feed_of,
-                decoders,
-                ends,
-                writer,
-                decoder_threads: decoder_threads(),
-            },
-        }))
-    }
-}
-
-impl Planning<'_> {
-    /// Every partition received to its end, planned and merged.
-    fn done(&self, pipe: &Pipeline<'_>) -> bool {
-        self.ends.is_empty() && pipe.received.is_none() && pipe.planned.is_none()
-    }
-
-    /// One turn of the pipeline: the batch received last is planned
-    /// (decoded, routed, prepared: most of a rebuild's CPU) on threads,
-    /// while this thread merges the batch planned last into `chunk` and
-    /// receives the next one, then helps with the planning left. So the
-    /// reading, the planning and the merging of three batches overlap;
-    /// each partition's changes still reach the chunk in offset order, as
-    /// one plan of each batch in turn would bring them. `unreported`
-    /// counts the merged messages per topic.
-    async fn advance<'c>(
-        &mut self,
-        consumer: &'c StreamConsumer,
-        pipe: &mut Pipeline<'c>,
-        chunk: &mut bulk::Chunk,
-        done: &mut Replayed,
-        unreported: &mut HashMap<String, u64>,
-    ) -> anyhow::Result<()> {
-        let Planning {
             config,
             tables,
             feed_of,
             decoders,
+            consumer,
             ends,
             writer,
-            decoder_threads,
-        } = self;
-        let (config, tables, feed_of) = (*config, *tables, &*feed_of);
+            decoder_threads: decoder_threads(),
+        }))
+    }
+
+    fn done(&self) -> bool {
+        self.ends.is_empty()
+    }
+
+    /// Reads the next batch (up to `apply.batch_max_rows` messages) and
+    /// plans it into `chunk`; `unreported` counts its messages per topic.
+    async fn read_into(
+        &mut self,
+        chunk: &mut bulk::Chunk,
+        done: &mut Replayed,
+        unreported: &mut HashMap<String, u64>,
+    ) -> anyhow::Result<()> {
+        let (config, tables, writer) = (self.config, self.tables, self.writer.clone());
         let max_rows = config.apply.batch_max_rows.max(1);
-        let received = pipe.received.take();
-        let planned = pipe.planned.take();
-        if received.is_none() && planned.is_none() {
-            pipe.received = receive(consumer, ends, max_rows).await?;
-            return Ok(());
-        }
-        let merging = Merging {
-            config,
-            tables,
-            feed_of,
-            writer,
+        let mut batch: Vec<BorrowedMessage<'_>> = Vec::new();
+        let mut idle = Duration::ZERO;
+        let first = loop {
+            match tokio::time::timeout(Duration::from_secs(1), self.consumer.recv()).await {
+                Ok(m) => break Some(received(m)?),
+                Err(_) => {
+                    // Nothing came: a partition may end in offsets that are
+                    // no messages (transaction markers, compacted away).
+                    reached_by_position(&self.consumer, &mut self.ends);
+                    if self.ends.is_empty() {
+                        break None;
+                    }
+                    idle += Duration::from_secs(1);
+                    if idle >= Duration::from_secs(30) {
+                        anyhow::bail!(
+                            "no message from Kafka for 30 s while {} partition(s) are not replayed to their end",
+                            self.ends.len()
+                        );
+                    }
+                }
+            }
         };
-        let mut planners = Vec::new();
-        for part in received.iter().flat_map(|r| &r.parts) {
-            let feed = feed_of.get(part.topic.as_str()).ok_or_else(|| {
-                anyhow::anyhow!("a message of {}, which is not replayed", part.topic)
-            })?;
+        let Some(first) = first else { return Ok(()) };
+        batch.push(first);
+        let linger = tokio::time::Instant::now() + Duration::from_millis(50);
+        while batch.len() < max_rows {
+            match tokio::time::timeout_at(linger, self.consumer.recv()).await {
+                Ok(m) => batch.push(received(m)?),
+                Err(_) => break,
+            }
+        }
+        // Per partition, in offset order; past its end is the worker's.
+        // Found by a scan of the batch's few partitions: a map keyed by
+        // (topic, partition) would allocate the topic's name per message.
+        let mut groups: Vec<PartitionMessages<'_>> = Vec::new();
+        for m in batch {
+            let found = groups
+                .iter()
+                .position(|((t, p), _, _)| *p == m.partition() && t == m.topic());
+            let i = found.unwrap_or_else(|| {
+                let key = (m.topic().to_owned(), m.partition());
+                let end = self.ends.get(&key).copied();
+                groups.push((key, end, Vec::new()));
+                groups.len() - 1
+            });
+            let (_, end, messages) = &mut groups[i];
+            if end.is_some_and(|end| m.offset() < end) {
+                messages.push(m);
+            }
+        }
+        // Planned (decoded, routed, prepared) in pieces on several threads:
+        // that is most of a rebuild's CPU. The pieces' plans are then taken
+        // in each partition's offset order, as one plan would have been.
+        let by_partition: Vec<((String, i32), Vec<BorrowedMessage<'_>>)> = groups
+            .into_iter()
+            .filter(|(_, _, messages)| !messages.is_empty())
+            .map(|(key, _, messages)| (key, messages))
+            .collect();
+        let mut planners = Vec::with_capacity(by_partition.len());
+        for ((topic, _), _) in &by_partition {
+            let feed = self
+                .feed_of
+                .get(topic.as_str())
+                .ok_or_else(|| anyhow::anyhow!("a message of {topic}, which is not replayed"))?;
             planners.push(Planner {
                 config,
                 tables,
                 source_region: &feed.source_region,
                 table: Some(feed.table),
-                avro: decoders.get(&feed.source_region).map(|a| &**a),
+                avro: self.decoders.get(&feed.source_region).map(|a| &**a),
                 own_topic: feed.own,
             });
         }
-        let total: usize = received
-            .iter()
-            .flat_map(|r| &r.parts)
-            .map(|p| p.messages.len())
-            .sum();
-        let piece_len = pieces_of(total, *decoder_threads);
+        let total: usize = by_partition.iter().map(|(_, m)| m.len()).sum();
+        let piece_len = pieces_of(total, self.decoder_threads);
         let mut pieces = Vec::new();
-        for (i, part) in received.iter().flat_map(|r| &r.parts).enumerate() {
-            for piece in part.messages.chunks(piece_len) {
+        for (i, ((topic, _), messages)) in by_partition.iter().enumerate() {
+            for piece in messages.chunks(piece_len) {
                 pieces.push(Piece {
                     planner: &planners[i],
-                    topic: &part.topic,
+                    topic,
                     messages: piece,
                     partition: i,
                 });
             }
         }
-        let now_ms = crate::clock::now_ms();
-        let handle = tokio::runtime::Handle::current();
-        let (digests, next) =
-            if handle.runtime_flavor() == tokio::runtime::RuntimeFlavor::CurrentThread {
-                // No threads to plan on (a current-thread runtime): in turn.
-                if let Some((r, d)) = planned {
-                    merge(&merging, &r, d, chunk, done, unreported).await?;
-                }
-                let next = receive(consumer, ends, max_rows).await;
-                let mut digests = Vec::with_capacity(pieces.len());
-                for p in &pieces {
-                    let plan = p.planner.plan(p.topic, p.messages, now_ms).await;
-                    digests.push(digest(plan, p.partition, next_offset(p.messages)));
-                }
-                (digests, next)
-            } else {
-                tokio::task::block_in_place(|| {
-                    plan_pieces(&handle, &pieces, now_ms, *decoder_threads, || {
-                        handle.block_on(async {
-                            if let Some((r, d)) = planned {
-                                merge(&merging, &r, d, chunk, done, unreported).await?;
+        let mut plans = plan_pieces(&pieces, crate::clock::now_ms(), self.decoder_threads)
+            .await
+            .into_iter()
+            .zip(&pieces)
+            .peekable();
+        for (i, ((topic, partition), messages)) in by_partition.iter().enumerate() {
+            let feed = self.feed_of[topic.as_str()];
+            while let Some((plan, piece)) = plans.next_if(|(_, piece)| piece.partition == i) {
+                for r in &plan.rejected {
+                    if let Some(why) = stops_rebuild(&r.fault, config) {
+                        anyhow::bail!(
+                            "{topic}/{partition} at offset {}: {} ({why}); run the rebuild again once it is fixed: it resumes",
+                            r.msg.offset(),
+                            r.fault
+                        );
+                    }
+                    warn!(topic = %topic, partition, offset = r.msg.offset(), reason = r.fault.reason(),
+                        error = %r.fault, "a change that cannot be applied is dead-lettered, as the worker does");
+                    // Sent before the offsets past it are committed (with
+                    // the chunk); a message the worker (or an earlier run)
+                    // sent already is not sent again.
+                    let place = refused::Place {
+                        topic,
+                        partition: *partition,
+                        offset: r.msg.offset(),
+                    };
+                    let table = Some(tables[feed.table].name.as_str());
+                    let mut backoff = failure::Backoff::default();
+                    loop {
+                        match writer
+                            .send(
+                                place,
+                                refused::Body::Bytes((r.msg.key(), r.msg.payload())),
+                                &r.fault,
+                                table,
+                                None,
+                            )
+                            .await
+                        {
+                            Ok(true) => done.dead_lettered += 1,
+                            Ok(false) => done.already_dead_lettered += 1,
+                            Err(refused::Failed::Retry(reason, e)) => {
+                                warn!(reason, error = %format!("{e:#}"), retry_in = ?backoff.delay(), "dead-lettering a change failed; again");
+                                backoff.wait(reason).await;
+                                continue;
                             }
-                            receive(consumer, ends, max_rows).await
-                        })
-                    })
-                })
-            };
-        drop(pieces);
-        pipe.received = next?;
-        pipe.planned = received.map(|r| (r, digests));
+                            Err(refused::Failed::Stop(e)) => return Err(e),
+                        }
+                        break;
+                    }
+                }
+                done.refused += plan.rejected.len() as u64;
+                let next = piece.messages.last().map_or(0, |m| m.offset() + 1);
+                chunk.read_to(topic, *partition, next, plan.newest_ts_ms);
+                let topic_index = chunk.topic_index(topic);
+                for step in plan.steps {
+                    match step {
+                        Step::Row {
+                            table, fin, msg, ..
+                        } => {
+                            let per_partition = (!tables[table].counters.is_empty())
+                                .then_some((topic.as_str(), *partition));
+                            let at = bulk::At {
+                                topic: topic_index,
+                                partition: *partition,
+                                offset: msg.offset(),
+                                key: bulk::key_hash(msg.key()),
+                            };
+                            chunk.add(table, fin, per_partition, at)
+                        }
+                        Step::Truncate { table, ts_ms } => {
+                            chunk.truncate(table, ts_ms, &feed.source_region)
+                        }
+                    }
+                }
+            }
+            let next = messages.last().map_or(0, |m| m.offset() + 1);
+            chunk.messages += messages.len();
+            *unreported.entry(topic.clone()).or_default() += messages.len() as u64;
+            let key = (topic.clone(), *partition);
+            if self.ends.get(&key).is_some_and(|end| next >= *end) {
+                self.ends.remove(&key);
+                info!(topic = %topic, partition, "read to its end");
+            }
+        }
         Ok(())
     }
 }
 
-/// The offset after the last of `messages` (0 for none).
-fn next_offset<M: Message>(messages: &[M]) -> i64 {
-    messages.last().map_or(0, |m| m.offset() + 1)
-}
-
-/// Receives the next batch (up to `max_rows` messages, or what came within
-/// 50 ms of the first) of the partitions in `ends`, each partition's
-/// messages before its end; a partition received to its end leaves `ends`.
-/// `None`: every partition is received to its end.
-async fn receive<'c>(
-    consumer: &'c StreamConsumer,
-    ends: &mut HashMap<(String, i32), i64>,
-    max_rows: usize,
-) -> anyhow::Result<Option<Received<'c>>> {
-    if ends.is_empty() {
-        return Ok(None);
-    }
-    let mut batch: Vec<BorrowedMessage<'c>> = Vec::new();
-    let mut idle = Duration::ZERO;
-    let first = loop {
-        match tokio::time::timeout(Duration::from_secs(1), consumer.recv()).await {
-            Ok(m) => break Some(received(m)?),
-            Err(_) => {
-                // Nothing came: a partition may end in offsets that are
-                // no messages (transaction markers, compacted away).
-                reached_by_position(consumer, ends);
-                if ends.is_empty() {
-                    break None;
-                }
-                idle += Duration::from_secs(1);
-                if idle >= Duration::from_secs(30) {
-                    anyhow::bail!(
-                        "no message from Kafka for 30 s while {} partition(s) are not replayed to their end",
-                        ends.len()
-                    );
-                }
-            }
-        }
-    };
-    let Some(first) = first else { return Ok(None) };
-    batch.push(first);
-    let linger = tokio::time::Instant::now() + Duration::from_millis(50);
-    while batch.len() < max_rows {
-        match tokio::time::timeout_at(linger, consumer.recv()).await {
-            Ok(m) => batch.push(received(m)?),
-            Err(_) => break,
-        }
-    }
-    // Per partition, in offset order; past its end is the worker's.
-    // Found by a scan of the batch's few partitions: a map keyed by
-    // (topic, partition) would allocate the topic's name per message.
-    let mut parts: Vec<(Part<'c>, Option<i64>)> = Vec::new();
-    for m in batch {
-        let found = parts
-            .iter()
-            .position(|(p, _)| p.partition == m.partition() && p.topic == m.topic());
-        let i = found.unwrap_or_else(|| {
-            let (topic, partition) = (m.topic().to_owned(), m.partition());
-            let end = ends.get(&(topic.clone(), partition)).copied();
-            let part = Part {
-                topic,
-                partition,
-                messages: Vec::new(),
-            };
-            parts.push((part, end));
-            parts.len() - 1
-        });
-        let (part, end) = &mut parts[i];
-        if end.is_some_and(|end| m.offset() < end) {
-            part.messages.push(m);
-        }
-    }
-    let parts: Vec<Part<'c>> = parts
-        .into_iter()
-        .map(|(p, _)| p)
-        .filter(|p| !p.messages.is_empty())
-        .collect();
-    for p in &parts {
-        let key = (p.topic.clone(), p.partition);
-        if ends
-            .get(&key)
-            .is_some_and(|end| next_offset(&p.messages) >= *end)
-        {
-            ends.remove(&key);
-            info!(topic = %p.topic, partition = p.partition, "read to its end");
-        }
-    }
-    Ok(Some(Received { parts }))
-}
-
-/// What merging a planned batch reads.
-struct Merging<'m> {
-    config: &'m Config,
-    tables: &'m [TargetTable],
-    feed_of: &'m HashMap<&'m str, &'m Feed>,
-    writer: &'m Arc<refused::Writer>,
-}
-
-/// Merges a planned batch (`digests`, in its pieces' order) into `chunk`:
-/// per partition, each piece's refused messages dead-lettered (or the
-/// rebuild stopped, as the worker would stop or wait), its position, and
-/// its rows and truncates.
-async fn merge(
-    m: &Merging<'_>,
-    received: &Received<'_>,
-    digests: Vec<Digest>,
-    chunk: &mut bulk::Chunk,
-    done: &mut Replayed,
-    unreported: &mut HashMap<String, u64>,
-) -> anyhow::Result<()> {
-    let (config, tables) = (m.config, m.tables);
-    let mut digests = digests.into_iter().peekable();
-    for (i, part) in received.parts.iter().enumerate() {
-        let (topic, partition) = (&part.topic, part.partition);
-        let feed = m.feed_of[topic.as_str()];
-        while let Some(d) = digests.next_if(|d| d.part == i) {
-            for (offset, fault) in &d.rejected {
-                let msg = part
-                    .messages
-                    .iter()
-                    .find(|msg| msg.offset() == *offset)
-                    .expect("a refused message of its batch");
-                if let Some(why) = stops_rebuild(fault, config) {
-                    anyhow::bail!(
-                        "{topic}/{partition} at offset {offset}: {fault} ({why}); run the rebuild again once it is fixed: it resumes"
-                    );
-                }
-                warn!(topic = %topic, partition, offset, reason = fault.reason(),
-                    error = %fault, "a change that cannot be applied is dead-lettered, as the worker does");
-                // Sent before the offsets past it are committed (with
-                // the chunk); a message the worker (or an earlier run)
-                // sent already is not sent again.
-                let place = refused::Place {
-                    topic,
-                    partition,
-                    offset: *offset,
-                };
-                let table = Some(tables[feed.table].name.as_str());
-                let mut backoff = failure::Backoff::default();
-                loop {
-                    match m
-                        .writer
-                        .send(
-                            place,
-                            refused::Body::Bytes((msg.key(), msg.payload())),
-                            fault,
-                            table,
-                            None,
-                        )
-                        .await
-                    {
-                        Ok(true) => done.dead_lettered += 1,
-                        Ok(false) => done.already_dead_lettered += 1,
-                        Err(refused::Failed::Retry(reason, e)) => {
-                            warn!(reason, error = %format!("{e:#}"), retry_in = ?backoff.delay(), "dead-lettering a change failed; again");
-                            backoff.wait(reason).await;
-                            continue;
-                        }
-                        Err(refused::Failed::Stop(e)) => return Err(e),
-                    }
-                    break;
-                }
-            }
-            done.refused += d.rejected.len() as u64;
-            chunk.read_to(topic, partition, d.next, d.newest_ts_ms);
-            let topic_index = chunk.topic_index(topic);
-            for step in d.steps {
-                match step {
-                    Digested::Row {
-                        table,
-                        fin,
-                        offset,
-                        key,
-                    } => {
-                        let per_partition = (!tables[table].counters.is_empty())
-                            .then_some((topic.as_str(), partition));
-                        let at = bulk::At {
-                            topic: topic_index,
-                            partition,
-                            offset,
-                            key,
-                        };
-                        chunk.add(table, fin, per_partition, at)
-                    }
-                    Digested::Truncate { table, ts_ms } => {
-                        chunk.truncate(table, ts_ms, &feed.source_region)
-                    }
-                }
-            }
-        }
-        chunk.messages += part.messages.len();
-        *unreported.entry(topic.clone()).or_default() += part.messages.len() as u64;
-    }
-    Ok(())
-}
+/// A batch's messages of one partition: its (topic, partition), the end it
+/// is replayed to (`None`: read to it already), and its messages before
+/// that end.
+type PartitionMessages<'m> = ((String, i32), Option<i64>, Vec<BorrowedMessage<'m>>);
 
 /// Threads that decode a rebuild's batches: one per core.
 fn decoder_threads() -> usize {
@@ -818,47 +615,50 @@ struct Piece<'p, 'm, M> {
     partition: usize,
 }
 
-/// Plans `pieces` on `threads` threads of a scope while this thread runs
-/// `meanwhile`, then helps with the pieces left: their digests in the
-/// pieces' order, and what `meanwhile` returned. Each piece is planned as
-/// the worker plans a batch; only the registry lookups await, so each
-/// thread runs its pieces' futures to completion on `handle`. Called
-/// outside the runtime's context (`block_in_place`).
-fn plan_pieces<M: Message + Sync, R>(
-    handle: &tokio::runtime::Handle,
-    pieces: &[Piece<'_, '_, M>],
+/// Plans `pieces` on up to `threads` threads (this one among them),
+/// returning their plans in the pieces' order. Each piece is planned as the
+/// worker plans a batch; only the registry lookups await, so each thread
+/// runs its pieces' futures to completion on the runtime's handle.
+async fn plan_pieces<'m, M: Message + Sync>(
+    pieces: &[Piece<'_, 'm, M>],
     now_ms: i64,
     threads: usize,
-    meanwhile: impl FnOnce() -> R,
-) -> (Vec<Digest>, R) {
+) -> Vec<Plan<'m, M>> {
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::Mutex;
+    let handle = tokio::runtime::Handle::current();
+    let threads = threads.min(pieces.len());
+    if threads <= 1 || handle.runtime_flavor() == tokio::runtime::RuntimeFlavor::CurrentThread {
+        let mut plans = Vec::with_capacity(pieces.len());
+        for p in pieces {
+            plans.push(p.planner.plan(p.topic, p.messages, now_ms).await);
+        }
+        return plans;
+    }
     let next = AtomicUsize::new(0);
-    let slots: Vec<Mutex<Option<Digest>>> = pieces.iter().map(|_| Mutex::new(None)).collect();
+    let slots: Vec<Mutex<Option<Plan<'m, M>>>> = pieces.iter().map(|_| Mutex::new(None)).collect();
     let work = || loop {
         let i = next.fetch_add(1, Ordering::Relaxed);
         let Some(p) = pieces.get(i) else { break };
         let plan = handle.block_on(p.planner.plan(p.topic, p.messages, now_ms));
-        *slots[i].lock().expect("plan slot") =
-            Some(digest(plan, p.partition, next_offset(p.messages)));
+        *slots[i].lock().expect("plan slot") = Some(plan);
     };
-    let r = std::thread::scope(|s| {
-        for _ in 0..threads.min(pieces.len()) {
-            s.spawn(work);
-        }
-        let r = meanwhile();
-        work();
-        r
+    tokio::task::block_in_place(|| {
+        std::thread::scope(|s| {
+            for _ in 1..threads {
+                s.spawn(work);
+            }
+            work();
+        })
     });
-    let digests = slots
+    slots
         .into_iter()
         .map(|s| {
             s.into_inner()
                 .expect("plan slot")
                 .expect("every piece planned")
         })
-        .collect();
-    (digests, r)
+        .collect()
 }
 
 /// Replays `spans` of `feeds` into `tables` (the config's, loaded): read
@@ -880,8 +680,6 @@ pub async fn replay(
     let Some(mut reader) = Reader::new(config, tables, feeds, &spans, writer.clone())? else {
         return Ok(done);
     };
-    let Reader { consumer, planning } = &mut reader;
-    let mut pipe = Pipeline::default();
     let mut chunk = bulk::Chunk::default();
     // Messages per topic in the chunk being read, and in the one being
     // written: told once it is committed.
@@ -898,13 +696,13 @@ pub async fn replay(
     // decoded (here): on a small box those are the two cores' work. One
     // write at a time, so chunks commit in order.
     let mut writing: Option<tokio::task::JoinHandle<anyhow::Result<refused::Committed>>> = None;
-    while !planning.done(&pipe) {
-        planning
-            .advance(consumer, &mut pipe, &mut chunk, &mut done, &mut unreported)
+    while !reader.done() {
+        reader
+            .read_into(&mut chunk, &mut done, &mut unreported)
             .await?;
         // Written on what the chunk holds, not on what it read: the
         // versions it collapsed away cost nothing to write.
-        if limits.reached(&chunk) || planning.done(&pipe) {
+        if limits.reached(&chunk) || reader.done() {
             if let Some(committed) = written_chunk(&mut writing).await? {
                 done.add(committed);
                 report(&mut written);
@@ -953,13 +751,11 @@ pub async fn replay_in(
     let Some(mut reader) = Reader::new(config, tables, feeds, &spans, writer.clone())? else {
         return Ok(done);
     };
-    let Reader { consumer, planning } = &mut reader;
-    let mut pipe = Pipeline::default();
     let mut chunk = bulk::Chunk::default();
     let mut unreported = HashMap::new();
-    while !planning.done(&pipe) {
-        planning
-            .advance(consumer, &mut pipe, &mut chunk, &mut done, &mut unreported)
+    while !reader.done() {
+        reader
+            .read_into(&mut chunk, &mut done, &mut unreported)
             .await?;
     }
     done.messages += chunk.messages as u64;
@@ -1074,30 +870,20 @@ mod tests {
         let topic = "us-east-1.cdc.public.users";
         // Keys repeat, so the order of the steps matters to the collapse.
         let messages: Vec<_> = (0..1000).map(|i| json_message(i, i % 300)).collect();
-        let summary = |digests: Vec<Digest>| {
+        let summary = |plans: Vec<Plan<'_, rdkafka::message::OwnedMessage>>| {
             let mut steps = Vec::new();
             let mut rejected = Vec::new();
-            for d in digests {
-                for s in d.steps {
-                    if let Digested::Row {
-                        fin, offset, key, ..
-                    } = s
-                    {
-                        let id = fin.key_text().to_owned();
-                        let want = bulk::key_hash(Some(format!("{{\"id\": {id}}}").as_bytes()));
-                        assert_eq!(key, want, "the message's key hash");
-                        steps.push((offset, id, fin.version().0));
+            for plan in plans {
+                for s in plan.steps {
+                    if let Step::Row { fin, msg, .. } = s {
+                        steps.push((msg.offset(), fin.key_text().to_owned(), fin.version().0));
                     }
                 }
-                rejected.extend(d.rejected.iter().map(|(offset, _)| *offset));
+                rejected.extend(plan.rejected.iter().map(|r| r.msg.offset()));
             }
             (steps, rejected)
         };
-        let whole = summary(vec![digest(
-            planner.plan(topic, &messages, 0).await,
-            0,
-            1000,
-        )]);
+        let whole = summary(vec![planner.plan(topic, &messages, 0).await]);
         let pieces: Vec<Piece<'_, '_, _>> = messages
             .chunks(pieces_of(messages.len(), 3))
             .map(|m| Piece {
@@ -1108,17 +894,7 @@ mod tests {
             })
             .collect();
         assert!(pieces.len() >= 3, "{} pieces", pieces.len());
-        let handle = tokio::runtime::Handle::current();
-        // The thread that plans with the others runs something else first.
-        let (digests, ran) =
-            tokio::task::block_in_place(|| plan_pieces(&handle, &pieces, 0, 3, || 42));
-        assert_eq!(ran, 42);
-        assert_eq!(
-            digests.last().map(|d| (d.part, d.next)),
-            Some((0, 1000)),
-            "the last piece ends after the batch's last offset"
-        );
-        let pieced = summary(digests);
+        let pieced = summary(plan_pieces(&pieces, 0, 3).await);
         assert_eq!(whole.0.len(), 1000 - 14, "every change but the 14 not JSON");
         assert_eq!(whole.1.len(), 14);
         assert_eq!(pieced, whole);
