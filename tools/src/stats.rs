@@ -42,9 +42,17 @@ pub fn histogram_mean(metrics: &str, name: &str) -> f64 {
     total("sum") / total("count")
 }
 
+/// The median: the middle value of an odd number of values, the mean of
+/// the two middle ones of an even number (it reported the upper one).
+/// NaN for none.
 pub fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
+    let n = v.len();
+    match n {
+        0 => f64::NAN,
+        _ if n % 2 == 1 => v[n / 2],
+        _ => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
 }
 
 /// The `q` quantile (0..=1) of sorted values, nearest rank.
@@ -54,4 +62,18 @@ pub fn quantile(sorted: &[f64], q: f64) -> f64 {
     }
     let rank = ((q * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len());
     sorted[rank - 1]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::median;
+
+    #[test]
+    fn the_median_of_an_even_number_of_values_is_the_mean_of_the_middle_two() {
+        assert_eq!(median(vec![3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(vec![4.0, 1.0, 3.0, 2.0]), 2.5);
+        assert_eq!(median(vec![10.0, 20.0]), 15.0);
+        assert_eq!(median(vec![7.0]), 7.0);
+        assert!(median(vec![]).is_nan());
+    }
 }

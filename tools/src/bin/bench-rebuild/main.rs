@@ -228,6 +228,11 @@ async fn main() {
         rebuild_secs.push(rb.seconds);
         let sh = timed_rebuild(&b, source, run, n, r, &options, true).await;
         shadows.push(sh.rows_per_s);
+        println!(
+            "run {run}: of this round's COPY rate: rebuild {:.2}, rebuild --shadow {:.2}",
+            rb.rows_per_s / copy_n[run as usize],
+            sh.rows_per_s / copy_n[run as usize]
+        );
 
         let copy = format!("bench_replay_{run}");
         let rp = run_regionsync(&b, &avro_topic, &table, &copy, &avro_ends, n).await;
@@ -259,21 +264,34 @@ async fn main() {
         median(ceilings.clone()),
     );
     let rb_secs = median(rebuild_secs.clone());
-    println!("\nmedians of {runs} runs ({n} changes, {r} rows in the table):");
+    // Each round's rebuild against that round's COPY: the box's load moves
+    // both, so this ratio moves less than the rates.
+    let per_round = |v: &[f64]| {
+        v.iter()
+            .zip(&copy_n)
+            .map(|(x, c)| format!("{:.2}", x / c))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    println!(
+        "\nmedians of {runs} runs ({n} changes, {r} rows in the table; the median of an even number of runs is the mean of the middle two):"
+    );
     println!(
         "  PostgreSQL COPY, {n_copied} rows:      {cn:.0} rows/s ({})",
         list(&copy_n)
     );
     println!(
-        "  regionsync rebuild:               {rb:.0} changes/s ({}) = {:.2} of COPY's rate",
+        "  regionsync rebuild:               {rb:.0} changes/s ({}) = {:.2} of COPY's rate (per round: {})",
         list(&rebuilds),
-        rb / cn
+        rb / cn,
+        per_round(&rebuilds)
     );
     println!(
-        "  regionsync rebuild --shadow:      {:.0} changes/s ({}) = {:.2} of COPY's rate",
+        "  regionsync rebuild --shadow:      {:.0} changes/s ({}) = {:.2} of COPY's rate (per round: {})",
         median(shadows.clone()),
         list(&shadows),
-        median(shadows.clone()) / cn
+        median(shadows.clone()) / cn,
+        per_round(&shadows)
     );
     println!(
         "  worker replay:                    {rp:.0} changes/s ({})",
