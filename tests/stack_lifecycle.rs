@@ -18,7 +18,27 @@ use support::*;
 const ARRIVAL: Duration = Duration::from_secs(60);
 
 /// Every port the stack listens on (deploy/local/env.sh defaults).
-const STACK_PORTS: [u16; 8] = [15432, 25432, 19092, 29092, 18083, 28083, 18081, 9090];
+/// Every port a service of the stack listens on (deploy/local/env.sh: this
+/// stack's, which need not be the defaults).
+fn stack_ports() -> Vec<u16> {
+    use support::stack_env::*;
+    [
+        PG_PORT_A,
+        PG_PORT_B,
+        KAFKA_PORT_A,
+        KAFKA_PORT_B,
+        KAFKA_CONTROLLER_PORT_A,
+        KAFKA_CONTROLLER_PORT_B,
+        KAFKA_SASL_PORT_B,
+        CONNECT_PORT_A,
+        CONNECT_PORT_B,
+        REGISTRY_PORT,
+        PROMETHEUS_PORT,
+    ]
+    .iter()
+    .map(|v| v.port())
+    .collect()
+}
 
 fn make(target: &str) {
     let status = tokio::task::block_in_place(|| {
@@ -64,7 +84,7 @@ fn stack_down_leaves_nothing() {
             "process {pid} of the stack still runs after stack-down"
         );
     }
-    for port in STACK_PORTS {
+    for port in stack_ports() {
         assert!(!port_open(port), "port {port} still open after stack-down");
     }
 }
