@@ -17,7 +17,6 @@ use support::*;
 
 const ARRIVAL: Duration = Duration::from_secs(60);
 
-/// Every port the stack listens on (deploy/local/env.sh defaults).
 /// Every port a service of the stack listens on (deploy/local/env.sh: this
 /// stack's, which need not be the defaults).
 fn stack_ports() -> Vec<u16> {
