@@ -6,7 +6,6 @@
 
 mod support;
 
-use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -78,9 +77,13 @@ fn stack_down_leaves_nothing() {
     );
     make("stack-down");
     for pid in pids {
+        // Its state line (name, state, parent) says whether it still runs or
+        // has exited and waits for its parent to reap it.
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"));
         assert!(
-            !Path::new(&format!("/proc/{pid}")).exists(),
-            "process {pid} of the stack still runs after stack-down"
+            stat.is_err(),
+            "process {pid} of the stack is still in the process table after stack-down: {}",
+            stat.unwrap_or_default().trim()
         );
     }
     for port in stack_ports() {

@@ -111,15 +111,38 @@ wait_for() {
   done
 }
 
+# Whether process $1 has exited (gone, or a zombie its parent has yet to reap).
+exited() {
+  local state
+  state=$(sed 's/^.*) //' "/proc/$1/stat" 2>/dev/null | cut -d' ' -f1)
+  [ -z "$state" ] || [ "$state" = Z ]
+}
+
+# reaped PID NAME TIMEOUT_S: wait until an exited process has left the process
+# table. Its parent (runuser, for postgres) may itself be stopped, as a test's
+# SIGSTOP of the child stops it too: continue it so that it reaps.
+reaped() {
+  local p=$1 name=$2 deadline=$((SECONDS + $3)) parent
+  while [ -e "/proc/$p" ]; do
+    parent=$(ps -o ppid= -p "$p" 2>/dev/null | tr -d ' ')
+    if [ -n "$parent" ] && [ "$parent" != 1 ]; then kill -CONT "$parent" 2>/dev/null || true; fi
+    if [ $SECONDS -ge $deadline ]; then
+      log "$name (pid $p) has exited but is not yet reaped by its parent ${parent:-?}"
+      return 0
+    fi
+    sleep 0.2
+  done
+}
+
 stop_pid() {
   local name=$1 timeout=${2:-30} p
   p=$(pid_of "$name")
   if [ -z "$p" ]; then return 0; fi
-  if kill -0 "$p" 2>/dev/null; then
+  if ! exited "$p"; then
     log "stopping $name (pid $p)"
     kill -TERM "$p" 2>/dev/null || true
     local deadline=$((SECONDS + timeout))
-    while kill -0 "$p" 2>/dev/null; do
+    until exited "$p"; do
       if [ $SECONDS -ge $deadline ]; then
         log "$name did not stop in ${timeout}s; killing it"
         kill -KILL "$p" 2>/dev/null || true
@@ -128,6 +151,7 @@ stop_pid() {
       sleep 0.5
     done
   fi
+  reaped "$p" "$name" 10
   rm -f "$PIDS/$name.pid"
 }
 
@@ -395,6 +419,12 @@ pg_down() {
     if [ -n "$parent" ] && [ "$parent" != 1 ]; then kill -CONT "$parent" 2>/dev/null || true; fi
     as_postgres "$PG_BIN/pg_ctl" -D "$STATE/$name" -m fast -w -t 60 stop >/dev/null 2>&1 ||
       stop_pid "$name" 30
+    # pg_ctl returns when the postmaster has removed its pid file, a moment
+    # before it exits: down means the process is gone.
+    local deadline=$((SECONDS + 30))
+    until exited "$p" || [ $SECONDS -ge $deadline ]; do sleep 0.2; done
+    exited "$p" || stop_pid "$name" 5
+    reaped "$p" "$name" 10
   fi
   rm -f "$PIDS/$name.pid"
 }
