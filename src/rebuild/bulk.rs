@@ -91,6 +91,10 @@ pub struct Chunk {
     pub held: usize,
     /// The held versions' estimated memory ([`held_bytes`]).
     pub bytes: usize,
+    /// Keyed messages read but not yet planned: only the newest of each
+    /// key is ([`super::deferred`]). Planned into the chunk before it is
+    /// written.
+    pub deferred: super::deferred::Deferred,
 }
 
 /// When a chunk is written: on what it holds (the rows the flush writes
@@ -113,11 +117,13 @@ impl Limits {
     /// insert-only topic: every key once): growing it would save no row,
     /// and a chunk written earlier is written while the next is read
     /// instead of after all reading.
+    /// Messages held unplanned count as their keys (versions) and bytes.
     pub fn reached(&self, chunk: &Chunk) -> bool {
-        let not_collapsing =
-            chunk.held >= (self.rows / 4).max(1) && chunk.held * 10 >= chunk.changes * 9;
-        chunk.held >= self.rows
-            || chunk.bytes >= self.bytes
+        let held = chunk.held + chunk.deferred.keys();
+        let changes = chunk.changes + chunk.deferred.len();
+        let not_collapsing = held >= (self.rows / 4).max(1) && held * 10 >= changes * 9;
+        held >= self.rows
+            || chunk.bytes + chunk.deferred.bytes >= self.bytes
             || chunk.messages >= self.messages
             || not_collapsing
     }

@@ -26,6 +26,7 @@
 //! - [`history_problem`] says when a topic cannot rebuild a table.
 
 pub mod bulk;
+pub mod deferred;
 pub mod lock;
 pub mod refused;
 pub mod shadow;
@@ -40,11 +41,12 @@ use rdkafka::message::{BorrowedMessage, Message};
 use rdkafka::{Offset, TopicPartitionList};
 use tracing::{info, warn};
 
-use crate::apply::{Applied, TargetTable};
+use crate::apply::{Applied, Final, TargetTable};
 use crate::config::Config;
 use crate::decode::registry::AvroSource;
 use crate::worker::batch::{Plan, Planner, Step};
 use crate::worker::failure::{self, Verdict};
+use deferred::HeldMessage;
 
 /// A topic that holds rows of a rebuilt table.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -412,7 +414,7 @@ impl<'a> Reader<'a> {
         done: &mut Replayed,
         unreported: &mut HashMap<String, u64>,
     ) -> anyhow::Result<()> {
-        let (config, tables, writer) = (self.config, self.tables, self.writer.clone());
+        let (config, tables) = (self.config, self.tables);
         let max_rows = config.apply.batch_max_rows.max(1);
         let mut batch: Vec<BorrowedMessage<'_>> = Vec::new();
         let mut idle = Duration::ZERO;
@@ -464,33 +466,150 @@ impl<'a> Reader<'a> {
                 messages.push(m);
             }
         }
-        // Planned (decoded, routed, prepared) in pieces on several threads:
-        // that is most of a rebuild's CPU. The pieces' plans are then taken
-        // in each partition's offset order, as one plan would have been.
-        let by_partition: Vec<((String, i32), Vec<BorrowedMessage<'_>>)> = groups
-            .into_iter()
-            .filter(|(_, _, messages)| !messages.is_empty())
-            .map(|(key, _, messages)| (key, messages))
-            .collect();
-        let mut planners = Vec::with_capacity(by_partition.len());
-        for ((topic, _), _) in &by_partition {
+        // Keyed messages of a table without counters are held unplanned:
+        // only the newest of each key is planned, before the chunk is
+        // written (`deferred`). The others are planned now.
+        let mut now: Vec<((String, i32), Vec<BorrowedMessage<'_>>)> = Vec::new();
+        for ((topic, partition), _, messages) in groups {
+            let Some(last) = messages.last() else {
+                continue;
+            };
             let feed = self
                 .feed_of
                 .get(topic.as_str())
                 .ok_or_else(|| anyhow::anyhow!("a message of {topic}, which is not replayed"))?;
+            let next = last.offset() + 1;
+            chunk.read_to(&topic, partition, next, None);
+            chunk.messages += messages.len();
+            *unreported.entry(topic.clone()).or_default() += messages.len() as u64;
+            let key = (topic, partition);
+            if self.ends.get(&key).is_some_and(|end| next >= *end) {
+                self.ends.remove(&key);
+                info!(topic = %key.0, partition, "read to its end");
+            }
+            let messages: Vec<_> = if tables[feed.table].counters.is_empty() {
+                messages
+                    .into_iter()
+                    .filter(|m| !chunk.deferred.hold(m))
+                    .collect()
+            } else {
+                messages
+            };
+            if !messages.is_empty() {
+                now.push((key, messages));
+            }
+        }
+        let runs: Vec<Run<'_, BorrowedMessage<'_>>> = now
+            .iter()
+            .map(|((topic, partition), messages)| {
+                ((topic.as_str(), *partition), messages.as_slice())
+            })
+            .collect();
+        for (run, plan) in self.plan_runs(&runs).await? {
+            let (topic, partition) = runs[run].0;
+            self.take(chunk, done, topic, partition, plan).await?;
+        }
+        Ok(())
+    }
+
+    /// Plans the messages the chunk holds unplanned into it ([`deferred`]):
+    /// the newest of each key per partition, and every message of a key
+    /// whose newest does not plan to a whole row or a delete. Before the
+    /// chunk is written.
+    async fn settle(&self, chunk: &mut bulk::Chunk, done: &mut Replayed) -> anyhow::Result<()> {
+        let held = std::mem::take(&mut chunk.deferred);
+        if held.is_empty() {
+            return Ok(());
+        }
+        let newest = held.newest();
+        let runs: Vec<Run<'_, HeldMessage<'_>>> = newest
+            .iter()
+            .map(|(at, messages)| (*at, messages.as_slice()))
+            .collect();
+        let mut again = Vec::new();
+        let mut planned = 0;
+        for (run, plan) in self.plan_runs(&runs).await? {
+            let (topic, partition) = runs[run].0;
+            let PiecePlan {
+                plan,
+                planned: messages,
+            } = plan;
+            chunk.read_to(topic, partition, 0, plan.newest_ts_ms);
+            let topic_index = chunk.topic_index(topic);
+            let mut whole = rustc_hash::FxHashSet::default();
+            for step in plan.steps {
+                if let Step::Row {
+                    table, fin, msg, ..
+                } = step
+                {
+                    let is_whole = match &fin {
+                        Final::Upsert(r) => r.unavailable.is_empty(),
+                        Final::Delete(_) => true,
+                    };
+                    if is_whole && self.tables[table].counters.is_empty() {
+                        whole.insert(msg.offset());
+                        let at = bulk::At {
+                            topic: topic_index,
+                            partition,
+                            offset: msg.offset(),
+                            key: bulk::key_hash(msg.key()),
+                        };
+                        chunk.add(table, fin, None, at);
+                    }
+                }
+            }
+            planned += messages.len();
+            again.extend(messages.iter().filter(|m| !whole.contains(&m.offset())));
+        }
+        // The replaced messages count as read, not as rows.
+        chunk.changes += held.len() - planned;
+        info!(
+            held = held.len(),
+            newest = planned,
+            replanned = again.len(),
+            "planned the newest message of each key (replanned: keys whose newest is not a whole row or a delete)"
+        );
+        if again.is_empty() {
+            return Ok(());
+        }
+        let every = held.all_of(&again);
+        let runs: Vec<Run<'_, HeldMessage<'_>>> = every
+            .iter()
+            .map(|(at, messages)| (*at, messages.as_slice()))
+            .collect();
+        for (run, plan) in self.plan_runs(&runs).await? {
+            let (topic, partition) = runs[run].0;
+            self.take(chunk, done, topic, partition, plan).await?;
+        }
+        Ok(())
+    }
+
+    /// Plans `runs` (each a partition's messages in offset order) in pieces
+    /// on several threads: that is most of a rebuild's CPU. Returns each
+    /// piece's plan with the index of its run, in the runs' offset order.
+    async fn plan_runs<'m, M: Message + Sync>(
+        &self,
+        runs: &[Run<'m, M>],
+    ) -> anyhow::Result<Vec<(usize, PiecePlan<'m, M>)>> {
+        let mut planners = Vec::with_capacity(runs.len());
+        for ((topic, _), _) in runs {
+            let feed = self
+                .feed_of
+                .get(topic)
+                .ok_or_else(|| anyhow::anyhow!("a message of {topic}, which is not replayed"))?;
             planners.push(Planner {
-                config,
-                tables,
+                config: self.config,
+                tables: self.tables,
                 source_region: &feed.source_region,
                 table: Some(feed.table),
                 avro: self.decoders.get(&feed.source_region).map(|a| &**a),
                 own_topic: feed.own,
             });
         }
-        let total: usize = by_partition.iter().map(|(_, m)| m.len()).sum();
+        let total: usize = runs.iter().map(|(_, m)| m.len()).sum();
         let piece_len = pieces_of(total, self.decoder_threads);
         let mut pieces = Vec::new();
-        for (i, ((topic, _), messages)) in by_partition.iter().enumerate() {
+        for (i, ((topic, _), messages)) in runs.iter().enumerate() {
             for piece in messages.chunks(piece_len) {
                 pieces.push(Piece {
                     planner: &planners[i],
@@ -500,93 +619,115 @@ impl<'a> Reader<'a> {
                 });
             }
         }
-        let mut plans = plan_pieces(&pieces, crate::clock::now_ms(), self.decoder_threads)
-            .await
+        let plans = plan_pieces(&pieces, crate::clock::now_ms(), self.decoder_threads).await;
+        Ok(plans
             .into_iter()
             .zip(&pieces)
-            .peekable();
-        for (i, ((topic, partition), messages)) in by_partition.iter().enumerate() {
-            let feed = self.feed_of[topic.as_str()];
-            while let Some((plan, piece)) = plans.next_if(|(_, piece)| piece.partition == i) {
-                for r in &plan.rejected {
-                    if let Some(why) = stops_rebuild(&r.fault, config) {
-                        anyhow::bail!(
-                            "{topic}/{partition} at offset {}: {} ({why}); run the rebuild again once it is fixed: it resumes",
-                            r.msg.offset(),
-                            r.fault
-                        );
-                    }
-                    warn!(topic = %topic, partition, offset = r.msg.offset(), reason = r.fault.reason(),
-                        error = %r.fault, "a change that cannot be applied is dead-lettered, as the worker does");
-                    // Sent before the offsets past it are committed (with
-                    // the chunk); a message the worker (or an earlier run)
-                    // sent already is not sent again.
-                    let place = refused::Place {
-                        topic,
-                        partition: *partition,
-                        offset: r.msg.offset(),
-                    };
-                    let table = Some(tables[feed.table].name.as_str());
-                    let mut backoff = failure::Backoff::default();
-                    loop {
-                        match writer
-                            .send(
-                                place,
-                                refused::Body::Bytes((r.msg.key(), r.msg.payload())),
-                                &r.fault,
-                                table,
-                                None,
-                            )
-                            .await
-                        {
-                            Ok(true) => done.dead_lettered += 1,
-                            Ok(false) => done.already_dead_lettered += 1,
-                            Err(refused::Failed::Retry(reason, e)) => {
-                                warn!(reason, error = %format!("{e:#}"), retry_in = ?backoff.delay(), "dead-lettering a change failed; again");
-                                backoff.wait(reason).await;
-                                continue;
-                            }
-                            Err(refused::Failed::Stop(e)) => return Err(e),
-                        }
-                        break;
-                    }
-                }
-                done.refused += plan.rejected.len() as u64;
-                let next = piece.messages.last().map_or(0, |m| m.offset() + 1);
-                chunk.read_to(topic, *partition, next, plan.newest_ts_ms);
-                let topic_index = chunk.topic_index(topic);
-                for step in plan.steps {
-                    match step {
-                        Step::Row {
-                            table, fin, msg, ..
-                        } => {
-                            let per_partition = (!tables[table].counters.is_empty())
-                                .then_some((topic.as_str(), *partition));
-                            let at = bulk::At {
-                                topic: topic_index,
-                                partition: *partition,
-                                offset: msg.offset(),
-                                key: bulk::key_hash(msg.key()),
-                            };
-                            chunk.add(table, fin, per_partition, at)
-                        }
-                        Step::Truncate { table, ts_ms } => {
-                            chunk.truncate(table, ts_ms, &feed.source_region)
-                        }
-                    }
-                }
+            .map(|(plan, piece)| {
+                (
+                    piece.partition,
+                    PiecePlan {
+                        plan,
+                        planned: piece.messages,
+                    },
+                )
+            })
+            .collect())
+    }
+
+    /// Takes a piece's plan into `chunk`: its rows and truncates, and its
+    /// partition's newest commit time. What it refused is dead-lettered, as
+    /// the worker does, or stops the rebuild where the worker would hold or
+    /// stop.
+    async fn take<M: Message>(
+        &self,
+        chunk: &mut bulk::Chunk,
+        done: &mut Replayed,
+        topic: &str,
+        partition: i32,
+        plan: PiecePlan<'_, M>,
+    ) -> anyhow::Result<()> {
+        let (config, tables) = (self.config, self.tables);
+        let feed = self.feed_of[topic];
+        let plan = plan.plan;
+        for r in &plan.rejected {
+            if let Some(why) = stops_rebuild(&r.fault, config) {
+                anyhow::bail!(
+                    "{topic}/{partition} at offset {}: {} ({why}); run the rebuild again once it is fixed: it resumes",
+                    r.msg.offset(),
+                    r.fault
+                );
             }
-            let next = messages.last().map_or(0, |m| m.offset() + 1);
-            chunk.messages += messages.len();
-            *unreported.entry(topic.clone()).or_default() += messages.len() as u64;
-            let key = (topic.clone(), *partition);
-            if self.ends.get(&key).is_some_and(|end| next >= *end) {
-                self.ends.remove(&key);
-                info!(topic = %topic, partition, "read to its end");
+            warn!(topic = %topic, partition, offset = r.msg.offset(), reason = r.fault.reason(),
+                error = %r.fault, "a change that cannot be applied is dead-lettered, as the worker does");
+            // Sent before the offsets past it are committed (with the
+            // chunk); a message the worker (or an earlier run) sent already
+            // is not sent again.
+            let place = refused::Place {
+                topic,
+                partition,
+                offset: r.msg.offset(),
+            };
+            let table = Some(tables[feed.table].name.as_str());
+            let mut backoff = failure::Backoff::default();
+            loop {
+                match self
+                    .writer
+                    .send(
+                        place,
+                        refused::Body::Bytes((r.msg.key(), r.msg.payload())),
+                        &r.fault,
+                        table,
+                        None,
+                    )
+                    .await
+                {
+                    Ok(true) => done.dead_lettered += 1,
+                    Ok(false) => done.already_dead_lettered += 1,
+                    Err(refused::Failed::Retry(reason, e)) => {
+                        warn!(reason, error = %format!("{e:#}"), retry_in = ?backoff.delay(), "dead-lettering a change failed; again");
+                        backoff.wait(reason).await;
+                        continue;
+                    }
+                    Err(refused::Failed::Stop(e)) => return Err(e),
+                }
+                break;
+            }
+        }
+        done.refused += plan.rejected.len() as u64;
+        chunk.read_to(topic, partition, 0, plan.newest_ts_ms);
+        let topic_index = chunk.topic_index(topic);
+        for step in plan.steps {
+            match step {
+                Step::Row {
+                    table, fin, msg, ..
+                } => {
+                    let per_partition =
+                        (!tables[table].counters.is_empty()).then_some((topic, partition));
+                    let at = bulk::At {
+                        topic: topic_index,
+                        partition,
+                        offset: msg.offset(),
+                        key: bulk::key_hash(msg.key()),
+                    };
+                    chunk.add(table, fin, per_partition, at)
+                }
+                Step::Truncate { table, ts_ms } => {
+                    chunk.truncate(table, ts_ms, &feed.source_region)
+                }
             }
         }
         Ok(())
     }
+}
+
+/// A partition's messages to plan, in offset order.
+type Run<'r, M> = ((&'r str, i32), &'r [M]);
+
+/// A piece's plan and the messages it planned.
+struct PiecePlan<'m, M> {
+    plan: Plan<'m, M>,
+    planned: &'m [M],
 }
 
 /// A batch's messages of one partition: its (topic, partition), the end it
@@ -703,6 +844,8 @@ pub async fn replay(
         // Written on what the chunk holds, not on what it read: the
         // versions it collapsed away cost nothing to write.
         if limits.reached(&chunk) || reader.done() {
+            // Planned while the chunk before is written.
+            reader.settle(&mut chunk, &mut done).await?;
             if let Some(committed) = written_chunk(&mut writing).await? {
                 done.add(committed);
                 report(&mut written);
@@ -719,6 +862,7 @@ pub async fn replay(
         report(&mut written);
     }
     if !chunk.is_empty() {
+        reader.settle(&mut chunk, &mut done).await?;
         done.messages += chunk.messages as u64;
         done.add(writer.commit(&chunk).await?);
         report(&mut unreported);
@@ -758,6 +902,7 @@ pub async fn replay_in(
             .read_into(&mut chunk, &mut done, &mut unreported)
             .await?;
     }
+    reader.settle(&mut chunk, &mut done).await?;
     done.messages += chunk.messages as u64;
     done.add(writer.flush_in(tx, &chunk).await.map_err(|f| {
         let retried = matches!(f, refused::Failed::Retry(..));
