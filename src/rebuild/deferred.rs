@@ -27,22 +27,26 @@
 //! message), and every message of a table with CRDT counters (which merges
 //! versions rather than replacing them), are not held: they are planned as
 //! read.
-use std::ops::Range;
-
 use rdkafka::message::{Message, OwnedHeaders, Timestamp};
 use rustc_hash::FxHashMap;
 
 /// No earlier message of the same (topic, partition, key hash).
 const NONE: u32 = u32::MAX;
 
-/// One held message: where it came from, and its bytes in the arena.
+/// Bytes of a block of held messages: allocated whole, never grown, so
+/// holding does not copy what is held (as one growing buffer would, with
+/// up to twice its size allocated).
+const BLOCK: usize = 4 << 20;
+
+/// One held message: where it came from, and where its bytes are.
 struct Held {
     topic: u32,
     partition: i32,
     offset: i64,
     timestamp: Timestamp,
-    /// Its key, then its payload, in [`Deferred::arena`].
-    start: usize,
+    /// Its key, then its payload, in [`Deferred::blocks`].
+    block: u32,
+    start: u32,
     key_len: u32,
     payload_len: u32,
     /// The previous held message of its (topic, partition, key hash).
@@ -52,7 +56,7 @@ struct Held {
 /// Keyed messages held since the chunk began, in read order.
 #[derive(Default)]
 pub struct Deferred {
-    arena: Vec<u8>,
+    blocks: Vec<Vec<u8>>,
     held: Vec<Held>,
     topics: Vec<String>,
     /// (topic, partition, key hash) → its newest held message.
@@ -68,14 +72,20 @@ pub struct HeldMessage<'d> {
     index: u32,
 }
 
-impl HeldMessage<'_> {
-    fn held(&self) -> &Held {
+impl<'d> HeldMessage<'d> {
+    fn held(&self) -> &'d Held {
         &self.store.held[self.index as usize]
     }
 
-    fn key_range(&self) -> Range<usize> {
+    /// Its key and payload, one after the other.
+    fn bytes(&self) -> &'d [u8] {
         let h = self.held();
-        h.start..h.start + h.key_len as usize
+        let from = h.start as usize;
+        &self.store.blocks[h.block as usize][from..from + (h.key_len + h.payload_len) as usize]
+    }
+
+    fn key_bytes(&self) -> &'d [u8] {
+        &self.bytes()[..self.held().key_len as usize]
     }
 }
 
@@ -83,13 +93,11 @@ impl Message for HeldMessage<'_> {
     type Headers = OwnedHeaders;
 
     fn key(&self) -> Option<&[u8]> {
-        Some(&self.store.arena[self.key_range()])
+        Some(self.key_bytes())
     }
 
     fn payload(&self) -> Option<&[u8]> {
-        let h = self.held();
-        let from = h.start + h.key_len as usize;
-        Some(&self.store.arena[from..from + h.payload_len as usize])
+        Some(&self.bytes()[self.held().key_len as usize..])
     }
 
     unsafe fn payload_mut(&mut self) -> Option<&mut [u8]> {
@@ -139,26 +147,40 @@ impl Deferred {
                 (self.topics.len() - 1) as u32
             }
         };
+        // A message shares a block only within its first BLOCK bytes (a
+        // larger one has a block of its own): `start` fits in u32.
+        let need = key.len() + payload.len();
+        if self
+            .blocks
+            .last()
+            .is_none_or(|b| b.len() + need > b.capacity().min(BLOCK))
+        {
+            self.blocks.push(Vec::with_capacity(need.max(BLOCK)));
+            self.bytes += need.max(BLOCK);
+        }
+        let block = self.blocks.len() - 1;
+        let arena = &mut self.blocks[block];
+        let start = arena.len() as u32;
+        arena.extend_from_slice(key);
+        arena.extend_from_slice(payload);
         let index = self.held.len() as u32;
         let slot = self
             .newest
             .entry((topic, m.partition(), super::bulk::key_hash(Some(key))))
             .or_insert(NONE);
         let prev = std::mem::replace(slot, index);
-        let start = self.arena.len();
-        self.arena.extend_from_slice(key);
-        self.arena.extend_from_slice(payload);
         self.held.push(Held {
             topic,
             partition: m.partition(),
             offset: m.offset(),
             timestamp: m.timestamp(),
+            block: block as u32,
             start,
             key_len,
             payload_len,
             prev,
         });
-        self.bytes += key.len() + payload.len() + std::mem::size_of::<Held>();
+        self.bytes += std::mem::size_of::<Held>();
         if prev == NONE {
             self.bytes += std::mem::size_of::<((u32, i32, u64), u32)>() + 8;
         }
@@ -209,7 +231,7 @@ impl Deferred {
             let run = out.entry((topic, partition)).or_default();
             while i != NONE {
                 let m = self.at(i);
-                let key = &self.arena[m.key_range()];
+                let key = m.key_bytes();
                 if !seen.contains(&key) {
                     seen.push(key);
                     run.push(m);
@@ -226,7 +248,7 @@ impl Deferred {
         let mut out: FxHashMap<(u32, i32), Vec<HeldMessage<'d>>> = FxHashMap::default();
         for m in messages {
             let h = m.held();
-            let key = &self.arena[m.key_range()];
+            let key = m.key_bytes();
             let head = self.newest[&(h.topic, h.partition, super::bulk::key_hash(Some(key)))];
             out.entry((h.topic, h.partition))
                 .or_default()
@@ -350,12 +372,28 @@ mod tests {
     }
 
     #[test]
-    fn held_bytes_grow_with_what_is_held() {
+    fn held_bytes_count_whole_blocks_and_a_large_message_gets_its_own() {
         let mut d = Deferred::default();
         d.hold(&msg("a", 0, 1, Some("k1"), Some("0123456789")));
         let one = d.bytes;
-        assert!(one >= 12);
+        assert!(one >= BLOCK);
         d.hold(&msg("a", 0, 2, Some("k1"), Some("0123456789")));
-        assert!(d.bytes - one >= 12 && d.bytes - one < one);
+        assert!(
+            d.bytes - one < 100,
+            "a message in the same block adds its bookkeeping only"
+        );
+        let large = "x".repeat(BLOCK + 1);
+        d.hold(&msg("a", 0, 3, Some("k2"), Some(&large)));
+        d.hold(&msg("a", 0, 4, Some("k3"), Some("after")));
+        assert_eq!(d.blocks.len(), 3, "the large message's block is its own");
+        assert!(d.bytes >= 2 * BLOCK + large.len());
+        let newest = d.newest();
+        let payloads: Vec<usize> = newest[0]
+            .1
+            .iter()
+            .map(|m| m.payload().map_or(0, |p| p.len()))
+            .collect();
+        assert_eq!(payloads, vec![10, BLOCK + 1, 5]);
+        assert_eq!(newest[0].1[1].key(), Some(&b"k2"[..]));
     }
 }
