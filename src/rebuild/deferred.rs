@@ -2,12 +2,12 @@
 //! of each key, not every message.
 //!
 //! A rebuild replays every version of every row and writes only the newest
-//! of each key; in the bench topic four changes in five are replaced by a
+//! of each key; in the bench topic nine changes in ten are replaced by a
 //! later one of their key. Decoding, routing and preparing a change is
-//! most of a rebuild's CPU, so a replayed partition's keyed messages are
-//! held here as bytes, and before the chunk is written only the newest
-//! message of each key (its Kafka key bytes) in each partition is planned
-//! ([`Deferred::newest`]).
+//! most of a rebuild's CPU, so of a replayed partition's keyed messages
+//! only the newest of each key (its Kafka key bytes) is held, as bytes,
+//! with where the key's run in the chunk began; before the chunk is
+//! written these are planned ([`Deferred::newest`]).
 //!
 //! Why that is what the worker would leave: one partition of a change topic
 //! carries one source database's row states in commit order, and the
@@ -15,10 +15,14 @@
 //! (`regionsync.stamp_hlc`: an update takes at least the old hlc + 1, a
 //! re-insert at least its tombstone's). So under the guard the newest
 //! message of a key leaves the row as the whole run of them would — when
-//! it plans to a whole row or a delete. When it does not (refused, skipped
-//! by routing, unsent TOAST columns to be taken from an older version, a
-//! fault that holds the partition), every held message of the key in the
-//! partition is planned, as the worker plans them ([`Deferred::all_of`]).
+//! it plans to a whole row or a delete. A newest that is a relay or an
+//! echo (skipped: a change another region made) needs nothing older
+//! either: its original, at least as new as every earlier state here, is
+//! in the topic of the region that made it, which the rebuild replays too.
+//! Otherwise (refused, not resident here, unsent TOAST columns to be taken
+//! from an older version, a fault that holds the partition), the key's
+//! messages in the chunk are read again from Kafka ([`Deferred::ranges_of`])
+//! and all planned, as the worker plans them.
 //!
 //! What differs: a bad change replaced by a later valid change of its key
 //! in the same partition is not dead-lettered again by a rebuild (the
@@ -30,74 +34,57 @@
 use rdkafka::message::{Message, OwnedHeaders, Timestamp};
 use rustc_hash::FxHashMap;
 
-/// No earlier message of the same (topic, partition, key hash).
-const NONE: u32 = u32::MAX;
-
-/// Bytes of a block of held messages: allocated whole, never grown, so
-/// holding does not copy what is held (as one growing buffer would, with
-/// up to twice its size allocated).
-const BLOCK: usize = 4 << 20;
-
-/// One held message: where it came from, and where its bytes are.
-struct Held {
-    topic: u32,
-    partition: i32,
+/// A key's newest message in the chunk, and where its run began.
+struct Newest {
     offset: i64,
     timestamp: Timestamp,
-    /// Its key, then its payload, in [`Deferred::blocks`].
-    block: u32,
-    start: u32,
-    key_len: u32,
-    payload_len: u32,
-    /// The previous held message of its (topic, partition, key hash).
-    prev: u32,
+    payload: Vec<u8>,
+    /// The offset of the key's first message in the chunk.
+    first: i64,
 }
 
-/// Keyed messages held since the chunk began, in read order.
+/// One partition's held keys.
+struct Part {
+    topic: u32,
+    partition: i32,
+    keys: FxHashMap<Box<[u8]>, Newest>,
+}
+
+/// What a held key costs besides its key and payload bytes: its map slot,
+/// the two allocations' headers.
+const KEY_OVERHEAD: usize =
+    std::mem::size_of::<(Box<[u8]>, Newest)>() + 2 * std::mem::size_of::<usize>() + 32;
+
+/// The newest keyed message of each key, per partition, since the chunk
+/// began.
 #[derive(Default)]
 pub struct Deferred {
-    blocks: Vec<Vec<u8>>,
-    held: Vec<Held>,
     topics: Vec<String>,
-    /// (topic, partition, key hash) → its newest held message.
-    newest: FxHashMap<(u32, i32, u64), u32>,
-    /// Estimated memory held: the bytes and each message's bookkeeping.
+    parts: Vec<Part>,
+    /// Messages held (replaced ones included).
+    messages: usize,
+    /// Estimated memory held.
     pub bytes: usize,
 }
 
 /// A held message, read as a Kafka message (the planner's input).
 #[derive(Clone, Copy)]
 pub struct HeldMessage<'d> {
-    store: &'d Deferred,
-    index: u32,
-}
-
-impl<'d> HeldMessage<'d> {
-    fn held(&self) -> &'d Held {
-        &self.store.held[self.index as usize]
-    }
-
-    /// Its key and payload, one after the other.
-    fn bytes(&self) -> &'d [u8] {
-        let h = self.held();
-        let from = h.start as usize;
-        &self.store.blocks[h.block as usize][from..from + (h.key_len + h.payload_len) as usize]
-    }
-
-    fn key_bytes(&self) -> &'d [u8] {
-        &self.bytes()[..self.held().key_len as usize]
-    }
+    topic: &'d str,
+    partition: i32,
+    key: &'d [u8],
+    newest: &'d Newest,
 }
 
 impl Message for HeldMessage<'_> {
     type Headers = OwnedHeaders;
 
     fn key(&self) -> Option<&[u8]> {
-        Some(self.key_bytes())
+        Some(self.key)
     }
 
     fn payload(&self) -> Option<&[u8]> {
-        Some(&self.bytes()[self.held().key_len as usize..])
+        Some(&self.newest.payload)
     }
 
     unsafe fn payload_mut(&mut self) -> Option<&mut [u8]> {
@@ -105,19 +92,19 @@ impl Message for HeldMessage<'_> {
     }
 
     fn topic(&self) -> &str {
-        &self.store.topics[self.held().topic as usize]
+        self.topic
     }
 
     fn partition(&self) -> i32 {
-        self.held().partition
+        self.partition
     }
 
     fn offset(&self) -> i64 {
-        self.held().offset
+        self.newest.offset
     }
 
     fn timestamp(&self) -> Timestamp {
-        self.held().timestamp
+        self.newest.timestamp
     }
 
     fn headers(&self) -> Option<&OwnedHeaders> {
@@ -128,148 +115,155 @@ impl Message for HeldMessage<'_> {
 /// A partition's held messages to plan, in offset order.
 pub type PartitionRun<'d> = ((&'d str, i32), Vec<HeldMessage<'d>>);
 
+/// What to read again of one partition: from `from` up to `to` (both
+/// included), the messages of `keys`, each within its (first, newest)
+/// offsets.
+pub struct Range<'d> {
+    pub topic: &'d str,
+    pub partition: i32,
+    pub from: i64,
+    pub to: i64,
+    pub keys: FxHashMap<&'d [u8], (i64, i64)>,
+}
+
+impl Range<'_> {
+    /// Whether a message read again is one of the keys' run.
+    pub fn wants(&self, offset: i64, key: Option<&[u8]>, payload: Option<&[u8]>) -> bool {
+        let (Some(key), Some(_)) = (key, payload) else {
+            return false;
+        };
+        self.keys
+            .get(key)
+            .is_some_and(|(first, newest)| (*first..=*newest).contains(&offset))
+    }
+}
+
 impl Deferred {
-    /// Holds `m` if it has a key and a payload; `false` (not held) for a
-    /// message without a key, to be planned as read, or a tombstone.
+    /// Holds `m` (replacing its key's older message) if it has a key and a
+    /// payload; `false` (not held) for a message without a key, to be
+    /// planned as read, or a tombstone.
     pub fn hold<M: Message>(&mut self, m: &M) -> bool {
         let (Some(key), Some(payload)) = (m.key(), m.payload()) else {
             return false;
         };
-        let (Ok(key_len), Ok(payload_len)) =
-            (u32::try_from(key.len()), u32::try_from(payload.len()))
-        else {
-            return false;
-        };
-        let topic = match self.topics.iter().position(|t| t == m.topic()) {
-            Some(i) => i as u32,
+        let i = match self.parts.iter().rposition(|p| {
+            p.partition == m.partition() && self.topics[p.topic as usize] == m.topic()
+        }) {
+            Some(i) => i,
             None => {
-                self.topics.push(m.topic().to_owned());
-                (self.topics.len() - 1) as u32
+                let topic = match self.topics.iter().position(|t| t == m.topic()) {
+                    Some(t) => t,
+                    None => {
+                        self.topics.push(m.topic().to_owned());
+                        self.topics.len() - 1
+                    }
+                };
+                self.parts.push(Part {
+                    topic: topic as u32,
+                    partition: m.partition(),
+                    keys: FxHashMap::default(),
+                });
+                self.parts.len() - 1
             }
         };
-        // A message shares a block only within its first BLOCK bytes (a
-        // larger one has a block of its own): `start` fits in u32.
-        let need = key.len() + payload.len();
-        if self
-            .blocks
-            .last()
-            .is_none_or(|b| b.len() + need > b.capacity().min(BLOCK))
-        {
-            self.blocks.push(Vec::with_capacity(need.max(BLOCK)));
-            self.bytes += need.max(BLOCK);
+        let keys = &mut self.parts[i].keys;
+        match keys.get_mut(key) {
+            Some(n) => {
+                // The older message's bytes are replaced in place (its
+                // buffer reused): nothing of it is needed unless the newest
+                // does not plan whole, and then it is read again.
+                self.bytes = self.bytes + payload.len() - n.payload.len();
+                n.payload.clear();
+                n.payload.extend_from_slice(payload);
+                n.offset = m.offset();
+                n.timestamp = m.timestamp();
+            }
+            None => {
+                self.bytes += KEY_OVERHEAD + key.len() + payload.len();
+                keys.insert(
+                    key.into(),
+                    Newest {
+                        offset: m.offset(),
+                        timestamp: m.timestamp(),
+                        payload: payload.to_vec(),
+                        first: m.offset(),
+                    },
+                );
+            }
         }
-        let block = self.blocks.len() - 1;
-        let arena = &mut self.blocks[block];
-        let start = arena.len() as u32;
-        arena.extend_from_slice(key);
-        arena.extend_from_slice(payload);
-        let index = self.held.len() as u32;
-        let slot = self
-            .newest
-            .entry((topic, m.partition(), super::bulk::key_hash(Some(key))))
-            .or_insert(NONE);
-        let prev = std::mem::replace(slot, index);
-        self.held.push(Held {
-            topic,
-            partition: m.partition(),
-            offset: m.offset(),
-            timestamp: m.timestamp(),
-            block: block as u32,
-            start,
-            key_len,
-            payload_len,
-            prev,
-        });
-        self.bytes += std::mem::size_of::<Held>();
-        if prev == NONE {
-            self.bytes += std::mem::size_of::<((u32, i32, u64), u32)>() + 8;
-        }
+        self.messages += 1;
         true
     }
 
-    /// Messages held.
+    /// Messages held, replaced ones included.
     pub fn len(&self) -> usize {
-        self.held.len()
+        self.messages
     }
 
     pub fn is_empty(&self) -> bool {
-        self.held.is_empty()
+        self.messages == 0
     }
 
-    /// Distinct (topic, partition, key hash) held: about the keys.
+    /// Keys held (per partition).
     pub fn keys(&self) -> usize {
-        self.newest.len()
-    }
-
-    fn at(&self, index: u32) -> HeldMessage<'_> {
-        HeldMessage { store: self, index }
-    }
-
-    /// The messages of the run of `head` (newest first) whose key is `key`.
-    fn run_of<'d>(&'d self, head: u32, key: &'d [u8]) -> impl Iterator<Item = HeldMessage<'d>> {
-        let mut i = head;
-        std::iter::from_fn(move || {
-            while i != NONE {
-                let m = self.at(i);
-                i = m.held().prev;
-                if m.key() == Some(key) {
-                    return Some(m);
-                }
-            }
-            None
-        })
+        self.parts.iter().map(|p| p.keys.len()).sum()
     }
 
     /// The newest held message of each key, per partition, in offset order.
-    /// Keys are told apart by their bytes (two keys of one hash are both
-    /// here).
     pub fn newest(&self) -> Vec<PartitionRun<'_>> {
-        let mut out: FxHashMap<(u32, i32), Vec<HeldMessage<'_>>> = FxHashMap::default();
-        for (&(topic, partition, _), &head) in &self.newest {
-            let mut i = head;
-            let mut seen: Vec<&[u8]> = Vec::new();
-            let run = out.entry((topic, partition)).or_default();
-            while i != NONE {
-                let m = self.at(i);
-                let key = m.key_bytes();
-                if !seen.contains(&key) {
-                    seen.push(key);
-                    run.push(m);
-                }
-                i = m.held().prev;
-            }
-        }
-        self.sorted(out)
-    }
-
-    /// Every held message of each of `messages`' keys, per partition, in
-    /// offset order.
-    pub fn all_of<'d>(&'d self, messages: &[HeldMessage<'d>]) -> Vec<PartitionRun<'d>> {
-        let mut out: FxHashMap<(u32, i32), Vec<HeldMessage<'d>>> = FxHashMap::default();
-        for m in messages {
-            let h = m.held();
-            let key = m.key_bytes();
-            let head = self.newest[&(h.topic, h.partition, super::bulk::key_hash(Some(key)))];
-            out.entry((h.topic, h.partition))
-                .or_default()
-                .extend(self.run_of(head, key));
-        }
-        self.sorted(out)
-    }
-
-    fn sorted<'d>(
-        &'d self,
-        runs: FxHashMap<(u32, i32), Vec<HeldMessage<'d>>>,
-    ) -> Vec<PartitionRun<'d>> {
-        let mut out: Vec<PartitionRun<'d>> = runs
-            .into_iter()
-            .map(|((topic, partition), mut run)| {
-                run.sort_by_key(|m| m.offset());
-                run.dedup_by_key(|m| m.offset());
-                ((self.topics[topic as usize].as_str(), partition), run)
+        let mut out: Vec<PartitionRun<'_>> = self
+            .parts
+            .iter()
+            .map(|p| {
+                let topic = self.topics[p.topic as usize].as_str();
+                let mut run: Vec<HeldMessage<'_>> = p
+                    .keys
+                    .iter()
+                    .map(|(key, newest)| HeldMessage {
+                        topic,
+                        partition: p.partition,
+                        key,
+                        newest,
+                    })
+                    .collect();
+                run.sort_by_key(|m| m.newest.offset);
+                ((topic, p.partition), run)
             })
+            .filter(|(_, run)| !run.is_empty())
             .collect();
         out.sort_by(|a, b| a.0.cmp(&b.0));
+        out
+    }
+
+    /// What to read again for `messages`' keys: per partition, the offsets
+    /// from the earliest of their runs' first messages to the latest of
+    /// their newest.
+    pub fn ranges_of<'d>(&self, messages: &[HeldMessage<'d>]) -> Vec<Range<'d>> {
+        let mut out: Vec<Range<'d>> = Vec::new();
+        for m in messages {
+            let (first, newest) = (m.newest.first, m.newest.offset);
+            let i = match out
+                .iter()
+                .position(|r| r.partition == m.partition && r.topic == m.topic)
+            {
+                Some(i) => i,
+                None => {
+                    out.push(Range {
+                        topic: m.topic,
+                        partition: m.partition,
+                        from: first,
+                        to: newest,
+                        keys: FxHashMap::default(),
+                    });
+                    out.len() - 1
+                }
+            };
+            let r = &mut out[i];
+            r.from = r.from.min(first);
+            r.to = r.to.max(newest);
+            r.keys.insert(m.key, (first, newest));
+        }
+        out.sort_by(|a, b| (a.topic, a.partition).cmp(&(b.topic, b.partition)));
         out
     }
 }
@@ -303,19 +297,26 @@ mod tests {
             .collect()
     }
 
+    fn held(d: &mut Deferred, messages: &[OwnedMessage]) {
+        for m in messages {
+            assert!(d.hold(m), "{} held", m.offset());
+        }
+    }
+
     #[test]
     fn the_newest_message_of_each_key_per_partition_is_planned() {
         let mut d = Deferred::default();
-        for m in [
-            msg("a", 0, 1, Some("k1"), Some("v1")),
-            msg("a", 0, 2, Some("k2"), Some("v1")),
-            msg("a", 0, 3, Some("k1"), Some("v2")),
-            msg("a", 1, 4, Some("k1"), Some("v1")),
-            msg("b", 0, 5, Some("k1"), Some("v1")),
-            msg("a", 0, 6, Some("k1"), Some("v3")),
-        ] {
-            assert!(d.hold(&m));
-        }
+        held(
+            &mut d,
+            &[
+                msg("a", 0, 1, Some("k1"), Some("v1")),
+                msg("a", 0, 2, Some("k2"), Some("v1")),
+                msg("a", 0, 3, Some("k1"), Some("v2")),
+                msg("a", 1, 4, Some("k1"), Some("v1")),
+                msg("b", 0, 5, Some("k1"), Some("v1")),
+                msg("a", 0, 6, Some("k1"), Some("v3 is longer")),
+            ],
+        );
         assert_eq!((d.len(), d.keys()), (6, 4));
         let newest = d.newest();
         assert_eq!(
@@ -328,14 +329,57 @@ mod tests {
         );
         let six = newest[0].1[1];
         assert_eq!(
-            (six.key(), six.payload(), six.topic()),
-            (Some(&b"k1"[..]), Some(&b"v3"[..]), "a")
+            (six.key(), six.payload(), six.topic(), six.partition()),
+            (Some(&b"k1"[..]), Some(&b"v3 is longer"[..]), "a", 0)
         );
         assert_eq!(six.timestamp(), Timestamp::CreateTime(6));
-        // Every message of k1 in a/0, oldest first; not k2's, not a/1's.
+    }
+
+    #[test]
+    fn a_key_read_again_is_read_from_its_first_message_to_its_newest() {
+        let mut d = Deferred::default();
+        held(
+            &mut d,
+            &[
+                msg("a", 0, 10, Some("k1"), Some("v1")),
+                msg("a", 0, 11, Some("k2"), Some("v1")),
+                msg("a", 0, 12, Some("k1"), Some("v2")),
+                msg("a", 0, 13, Some("k3"), Some("v1")),
+                msg("a", 0, 14, Some("k3"), Some("v2")),
+                msg("a", 1, 20, Some("k1"), Some("v1")),
+            ],
+        );
+        let newest = d.newest();
+        let k1_and_k3: Vec<HeldMessage<'_>> = newest[0]
+            .1
+            .iter()
+            .copied()
+            .filter(|m| m.key() != Some(&b"k2"[..]))
+            .collect();
+        let ranges = d.ranges_of(&k1_and_k3);
+        assert_eq!(ranges.len(), 1, "one partition");
+        let r = &ranges[0];
+        assert_eq!((r.topic, r.partition, r.from, r.to), ("a", 0, 10, 14));
+        let wanted: Vec<i64> = [
+            (10, "k1"),
+            (11, "k2"),
+            (12, "k1"),
+            (13, "k3"),
+            (14, "k3"),
+            (15, "k1"),
+        ]
+        .into_iter()
+        .filter(|(o, k)| r.wants(*o, Some(k.as_bytes()), Some(b"v")))
+        .map(|(o, _)| o)
+        .collect();
         assert_eq!(
-            offsets(&d.all_of(&[six])),
-            vec![("a".into(), 0, vec![1, 3, 6])]
+            wanted,
+            vec![10, 12, 13, 14],
+            "k2 and what came after k1's newest are not"
+        );
+        assert!(
+            !r.wants(12, Some(b"k1"), None),
+            "a tombstone was planned as read"
         );
     }
 
@@ -345,55 +389,18 @@ mod tests {
         assert!(!d.hold(&msg("a", 0, 1, None, Some("truncate"))));
         assert!(!d.hold(&msg("a", 0, 2, Some("k1"), None)));
         assert!(d.is_empty());
-        assert_eq!(d.bytes, 0);
+        assert_eq!((d.bytes, d.keys()), (0, 0));
     }
 
     #[test]
-    fn keys_of_one_hash_are_told_apart_by_their_bytes() {
-        let mut d = Deferred::default();
-        // Two keys forced into one run, as a hash collision would put them.
-        for m in [
-            msg("a", 0, 1, Some("k1"), Some("v1")),
-            msg("a", 0, 2, Some("k2"), Some("v1")),
-            msg("a", 0, 3, Some("k1"), Some("v2")),
-        ] {
-            assert!(d.hold(&m));
-        }
-        // Both keys' runs made one, newest first: 3 → 2 → 1.
-        for head in d.newest.values_mut() {
-            *head = 2;
-        }
-        d.held[2].prev = 1;
-        d.held[1].prev = 0;
-        d.held[0].prev = NONE;
-        assert_eq!(offsets(&d.newest()), vec![("a".into(), 0, vec![2, 3])]);
-        let k1 = d.at(2);
-        assert_eq!(offsets(&d.all_of(&[k1])), vec![("a".into(), 0, vec![1, 3])]);
-    }
-
-    #[test]
-    fn held_bytes_count_whole_blocks_and_a_large_message_gets_its_own() {
+    fn held_bytes_follow_the_newest_payloads_not_the_messages_read() {
         let mut d = Deferred::default();
         d.hold(&msg("a", 0, 1, Some("k1"), Some("0123456789")));
         let one = d.bytes;
-        assert!(one >= BLOCK);
-        d.hold(&msg("a", 0, 2, Some("k1"), Some("0123456789")));
-        assert!(
-            d.bytes - one < 100,
-            "a message in the same block adds its bookkeeping only"
-        );
-        let large = "x".repeat(BLOCK + 1);
-        d.hold(&msg("a", 0, 3, Some("k2"), Some(&large)));
-        d.hold(&msg("a", 0, 4, Some("k3"), Some("after")));
-        assert_eq!(d.blocks.len(), 3, "the large message's block is its own");
-        assert!(d.bytes >= 2 * BLOCK + large.len());
-        let newest = d.newest();
-        let payloads: Vec<usize> = newest[0]
-            .1
-            .iter()
-            .map(|m| m.payload().map_or(0, |p| p.len()))
-            .collect();
-        assert_eq!(payloads, vec![10, BLOCK + 1, 5]);
-        assert_eq!(newest[0].1[1].key(), Some(&b"k2"[..]));
+        assert!(one >= 12 + KEY_OVERHEAD);
+        d.hold(&msg("a", 0, 2, Some("k1"), Some("01234")));
+        assert_eq!(d.bytes, one - 5, "the replaced payload's bytes are gone");
+        d.hold(&msg("a", 0, 3, Some("k2"), Some("0123456789")));
+        assert_eq!(d.bytes, 2 * one - 5);
     }
 }

@@ -44,6 +44,7 @@ use tracing::{info, warn};
 use crate::apply::{Applied, Final, TargetTable};
 use crate::config::Config;
 use crate::decode::registry::AvroSource;
+use crate::metrics::outcome;
 use crate::worker::batch::{Plan, Planner, Step};
 use crate::worker::failure::{self, Verdict};
 use deferred::HeldMessage;
@@ -513,9 +514,9 @@ impl<'a> Reader<'a> {
     }
 
     /// Plans the messages the chunk holds unplanned into it ([`deferred`]):
-    /// the newest of each key per partition, and every message of a key
-    /// whose newest does not plan to a whole row or a delete. Before the
-    /// chunk is written.
+    /// the newest of each key per partition, and, read again from Kafka,
+    /// every message in the chunk of a key whose newest does not plan to a
+    /// whole row or a delete. Before the chunk is written.
     async fn settle(&self, chunk: &mut bulk::Chunk, done: &mut Replayed) -> anyhow::Result<()> {
         let held = std::mem::take(&mut chunk.deferred);
         if held.is_empty() {
@@ -536,7 +537,15 @@ impl<'a> Reader<'a> {
             } = plan;
             chunk.read_to(topic, partition, 0, plan.newest_ts_ms);
             let topic_index = chunk.topic_index(topic);
+            // Planned: a whole row or a delete, or a relay or an echo (the
+            // original, at least as new as anything before it here, is in
+            // the topic of the region that made it, which is replayed too).
             let mut whole = rustc_hash::FxHashSet::default();
+            for (msg, why) in &plan.skips {
+                if [outcome::RELAY, outcome::ECHO].contains(why) {
+                    whole.insert(msg.offset());
+                }
+            }
             for step in plan.steps {
                 if let Step::Row {
                     table, fin, msg, ..
@@ -567,21 +576,86 @@ impl<'a> Reader<'a> {
             held = held.len(),
             newest = planned,
             replanned = again.len(),
-            "planned the newest message of each key (replanned: keys whose newest is not a whole row or a delete)"
+            "planned the newest message of each key (replanned: keys whose newest is not a whole row, a delete, a relay or an echo)"
         );
         if again.is_empty() {
             return Ok(());
         }
-        let every = held.all_of(&again);
-        let runs: Vec<Run<'_, HeldMessage<'_>>> = every
+        // Their keys' messages in the chunk, read again: only the newest
+        // of each key was held.
+        let ranges = held.ranges_of(&again);
+        let every = self.read_again(&ranges).await?;
+        let runs: Vec<Run<'_, rdkafka::message::OwnedMessage>> = ranges
             .iter()
-            .map(|(at, messages)| (*at, messages.as_slice()))
+            .zip(&every)
+            .map(|(r, messages)| ((r.topic, r.partition), messages.as_slice()))
             .collect();
         for (run, plan) in self.plan_runs(&runs).await? {
             let (topic, partition) = runs[run].0;
             self.take(chunk, done, topic, partition, plan).await?;
         }
         Ok(())
+    }
+
+    /// Reads `ranges` again from Kafka, with a consumer of their own: per
+    /// range, the messages it wants, in offset order.
+    async fn read_again(
+        &self,
+        ranges: &[deferred::Range<'_>],
+    ) -> anyhow::Result<Vec<Vec<rdkafka::message::OwnedMessage>>> {
+        let consumer = consumer(self.config)?;
+        let mut tpl = TopicPartitionList::new();
+        for r in ranges {
+            tpl.add_partition_offset(r.topic, r.partition, Offset::Offset(r.from))?;
+        }
+        consumer
+            .assign(&tpl)
+            .context("assigning the partitions to read again")?;
+        let mut out: Vec<Vec<rdkafka::message::OwnedMessage>> =
+            ranges.iter().map(|_| Vec::new()).collect();
+        let mut open = ranges.len();
+        let mut reached = vec![false; ranges.len()];
+        let mut idle = Duration::ZERO;
+        while open > 0 {
+            let m = match tokio::time::timeout(Duration::from_secs(1), consumer.recv()).await {
+                Ok(m) => received(m)?,
+                Err(_) => {
+                    idle += Duration::from_secs(1);
+                    if idle >= Duration::from_secs(30) {
+                        anyhow::bail!(
+                            "no message from Kafka for 30 s while reading again {open} partition(s)"
+                        );
+                    }
+                    continue;
+                }
+            };
+            idle = Duration::ZERO;
+            let Some(i) = ranges
+                .iter()
+                .position(|r| r.partition == m.partition() && r.topic == m.topic())
+            else {
+                continue;
+            };
+            let r = &ranges[i];
+            if reached[i] {
+                continue;
+            }
+            if r.wants(m.offset(), m.key(), m.payload()) {
+                out[i].push(m.detach());
+            }
+            // The newest may have been compacted away since (a later
+            // message of its key exists then): past it is as good.
+            if m.offset() >= r.to {
+                reached[i] = true;
+                open -= 1;
+                let mut done = TopicPartitionList::new();
+                done.add_partition(r.topic, r.partition);
+                consumer
+                    .pause(&done)
+                    .context("pausing a partition read again")?;
+            }
+        }
+        Ok(out)
     }
 
     /// Plans `runs` (each a partition's messages in offset order) in pieces

@@ -79,6 +79,9 @@ pub(crate) struct Plan<'a, M> {
     pub rejected: Vec<Rejected<'a, M>>,
     /// Changes not for this region, by (outcome, table).
     pub skipped: HashMap<(&'static str, String), u64>,
+    /// The same, per message: its outcome (a rebuild tells a relay or an
+    /// echo, whose original it replays too, from the others).
+    pub skips: Vec<(&'a M, &'static str)>,
     /// The newest source commit time among the batch's changes.
     pub newest_ts_ms: Option<i64>,
 }
@@ -110,6 +113,7 @@ impl Planner<'_> {
             steps: Vec::new(),
             rejected: Vec::new(),
             skipped: HashMap::new(),
+            skips: Vec::new(),
             newest_ts_ms: None,
         };
         let limit = self.config.apply.max_message_bytes;
@@ -127,6 +131,7 @@ impl Planner<'_> {
                         .skipped
                         .entry((outcome::TOMBSTONE, String::new()))
                         .or_default() += 1;
+                    plan.skips.push((msg, outcome::TOMBSTONE));
                     continue;
                 }
                 Err(fault) => {
@@ -170,6 +175,7 @@ impl Planner<'_> {
                         .table
                         .map_or(String::new(), |t| self.tables[t].name.clone());
                     *plan.skipped.entry((why, name)).or_default() += 1;
+                    plan.skips.push((msg, why));
                     continue;
                 }
                 Decision::Unconfigured => {
@@ -211,6 +217,7 @@ impl Planner<'_> {
                         "a row restricted to other regions is not written here");
                 }
                 *plan.skipped.entry((why, target.name.clone())).or_default() += 1;
+                plan.skips.push((msg, why));
                 continue;
             }
             let hlc = Hlc(fin.version().0);
@@ -445,6 +452,7 @@ async fn apply_on_layout<M: Message>(
         mut rejected,
         skipped,
         newest_ts_ms,
+        ..
     } = loop {
         let plan = planner.plan(topic, messages, clock::now_ms()).await;
         let held = plan.rejected.iter().find_map(|r| {
