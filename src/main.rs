@@ -223,9 +223,10 @@ enum Command {
         /// from a quarter of this on.
         #[arg(long, default_value_t = 200_000)]
         chunk_rows: usize,
-        /// ... or once its versions take about this many MB of memory
-        /// (twice that while one chunk is written and the next read),
-        /// whatever the number of keys.
+        /// ... or once its versions (and each key's newest message, held
+        /// undecoded until the chunk is written) take about this many MB of
+        /// memory (twice that while one chunk is written and the next
+        /// read), whatever the number of keys.
         #[arg(long, default_value_t = 256)]
         chunk_mb: usize,
         /// ... or once it has read this many messages since the last
