@@ -19,23 +19,10 @@ const ARRIVAL: Duration = Duration::from_secs(60);
 /// Every port a service of the stack listens on (deploy/local/env.sh: this
 /// stack's, which need not be the defaults).
 fn stack_ports() -> Vec<u16> {
-    use support::stack_env::*;
-    [
-        PG_PORT_A,
-        PG_PORT_B,
-        KAFKA_PORT_A,
-        KAFKA_PORT_B,
-        KAFKA_CONTROLLER_PORT_A,
-        KAFKA_CONTROLLER_PORT_B,
-        KAFKA_SASL_PORT_B,
-        CONNECT_PORT_A,
-        CONNECT_PORT_B,
-        REGISTRY_PORT,
-        PROMETHEUS_PORT,
-    ]
-    .iter()
-    .map(|v| v.port())
-    .collect()
+    support::stack_env::SERVICE_PORTS
+        .iter()
+        .map(|v| v.port())
+        .collect()
 }
 
 fn make(target: &str) {

@@ -154,6 +154,25 @@ pub const ALL: [Var; 20] = [
     REGIONSYNC_PASSWORD,
 ];
 
+/// Every port a service of the stack (the workers included) listens on:
+/// stack.sh's `check_ports` checks these are distinct before `up`, and
+/// after `down` none is open.
+pub const SERVICE_PORTS: [Var; 13] = [
+    PG_PORT_A,
+    PG_PORT_B,
+    KAFKA_PORT_A,
+    KAFKA_PORT_B,
+    KAFKA_CONTROLLER_PORT_A,
+    KAFKA_CONTROLLER_PORT_B,
+    KAFKA_SASL_PORT_B,
+    CONNECT_PORT_A,
+    CONNECT_PORT_B,
+    REGISTRY_PORT,
+    PROMETHEUS_PORT,
+    WORKER_METRICS_PORT_A,
+    WORKER_METRICS_PORT_B,
+];
+
 /// The stack's state directory (`STACK_DIR`) of the checkout at `root`.
 pub fn state_dir(root: &std::path::Path) -> std::path::PathBuf {
     root.join(STACK_DIR.get())

@@ -138,6 +138,32 @@ mod tests {
         );
     }
 
+    /// stack.sh's `check_ports` checks the ports that stack_env.rs's
+    /// `SERVICE_PORTS` lists (the ports tests/stack_lifecycle.rs finds
+    /// closed after `down`): one list, in both languages.
+    #[test]
+    fn stack_sh_checks_the_service_ports() {
+        let path = root().join("deploy/local/stack.sh");
+        let text = std::fs::read_to_string(&path)
+            .unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
+        let body = text
+            .split_once("check_ports() {")
+            .and_then(|(_, rest)| rest.split_once("; do"))
+            .map(|(list, _)| list)
+            .unwrap_or_else(|| panic!("no check_ports loop in {}", path.display()));
+        let listed: Vec<&str> = body
+            .split_once(" in ")
+            .map_or("", |(_, names)| names)
+            .split_whitespace()
+            .filter(|w| *w != "\\")
+            .collect();
+        let ours: Vec<&str> = env::SERVICE_PORTS.iter().map(|v| v.name).collect();
+        assert_eq!(
+            listed, ours,
+            "stack.sh check_ports and stack_env.rs SERVICE_PORTS disagree"
+        );
+    }
+
     #[test]
     fn the_parser_reads_env_sh_lines() {
         let text =
