@@ -294,13 +294,22 @@ pub fn consumer(config: &Config) -> anyhow::Result<StreamConsumer> {
         .context("creating the rebuild's Kafka consumer")
 }
 
-/// A message from the rebuild's consumer, or why the rebuild cannot go
-/// on: a fetch position outside its partition means retention deleted
+/// A message from the rebuild's consumer; `None` for an error librdkafka
+/// recovers from by itself (a lost broker connection: logged, read on);
+/// or why the rebuild cannot go on: a fetch position outside its partition means retention deleted
 /// changes the rebuild had not read yet (librdkafka stops fetching the
 /// partition under `auto.offset.reset = error`), so the topics no longer
 /// hold the history this rebuild needs.
-fn received<M>(m: rdkafka::error::KafkaResult<M>) -> anyhow::Result<M> {
-    m.map_err(|e| {
+fn received<M>(m: rdkafka::error::KafkaResult<M>) -> anyhow::Result<Option<M>> {
+    if let Err(e) = &m {
+        if crate::source::is_passing(e) {
+            // librdkafka reconnects by itself; the reading loops' 30 s
+            // without a message bound the wait.
+            warn!(error = %e, "reading the replayed topics: Kafka said this; reading on");
+            return Ok(None);
+        }
+    }
+    m.map(Some).map_err(|e| {
         if crate::source::is_out_of_range(&e) {
             anyhow::anyhow!(
                 "retention deleted changes of a replayed topic before this rebuild read them ({e}): \
@@ -421,7 +430,11 @@ impl<'a> Reader<'a> {
         let mut idle = Duration::ZERO;
         let first = loop {
             match tokio::time::timeout(Duration::from_secs(1), self.consumer.recv()).await {
-                Ok(m) => break Some(received(m)?),
+                Ok(m) => {
+                    if let Some(m) = received(m)? {
+                        break Some(m);
+                    }
+                }
                 Err(_) => {
                     // Nothing came: a partition may end in offsets that are
                     // no messages (transaction markers, compacted away).
@@ -444,7 +457,7 @@ impl<'a> Reader<'a> {
         let linger = tokio::time::Instant::now() + Duration::from_millis(50);
         while batch.len() < max_rows {
             match tokio::time::timeout_at(linger, self.consumer.recv()).await {
-                Ok(m) => batch.push(received(m)?),
+                Ok(m) => batch.extend(received(m)?),
                 Err(_) => break,
             }
         }
@@ -618,7 +631,10 @@ impl<'a> Reader<'a> {
         let mut idle = Duration::ZERO;
         while open > 0 {
             let m = match tokio::time::timeout(Duration::from_secs(1), consumer.recv()).await {
-                Ok(m) => received(m)?,
+                Ok(m) => match received(m)? {
+                    Some(m) => m,
+                    None => continue,
+                },
                 Err(_) => {
                     idle += Duration::from_secs(1);
                     if idle >= Duration::from_secs(30) {
@@ -1190,12 +1206,21 @@ mod tests {
             ),
             "{gone}"
         );
-        let other = received::<()>(Err(KafkaError::MessageConsumption(
+        // A lost connection is read past (librdkafka reconnects); a fatal
+        // error stops.
+        for passing in [
             RDKafkaErrorCode::BrokerTransportFailure,
+            RDKafkaErrorCode::AllBrokersDown,
+        ] {
+            let read_on = received::<()>(Err(KafkaError::MessageConsumption(passing)));
+            assert!(matches!(read_on, Ok(None)), "{passing:?}: {read_on:?}");
+        }
+        let other = received::<()>(Err(KafkaError::MessageConsumptionFatal(
+            RDKafkaErrorCode::Fatal,
         )))
         .unwrap_err();
         assert_eq!(other.to_string(), "reading the replayed topics");
-        assert_eq!(received(Ok(7)).unwrap(), 7);
+        assert_eq!(received(Ok(7)).unwrap(), Some(7));
     }
 
     #[test]

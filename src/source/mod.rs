@@ -411,6 +411,15 @@ pub fn is_out_of_range(error: &KafkaError) -> bool {
     )
 }
 
+/// Whether a consumer's error is one librdkafka recovers from by itself: a
+/// broker connection lost (for a moment all of them: `AllBrokersDown`), a
+/// leader moving. A reader logs it and reads on within its own wait limit,
+/// as the worker does ([`next_message`]). Not a fetch position outside the
+/// partition ([`is_out_of_range`]), nor a fatal error.
+pub fn is_passing(error: &KafkaError) -> bool {
+    matches!(error, KafkaError::MessageConsumption(code) if *code != RDKafkaErrorCode::AutoOffsetReset)
+}
+
 /// The partition's next message (or the news that its fetch position is
 /// outside it), or `None` once told to stop. Borrowed from librdkafka's
 /// fetch buffer, not copied: a batch holds its messages until it is
@@ -464,6 +473,24 @@ pub fn seek_and_resume(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_lost_broker_connection_is_read_past_a_position_outside_or_a_fatal_error_is_not() {
+        for e in [
+            KafkaError::MessageConsumption(RDKafkaErrorCode::AllBrokersDown),
+            KafkaError::MessageConsumption(RDKafkaErrorCode::BrokerTransportFailure),
+            KafkaError::MessageConsumption(RDKafkaErrorCode::NotLeaderForPartition),
+        ] {
+            assert!(is_passing(&e), "{e}");
+        }
+        for e in [
+            KafkaError::MessageConsumption(RDKafkaErrorCode::AutoOffsetReset),
+            KafkaError::MessageConsumptionFatal(RDKafkaErrorCode::AllBrokersDown),
+            KafkaError::PartitionEOF(3),
+        ] {
+            assert!(!is_passing(&e), "{e}");
+        }
+    }
 
     #[test]
     fn only_auto_offset_reset_says_the_position_is_outside_the_partition() {
