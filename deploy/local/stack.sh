@@ -77,7 +77,7 @@ alive() {
   local p state
   p=$(pid_of "$1")
   [ -n "$p" ] && kill -0 "$p" 2>/dev/null || return 1
-  state=$(sed 's/^.*) //' "/proc/$p/stat" 2>/dev/null | cut -d' ' -f1)
+  state=$(sed 's/^.*) //' "/proc/$p/stat" 2>/dev/null | cut -d' ' -f1 || true)
   [ "$state" != Z ]
 }
 port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
@@ -114,7 +114,7 @@ wait_for() {
 # Whether process $1 has exited (gone, or a zombie its parent has yet to reap).
 exited() {
   local state
-  state=$(sed 's/^.*) //' "/proc/$1/stat" 2>/dev/null | cut -d' ' -f1)
+  state=$(sed 's/^.*) //' "/proc/$1/stat" 2>/dev/null | cut -d' ' -f1 || true)
   [ -z "$state" ] || [ "$state" = Z ]
 }
 
@@ -124,7 +124,7 @@ exited() {
 reaped() {
   local p=$1 name=$2 deadline=$((SECONDS + $3)) parent
   while [ -e "/proc/$p" ]; do
-    parent=$(ps -o ppid= -p "$p" 2>/dev/null | tr -d ' ')
+    parent=$(ps -o ppid= -p "$p" 2>/dev/null | tr -d ' ' || true)
     if [ -n "$parent" ] && [ "$parent" != 1 ]; then kill -CONT "$parent" 2>/dev/null || true; fi
     if [ $SECONDS -ge $deadline ]; then
       log "$name (pid $p) has exited but is not yet reaped by its parent ${parent:-?}"
@@ -415,7 +415,7 @@ pg_down() {
     # test's SIGSTOP) and, if its SIGCONT came first, stays stopped: it
     # would never reap the postmaster, left a zombie after pg_ctl stop.
     local parent
-    parent=$(ps -o ppid= -p "$p" 2>/dev/null | tr -d ' ')
+    parent=$(ps -o ppid= -p "$p" 2>/dev/null | tr -d ' ' || true)
     if [ -n "$parent" ] && [ "$parent" != 1 ]; then kill -CONT "$parent" 2>/dev/null || true; fi
     as_postgres "$PG_BIN/pg_ctl" -D "$STATE/$name" -m fast -w -t 60 stop >/dev/null 2>&1 ||
       stop_pid "$name" 30
